@@ -1,0 +1,136 @@
+//! Per-worker counters: written by their worker only, read by the control thread.
+//!
+//! Each worker owns one [`WorkerCounters`] (cache-line aligned so workers never share a line).
+//! Because a counter has exactly one writer, increments are a relaxed load and store rather
+//! than a locked read-modify-write; readers see a value that may be a few events old, which is
+//! all a counter promises. Totals are summed on read (`tern ctl stats`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// One worker's counters. Only the owning worker calls the mutating methods.
+        #[derive(Debug, Default)]
+        #[repr(align(64))]
+        pub struct WorkerCounters {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+        }
+
+        /// A point-in-time copy of [`WorkerCounters`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct Snapshot {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl WorkerCounters {
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot { $($name: self.$name.get(),)* }
+            }
+        }
+
+        impl std::ops::AddAssign for Snapshot {
+            fn add_assign(&mut self, o: Snapshot) {
+                $(self.$name += o.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Client connections accepted.
+    accepted,
+    /// Client connections refused at accept because the worker was full.
+    refused_full,
+    /// Client connections open now (a gauge).
+    active,
+    /// TLS handshakes completed.
+    handshakes,
+    /// Of those, resumed (session id or ticket).
+    resumed,
+    /// Handshakes or records that failed (an alert was sent).
+    tls_errors,
+    /// Connections closed because the handshake took longer than `timeouts.handshake_ms`.
+    handshake_timeouts,
+    /// Connections closed after `timeouts.idle_ms` without traffic.
+    idle_timeouts,
+    /// Backend connections established.
+    backend_connects,
+    /// Backend connection attempts refused or failed.
+    backend_connect_errors,
+    /// Backend connection attempts that timed out.
+    backend_connect_timeouts,
+    /// Client connections closed because no backend could be reached or it failed.
+    backend_failures,
+    /// Client connections ended by a socket error (reset, ...).
+    client_errors,
+    /// Connections closed (any reason).
+    closed,
+    /// Ciphertext bytes received from clients.
+    client_bytes_in,
+    /// Ciphertext bytes sent to clients.
+    client_bytes_out,
+    /// Plaintext bytes received from backends.
+    backend_bytes_in,
+    /// Plaintext bytes sent to backends (PROXY headers included).
+    backend_bytes_out,
+    /// Multishot receives that stopped because the provided-buffer ring was empty.
+    recv_buffer_starved,
+    /// Times a connection waited for a free send slot.
+    send_slot_waits,
+    /// Connections cut at the end of the drain deadline.
+    drain_aborted,
+}
+
+/// A single-writer counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: a plain load + store cannot lose updates.
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    pub fn dec(&self) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_sub(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_add_up() {
+        let a = WorkerCounters::default();
+        let b = WorkerCounters::default();
+        a.accepted.add(3);
+        b.accepted.inc();
+        a.active.inc();
+        a.active.inc();
+        a.active.dec();
+        let mut total = a.snapshot();
+        total += b.snapshot();
+        assert_eq!(total.accepted, 4);
+        assert_eq!(total.active, 1);
+        assert_eq!(std::mem::align_of::<WorkerCounters>(), 64);
+    }
+}
