@@ -83,8 +83,6 @@ struct Tx {
     start: usize,
     end: usize,
     in_flight: bool,
-    /// Waiting in the worker's queue for a free slot.
-    waiting: bool,
 }
 
 impl Tx {
@@ -133,6 +131,8 @@ struct Conn {
     accepted_at: Millis,
     last_active: Millis,
     handshake_counted: bool,
+    /// Queued in `slot_waiters` (at most once).
+    waiting_for_slot: bool,
 }
 
 pub struct Worker {
@@ -163,6 +163,10 @@ pub struct Worker {
     draining: Option<Millis>,
     cqes: Vec<(u64, i32, u32)>,
     gen_counter: u32,
+    /// Backend failures are logged at most once per second per worker, with a count of those
+    /// not logged, so a dead backend under load does not flood the log.
+    last_backend_warn: Option<Millis>,
+    backend_warns_suppressed: u64,
 }
 
 struct Listener {
@@ -221,6 +225,8 @@ impl Worker {
             draining: None,
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
             gen_counter: 0,
+            last_backend_warn: None,
+            backend_warns_suppressed: 0,
         })
     }
 
@@ -488,6 +494,7 @@ impl Worker {
             accepted_at: self.now,
             last_active: self.now,
             handshake_counted: false,
+            waiting_for_slot: false,
         });
         self.live += 1;
         self.counters.active.inc();
@@ -643,8 +650,32 @@ impl Worker {
             self.start_connect(idx);
         } else {
             c.backend = BackendState::Connected;
+            let client = c.client_addr;
+            self.warn_backend(server, client, res);
             self.backend_lost(idx);
         }
+    }
+
+    fn warn_backend(&mut self, server: SocketAddr, client: SocketAddr, res: i32) {
+        if matches!(self.last_backend_warn, Some(t) if self.now < t + 1000) {
+            self.backend_warns_suppressed += 1;
+            return;
+        }
+        let why = if res == -libc::ECANCELED {
+            "connect timed out".to_string()
+        } else {
+            io::Error::from_raw_os_error(-res).to_string()
+        };
+        tracing::warn!(
+            worker = self.id,
+            %server,
+            %client,
+            error = %why,
+            suppressed = self.backend_warns_suppressed,
+            "no backend reachable; closing the client connection"
+        );
+        self.last_backend_warn = Some(self.now);
+        self.backend_warns_suppressed = 0;
     }
 
     /// The backend cannot be reached or failed: close it and end the client's session
@@ -830,12 +861,14 @@ impl Worker {
         if !c.session.has_backend_output() {
             return Ok(());
         }
-        let Some(slot) = take_slot(&mut c.to_backend, &mut self.slots, &self.counters) else {
-            if !c.to_backend.waiting {
-                c.to_backend.waiting = true;
-                self.slot_waiters.push_back((idx, c.gen));
+        let slot = match room(&mut c.to_backend, &mut self.slots) {
+            Room::Slot(slot) => slot,
+            // The write in flight will make room; its completion pumps again.
+            Room::Full => return Ok(()),
+            Room::PoolEmpty => {
+                self.wait_for_slot(idx);
+                return Ok(());
             }
-            return Ok(());
         };
         let tx = &mut c.to_backend;
         let buf = self.slots.slot_mut(slot);
@@ -849,16 +882,27 @@ impl Worker {
         if !c.session.wants_client_write() {
             return;
         }
-        let Some(slot) = take_slot(&mut c.to_client, &mut self.slots, &self.counters) else {
-            if !c.to_client.waiting {
-                c.to_client.waiting = true;
-                self.slot_waiters.push_back((idx, c.gen));
+        let slot = match room(&mut c.to_client, &mut self.slots) {
+            Room::Slot(slot) => slot,
+            Room::Full => return,
+            Room::PoolEmpty => {
+                self.wait_for_slot(idx);
+                return;
             }
-            return;
         };
         let tx = &mut c.to_client;
         let buf = self.slots.slot_mut(slot);
         tx.end += c.session.client_output(&mut buf[tx.end..]);
+    }
+
+    /// Queues the connection for the next free send slot (once, however often it asks).
+    fn wait_for_slot(&mut self, idx: u32) {
+        let c = self.conns[idx as usize].as_mut().expect("live connection");
+        if !c.waiting_for_slot {
+            c.waiting_for_slot = true;
+            self.counters.send_slot_waits.inc();
+            self.slot_waiters.push_back((idx, c.gen));
+        }
     }
 
     /// Submits a write of the queued bytes, unless one is in flight.
@@ -997,15 +1041,18 @@ impl Worker {
     }
 
     fn serve_slot_waiters(&mut self) {
-        while self.slots.in_use() < self.slots_capacity() {
+        // Bounded by the queue's length now: a connection that still finds no slot re-queues
+        // itself behind the others and waits for the next batch.
+        for _ in 0..self.slot_waiters.len() {
+            if self.slots.in_use() >= self.slots_capacity() {
+                break;
+            }
             let Some((idx, gen)) = self.slot_waiters.pop_front() else {
                 break;
             };
             let ok = matches!(&self.conns.get(idx as usize), Some(Some(c)) if c.gen == gen && !c.closing);
             if ok {
-                let c = self.conn(idx);
-                c.to_client.waiting = false;
-                c.to_backend.waiting = false;
+                self.conn(idx).waiting_for_slot = false;
                 self.pump(idx);
             }
         }
@@ -1051,7 +1098,17 @@ impl Worker {
     }
 }
 
-fn take_slot(tx: &mut Tx, slots: &mut SlotPool, counters: &WorkerCounters) -> Option<SlotId> {
+/// Where a direction's next bytes can go.
+enum Room {
+    /// This slot (the direction's own, or a fresh one) has room at `tx.end`.
+    Slot(SlotId),
+    /// The direction's slot is full; a write is in flight or about to be submitted.
+    Full,
+    /// The direction has no slot and the pool has none to lend.
+    PoolEmpty,
+}
+
+fn room(tx: &mut Tx, slots: &mut SlotPool) -> Room {
     if let Some(slot) = tx.slot {
         if !tx.in_flight && tx.start > 0 {
             // Make room at the end: move the unsent bytes to the front.
@@ -1060,19 +1117,20 @@ fn take_slot(tx: &mut Tx, slots: &mut SlotPool, counters: &WorkerCounters) -> Op
             tx.start = 0;
             tx.end = e - s;
         }
-        return (tx.end < BUF_SIZE).then_some(slot);
+        return if tx.end < BUF_SIZE {
+            Room::Slot(slot)
+        } else {
+            Room::Full
+        };
     }
     match slots.take() {
         Some(slot) => {
             tx.slot = Some(slot);
             tx.start = 0;
             tx.end = 0;
-            Some(slot)
+            Room::Slot(slot)
         }
-        None => {
-            counters.send_slot_waits.inc();
-            None
-        }
+        None => Room::PoolEmpty,
     }
 }
 

@@ -270,7 +270,10 @@ fn client_to_backend_back_pressure_is_bounded_and_lossless() {
         f.session.client_recv(&wire[fed..end]).expect("recv");
         fed = end;
     }
-    assert!(fed < wire.len(), "reading stopped before everything was fed");
+    assert!(
+        fed < wire.len(),
+        "reading stopped before everything was fed"
+    );
     assert!(
         f.session.stashed_bytes() <= LIMIT + 32 * 1024,
         "stash bounded: {}",

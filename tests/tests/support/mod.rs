@@ -1,0 +1,241 @@
+//! What the end-to-end tests share: a tern in front of a backend on an isolated rig, its
+//! counters, and a small blocking TLS client (rustls) that runs inside the client namespace.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
+use tern_tests::rig::{tern_binary, Rig, TempDir, TernProcess};
+
+pub const NAME: &str = "tern.test";
+
+/// A tern in front of something, on its own rig.
+pub struct Stack {
+    pub tern: TernProcess,
+    pub cert: CertFiles,
+    pub dir: TempDir,
+    pub control: std::path::PathBuf,
+    /// Declared last: dropped after tern has been killed.
+    pub rig: Rig,
+}
+
+/// Options for [`Stack::start`]; `toml_extra` is appended to the generated configuration.
+pub struct StackOptions<'a> {
+    pub backends: Vec<SocketAddr>,
+    pub proxy_protocol: &'a str,
+    pub listener_extra: &'a str,
+    pub toml_extra: &'a str,
+    pub extra_certs: &'a [(&'a str, &'a [&'a str])],
+}
+
+impl Default for StackOptions<'_> {
+    fn default() -> Self {
+        StackOptions {
+            backends: Vec::new(),
+            proxy_protocol: "none",
+            listener_extra: "",
+            toml_extra: "",
+            extra_certs: &[],
+        }
+    }
+}
+
+impl Stack {
+    /// Makes the rig only; the caller starts backends on it and then calls [`Stack::start`].
+    #[track_caller]
+    pub fn rig(tag: &str) -> (Rig, TempDir) {
+        (Rig::isolated(tag, 1), TempDir::new(tag))
+    }
+
+    #[track_caller]
+    pub fn start(rig: Rig, dir: TempDir, opts: StackOptions<'_>) -> Stack {
+        let cert = write_self_signed(dir.path(), "default", &[NAME], KeyKind::EcdsaP256);
+        let mut certs = format!(
+            "[[certificate]]\ncert = \"{}\"\nkey = \"{}\"\ndefault = true\n",
+            cert.cert.display(),
+            cert.key.display()
+        );
+        for (stem, names) in opts.extra_certs {
+            let c = write_self_signed(dir.path(), stem, names, KeyKind::EcdsaP256);
+            certs += &format!(
+                "[[certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+                c.cert.display(),
+                c.key.display()
+            );
+        }
+        let control = dir.join("tern.sock");
+        let servers: Vec<String> = opts.backends.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            "[[listener]]\naddress = \"{addr}\"\n{listener_extra}\n\n{certs}\n\
+             [tls]\nalpn = [\"http/1.1\"]\n\n\
+             [backend]\nservers = [{servers}]\nproxy_protocol = \"{pp}\"\nconnect_timeout_ms = 2000\n\n\
+             [workers]\ncount = 2\n\n[control]\nsocket = \"{control}\"\n\n{extra}\n",
+            addr = rig.server_addr(443),
+            listener_extra = opts.listener_extra,
+            servers = servers.join(", "),
+            pp = opts.proxy_protocol,
+            control = control.display(),
+            extra = opts.toml_extra,
+        );
+        let mut tern = TernProcess::start(&config, rig.server_netns());
+        tern.wait_ready(rig.server_addr(443));
+        Stack {
+            tern,
+            cert,
+            dir,
+            control,
+            rig,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.rig.server_addr(443)
+    }
+
+    /// `tern ctl stats`, parsed.
+    #[track_caller]
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(tern_binary())
+            .args(["ctl", "--socket"])
+            .arg(&self.control)
+            .arg("stats")
+            .output()
+            .expect("run tern ctl");
+        assert!(
+            out.status.success(),
+            "tern ctl stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stats is JSON")
+    }
+
+    /// A total counter.
+    #[track_caller]
+    pub fn total(&self, name: &str) -> u64 {
+        let s = self.stats();
+        s["total"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {s}"))
+    }
+
+    /// `curl` in the client namespace, resolving [`NAME`] to tern.
+    pub fn curl(&self, args: &[&str]) -> Output {
+        let resolve = format!("{NAME}:443:{}", self.rig.server_ip);
+        self.rig
+            .client_command("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&self.cert.cert)
+            .args(["--resolve", &resolve, "--max-time", "60"])
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{NAME}{path}")
+    }
+
+    /// A client configuration trusting this stack's certificate.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        client_config(&self.cert.cert_der)
+    }
+
+    /// tern's stderr, for failure messages.
+    pub fn log(&self) -> String {
+        self.tern.stderr_text()
+    }
+}
+
+pub fn client_config(cert_der: &[u8]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(cert_der.to_vec()))
+        .expect("add root");
+    let mut cfg = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+pub type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// Connects and completes the handshake (call inside the client namespace).
+#[track_caller]
+pub fn tls_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
+    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    sock.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let conn = ClientConnection::new(cfg.clone(), ServerName::try_from(NAME).expect("name"))
+        .expect("client");
+    let mut tls = StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .unwrap_or_else(|e| panic!("handshake with {addr}: {e}"));
+    }
+    tls
+}
+
+/// Writes `msg` and reads exactly `msg.len()` bytes back (through an echo backend).
+#[track_caller]
+pub fn echo_round_trip(tls: &mut Tls, msg: &[u8]) {
+    tls.write_all(msg).expect("write");
+    tls.flush().expect("flush");
+    let mut back = vec![0u8; msg.len()];
+    tls.read_exact(&mut back).expect("read echo");
+    assert_eq!(back, msg, "echo mismatch");
+}
+
+/// A listener bound inside the rig's server namespace, on loopback.
+#[track_caller]
+pub fn server_listener(rig: &Rig) -> TcpListener {
+    rig.server_run(|| TcpListener::bind("127.0.0.1:0").expect("bind backend listener"))
+}
+
+/// A port on the server side's loopback where nothing listens (connections are refused).
+#[track_caller]
+pub fn dead_port(rig: &Rig) -> SocketAddr {
+    let l = server_listener(rig);
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[track_caller]
+pub fn assert_ok(out: &Output, what: &str, log: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}\ntern log:\n{log}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+}

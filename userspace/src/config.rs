@@ -1,0 +1,1121 @@
+//! tern's configuration: the TOML file an operator writes (`FileConfig`), and the validated,
+//! fully-resolved form the daemon runs with (`Config`).
+//!
+//! Flow: `FileConfig` (serde, `deny_unknown_fields`, defaults) → `validate()` → `Config`.
+//! Every error names the file and the field (`listener[0].address`) and says what was wrong;
+//! tern does not start on an invalid file. Certificate and key files are read and parsed during
+//! validation so that a missing or broken file is reported here, not at the first handshake.
+//! The operator's reference for every field is `docs/configuration.md`; keep the two in step.
+//!
+//! This module owns parsing and validation only; building the rustls configuration from the
+//! validated certificates is `tls`'s job, pinning workers to CPUs is the worker's. The syntax
+//! is TOML 1.1 (as the `toml` crate reads it); ALPN ids follow RFC 7301 §3.1 (1–255 bytes),
+//! server names RFC 6066 §3 (DNS host names, matched case-insensitively), and a `*.` wildcard
+//! covers exactly one label (RFC 6125 §6.4.3).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
+use serde::Deserialize;
+
+#[cfg(test)]
+mod tests;
+
+/// Where a listener's packets come from. File syntax: `"kernel"` | `"xdp"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Ordinary kernel socket (SO_REUSEPORT, one per worker).
+    Kernel,
+    /// XDP program attached to `interface`; in this version the data still flows through the
+    /// kernel socket, the XDP program parses and counts (the bypass path builds on it).
+    Xdp,
+}
+
+/// XDP attach mode for `mode = "xdp"` listeners. File syntax: `"auto"` | `"native"` | `"skb"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttach {
+    /// Try native (driver) mode, fall back to SKB (generic) mode with a warning.
+    Auto,
+    /// Driver mode only; attaching fails if the driver has no XDP support.
+    Native,
+    /// Generic (SKB) mode only: works on every interface, slower.
+    Skb,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub mode: ListenerMode,
+    /// Interface the XDP program is attached to; `Some` iff `mode == Xdp`.
+    pub interface: Option<String>,
+    pub xdp_attach: XdpAttach,
+}
+
+/// One certificate chain and its private key, already read from disk and parsed.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    /// DER certificates, leaf first. Never empty.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: std::sync::Arc<rustls::pki_types::PrivateKeyDer<'static>>,
+    /// Lower-case DNS names this certificate is selected for by SNI (exact names or `*.suffix`
+    /// wildcards). From the config's `names` if given, else from the certificate's SANs.
+    pub names: Vec<String>,
+    /// Served when SNI is absent or matches no certificate. Exactly one certificate has it.
+    pub default: bool,
+}
+
+/// A TLS protocol version. File syntax: `"1.2"` | `"1.3"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// ALPN protocol ids to advertise, in preference order. Empty: no ALPN extension.
+    pub alpn: Vec<Vec<u8>>,
+    /// Enabled protocol versions; never empty, sorted, deduplicated.
+    pub versions: Vec<TlsVersion>,
+    /// Server-side session-id cache capacity (entries, per process). 0 disables the cache.
+    pub session_cache_entries: usize,
+    /// Issue stateless TLS 1.3 (and 1.2) session tickets.
+    pub tickets: bool,
+}
+
+/// When the backend connection is opened. File syntax: `"first-byte"` | `"eager"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectPolicy {
+    /// As soon as the client connection is accepted (for server-speaks-first protocols).
+    Eager,
+    /// When the first plaintext byte from the client arrives: idle clients hold no backend socket.
+    FirstByte,
+}
+
+/// PROXY protocol header sent to the backend first. File syntax: `"none"` | `"v1"` | `"v2"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header: the backend sees tern's address as the client's.
+    None,
+    /// Human-readable text header.
+    V1,
+    /// Binary header.
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Round-robin pool; never empty.
+    pub servers: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub connect: ConnectPolicy,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workers {
+    /// Number of worker threads; ≥ 1.
+    pub count: usize,
+    /// CPU each worker is pinned to (`cpus[i]` for worker i); `len() == count` when given,
+    /// empty means "worker i on the i-th available CPU".
+    pub cpus: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept to the end of the TLS handshake.
+    pub handshake: Duration,
+    /// No bytes in either direction for this long closes the connection.
+    pub idle: Duration,
+    /// On SIGTERM, how long open connections may take to finish before they are cut.
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections (client side) one worker holds at most; more are refused at accept.
+    pub max_connections_per_worker: usize,
+    /// Bytes buffered per direction per connection before tern stops reading from the sender.
+    pub buffer_per_direction: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    /// Unix stream socket for `tern ctl`.
+    pub socket: PathBuf,
+}
+
+/// The validated configuration tern runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    pub listeners: Vec<Listener>,
+    pub certificates: Vec<Certificate>,
+    pub tls: TlsSettings,
+    pub backend: Backend,
+    pub workers: Workers,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub control: Control,
+}
+
+/// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}{message}", path.display(), if field.is_empty() { String::new() } else { format!("{field}: ") })]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub field: String,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written: serde types. Defaults live here (and in docs/configuration.md) only.
+// ---------------------------------------------------------------------------------------------
+
+/// Default `tls.session_cache_entries`.
+pub const DEFAULT_SESSION_CACHE_ENTRIES: usize = 20_000;
+/// Default `backend.connect_timeout_ms`.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
+/// Default `timeouts.handshake_ms`.
+pub const DEFAULT_HANDSHAKE_MS: u64 = 10_000;
+/// Default `timeouts.idle_ms`.
+pub const DEFAULT_IDLE_MS: u64 = 300_000;
+/// Default `timeouts.drain_ms`.
+pub const DEFAULT_DRAIN_MS: u64 = 30_000;
+/// Default `limits.max_connections_per_worker`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
+/// Default `limits.buffer_per_direction` (bytes).
+pub const DEFAULT_BUFFER_PER_DIRECTION: usize = 65_536;
+/// Smallest accepted `limits.buffer_per_direction`: one full TLS record (2^14 bytes of
+/// plaintext, RFC 8446 §5.1) must fit, or a record could never be forwarded whole.
+pub const MIN_BUFFER_PER_DIRECTION: usize = 16_384;
+/// Default `control.socket`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tern.sock";
+
+/// `sun_path` is 108 bytes on Linux, one of which is the terminating NUL.
+const MAX_UNIX_SOCKET_PATH: usize = 107;
+/// `IFNAMSIZ` is 16 on Linux, one of which is the terminating NUL.
+const MAX_INTERFACE_NAME: usize = 15;
+/// RFC 7301 §3.1: a protocol name is a non-empty string of at most 255 bytes.
+const MAX_ALPN_ID: usize = 255;
+/// Upper bound for every `_ms` value (one year): far beyond any sensible timeout, and small
+/// enough that `Instant + Duration` can never overflow (which would panic in a worker).
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Upper bound for `limits.buffer_per_direction` (1 GiB): io_uring buffer lengths are `u32`,
+/// and more than this per connection direction is a typo, not a configuration.
+pub const MAX_BUFFER_PER_DIRECTION: usize = 1 << 30;
+/// Upper bound for `tls.session_cache_entries` and `limits.max_connections_per_worker`
+/// (2^24): both size tables that are allocated up front.
+pub const MAX_TABLE_ENTRIES: usize = 1 << 24;
+
+/// The configuration file exactly as written, before validation. Tables that are optional in
+/// the file default to the values documented on their fields; required values are `Option`s
+/// (or empty lists) here so that [`FileConfig::validate`] can report them by field name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `[[listener]]` tables: addresses to accept TLS on. Required, at least one.
+    pub listener: Vec<FileListener>,
+    /// `[[certificate]]` tables: chains and keys, chosen by SNI. Required, at least one.
+    pub certificate: Vec<FileCertificate>,
+    /// `[tls]`: protocol settings. Optional.
+    pub tls: FileTls,
+    /// `[backend]`: where the plaintext goes. Required.
+    pub backend: Option<FileBackend>,
+    /// `[workers]`: threads and CPU pinning. Optional.
+    pub workers: FileWorkers,
+    /// `[timeouts]`: per-connection and shutdown deadlines. Optional.
+    pub timeouts: FileTimeouts,
+    /// `[limits]`: per-worker and per-connection bounds. Optional.
+    pub limits: FileLimits,
+    /// `[control]`: the `tern ctl` socket. Optional.
+    pub control: FileControl,
+}
+
+/// One `[[listener]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileListener {
+    /// `address`: `"IPv4:port"` or `"[IPv6]:port"`, port ≠ 0. Required; unique across listeners.
+    pub address: Option<String>,
+    /// `mode`: `"kernel"` or `"xdp"`. Default `"kernel"`.
+    pub mode: Option<ListenerMode>,
+    /// `interface`: network interface for the XDP program (≤ 15 bytes). Required iff
+    /// `mode = "xdp"`, rejected otherwise.
+    pub interface: Option<String>,
+    /// `xdp_attach`: `"auto"`, `"native"` or `"skb"`. Default `"auto"`. Only with `mode = "xdp"`.
+    pub xdp_attach: Option<XdpAttach>,
+}
+
+/// One `[[certificate]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileCertificate {
+    /// `cert`: PEM file with the chain, leaf first. Required. Relative paths are relative to the
+    /// directory of the configuration file.
+    pub cert: Option<PathBuf>,
+    /// `key`: PEM file with exactly one private key (PKCS#8, PKCS#1 RSA or SEC1 EC). Required.
+    /// Relative paths as for `cert`. May be the same file as `cert`.
+    pub key: Option<PathBuf>,
+    /// `names`: SNI host names (`"example.com"`, `"*.example.com"`), matched case-insensitively.
+    /// Default: the leaf's DNS subject alternative names, or its common name if it has none.
+    pub names: Option<Vec<String>>,
+    /// `default`: serve this certificate when SNI is absent or matches nothing. At most one
+    /// certificate may set it; if none does, the first certificate is the default. Default false.
+    pub default: bool,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileTls {
+    /// `alpn`: protocol ids to advertise, in preference order (e.g. `["h2", "http/1.1"]`); each
+    /// 1–255 bytes, no duplicates. Default `[]`: no ALPN extension in the ServerHello.
+    pub alpn: Vec<String>,
+    /// `versions`: enabled versions, `"1.2"` and/or `"1.3"`. Non-empty. Default both.
+    pub versions: Vec<TlsVersion>,
+    /// `session_cache_entries`: server-side session-id cache capacity, entries per process,
+    /// ≤ 2^24. `0` disables the cache. Default 20000.
+    pub session_cache_entries: usize,
+    /// `tickets`: issue stateless session tickets (TLS 1.3 and 1.2). Default true.
+    pub tickets: bool,
+}
+
+impl Default for FileTls {
+    fn default() -> Self {
+        FileTls {
+            alpn: Vec::new(),
+            versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
+            session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
+            tickets: true,
+        }
+    }
+}
+
+/// The `[backend]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileBackend {
+    /// `servers`: `"IP:port"` addresses, used round-robin. Required, non-empty, port ≠ 0.
+    pub servers: Vec<String>,
+    /// `connect_timeout_ms`: milliseconds allowed for the TCP connect to a backend; > 0 and at
+    /// most a year. Default 3000.
+    pub connect_timeout_ms: u64,
+    /// `connect`: `"first-byte"` (open the backend connection when the client's first plaintext
+    /// byte arrives) or `"eager"` (at accept). Default `"first-byte"`.
+    pub connect: ConnectPolicy,
+    /// `proxy_protocol`: `"none"`, `"v1"` or `"v2"`. Default `"none"`.
+    pub proxy_protocol: ProxyProtocol,
+}
+
+impl Default for FileBackend {
+    fn default() -> Self {
+        FileBackend {
+            servers: Vec::new(),
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            connect: ConnectPolicy::FirstByte,
+            proxy_protocol: ProxyProtocol::None,
+        }
+    }
+}
+
+/// The `[workers]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileWorkers {
+    /// `count`: worker threads, ≥ 1. Default: `cpus.len()` if `cpus` is given, else the number
+    /// of CPUs this process may run on.
+    pub count: Option<usize>,
+    /// `cpus`: CPU id for each worker (`cpus[i]` for worker i); `len == count`, no duplicates,
+    /// each one a CPU this process may run on. Default: worker i on the i-th available CPU.
+    pub cpus: Option<Vec<usize>>,
+}
+
+/// The `[timeouts]` table. All values are milliseconds, > 0 and at most a year.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileTimeouts {
+    /// `handshake_ms`: from accept to the end of the TLS handshake. Default 10000.
+    pub handshake_ms: u64,
+    /// `idle_ms`: no bytes in either direction for this long closes the connection.
+    /// Default 300000.
+    pub idle_ms: u64,
+    /// `drain_ms`: on SIGTERM, how long open connections may take to finish. Default 30000.
+    pub drain_ms: u64,
+}
+
+impl Default for FileTimeouts {
+    fn default() -> Self {
+        FileTimeouts {
+            handshake_ms: DEFAULT_HANDSHAKE_MS,
+            idle_ms: DEFAULT_IDLE_MS,
+            drain_ms: DEFAULT_DRAIN_MS,
+        }
+    }
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileLimits {
+    /// `max_connections_per_worker`: client connections one worker holds at most; 1 ..= 2^24.
+    /// Default 10000.
+    pub max_connections_per_worker: usize,
+    /// `buffer_per_direction`: bytes buffered per direction per connection; 16384 ..= 2^30.
+    /// Default 65536.
+    pub buffer_per_direction: usize,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
+            buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
+        }
+    }
+}
+
+/// The `[control]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileControl {
+    /// `socket`: path of the Unix control socket (≤ 107 bytes once resolved); relative paths are
+    /// relative to the configuration file's directory. Default `/run/tern.sock`.
+    pub socket: PathBuf,
+}
+
+impl Default for FileControl {
+    fn default() -> Self {
+        FileControl {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            field: String::new(),
+            message: format!("cannot read file: {e}"),
+        })?;
+        Self::from_str(path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path` (relative certificate paths are
+    /// resolved against `path`'s directory).
+    pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        FileConfig::parse(path, text)?.validate(path)
+    }
+
+    /// The certificate served when SNI is absent or unknown. Validation guarantees exactly one.
+    pub fn default_certificate(&self) -> &Certificate {
+        self.certificates
+            .iter()
+            .find(|c| c.default)
+            .expect("validation marks exactly one certificate as the default")
+    }
+}
+
+impl FileConfig {
+    /// Parses `text` (read from `path`, which is only used in errors). Syntax errors carry the
+    /// line and column; type errors and unknown fields name the field's path
+    /// (`listener[0].mode`) and carry the line and column of the offending value when known.
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        let error = |field: String, message: String| ConfigError {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        let document = toml::Deserializer::parse(text).map_err(|e| {
+            let message = match e.span() {
+                Some(span) => {
+                    let (line, column) = line_column(text, span.start);
+                    format!(
+                        "TOML syntax error at line {line}, column {column}: {}",
+                        e.message()
+                    )
+                }
+                None => format!("TOML syntax error: {}", e.message()),
+            };
+            error(String::new(), message)
+        })?;
+        serde_path_to_error::deserialize(document).map_err(|e| {
+            let path = e.path().to_string();
+            // serde_path_to_error prints the root as ".".
+            let field = if path == "." { String::new() } else { path };
+            let inner = e.inner();
+            let mut message = friendly_serde_message(inner.message());
+            if let Some(span) = inner.span() {
+                let (line, column) = line_column(text, span.start);
+                message.push_str(&format!(" (line {line}, column {column})"));
+            }
+            error(field, message)
+        })
+    }
+
+    /// Checks every field and builds the [`Config`]. Reads the certificate and key files
+    /// (relative paths resolved against `path`'s directory) and checks that each key parses
+    /// and matches its certificate.
+    pub fn validate(self, path: &Path) -> Result<Config, ConfigError> {
+        self.validate_in(path)
+            .map_err(|Invalid { field, message }| ConfigError {
+                path: path.to_path_buf(),
+                field,
+                message,
+            })
+    }
+
+    fn validate_in(self, path: &Path) -> Result<Config, Invalid> {
+        let dir = config_dir(path);
+        Ok(Config {
+            path: path.to_path_buf(),
+            listeners: validate_listeners(self.listener)?,
+            certificates: validate_certificates(dir, self.certificate)?,
+            tls: validate_tls(self.tls)?,
+            backend: validate_backend(self.backend)?,
+            workers: validate_workers(self.workers, &available_cpus())?,
+            timeouts: Timeouts {
+                handshake: positive_ms("timeouts.handshake_ms", self.timeouts.handshake_ms)?,
+                idle: positive_ms("timeouts.idle_ms", self.timeouts.idle_ms)?,
+                drain: positive_ms("timeouts.drain_ms", self.timeouts.drain_ms)?,
+            },
+            limits: validate_limits(self.limits)?,
+            control: validate_control(dir, self.control)?,
+        })
+    }
+}
+
+/// A validation failure before the file name is attached.
+#[derive(Debug)]
+struct Invalid {
+    /// Dotted path of the field, as the operator wrote it (`certificate[1].key`).
+    field: String,
+    message: String,
+}
+
+impl Invalid {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The directory relative paths in `path` are resolved against.
+fn config_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new(""))
+}
+
+/// `file` relative to `dir` unless absolute, made absolute against the current directory so
+/// that messages show the path that was really tried and a later `chdir` cannot change it.
+fn resolve(dir: &Path, file: &Path) -> PathBuf {
+    let joined = dir.join(file);
+    std::path::absolute(&joined).unwrap_or(joined)
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// serde names Rust types in its messages ("expected usize"); an operator thinks in TOML types.
+fn friendly_serde_message(message: &str) -> String {
+    let mut message = message.trim_end().to_owned();
+    for (rust, toml) in [
+        ("expected usize", "expected a non-negative integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a sequence", "expected an array"),
+        ("invalid type: map", "invalid type: table"),
+        // toml's message for a non-string where a keyword (`mode = "xdp"`) belongs.
+        ("wanted string or table", "expected a string"),
+    ] {
+        message = message.replace(rust, toml);
+    }
+    message
+}
+
+/// A socket address as written in the file: `IPv4:port` or `[IPv6]:port`, port ≠ 0.
+fn parse_socket_addr(field: &str, text: &str, port_zero_why: &str) -> Result<SocketAddr, Invalid> {
+    let address: SocketAddr = text.parse().map_err(|_| {
+        Invalid::new(
+            field,
+            format!(
+                "invalid socket address {text:?} (expected IPv4:port or [IPv6]:port, \
+                 e.g. \"0.0.0.0:443\" or \"[::]:443\")"
+            ),
+        )
+    })?;
+    if address.port() == 0 {
+        return Err(Invalid::new(
+            field,
+            format!("port 0 is not allowed in {text:?}: {port_zero_why}"),
+        ));
+    }
+    Ok(address)
+}
+
+fn validate_listeners(file: Vec<FileListener>) -> Result<Vec<Listener>, Invalid> {
+    if file.is_empty() {
+        return Err(Invalid::new(
+            "listener",
+            "at least one [[listener]] table is required",
+        ));
+    }
+    let mut listeners: Vec<Listener> = Vec::with_capacity(file.len());
+    for (i, l) in file.into_iter().enumerate() {
+        let field = |name: &str| format!("listener[{i}].{name}");
+        let text = l
+            .address
+            .ok_or_else(|| Invalid::new(field("address"), "required field is missing"))?;
+        let address = parse_socket_addr(
+            &field("address"),
+            &text,
+            "every worker binds the same port, so it must be fixed",
+        )?;
+        if let Some(j) = listeners.iter().position(|other| other.address == address) {
+            return Err(Invalid::new(
+                field("address"),
+                format!("{address} is already the address of listener[{j}]"),
+            ));
+        }
+        let mode = l.mode.unwrap_or(ListenerMode::Kernel);
+        let interface = match (mode, l.interface) {
+            (ListenerMode::Xdp, None) => {
+                return Err(Invalid::new(
+                    field("interface"),
+                    "required when mode = \"xdp\" (the interface the XDP program attaches to)",
+                ))
+            }
+            (ListenerMode::Xdp, Some(name)) => {
+                check_interface_name(&name).map_err(|m| Invalid::new(field("interface"), m))?;
+                Some(name)
+            }
+            (ListenerMode::Kernel, Some(_)) => {
+                return Err(Invalid::new(
+                    field("interface"),
+                    "only valid with mode = \"xdp\"",
+                ))
+            }
+            (ListenerMode::Kernel, None) => None,
+        };
+        if mode == ListenerMode::Kernel && l.xdp_attach.is_some() {
+            return Err(Invalid::new(
+                field("xdp_attach"),
+                "only valid with mode = \"xdp\"",
+            ));
+        }
+        let xdp_attach = l.xdp_attach.unwrap_or(XdpAttach::Auto);
+        // One XDP program per interface serves all its listeners, attached once, in one mode.
+        if let Some((j, other)) = listeners.iter().enumerate().find(|(_, other)| {
+            other.interface.is_some()
+                && other.interface == interface
+                && other.xdp_attach != xdp_attach
+        }) {
+            return Err(Invalid::new(
+                field("xdp_attach"),
+                format!(
+                    "\"{}\" conflicts with \"{}\" of listener[{j}] on the same interface \
+                     (one XDP program per interface, attached once)",
+                    attach_keyword(xdp_attach),
+                    attach_keyword(other.xdp_attach)
+                ),
+            ));
+        }
+        listeners.push(Listener {
+            address,
+            mode,
+            interface,
+            xdp_attach,
+        });
+    }
+    Ok(listeners)
+}
+
+/// `xdp_attach` as written in the file.
+fn attach_keyword(attach: XdpAttach) -> &'static str {
+    match attach {
+        XdpAttach::Auto => "auto",
+        XdpAttach::Native => "native",
+        XdpAttach::Skb => "skb",
+    }
+}
+
+/// The kernel's own rule for interface names (`dev_valid_name` in net/core/dev.c).
+fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if name.len() > MAX_INTERFACE_NAME {
+        return Err(format!(
+            "{name:?} is {} bytes; interface names have at most {MAX_INTERFACE_NAME}",
+            name.len()
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    Ok(())
+}
+
+fn validate_certificates(
+    dir: &Path,
+    file: Vec<FileCertificate>,
+) -> Result<Vec<Certificate>, Invalid> {
+    if file.is_empty() {
+        return Err(Invalid::new(
+            "certificate",
+            "at least one [[certificate]] table is required",
+        ));
+    }
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut certificates: Vec<Certificate> = Vec::with_capacity(file.len());
+    let mut default_index = None;
+    for (i, c) in file.into_iter().enumerate() {
+        if c.default {
+            if let Some(first) = default_index {
+                return Err(Invalid::new(
+                    format!("certificate[{i}].default"),
+                    format!(
+                        "only one certificate may be the default; certificate[{first}] already is"
+                    ),
+                ));
+            }
+            default_index = Some(i);
+        }
+        certificates.push(load_certificate(dir, i, c, &provider)?);
+    }
+    let default_index = default_index.unwrap_or(0);
+    certificates[default_index].default = true;
+
+    // SNI picks one certificate per name, so a name claimed twice would silently shadow one of
+    // them; a certificate without names could only ever be served as the default.
+    let mut owner: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in certificates.iter().enumerate() {
+        let field = format!("certificate[{i}].names");
+        if c.names.is_empty() && i != default_index {
+            return Err(Invalid::new(
+                field,
+                "no server names, so SNI could never select this certificate (it is not the \
+                 default); list them in `names`, or use a certificate whose subject \
+                 alternative names or common name are DNS names",
+            ));
+        }
+        for name in &c.names {
+            if let Some(j) = owner.insert(name, i) {
+                return Err(Invalid::new(
+                    field,
+                    format!("{name:?} is also a name of certificate[{j}]"),
+                ));
+            }
+        }
+    }
+    Ok(certificates)
+}
+
+/// Reads and checks one `[[certificate]]`. The returned certificate is not yet marked default.
+fn load_certificate(
+    dir: &Path,
+    i: usize,
+    c: FileCertificate,
+    provider: &CryptoProvider,
+) -> Result<Certificate, Invalid> {
+    let cert_field = format!("certificate[{i}].cert");
+    let key_field = format!("certificate[{i}].key");
+    let cert_path = resolve(
+        dir,
+        &c.cert
+            .ok_or_else(|| Invalid::new(&cert_field, "required field is missing"))?,
+    );
+    let key_path = resolve(
+        dir,
+        &c.key
+            .ok_or_else(|| Invalid::new(&key_field, "required field is missing"))?,
+    );
+
+    let cert_pem = read_file(&cert_field, &cert_path)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Invalid::new(&cert_field, format!("{cert_path:?}: bad PEM: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(Invalid::new(
+            &cert_field,
+            format!("no certificate (\"BEGIN CERTIFICATE\" block) in {cert_path:?}"),
+        ));
+    };
+    let (_, parsed_leaf) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
+        Invalid::new(
+            &cert_field,
+            format!("the first certificate in {cert_path:?} is not valid X.509: {e}"),
+        )
+    })?;
+
+    let key_pem = read_file(&key_field, &key_path)?;
+    let mut keys = PrivateKeyDer::pem_slice_iter(&key_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Invalid::new(&key_field, format!("{key_path:?}: bad PEM: {e}")))?;
+    let key = match keys.len() {
+        1 => keys.remove(0),
+        0 => {
+            return Err(Invalid::new(
+                &key_field,
+                format!(
+                    "no private key (\"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \
+                     \"BEGIN EC PRIVATE KEY\" block) in {key_path:?}"
+                ),
+            ))
+        }
+        n => {
+            return Err(Invalid::new(
+                &key_field,
+                format!("{n} private keys in {key_path:?}; expected exactly one"),
+            ))
+        }
+    };
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| {
+            Invalid::new(
+                &key_field,
+                format!("unusable private key in {key_path:?}: {e}"),
+            )
+        })?;
+    match rustls::sign::CertifiedKey::new(chain.clone(), signing_key).keys_match() {
+        // `Unknown`: the key type cannot report its public key, so there is nothing to compare
+        // (rustls' own `CertifiedKey::from_der` accepts this case too).
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(Invalid::new(
+                &key_field,
+                format!(
+                    "the private key in {key_path:?} does not match the certificate in \
+                     {cert_path:?}"
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(Invalid::new(
+                &cert_field,
+                format!("the first certificate in {cert_path:?} is unusable: {e}"),
+            ))
+        }
+    }
+
+    let names_field = format!("certificate[{i}].names");
+    let names = match c.names {
+        Some(given) => {
+            let mut names = Vec::with_capacity(given.len());
+            for (j, name) in given.iter().enumerate() {
+                let name = check_server_name(name)
+                    .map_err(|m| Invalid::new(format!("{names_field}[{j}]"), m))?;
+                names.push(name);
+            }
+            names
+        }
+        None => names_from_certificate(&parsed_leaf)
+            .map_err(|m| Invalid::new(&cert_field, format!("{cert_path:?}: {m}")))?,
+    };
+    let mut seen = HashSet::new();
+    let names = names
+        .into_iter()
+        .filter(|n| seen.insert(n.clone()))
+        .collect();
+
+    Ok(Certificate {
+        cert_path,
+        key_path,
+        chain,
+        key: Arc::new(key),
+        names,
+        default: false,
+    })
+}
+
+fn read_file(field: &str, path: &Path) -> Result<Vec<u8>, Invalid> {
+    std::fs::read(path).map_err(|e| Invalid::new(field, format!("cannot read {path:?}: {e}")))
+}
+
+/// A server name as SNI carries it (RFC 6066 §3: a DNS host name, no trailing dot), lower-cased,
+/// optionally with a leading `*.` wildcard label.
+fn check_server_name(name: &str) -> Result<String, String> {
+    if name.is_empty() {
+        return Err("server names must not be empty".to_owned());
+    }
+    let lower = name.to_ascii_lowercase();
+    let base = lower.strip_prefix("*.").unwrap_or(&lower);
+    if base.contains('*') {
+        return Err(format!(
+            "{name:?}: a wildcard may only be the whole first label (\"*.example.com\")"
+        ));
+    }
+    if !name.is_ascii() {
+        return Err(format!(
+            "{name:?} is not ASCII; write internationalized names in their xn-- (punycode) form"
+        ));
+    }
+    if base.ends_with('.') || DnsName::try_from(base).is_err() {
+        return Err(format!("{name:?} is not a valid DNS host name"));
+    }
+    Ok(lower)
+}
+
+/// The leaf's DNS subject alternative names; if it has none, its common name when that is a
+/// host name (RFC 6125 §6.4.4 fallback). May be empty.
+fn names_from_certificate(
+    leaf: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Vec<String>, String> {
+    let san = leaf
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName extension: {e}"))?;
+    let dns_sans: Vec<&str> = san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        })
+        .collect();
+    if !dns_sans.is_empty() {
+        return dns_sans
+            .into_iter()
+            .map(|dns| {
+                check_server_name(dns)
+                    .map_err(|m| format!("subject alternative name {m}; list the names in `names`"))
+            })
+            .collect();
+    }
+    // A common name like "My Test CA" is not a host name: treat it as no name.
+    Ok(leaf
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .filter_map(|cn| check_server_name(cn).ok())
+        .take(1)
+        .collect())
+}
+
+fn validate_tls(file: FileTls) -> Result<TlsSettings, Invalid> {
+    let mut alpn: Vec<Vec<u8>> = Vec::with_capacity(file.alpn.len());
+    for (i, id) in file.alpn.into_iter().enumerate() {
+        let field = format!("tls.alpn[{i}]");
+        if id.is_empty() || id.len() > MAX_ALPN_ID {
+            return Err(Invalid::new(
+                field,
+                format!(
+                    "ALPN protocol ids are 1 to {MAX_ALPN_ID} bytes, {id:?} is {}",
+                    id.len()
+                ),
+            ));
+        }
+        if alpn.iter().any(|a| a == id.as_bytes()) {
+            return Err(Invalid::new(field, format!("{id:?} is listed twice")));
+        }
+        alpn.push(id.into_bytes());
+    }
+    let mut versions = file.versions;
+    if versions.is_empty() {
+        return Err(Invalid::new(
+            "tls.versions",
+            "at least one TLS version (\"1.2\", \"1.3\") is required",
+        ));
+    }
+    versions.sort();
+    versions.dedup();
+    Ok(TlsSettings {
+        alpn,
+        versions,
+        session_cache_entries: at_most(
+            "tls.session_cache_entries",
+            file.session_cache_entries,
+            MAX_TABLE_ENTRIES,
+        )?,
+        tickets: file.tickets,
+    })
+}
+
+fn validate_backend(file: Option<FileBackend>) -> Result<Backend, Invalid> {
+    let file = file.ok_or_else(|| Invalid::new("backend", "the [backend] table is required"))?;
+    if file.servers.is_empty() {
+        return Err(Invalid::new(
+            "backend.servers",
+            "at least one backend server is required",
+        ));
+    }
+    let servers = file
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_socket_addr(
+                &format!("backend.servers[{i}]"),
+                s,
+                "a backend needs a real port",
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Backend {
+        servers,
+        connect_timeout: positive_ms("backend.connect_timeout_ms", file.connect_timeout_ms)?,
+        connect: file.connect,
+        proxy_protocol: file.proxy_protocol,
+    })
+}
+
+/// CPU ids this process may run on (its affinity mask), ascending. Falls back to
+/// `0..available_parallelism` if the mask cannot be read.
+fn available_cpus() -> Vec<usize> {
+    let mut cpus: Vec<usize> = match core_affinity::get_core_ids() {
+        Some(ids) if !ids.is_empty() => ids.into_iter().map(|c| c.id).collect(),
+        _ => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+    };
+    cpus.sort_unstable();
+    cpus
+}
+
+/// `available` is the CPU set from [`available_cpus`] (a parameter so tests can fix it).
+fn validate_workers(file: FileWorkers, available: &[usize]) -> Result<Workers, Invalid> {
+    if file.cpus.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Invalid::new(
+            "workers.cpus",
+            "must not be empty (omit it to pin worker i to the i-th available CPU)",
+        ));
+    }
+    let cpus = file.cpus.unwrap_or_default();
+    let count = match file.count {
+        Some(0) => return Err(Invalid::new("workers.count", "must be at least 1")),
+        Some(n) => n,
+        None if !cpus.is_empty() => cpus.len(),
+        // available_parallelism also honours cgroup CPU quotas, which the mask does not.
+        None => std::thread::available_parallelism().map_or(available.len().max(1), |n| n.get()),
+    };
+    if !cpus.is_empty() && cpus.len() != count {
+        return Err(Invalid::new(
+            "workers.cpus",
+            format!(
+                "lists {} CPU(s) but workers.count is {count}; give one CPU per worker",
+                cpus.len()
+            ),
+        ));
+    }
+    for (i, &cpu) in cpus.iter().enumerate() {
+        let field = format!("workers.cpus[{i}]");
+        if cpus[..i].contains(&cpu) {
+            return Err(Invalid::new(field, format!("CPU {cpu} is listed twice")));
+        }
+        if !available.contains(&cpu) {
+            let list = available
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Invalid::new(
+                field,
+                format!("CPU {cpu} is not available to this process (available: {list})"),
+            ));
+        }
+    }
+    Ok(Workers { count, cpus })
+}
+
+fn positive_ms(field: &str, ms: u64) -> Result<Duration, Invalid> {
+    if ms == 0 {
+        return Err(Invalid::new(field, "must be greater than 0 (milliseconds)"));
+    }
+    if ms > MAX_DURATION_MS {
+        return Err(Invalid::new(
+            field,
+            format!("{ms} ms is more than a year; at most {MAX_DURATION_MS}"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn at_most(field: &str, value: usize, max: usize) -> Result<usize, Invalid> {
+    if value > max {
+        return Err(Invalid::new(
+            field,
+            format!("{value} is too large; at most {max}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
+    if file.max_connections_per_worker == 0 {
+        return Err(Invalid::new(
+            "limits.max_connections_per_worker",
+            "must be at least 1",
+        ));
+    }
+    if file.buffer_per_direction < MIN_BUFFER_PER_DIRECTION {
+        return Err(Invalid::new(
+            "limits.buffer_per_direction",
+            format!(
+                "{} bytes is too small: at least {MIN_BUFFER_PER_DIRECTION} (one full TLS \
+                 record) is required",
+                file.buffer_per_direction
+            ),
+        ));
+    }
+    Ok(Limits {
+        max_connections_per_worker: at_most(
+            "limits.max_connections_per_worker",
+            file.max_connections_per_worker,
+            MAX_TABLE_ENTRIES,
+        )?,
+        buffer_per_direction: at_most(
+            "limits.buffer_per_direction",
+            file.buffer_per_direction,
+            MAX_BUFFER_PER_DIRECTION,
+        )?,
+    })
+}
+
+fn validate_control(dir: &Path, file: FileControl) -> Result<Control, Invalid> {
+    if file.socket.as_os_str().is_empty() {
+        return Err(Invalid::new("control.socket", "must not be empty"));
+    }
+    let socket = resolve(dir, &file.socket);
+    let len = socket.as_os_str().len();
+    if len > MAX_UNIX_SOCKET_PATH {
+        return Err(Invalid::new(
+            "control.socket",
+            format!(
+                "{socket:?} is {len} bytes; a Unix socket path holds at most \
+                 {MAX_UNIX_SOCKET_PATH}"
+            ),
+        ));
+    }
+    Ok(Control { socket })
+}

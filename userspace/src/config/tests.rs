@@ -1,0 +1,904 @@
+//! Tests for `config`: the contract's full example, defaults, and one test per kind of error,
+//! each asserting the field named and a fragment of the message. Certificates are generated
+//! with rcgen into a per-test temporary directory that is removed on drop (also on panic).
+
+use super::*;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("tern-config-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(dir.join("certs"))
+            .unwrap_or_else(|e| panic!("cannot create {dir:?}: {e}"));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Best effort: a leftover directory must not turn a passing test into a failure.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A temp dir holding `tern.toml`'s future location and a certificate for `example.com` and
+/// `*.example.com` at `certs/site.pem` / `certs/site.key`.
+struct Fixture {
+    dir: TempDir,
+    /// Where the configuration "was read from"; relative paths resolve against its directory.
+    config: PathBuf,
+    /// PEM of the generated leaf, to compare with what validation loaded.
+    cert_pem: String,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let dir = TempDir::new(tag);
+        let cert_pem = write_cert(&dir.0, "site", &["example.com", "*.example.com"]);
+        let config = dir.0.join("tern.toml");
+        Fixture {
+            dir,
+            config,
+            cert_pem,
+        }
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.dir.0.join(relative)
+    }
+
+    fn load(&self, text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(&self.config, text)
+    }
+
+    #[track_caller]
+    fn ok(&self, text: &str) -> Config {
+        self.load(text)
+            .unwrap_or_else(|e| panic!("expected a valid config, got: {e}\n--- config ---\n{text}"))
+    }
+
+    /// Asserts that `text` is rejected for `field` with a message containing `fragment`.
+    #[track_caller]
+    fn rejects(&self, text: &str, field: &str, fragment: &str) -> ConfigError {
+        let error = match self.load(text) {
+            Ok(config) => panic!("expected an error on {field:?}, got {config:#?}"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            error.path, self.config,
+            "error names the wrong file: {error}"
+        );
+        assert_eq!(error.field, field, "error names the wrong field: {error}");
+        assert!(
+            error.message.contains(fragment),
+            "message of {error:?} lacks {fragment:?}"
+        );
+        error
+    }
+}
+
+/// Writes `certs/<stem>.pem` and `certs/<stem>.key` (ECDSA P-256) under `dir`; returns the PEM.
+fn write_cert(dir: &Path, stem: &str, names: &[&str]) -> String {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let generated =
+        rcgen::generate_simple_self_signed(names).unwrap_or_else(|e| panic!("rcgen failed: {e}"));
+    let cert_pem = generated.cert.pem();
+    write(&dir.join(format!("certs/{stem}.pem")), &cert_pem);
+    write(
+        &dir.join(format!("certs/{stem}.key")),
+        &generated.key_pair.serialize_pem(),
+    );
+    cert_pem
+}
+
+#[track_caller]
+fn write(path: &Path, contents: &str) {
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("cannot write {path:?}: {e}"));
+}
+
+/// The smallest valid file: every optional table omitted.
+const MINIMAL: &str = r#"
+[[listener]]
+address = "127.0.0.1:8443"
+
+[[certificate]]
+cert = "certs/site.pem"
+key = "certs/site.key"
+
+[backend]
+servers = ["127.0.0.1:8080"]
+"#;
+
+/// `MINIMAL` with `table` appended (TOML tables may come in any order).
+fn minimal_with(table: &str) -> String {
+    format!("{MINIMAL}\n{table}\n")
+}
+
+#[test]
+fn full_example_from_the_contract() {
+    let fx = Fixture::new("full");
+    // The contract's example, with an xdp listener (its `interface` is only valid there) and
+    // pinned to CPUs this machine really has.
+    let cpus: Vec<usize> = available_cpus().into_iter().take(2).collect();
+    let cpu_list = cpus
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[[listener]]
+address = "0.0.0.0:443"
+mode = "kernel"
+
+[[listener]]
+address = "[::]:8443"
+mode = "xdp"
+interface = "veth0"
+xdp_attach = "skb"
+
+[[certificate]]
+cert = "certs/site.pem"
+key = "certs/site.key"
+names = ["Example.COM", "*.example.com", "example.com"]
+default = true
+
+[tls]
+alpn = ["h2", "http/1.1"]
+versions = ["1.3", "1.2"]
+session_cache_entries = 500
+tickets = false
+
+[backend]
+servers = ["127.0.0.1:8080", "[::1]:8081"]
+connect_timeout_ms = 1500
+connect = "eager"
+proxy_protocol = "v2"
+
+[workers]
+count = {count}
+cpus = [{cpu_list}]
+
+[timeouts]
+handshake_ms = 5000
+idle_ms = 60000
+drain_ms = 2000
+
+[limits]
+max_connections_per_worker = 123
+buffer_per_direction = 16384
+
+[control]
+socket = "/run/tern-test.sock"
+"#,
+        count = cpus.len()
+    );
+    let config = fx.ok(&text);
+
+    assert_eq!(config.path, fx.config);
+    assert_eq!(
+        config.listeners,
+        vec![
+            Listener {
+                address: "0.0.0.0:443".parse().expect("literal address"),
+                mode: ListenerMode::Kernel,
+                interface: None,
+                xdp_attach: XdpAttach::Auto,
+            },
+            Listener {
+                address: "[::]:8443".parse().expect("literal address"),
+                mode: ListenerMode::Xdp,
+                interface: Some("veth0".to_owned()),
+                xdp_attach: XdpAttach::Skb,
+            },
+        ]
+    );
+
+    assert_eq!(config.certificates.len(), 1);
+    let cert = &config.certificates[0];
+    assert_eq!(cert.cert_path, fx.path("certs/site.pem"));
+    assert_eq!(cert.key_path, fx.path("certs/site.key"));
+    // Lower-cased and deduplicated, order kept.
+    assert_eq!(cert.names, ["example.com", "*.example.com"]);
+    assert!(
+        cert.default,
+        "the certificate marked default is the default"
+    );
+    let expected_leaf = CertificateDer::from_pem_slice(fx.cert_pem.as_bytes())
+        .expect("the fixture's own PEM parses");
+    assert_eq!(cert.chain, vec![expected_leaf]);
+    assert!(
+        matches!(*cert.key, PrivateKeyDer::Pkcs8(_)),
+        "rcgen writes PKCS#8 keys, got {:?}",
+        cert.key
+    );
+
+    assert_eq!(
+        config.tls,
+        TlsSettings {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
+            session_cache_entries: 500,
+            tickets: false,
+        }
+    );
+    assert_eq!(
+        config.backend,
+        Backend {
+            servers: vec![
+                "127.0.0.1:8080".parse().expect("literal address"),
+                "[::1]:8081".parse().expect("literal address"),
+            ],
+            connect_timeout: Duration::from_millis(1500),
+            connect: ConnectPolicy::Eager,
+            proxy_protocol: ProxyProtocol::V2,
+        }
+    );
+    assert_eq!(
+        config.workers,
+        Workers {
+            count: cpus.len(),
+            cpus
+        }
+    );
+    assert_eq!(
+        config.timeouts,
+        Timeouts {
+            handshake: Duration::from_secs(5),
+            idle: Duration::from_secs(60),
+            drain: Duration::from_secs(2),
+        }
+    );
+    assert_eq!(
+        config.limits,
+        Limits {
+            max_connections_per_worker: 123,
+            buffer_per_direction: 16384,
+        }
+    );
+    assert_eq!(config.control.socket, PathBuf::from("/run/tern-test.sock"));
+}
+
+#[test]
+fn defaults_are_applied() {
+    let fx = Fixture::new("defaults");
+    let config = fx.ok(MINIMAL);
+
+    assert_eq!(config.listeners[0].mode, ListenerMode::Kernel);
+    assert_eq!(config.listeners[0].interface, None);
+    assert_eq!(config.listeners[0].xdp_attach, XdpAttach::Auto);
+
+    let cert = &config.certificates[0];
+    // Without `names`, the leaf's DNS SANs.
+    assert_eq!(cert.names, ["example.com", "*.example.com"]);
+    assert!(cert.default, "a lone certificate is the default");
+
+    assert_eq!(
+        config.tls,
+        TlsSettings {
+            alpn: Vec::new(),
+            versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
+            session_cache_entries: 20_000,
+            tickets: true,
+        }
+    );
+    assert_eq!(config.backend.connect_timeout, Duration::from_millis(3000));
+    assert_eq!(config.backend.connect, ConnectPolicy::FirstByte);
+    assert_eq!(config.backend.proxy_protocol, ProxyProtocol::None);
+
+    let parallelism = std::thread::available_parallelism()
+        .expect("available_parallelism works on Linux")
+        .get();
+    assert_eq!(
+        config.workers,
+        Workers {
+            count: parallelism,
+            cpus: Vec::new()
+        }
+    );
+    assert_eq!(
+        config.timeouts,
+        Timeouts {
+            handshake: Duration::from_millis(10_000),
+            idle: Duration::from_millis(300_000),
+            drain: Duration::from_millis(30_000),
+        }
+    );
+    assert_eq!(
+        config.limits,
+        Limits {
+            max_connections_per_worker: 10_000,
+            buffer_per_direction: 65_536,
+        }
+    );
+    assert_eq!(config.control.socket, PathBuf::from("/run/tern.sock"));
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_directory() {
+    let fx = Fixture::new("relative");
+    let config = fx.ok(&minimal_with("[control]\nsocket = \"run/ctl.sock\""));
+    assert_eq!(config.certificates[0].cert_path, fx.path("certs/site.pem"));
+    assert_eq!(config.control.socket, fx.path("run/ctl.sock"));
+
+    // An absolute path is taken as is.
+    let absolute = fx.path("certs/site.pem");
+    let text = MINIMAL.replace(
+        "cert = \"certs/site.pem\"",
+        &format!(
+            "cert = {:?}",
+            absolute.to_str().expect("temp paths are UTF-8")
+        ),
+    );
+    assert_eq!(fx.ok(&text).certificates[0].cert_path, absolute);
+}
+
+#[test]
+fn sni_defaults_and_names_across_certificates() {
+    let fx = Fixture::new("sni");
+    write_cert(&fx.dir.0, "other", &["Other.Example.NET"]);
+    let two = format!(
+        "{MINIMAL}\n[[certificate]]\ncert = \"certs/other.pem\"\nkey = \"certs/other.key\"\n"
+    );
+    let config = fx.ok(&two);
+    assert!(config.certificates[0].default, "none marked: the first");
+    assert!(!config.certificates[1].default);
+    assert_eq!(config.certificates[1].names, ["other.example.net"]);
+    assert_eq!(config.default_certificate().names[0], "example.com");
+
+    let second_default = format!("{two}default = true\n");
+    let config = fx.ok(&second_default);
+    assert!(!config.certificates[0].default);
+    assert!(config.certificates[1].default, "the marked one");
+
+    let shadowed = format!("{two}names = [\"www.example.com\", \"EXAMPLE.com\"]\n");
+    fx.rejects(
+        &shadowed,
+        "certificate[1].names",
+        "\"example.com\" is also a name of certificate[0]",
+    );
+    fx.rejects(
+        &format!("{two}names = [\"www.*.example.com\"]\n"),
+        "certificate[1].names[0]",
+        "a wildcard may only be the whole first label",
+    );
+    fx.rejects(
+        &format!("{two}names = [\"ok.example\", \"bücher.example\"]\n"),
+        "certificate[1].names[1]",
+        "xn-- (punycode) form",
+    );
+    fx.rejects(
+        &format!("{two}names = [\"bad_host name\"]\n"),
+        "certificate[1].names[0]",
+        "is not a valid DNS host name",
+    );
+    fx.rejects(
+        &format!("{two}names = [\"\"]\n"),
+        "certificate[1].names[0]",
+        "must not be empty",
+    );
+    fx.rejects(
+        &format!("{two}names = []\n"),
+        "certificate[1].names",
+        "SNI could never select this certificate",
+    );
+    // The default certificate needs no name: it is served without SNI.
+    let config = fx.ok(&format!("{two}names = []\ndefault = true\n"));
+    assert!(config.certificates[1].names.is_empty());
+}
+
+#[test]
+fn unknown_fields_are_named() {
+    let fx = Fixture::new("unknown");
+    let error = fx.rejects(
+        &format!("colour = \"blue\"\n{MINIMAL}"),
+        "colour",
+        "unknown field `colour`",
+    );
+    assert!(
+        error.message.contains("line 1, column 1"),
+        "no position in {error}"
+    );
+    fx.rejects(
+        &MINIMAL.replace("address = ", "adress = \"x\"\naddress = "),
+        "listener[0].adress",
+        "unknown field `adress`, expected one of `address`, `mode`",
+    );
+    fx.rejects(
+        &minimal_with("[timeouts]\nhandshake = 5"),
+        "timeouts.handshake",
+        "unknown field `handshake`",
+    );
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    let fx = Fixture::new("types");
+    let text = minimal_with("[workers]\ncount = \"two\"");
+    let error = fx.rejects(
+        &text,
+        "workers.count",
+        "invalid type: string \"two\", expected a non-negative integer",
+    );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("count"))
+        .expect("the count line")
+        + 1;
+    assert!(
+        error.message.contains(&format!("(line {line}, column 9)")),
+        "no or wrong position in {error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("{}: workers.count: {}", fx.config.display(), error.message)
+    );
+
+    fx.rejects(
+        &MINIMAL.replace("127.0.0.1:8443\"", "127.0.0.1:8443\"\nmode = \"dpdk\""),
+        "listener[0].mode",
+        "unknown variant `dpdk`, expected `kernel` or `xdp`",
+    );
+    fx.rejects(
+        &MINIMAL.replace("\"127.0.0.1:8080\"]", "\"127.0.0.1:8080\", 8081]"),
+        "backend.servers[1]",
+        "invalid type: integer `8081`, expected a string",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\nversions = [\"1.1\"]"),
+        "tls.versions[0]",
+        "unknown variant `1.1`, expected `1.2` or `1.3`",
+    );
+    fx.rejects(
+        &minimal_with("[backend.extra]"),
+        "backend.extra",
+        "unknown field `extra`",
+    );
+    fx.rejects(
+        &minimal_with("[limits]\nbuffer_per_direction = -1"),
+        "limits.buffer_per_direction",
+        "expected a non-negative integer",
+    );
+}
+
+#[test]
+fn syntax_errors_report_line_and_column() {
+    let fx = Fixture::new("syntax");
+    let text = MINIMAL.replace("[backend]", "[backend\n");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("[backend"))
+        .expect("the backend line")
+        + 1;
+    let error = fx.rejects(
+        &text,
+        "",
+        &format!("TOML syntax error at line {line}, column 9"),
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("{}: {}", fx.config.display(), error.message),
+        "no field part for a file-level error"
+    );
+    fx.rejects(
+        &MINIMAL.replace("[backend]", "[backend]\nservers = []"),
+        "",
+        "TOML syntax error at line",
+    );
+}
+
+#[test]
+fn bad_addresses() {
+    let fx = Fixture::new("address");
+    fx.rejects(
+        &MINIMAL.replace("127.0.0.1:8443", "localhost:443"),
+        "listener[0].address",
+        "invalid socket address \"localhost:443\"",
+    );
+    fx.rejects(
+        &MINIMAL.replace("127.0.0.1:8443", "::1:443"),
+        "listener[0].address",
+        "invalid socket address \"::1:443\"",
+    );
+    fx.rejects(
+        &MINIMAL.replace("127.0.0.1:8443", "127.0.0.1:0"),
+        "listener[0].address",
+        "port 0 is not allowed",
+    );
+    fx.rejects(
+        &MINIMAL.replace("\"127.0.0.1:8080\"]", "\"127.0.0.1:8080\", \"10.0.0.1\"]"),
+        "backend.servers[1]",
+        "invalid socket address \"10.0.0.1\"",
+    );
+    fx.rejects(
+        &MINIMAL.replace("[\"127.0.0.1:8080\"]", "[]"),
+        "backend.servers",
+        "at least one backend server is required",
+    );
+    fx.rejects(
+        &format!("{MINIMAL}\n[[listener]]\naddress = \"127.0.0.1:8443\"\n"),
+        "listener[1].address",
+        "127.0.0.1:8443 is already the address of listener[0]",
+    );
+}
+
+#[test]
+fn required_tables_and_fields() {
+    let fx = Fixture::new("required");
+    let without_backend = &MINIMAL[..MINIMAL.find("[backend]").expect("backend table")];
+    fx.rejects(
+        without_backend,
+        "backend",
+        "the [backend] table is required",
+    );
+    fx.rejects(
+        &MINIMAL.replace("address = \"127.0.0.1:8443\"", ""),
+        "listener[0].address",
+        "required field is missing",
+    );
+    fx.rejects(
+        &MINIMAL.replace("key = \"certs/site.key\"", ""),
+        "certificate[0].key",
+        "required field is missing",
+    );
+    let without_listener = MINIMAL.replace("[[listener]]\naddress = \"127.0.0.1:8443\"", "");
+    fx.rejects(&without_listener, "listener", "at least one [[listener]]");
+    let without_certificate = MINIMAL.replace(
+        "[[certificate]]\ncert = \"certs/site.pem\"\nkey = \"certs/site.key\"",
+        "",
+    );
+    fx.rejects(
+        &without_certificate,
+        "certificate",
+        "at least one [[certificate]]",
+    );
+}
+
+#[test]
+fn missing_certificate_file() {
+    let fx = Fixture::new("missing");
+    let error = fx.rejects(
+        &MINIMAL.replace("certs/site.pem", "certs/nope.pem"),
+        "certificate[0].cert",
+        "cannot read",
+    );
+    let expected = format!(
+        "cannot read {:?}: No such file or directory (os error 2)",
+        fx.path("certs/nope.pem")
+    );
+    assert_eq!(error.message, expected);
+    fx.rejects(
+        &MINIMAL.replace("certs/site.key", "certs/nope.key"),
+        "certificate[0].key",
+        "No such file or directory",
+    );
+}
+
+#[test]
+fn broken_certificate_and_key_files() {
+    let fx = Fixture::new("broken");
+    // A certificate file with no certificate in it.
+    write(&fx.path("certs/empty.pem"), "just some text\n");
+    fx.rejects(
+        &MINIMAL.replace("certs/site.pem", "certs/empty.pem"),
+        "certificate[0].cert",
+        "no certificate (\"BEGIN CERTIFICATE\" block) in",
+    );
+    // A key file that holds only a certificate.
+    fx.rejects(
+        &MINIMAL.replace("certs/site.key", "certs/site.pem"),
+        "certificate[0].key",
+        "no private key",
+    );
+    // A truncated PEM block.
+    let truncated: String = fx.cert_pem.lines().take(3).collect::<Vec<_>>().join("\n");
+    write(&fx.path("certs/truncated.pem"), &truncated);
+    fx.rejects(
+        &MINIMAL.replace("certs/site.pem", "certs/truncated.pem"),
+        "certificate[0].cert",
+        "bad PEM",
+    );
+    // A key that belongs to another certificate.
+    write_cert(&fx.dir.0, "other", &["other.example"]);
+    fx.rejects(
+        &MINIMAL.replace("certs/site.key", "certs/other.key"),
+        "certificate[0].key",
+        "does not match the certificate",
+    );
+    // Two keys in one file are ambiguous.
+    let key = std::fs::read_to_string(fx.path("certs/site.key")).expect("fixture key");
+    let other = std::fs::read_to_string(fx.path("certs/other.key")).expect("fixture key");
+    write(&fx.path("certs/two.key"), &format!("{key}{other}"));
+    fx.rejects(
+        &MINIMAL.replace("certs/site.key", "certs/two.key"),
+        "certificate[0].key",
+        "2 private keys in",
+    );
+    // One combined file for both (as hitch uses) is fine.
+    write(
+        &fx.path("certs/combined.pem"),
+        &format!("{}{key}", fx.cert_pem),
+    );
+    let combined = MINIMAL
+        .replace("certs/site.pem", "certs/combined.pem")
+        .replace("certs/site.key", "certs/combined.pem");
+    assert_eq!(fx.ok(&combined).certificates[0].names.len(), 2);
+}
+
+#[test]
+fn xdp_listeners_need_an_interface() {
+    let fx = Fixture::new("xdp");
+    let xdp = |extra: &str| {
+        MINIMAL.replace(
+            "address = \"127.0.0.1:8443\"",
+            &format!("address = \"127.0.0.1:8443\"\nmode = \"xdp\"\n{extra}"),
+        )
+    };
+    fx.rejects(
+        &xdp(""),
+        "listener[0].interface",
+        "required when mode = \"xdp\"",
+    );
+    fx.rejects(
+        &xdp("interface = \"a-very-long-name0\""),
+        "listener[0].interface",
+        "interface names have at most 15",
+    );
+    fx.rejects(
+        &xdp("interface = \"eth/0\""),
+        "listener[0].interface",
+        "not a valid interface name",
+    );
+    assert_eq!(
+        fx.ok(&xdp("interface = \"eth0\"")).listeners[0].interface,
+        Some("eth0".to_owned())
+    );
+    // Two listeners on one interface share its XDP program, so one attach mode.
+    let two = |second_interface: &str| {
+        format!(
+            "{}\n[[listener]]\naddress = \"127.0.0.1:9443\"\nmode = \"xdp\"\ninterface = \"{second_interface}\"\n",
+            xdp("interface = \"eth0\"\nxdp_attach = \"skb\"")
+        )
+    };
+    fx.rejects(
+        &two("eth0"),
+        "listener[1].xdp_attach",
+        "\"auto\" conflicts with \"skb\" of listener[0]",
+    );
+    assert_eq!(fx.ok(&two("eth1")).listeners[1].xdp_attach, XdpAttach::Auto);
+    fx.rejects(
+        &MINIMAL.replace("8443\"", "8443\"\ninterface = \"eth0\""),
+        "listener[0].interface",
+        "only valid with mode = \"xdp\"",
+    );
+    fx.rejects(
+        &MINIMAL.replace("8443\"", "8443\"\nxdp_attach = \"native\""),
+        "listener[0].xdp_attach",
+        "only valid with mode = \"xdp\"",
+    );
+}
+
+#[test]
+fn at_most_one_default_certificate() {
+    let fx = Fixture::new("defaults2");
+    write_cert(&fx.dir.0, "other", &["other.example"]);
+    let text = MINIMAL.replace("key = \"certs/site.key\"", "key = \"certs/site.key\"\ndefault = true")
+        + "\n[[certificate]]\ncert = \"certs/other.pem\"\nkey = \"certs/other.key\"\ndefault = true\n";
+    fx.rejects(
+        &text,
+        "certificate[1].default",
+        "only one certificate may be the default; certificate[0] already is",
+    );
+}
+
+#[test]
+fn workers_and_cpus() {
+    let available = [0, 1, 2, 3];
+    let workers = |count: Option<usize>, cpus: Option<Vec<usize>>| {
+        validate_workers(FileWorkers { count, cpus }, &available)
+    };
+    #[track_caller]
+    fn rejected(result: Result<Workers, Invalid>, field: &str, fragment: &str) {
+        match result {
+            Ok(w) => panic!("expected an error on {field}, got {w:?}"),
+            Err(e) => {
+                assert_eq!(e.field, field, "wrong field in {e:?}");
+                assert!(e.message.contains(fragment), "{e:?} lacks {fragment:?}");
+            }
+        }
+    }
+
+    assert_eq!(
+        workers(Some(2), Some(vec![3, 1])).expect("valid pinning"),
+        Workers {
+            count: 2,
+            cpus: vec![3, 1]
+        }
+    );
+    assert_eq!(
+        workers(None, Some(vec![2])).expect("count from cpus"),
+        Workers {
+            count: 1,
+            cpus: vec![2]
+        }
+    );
+    rejected(
+        workers(Some(2), Some(vec![0])),
+        "workers.cpus",
+        "lists 1 CPU(s) but workers.count is 2",
+    );
+    rejected(
+        workers(Some(2), Some(vec![1, 1])),
+        "workers.cpus[1]",
+        "CPU 1 is listed twice",
+    );
+    rejected(
+        workers(Some(1), Some(vec![4])),
+        "workers.cpus[0]",
+        "CPU 4 is not available to this process (available: 0, 1, 2, 3)",
+    );
+    rejected(
+        workers(Some(0), None),
+        "workers.count",
+        "must be at least 1",
+    );
+    rejected(
+        workers(None, Some(vec![])),
+        "workers.cpus",
+        "must not be empty",
+    );
+
+    // Through the file, with this machine's CPUs.
+    let fx = Fixture::new("cpus");
+    fx.rejects(
+        &minimal_with("[workers]\ncount = 2\ncpus = [0]"),
+        "workers.cpus",
+        "lists 1 CPU(s) but workers.count is 2",
+    );
+    fx.rejects(
+        &minimal_with("[workers]\ncount = 1\ncpus = [100000]"),
+        "workers.cpus[0]",
+        "CPU 100000 is not available to this process",
+    );
+}
+
+#[test]
+fn tls_settings_are_checked() {
+    let fx = Fixture::new("tls");
+    fx.rejects(
+        &minimal_with("[tls]\nversions = []"),
+        "tls.versions",
+        "at least one TLS version",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\nalpn = [\"h2\", \"\"]"),
+        "tls.alpn[1]",
+        "ALPN protocol ids are 1 to 255 bytes",
+    );
+    fx.rejects(
+        &minimal_with(&format!("[tls]\nalpn = [\"{}\"]", "x".repeat(256))),
+        "tls.alpn[0]",
+        "is 256",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\nalpn = [\"h2\", \"h2\"]"),
+        "tls.alpn[1]",
+        "\"h2\" is listed twice",
+    );
+    let config = fx.ok(&minimal_with(
+        "[tls]\nversions = [\"1.3\", \"1.3\"]\nsession_cache_entries = 0",
+    ));
+    assert_eq!(config.tls.versions, [TlsVersion::Tls13]);
+    assert_eq!(config.tls.session_cache_entries, 0);
+}
+
+#[test]
+fn timeouts_and_limits_are_checked() {
+    let fx = Fixture::new("limits");
+    for field in ["handshake_ms", "idle_ms", "drain_ms"] {
+        fx.rejects(
+            &minimal_with(&format!("[timeouts]\n{field} = 0")),
+            &format!("timeouts.{field}"),
+            "must be greater than 0",
+        );
+    }
+    fx.rejects(
+        &MINIMAL.replace("servers = [", "connect_timeout_ms = 0\nservers = ["),
+        "backend.connect_timeout_ms",
+        "must be greater than 0",
+    );
+    fx.rejects(
+        &minimal_with("[limits]\nbuffer_per_direction = 16383"),
+        "limits.buffer_per_direction",
+        "at least 16384",
+    );
+    fx.rejects(
+        &minimal_with("[limits]\nmax_connections_per_worker = 0"),
+        "limits.max_connections_per_worker",
+        "must be at least 1",
+    );
+    fx.rejects(
+        &minimal_with("[timeouts]\nidle_ms = 31536000001"),
+        "timeouts.idle_ms",
+        "more than a year",
+    );
+    fx.rejects(
+        &minimal_with("[limits]\nbuffer_per_direction = 1073741825"),
+        "limits.buffer_per_direction",
+        "at most 1073741824",
+    );
+    fx.rejects(
+        &minimal_with("[limits]\nmax_connections_per_worker = 16777217"),
+        "limits.max_connections_per_worker",
+        "at most 16777216",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\nsession_cache_entries = 16777217"),
+        "tls.session_cache_entries",
+        "at most 16777216",
+    );
+    fx.rejects(
+        &minimal_with(&format!("[control]\nsocket = \"/{}\"", "s".repeat(107))),
+        "control.socket",
+        "a Unix socket path holds at most 107",
+    );
+}
+
+#[test]
+fn names_fall_back_to_the_common_name() {
+    let fx = Fixture::new("cn");
+    let key = rcgen::KeyPair::generate().expect("rcgen key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Legacy.Example.ORG");
+    let cert = params.self_signed(&key).expect("self-signed");
+    write(&fx.path("certs/cn.pem"), &cert.pem());
+    write(&fx.path("certs/cn.key"), &key.serialize_pem());
+    let text = MINIMAL
+        .replace("certs/site.pem", "certs/cn.pem")
+        .replace("certs/site.key", "certs/cn.key");
+    assert_eq!(fx.ok(&text).certificates[0].names, ["legacy.example.org"]);
+}
+
+#[test]
+fn line_column_counts_characters() {
+    assert_eq!(line_column("abc", 0), (1, 1));
+    assert_eq!(line_column("a\nbc", 3), (2, 2));
+    assert_eq!(line_column("é\néx", 5), (2, 2));
+    assert_eq!(line_column("ab", 99), (1, 3));
+}
+
+#[test]
+fn the_documented_examples_parse() {
+    // Keeps docs/configuration.md honest: every ```toml block there must be accepted by the
+    // parser (validation needs real certificate files, so it stops at `FileConfig`).
+    let doc = include_str!("../../../docs/configuration.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| {
+            rest.split("```")
+                .next()
+                .expect("split yields at least one part")
+        })
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        2,
+        "expected the complete and the minimal example"
+    );
+    for block in blocks {
+        let file = FileConfig::parse(Path::new("docs/configuration.md"), block)
+            .unwrap_or_else(|e| panic!("documented example rejected: {e}\n{block}"));
+        assert!(!file.listener.is_empty() && !file.certificate.is_empty());
+        assert!(file.backend.is_some(), "the examples have a [backend]");
+    }
+}

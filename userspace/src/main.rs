@@ -1,0 +1,115 @@
+//! The `tern` command: `run` the terminator, `check-config` a file, `ctl` a running tern.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern::config::Config;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "A Linux-native TLS terminator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run tern with a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Validate a configuration file (certificates and keys are read too) and exit.
+    CheckConfig { file: PathBuf },
+    /// Talk to a running tern over its control socket.
+    Ctl {
+        #[arg(long, short, default_value = "/run/tern.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Print every worker's counters and the totals, as JSON.
+    Stats,
+    /// Check that tern answers.
+    Ping,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_level } => {
+            init_logging(&log_level);
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tern: invalid configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match tern::server::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tern: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s), {} certificate(s), {} backend server(s), {} worker(s))",
+                    file.display(),
+                    c.listeners.len(),
+                    c.certificates.len(),
+                    c.backend.servers.len(),
+                    c.workers.count
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tern: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Ctl { socket, command } => {
+            let cmd = match command {
+                CtlCommand::Stats => "stats",
+                CtlCommand::Ping => "ping",
+            };
+            match tern::control::request(&socket, cmd) {
+                Ok(reply) => {
+                    print!("{reply}");
+                    if reply.starts_with("error:") {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tern ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

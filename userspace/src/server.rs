@@ -1,0 +1,251 @@
+//! Bringing tern up and down: listening sockets, XDP attachment, worker threads, the control
+//! thread, signals and the drain on SIGTERM.
+//!
+//! Start-up either succeeds completely (every socket bound, every worker's io_uring built,
+//! every XDP program attached) or fails with an error before anything is served. Shut-down:
+//! SIGTERM makes workers stop accepting and finish open connections until `timeouts.drain_ms`;
+//! a second SIGTERM or a SIGINT stops at once. XDP programs are attached through bpf links, so
+//! the kernel detaches them even if tern is killed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context as _};
+
+use crate::config::{Config, ListenerMode};
+use crate::control::{self, ControlState};
+use crate::counters::WorkerCounters;
+use crate::worker::{self, Shutdown, Worker, WorkerSetup};
+
+/// Runs tern with `config` until it is told to stop. Returns once everything is torn down.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let tls = crate::tls::server_config(&config.certificates, &config.tls)
+        .context("building the TLS configuration")?;
+
+    // XDP first: if it cannot attach, nothing else should start.
+    let mut xdp = Vec::new();
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.mode == ListenerMode::Xdp)
+    {
+        let iface = l
+            .interface
+            .clone()
+            .expect("validated: xdp listeners have an interface");
+        if xdp.iter().any(|(i, _)| *i == iface) {
+            continue;
+        }
+        let prog = crate::xdp::attach(&iface, l.xdp_attach)
+            .with_context(|| format!("attaching the XDP program to {iface}"))?;
+        tracing::info!(interface = %iface, mode = %prog.attached_mode(), "XDP program attached");
+        xdp.push((iface, prog));
+    }
+
+    let control_listener = control::bind(&config.control.socket)?;
+    let shutdown = Arc::new(Shutdown::default());
+    let counters: Vec<_> = (0..config.workers.count)
+        .map(|_| Arc::new(WorkerCounters::default()))
+        .collect();
+    let state = Arc::new(ControlState {
+        workers: counters.clone(),
+        xdp: Mutex::new(xdp),
+        started: Instant::now(),
+    });
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
+    let mut handles = Vec::new();
+    for (i, wc) in counters.iter().enumerate() {
+        let mut fds = Vec::new();
+        for l in &config.listeners {
+            let fd = listen_socket(l.address)
+                .with_context(|| format!("listening on {} (worker {i})", l.address))?;
+            fds.push(fd);
+        }
+        let cpu = config
+            .workers
+            .cpus
+            .get(i)
+            .copied()
+            .or_else(|| cores.get(i % cores.len().max(1)).map(|c| c.id));
+        let setup = WorkerSetup {
+            id: i,
+            listeners: fds,
+            tls: tls.clone(),
+            backend: config.backend.clone(),
+            timeouts: config.timeouts,
+            limits: config.limits,
+            counters: wc.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let ready = ready_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("tern-w{i}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                        tracing::warn!(worker = i, cpu, "could not pin worker to its CPU");
+                    }
+                }
+                // The ring is built on the worker's own thread: it is set up single-issuer.
+                let w = match Worker::new(setup) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = ready.send((i, Err(e)));
+                        return Ok(());
+                    }
+                };
+                let _ = ready.send((i, Ok(())));
+                w.run()
+            })
+            .context("spawning a worker thread")?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    for _ in 0..handles.len() {
+        match ready_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((i, Err(e))) => {
+                shutdown.stop.store(true, Ordering::Relaxed);
+                return Err(anyhow!("worker {i}: setting up io_uring: {e}"));
+            }
+            Err(_) => return Err(anyhow!("a worker exited during start-up")),
+        }
+    }
+
+    {
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("tern-control".into())
+            .spawn(move || control::serve(control_listener, state))
+            .context("spawning the control thread")?;
+    }
+    spawn_signal_thread(shutdown.clone(), config.timeouts.drain)?;
+
+    let addrs: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect();
+    tracing::info!(
+        listeners = %addrs.join(","),
+        workers = config.workers.count,
+        backends = config.backend.servers.len(),
+        control = %config.control.socket.display(),
+        "tern ready"
+    );
+
+    let mut failed = false;
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(worker = i, error = %e, "worker failed");
+                failed = true;
+                shutdown.stop.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {
+                tracing::error!(worker = i, "worker panicked");
+                failed = true;
+                shutdown.stop.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&config.control.socket);
+    // Dropping the programs detaches them.
+    let detached = state
+        .xdp
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    drop(detached);
+    let total = control::stats(&state);
+    tracing::info!(stats = %total["total"], "tern stopped");
+    if failed {
+        return Err(anyhow!("a worker failed; see the log above"));
+    }
+    Ok(())
+}
+
+fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("tern-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGTERM && !shutdown.drain.load(Ordering::Relaxed) {
+                    tracing::info!(deadline_ms = drain.as_millis() as u64, "SIGTERM: draining");
+                    shutdown.drain.store(true, Ordering::Relaxed);
+                } else {
+                    tracing::info!(signal = sig, "stopping now");
+                    shutdown.stop.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// A listening TCP socket with SO_REUSEPORT, so each worker has its own accept queue and the
+/// kernel spreads connections across workers.
+fn listen_socket(addr: SocketAddr) -> io::Result<RawFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let close_on_err = |e: io::Error| {
+        // SAFETY: our fd, closed once on this error path.
+        unsafe { libc::close(fd) };
+        e
+    };
+    let one: libc::c_int = 1;
+    let mut opts = vec![
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    ];
+    if addr.is_ipv6() {
+        // "[::]:443" means IPv6 only; list "0.0.0.0:443" as well for IPv4 (explicit beats a
+        // sysctl-dependent dual stack).
+        opts.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+    }
+    for (level, opt) in opts {
+        // SAFETY: valid fd, pointer to a c_int of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(close_on_err(io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: zeroed sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = worker::write_sockaddr(&addr, &mut ss);
+    // SAFETY: ss holds a sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } < 0 {
+        return Err(close_on_err(io::Error::last_os_error()));
+    }
+    // SAFETY: valid bound socket.
+    if unsafe { libc::listen(fd, 4096) } < 0 {
+        return Err(close_on_err(io::Error::last_os_error()));
+    }
+    Ok(fd)
+}

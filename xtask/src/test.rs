@@ -1,0 +1,116 @@
+//! `cargo xtask test`: every check CI runs, in order, stopping at the first failure.
+//!
+//! Steps: prerequisites, `cargo fmt --all -- --check`, `cargo +nightly fmt --check` in
+//! `xdp-ebpf/` (its own nightly workspace, if present), `cargo clippy --workspace --all-targets
+//! -- -D warnings`, `cargo build -p tern` (the end-to-end tests run the binary, which `cargo
+//! test` does not build for another package), `cargo test --workspace`. Output is streamed as
+//! it comes; a summary with each step's time ends the run. Exit status is non-zero if any step
+//! failed.
+
+use crate::{cargo, display, prereqs, workspace_root};
+use anyhow::{bail, Result};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Outcome {
+    name: &'static str,
+    took: Duration,
+    ok: bool,
+}
+
+pub fn test() -> Result<()> {
+    let started = Instant::now();
+    let mut done: Vec<Outcome> = Vec::new();
+    let result = run_steps(&mut done);
+    eprintln!("\nxtask test summary:");
+    for o in &done {
+        eprintln!(
+            "  {:<6} {:<28} {:>8.1}s",
+            if o.ok { "ok" } else { "FAILED" },
+            o.name,
+            o.took.as_secs_f64()
+        );
+    }
+    match &result {
+        Ok(()) => eprintln!(
+            "xtask test: all {} steps succeeded in {:.1}s",
+            done.len(),
+            started.elapsed().as_secs_f64()
+        ),
+        Err(_) => eprintln!(
+            "xtask test: stopped at the first failing step after {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    result
+}
+
+fn run_steps(done: &mut Vec<Outcome>) -> Result<()> {
+    step(done, "prerequisites", None, prereqs::ensure)?;
+
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    command_step(done, "fmt (workspace)", fmt)?;
+
+    let ebpf = workspace_root().join("xdp-ebpf");
+    if ebpf.join("Cargo.toml").is_file() {
+        // No `--all`: that also formats path dependencies (common/ and, through its
+        // workspace, the root crates), which the stable step above owns.
+        let mut fmt = Command::new("cargo");
+        fmt.current_dir(&ebpf)
+            .args(["+nightly", "fmt", "--", "--check"]);
+        command_step(done, "fmt (xdp-ebpf, nightly)", fmt)?;
+    }
+
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    command_step(done, "clippy -D warnings", clippy)?;
+
+    let mut build = cargo();
+    build.args(["build", "-p", "tern"]);
+    command_step(done, "build tern", build)?;
+
+    let mut tests = cargo();
+    tests.args(["test", "--workspace"]);
+    command_step(done, "test --workspace", tests)?;
+    Ok(())
+}
+
+/// Runs `cmd` with inherited stdout/stderr (streamed) and no stdin.
+fn command_step(done: &mut Vec<Outcome>, name: &'static str, mut cmd: Command) -> Result<()> {
+    let line = display(&cmd);
+    step(done, name, Some(&line), || {
+        let status = cmd.stdin(Stdio::null()).status()?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+        Ok(())
+    })
+}
+
+fn step(
+    done: &mut Vec<Outcome>,
+    name: &'static str,
+    line: Option<&str>,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    match line {
+        Some(line) => eprintln!("\n==> {name}: {line}"),
+        None => eprintln!("\n==> {name}"),
+    }
+    let started = Instant::now();
+    let result = f();
+    done.push(Outcome {
+        name,
+        took: started.elapsed(),
+        ok: result.is_ok(),
+    });
+    result
+}
