@@ -21,7 +21,8 @@ struct Outcome {
 pub fn test() -> Result<()> {
     let started = Instant::now();
     let mut done: Vec<Outcome> = Vec::new();
-    let result = run_steps(&mut done);
+    let mut tally = Tally::default();
+    let result = run_steps(&mut done, &mut tally);
     eprintln!("\nxtask test summary:");
     for o in &done {
         eprintln!(
@@ -42,10 +43,17 @@ pub fn test() -> Result<()> {
             started.elapsed().as_secs_f64()
         ),
     }
+    if tally.ran {
+        // The closing line CI reads: totals over every test binary.
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            tally.passed, tally.failed, tally.ignored
+        );
+    }
     result
 }
 
-fn run_steps(done: &mut Vec<Outcome>) -> Result<()> {
+fn run_steps(done: &mut Vec<Outcome>, tally: &mut Tally) -> Result<()> {
     step(done, "prerequisites", None, prereqs::ensure)?;
 
     let mut fmt = cargo();
@@ -92,10 +100,62 @@ fn run_steps(done: &mut Vec<Outcome>) -> Result<()> {
     build.args(["build", "-p", "tern"]);
     command_step(done, "build tern", build)?;
 
+    // --lib --bins --tests: every unit and integration test; there are no doc tests, and
+    // their empty "0 passed" pass would otherwise close the log.
     let mut tests = cargo();
-    tests.args(["test", "--workspace"]);
-    command_step(done, "test --workspace", tests)?;
+    tests.args(["test", "--workspace", "--lib", "--bins", "--tests"]);
+    let line = display(&tests);
+    tally.ran = true;
+    let result = step(done, "test --workspace", Some(&line), || {
+        let status = run_tallied(&mut tests, tally)?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+        Ok(())
+    });
+    result?;
+    if tally.passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    /// The test step started (so the totals mean something).
+    ran: bool,
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cmd`, echoing its stdout line by line and adding up libtest's
+/// `test result: ok. N passed; N failed; N ignored; ...` lines.
+fn run_tallied(cmd: &mut Command, tally: &mut Tally) -> Result<std::process::ExitStatus> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match kind {
+                    "passed" => tally.passed += n,
+                    "failed" => tally.failed += n,
+                    "ignored" => tally.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(child.wait()?)
 }
 
 /// Runs `cmd` with inherited stdout/stderr (streamed) and no stdin.
