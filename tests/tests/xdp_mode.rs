@@ -24,7 +24,7 @@ fn xdp_attached(s: &Stack) -> bool {
 fn xdp_listener_serves_and_counts_then_detaches_on_kill() {
     let (rig, dir) = Stack::rig("xdp");
     let backend = Backend::demo_http(server_listener(&rig));
-    let listener_extra = format!("mode = \"xdp\"\ninterface = \"{}\"\n", rig.server_if);
+    let listener_extra = format!("interface = \"{}\"\n", rig.server_if);
     let mut s = Stack::start(
         rig,
         dir,

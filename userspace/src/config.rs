@@ -31,10 +31,12 @@ mod tests;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerMode {
-    /// Ordinary kernel socket (SO_REUSEPORT, one per worker).
+    /// Ordinary kernel socket (SO_REUSEPORT, one per worker). With an `interface`, tern also
+    /// attaches its XDP program there (counters and the source blocklist) while the kernel
+    /// still carries the connections.
     Kernel,
-    /// XDP program attached to `interface`; in this version the data still flows through the
-    /// kernel socket, the XDP program parses and counts (the bypass path builds on it).
+    /// The bypass path: the XDP program on `interface` steers this address's TCP frames into
+    /// per-queue AF_XDP sockets owned by tern's workers; the kernel's TCP stack never sees them.
     Xdp,
 }
 
@@ -54,7 +56,8 @@ pub enum XdpAttach {
 pub struct Listener {
     pub address: SocketAddr,
     pub mode: ListenerMode,
-    /// Interface the XDP program is attached to; `Some` iff `mode == Xdp`.
+    /// Interface the XDP program is attached to: always `Some` for `mode == Xdp`; optional for
+    /// kernel listeners (counters and blocklist only).
     pub interface: Option<String>,
     pub xdp_attach: XdpAttach,
 }
@@ -172,6 +175,37 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub control: Control,
+    pub xdp: XdpSettings,
+}
+
+/// Whether the AF_XDP UMEM lives in 2 MiB hugepages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePages {
+    /// Use hugepages; reserve them (`vm.nr_hugepages`) if the pool is short; if they cannot be
+    /// had, fall back to 4 KiB pages with one warning (exported as a metric).
+    Auto,
+    /// Hugepages or refuse to start.
+    Require,
+    /// Ordinary 4 KiB pages.
+    Off,
+}
+
+/// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "xdp"` listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpSettings {
+    /// Bytes per UMEM frame: 2048 or 4096. One frame holds one Ethernet frame (no multi-buffer).
+    pub frame_size: u32,
+    /// UMEM frames per worker (shared by the worker's sockets on every queue).
+    pub frames_per_worker: u32,
+    /// Descriptor ring sizes (powers of two).
+    pub rx_ring: u32,
+    pub tx_ring: u32,
+    pub fill_ring: u32,
+    pub completion_ring: u32,
+    /// How long a worker keeps busy-polling after the last frame before it sleeps in poll().
+    pub idle_spin: Duration,
+    pub hugepages: HugePages,
 }
 
 /// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
@@ -245,6 +279,45 @@ pub struct FileConfig {
     pub limits: FileLimits,
     /// `[control]`: the `tern ctl` socket. Optional.
     pub control: FileControl,
+    /// `[xdp]`: AF_XDP settings of the bypass path. Optional.
+    pub xdp: FileXdp,
+}
+
+/// The `[xdp]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileXdp {
+    /// `frame_size`: bytes per UMEM frame, 2048 or 4096. Default 2048.
+    pub frame_size: u32,
+    /// `frames_per_worker`: UMEM frames per worker, at least `fill_ring + tx_ring`, at most
+    /// 2^20. Default 8192.
+    pub frames_per_worker: u32,
+    /// `rx_ring`, `tx_ring`, `fill_ring`, `completion_ring`: descriptors, powers of two from 64
+    /// to 16384. Default 2048 each.
+    pub rx_ring: u32,
+    pub tx_ring: u32,
+    pub fill_ring: u32,
+    pub completion_ring: u32,
+    /// `idle_spin_us`: microseconds of busy polling after the last frame before sleeping;
+    /// 0 ..= 1000000. Default 200.
+    pub idle_spin_us: u64,
+    /// `hugepages`: `"auto"`, `"require"` or `"off"`. Default `"auto"`.
+    pub hugepages: HugePages,
+}
+
+impl Default for FileXdp {
+    fn default() -> Self {
+        FileXdp {
+            frame_size: 2048,
+            frames_per_worker: 8192,
+            rx_ring: 2048,
+            tx_ring: 2048,
+            fill_ring: 2048,
+            completion_ring: 2048,
+            idle_spin_us: 200,
+            hugepages: HugePages::Auto,
+        }
+    }
 }
 
 /// One `[[listener]]` table.
@@ -255,10 +328,11 @@ pub struct FileListener {
     pub address: Option<String>,
     /// `mode`: `"kernel"` or `"xdp"`. Default `"kernel"`.
     pub mode: Option<ListenerMode>,
-    /// `interface`: network interface for the XDP program (≤ 15 bytes). Required iff
-    /// `mode = "xdp"`, rejected otherwise.
+    /// `interface`: network interface for the XDP program (≤ 15 bytes). Required when
+    /// `mode = "xdp"`; optional for kernel listeners (XDP counters and blocklist only).
     pub interface: Option<String>,
-    /// `xdp_attach`: `"auto"`, `"native"` or `"skb"`. Default `"auto"`. Only with `mode = "xdp"`.
+    /// `xdp_attach`: `"auto"`, `"native"` or `"skb"`. Default `"auto"`. Only with an
+    /// `interface`.
     pub xdp_attach: Option<XdpAttach>,
 }
 
@@ -498,6 +572,7 @@ impl FileConfig {
             },
             limits: validate_limits(self.limits)?,
             control: validate_control(dir, self.control)?,
+            xdp: validate_xdp(self.xdp)?,
         })
     }
 }
@@ -613,22 +688,16 @@ fn validate_listeners(file: Vec<FileListener>) -> Result<Vec<Listener>, Invalid>
                     "required when mode = \"xdp\" (the interface the XDP program attaches to)",
                 ))
             }
-            (ListenerMode::Xdp, Some(name)) => {
+            (_, Some(name)) => {
                 check_interface_name(&name).map_err(|m| Invalid::new(field("interface"), m))?;
                 Some(name)
             }
-            (ListenerMode::Kernel, Some(_)) => {
-                return Err(Invalid::new(
-                    field("interface"),
-                    "only valid with mode = \"xdp\"",
-                ))
-            }
             (ListenerMode::Kernel, None) => None,
         };
-        if mode == ListenerMode::Kernel && l.xdp_attach.is_some() {
+        if interface.is_none() && l.xdp_attach.is_some() {
             return Err(Invalid::new(
                 field("xdp_attach"),
-                "only valid with mode = \"xdp\"",
+                "only valid with an interface (the XDP program's attach mode)",
             ));
         }
         let xdp_attach = l.xdp_attach.unwrap_or(XdpAttach::Auto);
@@ -1099,6 +1168,54 @@ fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
             file.buffer_per_direction,
             MAX_BUFFER_PER_DIRECTION,
         )?,
+    })
+}
+
+fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
+    if file.frame_size != 2048 && file.frame_size != 4096 {
+        return Err(Invalid::new(
+            "xdp.frame_size",
+            format!("{} bytes: must be 2048 or 4096", file.frame_size),
+        ));
+    }
+    for (name, v) in [
+        ("xdp.rx_ring", file.rx_ring),
+        ("xdp.tx_ring", file.tx_ring),
+        ("xdp.fill_ring", file.fill_ring),
+        ("xdp.completion_ring", file.completion_ring),
+    ] {
+        if !v.is_power_of_two() || !(64..=16384).contains(&v) {
+            return Err(Invalid::new(
+                name,
+                format!("{v} descriptors: must be a power of two from 64 to 16384"),
+            ));
+        }
+    }
+    let needed = file.fill_ring + file.tx_ring;
+    if file.frames_per_worker < needed || file.frames_per_worker > 1 << 20 {
+        return Err(Invalid::new(
+            "xdp.frames_per_worker",
+            format!(
+                "{} frames: must be at least fill_ring + tx_ring ({needed}) so both rings can be                  kept full, and at most 1048576",
+                file.frames_per_worker
+            ),
+        ));
+    }
+    if file.idle_spin_us > 1_000_000 {
+        return Err(Invalid::new(
+            "xdp.idle_spin_us",
+            format!("{} µs: at most 1000000 (1 s)", file.idle_spin_us),
+        ));
+    }
+    Ok(XdpSettings {
+        frame_size: file.frame_size,
+        frames_per_worker: file.frames_per_worker,
+        rx_ring: file.rx_ring,
+        tx_ring: file.tx_ring,
+        fill_ring: file.fill_ring,
+        completion_ring: file.completion_ring,
+        idle_spin: Duration::from_micros(file.idle_spin_us),
+        hugepages: file.hugepages,
     })
 }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 
-use crate::config::{Config, ListenerMode};
+use crate::config::Config;
 use crate::control::{self, ControlState};
 use crate::counters::WorkerCounters;
 use crate::worker::{self, Shutdown, Worker, WorkerSetup};
@@ -28,15 +28,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     // XDP first: if it cannot attach, nothing else should start.
     let mut xdp = Vec::new();
-    for l in config
-        .listeners
-        .iter()
-        .filter(|l| l.mode == ListenerMode::Xdp)
-    {
-        let iface = l
-            .interface
-            .clone()
-            .expect("validated: xdp listeners have an interface");
+    for l in &config.listeners {
+        let Some(iface) = l.interface.clone() else {
+            continue;
+        };
         if xdp.iter().any(|(i, _)| *i == iface) {
             continue;
         }

@@ -673,16 +673,55 @@ fn xdp_listeners_need_an_interface() {
         "\"auto\" conflicts with \"skb\" of listener[0]",
     );
     assert_eq!(fx.ok(&two("eth1")).listeners[1].xdp_attach, XdpAttach::Auto);
-    fx.rejects(
-        &MINIMAL.replace("8443\"", "8443\"\ninterface = \"eth0\""),
-        "listener[0].interface",
-        "only valid with mode = \"xdp\"",
-    );
+    // A kernel listener may name an interface: the XDP program (counters, blocklist) is
+    // attached there while the kernel carries the connections.
+    let kernel = fx.ok(&MINIMAL.replace("8443\"", "8443\"\ninterface = \"eth0\""));
+    assert_eq!(kernel.listeners[0].mode, ListenerMode::Kernel);
+    assert_eq!(kernel.listeners[0].interface, Some("eth0".to_owned()));
     fx.rejects(
         &MINIMAL.replace("8443\"", "8443\"\nxdp_attach = \"native\""),
         "listener[0].xdp_attach",
-        "only valid with mode = \"xdp\"",
+        "only valid with an interface",
     );
+}
+
+#[test]
+fn xdp_table_defaults_and_bounds() {
+    let fx = Fixture::new("xdptable");
+    let c = fx.ok(MINIMAL);
+    assert_eq!(c.xdp.frame_size, 2048);
+    assert_eq!(c.xdp.frames_per_worker, 8192);
+    assert_eq!(c.xdp.rx_ring, 2048);
+    assert_eq!(c.xdp.idle_spin, Duration::from_micros(200));
+    assert_eq!(c.xdp.hugepages, HugePages::Auto);
+    let with = |t: &str| format!("{MINIMAL}\n[xdp]\n{t}\n");
+    let c = fx.ok(&with(
+        "frame_size = 4096\nhugepages = \"off\"\nidle_spin_us = 0",
+    ));
+    assert_eq!((c.xdp.frame_size, c.xdp.hugepages), (4096, HugePages::Off));
+    fx.rejects(
+        &with("frame_size = 3000"),
+        "xdp.frame_size",
+        "must be 2048 or 4096",
+    );
+    fx.rejects(&with("rx_ring = 1000"), "xdp.rx_ring", "power of two");
+    fx.rejects(&with("fill_ring = 32"), "xdp.fill_ring", "from 64 to 16384");
+    fx.rejects(
+        &with("frames_per_worker = 1024"),
+        "xdp.frames_per_worker",
+        "at least fill_ring + tx_ring (4096)",
+    );
+    fx.rejects(
+        &with("idle_spin_us = 2000000"),
+        "xdp.idle_spin_us",
+        "at most 1000000",
+    );
+    fx.rejects(
+        &with("hugepages = \"maybe\""),
+        "xdp.hugepages",
+        "unknown variant",
+    );
+    fx.rejects(&with("umem = 1"), "xdp.umem", "unknown field");
 }
 
 #[test]
