@@ -8,6 +8,8 @@
 //!   (RFC 9112 framing with `Content-Length` only), a raw TCP echo, and a PROXY-protocol-aware
 //!   server that parses v1/v2 headers independently of tern's own encoder
 //!   (haproxy's `proxy-protocol.txt`).
+//! - [`pktgen`]: a bounded raw TCP SYN generator (AF_PACKET, qdisc bypass, `sendmmsg`) for the
+//!   bypass benchmark and flood tests.
 //!
 //! The end-to-end tests themselves live in `tests/tests/*.rs`. Nothing here talks to anything
 //! but loopback and namespaces it created itself; nothing here uses fixed sleeps to
@@ -16,3 +18,4 @@
 pub mod backend;
 pub mod certs;
 pub mod rig;
+pub mod pktgen;
