@@ -751,3 +751,83 @@ fn ctl_ping_and_stats() {
     );
     assert!(sum >= 1);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_client_that_stops_reading_gets_back_pressure_not_buffering() {
+    let (rig, dir) = Stack::rig("slowreader");
+    let backend = Backend::demo_http(server_listener(&rig));
+    let s = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            ..Default::default()
+        },
+    );
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let cfg = s.client_config();
+    let addr = s.addr();
+    let pid = s.tern.pid();
+    let (paused, paused_rx) = std::sync::mpsc::channel::<()>();
+    let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+    let client = s.rig.client.spawn(move || {
+        let mut tls = tls_connect(addr, &cfg);
+        write!(
+            tls,
+            "GET /bytes/{TOTAL} HTTP/1.1\r\nHost: tern.test\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        // Read the response head and the first MiB, then stop reading.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < 1024 * 1024 {
+            let n = tls.read(&mut buf).expect("read");
+            assert!(n > 0, "early EOF");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        let mut offset = 0u64;
+        let check = |data: &[u8], offset: &mut u64| {
+            for &b in data {
+                assert_eq!(b, pattern_byte(*offset), "byte {offset} differs");
+                *offset += 1;
+            }
+        };
+        check(&got[head_end..], &mut offset);
+        paused.send(()).expect("paused");
+        resume_rx.recv().expect("resume");
+        loop {
+            let n = tls.read(&mut buf).expect("read after resuming");
+            if n == 0 {
+                break;
+            }
+            check(&buf[..n], &mut offset);
+        }
+        offset
+    });
+    paused_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("client read the first MiB");
+    let before = rss_kib(pid);
+    // The backend keeps sending; tern must stop reading from it instead of buffering. Give it
+    // time to fill every buffer it is going to fill.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid);
+    resume.send(()).expect("resume");
+    let received = client.join().expect("client");
+    assert_eq!(received as usize, TOTAL, "every byte arrived, in order");
+    assert!(
+        after < before + 8 * 1024,
+        "tern's RSS grew from {before} KiB to {after} KiB while the client was not reading"
+    );
+}
