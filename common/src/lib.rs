@@ -1,43 +1,125 @@
-//! Types and names shared by tern's XDP program (`xdp-ebpf`) and its userspace loader
-//! (`tern::xdp`), defined once so the two sides cannot disagree about a map's layout.
+//! Types, names and small pure functions shared by tern's XDP program (`xdp-ebpf`) and its
+//! userspace (`tern::xdp`, the AF_XDP workers), defined once so the two sides cannot disagree
+//! about a map's layout, an XSKMAP slot or which worker owns a flow.
 //!
-//! This crate owns map names, program names and the `#[repr(C)]` values stored in maps. It owns
-//! no logic: parsing lives in `xdp-ebpf`, loading and reading in `tern::xdp`. It is `no_std` so
-//! that the eBPF target (bpfel-unknown-none, `build-std=core`) can use it; the `user` feature adds
-//! the `aya::Pod` impls that userspace needs to read the maps.
+//! This crate owns map and program names, map capacities, the `#[repr(C)]` values stored in maps,
+//! [`flow_hash`] and the XSKMAP index rule ([`xsk_index`]). It owns no I/O: parsing lives in
+//! `xdp-ebpf`, loading and map updates in `tern::xdp`. It is `no_std` so that the eBPF target
+//! (bpfel-unknown-none, `build-std=core`) can use it; the `user` feature adds the `aya::Pod`
+//! impls that userspace needs to read and write the maps.
 //!
-//! Rules for every type here (the kernel copies map values as raw bytes): `#[repr(C)]`, `Copy`,
-//! no `bool` (use `u32` flags), no implicit padding, and a compile-time size check.
+//! Rules for every type here (the kernel copies map keys and values as raw bytes): `#[repr(C)]`,
+//! `Copy`, no `bool` (use `u32` flags), no implicit padding, and a compile-time size check.
+//! Rules for every function here (they run inside the verifier's limits): no loops, no slicing
+//! that could panic, no division that could panic.
+//!
+//! Addresses: IPv4 addresses are stored and hashed as IPv4-mapped IPv6 addresses
+//! (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2), so one key type and one hash serve both families.
 
 #![no_std]
+
+#[cfg(test)]
+extern crate std;
+
+// ---------------------------------------------------------------------------------------------
+// Programs
 
 /// ELF section / program name of the XDP entry point in the eBPF object.
 pub const XDP_PROGRAM: &str = "tern_xdp";
 
-/// Name of the per-CPU statistics map: a `PerCpuArray<XdpStats>` with [`XDP_STATS_ENTRIES`]
-/// entry, indexed by [`XDP_STATS_INDEX`]. Kernel object names are at most 15 bytes.
+/// A second program in the same object that returns `XDP_PASS` for every frame and touches no
+/// map. Attached to the *peer* end of a veth pair, it makes the peer accept frames that tern's
+/// program sends with `XDP_TX` (veth drops XDP frames for a peer that runs no XDP program).
+/// Used by tests and the benchmark rig, never by `tern run`.
+pub const XDP_PASS_PROGRAM: &str = "tern_pass";
+
+// ---------------------------------------------------------------------------------------------
+// Map names. Kernel object names are at most 15 bytes (BPF_OBJ_NAME_LEN is 16 including the
+// terminating NUL); each name is checked below.
+
+/// Per-CPU statistics: `PerCpuArray<XdpStats>`, [`XDP_STATS_ENTRIES`] entry, index
+/// [`XDP_STATS_INDEX`].
 pub const XDP_STATS_MAP: &str = "TERN_XDP_STATS";
-// BPF_OBJ_NAME_LEN is 16 including the terminating NUL.
+/// The listen set: `HashMap<ListenKey, u32>`, [`LISTEN_MAP_ENTRIES`] entries. The value is a
+/// flags word, reserved: userspace writes [`LISTEN_VALUE`], the program only tests presence.
+pub const LISTEN_MAP: &str = "TERN_LISTEN";
+/// The AF_XDP sockets: `XskMap`, [`XSK_MAP_ENTRIES`] slots, indexed by [`xsk_index`].
+pub const XSK_MAP: &str = "TERN_XSKS";
+/// Run-time settings: `Array<XdpConfig>`, [`CONFIG_ENTRIES`] entry, index [`CONFIG_INDEX`].
+pub const CONFIG_MAP: &str = "TERN_CONFIG";
+/// IPv4 source blocklist: `LpmTrie<[u8; 4], u32>`, [`BLOCK_MAP_ENTRIES`] prefixes. Key =
+/// `{ prefix_len: u32 (host order), addr: [u8; 4] (network order) }`, packed, 8 bytes; value
+/// [`BLOCK_VALUE`].
+pub const BLOCK_V4_MAP: &str = "TERN_BLOCK_V4";
+/// IPv6 source blocklist: `LpmTrie<[u8; 16], u32>`, [`BLOCK_MAP_ENTRIES`] prefixes. Key =
+/// `{ prefix_len: u32 (host order), addr: [u8; 16] (network order) }`, packed, 20 bytes; value
+/// [`BLOCK_VALUE`].
+pub const BLOCK_V6_MAP: &str = "TERN_BLOCK_V6";
+
 const _: () = assert!(XDP_STATS_MAP.len() <= 15);
+const _: () = assert!(LISTEN_MAP.len() <= 15);
+const _: () = assert!(XSK_MAP.len() <= 15);
+const _: () = assert!(CONFIG_MAP.len() <= 15);
+const _: () = assert!(BLOCK_V4_MAP.len() <= 15);
+const _: () = assert!(BLOCK_V6_MAP.len() <= 15);
+
+// ---------------------------------------------------------------------------------------------
+// Capacities
 
 /// Number of entries in [`XDP_STATS_MAP`]: one per-CPU [`XdpStats`] value.
 pub const XDP_STATS_ENTRIES: u32 = 1;
-
 /// The only index of [`XDP_STATS_MAP`].
 pub const XDP_STATS_INDEX: u32 = 0;
+
+/// Number of entries in [`CONFIG_MAP`]: one [`XdpConfig`].
+pub const CONFIG_ENTRIES: u32 = 1;
+/// The only index of [`CONFIG_MAP`].
+pub const CONFIG_INDEX: u32 = 0;
+
+/// Listening (address, port) pairs per interface. A hash map preallocates its entries, so this
+/// is what the map costs whether used or not (about 256 × 64 bytes).
+pub const LISTEN_MAP_ENTRIES: u32 = 256;
+
+/// The value userspace stores for every listen-map key. The program looks only at whether a
+/// key is present; the word is kept for flags a later version may need.
+pub const LISTEN_VALUE: u32 = 1;
+
+/// Prefixes per blocklist trie (each family has its own). LPM tries are created with
+/// `BPF_F_NO_PREALLOC`, so only inserted prefixes cost memory.
+pub const BLOCK_MAP_ENTRIES: u32 = 65_536;
+
+/// The value stored for every blocklist prefix; the program only tests for a match.
+pub const BLOCK_VALUE: u32 = 1;
+
+/// Highest RX queue index + 1 that can be steered. A frame that arrives on a higher queue is
+/// passed to the kernel and counted as `no_socket`.
+pub const MAX_QUEUES: u32 = 64;
+
+/// Most AF_XDP workers the steering rule supports. With the one-socket-per-(queue, worker) rule
+/// a worker polls one socket per queue, so the useful count per interface is far below this.
+pub const MAX_WORKERS: u32 = 64;
+
+/// Slots in [`XSK_MAP`]: one per (queue, worker) pair. The kernel stores one pointer per slot,
+/// so the map costs 32 KiB whatever is registered.
+pub const XSK_MAP_ENTRIES: u32 = MAX_QUEUES * MAX_WORKERS;
+
+// ---------------------------------------------------------------------------------------------
+// Map values
 
 /// Per-CPU packet counters kept by the XDP program. Each CPU writes only its own copy (no
 /// atomics needed); userspace sums the copies on read.
 ///
-/// Counting rule: every frame increments `packets`; then the headers are walked from the outside
-/// in and each layer that parsed completely is counted (`vlan`, then `ipv4`/`ipv6`/`other`, then
+/// **Terminal counters.** Every frame increments `packets` and then exactly one of `steered`,
+/// `passed`, `no_socket`, `blocked`, so `steered + passed + no_socket + blocked == packets`
+/// (summed over CPUs, once no frame is in flight). Malformed frames, non-IP frames and IPv4
+/// fragments are all `passed`.
+///
+/// **Layer counters** describe what the parser saw: the headers are walked from the outside in
+/// and each layer that parsed completely is counted (`vlan`, then `ipv4`/`ipv6`/`other`, then
 /// `tcp` or `ipv4_fragments`). If a layer that the one outside it announces does not fit or has
 /// an impossible field, `malformed` is counted once and the walk stops, so the outer layers that
-/// did parse stay counted. Hence `ipv4 + ipv6 + other <= packets`, and the difference is the
-/// frames that were malformed before reaching the IP layer.
-///
-/// In this version every frame, malformed or not, is passed to the kernel (`XDP_PASS`), which
-/// makes the final decision about it and counts it in its own statistics.
+/// did parse stay counted. A blocked source also stops the walk (right after its IP header).
+/// Hence `ipv4 + ipv6 + other <= packets`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpStats {
@@ -50,7 +132,8 @@ pub struct XdpStats {
     /// not walked.
     pub ipv6: u64,
     /// TCP segments whose header was complete (data offset >= 5 and all `offset * 4` bytes inside
-    /// the frame): IPv4 that is not a fragment, or IPv6 whose next header is TCP directly.
+    /// the frame): IPv4 that is not a fragment, or IPv6 whose next header is TCP directly; from
+    /// a source that is not blocked.
     pub tcp: u64,
     /// Frames carrying one 802.1Q (0x8100) or 802.1ad (0x88a8) tag, whatever follows it.
     pub vlan: u64,
@@ -59,13 +142,26 @@ pub struct XdpStats {
     pub other: u64,
     /// Frames too short for a header they announce: Ethernet < 14 bytes, a truncated VLAN tag, an
     /// IP or TCP header that does not fit, or one with an impossible version / length field.
-    /// Counted at the first layer that fails; the outer layers that did parse stay counted.
-    /// Passed to the kernel, which drops or handles them.
+    /// Counted at the first layer that fails. Passed to the kernel, which drops or handles them
+    /// (passing keeps anything the parser does not understand safe: ARP, ICMP, SSH).
     pub malformed: u64,
-    /// IPv4 fragments (MF set or fragment offset != 0). Their payload is not parsed further: a
-    /// first fragment carrying a TCP header is not counted in `tcp`, because fragments are left
-    /// to the kernel's reassembly.
+    /// IPv4 fragments (MF set or fragment offset != 0), first fragments included: only the
+    /// first carries the TCP header, so no fragment's flow can be identified without
+    /// reassembly. Passed to the kernel; never steered, never counted in `tcp`.
     pub ipv4_fragments: u64,
+    /// Terminal: TCP segments for a listener handed on by the program: redirected into an
+    /// AF_XDP socket, or (with [`XdpConfig::reflect`] set) answered in place with `XDP_TX`.
+    pub steered: u64,
+    /// Terminal: frames given to the kernel because they are not for a listener (other
+    /// addresses or ports, non-TCP, non-IP, fragments, malformed frames).
+    pub passed: u64,
+    /// Terminal: TCP segments for a listener given to the kernel because no AF_XDP socket can
+    /// take them: no worker count set, the receiving queue >= [`MAX_QUEUES`], no socket in the
+    /// flow's XSKMAP slot, a socket there bound to another queue, or a failed redirect.
+    pub no_socket: u64,
+    /// Terminal: IPv4/IPv6 packets dropped (`XDP_DROP`) because the source address matches a
+    /// blocklist prefix. Checked before anything else above the IP header.
+    pub blocked: u64,
 }
 
 impl XdpStats {
@@ -79,18 +175,183 @@ impl XdpStats {
         self.other = self.other.wrapping_add(other.other);
         self.malformed = self.malformed.wrapping_add(other.malformed);
         self.ipv4_fragments = self.ipv4_fragments.wrapping_add(other.ipv4_fragments);
+        self.steered = self.steered.wrapping_add(other.steered);
+        self.passed = self.passed.wrapping_add(other.passed);
+        self.no_socket = self.no_socket.wrapping_add(other.no_socket);
+        self.blocked = self.blocked.wrapping_add(other.blocked);
+    }
+
+    /// `steered + passed + no_socket + blocked`: equal to `packets` when no frame is in flight.
+    pub fn terminal(&self) -> u64 {
+        self.steered
+            .wrapping_add(self.passed)
+            .wrapping_add(self.no_socket)
+            .wrapping_add(self.blocked)
     }
 }
 
-// Eight u64 fields and nothing else: no padding, 8-byte alignment on every target.
-const _: () = assert!(core::mem::size_of::<XdpStats>() == 8 * 8);
+// Twelve u64 fields and nothing else: no padding, 8-byte alignment on every target.
+const _: () = assert!(core::mem::size_of::<XdpStats>() == 12 * 8);
 const _: () = assert!(core::mem::align_of::<XdpStats>() == 8);
 
-// SAFETY: `XdpStats` is `#[repr(C)]`, `Copy`, made only of `u64` fields (every bit pattern is
-// valid) and has no padding (checked by the size assertion above), so it may be read from and
-// written to a map as raw bytes.
+/// Key of [`LISTEN_MAP`]: a destination (address, port) whose TCP segments are steered.
+///
+/// A wildcard listener (`0.0.0.0:443`, `[::]:443`) is stored with the unspecified address of
+/// its family ([`IPV4_MAPPED_UNSPECIFIED`] or all zeros); the program looks up the exact
+/// destination first and then the wildcard of the packet's family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenKey {
+    /// Destination address, network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Always zero: the kernel hashes all 20 key bytes, so padding must be explicit and fixed.
+    _pad: u16,
+}
+
+impl ListenKey {
+    /// The key for (`addr`, `port`); `addr` as in [`ListenKey::addr`].
+    pub const fn new(addr: [u8; 16], port: u16) -> ListenKey {
+        ListenKey {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 20);
+
+/// The value of [`CONFIG_MAP`]: what userspace tells the program at run time. All zero until
+/// userspace writes it, which disables steering (listen matches count `no_socket`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// AF_XDP workers per queue, `1..=MAX_WORKERS`; 0 means no sockets yet. The XSKMAP slot of
+    /// a flow is [`xsk_index`]`(queue, workers, flow_hash(..))`.
+    pub workers: u32,
+    /// Non-zero: listener-bound segments are not redirected but answered by the program itself
+    /// (Ethernet, IP addresses and TCP ports swapped, sent back with `XDP_TX`) and counted as
+    /// `steered`. The benchmark's ceiling; 0 (off) by default.
+    pub reflect: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 8);
+
+// SAFETY (all three impls): `#[repr(C)]`, `Copy`, made only of integer fields and byte arrays
+// (every bit pattern is valid), and without padding (checked by the size assertions above), so
+// they may be read from and written to a map as raw bytes.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for XdpStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ListenKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for XdpConfig {}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+
+/// `::ffff:0.0.0.0`, the key address of an IPv4 wildcard listener.
+pub const IPV4_MAPPED_UNSPECIFIED: [u8; 16] = ipv4_mapped([0; 4]);
+
+/// The IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address in network byte order.
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow hash and the XSKMAP index rule
+
+/// Hash of a TCP flow as the receiver sees it: `src`/`sport` are the packet's source (the
+/// client), `dst`/`dport` its destination (the listener). Addresses in network byte order,
+/// IPv4 as `::ffff:a.b.c.d`; ports in host order. The program and userspace compute the same
+/// value, so userspace knows which worker a flow belongs to (see [`flow_worker`]).
+///
+/// MurmurHash3's 32-bit block mix over the nine 32-bit words of the 4-tuple, then its
+/// finaliser (so low bits, which `% workers` uses, depend on every input bit). Straight-line
+/// code: nine calls to an inlined mix, no loop for the verifier to bound. Not keyed: a client
+/// that picks its ports can choose its worker, which costs it nothing it could not do by opening
+/// more connections.
+#[inline(always)]
+pub const fn flow_hash(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
+    let mut h = FLOW_HASH_SEED;
+    h = murmur_round(h, word(src, 0));
+    h = murmur_round(h, word(src, 4));
+    h = murmur_round(h, word(src, 8));
+    h = murmur_round(h, word(src, 12));
+    h = murmur_round(h, word(dst, 0));
+    h = murmur_round(h, word(dst, 4));
+    h = murmur_round(h, word(dst, 8));
+    h = murmur_round(h, word(dst, 12));
+    h = murmur_round(h, ((sport as u32) << 16) | dport as u32);
+    // Input length in bytes, as MurmurHash3 mixes it in before finalising.
+    h ^= 36;
+    fmix32(h)
+}
+
+/// An arbitrary odd constant; changing it moves every flow to another worker.
+const FLOW_HASH_SEED: u32 = 0x7465_726e; // "tern"
+
+#[inline(always)]
+const fn word(bytes: &[u8; 16], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+#[inline(always)]
+const fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The worker (`0..workers`) that owns the flow with hash `hash`; 0 when `workers` is 0.
+#[inline(always)]
+pub const fn flow_worker(hash: u32, workers: u32) -> u32 {
+    // checked_rem: no panic path (the verifier would reject the panic handler's loop).
+    match hash.checked_rem(workers) {
+        Some(worker) => worker,
+        None => 0,
+    }
+}
+
+/// The XSKMAP slot of the socket that `worker` binds to RX queue `queue`:
+/// `queue * workers + worker`. Userspace registers each (queue, worker) socket here.
+/// Callers keep `queue < MAX_QUEUES`, `worker < workers <= MAX_WORKERS`, so the slot is below
+/// [`XSK_MAP_ENTRIES`].
+#[inline(always)]
+pub const fn xsk_slot(queue: u32, worker: u32, workers: u32) -> u32 {
+    queue * workers + worker
+}
+
+/// The XSKMAP slot a frame of a flow with hash `hash`, received on RX queue `queue`, is
+/// redirected to: `queue * workers + (hash % workers)`. `None` when steering is impossible:
+/// `workers` is 0 or above [`MAX_WORKERS`], or `queue >= MAX_QUEUES`. Every `Some` is below
+/// [`XSK_MAP_ENTRIES`].
+#[inline(always)]
+pub const fn xsk_index(queue: u32, workers: u32, hash: u32) -> Option<u32> {
+    if workers == 0 || workers > MAX_WORKERS || queue >= MAX_QUEUES {
+        return None;
+    }
+    Some(xsk_slot(queue, flow_worker(hash, workers), workers))
+}
 
 #[cfg(test)]
 mod tests {
@@ -107,6 +368,10 @@ mod tests {
             other: 6,
             malformed: 7,
             ipv4_fragments: 8,
+            steered: 9,
+            passed: 10,
+            no_socket: 11,
+            blocked: 12,
         };
         let mut sum = XdpStats::default();
         sum.accumulate(&one);
@@ -122,8 +387,183 @@ mod tests {
                 other: 12,
                 malformed: 14,
                 ipv4_fragments: 16,
+                steered: 18,
+                passed: 20,
+                no_socket: 22,
+                blocked: 24,
             },
             "accumulate must add each field to itself"
         );
+        assert_eq!(sum.terminal(), 18 + 20 + 22 + 24, "terminal sums the four");
+    }
+
+    /// The reference values pin the function: the eBPF program and userspace must agree, and a
+    /// silent change would move every live flow to another worker.
+    #[test]
+    fn flow_hash_is_stable_and_uses_every_input() {
+        let client = ipv4_mapped([198, 18, 0, 2]);
+        let server = ipv4_mapped([198, 18, 0, 1]);
+        let base = flow_hash(&client, &server, 40000, 443);
+        assert_eq!(
+            base,
+            flow_hash(&client, &server, 40000, 443),
+            "deterministic"
+        );
+        // Pinned: computed by an independent (Python) MurmurHash3 over the same 36 bytes.
+        assert_eq!(
+            base, 0x166d_357a,
+            "flow_hash changed: every flow would move worker"
+        );
+        assert_eq!(
+            base,
+            reference_murmur3(&client, &server, 40000, 443),
+            "flow_hash must be MurmurHash3_x86_32 over the 36-byte big-endian word sequence"
+        );
+        let mut other_client = client;
+        other_client[15] ^= 1;
+        let mut other_server = server;
+        other_server[0] ^= 0x80;
+        let variants = [
+            flow_hash(&other_client, &server, 40000, 443),
+            flow_hash(&client, &other_server, 40000, 443),
+            flow_hash(&client, &server, 40001, 443),
+            flow_hash(&client, &server, 40000, 444),
+            flow_hash(&server, &client, 443, 40000),
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(*v, base, "variant {i} hashed like the base tuple");
+        }
+    }
+
+    /// An independent, loop-based MurmurHash3_x86_32 over a byte string (big-endian word reads
+    /// to match `flow_hash`), used to check the unrolled version.
+    fn reference_murmur3(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
+        let mut bytes = [0u8; 36];
+        bytes[..16].copy_from_slice(src);
+        bytes[16..32].copy_from_slice(dst);
+        bytes[32..34].copy_from_slice(&sport.to_be_bytes());
+        bytes[34..].copy_from_slice(&dport.to_be_bytes());
+        let mut h: u32 = FLOW_HASH_SEED;
+        for chunk in bytes.chunks_exact(4) {
+            let mut k = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            k = k.wrapping_mul(0xcc9e2d51);
+            k = k.rotate_left(15);
+            k = k.wrapping_mul(0x1b873593);
+            h ^= k;
+            h = h.rotate_left(13);
+            h = h.wrapping_mul(5).wrapping_add(0xe6546b64);
+        }
+        h ^= bytes.len() as u32;
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85ebca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2ae35);
+        h ^ (h >> 16)
+    }
+
+    /// Counts per worker for `tuples`, then checks each is within `tolerance` of even.
+    #[track_caller]
+    fn assert_even(name: &str, tuples: &[([u8; 16], [u8; 16], u16, u16)], tolerance: f64) {
+        for workers in 2..=8u32 {
+            let mut counts = [0u32; 8];
+            for (src, dst, sport, dport) in tuples {
+                let w = flow_worker(flow_hash(src, dst, *sport, *dport), workers);
+                assert!(w < workers, "worker {w} out of range for {workers}");
+                counts[w as usize] += 1;
+            }
+            let expected = tuples.len() as f64 / f64::from(workers);
+            for (w, &count) in counts[..workers as usize].iter().enumerate() {
+                let deviation = (f64::from(count) - expected).abs() / expected;
+                assert!(
+                    deviation <= tolerance,
+                    "{name}: worker {w} of {workers} got {count} flows, expected about \
+                     {expected:.0} (±{:.0}%): {:?}",
+                    tolerance * 100.0,
+                    &counts[..workers as usize]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flow_hash_spreads_sequential_ports_evenly() {
+        // The common case: one client opening many connections, ephemeral ports in sequence.
+        let client = ipv4_mapped([10, 0, 0, 2]);
+        let server = ipv4_mapped([10, 0, 0, 1]);
+        let tuples: std::vec::Vec<_> = (0..4000u16)
+            .map(|i| (client, server, 32768 + i, 443))
+            .collect();
+        assert_even("sequential ports", &tuples, 0.15);
+    }
+
+    #[test]
+    fn flow_hash_spreads_many_clients_evenly() {
+        // Many IPv4 clients (sequential addresses, same source port) and many IPv6 clients.
+        let server4 = ipv4_mapped([192, 0, 2, 1]);
+        let server6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let tuples: std::vec::Vec<_> = (0..4000u32)
+            .map(|i| {
+                if i % 2 == 0 {
+                    let [_, b, c, d] = (0x0a00_0000 | i).to_be_bytes();
+                    (ipv4_mapped([10, b, c, d]), server4, 50000, 443)
+                } else {
+                    let mut client = server6;
+                    client[12..].copy_from_slice(&i.to_be_bytes());
+                    (client, server6, 50000, 8443)
+                }
+            })
+            .collect();
+        assert_even("many clients", &tuples, 0.15);
+    }
+
+    #[test]
+    fn index_rule_is_queue_major_and_bounded() {
+        // queue * workers + hash % workers
+        assert_eq!(xsk_index(0, 1, 12345), Some(0));
+        assert_eq!(xsk_index(3, 4, 10), Some(3 * 4 + 2));
+        assert_eq!(xsk_index(1, 3, 7), Some(3 + 1));
+        assert_eq!(
+            xsk_slot(3, 2, 4),
+            14,
+            "slot of worker 2's socket on queue 3"
+        );
+        assert_eq!(
+            xsk_index(5, 6, 0xdead_beef),
+            Some(xsk_slot(5, flow_worker(0xdead_beef, 6), 6)),
+            "the index is the slot of the flow's worker on the receiving queue"
+        );
+        assert_eq!(flow_worker(7, 0), 0, "no workers: worker 0, no panic");
+        assert_eq!(xsk_index(0, 0, 7), None, "no workers: no slot");
+        assert_eq!(xsk_index(0, MAX_WORKERS + 1, 7), None, "too many workers");
+        assert_eq!(xsk_index(MAX_QUEUES, 1, 7), None, "queue out of range");
+        let last = xsk_index(MAX_QUEUES - 1, MAX_WORKERS, u32::MAX).expect("in range");
+        assert_eq!(
+            last,
+            XSK_MAP_ENTRIES - 1,
+            "the largest index is the last slot"
+        );
+        // Every worker of every queue maps to a distinct slot.
+        let workers = 4;
+        let mut seen = [false; 16];
+        for queue in 0..4 {
+            for worker in 0..workers {
+                let slot = xsk_slot(queue, worker, workers) as usize;
+                assert!(!seen[slot], "slot {slot} used twice");
+                seen[slot] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "slots 0..16 all used: {seen:?}");
+    }
+
+    #[test]
+    fn listen_keys_and_mapped_addresses() {
+        assert_eq!(
+            ipv4_mapped([192, 0, 2, 7]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]
+        );
+        assert_eq!(IPV4_MAPPED_UNSPECIFIED[10..12], [0xff, 0xff]);
+        let key = ListenKey::new(ipv4_mapped([192, 0, 2, 7]), 443);
+        assert_eq!(key.port, 443);
+        assert_eq!(key._pad, 0, "padding must be zero");
     }
 }

@@ -17,5 +17,5 @@
 
 pub mod backend;
 pub mod certs;
-pub mod rig;
 pub mod pktgen;
+pub mod rig;

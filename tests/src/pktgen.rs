@@ -192,8 +192,11 @@ pub fn send_syns(
         elapsed: Duration::ZERO,
     };
     let mut next = 0usize;
+    let mut calls = 0u64;
     while sent.frames < max_frames && !stop.load(Ordering::Relaxed) {
-        if sent.frames % (BATCH as u64 * 64) == 0 && started.elapsed() >= duration {
+        // The clock is read every 64 calls, not per frame.
+        calls += 1;
+        if calls.is_multiple_of(64) && started.elapsed() >= duration {
             break;
         }
         let n = BATCH.min((max_frames - sent.frames) as usize);

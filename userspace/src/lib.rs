@@ -8,6 +8,7 @@
 //!
 //! The I/O-free proxy core, the io_uring worker and the control plane live in the other modules.
 
+pub mod bypass;
 pub mod config;
 pub mod control;
 pub mod counters;
@@ -19,3 +20,4 @@ pub mod tls;
 pub mod uring;
 pub mod worker;
 pub mod xdp;
+pub mod xsk;

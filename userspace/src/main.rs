@@ -40,6 +40,18 @@ enum CtlCommand {
     Stats,
     /// Check that tern answers.
     Ping,
+    /// Drop every packet from PREFIX on every interface tern's XDP program is attached to.
+    Block {
+        /// An IPv4 or IPv6 prefix (10.0.0.0/8, 2001:db8::/32) or a single address.
+        prefix: String,
+    },
+    /// Remove PREFIX (exactly as it was blocked) from the blocklist.
+    Unblock {
+        /// The prefix as listed by `tern ctl blocks`.
+        prefix: String,
+    },
+    /// List the blocked prefixes, one per line.
+    Blocks,
 }
 
 fn main() -> ExitCode {
@@ -81,10 +93,13 @@ fn main() -> ExitCode {
         },
         Command::Ctl { socket, command } => {
             let cmd = match command {
-                CtlCommand::Stats => "stats",
-                CtlCommand::Ping => "ping",
+                CtlCommand::Stats => "stats".to_string(),
+                CtlCommand::Ping => "ping".to_string(),
+                CtlCommand::Block { prefix } => format!("block {prefix}"),
+                CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
+                CtlCommand::Blocks => "blocks".to_string(),
             };
-            match tern::control::request(&socket, cmd) {
+            match tern::control::request(&socket, &cmd) {
                 Ok(reply) => {
                     print!("{reply}");
                     if reply.starts_with("error:") {

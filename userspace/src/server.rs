@@ -16,8 +16,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 
+use crate::bypass::{self, BypassSetup, BypassWorker, Classifier};
 use crate::config::Config;
-use crate::control::{self, ControlState};
+use crate::config::ListenerMode;
+use crate::control::{self, BypassInfo, ControlState};
 use crate::counters::WorkerCounters;
 use crate::worker::{self, Shutdown, Worker, WorkerSetup};
 
@@ -41,14 +43,70 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xdp.push((iface, prog));
     }
 
-    let control_listener = control::bind(&config.control.socket)?;
     let shutdown = Arc::new(Shutdown::default());
-    let counters: Vec<_> = (0..config.workers.count)
+    // The bypass path: on every interface with `mode = "xdp"` listeners, the program steers
+    // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
+    // listeners get an empty listen set (counters and blocklist only).
+    let mut bypass_workers: Vec<BypassWorker> = Vec::new();
+    let mut bypass_info = Vec::new();
+    for (iface, prog) in &xdp {
+        let addrs: Vec<SocketAddr> = config
+            .listeners
+            .iter()
+            .filter(|l| l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface))
+            .map(|l| l.address)
+            .collect();
+        prog.set_listeners(&addrs)
+            .with_context(|| format!("setting the listen set on {iface}"))?;
+        if addrs.is_empty() {
+            continue;
+        }
+        let started = start_bypass(&config, iface, prog, &addrs, &shutdown);
+        let workers = match started {
+            Ok(w) => w,
+            Err(e) => {
+                stop_bypass(&shutdown, bypass_workers);
+                return Err(e);
+            }
+        };
+        for w in &workers {
+            bypass_info.push(BypassInfo {
+                interface: iface.clone(),
+                worker: w.id(),
+                bind_mode: w.bind_mode().to_string(),
+                page_kind: w.page_kind().to_string(),
+                counters: w.counters().clone(),
+            });
+        }
+        bypass_workers.extend(workers);
+    }
+
+    let control_listener = match control::bind(&config.control.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            stop_bypass(&shutdown, bypass_workers);
+            return Err(e.into());
+        }
+    };
+    // Kernel-mode workers serve the kernel listeners; none are started without any.
+    let kernel_listeners: Vec<SocketAddr> = config
+        .listeners
+        .iter()
+        .filter(|l| l.mode == ListenerMode::Kernel)
+        .map(|l| l.address)
+        .collect();
+    let kernel_workers = if kernel_listeners.is_empty() {
+        0
+    } else {
+        config.workers.count
+    };
+    let counters: Vec<_> = (0..kernel_workers)
         .map(|_| Arc::new(WorkerCounters::default()))
         .collect();
     let state = Arc::new(ControlState {
         workers: counters.clone(),
         xdp: Mutex::new(xdp),
+        bypass: bypass_info,
         started: Instant::now(),
     });
 
@@ -57,9 +115,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
-        for l in &config.listeners {
-            let fd = listen_socket(l.address)
-                .with_context(|| format!("listening on {} (worker {i})", l.address))?;
+        for &address in &kernel_listeners {
+            let fd = listen_socket(address)
+                .with_context(|| format!("listening on {address} (worker {i})"))?;
             fds.push(fd);
         }
         let cpu = config
@@ -151,6 +209,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    // Bypass workers end on the same flags (they have nothing to drain yet); they must be
+    // joined before the programs whose XSKMAP holds their sockets are dropped.
+    for w in bypass_workers {
+        let id = w.id();
+        match w.join() {
+            Ok(exit) if exit.quiesced => {
+                tracing::debug!(worker = id, frames = ?exit.frames, "bypass worker stopped");
+            }
+            Ok(exit) => {
+                tracing::warn!(worker = id, frames = ?exit.frames, "bypass worker stopped with frames still in flight");
+            }
+            Err(e) => {
+                tracing::error!(worker = id, error = %e, "bypass worker failed");
+                failed = true;
+            }
+        }
+    }
     let _ = std::fs::remove_file(&config.control.socket);
     // Dropping the programs detaches them.
     let detached = state
@@ -165,6 +240,49 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         return Err(anyhow!("a worker failed; see the log above"));
     }
     Ok(())
+}
+
+/// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
+/// the bypass workers (classifying and counting frames until the TCP stack consumes them).
+fn start_bypass(
+    config: &Config,
+    iface: &str,
+    prog: &crate::xdp::XdpProgram,
+    addrs: &[SocketAddr],
+    shutdown: &Arc<Shutdown>,
+) -> anyhow::Result<Vec<BypassWorker>> {
+    let queues = crate::xsk::rx_queue_count(iface)
+        .with_context(|| format!("reading the RX queue count of {iface}"))?;
+    let setup = BypassSetup {
+        interface: iface.to_owned(),
+        queues,
+        workers: config.workers.count,
+        cpus: config.workers.cpus.clone(),
+        settings: config.xdp,
+        shutdown: shutdown.clone(),
+    };
+    let workers = bypass::start(&setup, prog, |_, counters| {
+        Classifier::new(addrs.to_vec(), counters)
+    })
+    .with_context(|| format!("starting the bypass workers on {iface}"))?;
+    if let Some(w) = workers.first() {
+        tracing::info!(
+            interface = %iface,
+            queues,
+            workers = workers.len(),
+            bind = %w.bind_mode(),
+            pages = %w.page_kind(),
+            "bypass path ready"
+        );
+    }
+    Ok(workers)
+}
+
+fn stop_bypass(shutdown: &Shutdown, workers: Vec<BypassWorker>) {
+    bypass::stop(shutdown, &workers);
+    for w in workers {
+        let _ = w.join();
+    }
 }
 
 fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> anyhow::Result<()> {

@@ -1,26 +1,49 @@
-//! Loading tern's XDP program, attaching it to an interface, and reading its counters.
+//! Loading tern's XDP program, attaching it to an interface, filling its maps and reading its
+//! counters.
 //!
 //! The eBPF object is built from `xdp-ebpf/` by `build.rs` and embedded in the binary, so a
 //! `tern` binary always carries the program that matches it. [`attach`] loads a fresh copy of
 //! the object (its own maps) and attaches `tern_xdp` to one interface; the returned
-//! [`XdpProgram`] keeps the program, its maps and its link, and detaches on drop.
+//! [`XdpProgram`] keeps the program, its maps and its link, and detaches on drop. Through it,
+//! userspace sets what the program steers ([`XdpProgram::set_listeners`],
+//! [`XdpProgram::set_workers`], [`XdpProgram::register_socket`]), the source blocklist
+//! ([`XdpProgram::block`]) and the benchmark's reflect mode, at any time while it runs.
+//! [`attach_pass`] attaches the trivial `tern_pass` program instead (for a veth peer that must
+//! accept `XDP_TX` frames: tests and the benchmark rig).
 //!
-//! This module owns the userspace side of the XDP program's life cycle. The per-packet logic is
-//! `xdp-ebpf`'s; the map layout and names are `tern_common`'s. AF_XDP sockets (the bypass data
-//! path) are not handled here.
+//! This module owns the userspace side of the XDP program's life cycle and [`IpPrefix`], the
+//! blocklist's prefix type. The per-packet logic is `xdp-ebpf`'s; map layouts, names, the flow
+//! hash and the XSKMAP index rule are `tern_common`'s. AF_XDP sockets themselves (UMEM, rings)
+//! belong to the bypass workers, which only hand their bound sockets' fds to
+//! [`XdpProgram::register_socket`].
+//!
+//! Map updates are single `bpf(2)` calls, each atomic for the program: it sees an entry either
+//! before or after, never half-written. Updates that span several entries (replacing the listen
+//! set) add before they remove, so a listener that stays in the set is never missed.
 //!
 //! Memory accounting: on Linux >= 5.11 BPF maps are charged to the memory cgroup, not to
 //! RLIMIT_MEMLOCK, so no rlimit is raised here (checked on 6.18 with `ulimit -l 0`; aya itself
 //! raises the limit on older kernels when map creation fails with EPERM).
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::links::Link as _;
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::sys::SyscallError;
 use aya::Ebpf;
-use tern_common::{XdpStats, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP};
+use tern_common::{
+    ipv4_mapped, ListenKey, XdpConfig, XdpStats, BLOCK_V4_MAP, BLOCK_V6_MAP, BLOCK_VALUE,
+    CONFIG_INDEX, CONFIG_MAP, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_VALUE, MAX_WORKERS,
+    XDP_PASS_PROGRAM, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP, XSK_MAP_ENTRIES,
+};
 
 use crate::config::XdpAttach;
 
@@ -55,7 +78,8 @@ impl AttachedMode {
     }
 }
 
-/// Why loading, attaching or reading the XDP program failed. Every variant names the interface.
+/// Why loading, attaching, reading or updating the XDP program failed. Every variant names the
+/// interface.
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
     #[error("XDP on {interface}: cannot load the embedded eBPF object: {source}")]
@@ -64,11 +88,15 @@ pub enum XdpError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    #[error("XDP on {interface}: the embedded object has no XDP program `{XDP_PROGRAM}`")]
-    MissingProgram { interface: String },
-    #[error("XDP on {interface}: the kernel refused program `{XDP_PROGRAM}`: {source}")]
+    #[error("XDP on {interface}: the embedded object has no XDP program `{program}`")]
+    MissingProgram {
+        interface: String,
+        program: &'static str,
+    },
+    #[error("XDP on {interface}: the kernel refused program `{program}`: {source}")]
     Load {
         interface: String,
+        program: &'static str,
         #[source]
         source: Box<ProgramError>,
     },
@@ -90,18 +118,36 @@ pub enum XdpError {
         #[source]
         source: Box<ProgramError>,
     },
-    #[error("XDP on {interface}: the embedded object has no map `{XDP_STATS_MAP}`")]
-    MissingMap { interface: String },
-    #[error("XDP on {interface}: cannot read map `{XDP_STATS_MAP}`: {source}")]
-    Counters {
+    #[error("XDP on {interface}: the embedded object has no map `{map}`")]
+    MissingMap {
         interface: String,
-        #[source]
-        source: Box<aya::maps::MapError>,
+        map: &'static str,
     },
+    #[error("XDP on {interface}: map `{map}`: {source}")]
+    Map {
+        interface: String,
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error(
+        "XDP on {interface}: {workers} workers; the steering rule supports 1 to {MAX_WORKERS}"
+    )]
+    Workers { interface: String, workers: u32 },
+    #[error(
+        "XDP on {interface}: AF_XDP socket slot {index} is out of range (the map has \
+         {XSK_MAP_ENTRIES} slots: queue * workers + worker)"
+    )]
+    Slot { interface: String, index: u32 },
+    #[error(
+        "XDP on {interface}: {count} distinct listen addresses; the listen map holds \
+         {LISTEN_MAP_ENTRIES}"
+    )]
+    TooManyListeners { interface: String, count: usize },
 }
 
 /// The XDP program's counters, summed over all CPUs. Field meanings and the counting rule are
-/// those of [`tern_common::XdpStats`].
+/// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked == packets`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct XdpCounters {
     pub packets: u64,
@@ -112,6 +158,14 @@ pub struct XdpCounters {
     pub other: u64,
     pub malformed: u64,
     pub ipv4_fragments: u64,
+    /// Listener-bound TCP segments redirected to an AF_XDP socket (or reflected with XDP_TX).
+    pub steered: u64,
+    /// Frames given to the kernel because they are not for a listener.
+    pub passed: u64,
+    /// Listener-bound TCP segments given to the kernel because no AF_XDP socket could take them.
+    pub no_socket: u64,
+    /// Packets dropped because their source is on the blocklist.
+    pub blocked: u64,
 }
 
 impl XdpCounters {
@@ -122,6 +176,14 @@ impl XdpCounters {
             total.accumulate(stats);
         }
         XdpCounters::from(total)
+    }
+
+    /// `steered + passed + no_socket + blocked`; equals `packets` once no frame is in flight.
+    pub fn terminal(&self) -> u64 {
+        self.steered
+            .wrapping_add(self.passed)
+            .wrapping_add(self.no_socket)
+            .wrapping_add(self.blocked)
     }
 }
 
@@ -136,6 +198,10 @@ impl From<XdpStats> for XdpCounters {
             other,
             malformed,
             ipv4_fragments,
+            steered,
+            passed,
+            no_socket,
+            blocked,
         } = stats;
         XdpCounters {
             packets,
@@ -146,20 +212,200 @@ impl From<XdpStats> for XdpCounters {
             other,
             malformed,
             ipv4_fragments,
+            steered,
+            passed,
+            no_socket,
+            blocked,
         }
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// IP prefixes (the blocklist's entries)
+
+/// An IPv4 or IPv6 prefix: `addr/len` with every bit after the first `len` zero.
+/// Text form: `10.0.0.0/8`, `2001:db8::/32`; a bare address is a host prefix (/32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpPrefix {
+    /// The network address: host bits (after `len`) are zero.
+    addr: IpAddr,
+    /// 0..=32 for IPv4, 0..=128 for IPv6.
+    len: u8,
+}
+
+/// Why a text or an (address, length) pair is not an [`IpPrefix`]. Each variant names the
+/// prefix as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error(
+        "{input:?} is not an IP prefix (expected an address with an optional /length, e.g. \
+         10.0.0.0/8, 2001:db8::/32 or 192.0.2.7)"
+    )]
+    Syntax { input: String },
+    #[error("{input}: the prefix length is longer than the {max} bits of the address")]
+    Length { input: String, max: u8 },
+    #[error("{input}: host bits are set after the first {len} bits (the prefix is {network})")]
+    HostBits {
+        input: String,
+        len: u8,
+        network: IpPrefix,
+    },
+}
+
+impl IpPrefix {
+    /// `addr/len`, if `len` fits the family and `addr` has no bit set after the first `len`.
+    pub fn new(addr: IpAddr, len: u8) -> Result<IpPrefix, PrefixError> {
+        IpPrefix::checked(addr, u32::from(len), || format!("{addr}/{len}"))
+    }
+
+    /// A host prefix: /32 for IPv4, /128 for IPv6.
+    pub fn host(addr: IpAddr) -> IpPrefix {
+        IpPrefix {
+            addr,
+            len: max_len(addr),
+        }
+    }
+
+    /// The network address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The number of leading bits that matter.
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// Whether `ip` (same family) lies inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                u32::from(net) == u32::from(ip) & v4_mask(self.len)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                u128::from(net) == u128::from(ip) & v6_mask(self.len)
+            }
+            _ => false,
+        }
+    }
+
+    fn checked(
+        addr: IpAddr,
+        len: u32,
+        input: impl FnOnce() -> String,
+    ) -> Result<IpPrefix, PrefixError> {
+        let max = max_len(addr);
+        let len = match u8::try_from(len) {
+            Ok(len) if len <= max => len,
+            _ => {
+                return Err(PrefixError::Length {
+                    input: input(),
+                    max,
+                })
+            }
+        };
+        let network = match addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & v4_mask(len))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & v6_mask(len))),
+        };
+        let prefix = IpPrefix { addr: network, len };
+        if network != addr {
+            return Err(PrefixError::HostBits {
+                input: input(),
+                len,
+                network: prefix,
+            });
+        }
+        Ok(prefix)
+    }
+}
+
+fn max_len(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// The first `len` bits set (`len <= 32`).
+fn v4_mask(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+/// The first `len` bits set (`len <= 128`).
+fn v6_mask(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+impl FromStr for IpPrefix {
+    type Err = PrefixError;
+
+    fn from_str(s: &str) -> Result<IpPrefix, PrefixError> {
+        let syntax = || PrefixError::Syntax {
+            input: s.to_owned(),
+        };
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+        match len {
+            None => Ok(IpPrefix::host(addr)),
+            // Digits only: `u32::from_str` would also take a leading `+`.
+            Some(len) if !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()) => {
+                // Only too many digits fail here: that is a length error, like 33.
+                let len = len.parse::<u32>().unwrap_or(u32::MAX);
+                IpPrefix::checked(addr, len, || s.to_owned())
+            }
+            Some(_) => Err(syntax()),
+        }
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attaching
+
 /// `tern_xdp` attached to one interface. Dropping it detaches the program and frees its maps.
+///
+/// Every method takes `&self`: the maps that userspace writes sit behind one mutex, so the
+/// control thread and start-up code can share the program; reading the counters takes no lock.
 pub struct XdpProgram {
-    /// The attachment. Declared before `ebpf` so it is detached before the program and maps
-    /// are released; `None` only while dropping.
+    /// The attachment. Declared first and taken in `Drop`, so the program is detached before
+    /// its maps and the program itself are released; `None` only while dropping.
     link: Option<XdpLink>,
-    /// Owns the loaded program and its maps (the counters).
-    ebpf: Ebpf,
+    /// The per-CPU counters; reading needs no `&mut`.
+    stats: PerCpuArray<MapData, XdpStats>,
+    /// The maps userspace writes.
+    maps: Mutex<ControlMaps>,
+    /// Owns the loaded programs (their maps were moved into the fields above).
+    _ebpf: Ebpf,
     interface: String,
     mode: AttachedMode,
 }
+
+/// The maps userspace writes, with the config as last written.
+struct ControlMaps {
+    listen: HashMap<MapData, ListenKey, u32>,
+    xsks: XskMap<MapData>,
+    config: Array<MapData, XdpConfig>,
+    /// What `config[CONFIG_INDEX]` holds: the map starts zeroed and only this module writes it.
+    config_value: XdpConfig,
+    block_v4: LpmTrie<MapData, [u8; 4], u32>,
+    block_v6: LpmTrie<MapData, [u8; 16], u32>,
+}
+
+// The control thread and the workers' start-up share programs across threads.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<XdpProgram>();
+    shareable::<PassProgram>();
+};
 
 impl fmt::Debug for XdpProgram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -175,19 +421,125 @@ impl fmt::Debug for XdpProgram {
 ///
 /// `Auto` tries native mode first and falls back to SKB mode with one warning; `Native` and
 /// `Skb` use exactly that mode or fail. Fails if another XDP program is already attached.
+///
+/// The program starts with an empty listen set and blocklist, no sockets, 0 workers and
+/// reflection off: it counts and passes everything until told otherwise.
 pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> {
-    let mut ebpf = Ebpf::load(XDP_OBJECT).map_err(|source| XdpError::Object {
+    let mut ebpf = load_object(interface)?;
+    // The maps are taken before attaching, so a broken object never gets attached.
+    let stats = take_map(&mut ebpf, interface, XDP_STATS_MAP)?;
+    let maps = ControlMaps {
+        listen: take_map(&mut ebpf, interface, LISTEN_MAP)?,
+        xsks: take_map(&mut ebpf, interface, XSK_MAP)?,
+        config: take_map(&mut ebpf, interface, CONFIG_MAP)?,
+        config_value: XdpConfig::default(),
+        block_v4: take_map(&mut ebpf, interface, BLOCK_V4_MAP)?,
+        block_v6: take_map(&mut ebpf, interface, BLOCK_V6_MAP)?,
+    };
+    let (link, mode) = attach_program(&mut ebpf, interface, XDP_PROGRAM, mode)?;
+    Ok(XdpProgram {
+        link: Some(link),
+        stats,
+        maps: Mutex::new(maps),
+        _ebpf: ebpf,
+        interface: interface.to_owned(),
+        mode,
+    })
+}
+
+/// `tern_pass` (passes every frame, uses no map) attached to one interface; detached on drop.
+///
+/// For the peer end of a veth pair whose other end runs `tern_xdp` with reflection on: veth
+/// hands `XDP_TX` frames only to a peer whose receive path runs in NAPI mode, which an attached
+/// XDP program turns on, and drops them otherwise (the reflect test checks both). GRO on the
+/// peer is said to turn NAPI on too on recent kernels; not checked here (no ethtool).
+pub struct PassProgram {
+    /// The attachment; `None` only while dropping.
+    link: Option<XdpLink>,
+    _ebpf: Ebpf,
+    interface: String,
+    mode: AttachedMode,
+}
+
+impl fmt::Debug for PassProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PassProgram")
+            .field("interface", &self.interface)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads the embedded object and attaches `tern_pass` to `interface`, like [`attach`].
+pub fn attach_pass(interface: &str, mode: XdpAttach) -> Result<PassProgram, XdpError> {
+    let mut ebpf = load_object(interface)?;
+    let (link, mode) = attach_program(&mut ebpf, interface, XDP_PASS_PROGRAM, mode)?;
+    Ok(PassProgram {
+        link: Some(link),
+        _ebpf: ebpf,
+        interface: interface.to_owned(),
+        mode,
+    })
+}
+
+impl PassProgram {
+    /// The mode the program runs in.
+    pub fn attached_mode(&self) -> AttachedMode {
+        self.mode
+    }
+
+    /// The interface the program is attached to.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+}
+
+impl Drop for PassProgram {
+    fn drop(&mut self) {
+        detach(self.link.take(), &self.interface);
+    }
+}
+
+fn load_object(interface: &str) -> Result<Ebpf, XdpError> {
+    Ebpf::load(XDP_OBJECT).map_err(|source| XdpError::Object {
         interface: interface.to_owned(),
         source: Box::new(source),
+    })
+}
+
+/// Moves map `name` out of `ebpf` as a typed map (checking its key and value sizes).
+fn take_map<M>(ebpf: &mut Ebpf, interface: &str, name: &'static str) -> Result<M, XdpError>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| XdpError::MissingMap {
+        interface: interface.to_owned(),
+        map: name,
     })?;
+    M::try_from(map).map_err(|source| XdpError::Map {
+        interface: interface.to_owned(),
+        map: name,
+        source: Box::new(source),
+    })
+}
+
+/// Loads `program` from `ebpf` into the kernel and attaches it in `mode` (see [`attach`]).
+fn attach_program(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    name: &'static str,
+    mode: XdpAttach,
+) -> Result<(XdpLink, AttachedMode), XdpError> {
     let load_error = |source: ProgramError| XdpError::Load {
         interface: interface.to_owned(),
+        program: name,
         source: Box::new(source),
     };
     let program: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
+        .program_mut(name)
         .ok_or_else(|| XdpError::MissingProgram {
             interface: interface.to_owned(),
+            program: name,
         })?
         .try_into()
         .map_err(load_error)?;
@@ -224,12 +576,7 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
             mode,
             source: Box::new(source),
         })?;
-    Ok(XdpProgram {
-        link: Some(link),
-        ebpf,
-        interface: interface.to_owned(),
-        mode,
-    })
+    Ok((link, mode))
 }
 
 /// Attaches in exactly `mode`; an unknown interface gets its own error (no point falling back).
@@ -251,22 +598,48 @@ fn attach_in(
     }
 }
 
+fn detach(link: Option<XdpLink>, interface: &str) {
+    if let Some(link) = link {
+        if let Err(err) = link.detach() {
+            tracing::warn!(interface, error = %err, "detaching XDP failed");
+        }
+    }
+}
+
+/// The listen-map key of a listening socket address (see [`ListenKey`]).
+fn listen_key(addr: SocketAddr) -> ListenKey {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    ListenKey::new(ip, addr.port())
+}
+
+/// The socket address a listen-map key stands for (inverse of [`listen_key`]).
+fn listen_addr(key: &ListenKey) -> SocketAddr {
+    let v6 = Ipv6Addr::from(key.addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, key.port)
+}
+
+fn is_not_found(err: &MapError) -> bool {
+    matches!(
+        err,
+        MapError::SyscallError(SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::ENOENT)
+    )
+}
+
 impl XdpProgram {
     /// The counters summed over all CPUs.
     pub fn counters(&self) -> Result<XdpCounters, XdpError> {
-        let map = self
-            .ebpf
-            .map(XDP_STATS_MAP)
-            .ok_or_else(|| XdpError::MissingMap {
-                interface: self.interface.clone(),
-            })?;
-        let counters_error = |source| XdpError::Counters {
-            interface: self.interface.clone(),
-            source: Box::new(source),
-        };
-        let array: PerCpuArray<&MapData, XdpStats> =
-            PerCpuArray::try_from(map).map_err(counters_error)?;
-        let per_cpu = array.get(&XDP_STATS_INDEX, 0).map_err(counters_error)?;
+        let per_cpu = self
+            .stats
+            .get(&XDP_STATS_INDEX, 0)
+            .map_err(|source| self.map_error(XDP_STATS_MAP, source))?;
         Ok(XdpCounters::sum(per_cpu.iter()))
     }
 
@@ -279,540 +652,222 @@ impl XdpProgram {
     pub fn interface(&self) -> &str {
         &self.interface
     }
+
+    /// Sets the number of AF_XDP workers per queue (`1..=MAX_WORKERS`), which the program uses
+    /// as `N` in the XSKMAP rule `queue * N + flow_hash % N`. Sockets are registered separately
+    /// with [`XdpProgram::register_socket`]; until this is called, listener-bound segments pass
+    /// to the kernel as `no_socket`.
+    pub fn set_workers(&self, workers: u32) -> Result<(), XdpError> {
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(XdpError::Workers {
+                interface: self.interface.clone(),
+                workers,
+            });
+        }
+        self.update_config(|config| config.workers = workers)
+    }
+
+    /// The worker count last set (0 if never).
+    pub fn workers(&self) -> u32 {
+        self.lock().config_value.workers
+    }
+
+    /// Turns the benchmark's reflect mode on or off: listener-bound segments are answered by
+    /// the program itself (addresses and ports swapped, `XDP_TX`) instead of being redirected.
+    /// On veth the peer needs an XDP program of its own to receive them ([`attach_pass`]).
+    pub fn set_reflect(&self, on: bool) -> Result<(), XdpError> {
+        self.update_config(|config| config.reflect = u32::from(on))
+    }
+
+    /// Whether reflect mode is on.
+    pub fn reflect(&self) -> bool {
+        self.lock().config_value.reflect != 0
+    }
+
+    fn update_config(&self, change: impl FnOnce(&mut XdpConfig)) -> Result<(), XdpError> {
+        let mut maps = self.lock();
+        let mut config = maps.config_value;
+        change(&mut config);
+        maps.config
+            .set(CONFIG_INDEX, config, 0)
+            .map_err(|source| self.map_error(CONFIG_MAP, source))?;
+        maps.config_value = config;
+        Ok(())
+    }
+
+    /// Replaces the listen set: TCP segments to these (address, port) pairs are steered, all
+    /// others pass. An unspecified address (`0.0.0.0:443`, `[::]:443`) matches every
+    /// destination address of its family. New entries are added before stale ones are removed.
+    pub fn set_listeners(&self, listeners: &[SocketAddr]) -> Result<(), XdpError> {
+        let wanted: BTreeSet<ListenKey> = listeners.iter().copied().map(listen_key).collect();
+        if wanted.len() > LISTEN_MAP_ENTRIES as usize {
+            return Err(XdpError::TooManyListeners {
+                interface: self.interface.clone(),
+                count: wanted.len(),
+            });
+        }
+        let mut maps = self.lock();
+        let present = maps
+            .listen
+            .keys()
+            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+        for key in wanted.difference(&present) {
+            maps.listen
+                .insert(key, LISTEN_VALUE, 0)
+                .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+        }
+        for key in present.difference(&wanted) {
+            match maps.listen.remove(key) {
+                Ok(()) => {}
+                Err(err) if is_not_found(&err) => {}
+                Err(source) => return Err(self.map_error(LISTEN_MAP, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen set, sorted (IPv4 listeners as IPv4 addresses).
+    pub fn listeners(&self) -> Result<Vec<SocketAddr>, XdpError> {
+        let maps = self.lock();
+        let keys = maps
+            .listen
+            .keys()
+            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+        let mut addrs: Vec<SocketAddr> = keys.iter().map(listen_addr).collect();
+        addrs.sort();
+        Ok(addrs)
+    }
+
+    /// Puts the bound AF_XDP socket `socket` into XSKMAP slot `index`
+    /// (`tern_common::xsk_slot(queue, worker, workers)`), replacing whatever was there. The
+    /// socket must already be bound (the kernel refuses unbound ones) and to the slot's queue
+    /// (otherwise the program counts its frames as `no_socket`). The map holds its own
+    /// reference: closing the socket removes it from the map.
+    pub fn register_socket(&self, index: u32, socket: impl AsFd) -> Result<(), XdpError> {
+        self.check_slot(index)?;
+        let fd = socket.as_fd();
+        self.lock()
+            .xsks
+            .set(index, fd.as_raw_fd(), 0)
+            .map_err(|source| self.map_error(XSK_MAP, source))
+    }
+
+    /// Empties XSKMAP slot `index`; its flows then pass to the kernel (`no_socket`). Emptying
+    /// an empty slot is not an error.
+    pub fn unregister_socket(&self, index: u32) -> Result<(), XdpError> {
+        self.check_slot(index)?;
+        match self.lock().xsks.unset(index) {
+            Ok(()) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
+            Err(source) => Err(self.map_error(XSK_MAP, source)),
+        }
+    }
+
+    fn check_slot(&self, index: u32) -> Result<(), XdpError> {
+        if index >= XSK_MAP_ENTRIES {
+            return Err(XdpError::Slot {
+                interface: self.interface.clone(),
+                index,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops every packet whose source lies in `prefix` from now on. Blocking a prefix that is
+    /// already blocked is not an error.
+    pub fn block(&self, prefix: IpPrefix) -> Result<(), XdpError> {
+        let mut maps = self.lock();
+        let len = u32::from(prefix.prefix_len());
+        match prefix.addr() {
+            IpAddr::V4(a) => maps
+                .block_v4
+                .insert(&Key::new(len, a.octets()), BLOCK_VALUE, 0)
+                .map_err(|source| self.map_error(BLOCK_V4_MAP, source)),
+            IpAddr::V6(a) => maps
+                .block_v6
+                .insert(&Key::new(len, a.octets()), BLOCK_VALUE, 0)
+                .map_err(|source| self.map_error(BLOCK_V6_MAP, source)),
+        }
+    }
+
+    /// Removes `prefix` (exactly this prefix, not the ones inside or around it) from the
+    /// blocklist. `Ok(false)` if it was not there.
+    pub fn unblock(&self, prefix: IpPrefix) -> Result<bool, XdpError> {
+        let mut maps = self.lock();
+        let len = u32::from(prefix.prefix_len());
+        let (result, map) = match prefix.addr() {
+            IpAddr::V4(a) => (
+                maps.block_v4.remove(&Key::new(len, a.octets())),
+                BLOCK_V4_MAP,
+            ),
+            IpAddr::V6(a) => (
+                maps.block_v6.remove(&Key::new(len, a.octets())),
+                BLOCK_V6_MAP,
+            ),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(source) => Err(self.map_error(map, source)),
+        }
+    }
+
+    /// The blocklist, sorted (IPv4 first).
+    pub fn blocks(&self) -> Result<Vec<IpPrefix>, XdpError> {
+        let maps = self.lock();
+        let mut prefixes = Vec::new();
+        for key in maps.block_v4.keys() {
+            let key = key.map_err(|source| self.map_error(BLOCK_V4_MAP, source))?;
+            prefixes.push(self.stored_prefix(IpAddr::from(key.data()), key.prefix_len())?);
+        }
+        for key in maps.block_v6.keys() {
+            let key = key.map_err(|source| self.map_error(BLOCK_V6_MAP, source))?;
+            prefixes.push(self.stored_prefix(IpAddr::from(key.data()), key.prefix_len())?);
+        }
+        prefixes.sort();
+        Ok(prefixes)
+    }
+
+    /// A prefix read back from a trie. Only [`XdpProgram::block`] writes the tries, with
+    /// validated prefixes, so anything else means the map was changed behind tern's back.
+    fn stored_prefix(&self, addr: IpAddr, len: u32) -> Result<IpPrefix, XdpError> {
+        let map = if addr.is_ipv4() {
+            BLOCK_V4_MAP
+        } else {
+            BLOCK_V6_MAP
+        };
+        IpPrefix::checked(addr, len, || format!("{addr}/{len}")).map_err(|err| XdpError::Map {
+            interface: self.interface.clone(),
+            map,
+            source: Box::new(MapError::IoError(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("invalid entry: {err}"),
+            ))),
+        })
+    }
+
+    /// The writable maps. A panic while holding the lock cannot leave them inconsistent (each
+    /// update is one syscall), so a poisoned lock is simply taken over.
+    fn lock(&self) -> MutexGuard<'_, ControlMaps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn map_error(&self, map: &'static str, source: MapError) -> XdpError {
+        XdpError::Map {
+            interface: self.interface.clone(),
+            map,
+            source: Box::new(source),
+        }
+    }
 }
 
 impl Drop for XdpProgram {
     fn drop(&mut self) {
-        if let Some(link) = self.link.take() {
-            if let Err(err) = link.detach() {
-                tracing::warn!(interface = %self.interface, error = %err, "detaching XDP failed");
-            }
-        }
+        detach(self.link.take(), &self.interface);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    //! The object is loaded into a real kernel: attach to a veth end inside a throw-away network
-    //! namespace, inject hand-made frames from the peer end with an AF_PACKET socket (so every
-    //! counter's expected delta is exact), then real traffic through the kernel's TCP stack.
-    //! Needs root (CAP_NET_ADMIN, CAP_BPF), as tern does in xdp mode.
-
-    use std::ffi::CString;
-    use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{Duration, Instant};
-
-    use super::*;
-
-    const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-    const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-
-    /// Unique per test process and call; with the prefix it stays within IFNAMSIZ (15 bytes).
-    fn unique(prefix: &str) -> String {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{prefix}{}x{n}", std::process::id());
-        assert!(name.len() <= 15, "name {name} longer than IFNAMSIZ-1");
-        name
-    }
-
-    #[track_caller]
-    fn run(program: &str, args: &[&str]) -> String {
-        let output = Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run {program} {args:?}: {err}"));
-        assert!(
-            output.status.success(),
-            "{program} {args:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// A network namespace that is deleted (with its interfaces) on drop, also on panic.
-    struct Netns {
-        name: String,
-    }
-
-    impl Netns {
-        fn new() -> Netns {
-            let name = unique("txdp");
-            run("ip", &["netns", "add", &name]);
-            let ns = Netns { name };
-            // No IPv6 autoconfiguration noise (router/neighbour solicitations) in the counters.
-            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
-            ns
-        }
-
-        #[track_caller]
-        fn exec(&self, args: &[&str]) -> String {
-            let mut full = vec!["netns", "exec", &self.name];
-            full.extend_from_slice(args);
-            run("ip", &full)
-        }
-
-        #[track_caller]
-        fn ip(&self, args: &[&str]) -> String {
-            let mut full = vec!["-n", &self.name];
-            full.extend_from_slice(args);
-            run("ip", &full)
-        }
-
-        /// Runs `f` on a new thread that has joined this namespace, so the test harness's own
-        /// threads never change namespace.
-        fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-            std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        self.enter_current_thread();
-                        f()
-                    })
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-        }
-
-        fn enter_current_thread(&self) {
-            let path = format!("/run/netns/{}", self.name);
-            let file = std::fs::File::open(&path)
-                .unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
-            // SAFETY: `file` is an open namespace file for the duration of the call; setns only
-            // changes this thread's network namespace.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-        }
-    }
-
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
-    }
-
-    /// Two namespaces joined by a veth pair: the program goes on `server_if`, frames are sent
-    /// from `client_if`. Separate namespaces, so traffic between the addresses crosses the veth
-    /// instead of being routed locally over `lo`.
-    struct Pair {
-        server: Netns,
-        client: Netns,
-        server_if: String,
-        client_if: String,
-    }
-
-    impl Pair {
-        fn new() -> Pair {
-            assert_eq!(
-                // SAFETY: geteuid has no preconditions.
-                unsafe { libc::geteuid() },
-                0,
-                "this test loads an XDP program and needs root"
-            );
-            let server = Netns::new();
-            let client = Netns::new();
-            let server_if = unique("xs");
-            let client_if = unique("xc");
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &server_if,
-                    "netns",
-                    &server.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &client_if,
-                    "netns",
-                    &client.name,
-                ],
-            );
-            server.ip(&["link", "set", &server_if, "up"]);
-            client.ip(&["link", "set", &client_if, "up"]);
-            Pair {
-                server,
-                client,
-                server_if,
-                client_if,
-            }
-        }
-
-        fn attach(&self, mode: XdpAttach) -> Result<XdpProgram, XdpError> {
-            self.server.run_in(|| attach(&self.server_if, mode))
-        }
-
-        /// `ip -d link show` of the server end; lists `prog/xdp` while a program is attached.
-        fn server_link(&self) -> String {
-            self.server
-                .ip(&["-d", "link", "show", "dev", &self.server_if])
-        }
-
-        /// Sends each frame as-is out of the client end (AF_PACKET, SOCK_RAW).
-        fn inject(&self, frames: &[Vec<u8>]) {
-            self.client.run_in(|| {
-                let name = CString::new(self.client_if.as_str()).expect("interface name");
-                // SAFETY: `name` is a valid NUL-terminated string.
-                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                assert_ne!(ifindex, 0, "no interface {}", self.client_if);
-                // Protocol 0: this socket only sends, it receives nothing.
-                // SAFETY: plain socket(2) call; the fd is closed below.
-                let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-                assert!(
-                    fd >= 0,
-                    "socket(AF_PACKET): {}",
-                    std::io::Error::last_os_error()
-                );
-                // SAFETY: all-zero is a valid sockaddr_ll.
-                let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_ifindex = ifindex as i32;
-                addr.sll_halen = 6;
-                for frame in frames {
-                    // SAFETY: `frame` and `addr` are valid for the lengths passed.
-                    let sent = unsafe {
-                        libc::sendto(
-                            fd,
-                            frame.as_ptr().cast(),
-                            frame.len(),
-                            0,
-                            std::ptr::addr_of!(addr).cast(),
-                            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                        )
-                    };
-                    assert_eq!(
-                        sent,
-                        frame.len() as isize,
-                        "sendto of a {}-byte frame: {}",
-                        frame.len(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                // SAFETY: `fd` is ours and not used afterwards.
-                unsafe { libc::close(fd) };
-            });
-        }
-    }
-
-    /// Polls until `done` holds (frames cross the veth in softirq context, not inside sendto).
-    #[track_caller]
-    fn wait_for(program: &XdpProgram, done: impl Fn(&XdpCounters) -> bool) -> XdpCounters {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let counters = program.counters().expect("reading counters");
-            if done(&counters) || Instant::now() > deadline {
-                return counters;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    // Frame building: Ethernet II with a broadcast destination (the XDP program does not look at
-    // addresses), then the given EtherType and payload.
-    fn ethernet(ether_type: u16, payload: &[u8]) -> Vec<u8> {
-        let mut frame = vec![0xff; 6];
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-        frame.extend_from_slice(&ether_type.to_be_bytes());
-        frame.extend_from_slice(payload);
-        frame
-    }
-
-    fn vlan(tpid: u16, inner_type: u16, payload: &[u8]) -> Vec<u8> {
-        let mut tagged = vec![0x00, 0x07]; // PCP 0, VID 7
-        tagged.extend_from_slice(&inner_type.to_be_bytes());
-        tagged.extend_from_slice(payload);
-        ethernet(tpid, &tagged)
-    }
-
-    /// IPv4 header with `options_words` 32-bit words of NOP options, then `payload`.
-    /// Checksums are left zero: the program does not verify them and the kernel drops the
-    /// packets after the program has run.
-    fn ipv4(protocol: u8, flags_fragment: u16, options_words: u8, payload: &[u8]) -> Vec<u8> {
-        let ihl = 5 + options_words;
-        let total = usize::from(ihl) * 4 + payload.len();
-        let mut packet = vec![0x40 | ihl, 0];
-        packet.extend_from_slice(&(total as u16).to_be_bytes());
-        packet.extend_from_slice(&[0, 1]);
-        packet.extend_from_slice(&flags_fragment.to_be_bytes());
-        packet.extend_from_slice(&[64, protocol, 0, 0]);
-        packet.extend_from_slice(&CLIENT_IP.octets());
-        packet.extend_from_slice(&[203, 0, 113, 1]);
-        packet.extend(std::iter::repeat_n(1u8, usize::from(options_words) * 4));
-        packet.extend_from_slice(payload);
-        packet
-    }
-
-    fn ipv6(next_header: u8, payload: &[u8]) -> Vec<u8> {
-        let mut packet = vec![0x60, 0, 0, 0];
-        packet.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        packet.extend_from_slice(&[next_header, 64]);
-        packet.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-        packet.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        packet.extend_from_slice(payload);
-        packet
-    }
-
-    /// A SYN to port 443 with no options (data offset 5).
-    fn tcp_syn() -> Vec<u8> {
-        let mut segment = vec![0xc0, 0x01, 0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0];
-        segment.extend_from_slice(&[5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-        segment
-    }
-
-    const TCP: u8 = 6;
-    const UDP: u8 = 17;
-    const MF: u16 = 0x2000;
-
-    /// Hand-made frames, one per parser path, and the exact counters they must produce.
-    fn frame_set() -> (Vec<Vec<u8>>, XdpCounters) {
-        let udp = [0u8; 8];
-        let mut bad_version = ipv4(TCP, 0, 0, &tcp_syn());
-        bad_version[0] = 0x65;
-        let mut ihl_past_end = ipv4(TCP, 0, 0, &[]);
-        ihl_past_end[0] = 0x4f; // 60-byte header announced, 20 bytes present
-        let frames = vec![
-            ethernet(0x0800, &ipv4(TCP, 0, 0, &tcp_syn())), // ipv4 tcp
-            ethernet(0x0800, &ipv4(TCP, 0, 2, &tcp_syn())), // ipv4 (options) tcp
-            vlan(0x8100, 0x0800, &ipv4(TCP, 0, 0, &tcp_syn())), // vlan ipv4 tcp
-            ethernet(0x86dd, &ipv6(TCP, &tcp_syn())),       // ipv6 tcp
-            ethernet(0x0800, &ipv4(UDP, 0, 0, &udp)),       // ipv4
-            ethernet(0x0800, &ipv4(TCP, MF, 0, &tcp_syn())), // ipv4 fragment (first)
-            ethernet(0x0800, &ipv4(TCP, 100, 0, &udp)),     // ipv4 fragment (later)
-            ethernet(0x0806, &[0; 28]),                     // other (ARP)
-            vlan(0x88a8, 0x8100, &[0; 30]),                 // vlan, other (second tag)
-            ethernet(0x0800, &[0x45; 10]),                  // malformed: IPv4 cut short
-            ethernet(0x0800, &ihl_past_end),                // malformed: options past the end
-            ethernet(0x0800, &ipv4(TCP, 0, 0, &tcp_syn()[..10])), // ipv4, malformed TCP
-            ethernet(0x8100, &[]),                          // malformed: VLAN tag missing
-            ethernet(0x0800, &bad_version),                 // malformed: version 6 in IPv4
-        ];
-        let expected = XdpCounters {
-            packets: 14,
-            ipv4: 7,
-            ipv6: 1,
-            tcp: 4,
-            vlan: 2,
-            other: 2,
-            malformed: 5,
-            ipv4_fragments: 2,
-        };
-        (frames, expected)
-    }
-
-    #[test]
-    fn counts_each_frame_kind_then_detaches() {
-        let pair = Pair::new();
-        let program = pair
-            .attach(XdpAttach::Auto)
-            .unwrap_or_else(|err| panic!("attach: {err}"));
-        assert_eq!(
-            program.attached_mode(),
-            AttachedMode::Native,
-            "veth supports native XDP, Auto must not fall back"
-        );
-        let link = pair.server_link();
-        assert!(
-            link.contains("prog/xdp"),
-            "no XDP program listed after attach:\n{link}"
-        );
-        assert!(
-            !link.contains("xdpgeneric"),
-            "native attach listed as generic:\n{link}"
-        );
-        assert_eq!(
-            program.counters().expect("counters"),
-            XdpCounters::default(),
-            "a fresh program must start at zero (no addresses yet, IPv6 off: no traffic)"
-        );
-
-        let (frames, expected) = frame_set();
-        pair.inject(&frames);
-        let counters = wait_for(&program, |c| c.packets >= expected.packets);
-        assert_eq!(counters, expected, "counters after the hand-made frames");
-
-        // Real traffic: a TCP connect from the client namespace to a closed port. The SYN
-        // crosses the veth (after ARP), the server kernel answers with RST.
-        pair.server.ip(&[
-            "addr",
-            "add",
-            &format!("{SERVER_IP}/30"),
-            "dev",
-            &pair.server_if,
-        ]);
-        pair.client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/30"),
-            "dev",
-            &pair.client_if,
-        ]);
-        let connect = pair.client.run_in(|| {
-            TcpStream::connect_timeout(
-                &SocketAddrV4::new(SERVER_IP, 9).into(),
-                Duration::from_secs(5),
-            )
-        });
-        assert_eq!(
-            connect.as_ref().map_err(std::io::Error::kind).err(),
-            Some(std::io::ErrorKind::ConnectionRefused),
-            "connect to a closed port across the veth: {connect:?}"
-        );
-        let after = wait_for(&program, |c| c.tcp > expected.tcp);
-        assert!(
-            after.tcp > expected.tcp,
-            "the SYN was not counted as TCP: {after:?}"
-        );
-        assert!(
-            after.ipv4 > expected.ipv4,
-            "the SYN was not counted as IPv4: {after:?}"
-        );
-        assert!(
-            after.other > expected.other,
-            "the ARP request was not counted: {after:?}"
-        );
-        assert!(
-            after.packets > expected.packets,
-            "no packets counted: {after:?}"
-        );
-
-        drop(program);
-        let link = pair.server_link();
-        assert!(
-            !link.contains("prog/xdp"),
-            "XDP program still attached after drop:\n{link}"
-        );
-    }
-
-    #[test]
-    fn skb_mode_is_strict_and_detaches() {
-        let pair = Pair::new();
-        let program = pair
-            .attach(XdpAttach::Skb)
-            .unwrap_or_else(|err| panic!("attach in skb mode: {err}"));
-        assert_eq!(program.attached_mode(), AttachedMode::Skb);
-        assert_eq!(program.attached_mode().to_string(), "skb");
-        let link = pair.server_link();
-        assert!(
-            link.contains("xdpgeneric"),
-            "skb attach not listed as generic:\n{link}"
-        );
-
-        pair.inject(&[ethernet(0x0800, &ipv4(TCP, 0, 0, &tcp_syn()))]);
-        let counters = wait_for(&program, |c| c.packets >= 1);
-        assert_eq!(
-            (counters.packets, counters.ipv4, counters.tcp),
-            (1, 1, 1),
-            "one IPv4 SYN in skb mode: {counters:?}"
-        );
-
-        drop(program);
-        let link = pair.server_link();
-        assert!(
-            !link.contains("prog/xdp"),
-            "XDP program still attached after drop:\n{link}"
-        );
-    }
-
-    #[test]
-    fn auto_falls_back_to_skb_where_native_is_missing() {
-        // Loopback has no driver XDP support: Native fails, Auto falls back to skb. A fresh
-        // namespace has its own `lo`, so nothing outside the test is touched.
-        let ns = Netns::new();
-        let native = ns.run_in(|| attach("lo", XdpAttach::Native));
-        match &native {
-            Err(
-                err @ XdpError::Attach {
-                    interface,
-                    mode: AttachedMode::Native,
-                    ..
-                },
-            ) => {
-                assert_eq!(interface, "lo");
-                let message = err.to_string();
-                assert!(
-                    message.contains("on lo:"),
-                    "error does not name the interface: {message}"
-                );
-            }
-            other => panic!("native attach to lo must fail with Attach: {other:?}"),
-        }
-
-        let auto = ns
-            .run_in(|| attach("lo", XdpAttach::Auto))
-            .unwrap_or_else(|err| panic!("auto attach to lo: {err}"));
-        assert_eq!(
-            auto.attached_mode(),
-            AttachedMode::Skb,
-            "Auto must fall back to skb"
-        );
-        let link = ns.ip(&["-d", "link", "show", "dev", "lo"]);
-        assert!(
-            link.contains("xdpgeneric"),
-            "fallback not listed as generic:\n{link}"
-        );
-        drop(auto);
-        let link = ns.ip(&["-d", "link", "show", "dev", "lo"]);
-        assert!(
-            !link.contains("prog/xdp"),
-            "XDP program still attached after drop:\n{link}"
-        );
-    }
-
-    #[test]
-    fn unknown_interface_is_named() {
-        let ns = Netns::new();
-        let missing = unique("xm");
-        let err = ns
-            .run_in(|| attach(&missing, XdpAttach::Auto))
-            .expect_err("attaching to a missing interface must fail");
-        assert!(
-            matches!(&err, XdpError::UnknownInterface { interface } if *interface == missing),
-            "unexpected error: {err:?}"
-        );
-        assert!(
-            err.to_string().contains(&missing),
-            "error does not name it: {err}"
-        );
-    }
-
-    #[test]
-    fn counters_sum_over_cpus_and_serialize() {
-        let cpu = XdpStats {
-            packets: 3,
-            ipv4: 2,
-            ipv6: 1,
-            tcp: 1,
-            vlan: 1,
-            other: 0,
-            malformed: 0,
-            ipv4_fragments: 1,
-        };
-        let total = XdpCounters::sum([cpu, cpu, XdpStats::default()].iter());
-        assert_eq!(
-            total,
-            XdpCounters {
-                packets: 6,
-                ipv4: 4,
-                ipv6: 2,
-                tcp: 2,
-                vlan: 2,
-                other: 0,
-                malformed: 0,
-                ipv4_fragments: 2,
-            }
-        );
-        let json = serde_json::to_value(total).expect("serialize");
-        assert_eq!(
-            json["ipv4_fragments"], 2,
-            "field names are the JSON keys: {json}"
-        );
-    }
-}
+pub(crate) mod tests;

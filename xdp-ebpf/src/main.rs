@@ -1,37 +1,84 @@
-//! tern's XDP program: parses each received frame's Ethernet (with at most one 802.1Q/802.1ad
-//! tag), IPv4 (options, fragment detection) or IPv6 (fixed header) and TCP headers, counts what
-//! it saw in the per-CPU `XdpStats` map, and passes every frame to the kernel.
+//! tern's XDP programs.
 //!
-//! It owns the per-packet decision only. Map layouts and names live in `tern-common`; loading,
-//! attaching and reading the counters is `tern::xdp`'s job. Steering TCP segments for tern's
-//! listen set to AF_XDP sockets comes later and plugs into [`steer_tcp`], which receives every
-//! complete, unfragmented TCP header; everything else keeps going to the kernel.
+//! `tern_xdp` runs on every frame an interface receives. It parses Ethernet (with at most one
+//! 802.1Q/802.1ad tag), IPv4 (options, fragment detection) or IPv6 (fixed header) and TCP, and
+//! decides, in this order:
+//! 1. **Blocklist**: an IPv4/IPv6 packet whose source matches a prefix in the LPM trie of its
+//!    family is dropped (`XDP_DROP`, `blocked`). Checked right after the IP header, before
+//!    anything above it, so a blocked source cannot reach a listener, the kernel or tern.
+//! 2. **Listen set**: a complete TCP header whose destination (address, port) is in the listen
+//!    map, exactly or through the wildcard address of its family, is steered: redirected to the
+//!    AF_XDP socket in `XSKMAP[queue * workers + flow_hash % workers]` (`steered`), or passed to
+//!    the kernel when that slot holds no socket for this queue (`no_socket`). With the config's
+//!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`).
+//! 3. Everything else goes to the kernel (`XDP_PASS`, `passed`): other addresses and ports,
+//!    non-TCP, non-IP (ARP, LLDP), IPv6 with extension headers, and IPv4 fragments (first
+//!    fragments too: without reassembly a fragment's flow cannot be identified reliably, and
+//!    the kernel reassembles them). Frames too short for a header they announce, or with an
+//!    impossible version/length, are passed too and counted `malformed`: the kernel drops
+//!    garbage itself, and passing keeps whatever the parser does not understand working.
+//!
+//! Each frame lands in exactly one of `steered`, `passed`, `no_socket`, `blocked`; see
+//! `tern_common::XdpStats` for every counter.
+//!
+//! `tern_pass` passes every frame untouched. It exists for the peer end of a veth pair in tests
+//! and the benchmark rig: veth hands `XDP_TX`/redirected frames only to a peer that runs XDP.
+//!
+//! This file owns the per-packet decision only. Map layouts, names, the flow hash and the XSKMAP
+//! index rule live in `tern-common`; loading, attaching and filling the maps is `tern::xdp`'s job.
 //!
 //! Formats: Ethernet II and IEEE 802.1Q tags; IPv4 header, RFC 791 §3.1 (IHL, MF flag, fragment
 //! offset); IPv6 fixed header, RFC 8200 §3 (extension headers are not walked); TCP header,
-//! RFC 9293 §3.1 (data offset).
+//! RFC 9293 §3.1 (data offset); Internet checksum, RFC 1071 (why reflection keeps it valid).
 //!
-//! Verifier notes: every packet read goes through [`ptr_at`] or [`check_range`], which compare
-//! against `data_end` right before the access; variable offsets come from 4-bit fields times four,
-//! so the verifier can bound them. No loops, no logging on this path.
+//! Verifier notes: every packet access goes through [`ptr_at`], [`ptr_at_mut`] or
+//! [`check_range`], which compare against `data_end` right before the access; variable offsets
+//! come from 4-bit fields times four, so the verifier can bound them. No loops (the flow hash is
+//! straight-line code), no logging, and no panicking operation on this path.
 
 #![no_std]
 #![no_main]
 
-use core::mem::size_of;
+use core::mem::{size_of, swap};
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap, lpm_trie::Key},
     programs::XdpContext,
 };
-use tern_common::{XDP_STATS_ENTRIES, XDP_STATS_INDEX, XdpStats};
+use tern_common::{
+    BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES,
+    ListenKey, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
+    ipv4_mapped, xsk_index,
+};
 
-/// Per-CPU counters; its name must equal `tern_common::XDP_STATS_MAP` (the `#[map]` macro takes
-/// the static's name; `tern::xdp`'s tests load this map by the shared constant).
+// Every map's static name must equal its `tern_common` constant (the `#[map]` macro takes the
+// static's name); `tern::xdp` finds each map by that constant and fails to attach without it.
+
+/// Per-CPU counters (`tern_common::XDP_STATS_MAP`).
 #[map]
 static TERN_XDP_STATS: PerCpuArray<XdpStats> = PerCpuArray::with_max_entries(XDP_STATS_ENTRIES, 0);
+
+/// The listen set (`tern_common::LISTEN_MAP`); values are reserved flags, only presence counts.
+#[map]
+static TERN_LISTEN: HashMap<ListenKey, u32> = HashMap::with_max_entries(LISTEN_MAP_ENTRIES, 0);
+
+/// AF_XDP sockets by (queue, worker) slot (`tern_common::XSK_MAP`).
+#[map]
+static TERN_XSKS: XskMap = XskMap::with_max_entries(XSK_MAP_ENTRIES, 0);
+
+/// Worker count and reflect flag (`tern_common::CONFIG_MAP`).
+#[map]
+static TERN_CONFIG: Array<XdpConfig> = Array::with_max_entries(CONFIG_ENTRIES, 0);
+
+/// IPv4 source blocklist (`tern_common::BLOCK_V4_MAP`); the constructor adds BPF_F_NO_PREALLOC.
+#[map]
+static TERN_BLOCK_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(BLOCK_MAP_ENTRIES, 0);
+
+/// IPv6 source blocklist (`tern_common::BLOCK_V6_MAP`).
+#[map]
+static TERN_BLOCK_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(BLOCK_MAP_ENTRIES, 0);
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -42,13 +89,13 @@ const IPPROTO_TCP: u8 = 6;
 /// fragmentation state.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 
-// Header layouts made only of bytes and byte arrays: alignment 1, so a read at any offset is a
-// valid read, and multi-byte fields are decoded explicitly from network byte order.
+// Header layouts made only of bytes and byte arrays: alignment 1, so a read or write at any
+// offset is valid, and multi-byte fields are decoded explicitly from network byte order.
 
 #[repr(C)]
 struct EthHdr {
-    _dst: [u8; 6],
-    _src: [u8; 6],
+    dst: [u8; 6],
+    src: [u8; 6],
     ether_type: [u8; 2],
 }
 
@@ -69,8 +116,8 @@ struct Ipv4Hdr {
     _ttl: u8,
     protocol: u8,
     _checksum: [u8; 2],
-    _src: [u8; 4],
-    _dst: [u8; 4],
+    src: [u8; 4],
+    dst: [u8; 4],
 }
 
 #[repr(C)]
@@ -79,13 +126,13 @@ struct Ipv6Hdr {
     _payload_len: [u8; 2],
     next_header: u8,
     _hop_limit: u8,
-    _src: [u8; 16],
-    _dst: [u8; 16],
+    src: [u8; 16],
+    dst: [u8; 16],
 }
 
 #[repr(C)]
 struct TcpHdr {
-    _src_port: [u8; 2],
+    src_port: [u8; 2],
     dst_port: [u8; 2],
     _seq: [u8; 4],
     _ack: [u8; 4],
@@ -100,10 +147,31 @@ struct TcpHdr {
 /// impossible version or length.
 struct Malformed;
 
-/// What the parser found, as far as the forwarding decision is concerned.
+/// Where the IP header sits and which family it is; what reflection needs to find it again.
+#[derive(Clone, Copy)]
+enum Ip {
+    V4 { offset: usize },
+    V6 { offset: usize },
+}
+
+/// A TCP segment's 4-tuple (addresses as in `tern_common::ListenKey`, ports in host order) and
+/// where its headers are.
+struct Flow {
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    ip: Ip,
+    tcp_offset: usize,
+}
+
+/// What the parser decided, before the listen set is consulted.
 enum Frame {
-    /// A complete TCP header in an unfragmented IPv4 packet or directly after an IPv6 header.
-    Tcp { dst_port: u16 },
+    /// A complete TCP header in an unfragmented IPv4 packet or directly after an IPv6 header,
+    /// from a source that is not blocked.
+    Tcp(Flow),
+    /// The source matches a blocklist prefix.
+    Blocked,
     /// Anything else: the kernel handles it.
     Pass,
 }
@@ -114,6 +182,12 @@ pub fn tern_xdp(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(()) => xdp_action::XDP_ABORTED,
     }
+}
+
+/// Passes every frame; no parsing, no maps, so there is nothing to fail (no `try_` split).
+#[xdp]
+pub fn tern_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// `Err` only if the stats map cannot be looked up, which means the object or its loader is
@@ -133,18 +207,114 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             Frame::Pass
         }
     };
-    match frame {
-        Frame::Tcp { dst_port } => steer_tcp(ctx, dst_port),
-        Frame::Pass => Ok(xdp_action::XDP_PASS),
+    // Exactly one terminal counter per frame, on every path below.
+    Ok(match frame {
+        Frame::Tcp(flow) if is_listener(&flow) => steer(ctx, &flow, stats),
+        Frame::Tcp(_) | Frame::Pass => {
+            stats.passed += 1;
+            xdp_action::XDP_PASS
+        }
+        Frame::Blocked => {
+            stats.blocked += 1;
+            xdp_action::XDP_DROP
+        }
+    })
+}
+
+/// Whether the flow's destination is in the listen set: the exact (address, port), or the
+/// wildcard address of the packet's family with that port.
+#[inline(always)]
+fn is_listener(flow: &Flow) -> bool {
+    if TERN_LISTEN
+        .get_ptr(ListenKey::new(flow.dst, flow.dst_port))
+        .is_some()
+    {
+        return true;
+    }
+    let wildcard = match flow.ip {
+        Ip::V4 { .. } => IPV4_MAPPED_UNSPECIFIED,
+        Ip::V6 { .. } => [0; 16],
+    };
+    TERN_LISTEN
+        .get_ptr(ListenKey::new(wildcard, flow.dst_port))
+        .is_some()
+}
+
+/// Hands a listener's segment on; counts `steered` or `no_socket` (exactly one).
+#[inline(always)]
+fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
+    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    if config.reflect != 0 {
+        return match reflect(ctx, flow) {
+            Ok(()) => {
+                stats.steered += 1;
+                xdp_action::XDP_TX
+            }
+            // Parsing saw these headers moments ago; if they moved, let the kernel have it.
+            Err(Malformed) => {
+                stats.no_socket += 1;
+                xdp_action::XDP_PASS
+            }
+        };
+    }
+    let queue = ctx.rx_queue_index();
+    let hash = flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port);
+    let Some(index) = xsk_index(queue, config.workers, hash) else {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    };
+    // An empty slot would make the redirect fall back to XDP_PASS anyway; looking first lets
+    // us count it. A socket bound to another queue would make the kernel drop the frame, so
+    // that is treated as "no socket" too (userspace registered it in the wrong slot).
+    if TERN_XSKS.get(index) != Some(queue) {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    }
+    match TERN_XSKS.redirect(index, u64::from(xdp_action::XDP_PASS)) {
+        Ok(action) => {
+            stats.steered += 1;
+            action
+        }
+        // The socket went away between the lookup and the redirect.
+        Err(_) => {
+            stats.no_socket += 1;
+            xdp_action::XDP_PASS
+        }
     }
 }
 
-/// The forwarding decision for a complete TCP header. In this version every segment goes to the
-/// kernel; the bypass path will look `dst_port` up in the listen set here and redirect matches
-/// to the XSKMAP entry of the receiving queue.
+/// Turns the frame around in place: Ethernet destination/source, IP source/destination and TCP
+/// source/destination ports are swapped; everything else (VLAN tag, TTL, sequence numbers,
+/// flags, payload) is left as it is.
+///
+/// No checksum needs updating. The IPv4 header checksum and the TCP checksum (RFC 9293 §3.1,
+/// whose pseudo-header holds both addresses) are ones' complement sums of 16-bit words
+/// (RFC 1071). Both addresses, and both ports, start at even offsets within the summed data and
+/// have the same length, so a swap only exchanges which position a word is summed at; the sum,
+/// being commutative, is unchanged, and so is the stored checksum. (IPv6 has no header checksum;
+/// its TCP pseudo-header has the same property.)
 #[inline(always)]
-fn steer_tcp(_ctx: &XdpContext, _dst_port: u16) -> Result<u32, ()> {
-    Ok(xdp_action::XDP_PASS)
+fn reflect(ctx: &XdpContext, flow: &Flow) -> Result<(), Malformed> {
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
+    // SAFETY: `ptr_at_mut` checked that the whole `EthHdr` lies inside the frame; alignment is
+    // 1; the two fields do not overlap. The frame is ours to modify until we return.
+    unsafe { swap(&mut (*eth).dst, &mut (*eth).src) };
+    match flow.ip {
+        Ip::V4 { offset } => {
+            let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, offset)?;
+            // SAFETY: as above, for the fixed IPv4 header.
+            unsafe { swap(&mut (*ip).src, &mut (*ip).dst) };
+        }
+        Ip::V6 { offset } => {
+            let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, offset)?;
+            // SAFETY: as above, for the fixed IPv6 header.
+            unsafe { swap(&mut (*ip).src, &mut (*ip).dst) };
+        }
+    }
+    let tcp: *mut TcpHdr = ptr_at_mut(ctx, flow.tcp_offset)?;
+    // SAFETY: as above, for the fixed TCP header.
+    unsafe { swap(&mut (*tcp).src_port, &mut (*tcp).dst_port) };
+    Ok(())
 }
 
 /// Walks the headers from the outside in, counting each complete layer (see `XdpStats` for the
@@ -179,8 +349,15 @@ fn parse(ctx: &XdpContext, stats: &mut XdpStats) -> Result<Frame, Malformed> {
 fn parse_ipv4(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<Frame, Malformed> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
     // SAFETY: `ptr_at` checked that the fixed 20-byte header lies inside the frame; alignment 1.
-    let (version_ihl, flags_fragment, protocol) =
-        unsafe { ((*ip).version_ihl, (*ip).flags_fragment, (*ip).protocol) };
+    let (version_ihl, flags_fragment, protocol, src, dst) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).flags_fragment,
+            (*ip).protocol,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
     if version_ihl >> 4 != 4 {
         return Err(Malformed);
     }
@@ -192,6 +369,11 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<F
     check_range(ctx, offset, header_len)?;
     stats.ipv4 += 1;
 
+    // The blocklist comes first: a blocked source's fragments and non-TCP packets are dropped
+    // too.
+    if TERN_BLOCK_V4.get(Key::new(32, src)).is_some() {
+        return Ok(Frame::Blocked);
+    }
     if u16::from_be_bytes(flags_fragment) & IPV4_MF_OR_OFFSET != 0 {
         // Fragments go to the kernel for reassembly, so their payload is never parsed.
         stats.ipv4_fragments += 1;
@@ -200,33 +382,64 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<F
     if protocol != IPPROTO_TCP {
         return Ok(Frame::Pass);
     }
-    parse_tcp(ctx, offset + header_len, stats)
+    parse_tcp(
+        ctx,
+        offset + header_len,
+        ipv4_mapped(src),
+        ipv4_mapped(dst),
+        Ip::V4 { offset },
+        stats,
+    )
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<Frame, Malformed> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
     // SAFETY: `ptr_at` checked that the 40-byte fixed header lies inside the frame; alignment 1.
-    let (version_class_flow, next_header) =
-        unsafe { ((*ip).version_class_flow, (*ip).next_header) };
+    let (version_class_flow, next_header, src, dst) = unsafe {
+        (
+            (*ip).version_class_flow,
+            (*ip).next_header,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
     if version_class_flow[0] >> 4 != 6 {
         return Err(Malformed);
     }
     stats.ipv6 += 1;
 
+    if TERN_BLOCK_V6.get(Key::new(128, src)).is_some() {
+        return Ok(Frame::Blocked);
+    }
     // Only TCP directly after the fixed header; a chain of extension headers (rare for TCP to a
     // listener) stays with the kernel.
     if next_header != IPPROTO_TCP {
         return Ok(Frame::Pass);
     }
-    parse_tcp(ctx, offset + size_of::<Ipv6Hdr>(), stats)
+    parse_tcp(
+        ctx,
+        offset + size_of::<Ipv6Hdr>(),
+        src,
+        dst,
+        Ip::V6 { offset },
+        stats,
+    )
 }
 
 #[inline(always)]
-fn parse_tcp(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<Frame, Malformed> {
+fn parse_tcp(
+    ctx: &XdpContext,
+    offset: usize,
+    src: [u8; 16],
+    dst: [u8; 16],
+    ip: Ip,
+    stats: &mut XdpStats,
+) -> Result<Frame, Malformed> {
     let tcp: *const TcpHdr = ptr_at(ctx, offset)?;
     // SAFETY: `ptr_at` checked that the fixed 20-byte header lies inside the frame; alignment 1.
-    let (offset_flags, dst_port) = unsafe { ((*tcp).offset_flags, (*tcp).dst_port) };
+    let (offset_flags, src_port, dst_port) =
+        unsafe { ((*tcp).offset_flags, (*tcp).src_port, (*tcp).dst_port) };
     // Data offset counts 32-bit words, options included (RFC 9293 §3.1); at most 60 bytes.
     let header_len = usize::from(offset_flags[0] >> 4) * 4;
     if header_len < size_of::<TcpHdr>() {
@@ -234,9 +447,14 @@ fn parse_tcp(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<Fr
     }
     check_range(ctx, offset, header_len)?;
     stats.tcp += 1;
-    Ok(Frame::Tcp {
+    Ok(Frame::Tcp(Flow {
+        src,
+        dst,
+        src_port: u16::from_be_bytes(src_port),
         dst_port: u16::from_be_bytes(dst_port),
-    })
+        ip,
+        tcp_offset: offset,
+    }))
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if all of it lies inside the frame.
@@ -245,6 +463,13 @@ fn parse_tcp(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<Fr
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
     check_range(ctx, offset, size_of::<T>())?;
     Ok((ctx.data() + offset) as *const T)
+}
+
+/// [`ptr_at`] for writing (XDP may modify the frame in place).
+#[inline(always)]
+fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Malformed> {
+    check_range(ctx, offset, size_of::<T>())?;
+    Ok((ctx.data() + offset) as *mut T)
 }
 
 /// `Ok` if the `len` bytes at `offset` lie inside the frame.
@@ -257,7 +482,7 @@ fn check_range(ctx: &XdpContext, offset: usize, len: usize) -> Result<(), Malfor
 }
 
 /// The object's licence as the kernel sees it: the project's own. The kernel only uses it to
-/// allow or refuse GPL-only helpers; this program calls none (map lookups and, later,
+/// allow or refuse GPL-only helpers; these programs call none (map lookups and
 /// `bpf_redirect_map` are not GPL-only).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

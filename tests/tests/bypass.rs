@@ -1,0 +1,296 @@
+//! End-to-end tests of the bypass data plane (`mode = "xdp"` listeners): the XDP program
+//! steers the listener's frames into per-queue AF_XDP sockets owned by tern's workers, while
+//! everything else (ping, other ports, tern's own kernel listener) still reaches the kernel.
+//! Real traffic from the client namespace over a two-queue veth.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tern_tests::pktgen::{mac_of, send_syns, SynSpec};
+use tern_tests::rig::{tern_binary, Rig, TempDir};
+
+const BYPASS_PORT: u16 = 4443;
+
+/// tern with a kernel TLS listener on :443 (for readiness and the "kernel still serves" check)
+/// and a bypass listener on :4443, both on the rig's server-side veth (2 queues, 2 workers).
+fn bypass_stack(tag: &str) -> Stack {
+    let rig = Rig::isolated(tag, 2);
+    let dir = TempDir::new(tag);
+    let backend = dead_port(&rig);
+    let listener_extra = format!(
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"xdp\"\ninterface = \"{iface}\"\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend],
+            listener_extra: Box::leak(listener_extra.into_boxed_str()),
+            // 4 KiB pages: tests must not leave hugepages reserved on the machine.
+            toml_extra: "[xdp]\nhugepages = \"off\"\nframes_per_worker = 4096\n",
+            ..Default::default()
+        },
+    )
+}
+
+fn syn_spec(s: &Stack, src_ip: Ipv4Addr, flows: u16) -> SynSpec {
+    SynSpec {
+        interface: s.rig.client_if.clone(),
+        src_mac: mac_of(s.rig.client_command("ip"), &s.rig.client_if).expect("client MAC"),
+        dst_mac: mac_of(s.rig.server_command("ip"), &s.rig.server_if).expect("server MAC"),
+        src_ip,
+        src_ips: 1,
+        dst_ip: s.rig.server_ip,
+        dst_port: BYPASS_PORT,
+        flows,
+    }
+}
+
+/// Sends `n` SYNs from the client namespace.
+fn flood(s: &Stack, spec: SynSpec, n: u64) {
+    let sent = s.rig.client.run(move || {
+        send_syns(&spec, n, Duration::from_secs(30), &AtomicBool::new(false)).expect("send SYNs")
+    });
+    assert_eq!(sent.frames, n, "the generator sent every frame");
+}
+
+fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
+}
+
+/// Polls `stats` until `f` holds (bounded), returning the last document.
+fn wait_stats(s: &Stack, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = s.stats();
+        if f(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {st}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_terminal_invariant(st: &serde_json::Value) {
+    let c = &st["xdp"][0]["counters"];
+    let sum: u64 = ["steered", "passed", "no_socket", "blocked"]
+        .iter()
+        .map(|k| counter(c, &[k]))
+        .sum();
+    assert_eq!(
+        sum,
+        counter(c, &["packets"]),
+        "every frame has exactly one fate: {c}"
+    );
+}
+
+#[test]
+fn bypass_listener_frames_reach_the_workers_and_the_kernel_keeps_the_rest() {
+    let s = bypass_stack("bypass");
+    let st = s.stats();
+    let workers = st["bypass"]["workers"].as_array().expect("bypass workers");
+    assert_eq!(
+        workers.len(),
+        2,
+        "one bypass worker per configured worker: {st}"
+    );
+    assert_eq!(workers[0]["bind"], "copy", "veth has no zero-copy AF_XDP");
+    assert_eq!(workers[0]["pages"], "4KiB-pages");
+
+    const N: u64 = 5000;
+    flood(&s, syn_spec(&s, s.rig.client_ip, 64), N);
+    let st = wait_stats(&s, "every SYN in a worker", |st| {
+        counter(st, &["bypass", "total", "syns"]) >= N
+    });
+    assert_eq!(
+        counter(&st, &["bypass", "total", "syns"]),
+        N,
+        "each SYN counted once: {st}"
+    );
+    assert_eq!(
+        counter(&st["xdp"][0], &["counters", "steered"]),
+        N,
+        "steered == received"
+    );
+    for w in st["bypass"]["workers"].as_array().expect("workers") {
+        assert!(
+            counter(w, &["counters", "syns"]) > 0,
+            "64 flows reach both workers: {st}"
+        );
+    }
+
+    // The kernel still gets everything else: ping, and tern's own kernel listener on :443.
+    let ping = s
+        .rig
+        .client_command("ping")
+        .args(["-c", "2", "-i", "0.2", "-W", "2"])
+        .arg(s.rig.server_ip.to_string())
+        .output()
+        .expect("ping");
+    assert_ok(&ping, "ping the server side", &s.log());
+    let curl = s.curl(&[
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &s.url("/"),
+    ]);
+    // The backend is a dead port: tern answers the TLS handshake, then closes (no backend).
+    assert!(
+        String::from_utf8_lossy(&curl.stderr).contains("Empty reply")
+            || curl.status.code() == Some(52),
+        "a TLS connection through the kernel listener: {curl:?}"
+    );
+    let st = s.stats();
+    assert!(
+        counter(&st, &["total", "handshakes"]) >= 1,
+        "the kernel listener served TLS: {st}"
+    );
+    assert!(counter(&st["xdp"][0], &["counters", "passed"]) > 0);
+    assert_eq!(
+        counter(&st["xdp"][0], &["counters", "no_socket"]),
+        0,
+        "every steered frame had a socket"
+    );
+    assert_terminal_invariant(&st);
+}
+
+#[test]
+fn blocklist_drops_a_source_at_xdp_and_unblock_restores_it() {
+    let s = bypass_stack("blocklist");
+    let ctl = |args: &[&str]| {
+        Command::new(tern_binary())
+            .args(["ctl", "--socket"])
+            .arg(&s.control)
+            .args(args)
+            .output()
+            .expect("tern ctl")
+    };
+    // A second client address on the same veth: blocking one must not affect the other.
+    let other = Ipv4Addr::from(u32::from(s.rig.client_ip) + 1);
+    let added = s
+        .rig
+        .client_command("ip")
+        .args([
+            "addr",
+            "add",
+            &format!("{other}/24"),
+            "dev",
+            &s.rig.client_if,
+        ])
+        .output()
+        .expect("ip addr add");
+    assert_ok(&added, "add a second client address", "");
+
+    let out = ctl(&["block", &format!("{}/32", s.rig.client_ip)]);
+    assert_ok(&out, "tern ctl block", &s.log());
+    let out = ctl(&["blocks"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}/32", s.rig.client_ip)
+    );
+    let out = ctl(&["block", "10.0.0.1/8"]);
+    assert!(!out.status.success(), "host bits set: refused");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.0.0.1/8"),
+        "names the bad prefix: {out:?}"
+    );
+
+    flood(&s, syn_spec(&s, s.rig.client_ip, 16), 1000);
+    flood(&s, syn_spec(&s, other, 16), 500);
+    let st = wait_stats(&s, "the other source's SYNs", |st| {
+        counter(st, &["bypass", "total", "syns"]) >= 500
+    });
+    assert_eq!(
+        counter(&st["xdp"][0], &["counters", "blocked"]),
+        1000,
+        "blocked source dropped at XDP: {st}"
+    );
+    assert_eq!(
+        counter(&st, &["bypass", "total", "syns"]),
+        500,
+        "only the other source reached the workers"
+    );
+    assert_terminal_invariant(&st);
+
+    // The blocked source cannot reach the kernel listener either.
+    let addr = s.addr();
+    let blocked = s.rig.client.run(move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_err()
+    });
+    assert!(
+        blocked,
+        "a blocked source's connect to :443 does not complete"
+    );
+
+    let blocked_before = counter(&s.stats()["xdp"][0], &["counters", "blocked"]);
+    assert!(
+        blocked_before > 1000,
+        "the connect attempt was dropped at XDP too"
+    );
+    let out = ctl(&["unblock", &format!("{}/32", s.rig.client_ip)]);
+    assert_ok(&out, "tern ctl unblock", &s.log());
+    flood(&s, syn_spec(&s, s.rig.client_ip, 16), 300);
+    let st = wait_stats(&s, "SYNs after unblock", |st| {
+        counter(st, &["bypass", "total", "syns"]) >= 800
+    });
+    assert_eq!(
+        counter(&st["xdp"][0], &["counters", "blocked"]),
+        blocked_before,
+        "nothing is blocked after unblock"
+    );
+    assert_eq!(String::from_utf8_lossy(&ctl(&["blocks"]).stdout).trim(), "");
+}
+
+#[test]
+fn after_kill_9_the_kernel_answers_the_bypass_port() {
+    let mut s = bypass_stack("bypasskill");
+    let bypass_addr = SocketAddr::from((s.rig.server_ip, BYPASS_PORT));
+    // While tern runs, a connect to the bypass port goes to the workers and gets no answer
+    // (the TCP stack that will answer it is the next issue).
+    let timed_out = s.rig.client.run(move || {
+        std::net::TcpStream::connect_timeout(&bypass_addr, Duration::from_millis(500))
+            .expect_err("no SYN-ACK yet")
+            .kind()
+    });
+    assert_eq!(timed_out, std::io::ErrorKind::TimedOut);
+
+    s.tern.signal(libc::SIGKILL);
+    s.tern
+        .wait_exit(Duration::from_secs(10))
+        .expect("tern died");
+    // The bpf link died with the process: nothing is steered any more, and since nothing
+    // listens on the port the kernel answers with RST.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let kind = s.rig.client.run(move || {
+            std::net::TcpStream::connect_timeout(&bypass_addr, Duration::from_millis(500))
+                .expect_err("nothing listens")
+                .kind()
+        });
+        if kind == std::io::ErrorKind::ConnectionRefused {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the port is still blackholed after kill -9: {kind:?}"
+        );
+    }
+}
