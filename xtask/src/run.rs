@@ -131,15 +131,21 @@ fn session(mode: Mode, workers: u32, binary: &Path, interrupted: &AtomicBool) ->
     );
     let listen: SocketAddr = rig.server_addr(443);
     let socket = dir.join("tern.sock");
+    // xdp: the TLS listener stays on kernel sockets with the XDP program attached to the veth
+    // (counters, blocklist), and a bypass listener on BYPASS_PORT shows frames steered into
+    // the AF_XDP workers (the TCP stack that will answer them is the next step).
     let interface = match mode {
         Mode::Kernel => String::new(),
-        Mode::Xdp => format!("interface = {}\n", toml_str(&rig.server_if)),
+        Mode::Xdp => format!(
+            "interface = {iface}\n\n[[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\n",
+            iface = toml_str(&rig.server_if),
+            bypass = toml_str(&rig.server_addr(BYPASS_PORT).to_string()),
+        ),
     };
     let config = format!(
         "# Written by `cargo xtask run`; removed when it exits.\n\
          [[listener]]\n\
          address = {listen}\n\
-         mode = {mode}\n\
          {interface}\n\
          [[certificate]]\n\
          cert = {tern_cert}\n\
@@ -157,9 +163,11 @@ fn session(mode: Mode, workers: u32, binary: &Path, interrupted: &AtomicBool) ->
          [timeouts]\n\
          drain_ms = {drain}\n\n\
          [control]\n\
-         socket = {socket}\n",
+         socket = {socket}\n\n\
+         # 4 KiB pages: the demo leaves no hugepages reserved behind it.\n\
+         [xdp]\n\
+         hugepages = \"off\"\n",
         listen = toml_str(&listen.to_string()),
-        mode = toml_str(mode.as_str()),
         tern_cert = path_str(&tern_cert.cert),
         tern_key = path_str(&tern_cert.key),
         other_cert = path_str(&other_cert.cert),
@@ -235,6 +243,7 @@ fn print_instructions(
          \x20 ip netns exec {ns} curl -sk --resolve other.test:443:{ip} https://other.test/bytes/1048576 | sha256sum\n\
          \x20 ip netns exec {ns} openssl s_client -connect {ip}:443 -servername tern.test\n\
          \x20 {bin} ctl --socket {socket} stats\n\n\
+         {bypass}\
          tern's log: {log}\n\
          config:     {config}\n\n\
          Press Ctrl-C to stop tern and remove the namespace.",
@@ -246,5 +255,22 @@ fn print_instructions(
         socket = socket.display(),
         log = tern.stderr_path().display(),
         config = tern.config_path().display(),
+        bypass = match mode {
+            Mode::Kernel => String::new(),
+            Mode::Xdp => format!(
+                "The XDP program is attached to {server_if}. The bypass listener {ip}:{BYPASS_PORT} \
+                 steers SYNs into the AF_XDP workers\n(no TCP answer yet: tern's own TCP stack is \
+                 the next step). Watch them arrive:\n\
+                 \x20 ip netns exec {ns} curl -s -m 1 http://{ip}:{BYPASS_PORT}/; {bin} ctl --socket {socket} stats | grep -E '\"(steered|syns)\"'\n\
+                 \x20 {bin} ctl --socket {socket} block {client}/32   # then curl above times out; unblock to undo\n\n",
+                server_if = rig.server_if,
+                client = rig.client_ip,
+                bin = bin.display(),
+                socket = socket.display(),
+            ),
+        },
     );
 }
+
+/// The bypass listener of `--mode xdp`.
+const BYPASS_PORT: u16 = 4443;
