@@ -15,6 +15,7 @@ pub mod counters;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
+pub mod tcp;
 pub mod timer;
 pub mod tls;
 pub mod uring;

@@ -1,0 +1,22 @@
+//! tern's sans-IO TCP stack (server side only), fed raw frames from AF_XDP.
+//!
+//! This module owns the transport logic; packet views and option parsing live in `wire`. Nothing
+//! in here makes a syscall, reads a clock or allocates after construction: time is passed in as
+//! [`time::Instant`], which the worker reads once per loop turn. Sequence numbers are plain `u32`
+//! with wrapping arithmetic (RFC 9293 §3.4) at these building blocks' boundaries, so they do not
+//! depend on `wire`'s newtype.
+//!
+//! Building blocks:
+//! - [`time`]: the stack's own `Instant`/`Duration`.
+//! - [`rtt`]: the RFC 6298 retransmission-timeout estimator (Karn, backoff).
+//! - [`cc`]: congestion control (RFC 5681/6582 NewReno, RFC 9438 CUBIC) behind one trait and
+//!   an enum dispatcher.
+//! - [`syncookie`]: stateless passive open (RFC 4987 §3.6), keyed with SipHash-2-4.
+//! - [`reassembly`]: bounded out-of-order range tracking and SACK blocks (RFC 2018).
+#![forbid(unsafe_code)]
+
+pub mod cc;
+pub mod reassembly;
+pub mod rtt;
+pub mod syncookie;
+pub mod time;

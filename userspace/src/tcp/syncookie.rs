@@ -1,0 +1,664 @@
+//! SYN cookies (RFC 4987 §3.6): a passive open that keeps no state until the handshake's final
+//! ACK proves the peer can receive at its claimed address.
+//!
+//! Owns the cookie format, its keyed MAC (SipHash-2-4, implemented here from Aumasson and
+//! Bernstein's paper so that no crate is added and the key is ours, unlike `std`'s
+//! `DefaultHasher`) and the two-key rotation. Does not own key generation (the worker draws keys
+//! from the OS at start-up and on each rotation) or the SYN-ACK/ACK segments themselves.
+//!
+//! Design, after Linux's `net/ipv4/syncookies.c` but not its layout:
+//! - The ISN we send is `pad ⊕ (slot:2 | mss_index:3 | mac:27)`. `pad` is a keyed hash of the
+//!   4-tuple and the client's ISN, so ISNs look random (RFC 6528's intent) and hide the slot and
+//!   index; `mac` is a keyed hash of the 4-tuple, the client's ISN, the full time counter, the MSS
+//!   index and the option bits below. A guess succeeds with probability 2⁻²⁷ per live key.
+//! - Time advances in [`SLOT_SECS`] slots of the worker's [`Instant`]. A flow can move to
+//!   another RX queue (and worker) between SYN and ACK, so every worker must use the same keys
+//!   *and* the same `Instant` epoch for cookies to validate anywhere.
+//!   A cookie validates in the slot it was made and the next one, so it lives between 64 and
+//!   128 s: long enough for a SYN-ACK retransmission or two, short enough to limit replay.
+//! - Keys: the current and the previous one are both tried, so rotating never breaks a handshake
+//!   in flight as long as rotations are at least one cookie lifetime apart.
+//! - When the SYN carried timestamps (RFC 7323), the low 6 bits of the TSval we send carry the
+//!   peer's window scale (4 bits, 0xF = none) and SACK-permitted (1 bit; the 6th is reserved and
+//!   zero); the peer echoes them in TSecr. Without timestamps, window scaling and SACK are not
+//!   offered (the SYN-ACK must then omit them), as on Linux: there is nowhere to keep them.
+//! - The MSS is rounded down to an entry of [`MSS_TABLE`]; a peer that offers less than 536 gets
+//!   536, the IPv4 default (RFC 9293 §3.7.1), as on Linux.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::time::Instant;
+
+/// Length of one time slot of the cookie counter, seconds.
+pub const SLOT_SECS: u64 = 64;
+
+/// The MSS values a cookie can carry: common path MSS values, ascending. Index 0 doubles as the
+/// floor for peers that offer less.
+pub const MSS_TABLE: [u16; 8] = [536, 1220, 1380, 1440, 1452, 1460, 4312, 8960];
+
+const MAC_BITS: u32 = 27;
+const MAC_MASK: u32 = (1 << MAC_BITS) - 1;
+const INDEX_SHIFT: u32 = MAC_BITS;
+const SLOT_SHIFT: u32 = 30;
+
+/// TSval low bits: window scale in bits 0–3, SACK-permitted in bit 4, bit 5 reserved (zero).
+const TS_BITS: u32 = 6;
+const TS_MASK: u32 = (1 << TS_BITS) - 1;
+const TS_WS_NONE: u32 = 0xF;
+const TS_SACK: u32 = 1 << 4;
+/// RFC 7323 §2.3: shift counts above 14 are invalid.
+const MAX_WS: u8 = 14;
+
+/// Domain-separation tags so the pad and the MAC are independent functions of the same key.
+const TAG_PAD: u8 = 0x50;
+const TAG_MAC: u8 = 0x4d;
+/// The MAC's option code when the SYN had no timestamps (TS codes are `0x40 | bits`).
+const OPTS_NO_TS: u8 = 0x80;
+
+/// A 128-bit SipHash key.
+pub type CookieKey = [u8; 16];
+
+/// The connection's 4-tuple as seen from tern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CookieTuple {
+    /// tern's address and port (the SYN's destination).
+    pub local: SocketAddr,
+    /// The client's address and port (the SYN's source).
+    pub remote: SocketAddr,
+}
+
+/// What the SYN offered, recovered from a valid cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The peer's MSS, rounded down to a [`MSS_TABLE`] entry (floor 536). The connection still
+    /// takes the minimum with its own MSS.
+    pub mss: u16,
+    /// The peer's window-scale shift (RFC 7323 §2), if it offered one and timestamps carried it.
+    pub ws: Option<u8>,
+    /// SACK-permitted (RFC 2018), if offered and carried by timestamps.
+    pub sack_perm: bool,
+}
+
+/// Why an ACK's cookie was refused (each is a drop counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CookieError {
+    /// No key validates it: expired, forged, tampered, or for another tuple or client ISN. The
+    /// slot bits are hidden under a pad that depends on the tuple, so these cannot be told apart.
+    #[error("SYN cookie invalid or expired")]
+    Invalid,
+    /// The echoed timestamp's option bits are not ones we could have sent.
+    #[error("SYN cookie timestamp options invalid")]
+    BadOptions,
+}
+
+/// The current and previous cookie keys.
+#[derive(Clone)]
+pub struct CookieJar {
+    /// `keys[0]` signs new cookies; `keys[1]` (the previous key) still validates.
+    keys: [CookieKey; 2],
+}
+
+impl std::fmt::Debug for CookieJar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys are secrets: never in logs.
+        f.write_str("CookieJar { keys: <redacted> }")
+    }
+}
+
+impl CookieJar {
+    /// A jar signing with `key_now` and still accepting `key_prev`. At start-up, pass two fresh
+    /// random keys.
+    pub fn new(key_now: CookieKey, key_prev: CookieKey) -> CookieJar {
+        CookieJar {
+            keys: [key_now, key_prev],
+        }
+    }
+
+    /// Makes `new_key` current; the current key becomes the previous one, the previous is dropped.
+    pub fn rotate(&mut self, new_key: CookieKey) {
+        self.keys = [new_key, self.keys[0]];
+    }
+
+    /// The cookie for a SYN: returns our ISN and, if the SYN carried timestamps, the TSval to
+    /// send in the SYN-ACK.
+    ///
+    /// `mss` is the MSS the peer offered (536 for IPv4 or 1220 for IPv6 when it sent none);
+    /// `ws` and `sack_perm` its window-scale and SACK-permitted options; `ts_now` is `Some(our
+    /// TSval clock now)` iff the SYN had a timestamp option. `ws` and `sack_perm` are only kept
+    /// when `ts_now` is `Some`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per SYN field the cookie keeps"
+    )]
+    pub fn make(
+        &self,
+        tuple: &CookieTuple,
+        client_isn: u32,
+        mss: u16,
+        ws: Option<u8>,
+        sack_perm: bool,
+        ts_now: Option<u32>,
+        now: Instant,
+    ) -> (u32, Option<u32>) {
+        let index = mss_index(mss);
+        let (opts_code, tsval) = match ts_now {
+            Some(clock) => {
+                let bits = ts_bits(ws, sack_perm);
+                (0x40 | bits as u8, Some(encode_tsval(clock, bits)))
+            }
+            None => (OPTS_NO_TS, None),
+        };
+        let counter = counter(now);
+        let key = &self.keys[0];
+        let word = ((counter as u32 & 3) << SLOT_SHIFT)
+            | (u32::from(index) << INDEX_SHIFT)
+            | (mac(key, tuple, client_isn, counter, index, opts_code) & MAC_MASK);
+        (word ^ pad(key, tuple, client_isn), tsval)
+    }
+
+    /// Validates the cookie in a handshake-completing ACK: `cookie` is the ACK number minus one,
+    /// `client_isn` the ACK's sequence number minus one, `tsecr` the echoed timestamp if the ACK
+    /// carries the option.
+    pub fn check(
+        &self,
+        tuple: &CookieTuple,
+        cookie: u32,
+        client_isn: u32,
+        tsecr: Option<u32>,
+        now: Instant,
+    ) -> Result<Negotiated, CookieError> {
+        let (opts_code, ws, sack_perm) = match tsecr {
+            Some(ts) => {
+                let bits = ts & TS_MASK;
+                let ws = bits & 0xF;
+                if bits & !(0xF | TS_SACK) != 0 || (ws != TS_WS_NONE && ws > u32::from(MAX_WS)) {
+                    return Err(CookieError::BadOptions);
+                }
+                let ws = (ws != TS_WS_NONE).then_some(ws as u8);
+                (0x40 | bits as u8, ws, bits & TS_SACK != 0)
+            }
+            None => (OPTS_NO_TS, None, false),
+        };
+        let now_counter = counter(now);
+        for key in &self.keys {
+            let word = cookie ^ pad(key, tuple, client_isn);
+            let slot = u64::from(word >> SLOT_SHIFT);
+            // The slot bits name the counter: the current one or the one before.
+            let Some(counter) = [Some(now_counter), now_counter.checked_sub(1)]
+                .into_iter()
+                .flatten()
+                .find(|c| c & 3 == slot)
+            else {
+                continue;
+            };
+            let index = ((word >> INDEX_SHIFT) & 7) as u8;
+            if word & MAC_MASK == mac(key, tuple, client_isn, counter, index, opts_code) & MAC_MASK
+            {
+                return Ok(Negotiated {
+                    mss: MSS_TABLE[usize::from(index)],
+                    ws,
+                    sack_perm,
+                });
+            }
+        }
+        Err(CookieError::Invalid)
+    }
+}
+
+/// The cookie time counter at `now`.
+fn counter(now: Instant) -> u64 {
+    now.as_secs() / SLOT_SECS
+}
+
+/// The largest table entry not above `mss`, or index 0.
+fn mss_index(mss: u16) -> u8 {
+    MSS_TABLE.iter().rposition(|&m| m <= mss).unwrap_or(0) as u8
+}
+
+fn ts_bits(ws: Option<u8>, sack_perm: bool) -> u32 {
+    let ws = ws.map_or(TS_WS_NONE, |w| u32::from(w.min(MAX_WS)));
+    ws | if sack_perm { TS_SACK } else { 0 }
+}
+
+/// Our TSval with `bits` in its low bits, never ahead of `clock` (so RTT samples from the echo
+/// are never negative and the clock never appears to step backwards by more than 63 ticks).
+fn encode_tsval(clock: u32, bits: u32) -> u32 {
+    let ts = (clock & !TS_MASK) | bits;
+    if bits > clock & TS_MASK {
+        ts.wrapping_sub(1 << TS_BITS)
+    } else {
+        ts
+    }
+}
+
+/// The hash input: tag, addresses (IPv4 as v4-mapped IPv6), ports, client ISN, and for the MAC
+/// the counter, MSS index and option code. Fixed size, on the stack.
+fn message(
+    tag: u8,
+    tuple: &CookieTuple,
+    client_isn: u32,
+    counter: u64,
+    index: u8,
+    opts: u8,
+) -> [u8; 51] {
+    fn v6(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        }
+    }
+    let mut m = [0u8; 51];
+    m[0] = tag;
+    m[1..17].copy_from_slice(&v6(tuple.local.ip()));
+    m[17..33].copy_from_slice(&v6(tuple.remote.ip()));
+    m[33..35].copy_from_slice(&tuple.local.port().to_be_bytes());
+    m[35..37].copy_from_slice(&tuple.remote.port().to_be_bytes());
+    m[37..41].copy_from_slice(&client_isn.to_be_bytes());
+    m[41..49].copy_from_slice(&counter.to_be_bytes());
+    m[49] = index;
+    m[50] = opts;
+    m
+}
+
+fn pad(key: &CookieKey, tuple: &CookieTuple, client_isn: u32) -> u32 {
+    siphash24(key, &message(TAG_PAD, tuple, client_isn, 0, 0, 0)) as u32
+}
+
+fn mac(
+    key: &CookieKey,
+    tuple: &CookieTuple,
+    client_isn: u32,
+    counter: u64,
+    index: u8,
+    opts: u8,
+) -> u32 {
+    let h = siphash24(
+        key,
+        &message(TAG_MAC, tuple, client_isn, counter, index, opts),
+    );
+    (h ^ (h >> 32)) as u32
+}
+
+/// SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast short-input PRF", 2012): 2 compression
+/// rounds per 8-byte word, 4 finalisation rounds, 64-bit output.
+pub fn siphash24(key: &CookieKey, data: &[u8]) -> u64 {
+    let k0 = u64::from_le_bytes([
+        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+    ]);
+    let k1 = u64::from_le_bytes([
+        key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
+    ]);
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let m = u64::from_le_bytes(w);
+        v[3] ^= m;
+        sip_round(&mut v);
+        sip_round(&mut v);
+        v[0] ^= m;
+    }
+    // Last block: the remaining bytes, little-endian, with the length (mod 256) in the top byte.
+    let mut last = [0u8; 8];
+    let rest = chunks.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    last[7] = data.len() as u8;
+    let b = u64::from_le_bytes(last);
+    v[3] ^= b;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^= b;
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        sip_round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
+
+    const K1: CookieKey = *b"0123456789abcdef";
+    const K2: CookieKey = *b"fedcba9876543210";
+    const K3: CookieKey = *b"a third key.....";
+    const K4: CookieKey = *b"the fourth key..";
+
+    fn tuple() -> CookieTuple {
+        CookieTuple {
+            local: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 443)),
+            remote: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 50_123)),
+        }
+    }
+
+    fn at(secs: u64) -> Instant {
+        Instant::from_secs(secs)
+    }
+
+    #[test]
+    fn siphash_reference_vectors() {
+        // Key 00..0f, message 00..(len-1): the reference implementation's vectors.h, and the
+        // paper's Appendix A example (15 bytes).
+        let key: CookieKey = core::array::from_fn(|i| i as u8);
+        let msg: [u8; 64] = core::array::from_fn(|i| i as u8);
+        let expect = [
+            (0, 0x726f_db47_dd0e_0e31),
+            (1, 0x74f8_39c5_93dc_67fd),
+            (2, 0x0d6c_8009_d9a9_4f5a),
+            (3, 0x8567_6696_d7fb_7e2d),
+            (4, 0xcf27_94e0_2771_87b7),
+            (8, 0x93f5_f579_9a93_2462),
+            (15, 0xa129_ca61_49be_45e5),
+            (63, 0x958a_324c_eb06_4572),
+        ];
+        for (len, want) in expect {
+            assert_eq!(
+                siphash24(&key, &msg[..len]),
+                want,
+                "SipHash-2-4 vector, {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn round_trip_without_timestamps() {
+        let jar = CookieJar::new(K1, K2);
+        let (isn, ts) = jar.make(&tuple(), 1000, 1460, Some(7), true, None, at(500));
+        assert_eq!(ts, None, "no TSval without timestamps");
+        let got = jar.check(&tuple(), isn, 1000, None, at(510));
+        assert_eq!(
+            got,
+            Ok(Negotiated {
+                mss: 1460,
+                ws: None,
+                sack_perm: false
+            }),
+            "MSS survives; WS and SACK need timestamps"
+        );
+    }
+
+    #[test]
+    fn round_trip_ipv6() {
+        let jar = CookieJar::new(K1, K2);
+        let t = CookieTuple {
+            local: SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 443, 0, 0)),
+            remote: SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7),
+                40_000,
+                0,
+                0,
+            )),
+        };
+        let (isn, _) = jar.make(&t, 7, 1220, None, false, None, at(100));
+        assert_eq!(
+            jar.check(&t, isn, 7, None, at(100)).map(|n| n.mss),
+            Ok(1220),
+            "v6"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 7, None, at(100)),
+            Err(CookieError::Invalid),
+            "v6 cookie on a v4 tuple"
+        );
+    }
+
+    #[test]
+    fn timestamp_encoded_options_round_trip() {
+        let jar = CookieJar::new(K1, K2);
+        for (ws, sack) in [
+            (Some(7), true),
+            (None, true),
+            (Some(0), false),
+            (Some(14), true),
+        ] {
+            let clock = 123_456_789;
+            let (isn, tsval) = jar.make(&tuple(), 42, 8960, ws, sack, Some(clock), at(1000));
+            let tsval = tsval.expect("TSval when the SYN had timestamps");
+            assert!(
+                tsval <= clock && clock - tsval < 64,
+                "TSval {tsval} not ahead of {clock}"
+            );
+            let got = jar.check(&tuple(), isn, 42, Some(tsval), at(1001));
+            assert_eq!(
+                got,
+                Ok(Negotiated {
+                    mss: 8960,
+                    ws,
+                    sack_perm: sack
+                }),
+                "ws {ws:?} sack {sack}"
+            );
+        }
+    }
+
+    #[test]
+    fn tsval_never_runs_ahead_even_across_wrap() {
+        assert_eq!(
+            encode_tsval(0x40, 0x3f),
+            0x3f,
+            "steps back one 64-tick block"
+        );
+        assert_eq!(encode_tsval(5, 0x1f), 0xffff_ffdf, "wraps below zero");
+        assert_eq!(encode_tsval(0x7f, 0x10), 0x50, "same block when possible");
+        assert_eq!(
+            ts_bits(Some(20), false),
+            14,
+            "shift clamped to 14 (RFC 7323 §2.3)"
+        );
+    }
+
+    #[test]
+    fn tampered_echoed_options_rejected() {
+        let jar = CookieJar::new(K1, K2);
+        let (isn, tsval) = jar.make(&tuple(), 42, 1460, Some(7), false, Some(99_999), at(10));
+        let tsval = tsval.expect("TSval");
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, Some(tsval ^ TS_SACK), at(10)),
+            Err(CookieError::Invalid),
+            "SACK bit flipped"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, Some(tsval ^ 1), at(10)),
+            Err(CookieError::Invalid),
+            "window scale changed"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, Some(tsval | 0x20), at(10)),
+            Err(CookieError::BadOptions),
+            "reserved bit"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, Some((tsval & !0xF) | 0xE), at(10))
+                .map(|n| n.ws),
+            Err(CookieError::Invalid),
+            "valid-looking shift 14 still authenticated"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, None, at(10)),
+            Err(CookieError::Invalid),
+            "timestamps dropped from the ACK"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 42, Some(tsval.wrapping_add(64)), at(10))
+                .map(|n| n.ws),
+            Ok(Some(7)),
+            "TSecr high bits are not part of the cookie"
+        );
+    }
+
+    #[test]
+    fn wrong_tuple_isn_or_key_rejected() {
+        let jar = CookieJar::new(K1, K2);
+        let (isn, _) = jar.make(&tuple(), 1000, 1460, None, false, None, at(300));
+        let mut other = tuple();
+        other.remote.set_port(50_124);
+        assert_eq!(
+            jar.check(&other, isn, 1000, None, at(300)),
+            Err(CookieError::Invalid),
+            "port"
+        );
+        let mut other = tuple();
+        other.remote.set_ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)));
+        assert!(
+            jar.check(&other, isn, 1000, None, at(300)).is_err(),
+            "address"
+        );
+        assert!(
+            jar.check(&tuple(), isn, 1001, None, at(300)).is_err(),
+            "client ISN"
+        );
+        let stranger = CookieJar::new(K3, K3);
+        assert!(
+            stranger.check(&tuple(), isn, 1000, None, at(300)).is_err(),
+            "unknown key"
+        );
+    }
+
+    #[test]
+    fn every_single_bit_flip_rejected() {
+        let jar = CookieJar::new(K1, K2);
+        let (isn, _) = jar.make(&tuple(), 5, 1460, None, false, None, at(64 * 10));
+        for bit in 0..32 {
+            assert!(
+                jar.check(&tuple(), isn ^ (1 << bit), 5, None, at(64 * 10))
+                    .is_err(),
+                "cookie with bit {bit} flipped accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn lifetime_is_current_and_previous_slot() {
+        let jar = CookieJar::new(K1, K2);
+        let made = 64 * 100 + 30;
+        let (isn, _) = jar.make(&tuple(), 9, 1460, None, false, None, at(made));
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(made)).is_ok(),
+            "immediately"
+        );
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(64 * 101)).is_ok(),
+            "next slot"
+        );
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(64 * 102 - 1)).is_ok(),
+            "end of next"
+        );
+        assert_eq!(
+            jar.check(&tuple(), isn, 9, None, at(64 * 102)),
+            Err(CookieError::Invalid),
+            "two slots later"
+        );
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(64 * 104 + 1)).is_err(),
+            "same slot bits four slots later: the MAC covers the full counter"
+        );
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(64 * 99)).is_err(),
+            "from the future"
+        );
+    }
+
+    #[test]
+    fn works_at_the_epoch() {
+        let jar = CookieJar::new(K1, K2);
+        let (isn, _) = jar.make(&tuple(), 9, 536, None, false, None, Instant::ZERO);
+        assert!(
+            jar.check(&tuple(), isn, 9, None, at(1)).is_ok(),
+            "counter 0 has no previous"
+        );
+    }
+
+    #[test]
+    fn previous_key_still_valid_after_rotation() {
+        let mut jar = CookieJar::new(K1, K2);
+        let (isn, _) = jar.make(&tuple(), 77, 1440, None, false, None, at(1000));
+        jar.rotate(K3);
+        assert_eq!(
+            jar.check(&tuple(), isn, 77, None, at(1010)).map(|n| n.mss),
+            Ok(1440),
+            "cookie from the now-previous key"
+        );
+        let (fresh, _) = jar.make(&tuple(), 77, 1440, None, false, None, at(1010));
+        assert_ne!(fresh, isn, "new cookies use the new key");
+        jar.rotate(K4);
+        assert!(
+            jar.check(&tuple(), isn, 77, None, at(1010)).is_err(),
+            "two rotations later the old key is gone"
+        );
+        assert!(
+            jar.check(&tuple(), fresh, 77, None, at(1010)).is_ok(),
+            "K3 now previous"
+        );
+    }
+
+    #[test]
+    fn mss_clamped_to_table_entry_not_above_peer() {
+        let jar = CookieJar::new(K1, K2);
+        for (offered, want) in [
+            (1460, 1460),
+            (1459, 1452),
+            (1400, 1380),
+            (9000, 8960),
+            (65_535, 8960),
+            (1220, 1220),
+            (600, 536),
+            (100, 536),
+        ] {
+            let (isn, _) = jar.make(&tuple(), 1, offered, None, false, None, at(5));
+            let got = jar.check(&tuple(), isn, 1, None, at(5)).map(|n| n.mss);
+            assert_eq!(got, Ok(want), "peer offered {offered}");
+        }
+    }
+
+    #[test]
+    fn isns_look_random() {
+        let jar = CookieJar::new(K1, K2);
+        let a = jar.make(&tuple(), 1, 1460, None, false, None, at(5)).0;
+        let b = jar.make(&tuple(), 2, 1460, None, false, None, at(5)).0;
+        assert!(
+            (a ^ b).count_ones() > 4,
+            "ISNs for adjacent client ISNs differ widely"
+        );
+        let mut top = [false; 4];
+        for client_isn in 0..64 {
+            let isn = jar
+                .make(&tuple(), client_isn, 1460, None, false, None, at(5))
+                .0;
+            top[(isn >> SLOT_SHIFT) as usize] = true;
+        }
+        assert!(
+            top.iter().all(|&seen| seen),
+            "the pad hides the slot bits: {top:?}"
+        );
+        assert_eq!(
+            format!("{jar:?}"),
+            "CookieJar { keys: <redacted> }",
+            "no keys in Debug"
+        );
+    }
+}
