@@ -19,6 +19,7 @@ pub mod tcp;
 pub mod timer;
 pub mod tls;
 pub mod uring;
+pub mod wire;
 pub mod worker;
 pub mod xdp;
 pub mod xsk;
