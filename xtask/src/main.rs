@@ -7,11 +7,14 @@
 //!   ([`run`]).
 //! - `cargo xtask test`: fmt check, clippy with `-D warnings`, build, unit and end-to-end tests;
 //!   what `.ci/run` runs ([`test`]).
+//! - `cargo xtask bench [--quick] [--targets …] [--runs N] [--update-docs]`: tern against hitch,
+//!   haproxy and nginx on the veth rig, CPU per operation, crypto floors, plots ([`bench`]).
 //!
 //! Both start by making sure the machine has what they need ([`prereqs`]). This crate owns
 //! orchestration only: the rig, certificates and backends are `tern_tests`' (shared with the
 //! end-to-end tests), building the eBPF object is `userspace/build.rs`'s.
 
+mod bench;
 mod prereqs;
 mod run;
 mod test;
@@ -33,6 +36,8 @@ enum Task {
     Run(run::RunArgs),
     /// fmt check, clippy -D warnings, build, unit and end-to-end tests (what CI runs).
     Test,
+    /// Benchmarks on the veth rig: tern vs hitch, haproxy and nginx (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 /// tern's listener mode, as in the config file's `mode`.
@@ -59,6 +64,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Task::Run(args) => run::run(&args),
         Task::Test => test::test(),
+        Task::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -92,9 +92,26 @@ fn ensure_components() -> Result<()> {
     Ok(())
 }
 
-fn package_installed(package: &str) -> Result<bool> {
-    let out = output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", package]))?;
-    Ok(out.status.success() && out.stdout == b"installed")
+/// Whether Debian package `package` is installed (false when dpkg-query cannot tell).
+pub fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", package])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| o.status.success() && o.stdout == b"installed")
+        .unwrap_or(false)
+}
+
+/// `apt-get ARGS`, non-interactive (no prompts, no list-changes pager, no restart dialogs).
+pub fn apt(args: &[&str]) -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("APT_LISTCHANGES_FRONTEND", "none")
+        .env("NEEDRESTART_MODE", "l")
+        .stdin(Stdio::null());
+    cmd
 }
 
 fn ensure_packages() -> Result<()> {
@@ -112,7 +129,7 @@ fn ensure_packages() -> Result<()> {
     }
     let mut missing = Vec::new();
     for package in PACKAGES {
-        if !package_installed(package)? {
+        if !installed(package) {
             missing.push(*package);
         }
     }
@@ -129,19 +146,12 @@ fn ensure_packages() -> Result<()> {
         );
     }
     eprintln!("xtask: installing missing packages: {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        let mut cmd = Command::new("apt-get");
-        cmd.args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("APT_LISTCHANGES_FRONTEND", "none");
-        cmd
-    };
     run(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
     install.args(&missing);
     run(&mut install)?;
     for package in &missing {
-        if !package_installed(package)? {
+        if !installed(package) {
             bail!("{package} is still not installed after apt-get install");
         }
     }

@@ -1,0 +1,1376 @@
+//! The TLS terminator comparison: `cargo xtask bench [--quick] [--targets …] [--runs N]`.
+//!
+//! Owns the order of a run and its teardown:
+//! 1. peers from Debian ([`super::install`]), release builds of `tern` and `tern-load` and of the
+//!    criterion bench, the machine and every version;
+//! 2. one isolated rig (server namespace: targets and backend; client namespace: load), the
+//!    certificate, the nginx backend on CPU 1, and every target's generated config checked by
+//!    the target's own checker inside the server namespace — before anything is measured;
+//! 3. the floors (`openssl speed`, criterion) on CPU 0;
+//! 4. per target, freshly started on CPU 0: the idle machine's noise, a warm-up, then new
+//!    connections, keep-alive and bulk, `runs` times each; on tern-kernel also the h2load
+//!    cross-check;
+//! 5. per target again: open-loop latency at fractions of the slowest target's maximum;
+//! 6. per target, `runs` times from a fresh start: resident memory with idle connections held,
+//!    stepped up to the headline counts the file-descriptor limit allows;
+//! 7. the summary (stdout and `target/bench/summary.md`), the SVG plots, and with
+//!    `--update-docs` the results section of docs/benchmarks.md and its plots.
+//!
+//! Every load run is bounded in time (its own duration plus [`super::measure::RUN_SLACK`], then
+//! it is killed) and in count (runs, batches and steps are fixed by the plan). SIGINT, SIGTERM
+//! and SIGHUP set a flag every wait loop checks; all processes and the rig are guards, so
+//! failure, panic and Ctrl-C all end in the same teardown: load generators, target, backend,
+//! namespaces, temp files.
+
+use super::daemon::{Daemon, Job};
+use super::floors::{self, OpensslSpeed};
+use super::install;
+use super::load::{self, Endpoint, TernLoad, Workload};
+use super::measure::{idle_noise, run_batches, run_once, shell_line, Ctx, Probe, Tool};
+use super::plots::{self, BarPanel, Series};
+use super::proc;
+use super::progress::Progress;
+use super::report;
+use super::results::{
+    summarize, BenchResults, CrossCheck, Environment, Floors, IdlePoint, IdleRun, LatencyPoint,
+    Measurement, TargetResult, Unit,
+};
+use super::targets::{self, CertPaths, Prepared, Target, LARGE_BODY, SMALL_BODY, TLS_PORT};
+use crate::{cargo, display, target_dir, workspace_root};
+use anyhow::{anyhow, bail, Context, Result};
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_tests::certs::{write_self_signed, KeyKind};
+use tern_tests::rig::{Rig, TempDir};
+
+/// The server side's core (targets, `openssl speed`, criterion) and the load's core. The
+/// backend shares the load's core so that the target has CPU 0 to itself.
+const TARGET_CPU: usize = 0;
+const LOAD_CPU: usize = 1;
+const BACKEND_CPU: usize = 1;
+/// The certificate's (and SNI's) name.
+const SNI: &str = "bench.test";
+/// Idle connections every target is asked about even when the plan's steps stop earlier.
+const HEADLINE_IDLE: [u64; 2] = [10_000, 100_000];
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct CompareArgs {
+    /// Short runs: finishes in under 5 minutes once built (the full run takes under 30).
+    #[arg(long)]
+    pub quick: bool,
+    /// Targets to measure, comma-separated. tern-bypass is always shown, as not built yet.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_values_t = [Target::TernKernel, Target::Hitch, Target::Haproxy, Target::Nginx]
+    )]
+    pub targets: Vec<Target>,
+    /// Runs of every figure (median and min–max are reported) [default: 3 quick, 5 full].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(3..=20))]
+    pub runs: Option<u32>,
+    /// Also rewrite the results section of docs/benchmarks.md and copy the plots to docs/bench/.
+    #[arg(long)]
+    pub update_docs: bool,
+}
+
+/// How long and how often: everything a run's length depends on.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub runs: u32,
+    /// One closed-loop run's measuring window.
+    pub run_time: Duration,
+    /// tern-load's warm-up before each open-loop (latency) window. Closed-loop runs have none:
+    /// their CPU window is the load generator's whole life, so every operation in it counts.
+    pub warmup: Duration,
+    pub latency_fractions: Vec<f64>,
+    pub latency_time: Duration,
+    pub idle_steps: Vec<u64>,
+    /// How long the idle machine is watched before each target.
+    pub noise_time: Duration,
+    pub newconn_concurrency: u32,
+    pub keepalive_connections: u32,
+    pub bulk_connections: u32,
+    /// h2load clients per new-connection batch.
+    pub h2load_batch: u32,
+    /// criterion: warm-up and measurement seconds, sample size.
+    pub criterion: (u32, u32, u32),
+}
+
+impl Plan {
+    pub fn quick() -> Plan {
+        Plan {
+            runs: 3,
+            run_time: Duration::from_millis(1500),
+            warmup: Duration::from_millis(200),
+            latency_fractions: vec![0.25, 0.5],
+            latency_time: Duration::from_millis(1500),
+            idle_steps: vec![1_000, 5_000, 10_000],
+            noise_time: Duration::from_millis(500),
+            newconn_concurrency: 32,
+            keepalive_connections: 32,
+            bulk_connections: 4,
+            h2load_batch: 100,
+            criterion: (1, 1, 10),
+        }
+    }
+
+    pub fn full() -> Plan {
+        Plan {
+            runs: 5,
+            run_time: Duration::from_secs(8),
+            warmup: Duration::from_millis(500),
+            latency_fractions: vec![0.1, 0.25, 0.5, 0.75],
+            latency_time: Duration::from_secs(6),
+            idle_steps: vec![1_000, 2_500, 5_000, 7_500, 10_000],
+            noise_time: Duration::from_secs(2),
+            newconn_concurrency: 32,
+            keepalive_connections: 32,
+            bulk_connections: 4,
+            h2load_batch: 100,
+            criterion: (2, 5, 50),
+        }
+    }
+
+    /// Progress-bar steps for `n` runnable targets.
+    fn steps(&self, n: u64) -> u64 {
+        // Set-up (packages, build, rig and configs, floors), per target (throughput, latency,
+        // idle memory), the report.
+        4 + 3 * n + 1
+    }
+}
+
+pub fn run(args: &CompareArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("cargo xtask bench needs root (network namespaces, veth pairs, apt-get)");
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        signal_hook::flag::register(sig, Arc::clone(&interrupted))
+            .with_context(|| format!("cannot handle signal {sig}"))?;
+    }
+    let mut plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(runs) = args.runs {
+        plan.runs = runs;
+    }
+    let mut selected: Vec<Target> = args.targets.clone();
+    selected.sort();
+    selected.dedup();
+    let invocation = invocation(args);
+    // The rig code panics with a message instead of returning errors; the panic unwinds
+    // through the guards (processes, namespaces, files) and becomes an error here.
+    std::panic::set_hook(Box::new(|info| eprintln!("bench: {info}")));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        session(
+            &plan,
+            &selected,
+            args.update_docs,
+            &invocation,
+            &interrupted,
+        )
+    }));
+    let _ = std::panic::take_hook();
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) if interrupted.load(Ordering::Relaxed) => Err(anyhow!(
+            "interrupted: every process, namespace and temp file the bench made was removed"
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow!(
+            "the bench failed (message above); everything it created was removed"
+        )),
+    }
+}
+
+fn invocation(args: &CompareArgs) -> String {
+    let mut s = "cargo xtask bench".to_owned();
+    if args.quick {
+        s.push_str(" --quick");
+    }
+    let default = [
+        Target::TernKernel,
+        Target::Hitch,
+        Target::Haproxy,
+        Target::Nginx,
+    ];
+    if args.targets != default {
+        s.push_str(" --targets ");
+        s.push_str(
+            &args
+                .targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    if let Some(r) = args.runs {
+        s.push_str(&format!(" --runs {r}"));
+    }
+    if args.update_docs {
+        s.push_str(" --update-docs");
+    }
+    s
+}
+
+fn check_interrupted(flag: &AtomicBool) -> Result<()> {
+    if flag.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` to completion with its output captured; an error carries stderr.
+fn run_captured(cmd: &mut Command) -> Result<String> {
+    let line = display(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct Binaries {
+    tern: PathBuf,
+    tern_load: PathBuf,
+    /// The criterion bench executable of userspace/benches/tls.rs, or why it is missing (the
+    /// run goes on without the rustls floor).
+    tls_bench: Result<PathBuf, String>,
+}
+
+/// Release builds of tern and tern-load, and the criterion bench (bench profile = release).
+/// `TERN_BIN` / `TERN_LOAD_BIN` skip building those binaries.
+fn build(progress: &Progress) -> Result<Binaries> {
+    let release = target_dir()?.join("release");
+    let from_env = |var: &str| std::env::var_os(var).map(PathBuf::from);
+    let (tern_env, load_env) = (from_env("TERN_BIN"), from_env("TERN_LOAD_BIN"));
+    let mut build = cargo();
+    build.args(["build", "--release"]);
+    if tern_env.is_none() {
+        build.args(["-p", "tern"]);
+    }
+    if load_env.is_none() {
+        build.args(["-p", "tern-load"]);
+    }
+    if tern_env.is_none() || load_env.is_none() {
+        progress.log(format!("$ {}", display(&build)));
+        run_captured(&mut build).context("building the bench binaries")?;
+    }
+    let mut bench = cargo();
+    bench.args([
+        "bench",
+        "-p",
+        "tern",
+        "--bench",
+        "tls",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    progress.log(format!("$ {}", display(&bench)));
+    let tls_bench = run_captured(&mut bench)
+        .and_then(|json| {
+            bench_executable(&json).context("cargo did not report the `tls` bench executable")
+        })
+        .map_err(|e| format!("building the criterion bench failed: {e:#}"));
+    if let Err(e) = &tls_bench {
+        progress.log(e);
+    }
+    let bins = Binaries {
+        tern: tern_env.unwrap_or_else(|| release.join("tern")),
+        tern_load: load_env.unwrap_or_else(|| release.join("tern-load")),
+        tls_bench,
+    };
+    for p in [&bins.tern, &bins.tern_load] {
+        if !p.is_file() {
+            bail!("{} does not exist after the build", p.display());
+        }
+    }
+    Ok(bins)
+}
+
+/// The `executable` of the `tls` bench target in cargo's JSON messages.
+fn bench_executable(json: &str) -> Option<PathBuf> {
+    json.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "tls")
+        .filter(|v| {
+            v["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bench"))
+        })
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+}
+
+fn environment(bins: &Binaries) -> Environment {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut versions = Vec::new();
+    let mut add = |name: &str, v: Option<String>| {
+        versions.push((name.to_owned(), v.unwrap_or_else(|| "unknown".to_owned())));
+    };
+    let git = install::version_line(
+        "git",
+        &[
+            "-C",
+            &workspace_root().display().to_string(),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    let tern = install::version_line(&bins.tern.display().to_string(), &["--version"]);
+    add(
+        "tern",
+        tern.map(|t| match &git {
+            Some(g) => format!("{} (git {g})", t.trim_start_matches("tern ")),
+            None => t,
+        }),
+    );
+    add("rustls", lock_version("rustls"));
+    add("aws-lc-rs", lock_version("aws-lc-rs"));
+    add(
+        "tern-load",
+        install::version_line(&bins.tern_load.display().to_string(), &["--version"])
+            .map(|v| v.trim_start_matches("tern-load ").to_owned()),
+    );
+    add("hitch", install::package_version("hitch"));
+    add("haproxy", install::package_version("haproxy"));
+    add("nginx", install::package_version("nginx"));
+    add(
+        "h2load (nghttp2-client)",
+        install::package_version("nghttp2-client"),
+    );
+    add(
+        "OpenSSL",
+        install::version_line("openssl", &["version"])
+            .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned)),
+    );
+    Environment {
+        cpu_model,
+        cores,
+        kernel,
+        nofile: nofile_limit(),
+        irq_time_accounting: irq_time_accounting(),
+        versions,
+    }
+}
+
+/// Whether the kernel charges interrupt time separately from tasks (CONFIG_IRQ_TIME_ACCOUNTING),
+/// from /proc/config.gz (`zcat`: no gzip crate for one read); `None` if it cannot be told.
+fn irq_time_accounting() -> Option<bool> {
+    let out = Command::new("zcat")
+        .arg("/proc/config.gz")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.lines().any(|l| l == "CONFIG_IRQ_TIME_ACCOUNTING=y"))
+}
+
+/// A package's version from the workspace's Cargo.lock.
+fn lock_version(name: &str) -> Option<String> {
+    let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock")).ok()?;
+    let needle = format!("name = \"{name}\"\n");
+    let at = lock.find(&needle)? + needle.len();
+    let line = lock[at..].lines().next()?;
+    line.strip_prefix("version = \"")?
+        .strip_suffix('"')
+        .map(str::to_owned)
+}
+
+fn nofile_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid, writable rlimit; RLIMIT_NOFILE is a valid resource.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+        rl.rlim_cur
+    } else {
+        targets::DOCUMENTED_NOFILE
+    }
+}
+
+fn openssl_speed(progress: &Progress, record: &mut Vec<(String, String)>) -> Result<OpensslSpeed> {
+    let mut text = String::new();
+    for args in [
+        vec!["speed", "-mr", "-seconds", "1", "ecdsap256", "ecdhx25519"],
+        vec![
+            "speed",
+            "-mr",
+            "-seconds",
+            "1",
+            "-bytes",
+            "16384",
+            "-evp",
+            "aes-128-gcm",
+        ],
+    ] {
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c")
+            .arg(TARGET_CPU.to_string())
+            .arg("openssl")
+            .args(&args);
+        if record.len() < 2 {
+            record.push((
+                "crypto floor: OpenSSL primitives".to_owned(),
+                shell_line(&cmd),
+            ));
+        }
+        progress.log(format!("$ {}", display(&cmd)));
+        // openssl speed prints its -mr lines on stdout.
+        text.push_str(&run_captured(&mut cmd)?);
+    }
+    floors::parse_openssl_speed(&text)
+}
+
+fn criterion_floor(
+    plan: &Plan,
+    bins: &Binaries,
+    home: &Path,
+    progress: &Progress,
+    record: &mut Vec<(String, String)>,
+) -> Result<floors::RustlsFloor> {
+    let (warm, measure, samples) = plan.criterion;
+    let exe = bins.tls_bench.as_ref().map_err(|e| anyhow!("{e}"))?;
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c")
+        .arg(TARGET_CPU.to_string())
+        .arg(exe)
+        .args(["--bench", "--warm-up-time"])
+        .arg(warm.to_string())
+        .arg("--measurement-time")
+        .arg(measure.to_string())
+        .arg("--sample-size")
+        .arg(samples.to_string())
+        .env("CRITERION_HOME", home);
+    record.push((
+        "crypto floor: rustls in memory (criterion, userspace/benches/tls.rs)".to_owned(),
+        format!("CRITERION_HOME={} {}", home.display(), shell_line(&cmd)),
+    ));
+    progress.log(format!("$ {}", display(&cmd)));
+    run_captured(&mut cmd)?;
+    floors::read_rustls_floor(home)
+}
+
+/// What every pass needs from the set-up: the rig, each target's checked files, the backend.
+struct Setup<'a> {
+    rig: &'a Rig,
+    prepared: Vec<Prepared>,
+    backend_pgid: i32,
+}
+
+impl Setup<'_> {
+    fn get(&self, t: Target) -> Option<&Prepared> {
+        self.prepared.iter().find(|p| p.target == t)
+    }
+}
+
+fn session(
+    plan: &Plan,
+    selected: &[Target],
+    update_docs: bool,
+    invocation: &str,
+    interrupted: &AtomicBool,
+) -> Result<()> {
+    let started = Instant::now();
+    let started_utc = utc_now();
+    let runnable: Vec<Target> = selected
+        .iter()
+        .copied()
+        .filter(|t| t.unavailable().is_none())
+        .collect();
+    let progress = Progress::new(plan.steps(runnable.len() as u64));
+    let out_dir = target_dir()?.join("bench");
+    let logs = out_dir.join("logs");
+    if logs.is_dir() {
+        std::fs::remove_dir_all(&logs)
+            .with_context(|| format!("cannot clear {}", logs.display()))?;
+    }
+    std::fs::create_dir_all(&logs)?;
+    progress.log(format!(
+        "{invocation}: {} run(s) of {:.1} s per figure; logs in {}",
+        plan.runs,
+        plan.run_time.as_secs_f64(),
+        logs.display()
+    ));
+
+    // 1. Packages, builds, versions.
+    progress.step("prerequisites: Debian packages for the peers, h2load, openssl");
+    crate::prereqs::ensure()?;
+    let packages: Vec<&str> = runnable
+        .iter()
+        .flat_map(|t| t.packages())
+        .copied()
+        .collect();
+    let installed = install::ensure(&packages, &mut |l| progress.log(l))?;
+    if !installed.is_empty() {
+        progress.log(format!("installed: {}", installed.join(" ")));
+    }
+    check_interrupted(interrupted)?;
+    progress.step("building tern, tern-load and the criterion bench (release)");
+    let bins = build(&progress)?;
+    let env = environment(&bins);
+    check_interrupted(interrupted)?;
+
+    // 2. Rig, certificate, backend, configs.
+    progress.step("rig, certificate, backend; checking every generated config");
+    let rig = Rig::isolated("bench", 1);
+    // The client namespace opens tens of thousands of connections per run (idle steps, the
+    // client-closed cross-check) and closes them first, leaving TIME_WAIT behind: widen its
+    // ephemeral port range and let it reuse TIME_WAIT ports (RFC 7323 timestamps keep that
+    // safe), or later steps stall on port exhaustion. Both settings are per namespace.
+    let mut sysctl = rig.client_command("sysctl");
+    sysctl.args([
+        "-q",
+        "-w",
+        "net.ipv4.ip_local_port_range=1024 65535",
+        "net.ipv4.tcp_tw_reuse=1",
+    ]);
+    let sysctl_line = shell_line(&sysctl);
+    run_captured(&mut sysctl)?;
+    let dir = TempDir::new("bench");
+    let cert = write_self_signed(dir.path(), "bench", &[SNI], KeyKind::EcdsaP256);
+    let combined = dir.join("bench.combined.pem");
+    std::fs::write(&combined, format!("{}{}", cert.cert_pem, cert.key_pem))?;
+    let certs = CertPaths {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        combined,
+    };
+    let backend_files = targets::prepare_backend(&dir.join("backend"), BACKEND_CPU)?;
+    let backend = targets::start_backend(&backend_files, &rig, BACKEND_CPU, interrupted)?;
+    let nofile = env.nofile;
+    let mut prepared = Vec::new();
+    let mut results: Vec<TargetResult> = Vec::new();
+    let mut commands: Vec<(String, String)> = vec![
+        ("client namespace settings".to_owned(), sysctl_line),
+        (
+            "backend (nginx, server namespace, CPU 1)".to_owned(),
+            shell_line(&targets::pinned_server_command(
+                &rig,
+                BACKEND_CPU,
+                &backend_files.argv,
+            )),
+        ),
+    ];
+    for t in Target::ALL {
+        let r = TargetResult::new(t, target_version(&env, t));
+        if r.skipped.is_none() && !selected.contains(&t) {
+            continue;
+        }
+        if r.skipped.is_none() {
+            let p = targets::prepare(
+                t,
+                &dir.join(t.name()),
+                &rig,
+                &certs,
+                &bins.tern,
+                TARGET_CPU,
+                nofile,
+            )?;
+            let checked = targets::check(&p, &rig)?;
+            progress.log(format!(
+                "{}: `{}` accepts the generated config{}",
+                t.name(),
+                p.check_argv.join(" "),
+                checked
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map(|l| format!(" ({})", l.trim()))
+                    .unwrap_or_default()
+            ));
+            commands.push((
+                format!("target {} (server namespace, CPU 0)", t.name()),
+                shell_line(&targets::pinned_server_command(&rig, TARGET_CPU, &p.argv)),
+            ));
+            prepared.push(p);
+        }
+        results.push(r);
+    }
+    let setup = Setup {
+        rig: &rig,
+        prepared,
+        backend_pgid: backend.pgid(),
+    };
+
+    // 3. Floors.
+    progress.step("crypto floors: openssl speed and the rustls criterion bench (CPU 0)");
+    let mut floors = Floors::default();
+    match openssl_speed(&progress, &mut commands) {
+        Ok(o) => floors.openssl = Some(o),
+        Err(e) => floors.notes.push(format!("openssl speed failed: {e:#}")),
+    }
+    check_interrupted(interrupted)?;
+    match criterion_floor(
+        plan,
+        &bins,
+        &out_dir.join("criterion"),
+        &progress,
+        &mut commands,
+    ) {
+        Ok(f) => floors.rustls = Some(f),
+        Err(e) => floors.notes.push(format!("criterion bench failed: {e:#}")),
+    }
+    check_interrupted(interrupted)?;
+
+    let ctx = Ctx::new(&rig, interrupted, &progress, logs.clone(), LOAD_CPU);
+    let endpoint = Endpoint {
+        addr: SocketAddrV4::new(rig.server_ip, TLS_PORT),
+        sni: SNI.to_owned(),
+    };
+    let tern_load = TernLoad {
+        bin: bins.tern_load.display().to_string(),
+        endpoint: endpoint.clone(),
+        ca: certs.cert.display().to_string(),
+    };
+
+    // 4. Throughput figures.
+    let mut cross_check = Vec::new();
+    for r in results.iter_mut().filter(|r| r.skipped.is_none()) {
+        progress.step(format!(
+            "{}: new connections, keep-alive, bulk",
+            r.target.name()
+        ));
+        let Some(p) = setup.get(r.target) else {
+            continue;
+        };
+        match throughput(&ctx, plan, &setup, p, &tern_load, r, &mut cross_check) {
+            Ok(()) => {}
+            Err(e) if interrupted.load(Ordering::Relaxed) => return Err(e),
+            Err(e) => {
+                progress.log(format!("{}: {e:#}", r.target.name()));
+                r.skipped = Some("failed (see “Figures that failed”)".to_owned());
+                r.errors.push(format!("{e:#}"));
+            }
+        }
+    }
+
+    // 5. Latency at fractions of the slowest target's maximum.
+    let slowest = results
+        .iter()
+        .filter_map(|r| summarize(&r.new_conn, Unit::PerOp).map(|s| s.rate.median))
+        .fold(f64::INFINITY, f64::min);
+    for r in results.iter_mut().filter(|r| r.skipped.is_none()) {
+        progress.step(format!(
+            "{}: latency at fixed offered rates",
+            r.target.name()
+        ));
+        if !slowest.is_finite() {
+            r.errors
+                .push("no new-connection maximum to base offered rates on".to_owned());
+            continue;
+        }
+        let Some(p) = setup.get(r.target) else {
+            continue;
+        };
+        if let Err(e) = latency(&ctx, plan, &setup, p, &tern_load, slowest, r) {
+            if interrupted.load(Ordering::Relaxed) {
+                return Err(e);
+            }
+            progress.log(format!("{}: latency: {e:#}", r.target.name()));
+            r.errors.push(format!("latency: {e:#}"));
+        }
+    }
+
+    // 6. Idle memory.
+    for r in results.iter_mut().filter(|r| r.skipped.is_none()) {
+        progress.step(format!(
+            "{}: resident memory with idle connections",
+            r.target.name()
+        ));
+        let Some(p) = setup.get(r.target) else {
+            continue;
+        };
+        if let Err(e) = idle_memory(&ctx, plan, &setup, p, &tern_load, nofile, r) {
+            if interrupted.load(Ordering::Relaxed) {
+                return Err(e);
+            }
+            progress.log(format!("{}: idle memory: {e:#}", r.target.name()));
+            r.errors.push(format!("idle memory: {e:#}"));
+        }
+    }
+
+    // 7. Report.
+    progress.step("report and plots");
+    commands.extend(ctx.commands());
+    let results = BenchResults {
+        invocation: invocation.to_owned(),
+        started_utc,
+        took_secs: started.elapsed().as_secs_f64(),
+        runs: plan.runs,
+        run_secs: plan.run_time.as_secs_f64(),
+        environment: env,
+        targets: results,
+        floors,
+        cross_check,
+        commands,
+        settings: vec![
+            (
+                "new connections".into(),
+                format!("{} in flight", plan.newconn_concurrency),
+            ),
+            (
+                "keep-alive".into(),
+                format!("{} connections", plan.keepalive_connections),
+            ),
+            (
+                "bulk".into(),
+                format!("{} connections", plan.bulk_connections),
+            ),
+            (
+                "open-loop warm-up".into(),
+                format!("{} ms before each latency window", plan.warmup.as_millis()),
+            ),
+        ],
+        idle_steps: plan.idle_steps.clone(),
+    };
+    drop(backend);
+    drop(rig);
+    drop(dir);
+    progress.finish();
+    write_outputs(&results, &out_dir, update_docs)?;
+    let failed: Vec<&str> = results
+        .targets
+        .iter()
+        .filter(|t| !t.errors.is_empty())
+        .map(|t| t.target.name())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "figures failed for {} (the summary lists why; logs in {})",
+            failed.join(", "),
+            logs.display()
+        );
+    }
+    Ok(())
+}
+
+/// The version string of the software behind a target column.
+fn target_version(env: &Environment, t: Target) -> String {
+    let component = match t {
+        Target::TernBypass | Target::TernKernel => "tern",
+        Target::Hitch => "hitch",
+        Target::Haproxy => "haproxy",
+        Target::Nginx => "nginx",
+    };
+    env.versions
+        .iter()
+        .find(|(k, _)| k == component)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// UTC now as `YYYY-MM-DD HH:MM UTC` (civil-from-days, no time crate needed).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+fn start_target(ctx: &Ctx<'_>, setup: &Setup<'_>, p: &Prepared) -> Result<Daemon> {
+    targets::start(p, setup.rig, TARGET_CPU, ctx.interrupted)
+}
+
+fn label(t: Target, what: &str, run: u32) -> String {
+    format!("{} {what} #{}", t.name(), run + 1)
+}
+
+/// Pass 1 for one target: noise, warm-up, the three closed-loop figures, the cross-check.
+fn throughput(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    setup: &Setup<'_>,
+    p: &Prepared,
+    tern_load: &TernLoad,
+    r: &mut TargetResult,
+    cross: &mut Vec<CrossCheck>,
+) -> Result<()> {
+    let t = r.target;
+    let mut daemon = start_target(ctx, setup, p)?;
+    let probe = Probe {
+        target_pgid: daemon.pgid(),
+        backend_pgid: setup.backend_pgid,
+    };
+    r.noise_us_per_s = Some(idle_noise(ctx, &probe, plan.noise_time)?);
+    let small = format!("/bytes/{SMALL_BODY}");
+    let large = format!("/bytes/{LARGE_BODY}");
+    // A short unrecorded run: first-use costs (page faults, pools, the ticket key) out of the way.
+    let warm = tern_load.closed(
+        Workload::NewConn,
+        &small,
+        plan.newconn_concurrency,
+        Duration::ZERO,
+        Duration::from_millis(500),
+    );
+    run_once(
+        ctx,
+        &probe,
+        &mut daemon,
+        &format!("{} warm-up", t.name()),
+        &warm,
+        Duration::from_millis(500),
+        Tool::TernLoad,
+    )?;
+
+    let figures: [(Workload, &str, u32); 3] = [
+        (Workload::NewConn, &small, plan.newconn_concurrency),
+        (Workload::KeepAlive, &small, plan.keepalive_connections),
+        (Workload::Bulk, &large, plan.bulk_connections),
+    ];
+    for (workload, path, n) in figures {
+        for run in 0..plan.runs {
+            let argv = tern_load.closed(workload, path, n, Duration::ZERO, plan.run_time);
+            let m = run_once(
+                ctx,
+                &probe,
+                &mut daemon,
+                &label(t, workload.name(), run),
+                &argv,
+                plan.run_time,
+                Tool::TernLoad,
+            )?;
+            note_errors(ctx, r, workload.name(), &m);
+            let runs = match workload {
+                Workload::NewConn => &mut r.new_conn,
+                Workload::KeepAlive => &mut r.keepalive,
+                Workload::Bulk => &mut r.bulk,
+            };
+            runs.push(m);
+        }
+    }
+    if t == Target::TernKernel {
+        cross.push(cross_check(ctx, plan, &probe, &mut daemon, tern_load, t)?);
+    }
+    Ok(())
+}
+
+/// Errors in a run are reported, not hidden: more than 0.1 % of operations failing is noted.
+fn note_errors(ctx: &Ctx<'_>, r: &mut TargetResult, what: &str, m: &Measurement) {
+    let e = m.report.errors;
+    if e > 0 && (e as f64) > 0.001 * (m.report.ops + e) as f64 {
+        let msg = format!(
+            "{what}: {e} failed operations against {} completed",
+            m.report.ops
+        );
+        ctx.progress.log(format!("{}: {msg}", r.target.name()));
+        r.warnings.push(msg);
+    }
+}
+
+/// h2load vs tern-load, new connections, same concurrency, same target, `runs` each.
+fn cross_check(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    probe: &Probe,
+    daemon: &mut Daemon,
+    tern_load: &TernLoad,
+    t: Target,
+) -> Result<CrossCheck> {
+    ctx.progress.log(format!(
+        "{}: cross-check, tern-load vs h2load (new connections)",
+        t.name()
+    ));
+    let small = format!("/bytes/{SMALL_BODY}");
+    let mut c = CrossCheck {
+        target: t,
+        mode: format!(
+            "new connections, {} concurrent, GET {small}",
+            plan.h2load_batch
+        ),
+        tern_load: Vec::new(),
+        h2load: Vec::new(),
+    };
+    let h2 = load::h2load_args(
+        &tern_load.endpoint,
+        &small,
+        plan.h2load_batch,
+        true,
+        plan.run_time,
+    );
+    for run in 0..plan.runs {
+        let mut argv = tern_load.closed(
+            Workload::NewConn,
+            &small,
+            plan.h2load_batch,
+            Duration::ZERO,
+            plan.run_time,
+        );
+        // h2load closes each connection itself after its one response; do the same, so both
+        // clients leave the server the same TCP teardown (and TIME_WAIT on the client side).
+        argv.extend(["--close".to_owned(), "client".to_owned()]);
+        c.tern_load.push(run_once(
+            ctx,
+            probe,
+            daemon,
+            &label(t, "cross-check tern-load", run),
+            &argv,
+            plan.run_time,
+            Tool::TernLoad,
+        )?);
+        c.h2load.push(run_batches(
+            ctx,
+            probe,
+            daemon,
+            &label(t, "cross-check h2load batches", run),
+            &h2,
+            plan.run_time,
+            10_000,
+        )?);
+    }
+    Ok(c)
+}
+
+/// Pass 2 for one target: open-loop new connections at each fraction of `slowest`.
+fn latency(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    setup: &Setup<'_>,
+    p: &Prepared,
+    tern_load: &TernLoad,
+    slowest: f64,
+    r: &mut TargetResult,
+) -> Result<()> {
+    let t = r.target;
+    let mut daemon = start_target(ctx, setup, p)?;
+    let probe = Probe {
+        target_pgid: daemon.pgid(),
+        backend_pgid: setup.backend_pgid,
+    };
+    let small = format!("/bytes/{SMALL_BODY}");
+    for &fraction in &plan.latency_fractions {
+        let offered = (slowest * fraction).max(1.0).round();
+        let mut point = LatencyPoint {
+            fraction,
+            offered,
+            runs: Vec::new(),
+        };
+        for run in 0..plan.runs {
+            let argv = tern_load.open(&small, offered, plan.warmup, plan.latency_time);
+            let m = run_once(
+                ctx,
+                &probe,
+                &mut daemon,
+                &label(t, &format!("open loop {offered}/s"), run),
+                &argv,
+                plan.warmup + plan.latency_time,
+                Tool::TernLoad,
+            )?;
+            note_errors(ctx, r, &format!("open loop {offered}/s"), &m);
+            point.runs.push(m);
+        }
+        r.latency.push(point);
+    }
+    Ok(())
+}
+
+/// Established TCP connections on `port` in the network namespace of `pid`
+/// (`/proc/PID/net/tcp`, state 01).
+fn established_on_port(pid: i32, port: u16) -> Result<u64> {
+    let path = format!("/proc/{pid}/net/tcp");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    Ok(proc::count_established(&text, port))
+}
+
+/// Pass 3 for one target: `runs` ramps from a fresh start, RSS sampled at every step.
+fn idle_memory(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    setup: &Setup<'_>,
+    p: &Prepared,
+    tern_load: &TernLoad,
+    nofile: u64,
+    r: &mut TargetResult,
+) -> Result<()> {
+    let t = r.target;
+    let mut steps = Vec::new();
+    for &n in &plan.idle_steps {
+        match t.idle_capacity(n, nofile) {
+            Ok(()) => steps.push(n),
+            Err(why) => {
+                if !r.idle.not_measured.iter().any(|(m, _)| *m == n) {
+                    r.idle.not_measured.push((n, why));
+                }
+            }
+        }
+    }
+    for n in HEADLINE_IDLE {
+        if plan.idle_steps.contains(&n) {
+            continue;
+        }
+        if let Err(why) = t.idle_capacity(n, nofile) {
+            r.idle.not_measured.push((n, why));
+        }
+    }
+    if steps.is_empty() {
+        return Ok(());
+    }
+    // Each idle client process may hold at most this many connections (its own fd limit).
+    let per_process = nofile.saturating_sub(targets::FD_OVERHEAD);
+    for run in 0..plan.runs {
+        let mut daemon = start_target(ctx, setup, p)?;
+        let pgid = daemon.pgid();
+        // Let start-up allocation settle before the baseline.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut ramp = IdleRun {
+            baseline_rss: proc::group_usage(pgid)?.rss_bytes,
+            points: Vec::new(),
+        };
+        // (job, its stdout, connections it was asked for)
+        let mut jobs: Vec<(Job, PathBuf, u64)> = Vec::new();
+        let mut held = 0u64;
+        let hold = Duration::from_secs(120);
+        for &step in &steps {
+            check_interrupted(ctx.interrupted)?;
+            while held < step {
+                let n = (step - held).min(per_process);
+                let what = format!("{} idle #{} +{n}", t.name(), run + 1);
+                let (out, err) = ctx.log_paths(&what);
+                let ready = out.with_extension("ready");
+                let argv = tern_load.idle(n, hold, &ready.display().to_string());
+                let cmd = ctx.client_command(&argv);
+                ctx.record("idle connections (tern-load idle)", &cmd);
+                jobs.push((Job::start(&what, cmd, &out, &err)?, out.clone(), n));
+                let t0 = Instant::now();
+                let bar = ctx.progress.run(&what, Duration::from_secs(10));
+                // Ready: tern-load's ready file (its handshakes are done) and the target's
+                // count of established sockets agree.
+                loop {
+                    bar.tick();
+                    daemon.check_alive()?;
+                    check_interrupted(ctx.interrupted)?;
+                    if let Some((job, _, _)) = jobs.last_mut() {
+                        if let Some(exit) = job.poll(t0)? {
+                            bail!(
+                                "{what} exited early ({}); {} ends with:\n{}",
+                                exit.status,
+                                err.display(),
+                                super::daemon::log_tail(&err, 1500)
+                            );
+                        }
+                    }
+                    if ready.exists() && established_on_port(pgid, TLS_PORT)? >= held + n {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(90) {
+                        bail!(
+                            "{what}: {} connections not up within 90 s (target holds {})",
+                            held + n,
+                            established_on_port(pgid, TLS_PORT)?
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                held += n;
+            }
+            // The last handshakes' allocations land right after the ready signal.
+            std::thread::sleep(Duration::from_millis(300));
+            ramp.points.push(IdlePoint {
+                connections: step,
+                rss_bytes: proc::group_usage(pgid)?.rss_bytes,
+            });
+        }
+        // Stop the clients (SIGINT: they report and exit), then the target. Each client's
+        // report must confirm that all its handshakes completed, or the RSS figures would be
+        // per half-open connection.
+        let mut short = Vec::new();
+        for (job, out, n) in &mut jobs {
+            job.interrupt(Instant::now(), Duration::from_secs(10))?;
+            let text = std::fs::read_to_string(&*out)
+                .with_context(|| format!("cannot read {}", out.display()))?;
+            let established = load::parse_tern_load(&text)?.idle_established.unwrap_or(0);
+            if established < *n {
+                short.push(format!("{established} of {n} ({})", out.display()));
+            }
+        }
+        drop(jobs);
+        drop(daemon);
+        if !short.is_empty() {
+            bail!(
+                "idle clients did not complete every handshake: {}",
+                short.join(", ")
+            );
+        }
+        r.idle.runs.push(ramp);
+    }
+    Ok(())
+}
+
+/// Summary to stdout and `out_dir/summary.md`, plots to `out_dir`, and the doc if asked.
+fn write_outputs(results: &BenchResults, out_dir: &Path, update_docs: bool) -> Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    write_plots(results, out_dir)?;
+    let summary = report::markdown(results, ".");
+    std::fs::write(out_dir.join("summary.md"), &summary)?;
+    println!("\n{summary}");
+    eprintln!(
+        "bench: summary and plots in {} ({}, {}, {})",
+        out_dir.display(),
+        report::PLOT_LATENCY,
+        report::PLOT_MEMORY,
+        report::PLOT_CPU
+    );
+    if update_docs {
+        let docs = workspace_root().join("docs");
+        let plots = docs.join("bench");
+        std::fs::create_dir_all(&plots)?;
+        for f in [report::PLOT_LATENCY, report::PLOT_MEMORY, report::PLOT_CPU] {
+            std::fs::copy(out_dir.join(f), plots.join(f))
+                .with_context(|| format!("cannot copy {f} to {}", plots.display()))?;
+        }
+        report::update_doc(
+            &docs.join("benchmarks.md"),
+            &report::markdown(results, "bench"),
+        )?;
+        eprintln!("bench: updated docs/benchmarks.md and docs/bench/*.svg");
+    }
+    Ok(())
+}
+
+fn write_plots(results: &BenchResults, out_dir: &Path) -> Result<()> {
+    let measured: Vec<&TargetResult> = results
+        .targets
+        .iter()
+        .filter(|t| t.skipped.is_none())
+        .collect();
+    let lat = |pick: fn(&load::Latency) -> f64| -> Vec<Series> {
+        measured
+            .iter()
+            .map(|t| Series {
+                name: t.target.name().to_owned(),
+                points: t
+                    .latency
+                    .iter()
+                    .filter_map(|p| {
+                        super::results::latency_summary(&p.runs, pick)
+                            .map(|s| (p.offered, s.median / 1000.0))
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let p50 = lat(|l| l.p50_us);
+    let p99 = lat(|l| l.p99_us);
+    plots::line_chart(
+        &out_dir.join(report::PLOT_LATENCY),
+        "New-connection latency vs offered load (median of runs)",
+        "offered new connections/s",
+        &[("p50 latency, ms", &p50), ("p99 latency, ms", &p99)],
+    )?;
+    let memory: Vec<Series> = measured
+        .iter()
+        .map(|t| {
+            let mut points = vec![(
+                0.0,
+                median_of(t.idle.runs.iter().map(|r| r.baseline_rss as f64)),
+            )];
+            let mut counts: Vec<u64> = t
+                .idle
+                .runs
+                .iter()
+                .flat_map(|r| r.points.iter().map(|p| p.connections))
+                .collect();
+            counts.sort_unstable();
+            counts.dedup();
+            for n in counts {
+                let v = median_of(t.idle.runs.iter().flat_map(|r| {
+                    r.points
+                        .iter()
+                        .filter(move |p| p.connections == n)
+                        .map(|p| p.rss_bytes as f64)
+                }));
+                points.push((n as f64, v));
+            }
+            Series {
+                name: t.target.name().to_owned(),
+                points: points
+                    .into_iter()
+                    .filter(|p| p.1.is_finite())
+                    .map(|(x, y)| (x, y / (1u64 << 20) as f64))
+                    .collect(),
+            }
+        })
+        .collect();
+    plots::line_chart(
+        &out_dir.join(report::PLOT_MEMORY),
+        "Resident memory of the target vs idle TLS connections (median of runs)",
+        "idle connections",
+        &[("RSS, MiB", &memory)],
+    )?;
+    let panel =
+        |title: &str, y: &str, runs: fn(&TargetResult) -> &[Measurement], unit: Unit| BarPanel {
+            title: title.to_owned(),
+            y_desc: y.to_owned(),
+            groups: results
+                .targets
+                .iter()
+                .map(|t| {
+                    let bars = summarize(runs(t), unit)
+                        .map(|s| {
+                            vec![
+                                (s.cpu_a.median, s.cpu_a.min, s.cpu_a.max),
+                                (s.cpu_b.median, s.cpu_b.min, s.cpu_b.max),
+                            ]
+                        })
+                        .unwrap_or_default();
+                    (t.target.name().to_owned(), bars)
+                })
+                .collect(),
+        };
+    plots::bar_chart(
+        &out_dir.join(report::PLOT_CPU),
+        "Server CPU per operation (bars: median; lines: min–max)",
+        &[
+            "(a) target processes",
+            "(b) machine − load − backend − others",
+        ],
+        &[
+            panel(
+                "new connection",
+                "µs per transaction",
+                |t| &t.new_conn,
+                Unit::PerOp,
+            ),
+            panel(
+                "keep-alive 1 KiB",
+                "µs per request",
+                |t| &t.keepalive,
+                Unit::PerOp,
+            ),
+            panel("bulk 1 MiB", "µs per MiB", |t| &t.bulk, Unit::PerMib),
+        ],
+    )?;
+    Ok(())
+}
+
+fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    super::stats::Summary::of(&v).map_or(f64::NAN, |s| s.median)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_json_names_the_bench_executable() {
+        let json = r#"{"reason":"compiler-artifact","target":{"name":"tern","kind":["lib"]},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"tls","kind":["bench"]},"executable":"/w/target/release/deps/tls-0123"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            bench_executable(json),
+            Some(PathBuf::from("/w/target/release/deps/tls-0123"))
+        );
+        assert_eq!(bench_executable("{}"), None);
+    }
+
+    #[test]
+    fn plans_fit_their_time_budgets() {
+        // A rough upper bound of the measuring time alone (no builds): every window plus the
+        // slack a run usually needs (~0.5 s start/stop), for four targets.
+        let estimate = |p: &Plan| {
+            let run = |d: Duration| d.as_secs_f64() + p.warmup.as_secs_f64() + 0.5;
+            let per_target = p.noise_time.as_secs_f64()
+                + 1.0
+                + 3.0 * p.runs as f64 * run(p.run_time)
+                + p.latency_fractions.len() as f64 * p.runs as f64 * run(p.latency_time)
+                + p.runs as f64 * (3.0 + p.idle_steps.len() as f64);
+            4.0 * per_target + 2.0 * p.runs as f64 * run(p.run_time) + 30.0
+        };
+        assert!(
+            estimate(&Plan::quick()) < 300.0,
+            "quick: {}",
+            estimate(&Plan::quick())
+        );
+        assert!(
+            estimate(&Plan::full()) < 1800.0,
+            "full: {}",
+            estimate(&Plan::full())
+        );
+        assert!(Plan::quick().runs >= 3 && Plan::full().runs >= 3);
+    }
+
+    #[test]
+    fn utc_date_is_plausible() {
+        let s = utc_now();
+        assert!(s.ends_with(" UTC") && s.len() == 20, "{s}");
+        assert!(s.as_str() > "2024-01-01", "{s}");
+    }
+
+    #[test]
+    fn invocation_reconstructs_the_command() {
+        let args = CompareArgs {
+            quick: true,
+            targets: vec![
+                Target::TernKernel,
+                Target::Hitch,
+                Target::Haproxy,
+                Target::Nginx,
+            ],
+            runs: None,
+            update_docs: false,
+        };
+        assert_eq!(invocation(&args), "cargo xtask bench --quick");
+        let args = CompareArgs {
+            quick: false,
+            targets: vec![Target::TernKernel],
+            runs: Some(4),
+            update_docs: true,
+        };
+        assert_eq!(
+            invocation(&args),
+            "cargo xtask bench --targets tern-kernel --runs 4 --update-docs"
+        );
+    }
+}
