@@ -37,7 +37,7 @@ mod tests;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -72,67 +72,11 @@ pub trait FrameHandler {
     fn frame(&mut self, frame: &mut RxFrame<'_>, out: &mut TxQueue<'_>) -> Disposition;
 }
 
-/// A counter or gauge with one writer (the worker) and any number of readers. The writer's
-/// increments are a relaxed load and store, not a locked read-modify-write.
-#[derive(Debug, Default)]
-pub struct Stat(AtomicU64);
-
-impl Stat {
-    #[inline]
-    pub fn add(&self, n: u64) {
-        // Single writer: a plain load + store cannot lose updates.
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-
-    #[inline]
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    #[inline]
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-macro_rules! bypass_counters {
-    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
-        /// One bypass worker's counters. Only the owning worker writes them.
-        #[derive(Debug, Default)]
-        #[repr(align(64))]
-        pub struct BypassCounters {
-            $($(#[doc = $doc])* pub $name: Stat,)*
-        }
-
-        /// A point-in-time copy of [`BypassCounters`].
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        pub struct BypassSnapshot {
-            $($(#[doc = $doc])* pub $name: u64,)*
-        }
-
-        impl BypassCounters {
-            pub fn snapshot(&self) -> BypassSnapshot {
-                BypassSnapshot { $($name: self.$name.get(),)* }
-            }
-        }
-
-        impl std::ops::AddAssign for BypassSnapshot {
-            fn add_assign(&mut self, o: BypassSnapshot) {
-                $(self.$name += o.$name;)*
-            }
-        }
-    };
-}
-
-bypass_counters! {
+crate::counters::single_writer_counters! {
+    /// One bypass worker's counters. Only the owning worker writes them.
+    BypassCounters,
+    /// A point-in-time copy of [`BypassCounters`].
+    BypassSnapshot {
     /// Frames received from the AF_XDP RX rings.
     rx_frames,
     /// Frames written to the AF_XDP TX rings.
@@ -173,6 +117,7 @@ bypass_counters! {
     frames_held,
     /// Gauge: UMEM frames lent to the kernel for sending.
     frames_tx,
+    }
 }
 
 impl BypassCounters {

@@ -7,36 +7,48 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
-        /// One worker's counters. Only the owning worker calls the mutating methods.
+/// Defines a cache-line-aligned struct of single-writer [`Counter`]s, its `Copy` snapshot
+/// (serialisable, summable with `+=`) and `snapshot()`. Used for the kernel-mode workers'
+/// [`WorkerCounters`] and the bypass workers' counters.
+macro_rules! single_writer_counters {
+    (
+        $(#[$meta:meta])* $name:ident, $(#[$smeta:meta])* $snap:ident {
+            $($(#[doc = $doc:literal])* $field:ident,)*
+        }
+    ) => {
+        $(#[$meta])*
         #[derive(Debug, Default)]
         #[repr(align(64))]
-        pub struct WorkerCounters {
-            $($(#[doc = $doc])* pub $name: Counter,)*
+        pub struct $name {
+            $($(#[doc = $doc])* pub $field: $crate::counters::Counter,)*
         }
 
-        /// A point-in-time copy of [`WorkerCounters`].
+        $(#[$smeta])*
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        pub struct Snapshot {
-            $($(#[doc = $doc])* pub $name: u64,)*
+        pub struct $snap {
+            $($(#[doc = $doc])* pub $field: u64,)*
         }
 
-        impl WorkerCounters {
-            pub fn snapshot(&self) -> Snapshot {
-                Snapshot { $($name: self.$name.get(),)* }
+        impl $name {
+            pub fn snapshot(&self) -> $snap {
+                $snap { $($field: self.$field.get(),)* }
             }
         }
 
-        impl std::ops::AddAssign for Snapshot {
-            fn add_assign(&mut self, o: Snapshot) {
-                $(self.$name += o.$name;)*
+        impl std::ops::AddAssign for $snap {
+            fn add_assign(&mut self, o: $snap) {
+                $(self.$field += o.$field;)*
             }
         }
     };
 }
+pub(crate) use single_writer_counters;
 
-counters! {
+single_writer_counters! {
+    /// One kernel-mode worker's counters. Only the owning worker calls the mutating methods.
+    WorkerCounters,
+    /// A point-in-time copy of [`WorkerCounters`].
+    Snapshot {
     /// Client connections accepted.
     accepted,
     /// Client connections refused at accept because the worker was full.
@@ -79,6 +91,7 @@ counters! {
     send_slot_waits,
     /// Connections cut at the end of the drain deadline.
     drain_aborted,
+    }
 }
 
 /// A single-writer counter.
@@ -106,6 +119,12 @@ impl Counter {
             self.0.load(Ordering::Relaxed).wrapping_sub(1),
             Ordering::Relaxed,
         );
+    }
+
+    /// For gauges the writer sets outright.
+    #[inline]
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
     }
 
     #[inline]

@@ -309,16 +309,7 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> a
 /// A listening TCP socket with SO_REUSEPORT, so each worker has its own accept queue and the
 /// kernel spreads connections across workers.
 fn listen_socket(addr: SocketAddr) -> io::Result<RawFd> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = worker::tcp_socket(&addr)?;
     let close_on_err = |e: io::Error| {
         // SAFETY: our fd, closed once on this error path.
         unsafe { libc::close(fd) };

@@ -1167,6 +1167,14 @@ fn set_linger_zero(fd: RawFd) {
 }
 
 fn backend_socket(addr: &SocketAddr) -> io::Result<RawFd> {
+    let fd = tcp_socket(addr)?;
+    set_nodelay(fd);
+    Ok(fd)
+}
+
+/// A blocking, close-on-exec TCP socket of `addr`'s family (io_uring drives it; it never
+/// blocks a thread).
+pub(crate) fn tcp_socket(addr: &SocketAddr) -> io::Result<RawFd> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -1177,7 +1185,6 @@ fn backend_socket(addr: &SocketAddr) -> io::Result<RawFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    set_nodelay(fd);
     Ok(fd)
 }
 
