@@ -1,8 +1,8 @@
 //! Makes sure the machine has what `cargo xtask run` / `test` need, installing what is missing.
 //!
-//! Owns: rustup components (`rustfmt` and `clippy` on stable; `rust-src` and `rustfmt` on
-//! nightly, which the eBPF crate builds and is formatted with) and the Debian packages the rig
-//! and the end-to-end tests call (`ip`, `ping`, `curl`, `openssl`, CA certificates, procps).
+//! Owns: rustup components (`rustfmt` and `clippy` on stable; `rust-src`, `rustfmt` and
+//! `clippy` on nightly, which the eBPF crate is built, formatted and linted with) and the
+//! Debian packages the rig and the end-to-end tests call (`ip`, `ping`, `curl`, `openssl`, CA certificates, procps).
 //! Idempotent and quick when everything is there: only queries, no network. When something is
 //! missing it runs `apt-get update` once and `apt-get install -y --no-install-recommends`,
 //! non-interactively (CI runs as root with no stdin). bpf-linker is not here: userspace/build.rs
@@ -27,6 +27,7 @@ const COMPONENTS: &[(&str, &str)] = &[
     ("stable", "clippy"),
     ("nightly", "rust-src"),
     ("nightly", "rustfmt"),
+    ("nightly", "clippy"),
 ];
 
 /// Installs whatever is missing; prints one line when all is in place.
