@@ -16,6 +16,8 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod testnet;
 pub mod timer;
 pub mod tls;
 pub mod uring;

@@ -11,13 +11,13 @@
 use std::ffi::CString;
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tern_common::{flow_hash, flow_worker, xsk_slot};
 
 use super::*;
+pub(crate) use crate::testnet::{run, unique, Netns};
 
 mod af_xdp;
 
@@ -31,105 +31,6 @@ const TARGET_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 const SOURCE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-
-/// Unique per test process and call; with the prefix it stays within IFNAMSIZ (15 bytes).
-pub(crate) fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{prefix}{}x{n}", std::process::id());
-    assert!(name.len() <= 15, "name {name} longer than IFNAMSIZ-1");
-    name
-}
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {program} {args:?}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-#[track_caller]
-pub(crate) fn assert_root() {
-    assert_eq!(
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() },
-        0,
-        "this test loads an XDP program and needs root"
-    );
-}
-
-/// A network namespace that is deleted (with its interfaces) on drop, also on panic.
-pub(crate) struct Netns {
-    pub(crate) name: String,
-}
-
-impl Netns {
-    pub(crate) fn new() -> Netns {
-        assert_root();
-        let name = unique("txdp");
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        // No IPv6 autoconfiguration noise (router/neighbour solicitations) in the counters.
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
-        ns
-    }
-
-    #[track_caller]
-    pub(crate) fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    #[track_caller]
-    pub(crate) fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    /// Runs `f` on a new thread that has joined this namespace, so the test harness's own
-    /// threads never change namespace.
-    pub(crate) fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    self.enter_current_thread();
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    fn enter_current_thread(&self) {
-        let path = format!("/run/netns/{}", self.name);
-        let file =
-            std::fs::File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
-        // SAFETY: `file` is an open namespace file for the duration of the call; setns only
-        // changes this thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// Two namespaces joined by a veth pair: the program goes on `server_if`, frames are sent
 /// from `client_if`. Separate namespaces, so traffic between the addresses crosses the veth

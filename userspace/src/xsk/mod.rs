@@ -40,8 +40,6 @@ mod frames;
 mod handoff;
 mod socket;
 #[cfg(test)]
-pub(crate) mod testnet;
-#[cfg(test)]
 mod tests;
 mod umem;
 

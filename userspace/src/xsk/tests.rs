@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::testnet::{TcpFrame, VethPair, ACK};
 use super::*;
 use crate::config::HugePages;
+use crate::testnet::{TcpFrame, VethPair, ACK};
 
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);

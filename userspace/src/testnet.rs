@@ -1,5 +1,5 @@
-//! Test rig for the AF_XDP and bypass tests: two throw-away network namespaces joined by a
-//! multi-queue veth pair, raw AF_PACKET sockets to inject and capture frames on the client end,
+//! Test rig for the crate's root-only unit tests (xdp, xsk, bypass, control): throw-away network
+//! namespaces, two of them joined by a multi-queue veth pair, raw AF_PACKET sockets to inject and capture frames on the client end,
 //! and a builder for TCP/IPv4 frames.
 //!
 //! Names are unique per process and call (`<prefix><pid>x<n>`, at most 15 bytes) so tests run in
@@ -44,7 +44,14 @@ pub struct Netns {
 }
 
 impl Netns {
+    #[track_caller]
     pub fn new() -> Netns {
+        assert_eq!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() },
+            0,
+            "this test creates network namespaces and needs root"
+        );
         let name = unique("tx");
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name };
