@@ -294,3 +294,33 @@ fn after_kill_9_the_kernel_answers_the_bypass_port() {
         );
     }
 }
+
+#[test]
+fn sigterm_stops_the_bypass_workers_and_detaches() {
+    let mut s = bypass_stack("bypassterm");
+    flood(&s, syn_spec(&s, s.rig.client_ip, 8), 200);
+    wait_stats(&s, "SYNs in the workers", |st| {
+        counter(st, &["bypass", "total", "syns"]) >= 200
+    });
+    s.tern.signal(libc::SIGTERM);
+    let status = s
+        .tern
+        .wait_exit(Duration::from_secs(10))
+        .expect("tern exits on SIGTERM");
+    assert!(status.success(), "clean exit: {status}\n{}", s.log());
+    let out = s
+        .rig
+        .server_command("ip")
+        .args(["link", "show", "dev", &s.rig.server_if])
+        .output()
+        .expect("ip link show");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("prog/xdp"),
+        "no XDP program left on the interface"
+    );
+    assert!(
+        !s.log().contains("frames still in flight"),
+        "every UMEM frame was home when the workers stopped:\n{}",
+        s.log()
+    );
+}
