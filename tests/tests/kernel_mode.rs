@@ -831,3 +831,60 @@ fn a_client_that_stops_reading_gets_back_pressure_not_buffering() {
         "tern's RSS grew from {before} KiB to {after} KiB while the client was not reading"
     );
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_at_once() {
+    let (rig, dir) = Stack::rig("limit");
+    let backend = Backend::echo(server_listener(&rig));
+    let s = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            toml_extra: "[limits]\nmax_connections_per_worker = 1\n",
+            ..Default::default()
+        },
+    );
+    let cfg = s.client_config();
+    let addr = s.addr();
+    let (served, refused) = s.rig.client.run(move || {
+        // Two workers, one connection each: of six held connections at most two are served;
+        // the others are reset at once rather than left waiting.
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..6 {
+            let sock =
+                std::net::TcpStream::connect(addr).expect("TCP connect (the kernel accepts)");
+            sock.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let conn = rustls::ClientConnection::new(
+                cfg.clone(),
+                rustls::pki_types::ServerName::try_from(NAME).expect("name"),
+            )
+            .expect("client");
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let t = Instant::now();
+            let mut ok = true;
+            while tls.conn.is_handshaking() {
+                if tls.conn.complete_io(&mut tls.sock).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                echo_round_trip(&mut tls, b"held\n");
+                held.push(tls);
+            } else {
+                assert!(
+                    t.elapsed() < Duration::from_secs(3),
+                    "refused promptly, not timed out"
+                );
+                refused += 1;
+            }
+        }
+        (held.len(), refused)
+    });
+    assert!((1..=2).contains(&served), "served {served}");
+    assert_eq!(served + refused, 6);
+    assert!(s.total("refused_full") >= refused as u64);
+}
