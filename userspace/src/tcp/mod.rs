@@ -13,10 +13,19 @@
 //!   an enum dispatcher.
 //! - [`syncookie`]: stateless passive open (RFC 4987 §3.6), keyed with SipHash-2-4.
 //! - [`reassembly`]: bounded out-of-order range tracking and SACK blocks (RFC 2018).
+//! - [`ring`]: the fixed-capacity byte ring behind each connection's send and receive buffers.
+//! - [`conn`]: one connection's TCB (RFC 9293 state machine from ESTABLISHED on, created when a
+//!   SYN cookie validates): segment arrival, RFC 5961 challenge ACKs, retransmission, SACK,
+//!   delayed ACK, zero-window probes, half-close, TIME-WAIT.
+//!
+//! Not here yet: the per-worker flow table and SYN → SYN-ACK path that create connections, the
+//! timer wheel that drives them, and the L4 proxy that connects them to `proxy`/io_uring.
 #![forbid(unsafe_code)]
 
 pub mod cc;
+pub mod conn;
 pub mod reassembly;
+pub mod ring;
 pub mod rtt;
 pub mod syncookie;
 pub mod time;

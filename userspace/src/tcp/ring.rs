@@ -1,0 +1,162 @@
+//! A fixed-capacity byte ring: the send and receive buffers of one connection.
+//!
+//! Owns the storage only (allocated once, at construction; nothing here allocates afterwards).
+//! The ring holds `len` readable bytes starting at `head`; the free space after them can also be
+//! written out of order ([`Ring::write_at`]) and made readable later ([`Ring::commit`]), which is
+//! how the receive side stores segments that arrive beyond RCV.NXT (RFC 9293 §3.10.7.4, "segment
+//! text"). Which bytes are in flight, acknowledged or in order is the connection's business.
+
+/// A bounded byte ring. Not `Clone`: copying one would allocate.
+pub struct Ring {
+    /// The storage; its length is the capacity and never changes.
+    buf: Box<[u8]>,
+    /// Index of the first readable byte; `< buf.len()` (or 0 when the capacity is 0).
+    head: usize,
+    /// Readable bytes, `<= buf.len()`.
+    len: usize,
+}
+
+impl core::fmt::Debug for Ring {
+    /// Sizes only: the contents would flood a log line.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Ring")
+            .field("capacity", &self.buf.len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Ring {
+    /// An empty ring of `capacity` bytes (the only allocation it ever makes).
+    pub fn new(capacity: usize) -> Ring {
+        Ring {
+            buf: vec![0; capacity].into_boxed_slice(),
+            head: 0,
+            len: 0,
+        }
+    }
+
+    /// Total capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Readable bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is readable.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes that can still be appended.
+    pub fn free(&self) -> usize {
+        self.buf.len() - self.len
+    }
+
+    /// Physical index of logical offset `off` from `head` (`off < capacity`).
+    fn index(&self, off: usize) -> usize {
+        let i = self.head + off;
+        if i >= self.buf.len() {
+            i - self.buf.len()
+        } else {
+            i
+        }
+    }
+
+    /// Appends as much of `data` as fits and returns how much that was.
+    pub fn push(&mut self, data: &[u8]) -> usize {
+        let n = self.write_at(self.len, data);
+        self.len += n;
+        n
+    }
+
+    /// Writes `data` at logical offset `off` from the first readable byte, without making it
+    /// readable; bytes past the capacity are not written. Returns how many were written.
+    pub fn write_at(&mut self, off: usize, data: &[u8]) -> usize {
+        let cap = self.buf.len();
+        if off >= cap {
+            return 0;
+        }
+        let n = data.len().min(cap - off);
+        let start = self.index(off);
+        let first = n.min(cap - start);
+        self.buf[start..start + first].copy_from_slice(&data[..first]);
+        self.buf[..n - first].copy_from_slice(&data[first..n]);
+        n
+    }
+
+    /// Makes `n` more bytes (previously written with [`write_at`](Self::write_at)) readable;
+    /// clamped to the free space.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n.min(self.free());
+    }
+
+    /// The readable bytes from logical offset `off`, at most `max` of them, as two slices (the
+    /// second is non-empty only when the range wraps).
+    pub fn slices(&self, off: usize, max: usize) -> (&[u8], &[u8]) {
+        if off >= self.len {
+            return (&[], &[]);
+        }
+        let n = max.min(self.len - off);
+        let start = self.index(off);
+        let first = n.min(self.buf.len() - start);
+        (&self.buf[start..start + first], &self.buf[..n - first])
+    }
+
+    /// Copies readable bytes from logical offset `off` into `out`; returns how many.
+    pub fn read_at(&self, off: usize, out: &mut [u8]) -> usize {
+        let (a, b) = self.slices(off, out.len());
+        out[..a.len()].copy_from_slice(a);
+        out[a.len()..a.len() + b.len()].copy_from_slice(b);
+        a.len() + b.len()
+    }
+
+    /// Drops `n` bytes from the front (clamped to what is readable).
+    pub fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        if n > 0 {
+            self.head = self.index(n);
+            self.len -= n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_read_consume_wraps() {
+        let mut r = Ring::new(8);
+        assert_eq!(r.push(b"abcdef"), 6, "fits");
+        r.consume(4);
+        assert_eq!(r.push(b"ghijklmn"), 6, "only the free space is taken");
+        assert_eq!(r.len(), 8, "full");
+        let (a, b) = r.slices(0, 8);
+        assert_eq!((a, b), (&b"efgh"[..], &b"ijkl"[..]), "wrapped slices");
+        let mut out = [0u8; 5];
+        assert_eq!(r.read_at(1, &mut out), 5, "read from an offset");
+        assert_eq!(&out, b"fghij", "bytes across the wrap");
+        r.consume(100);
+        assert!(r.is_empty(), "consume clamps");
+    }
+
+    #[test]
+    fn out_of_order_write_then_commit() {
+        let mut r = Ring::new(8);
+        r.push(b"ab");
+        r.consume(2);
+        assert_eq!(r.write_at(3, b"xyz"), 3, "beyond the readable bytes");
+        assert_eq!(r.slices(0, 8).0.len(), 0, "not readable yet");
+        assert_eq!(r.write_at(0, b"uvw"), 3, "fill the gap");
+        r.commit(6);
+        let mut out = [0u8; 8];
+        assert_eq!(r.read_at(0, &mut out), 6, "readable after commit");
+        assert_eq!(&out[..6], b"uvwxyz", "in order");
+        assert_eq!(r.write_at(8, b"q"), 0, "past the capacity");
+        assert_eq!(Ring::new(0).push(b"a"), 0, "zero capacity");
+    }
+}
