@@ -167,6 +167,8 @@ pub struct Worker {
     /// not logged, so a dead backend under load does not flood the log.
     last_backend_warn: Option<Millis>,
     backend_warns_suppressed: u64,
+    /// Scratch list of expired timer entries, kept so a tick allocates nothing.
+    due: Vec<(u32, u32)>,
 }
 
 struct Listener {
@@ -227,6 +229,7 @@ impl Worker {
             gen_counter: 0,
             last_backend_warn: None,
             backend_warns_suppressed: 0,
+            due: Vec::new(),
         })
     }
 
@@ -1063,9 +1066,9 @@ impl Worker {
     }
 
     fn expire_timers(&mut self) {
-        let mut due = Vec::new();
+        let mut due = mem::take(&mut self.due);
         self.wheel.expire(self.now, |_, item| due.push(item));
-        for (idx, gen) in due {
+        for &(idx, gen) in &due {
             let Some(Some(c)) = self.conns.get_mut(idx as usize) else {
                 continue;
             };
@@ -1095,6 +1098,8 @@ impl Worker {
             tracing::debug!(worker = self.id, client = %c.client_addr, handshake, "connection timed out");
             self.finish(idx, false);
         }
+        due.clear();
+        self.due = due;
     }
 }
 
