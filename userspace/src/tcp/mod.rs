@@ -17,9 +17,10 @@
 //! - [`conn`]: one connection's TCB (RFC 9293 state machine from ESTABLISHED on, created when a
 //!   SYN cookie validates): segment arrival, RFC 5961 challenge ACKs, retransmission, SACK,
 //!   delayed ACK, zero-window probes, half-close, TIME-WAIT.
+//! - [`stack`]: per-worker flow table, SYN-cookie passive open, RSTs, timer wheel.
 //!
-//! Not here yet: the per-worker flow table and SYN → SYN-ACK path that create connections, the
-//! timer wheel that drives them, and the L4 proxy that connects them to `proxy`/io_uring.
+//! Not here yet: the bypass worker's `FrameHandler` that runs a [`stack::Stack`], and the L4
+//! proxy that connects its connections to `proxy`/io_uring.
 #![forbid(unsafe_code)]
 
 pub mod cc;
@@ -27,5 +28,6 @@ pub mod conn;
 pub mod reassembly;
 pub mod ring;
 pub mod rtt;
+pub mod stack;
 pub mod syncookie;
 pub mod time;

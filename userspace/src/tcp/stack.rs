@@ -1,0 +1,1059 @@
+//! The per-worker TCP stack: frames in, frames out, time passed in. Owns the flow table (4-tuple
+//! → slot in a preallocated slab), the stateless passive open with SYN cookies (RFC 4987 §3.6),
+//! RSTs for segments that match no connection (RFC 9293 §3.10.7.1 CLOSED, §3.10.7.2 LISTEN), the
+//! timer wheel that drives every connection's [`Tcb::on_timer`], and the per-reason drop
+//! counters.
+//!
+//! Does not own: header layout and checksums (`wire`), the state machine of one connection
+//! (`conn`), the cookie format (`syncookie`), or the frames' memory (the caller copies each
+//! emitted frame into its UMEM from the `out` callback). Nothing here reads a clock or makes a
+//! syscall.
+//!
+//! Per packet the stack does one flow-table lookup. A hit goes to that connection's
+//! [`Tcb::process`] and its replies out at once through [`Tcb::poll_transmit`]. A miss is
+//! answered statelessly: SYN → SYN-ACK carrying a cookie; ACK → cookie check, and only a valid
+//! cookie (and a free slot) creates state; anything else → RST, except an RST (RFC 9293
+//! §3.10.7.1: "An incoming segment containing a RST is discarded"). Frames addressed to a
+//! group address (Ethernet or IP multicast/broadcast) are never answered (RFC 1122 §4.2.3.10).
+//!
+//! Allocation: the slab, the flow table, the free list, the event queues and the transmit
+//! scratch frame are all sized at [`Stack::new`]. What still allocates after start-up: creating a
+//! connection ([`Tcb::accept`] allocates its two rings — reusing them needs a re-initialising
+//! constructor in `conn`), and the timer wheel's buckets, which grow amortised to their
+//! high-water mark and then stay (see `timer`). The ready and dirty queues are reserved at twice
+//! the capacity; only an application that never drains them while connections churn could make
+//! them grow.
+//!
+//! Timestamps: our TSval clock is [`Instant::ts_millis`] with offset 0 for every connection (the
+//! SYN-ACK's TSval comes from the same clock, [`CookieJar::make`] never runs it ahead). RFC 7323
+//! §7.1 suggests a per-connection random offset; that would need the offset derived from the
+//! 4-tuple under a key, which the cookie already hides in its low bits only — left for later.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::conn::{Handshake, State, Tcb, TcbConfig};
+use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
+use super::time::Instant;
+use crate::timer::{Millis, Wheel};
+use crate::wire::{
+    emit_tcp_frame_headers, parse_tcp_frame, tcp_payload_offset, ChecksumMode, EthernetRepr,
+    IpRepr, Ipv4Repr, Ipv6Repr, SeqNumber, TcpFlags, TcpFrame, TcpOptions, TcpRepr, Timestamps,
+    WireError, IP_PROTO_TCP,
+};
+
+/// Timer-wheel resolution. Finer than any TCP timer we run (the smallest is the delayed ACK).
+const WHEEL_TICK_MS: u64 = 1;
+/// Wheel buckets: a 4 s span at 1 ms; longer deadlines go round (lazy re-scheduling).
+const WHEEL_BUCKETS: usize = 4096;
+/// TTL / hop limit of what we send (Linux's default).
+const DEFAULT_TTL: u8 = 64;
+/// Largest frame we build: Ethernet with a VLAN tag, IPv6, TCP with 40 bytes of options.
+const MAX_HEADERS: usize = 18 + 40 + 60;
+/// `FlowTable` slot marker for an empty bucket.
+const EMPTY: u32 = u32::MAX;
+
+/// How a stack is set up. Everything is sized from it once, in [`Stack::new`].
+#[derive(Clone, Copy)]
+pub struct StackConfig<'a> {
+    /// Connection slots (the slab); the most connections the stack holds at once.
+    pub capacity: usize,
+    /// Addresses we accept connections on. An unspecified IP (`0.0.0.0` / `::`) matches every
+    /// local address of its family.
+    pub listeners: &'a [SocketAddr],
+    /// Tunables of every connection; `tcb.mss` is also the MSS our SYN-ACKs offer.
+    pub tcb: TcbConfig,
+    /// The current and previous SYN-cookie keys (random, and the same on every worker).
+    pub cookie_keys: [CookieKey; 2],
+    /// Key of the flow table's hash (random per worker; see [`FlowTable`] for why it is keyed).
+    pub flow_key: CookieKey,
+    /// Whether arriving checksums are verified. veth with offloads on hands partially
+    /// checksummed frames to AF_XDP, so the worker chooses. What we send is always checksummed.
+    pub rx_checksum: ChecksumMode,
+    /// Size of the transmit scratch frame (the UMEM frame size): bounds the largest frame we emit.
+    pub frame_size: usize,
+}
+
+impl std::fmt::Debug for StackConfig<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys are secrets: never in logs.
+        f.debug_struct("StackConfig")
+            .field("capacity", &self.capacity)
+            .field("listeners", &self.listeners)
+            .field("tcb", &self.tcb)
+            .field("rx_checksum", &self.rx_checksum)
+            .field("frame_size", &self.frame_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`StackConfig`] was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `capacity` is 0 or does not fit the slab's `u32` slot numbers.
+    #[error("stack capacity must be between 1 and {max}", max = u32::MAX / 4)]
+    Capacity,
+    /// `frame_size` cannot hold the headers plus one `tcb.mss` segment.
+    #[error("frame size {frame_size} cannot hold an MSS of {mss} plus headers")]
+    FrameTooSmall { frame_size: usize, mss: u16 },
+}
+
+/// Why an arriving frame was dropped (whether or not it was answered with an RST). Each is a
+/// counter in [`StackCounters`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RxDrop {
+    /// The frame did not parse.
+    #[error("malformed frame: {0}")]
+    Wire(WireError),
+    /// Sent to or from a group or unspecified address: never answered (RFC 1122 §4.2.3.10).
+    #[error("not for us")]
+    NotForUs,
+    /// No connection and no listener: answered with RST (RFC 9293 §3.10.7.1).
+    #[error("no listener")]
+    NoListener,
+    /// An ACK to a listener whose cookie does not validate: answered with RST.
+    #[error("bad SYN cookie")]
+    BadCookie,
+    /// A valid cookie but every slot is taken: answered with RST.
+    #[error("connection slab full")]
+    SlabFull,
+    /// An RST for no connection: discarded (RFC 9293 §3.10.7.1/§3.10.7.2).
+    #[error("RST for no connection")]
+    UnknownRst,
+    /// To a listener, with neither SYN nor ACK: discarded (RFC 9293 §3.10.7.2).
+    #[error("neither SYN nor ACK")]
+    NoSynNoAck,
+}
+
+impl RxDrop {
+    /// The stack-level reasons ([`RxDrop::Wire`] is counted per [`WireError`]), in
+    /// [`RxDrop::index`] order.
+    pub const STACK_REASONS: [RxDrop; 6] = [
+        RxDrop::NotForUs,
+        RxDrop::NoListener,
+        RxDrop::BadCookie,
+        RxDrop::SlabFull,
+        RxDrop::UnknownRst,
+        RxDrop::NoSynNoAck,
+    ];
+
+    /// Dense index into [`StackCounters::drops`]; `None` for [`RxDrop::Wire`].
+    pub const fn index(self) -> Option<usize> {
+        match self {
+            RxDrop::Wire(_) => None,
+            RxDrop::NotForUs => Some(0),
+            RxDrop::NoListener => Some(1),
+            RxDrop::BadCookie => Some(2),
+            RxDrop::SlabFull => Some(3),
+            RxDrop::UnknownRst => Some(4),
+            RxDrop::NoSynNoAck => Some(5),
+        }
+    }
+
+    /// A short snake_case name for metrics output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RxDrop::Wire(e) => e.name(),
+            RxDrop::NotForUs => "not_for_us",
+            RxDrop::NoListener => "no_listener",
+            RxDrop::BadCookie => "bad_cookie",
+            RxDrop::SlabFull => "slab_full",
+            RxDrop::UnknownRst => "unknown_rst",
+            RxDrop::NoSynNoAck => "no_syn_no_ack",
+        }
+    }
+}
+
+/// The stack's counters (per worker; the caller sums them across workers). Per-connection
+/// drops are in each [`Tcb::counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackCounters {
+    /// Frames dropped by parse error, indexed by [`WireError::index`].
+    pub wire_drops: [u64; WireError::ALL.len()],
+    /// Frames dropped by stack reason, indexed by [`RxDrop::index`].
+    pub drops: [u64; RxDrop::STACK_REASONS.len()],
+    /// SYN-ACKs sent (one per SYN to a listener without a connection).
+    pub syn_acks_sent: u64,
+    /// Connections created by a valid cookie.
+    pub connections_created: u64,
+    /// Connections that reached CLOSED and gave their slot back.
+    pub connections_closed: u64,
+    /// RSTs sent, by the stack or by connections.
+    pub rsts_sent: u64,
+    /// Frames handed to `out`.
+    pub frames_sent: u64,
+    /// Segments a connection wanted to send that did not fit the frame (none with a valid
+    /// config); the connection retries them at its next poll.
+    pub tx_errors: u64,
+}
+
+impl StackCounters {
+    /// The drop counter for `reason`.
+    pub fn dropped(&self, reason: RxDrop) -> u64 {
+        match reason {
+            RxDrop::Wire(e) => self.wire_drops[e.index()],
+            other => other.index().map_or(0, |i| self.drops[i]),
+        }
+    }
+
+    fn count(&mut self, reason: RxDrop) {
+        match reason {
+            RxDrop::Wire(e) => self.wire_drops[e.index()] += 1,
+            other => {
+                if let Some(i) = other.index() {
+                    self.drops[i] += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A handle on one connection: its slot and the slot's generation when it was created, so a
+/// handle outliving its connection never reaches the slot's next occupant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    slot: u32,
+    generation: u32,
+}
+
+impl ConnId {
+    /// The slab slot.
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+
+    /// How many connections the slot held before this one (wrapping).
+    pub fn generation(self) -> u32 {
+        self.generation
+    }
+}
+
+/// A 4-tuple as the flow table keys it: local address, remote address (IPv4 as v4-mapped IPv6),
+/// local port, remote port, big-endian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlowKey([u8; 36]);
+
+impl FlowKey {
+    fn new(local: SocketAddr, remote: SocketAddr) -> FlowKey {
+        let mut k = [0u8; 36];
+        k[0..16].copy_from_slice(&v6_octets(local.ip()));
+        k[16..32].copy_from_slice(&v6_octets(remote.ip()));
+        k[32..34].copy_from_slice(&local.port().to_be_bytes());
+        k[34..36].copy_from_slice(&remote.port().to_be_bytes());
+        FlowKey(k)
+    }
+}
+
+fn v6_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FlowEntry {
+    key: FlowKey,
+    hash: u32,
+    /// Slab slot, or [`EMPTY`].
+    slot: u32,
+}
+
+/// A fixed-capacity open-addressing hash map, 4-tuple → slab slot, with linear probing and
+/// backward-shift deletion (no tombstones, so lookups stay short under churn).
+///
+/// Invariants: `entries.len()` is a power of two at least twice the slab capacity, so the load
+/// factor never exceeds 1/2 and every probe sequence ends at an empty bucket; every entry sits
+/// between its home bucket and the first empty bucket after it.
+///
+/// The hash is SipHash-2-4 under a per-worker key rather than `tern_common::flow_hash`: every
+/// flow a worker sees was steered to it by `flow_hash % workers`, so that hash's low bits are
+/// correlated within a worker (constant when the worker count is a power of two), and an
+/// unkeyed hash lets a client pick ports that collide. The cost is one SipHash per packet.
+struct FlowTable {
+    entries: Vec<FlowEntry>,
+    key: CookieKey,
+    len: usize,
+}
+
+impl FlowTable {
+    fn new(capacity: usize, key: CookieKey) -> FlowTable {
+        let size = (capacity * 2).next_power_of_two().max(2);
+        FlowTable {
+            entries: vec![
+                FlowEntry {
+                    key: FlowKey([0; 36]),
+                    hash: 0,
+                    slot: EMPTY,
+                };
+                size
+            ],
+            key,
+            len: 0,
+        }
+    }
+
+    fn hash(&self, key: &FlowKey) -> u32 {
+        siphash24(&self.key, &key.0) as u32
+    }
+
+    fn mask(&self) -> usize {
+        self.entries.len() - 1
+    }
+
+    /// The bucket holding `key`, if present.
+    fn find(&self, key: &FlowKey, hash: u32) -> Option<usize> {
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        loop {
+            let e = &self.entries[i];
+            if e.slot == EMPTY {
+                return None;
+            }
+            if e.hash == hash && e.key == *key {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn get(&self, key: &FlowKey) -> Option<u32> {
+        self.find(key, self.hash(key)).map(|i| self.entries[i].slot)
+    }
+
+    /// Inserts a key known to be absent. The slab bounds `len` to half the table.
+    fn insert(&mut self, key: FlowKey, slot: u32) {
+        debug_assert!(
+            self.len < self.entries.len() / 2,
+            "flow table over its load factor"
+        );
+        let hash = self.hash(&key);
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        while self.entries[i].slot != EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.entries[i] = FlowEntry { key, hash, slot };
+        self.len += 1;
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> bool {
+        let Some(mut hole) = self.find(key, self.hash(key)) else {
+            return false;
+        };
+        let mask = self.mask();
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let e = self.entries[j];
+            if e.slot == EMPTY {
+                break;
+            }
+            let home = e.hash as usize & mask;
+            // Move `e` back into the hole unless its home lies cyclically in (hole, j]: then
+            // the hole is before its home and moving it would make it unreachable.
+            let home_in_range = if hole <= j {
+                hole < home && home <= j
+            } else {
+                hole < home || home <= j
+            };
+            if !home_in_range {
+                self.entries[hole] = e;
+                hole = j;
+            }
+        }
+        self.entries[hole].slot = EMPTY;
+        self.len -= 1;
+        true
+    }
+}
+
+/// One live connection: the TCB plus what the stack needs to address its frames.
+#[derive(Debug)]
+struct Conn {
+    tcb: Tcb,
+    key: FlowKey,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// The reply Ethernet header (MACs swapped from the handshake's final ACK, its VLAN tag).
+    eth: EthernetRepr,
+    /// The reply IP header template (addresses swapped; lengths are filled in per frame).
+    ip: IpRepr,
+    /// The deadline (ms) of this connection's one live wheel entry; entries with another
+    /// deadline are stale and dropped when their bucket fires.
+    armed_ms: Option<Millis>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Bumped each time the slot is freed; a [`ConnId`] is live iff its generation matches.
+    generation: u32,
+    conn: Option<Conn>,
+    /// Generation for which an entry sits in the ready queue (so a connection is queued once).
+    ready_for: Option<u32>,
+    /// An entry for the current connection sits in the dirty list.
+    dirty: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TimerEntry {
+    slot: u32,
+    generation: u32,
+    deadline_ms: Millis,
+}
+
+/// A server-side TCP stack for one worker. See the module documentation.
+pub struct Stack {
+    tcb_config: TcbConfig,
+    rx_checksum: ChecksumMode,
+    /// The window shift our SYN-ACKs offer: the smallest that lets the receive buffer be
+    /// advertised whole (RFC 7323 §2.3, at most 14).
+    our_wscale: u8,
+    listeners: Vec<SocketAddr>,
+    jar: CookieJar,
+    slots: Vec<Slot>,
+    /// Free slots; `free.len() + live connections == slots.len()`.
+    free: Vec<u32>,
+    flows: FlowTable,
+    wheel: Wheel<TimerEntry>,
+    /// Connections due in this `poll` (scratch, capacity = slots).
+    due: Vec<TimerEntry>,
+    /// Connections with news for the application (accepted, data, space, state change, gone).
+    ready: VecDeque<ConnId>,
+    /// Connections the application touched through [`Stack::conn_mut`]; flushed by `poll`.
+    dirty: Vec<ConnId>,
+    /// The frame being built; `out` gets a view of it.
+    tx: Vec<u8>,
+    counters: StackCounters,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("capacity", &self.slots.len())
+            .field("connections", &self.flows.len)
+            .field("listeners", &self.listeners)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stack {
+    /// Builds a stack and allocates everything its per-packet path uses.
+    pub fn new(config: StackConfig<'_>, now: Instant) -> Result<Stack, ConfigError> {
+        if config.capacity == 0 || config.capacity > (u32::MAX / 4) as usize {
+            return Err(ConfigError::Capacity);
+        }
+        if config.frame_size < MAX_HEADERS + usize::from(config.tcb.mss) {
+            return Err(ConfigError::FrameTooSmall {
+                frame_size: config.frame_size,
+                mss: config.tcb.mss,
+            });
+        }
+        let mut our_wscale = 0u8;
+        while our_wscale < 14 && (config.tcb.recv_buffer >> our_wscale) > usize::from(u16::MAX) {
+            our_wscale += 1;
+        }
+        Ok(Stack {
+            tcb_config: config.tcb,
+            rx_checksum: config.rx_checksum,
+            our_wscale,
+            listeners: config.listeners.to_vec(),
+            jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
+            slots: (0..config.capacity).map(|_| Slot::default()).collect(),
+            // Popped from the end: slot 0 first.
+            free: (0..config.capacity as u32).rev().collect(),
+            flows: FlowTable::new(config.capacity, config.flow_key),
+            wheel: Wheel::new(WHEEL_TICK_MS, WHEEL_BUCKETS, to_ms_floor(now)),
+            due: Vec::with_capacity(config.capacity),
+            ready: VecDeque::with_capacity(config.capacity * 2),
+            dirty: Vec::with_capacity(config.capacity * 2),
+            tx: vec![0; config.frame_size],
+            counters: StackCounters::default(),
+        })
+    }
+
+    /// Slab capacity.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Live connections (flow-table entries).
+    pub fn len(&self) -> usize {
+        self.flows.len
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.flows.len == 0
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &StackCounters {
+        &self.counters
+    }
+
+    /// Makes `key` the cookie-signing key; the current one keeps validating (see
+    /// [`CookieJar::rotate`]).
+    pub fn rotate_cookie_key(&mut self, key: CookieKey) {
+        self.jar.rotate(key);
+    }
+
+    /// The connection behind `id`, if it is still live.
+    pub fn conn(&self, id: ConnId) -> Option<&Tcb> {
+        self.live(id).map(|c| &c.tcb)
+    }
+
+    /// The connection behind `id` for `send`/`recv`/`close`/`abort`. What that causes to be sent
+    /// goes out at the next [`poll`](Self::poll).
+    pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut Tcb> {
+        let slot = self.slots.get_mut(id.slot as usize)?;
+        if slot.generation != id.generation || slot.conn.is_none() {
+            return None;
+        }
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(id);
+        }
+        slot.conn.as_mut().map(|c| &mut c.tcb)
+    }
+
+    /// `(local, remote)` addresses of a live connection.
+    pub fn endpoints(&self, id: ConnId) -> Option<(SocketAddr, SocketAddr)> {
+        self.live(id).map(|c| (c.local, c.remote))
+    }
+
+    /// Every live connection, in slot order (O(capacity): for the application's housekeeping,
+    /// not the per-packet path).
+    pub fn connections(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.conn.as_ref().map(|_| ConnId {
+                slot: i as u32,
+                generation: s.generation,
+            })
+        })
+    }
+
+    /// The next connection with news for the application: newly accepted, readable, send space
+    /// freed, state changed, or gone (then [`conn`](Self::conn) returns `None`). Each
+    /// connection is queued at most once until popped.
+    pub fn pop_ready(&mut self) -> Option<ConnId> {
+        let id = self.ready.pop_front()?;
+        let slot = &mut self.slots[id.slot as usize];
+        if slot.ready_for == Some(id.generation) {
+            slot.ready_for = None;
+        }
+        Some(id)
+    }
+
+    fn live(&self, id: ConnId) -> Option<&Conn> {
+        let slot = self.slots.get(id.slot as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.conn.as_ref()
+    }
+
+    /// Handles one arriving frame at `now`; every frame it sends in reply goes through `out`
+    /// before it returns. `Err` says why the frame was dropped (already counted); an RST may
+    /// still have been sent for it.
+    pub fn receive(
+        &mut self,
+        frame: &[u8],
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> Result<(), RxDrop> {
+        let result = self.receive_inner(frame, now, out);
+        if let Err(reason) = result {
+            self.counters.count(reason);
+        }
+        result
+    }
+
+    fn receive_inner(
+        &mut self,
+        frame: &[u8],
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> Result<(), RxDrop> {
+        let rx = parse_tcp_frame(frame, self.rx_checksum).map_err(RxDrop::Wire)?;
+        let local = SocketAddr::new(rx.ip.dst_addr(), rx.tcp.dst_port);
+        let remote = SocketAddr::new(rx.ip.src_addr(), rx.tcp.src_port);
+        let key = FlowKey::new(local, remote);
+        if let Some(slot) = self.flows.get(&key) {
+            self.segment_for_conn(slot, &rx, now, out);
+            return Ok(());
+        }
+        if !addressed_to_us(&rx) {
+            return Err(RxDrop::NotForUs);
+        }
+        let tcp = &rx.tcp;
+        // RFC 9293 §3.10.7.1 / §3.10.7.2: an RST for no connection is discarded.
+        if tcp.flags.contains(TcpFlags::RST) {
+            return Err(RxDrop::UnknownRst);
+        }
+        if !self.is_listener(local) {
+            // RFC 9293 §3.10.7.1 CLOSED: answer with RST.
+            self.send_reset(&rx, out);
+            return Err(RxDrop::NoListener);
+        }
+        let tuple = CookieTuple { local, remote };
+        match tcp.ack {
+            // RFC 9293 §3.10.7.2 LISTEN, second check: any ACK (a SYN-ACK too) is bad here
+            // unless it completes a cookie handshake.
+            Some(ack) => {
+                if tcp.flags.contains(TcpFlags::SYN) {
+                    self.send_reset(&rx, out);
+                    return Err(RxDrop::BadCookie);
+                }
+                self.cookie_ack(&rx, &tuple, ack, key, now, out)
+            }
+            // Third check: a SYN gets a SYN-ACK, statelessly.
+            None if tcp.flags.contains(TcpFlags::SYN) => {
+                self.syn_ack(&rx, &tuple, now, out);
+                Ok(())
+            }
+            // Fourth: "Any other control or text-bearing segment ... drop it and return".
+            None => Err(RxDrop::NoSynNoAck),
+        }
+    }
+
+    fn is_listener(&self, local: SocketAddr) -> bool {
+        self.listeners.iter().any(|l| {
+            l.port() == local.port()
+                && (l.ip() == local.ip()
+                    || (l.ip().is_unspecified() && l.is_ipv4() == local.is_ipv4()))
+        })
+    }
+
+    /// A segment for a live connection: process it, send its replies, re-arm its timer, tell
+    /// the application, free the slot if it closed.
+    fn segment_for_conn(
+        &mut self,
+        slot: u32,
+        rx: &TcpFrame<'_>,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) {
+        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+            debug_assert!(false, "flow table points at an empty slot");
+            return;
+        };
+        let before = Snapshot::of(&conn.tcb);
+        // Drops inside the connection are counted in its own counters.
+        let _ = conn.tcb.process(now, &rx.tcp, rx.payload);
+        self.after_activity(slot, before, now, out);
+    }
+
+    /// Common tail of every event on a connection.
+    fn after_activity(
+        &mut self,
+        slot: u32,
+        before: Snapshot,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) {
+        let s = &mut self.slots[slot as usize];
+        let generation = s.generation;
+        let Some(conn) = s.conn.as_mut() else {
+            return;
+        };
+        transmit(conn, &mut self.tx, now, &mut self.counters, out);
+        if let Some(deadline) = conn.tcb.next_timer() {
+            let ms = to_ms_ceil(deadline);
+            if conn.armed_ms.is_none_or(|armed| ms < armed) {
+                conn.armed_ms = Some(ms);
+                self.wheel.insert(
+                    ms,
+                    TimerEntry {
+                        slot,
+                        generation,
+                        deadline_ms: ms,
+                    },
+                );
+            }
+        }
+        let after = Snapshot::of(&conn.tcb);
+        let closed = after.state == State::Closed;
+        if before.news(&after) {
+            self.notify(ConnId { slot, generation });
+        }
+        if closed {
+            self.free_slot(slot);
+        }
+    }
+
+    fn notify(&mut self, id: ConnId) {
+        let slot = &mut self.slots[id.slot as usize];
+        if slot.ready_for != Some(id.generation) {
+            slot.ready_for = Some(id.generation);
+            self.ready.push_back(id);
+        }
+    }
+
+    fn free_slot(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        let Some(conn) = s.conn.take() else {
+            return;
+        };
+        s.generation = s.generation.wrapping_add(1);
+        s.dirty = false;
+        let removed = self.flows.remove(&conn.key);
+        debug_assert!(removed, "a live connection is in the flow table");
+        self.free.push(slot);
+        self.counters.connections_closed += 1;
+    }
+
+    /// Stateless SYN-ACK (RFC 4987 §3.6): the cookie is our ISN; MSS always, window scale and
+    /// SACK-permitted only when timestamps can carry them back to us.
+    fn syn_ack(
+        &mut self,
+        rx: &TcpFrame<'_>,
+        tuple: &CookieTuple,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) {
+        let syn = &rx.tcp;
+        let peer = syn.options;
+        // RFC 9293 §3.7.1: without the option, assume 536 (IPv4) or 1220 (IPv6, RFC 8200 §5).
+        let default_mss = if tuple.remote.is_ipv4() { 536 } else { 1220 };
+        let ts_now = peer.timestamps.map(|_| now.ts_millis());
+        let (isn, tsval) = self.jar.make(
+            tuple,
+            syn.seq.0,
+            peer.mss.unwrap_or(default_mss),
+            peer.window_scale,
+            peer.sack_permitted,
+            ts_now,
+            now,
+        );
+        let carried = tsval.is_some();
+        let options = TcpOptions {
+            mss: Some(self.tcb_config.mss),
+            // RFC 7323 §2.2: offer a shift only to a SYN that offered one.
+            window_scale: (carried && peer.window_scale.is_some()).then_some(self.our_wscale),
+            sack_permitted: carried && peer.sack_permitted,
+            timestamps: tsval
+                .zip(peer.timestamps)
+                .map(|(tsval, theirs)| Timestamps {
+                    tsval,
+                    tsecr: theirs.tsval,
+                }),
+            ..TcpOptions::default()
+        };
+        let repr = TcpRepr {
+            src_port: syn.dst_port,
+            dst_port: syn.src_port,
+            seq: SeqNumber(isn),
+            ack: Some(syn.seq + 1),
+            flags: TcpFlags::SYN,
+            // RFC 7323 §2.2: the window of a SYN-ACK is never scaled.
+            window: u16::try_from(self.tcb_config.recv_buffer).unwrap_or(u16::MAX),
+            options,
+            payload_len: 0,
+        };
+        if self.emit_reply(rx, &repr, out) {
+            self.counters.syn_acks_sent += 1;
+        }
+    }
+
+    /// The handshake's final ACK for a flow we have no state for: validate the cookie, then
+    /// create the connection (RFC 4987 §3.6).
+    fn cookie_ack(
+        &mut self,
+        rx: &TcpFrame<'_>,
+        tuple: &CookieTuple,
+        ack: SeqNumber,
+        key: FlowKey,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> Result<(), RxDrop> {
+        let seg = &rx.tcp;
+        let tsecr = seg.options.timestamps.map(|t| t.tsecr);
+        let iss = ack - 1;
+        let irs = seg.seq - 1;
+        let Ok(negotiated) = self.jar.check(tuple, iss.0, irs.0, tsecr, now) else {
+            self.send_reset(rx, out);
+            return Err(RxDrop::BadCookie);
+        };
+        let Some(slot) = self.free.pop() else {
+            self.send_reset(rx, out);
+            return Err(RxDrop::SlabFull);
+        };
+        let hs = Handshake {
+            local_port: tuple.local.port(),
+            remote_port: tuple.remote.port(),
+            iss,
+            irs,
+            peer_mss: negotiated.mss,
+            window_scale: negotiated.ws.map(|peer| (peer, self.our_wscale)),
+            sack_permitted: negotiated.sack_perm,
+            timestamps: tsecr.map(|_| 0),
+            peer_window: seg.window,
+        };
+        let tcb = Tcb::accept(self.tcb_config, &hs, seg, rx.payload, now);
+        let s = &mut self.slots[slot as usize];
+        s.conn = Some(Conn {
+            tcb,
+            key,
+            local: tuple.local,
+            remote: tuple.remote,
+            eth: reply_eth(&rx.eth),
+            ip: reply_ip(&rx.ip),
+            armed_ms: None,
+        });
+        self.flows.insert(key, slot);
+        self.counters.connections_created += 1;
+        // A new connection is news whatever its state.
+        let generation = self.slots[slot as usize].generation;
+        self.notify(ConnId { slot, generation });
+        self.after_activity(
+            slot,
+            Snapshot {
+                state: State::Closed,
+                recv_queue: 0,
+                send_queue: 0,
+            },
+            now,
+            out,
+        );
+        Ok(())
+    }
+
+    /// RST for a segment that belongs to no connection (RFC 9293 §3.10.7.1): if it had an ACK,
+    /// `<SEQ=SEG.ACK><CTL=RST>`, else `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`. Callers have
+    /// already excluded RSTs and group addresses.
+    fn send_reset(&mut self, rx: &TcpFrame<'_>, out: &mut impl FnMut(&[u8])) {
+        let seg = &rx.tcp;
+        let (seq, ack) = match seg.ack {
+            Some(ack) => (ack, None),
+            None => (SeqNumber(0), Some(seg.seq + seg.segment_len() as u32)),
+        };
+        let repr = TcpRepr {
+            src_port: seg.dst_port,
+            dst_port: seg.src_port,
+            seq,
+            ack,
+            flags: TcpFlags::RST,
+            window: 0,
+            options: TcpOptions::default(),
+            payload_len: 0,
+        };
+        if self.emit_reply(rx, &repr, out) {
+            self.counters.rsts_sent += 1;
+        }
+    }
+
+    /// Emits a payload-less segment back along the path `rx` came on.
+    fn emit_reply(
+        &mut self,
+        rx: &TcpFrame<'_>,
+        repr: &TcpRepr,
+        out: &mut impl FnMut(&[u8]),
+    ) -> bool {
+        let eth = reply_eth(&rx.eth);
+        let ip = reply_ip(&rx.ip);
+        match emit_tcp_frame_headers(&mut self.tx, &eth, &ip, repr, ChecksumMode::Compute) {
+            Ok(n) => {
+                self.counters.frames_sent += 1;
+                out(&self.tx[..n]);
+                true
+            }
+            Err(_) => {
+                self.counters.tx_errors += 1;
+                false
+            }
+        }
+    }
+
+    /// Runs the timers due at `now` and sends what the application queued through
+    /// [`conn_mut`](Self::conn_mut) since the last poll; frees connections that reached CLOSED.
+    /// Cost: the connections touched or due, not the connections held.
+    pub fn poll(&mut self, now: Instant, out: &mut impl FnMut(&[u8])) {
+        // Application-side changes first: a `close` or `send` wants its segments out now.
+        let mut i = 0;
+        while i < self.dirty.len() {
+            let id = self.dirty[i];
+            i += 1;
+            let s = &mut self.slots[id.slot as usize];
+            if s.generation != id.generation {
+                continue;
+            }
+            s.dirty = false;
+            let Some(conn) = s.conn.as_ref() else {
+                continue;
+            };
+            // The application saw the connection as it is now; only what this flush changes
+            // is news.
+            let before = Snapshot::of(&conn.tcb);
+            self.after_activity(id.slot, before, now, out);
+        }
+        self.dirty.clear();
+
+        let now_ms = to_ms_floor(now);
+        let slots = &mut self.slots;
+        let due = &mut self.due;
+        self.wheel.expire(now_ms, |wheel, entry| {
+            let Some(conn) = slots
+                .get_mut(entry.slot as usize)
+                .filter(|s| s.generation == entry.generation)
+                .and_then(|s| s.conn.as_mut())
+            else {
+                return;
+            };
+            if conn.armed_ms != Some(entry.deadline_ms) {
+                return; // Stale: a later insert superseded this entry.
+            }
+            match conn.tcb.next_timer() {
+                Some(deadline) if deadline <= now => due.push(entry),
+                // Lazy re-scheduling: the deadline moved out since this entry was made.
+                Some(deadline) => {
+                    let ms = to_ms_ceil(deadline).max(now_ms + 1);
+                    conn.armed_ms = Some(ms);
+                    wheel.insert(
+                        ms,
+                        TimerEntry {
+                            deadline_ms: ms,
+                            ..entry
+                        },
+                    );
+                }
+                None => conn.armed_ms = None,
+            }
+        });
+        let mut i = 0;
+        while i < self.due.len() {
+            let entry = self.due[i];
+            i += 1;
+            let Some(conn) = self.slots[entry.slot as usize].conn.as_mut() else {
+                continue;
+            };
+            conn.armed_ms = None;
+            let before = Snapshot::of(&conn.tcb);
+            conn.tcb.on_timer(now);
+            self.after_activity(entry.slot, before, now, out);
+        }
+        self.due.clear();
+    }
+}
+
+/// What the application cares about in a connection, compared before and after an event.
+#[derive(Clone, Copy, Debug)]
+struct Snapshot {
+    state: State,
+    recv_queue: usize,
+    send_queue: usize,
+}
+
+impl Snapshot {
+    fn of(tcb: &Tcb) -> Snapshot {
+        Snapshot {
+            state: tcb.state(),
+            recv_queue: tcb.recv_queue(),
+            send_queue: tcb.send_queue(),
+        }
+    }
+
+    /// New data to read, send space freed, or a state change (FIN, close, reset).
+    fn news(&self, after: &Snapshot) -> bool {
+        after.state != self.state
+            || after.recv_queue > self.recv_queue
+            || after.send_queue < self.send_queue
+    }
+}
+
+/// Sends what `conn` has due into `out`, one frame at a time through the scratch buffer.
+fn transmit(
+    conn: &mut Conn,
+    buf: &mut [u8],
+    now: Instant,
+    counters: &mut StackCounters,
+    out: &mut impl FnMut(&[u8]),
+) {
+    let eth = conn.eth;
+    let ip = conn.ip;
+    let result = conn.tcb.poll_transmit(now, |repr, payload| {
+        let start = tcp_payload_offset(&eth, &ip, repr);
+        let dst = buf
+            .get_mut(start..start + payload.len())
+            .ok_or(WireError::BufferTooSmall)?;
+        payload.copy_to(dst);
+        let n = emit_tcp_frame_headers(buf, &eth, &ip, repr, ChecksumMode::Compute)?;
+        counters.frames_sent += 1;
+        if repr.flags.contains(TcpFlags::RST) {
+            counters.rsts_sent += 1;
+        }
+        out(&buf[..n]);
+        Ok::<(), WireError>(())
+    });
+    if result.is_err() {
+        counters.tx_errors += 1;
+    }
+}
+
+/// The Ethernet header of a reply: addresses swapped, same VLAN.
+fn reply_eth(rx: &EthernetRepr) -> EthernetRepr {
+    EthernetRepr {
+        src_addr: rx.dst_addr,
+        dst_addr: rx.src_addr,
+        ..*rx
+    }
+}
+
+/// The IP header of a reply: addresses swapped, our TTL, DF set (we never fragment).
+fn reply_ip(rx: &IpRepr) -> IpRepr {
+    match rx {
+        IpRepr::V4(r) => IpRepr::V4(Ipv4Repr {
+            src_addr: r.dst_addr,
+            dst_addr: r.src_addr,
+            protocol: IP_PROTO_TCP,
+            payload_len: 0,
+            ttl: DEFAULT_TTL,
+            dscp_ecn: 0,
+            ident: 0,
+            dont_frag: true,
+        }),
+        IpRepr::V6(r) => IpRepr::V6(Ipv6Repr {
+            src_addr: r.dst_addr,
+            dst_addr: r.src_addr,
+            next_header: IP_PROTO_TCP,
+            payload_len: 0,
+            hop_limit: DEFAULT_TTL,
+            traffic_class: 0,
+            flow_label: 0,
+        }),
+    }
+}
+
+/// Whether a frame may be answered: unicast at both layers, a real source (RFC 1122
+/// §4.2.3.10: no RST or SYN-ACK to a broadcast or multicast address).
+fn addressed_to_us(rx: &TcpFrame<'_>) -> bool {
+    if rx.eth.dst_addr.is_multicast() || rx.eth.src_addr.is_multicast() {
+        return false;
+    }
+    match rx.ip {
+        IpRepr::V4(r) => unicast_v4(r.src_addr) && unicast_v4(r.dst_addr),
+        IpRepr::V6(r) => unicast_v6(r.src_addr) && unicast_v6(r.dst_addr),
+    }
+}
+
+fn unicast_v4(a: Ipv4Addr) -> bool {
+    !(a.is_multicast() || a.is_broadcast() || a.is_unspecified())
+}
+
+fn unicast_v6(a: Ipv6Addr) -> bool {
+    !(a.is_multicast() || a.is_unspecified())
+}
+
+/// Wheel time, rounded down: a poll at `now` fires everything due at or before it.
+fn to_ms_floor(t: Instant) -> Millis {
+    t.as_micros() / 1_000
+}
+
+/// A deadline in wheel time, rounded up so nothing fires early.
+fn to_ms_ceil(t: Instant) -> Millis {
+    t.as_micros().div_ceil(1_000)
+}

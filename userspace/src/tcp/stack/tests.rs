@@ -1,0 +1,934 @@
+//! Tests for [`Stack`] with crafted frames (built with `wire::emit_tcp_frame`, checksums
+//! computed and verified both ways), and an end-to-end run against a client [`Tcb`] that does
+//! its side of the handshake by hand and then talks to the stack through frames.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::tcp::conn::CloseReason;
+use crate::tcp::time::Duration;
+use crate::wire::{emit_tcp_frame, parse_tcp_frame, EtherType, EthernetAddress};
+
+const SERVER_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x01]);
+const CLIENT_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x02]);
+const PORT: u16 = 443;
+const MSS: u16 = 1400;
+const FRAME: usize = 2048;
+
+fn server() -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], PORT))
+}
+
+fn client(n: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 2], 40_000 + n))
+}
+
+/// Test time: milliseconds after a base far enough from the epoch for nothing to saturate.
+fn t(ms: u64) -> Instant {
+    Instant::from_millis(100_000 + ms)
+}
+
+fn tcb_config() -> TcbConfig {
+    TcbConfig {
+        send_buffer: 64 * 1024,
+        recv_buffer: 256 * 1024,
+        mss: MSS,
+        time_wait: Duration::from_secs(1),
+        ..TcbConfig::default()
+    }
+}
+
+fn stack(capacity: usize) -> Stack {
+    Stack::new(
+        StackConfig {
+            capacity,
+            listeners: &[server()],
+            tcb: tcb_config(),
+            cookie_keys: [[7; 16], [9; 16]],
+            flow_key: [3; 16],
+            rx_checksum: ChecksumMode::Compute,
+            frame_size: FRAME,
+        },
+        t(0),
+    )
+    .expect("valid stack config")
+}
+
+/// A frame from `src` to `dst` (client → server MACs unless `src` is the server).
+fn frame(src: SocketAddr, dst: SocketAddr, repr: TcpRepr, payload: &[u8]) -> Vec<u8> {
+    let (src_mac, dst_mac) = if src == server() {
+        (SERVER_MAC, CLIENT_MAC)
+    } else {
+        (CLIENT_MAC, SERVER_MAC)
+    };
+    let eth = EthernetRepr {
+        src_addr: src_mac,
+        dst_addr: dst_mac,
+        vlan: None,
+        ethertype: EtherType::IPV4,
+    };
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("tests use IPv4");
+    };
+    let ip = IpRepr::V4(Ipv4Repr {
+        src_addr: s,
+        dst_addr: d,
+        protocol: IP_PROTO_TCP,
+        payload_len: 0,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident: 0,
+        dont_frag: true,
+    });
+    let repr = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        ..repr
+    };
+    let mut buf = vec![0; FRAME];
+    let n = emit_tcp_frame(&mut buf, &eth, &ip, &repr, payload, ChecksumMode::Compute)
+        .expect("test frame fits");
+    buf.truncate(n);
+    buf
+}
+
+/// A parsed frame the stack sent (checksums verified), owning its payload.
+#[derive(Debug)]
+struct Out {
+    eth: EthernetRepr,
+    ip: IpRepr,
+    tcp: TcpRepr,
+    payload: Vec<u8>,
+}
+
+#[track_caller]
+fn parse_out(bytes: &[u8]) -> Out {
+    let f = parse_tcp_frame(bytes, ChecksumMode::Compute).expect("the stack emits valid frames");
+    Out {
+        eth: f.eth,
+        ip: f.ip,
+        tcp: f.tcp,
+        payload: f.payload.to_vec(),
+    }
+}
+
+/// Feeds one frame; returns the result and the frames sent in reply.
+fn deliver(s: &mut Stack, bytes: &[u8], now: Instant) -> (Result<(), RxDrop>, Vec<Out>) {
+    let mut out = Vec::new();
+    let r = s.receive(bytes, now, &mut |b| out.push(parse_out(b)));
+    (r, out)
+}
+
+fn poll(s: &mut Stack, now: Instant) -> Vec<Out> {
+    let mut out = Vec::new();
+    s.poll(now, &mut |b| out.push(parse_out(b)));
+    out
+}
+
+fn templ() -> TcpRepr {
+    TcpRepr {
+        src_port: 0,
+        dst_port: 0,
+        seq: SeqNumber(0),
+        ack: None,
+        flags: TcpFlags::NONE,
+        window: 0,
+        options: TcpOptions::default(),
+        payload_len: 0,
+    }
+}
+
+/// A Linux-like SYN: MSS 1460, window scale 7, SACK-permitted, timestamps.
+fn syn(isn: u32, tsval: u32) -> TcpRepr {
+    TcpRepr {
+        seq: SeqNumber(isn),
+        flags: TcpFlags::SYN,
+        window: 64_240,
+        options: TcpOptions {
+            mss: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            timestamps: Some(Timestamps { tsval, tsecr: 0 }),
+            ..TcpOptions::default()
+        },
+        ..templ()
+    }
+}
+
+/// Client side of a connection: its `Tcb` once the handshake is done.
+const CLIENT_WSCALE: u8 = 7;
+
+fn client_config() -> TcbConfig {
+    TcbConfig {
+        send_buffer: 64 * 1024,
+        recv_buffer: 64 * 1024,
+        mss: 1460,
+        time_wait: Duration::from_secs(1),
+        ..TcbConfig::default()
+    }
+}
+
+/// Does the client's half of the handshake by hand (SYN, SYN-ACK, final ACK) against the stack
+/// and returns the client's `Tcb` and the stack's new connection.
+#[track_caller]
+fn connect(s: &mut Stack, addr: SocketAddr, isn: u32, now: Instant) -> (Tcb, ConnId) {
+    let tsval = now.ts_millis();
+    let (r, out) = deliver(s, &frame(addr, server(), syn(isn, tsval), &[]), now);
+    assert_eq!(r, Ok(()), "SYN accepted");
+    assert_eq!(out.len(), 1, "one SYN-ACK");
+    let sa = &out[0].tcp;
+    let ts = sa.options.timestamps.expect("SYN-ACK echoes timestamps");
+    let hs = Handshake {
+        local_port: addr.port(),
+        remote_port: PORT,
+        iss: SeqNumber(isn),
+        irs: sa.seq,
+        peer_mss: sa.options.mss.expect("SYN-ACK carries MSS"),
+        window_scale: sa.options.window_scale.map(|w| (w, CLIENT_WSCALE)),
+        sack_permitted: sa.options.sack_permitted,
+        timestamps: Some(0),
+        peer_window: sa.window,
+    };
+    let client = Tcb::new(client_config(), &hs, now);
+    let ack = TcpRepr {
+        seq: SeqNumber(isn) + 1,
+        ack: Some(sa.seq + 1),
+        window: (client_config().recv_buffer >> CLIENT_WSCALE) as u16,
+        options: TcpOptions {
+            timestamps: Some(Timestamps {
+                tsval: now.ts_millis(),
+                tsecr: ts.tsval,
+            }),
+            ..TcpOptions::default()
+        },
+        ..templ()
+    };
+    let before = s.counters().connections_created;
+    let (r, out) = deliver(s, &frame(addr, server(), ack, &[]), now);
+    assert_eq!(r, Ok(()), "cookie ACK accepted");
+    assert!(out.is_empty(), "a bare final ACK needs no reply: {out:?}");
+    assert_eq!(
+        s.counters().connections_created,
+        before + 1,
+        "one connection"
+    );
+    let id = s.pop_ready().expect("the new connection is reported");
+    assert_eq!(
+        s.endpoints(id),
+        Some((server(), addr)),
+        "endpoints of the new connection"
+    );
+    (client, id)
+}
+
+/// Feeds everything the client has due to the stack; returns the stack's replies.
+fn client_to_stack(s: &mut Stack, c: &mut Tcb, addr: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    c.poll_transmit(now, |repr, payload| {
+        let mut bytes = vec![0; payload.len()];
+        payload.copy_to(&mut bytes);
+        frames.push(frame(addr, server(), *repr, &bytes));
+        Ok::<(), ()>(())
+    })
+    .expect("the test link never refuses");
+    let mut replies = Vec::new();
+    for f in frames {
+        let r = s.receive(&f, now, &mut |b| replies.push(b.to_vec()));
+        assert_eq!(r, Ok(()), "client segment accepted by the stack");
+    }
+    replies
+}
+
+fn stack_to_client(c: &mut Tcb, frames: &[Vec<u8>], now: Instant) {
+    for f in frames {
+        let p = parse_out(f);
+        // Drops (duplicates) are counted in the client's counters.
+        let _ = c.process(now, &p.tcp, &p.payload);
+    }
+}
+
+// ---------------------------------------------------------------------- passive open
+
+#[test]
+fn syn_gets_syn_ack_with_options_and_no_state() {
+    let mut s = stack(4);
+    let (r, out) = deliver(
+        &mut s,
+        &frame(client(1), server(), syn(1000, 555), &[]),
+        t(0),
+    );
+    assert_eq!(r, Ok(()), "SYN handled");
+    assert_eq!(out.len(), 1, "exactly one SYN-ACK");
+    let o = &out[0];
+    assert_eq!(
+        (o.eth.src_addr, o.eth.dst_addr),
+        (SERVER_MAC, CLIENT_MAC),
+        "MACs swapped"
+    );
+    assert_eq!(
+        (o.ip.src_addr(), o.ip.dst_addr()),
+        (server().ip(), client(1).ip()),
+        "addresses swapped"
+    );
+    assert_eq!(
+        (o.tcp.src_port, o.tcp.dst_port),
+        (PORT, client(1).port()),
+        "ports"
+    );
+    assert_eq!(o.tcp.flags, TcpFlags::SYN, "SYN-ACK flags");
+    assert_eq!(o.tcp.ack, Some(SeqNumber(1001)), "acknowledges the SYN");
+    assert_eq!(o.tcp.options.mss, Some(MSS), "our MSS");
+    // 256 KiB of receive buffer needs a shift of 3 to be advertised whole.
+    assert_eq!(o.tcp.options.window_scale, Some(3), "our window scale");
+    assert!(o.tcp.options.sack_permitted, "SACK-permitted echoed");
+    let ts = o.tcp.options.timestamps.expect("timestamps");
+    assert_eq!(ts.tsecr, 555, "TSecr echoes the SYN's TSval");
+    assert!(
+        ts.tsval <= t(0).ts_millis(),
+        "TSval never ahead of our clock"
+    );
+    assert_eq!(o.tcp.window, u16::MAX, "unscaled SYN-ACK window, capped");
+    assert!(o.payload.is_empty(), "no payload");
+    assert_eq!(s.len(), 0, "a SYN creates no state");
+    assert_eq!(s.pop_ready(), None, "nothing for the application");
+    assert_eq!(s.counters().syn_acks_sent, 1, "counted");
+
+    // Without timestamps, window scaling and SACK cannot be carried by the cookie: omitted.
+    let bare = TcpRepr {
+        options: TcpOptions {
+            mss: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            ..TcpOptions::default()
+        },
+        ..syn(2000, 0)
+    };
+    let (_, out) = deliver(&mut s, &frame(client(2), server(), bare, &[]), t(1));
+    assert_eq!(out.len(), 1, "one SYN-ACK");
+    assert_eq!(
+        out[0].tcp.options,
+        TcpOptions {
+            mss: Some(MSS),
+            ..TcpOptions::default()
+        },
+        "only MSS without timestamps"
+    );
+    assert_eq!(s.len(), 0, "still no state");
+}
+
+#[test]
+fn cookie_ack_creates_exactly_one_connection() {
+    let mut s = stack(4);
+    let (client_tcb, id) = connect(&mut s, client(1), 5000, t(0));
+    assert_eq!(s.len(), 1, "one flow");
+    assert_eq!(s.counters().connections_created, 1, "one connection");
+    let conn = s.conn(id).expect("live");
+    assert_eq!(conn.state(), State::Established, "established");
+    assert_eq!(
+        conn.rcv_nxt(),
+        SeqNumber(5001),
+        "RCV.NXT after the client ISN"
+    );
+    assert_eq!(
+        conn.snd_una(),
+        client_tcb.rcv_nxt(),
+        "ISS agrees both sides"
+    );
+    assert_eq!(s.connections().collect::<Vec<_>>(), vec![id], "iterated");
+    assert_eq!(s.pop_ready(), None, "reported once");
+}
+
+#[test]
+fn data_flows_both_ways_and_is_acked() {
+    let mut s = stack(4);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 5000, t(0));
+    assert_eq!(c.send(b"hello, server"), 13, "queued on the client");
+    let replies = client_to_stack(&mut s, &mut c, addr, t(1));
+    // Delayed ACK: nothing is owed immediately for one small segment.
+    stack_to_client(&mut c, &replies, t(1));
+    assert_eq!(s.pop_ready(), Some(id), "readable");
+    let mut buf = [0u8; 64];
+    let tcb = s.conn_mut(id).expect("live");
+    let n = tcb.recv(&mut buf);
+    assert_eq!(&buf[..n], b"hello, server", "bytes arrive in order");
+    assert_eq!(tcb.send(b"hello, client"), 13, "queued on the server");
+    let out = poll(&mut s, t(2));
+    assert_eq!(out.len(), 1, "one data segment: {out:?}");
+    assert_eq!(out[0].payload, b"hello, client", "server data");
+    assert_eq!(
+        out[0].tcp.ack,
+        Some(SeqNumber(5001 + 13)),
+        "it ACKs the client's data"
+    );
+    let bytes: Vec<Vec<u8>> = out
+        .iter()
+        .map(|o| frame(server(), addr, o.tcp, &o.payload))
+        .collect();
+    stack_to_client(&mut c, &bytes, t(2));
+    assert_eq!(c.snd_una(), c.snd_nxt(), "client data acknowledged");
+    let n = c.recv(&mut buf);
+    assert_eq!(&buf[..n], b"hello, client", "client reads the reply");
+    // The client's ACK (delayed, then due) reaches the server.
+    c.on_timer(t(100));
+    let replies = client_to_stack(&mut s, &mut c, addr, t(100));
+    assert!(replies.is_empty(), "a pure ACK needs no reply");
+    let tcb = s.conn(id).expect("live");
+    assert_eq!(tcb.send_queue(), 0, "server data acknowledged");
+}
+
+// ---------------------------------------------------------------------- RSTs
+
+#[test]
+fn bad_cookie_ack_gets_rst_and_no_state() {
+    let mut s = stack(4);
+    let ack = TcpRepr {
+        seq: SeqNumber(7001),
+        ack: Some(SeqNumber(0xdead_beef)),
+        window: 100,
+        ..templ()
+    };
+    let (r, out) = deliver(&mut s, &frame(client(1), server(), ack, &[]), t(0));
+    assert_eq!(r, Err(RxDrop::BadCookie), "refused");
+    assert_eq!(out.len(), 1, "one RST");
+    let rst = &out[0].tcp;
+    assert_eq!(rst.flags, TcpFlags::RST, "RST without ACK");
+    assert_eq!(rst.ack, None, "no ACK field");
+    assert_eq!(rst.seq, SeqNumber(0xdead_beef), "SEQ=SEG.ACK");
+    assert_eq!(s.len(), 0, "no state");
+    assert_eq!(s.counters().dropped(RxDrop::BadCookie), 1, "counted");
+    assert_eq!(s.counters().rsts_sent, 1, "RST counted");
+}
+
+#[test]
+fn segment_to_unknown_flow_gets_rst_with_right_seq_and_ack() {
+    let mut s = stack(4);
+    let closed_port = SocketAddr::from(([10, 0, 0, 1], 80));
+    // No ACK: <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>; the FIN counts in SEG.LEN.
+    let data = TcpRepr {
+        seq: SeqNumber(1000),
+        flags: TcpFlags::FIN,
+        window: 100,
+        ..templ()
+    };
+    let (r, out) = deliver(
+        &mut s,
+        &frame(client(1), closed_port, data, b"0123456789"),
+        t(0),
+    );
+    assert_eq!(r, Err(RxDrop::NoListener), "no listener");
+    assert_eq!(out.len(), 1, "one RST");
+    let rst = &out[0].tcp;
+    assert_eq!(
+        (rst.flags, rst.seq, rst.ack),
+        (TcpFlags::RST, SeqNumber(0), Some(SeqNumber(1011))),
+        "RST,ACK acknowledging the whole segment"
+    );
+    assert_eq!(
+        (rst.src_port, rst.dst_port),
+        (80, client(1).port()),
+        "ports swapped"
+    );
+    // With ACK: <SEQ=SEG.ACK><CTL=RST>.
+    let acked = TcpRepr {
+        seq: SeqNumber(1000),
+        ack: Some(SeqNumber(424_242)),
+        ..templ()
+    };
+    let (_, out) = deliver(&mut s, &frame(client(1), closed_port, acked, b"x"), t(0));
+    let rst = &out[0].tcp;
+    assert_eq!(
+        (rst.flags, rst.seq, rst.ack),
+        (TcpFlags::RST, SeqNumber(424_242), None),
+        "RST at the acknowledged sequence number"
+    );
+    assert_eq!(s.counters().dropped(RxDrop::NoListener), 2, "counted");
+    assert_eq!(s.len(), 0, "no state");
+}
+
+#[test]
+fn rst_to_unknown_flow_gets_nothing() {
+    let mut s = stack(4);
+    for dst in [server(), SocketAddr::from(([10, 0, 0, 1], 80))] {
+        for ack in [None, Some(SeqNumber(9))] {
+            let rst = TcpRepr {
+                seq: SeqNumber(1),
+                ack,
+                flags: TcpFlags::RST,
+                ..templ()
+            };
+            let (r, out) = deliver(&mut s, &frame(client(1), dst, rst, &[]), t(0));
+            assert_eq!(r, Err(RxDrop::UnknownRst), "discarded");
+            assert!(out.is_empty(), "never RST an RST");
+        }
+    }
+    assert_eq!(s.counters().dropped(RxDrop::UnknownRst), 4, "counted");
+    assert_eq!(s.counters().rsts_sent, 0, "nothing sent");
+}
+
+#[test]
+fn segment_without_syn_or_ack_to_listener_is_dropped() {
+    let mut s = stack(4);
+    let bare = TcpRepr {
+        seq: SeqNumber(1),
+        ..templ()
+    };
+    let (r, out) = deliver(&mut s, &frame(client(1), server(), bare, b"hi"), t(0));
+    assert_eq!(
+        r,
+        Err(RxDrop::NoSynNoAck),
+        "RFC 9293 §3.10.7.2 fourth check"
+    );
+    assert!(out.is_empty(), "silently");
+}
+
+#[test]
+fn malformed_and_group_addressed_frames_are_counted_not_answered() {
+    let mut s = stack(4);
+    let good = frame(client(1), server(), syn(1, 1), &[]);
+    let (r, out) = deliver(&mut s, &good[..20], t(0));
+    assert_eq!(r, Err(RxDrop::Wire(WireError::Truncated)), "truncated");
+    assert!(out.is_empty(), "no reply");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    let (r, _) = deliver(&mut s, &bad, t(0));
+    assert_eq!(r, Err(RxDrop::Wire(WireError::BadChecksum)), "checksum");
+    let mut bcast = good;
+    bcast[0..6].copy_from_slice(&[0xff; 6]);
+    let (r, out) = deliver(&mut s, &bcast, t(0));
+    assert_eq!(r, Err(RxDrop::NotForUs), "broadcast MAC");
+    assert!(out.is_empty(), "never answered");
+    let c = s.counters();
+    assert_eq!(
+        (
+            c.dropped(RxDrop::Wire(WireError::Truncated)),
+            c.dropped(RxDrop::Wire(WireError::BadChecksum)),
+            c.dropped(RxDrop::NotForUs),
+        ),
+        (1, 1, 1),
+        "each counted under its reason"
+    );
+}
+
+// ---------------------------------------------------------------------- capacity
+
+/// xorshift64*: deterministic randomness for the flood.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn syn_flood_creates_no_state_and_every_syn_gets_a_syn_ack() {
+    let mut s = stack(16);
+    let mut rng = Rng(0x5eed);
+    for i in 0..10_000u64 {
+        let r = rng.next();
+        // Random unicast source in 11.0.0.0/8 (never a group address), random port and ISN.
+        let src = SocketAddr::from((
+            Ipv4Addr::from(0x0b00_0000 | (r as u32 & 0x00ff_ffff)),
+            (r >> 32) as u16 | 1,
+        ));
+        let isn = (r >> 16) as u32;
+        let (res, out) = deliver(
+            &mut s,
+            &frame(src, server(), syn(isn, r as u32), &[]),
+            t(i / 10),
+        );
+        assert_eq!(res, Ok(()), "SYN {i} handled");
+        assert_eq!(out.len(), 1, "SYN {i}: one SYN-ACK");
+        assert_eq!(
+            (out[0].ip.dst_addr(), out[0].tcp.dst_port, out[0].tcp.ack),
+            (src.ip(), src.port(), Some(SeqNumber(isn) + 1)),
+            "SYN {i}: SYN-ACK goes back to its spoofed source"
+        );
+    }
+    assert_eq!(s.len(), 0, "the flood created no state");
+    assert_eq!(s.counters().syn_acks_sent, 10_000, "every SYN answered");
+    assert_eq!(s.pop_ready(), None, "nothing for the application");
+    // A legitimate client is still served.
+    connect(&mut s, client(1), 77, t(1_000));
+    assert_eq!(s.len(), 1, "legitimate client connected");
+}
+
+#[test]
+fn full_slab_answers_rst() {
+    let mut s = stack(1);
+    connect(&mut s, client(1), 100, t(0));
+    let (r, out) = deliver(&mut s, &frame(client(2), server(), syn(200, 5), &[]), t(1));
+    assert_eq!(r, Ok(()), "a SYN is answered even when full (stateless)");
+    let sa = &out[0].tcp;
+    let ack = TcpRepr {
+        seq: SeqNumber(201),
+        ack: Some(sa.seq + 1),
+        window: 512,
+        options: TcpOptions {
+            timestamps: Some(Timestamps {
+                tsval: 6,
+                tsecr: sa.options.timestamps.expect("timestamps").tsval,
+            }),
+            ..TcpOptions::default()
+        },
+        ..templ()
+    };
+    let (r, out) = deliver(&mut s, &frame(client(2), server(), ack, &[]), t(2));
+    assert_eq!(r, Err(RxDrop::SlabFull), "no slot");
+    assert_eq!(out.len(), 1, "one RST");
+    assert_eq!(
+        (out[0].tcp.flags, out[0].tcp.seq, out[0].tcp.ack),
+        (TcpFlags::RST, sa.seq + 1, None),
+        "RST at SEG.ACK"
+    );
+    assert_eq!(s.len(), 1, "still one connection");
+    assert_eq!(s.counters().dropped(RxDrop::SlabFull), 1, "counted");
+}
+
+// ---------------------------------------------------------------------- close and timers
+
+/// Runs client and stack against each other (zero-delay link) from `from` to `to` ms.
+fn run(s: &mut Stack, c: &mut Tcb, addr: SocketAddr, from: u64, to: u64) {
+    for ms in from..=to {
+        let now = t(ms);
+        c.on_timer(now);
+        let replies = client_to_stack(s, c, addr, now);
+        stack_to_client(c, &replies, now);
+        let mut out = Vec::new();
+        s.poll(now, &mut |b| out.push(b.to_vec()));
+        stack_to_client(c, &out, now);
+    }
+}
+
+#[test]
+fn close_frees_the_slot_which_is_reused_with_a_new_generation() {
+    let mut s = stack(1);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    s.conn_mut(id).expect("live").close();
+    run(&mut s, &mut c, addr, 1, 5);
+    assert_eq!(c.state(), State::CloseWait, "client got our FIN");
+    assert_eq!(
+        s.conn(id).map(Tcb::state),
+        Some(State::FinWait2),
+        "our FIN acknowledged"
+    );
+    c.close();
+    run(&mut s, &mut c, addr, 6, 10);
+    assert_eq!(c.state(), State::Closed, "client closed from LAST-ACK");
+    assert_eq!(
+        s.conn(id).map(Tcb::state),
+        Some(State::TimeWait),
+        "active closer waits"
+    );
+    assert_eq!(s.len(), 1, "TIME-WAIT keeps the flow");
+    // TIME-WAIT (1 s here) expires through the wheel.
+    run(&mut s, &mut c, addr, 11, 1_100);
+    assert!(s.conn(id).is_none(), "connection gone");
+    assert_eq!(s.len(), 0, "flow removed");
+    assert_eq!(s.counters().connections_closed, 1, "counted");
+    let mut seen = Vec::new();
+    while let Some(r) = s.pop_ready() {
+        seen.push(r);
+    }
+    assert!(
+        seen.contains(&id),
+        "the application hears of the closing connection"
+    );
+    // The same 4-tuple connects again into the freed slot, under a new generation.
+    let (_, id2) = connect(&mut s, addr, 9_999, t(1_200));
+    assert_eq!(id2.slot(), id.slot(), "slot reused");
+    assert_eq!(id2.generation(), id.generation() + 1, "new generation");
+    assert!(
+        s.conn_mut(id).is_none(),
+        "the old handle does not reach the new occupant"
+    );
+}
+
+#[test]
+fn retransmission_is_driven_by_the_wheel() {
+    let mut s = stack(2);
+    let (_c, id) = connect(&mut s, client(1), 100, t(0));
+    s.conn_mut(id).expect("live").send(b"lost");
+    let first = poll(&mut s, t(1));
+    assert_eq!(first.len(), 1, "sent once");
+    assert!(poll(&mut s, t(500)).is_empty(), "nothing before the RTO");
+    // RFC 6298 §2.1: initial RTO 1 s.
+    let again: Vec<Out> = (501..=1_100).flat_map(|ms| poll(&mut s, t(ms))).collect();
+    assert_eq!(again.len(), 1, "one retransmission: {again:?}");
+    assert_eq!(
+        (again[0].tcp.seq, &again[0].payload[..]),
+        (first[0].tcp.seq, &b"lost"[..]),
+        "same bytes, same place"
+    );
+}
+
+#[test]
+fn peer_reset_frees_the_slot() {
+    let mut s = stack(1);
+    let (c, id) = connect(&mut s, client(1), 100, t(0));
+    let rst = TcpRepr {
+        seq: c.snd_nxt(),
+        flags: TcpFlags::RST,
+        ..templ()
+    };
+    let (r, out) = deliver(&mut s, &frame(client(1), server(), rst, &[]), t(1));
+    assert_eq!(r, Ok(()), "delivered to the connection");
+    assert!(out.is_empty(), "no reply to an exact RST");
+    assert!(s.conn(id).is_none(), "closed and freed");
+    assert_eq!(s.len(), 0, "flow removed");
+    assert_eq!(s.pop_ready(), Some(id), "the application hears of it");
+}
+
+// ---------------------------------------------------------------------- flow table
+
+#[test]
+fn flow_table_matches_a_model_under_churn() {
+    // A tiny table forces long probe runs and wrap-around, exercising backward-shift deletion.
+    let mut table = FlowTable::new(8, [1; 16]);
+    let mut model: HashMap<u16, u32> = HashMap::new();
+    let mut rng = Rng(42);
+    let key = |port: u16| FlowKey::new(server(), client(port));
+    for step in 0..20_000u32 {
+        let port = (rng.next() % 24) as u16;
+        if model.remove(&port).is_some() {
+            assert!(table.remove(&key(port)), "step {step}: present key removed");
+        } else if table.len < 8 {
+            table.insert(key(port), step);
+            model.insert(port, step);
+        } else {
+            assert!(
+                !table.remove(&key(port)),
+                "step {step}: absent key not removed"
+            );
+        }
+        for p in 0..24u16 {
+            assert_eq!(
+                table.get(&key(p)),
+                model.get(&p).copied(),
+                "step {step}: lookup of port {p}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------- end to end
+
+#[test]
+fn end_to_end_100_kb_each_way_through_cookies() {
+    const SIZE: usize = 100 * 1024;
+    let mut s = stack(4);
+    let addr = client(9);
+    let (mut c, id) = connect(&mut s, addr, 0xffff_f000, t(0));
+    let to_server: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let to_client: Vec<u8> = (0..SIZE).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    let (mut c_sent, mut s_sent) = (0, 0);
+    let (mut c_got, mut s_got) = (Vec::new(), Vec::new());
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut ms = 1;
+    while ms < 60_000 {
+        let now = t(ms);
+        // Client application.
+        if c_sent < SIZE {
+            c_sent += c.send(&to_server[c_sent..]);
+            if c_sent == SIZE {
+                c.close();
+            }
+        }
+        loop {
+            let n = c.recv(&mut buf);
+            if n == 0 {
+                break;
+            }
+            c_got.extend_from_slice(&buf[..n]);
+        }
+        c.on_timer(now);
+        let replies = client_to_stack(&mut s, &mut c, addr, now);
+        stack_to_client(&mut c, &replies, now);
+        // Server application, woken by the ready queue.
+        while s.pop_ready().is_some() {}
+        if let Some(tcb) = s.conn_mut(id) {
+            loop {
+                let n = tcb.recv(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                s_got.extend_from_slice(&buf[..n]);
+            }
+            if s_sent < SIZE {
+                s_sent += tcb.send(&to_client[s_sent..]);
+                if s_sent == SIZE {
+                    tcb.close();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        s.poll(now, &mut |b| out.push(b.to_vec()));
+        stack_to_client(&mut c, &out, now);
+        if s.is_empty() && c.state() == State::Closed {
+            break;
+        }
+        ms += 1;
+    }
+    assert!(
+        s_got == to_server,
+        "server received the client's 100 KB exactly (got {} bytes)",
+        s_got.len()
+    );
+    assert!(
+        c_got == to_client,
+        "client received the server's 100 KB exactly (got {} bytes)",
+        c_got.len()
+    );
+    assert!(
+        s.is_empty() && c.state() == State::Closed,
+        "both closed by {ms} ms (client {}, server {:?})",
+        c.state(),
+        s.conn(id).map(Tcb::state)
+    );
+    assert_eq!(c.close_reason(), Some(CloseReason::Normal), "orderly close");
+    assert_eq!(
+        s.counters().connections_closed,
+        1,
+        "the server's slot was freed"
+    );
+    assert_eq!(s.counters().rsts_sent, 0, "no RST on the way");
+}
+
+// ---------------------------------------------------------------------- configuration, IPv6
+
+#[test]
+fn bad_configs_are_refused() {
+    let base = StackConfig {
+        capacity: 1,
+        listeners: &[],
+        tcb: tcb_config(),
+        cookie_keys: [[0; 16]; 2],
+        flow_key: [0; 16],
+        rx_checksum: ChecksumMode::Skip,
+        frame_size: FRAME,
+    };
+    assert_eq!(
+        Stack::new(
+            StackConfig {
+                capacity: 0,
+                ..base
+            },
+            t(0)
+        )
+        .err(),
+        Some(ConfigError::Capacity),
+        "zero capacity"
+    );
+    assert_eq!(
+        Stack::new(
+            StackConfig {
+                frame_size: 1000,
+                ..base
+            },
+            t(0)
+        )
+        .err(),
+        Some(ConfigError::FrameTooSmall {
+            frame_size: 1000,
+            mss: MSS
+        }),
+        "frame cannot hold an MSS"
+    );
+}
+
+#[test]
+fn ipv6_syn_to_wildcard_listener_gets_syn_ack() {
+    let listeners = [SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT))];
+    let mut s = Stack::new(
+        StackConfig {
+            capacity: 2,
+            listeners: &listeners,
+            tcb: tcb_config(),
+            cookie_keys: [[1; 16]; 2],
+            flow_key: [2; 16],
+            rx_checksum: ChecksumMode::Compute,
+            frame_size: FRAME,
+        },
+        t(0),
+    )
+    .expect("valid config");
+    let local: Ipv6Addr = "2001:db8::1".parse().expect("literal");
+    let remote: Ipv6Addr = "2001:db8::2".parse().expect("literal");
+    let eth = EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: SERVER_MAC,
+        vlan: None,
+        ethertype: EtherType::IPV6,
+    };
+    let ip = IpRepr::V6(Ipv6Repr {
+        src_addr: remote,
+        dst_addr: local,
+        next_header: IP_PROTO_TCP,
+        payload_len: 0,
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0,
+    });
+    let repr = TcpRepr {
+        src_port: 50_000,
+        dst_port: PORT,
+        options: TcpOptions::default(),
+        ..syn(31, 0)
+    };
+    let mut buf = vec![0; FRAME];
+    let n =
+        emit_tcp_frame(&mut buf, &eth, &ip, &repr, &[], ChecksumMode::Compute).expect("frame fits");
+    let (r, out) = deliver(&mut s, &buf[..n], t(0));
+    assert_eq!(r, Ok(()), "SYN to [::]:443 accepted");
+    assert_eq!(out.len(), 1, "one SYN-ACK");
+    assert_eq!(
+        (out[0].ip.src_addr(), out[0].ip.dst_addr()),
+        (IpAddr::V6(local), IpAddr::V6(remote)),
+        "IPv6 addresses swapped"
+    );
+    assert_eq!(out[0].tcp.options.mss, Some(MSS), "our MSS offered");
+    // The same port over IPv4 has no listener: the wildcard is per family.
+    let (r, _) = deliver(&mut s, &frame(client(1), server(), syn(1, 1), &[]), t(0));
+    assert_eq!(r, Err(RxDrop::NoListener), "[::] does not cover IPv4");
+}
+
+#[test]
+fn cookie_survives_key_rotation_and_final_ack_may_carry_data() {
+    let mut s = stack(2);
+    let addr = client(3);
+    let (_, out) = deliver(&mut s, &frame(addr, server(), syn(500, 10), &[]), t(0));
+    let sa = &out[0].tcp;
+    s.rotate_cookie_key([0x42; 16]);
+    let ack = TcpRepr {
+        seq: SeqNumber(501),
+        ack: Some(sa.seq + 1),
+        window: 512,
+        options: TcpOptions {
+            timestamps: Some(Timestamps {
+                tsval: 11,
+                tsecr: sa.options.timestamps.expect("timestamps").tsval,
+            }),
+            ..TcpOptions::default()
+        },
+        ..templ()
+    };
+    let (r, _) = deliver(&mut s, &frame(addr, server(), ack, b"GET /"), t(5));
+    assert_eq!(r, Ok(()), "the previous key still validates");
+    let id = s.pop_ready().expect("new connection reported");
+    let mut buf = [0u8; 16];
+    let n = s.conn_mut(id).expect("live").recv(&mut buf);
+    assert_eq!(&buf[..n], b"GET /", "data on the final ACK is delivered");
+    // The cookie is bound to its 4-tuple: the same ACK from another port is refused.
+    let (r, _) = deliver(&mut s, &frame(client(4), server(), ack, &[]), t(6));
+    assert_eq!(
+        r,
+        Err(RxDrop::BadCookie),
+        "a cookie for another tuple never validates"
+    );
+}
