@@ -15,16 +15,7 @@ use tern_tests::backend::{pattern_byte, Backend, ProxyExpect, ProxyVersion};
 
 #[test]
 fn curl_gets_the_backend_response() {
-    let (rig, dir) = Stack::rig("curl");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("curl", Backend::demo_http, StackOptions::default());
 
     let out = s.curl(&["--http1.1", &s.url("/")]);
     assert_ok(&out, "curl GET /", &s.log());
@@ -47,16 +38,8 @@ fn curl_gets_the_backend_response() {
 
 #[test]
 fn many_requests_share_one_connection() {
-    let (rig, dir) = Stack::rig("keepalive");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) =
+        Stack::with_backend("keepalive", Backend::demo_http, StackOptions::default());
     let before = s.total("handshakes");
 
     let urls: Vec<String> = (0..20)
@@ -87,16 +70,7 @@ fn many_requests_share_one_connection() {
 
 #[test]
 fn hundred_megabytes_each_way_over_four_connections() {
-    let (rig, dir) = Stack::rig("bulk");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("bulk", Backend::demo_http, StackOptions::default());
 
     // 4 × 25 MB uploaded and echoed back: 100 MB each direction, hashes compared.
     const EACH: usize = 25 * 1024 * 1024;
@@ -140,16 +114,7 @@ fn hundred_megabytes_each_way_over_four_connections() {
 
 #[test]
 fn a_thousand_concurrent_tls_connections() {
-    let (rig, dir) = Stack::rig("thousand");
-    let backend = Backend::echo(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("thousand", Backend::echo, StackOptions::default());
 
     const THREADS: usize = 8;
     const PER_THREAD: usize = 125;
@@ -223,13 +188,10 @@ fn pem_body(pem: &str) -> String {
 
 #[test]
 fn sni_selects_the_certificate_and_unknown_names_get_the_default() {
-    let (rig, dir) = Stack::rig("sni");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
+    let (s, _backend) = Stack::with_backend(
+        "sni",
+        Backend::demo_http,
         StackOptions {
-            backends: vec![backend.addr()],
             extra_certs: &[("other", &["other.test", "*.wild.test"])],
             ..Default::default()
         },
@@ -554,16 +516,7 @@ fn a_stalled_backend_does_not_stall_other_connections() {
 
 #[test]
 fn half_close_both_ways() {
-    let (rig, dir) = Stack::rig("halfclose");
-    let backend = Backend::echo(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("halfclose", Backend::echo, StackOptions::default());
     let cfg = s.client_config();
     let addr = s.addr();
     s.rig.client.run(move || {
@@ -582,16 +535,7 @@ fn half_close_both_ways() {
 
 #[test]
 fn drain_on_sigterm_finishes_open_connections_and_refuses_new_ones() {
-    let (rig, dir) = Stack::rig("drain");
-    let backend = Backend::echo(server_listener(&rig));
-    let mut s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (mut s, _backend) = Stack::with_backend("drain", Backend::echo, StackOptions::default());
     let cfg = s.client_config();
     let addr = s.addr();
     let (go, go_rx) = std::sync::mpsc::channel::<()>();
@@ -636,13 +580,10 @@ fn drain_on_sigterm_finishes_open_connections_and_refuses_new_ones() {
 
 #[test]
 fn idle_and_handshake_timeouts_close_connections() {
-    let (rig, dir) = Stack::rig("timeouts");
-    let backend = Backend::echo(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
+    let (s, _backend) = Stack::with_backend(
+        "timeouts",
+        Backend::echo,
         StackOptions {
-            backends: vec![backend.addr()],
             toml_extra: "[timeouts]\nhandshake_ms = 500\nidle_ms = 800\n",
             ..Default::default()
         },
@@ -682,16 +623,7 @@ fn idle_and_handshake_timeouts_close_connections() {
 
 #[test]
 fn plain_http_to_the_tls_port_gets_an_alert_and_is_counted() {
-    let (rig, dir) = Stack::rig("garbage");
-    let backend = Backend::echo(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("garbage", Backend::echo, StackOptions::default());
     let addr = s.addr();
     let reply = s.rig.client.run(move || {
         let mut raw = std::net::TcpStream::connect(addr).expect("connect");
@@ -717,16 +649,7 @@ fn plain_http_to_the_tls_port_gets_an_alert_and_is_counted() {
 
 #[test]
 fn ctl_ping_and_stats() {
-    let (rig, dir) = Stack::rig("ctl");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) = Stack::with_backend("ctl", Backend::demo_http, StackOptions::default());
     let out = Command::new(tern_tests::rig::tern_binary())
         .args(["ctl", "--socket"])
         .arg(&s.control)
@@ -764,16 +687,8 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_client_that_stops_reading_gets_back_pressure_not_buffering() {
-    let (rig, dir) = Stack::rig("slowreader");
-    let backend = Backend::demo_http(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            ..Default::default()
-        },
-    );
+    let (s, _backend) =
+        Stack::with_backend("slowreader", Backend::demo_http, StackOptions::default());
     const TOTAL: usize = 64 * 1024 * 1024;
     let cfg = s.client_config();
     let addr = s.addr();
@@ -834,13 +749,10 @@ fn a_client_that_stops_reading_gets_back_pressure_not_buffering() {
 
 #[test]
 fn connections_beyond_the_limit_are_refused_at_once() {
-    let (rig, dir) = Stack::rig("limit");
-    let backend = Backend::echo(server_listener(&rig));
-    let s = Stack::start(
-        rig,
-        dir,
+    let (s, _backend) = Stack::with_backend(
+        "limit",
+        Backend::echo,
         StackOptions {
-            backends: vec![backend.addr()],
             toml_extra: "[limits]\nmax_connections_per_worker = 1\n",
             ..Default::default()
         },

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use tern_tests::backend::Backend;
 use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
 use tern_tests::rig::{tern_binary, Rig, TempDir, TernProcess};
 
@@ -94,6 +95,28 @@ impl Stack {
             control,
             rig,
         }
+    }
+
+    /// The usual set-up: a rig, `backend` (e.g. `Backend::echo`) on the server side's
+    /// loopback, and tern in front of it with `opts` (its `backends` are replaced). The backend
+    /// is returned so it lives as long as the caller needs it.
+    #[track_caller]
+    pub fn with_backend(
+        tag: &str,
+        backend: fn(TcpListener) -> Backend,
+        opts: StackOptions<'_>,
+    ) -> (Stack, Backend) {
+        let (rig, dir) = Stack::rig(tag);
+        let backend = backend(server_listener(&rig));
+        let stack = Stack::start(
+            rig,
+            dir,
+            StackOptions {
+                backends: vec![backend.addr()],
+                ..opts
+            },
+        );
+        (stack, backend)
     }
 
     pub fn addr(&self) -> SocketAddr {
