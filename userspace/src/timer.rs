@@ -62,6 +62,17 @@ impl<T: Copy> Wheel<T> {
         self.next_tick = self.next_tick.max(now_tick + 1);
     }
 
+    /// The tick time (ms) of the earliest non-empty bucket within one wheel turn, if any: when
+    /// the owner should next call [`expire`](Self::expire). Entries may be stale (lazy
+    /// re-scheduling), so this may be early, never late. O(buckets): for deciding how long to
+    /// sleep, not for the per-packet path.
+    pub fn next_due(&self) -> Option<Millis> {
+        let mask = self.buckets.len() as u64 - 1;
+        (self.next_tick..self.next_tick + self.buckets.len() as u64)
+            .find(|tick| !self.buckets[(tick & mask) as usize].is_empty())
+            .map(|tick| tick * self.tick_ms)
+    }
+
     pub fn len(&self) -> usize {
         self.buckets.iter().map(Vec::len).sum()
     }
@@ -74,6 +85,19 @@ impl<T: Copy> Wheel<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_due_is_the_earliest_bucket() {
+        let mut w: Wheel<u32> = Wheel::new(10, 8, 0);
+        assert_eq!(w.next_due(), None);
+        w.insert(55, 1);
+        w.insert(31, 2);
+        assert_eq!(w.next_due(), Some(40));
+        w.expire(40, |_, item| assert_eq!(item, 2, "only the 40 ms bucket is due"));
+        assert_eq!(w.next_due(), Some(60));
+        w.expire(60, |_, _| {});
+        assert_eq!(w.next_due(), None);
+    }
 
     #[test]
     fn fires_at_or_after_deadline_never_before() {

@@ -869,6 +869,16 @@ impl Stack {
         }
     }
 
+    /// When [`poll`](Self::poll) should next run: now if the application touched a connection
+    /// since the last poll, else the earliest timer (possibly early, never late), else `None`.
+    /// For a worker deciding how long it may sleep; O(wheel buckets).
+    pub fn next_poll(&self) -> Option<Instant> {
+        if !self.dirty.is_empty() {
+            return Some(Instant::ZERO);
+        }
+        self.wheel.next_due().map(Instant::from_millis)
+    }
+
     /// Runs the timers due at `now` and sends what the application queued through
     /// [`conn_mut`](Self::conn_mut) since the last poll; frees connections that reached CLOSED.
     /// Cost: the connections touched or due, not the connections held.
