@@ -800,3 +800,48 @@ fn connections_beyond_the_limit_are_refused_at_once() {
     assert_eq!(served + refused, 6);
     assert!(s.total("refused_full") >= refused as u64);
 }
+
+/// `tls = false`: the same worker and proxy core as a plain TCP (L4) proxy. Bytes pass
+/// unchanged both ways, half-close works both ways, and the stats count no handshakes.
+#[test]
+fn plain_tcp_listener_proxies_bytes_and_half_closes() {
+    let (s, _backend) = Stack::with_backend(
+        "plain",
+        Backend::echo,
+        StackOptions {
+            listener_extra: "tls = false",
+            ..Default::default()
+        },
+    );
+    let addr = s.addr();
+    s.rig.client.run(move || {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let msg: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let writer = {
+            let mut w = conn.try_clone().expect("clone");
+            let msg = msg.clone();
+            std::thread::spawn(move || {
+                w.write_all(&msg).expect("write");
+                // Client half-close: the echo backend sees FIN after the last byte, echoes
+                // everything, then closes, which tern forwards as FIN.
+                w.shutdown(Shutdown::Write).expect("shutdown write");
+            })
+        };
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read until FIN");
+        writer.join().expect("writer");
+        assert_eq!(got.len(), msg.len(), "every byte came back");
+        assert!(got == msg, "bytes came back unchanged and in order");
+    });
+    let stats = s.stats();
+    assert_eq!(
+        stats["total"]["handshakes"], 0,
+        "no TLS on a plain listener: {stats}"
+    );
+    assert!(
+        stats["total"]["accepted"].as_u64().unwrap_or(0) >= 1,
+        "the connection was accepted: {stats}"
+    );
+}

@@ -60,6 +60,9 @@ pub struct Listener {
     /// kernel listeners (counters and blocklist only).
     pub interface: Option<String>,
     pub xdp_attach: XdpAttach,
+    /// Terminate TLS (the default). `false`: a plain TCP (L4) proxy; the bytes go to the
+    /// backend as they arrive.
+    pub tls: bool,
 }
 
 /// One certificate chain and its private key, already read from disk and parsed.
@@ -176,6 +179,46 @@ pub struct Config {
     pub limits: Limits,
     pub control: Control,
     pub xdp: XdpSettings,
+    pub tcp: TcpSettings,
+}
+
+/// Congestion control of the bypass stack's connections. File syntax: `"cubic"` | `"newreno"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438).
+    Cubic,
+    /// NewReno (RFC 5681, RFC 6582).
+    NewReno,
+}
+
+/// Whether the bypass stack verifies the checksums of arriving segments. File syntax:
+/// `"verify"` | `"skip"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RxChecksum {
+    /// Verify IPv4 header and TCP checksums; count and drop failures.
+    Verify,
+    /// Trust what arrives (a NIC that verified it, or a veth whose sender leaves checksums
+    /// partial).
+    Skip,
+}
+
+/// The bypass path's TCP settings (`[tcp]`), used by `mode = "xdp"` listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSettings {
+    pub congestion: Congestion,
+    /// MSS our SYN-ACKs offer (and the most we send per segment).
+    pub mss: u16,
+    /// Receive buffer per connection (bytes): the most the window advertises.
+    pub recv_buffer: usize,
+    /// Send buffer per connection (bytes).
+    pub send_buffer: usize,
+    /// Nagle's algorithm (RFC 896). Off by default: a proxy forwards what it has at once.
+    pub nagle: bool,
+    /// Idle time before the first keep-alive probe; `None`: no keep-alives.
+    pub keepalive: Option<Duration>,
+    pub rx_checksum: RxChecksum,
 }
 
 /// Whether the AF_XDP UMEM lives in 2 MiB hugepages.
@@ -265,7 +308,8 @@ pub const MAX_TABLE_ENTRIES: usize = 1 << 24;
 pub struct FileConfig {
     /// `[[listener]]` tables: addresses to accept TLS on. Required, at least one.
     pub listener: Vec<FileListener>,
-    /// `[[certificate]]` tables: chains and keys, chosen by SNI. Required, at least one.
+    /// `[[certificate]]` tables: chains and keys, chosen by SNI. At least one is required when a
+    /// listener terminates TLS.
     pub certificate: Vec<FileCertificate>,
     /// `[tls]`: protocol settings. Optional.
     pub tls: FileTls,
@@ -281,6 +325,43 @@ pub struct FileConfig {
     pub control: FileControl,
     /// `[xdp]`: AF_XDP settings of the bypass path. Optional.
     pub xdp: FileXdp,
+    /// `[tcp]`: tern's own TCP stack on the bypass path. Optional.
+    pub tcp: FileTcp,
+}
+
+/// The `[tcp]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileTcp {
+    /// `congestion`: `"cubic"` or `"newreno"`. Default `"cubic"`.
+    pub congestion: Congestion,
+    /// `mss`: 536 ..= 9000, and the frame (`xdp.frame_size`) must hold it plus headers.
+    /// Default 1460.
+    pub mss: u16,
+    /// `recv_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 262144.
+    pub recv_buffer: usize,
+    /// `send_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 262144.
+    pub send_buffer: usize,
+    /// `nagle`: Nagle's algorithm. Default false.
+    pub nagle: bool,
+    /// `keepalive_ms`: idle milliseconds before the first keep-alive probe; 0 = off (default).
+    pub keepalive_ms: u64,
+    /// `rx_checksum`: `"verify"` or `"skip"`. Default `"verify"`.
+    pub rx_checksum: RxChecksum,
+}
+
+impl Default for FileTcp {
+    fn default() -> Self {
+        FileTcp {
+            congestion: Congestion::Cubic,
+            mss: 1460,
+            recv_buffer: 256 * 1024,
+            send_buffer: 256 * 1024,
+            nagle: false,
+            keepalive_ms: 0,
+            rx_checksum: RxChecksum::Verify,
+        }
+    }
 }
 
 /// The `[xdp]` table.
@@ -334,6 +415,8 @@ pub struct FileListener {
     /// `xdp_attach`: `"auto"`, `"native"` or `"skb"`. Default `"auto"`. Only with an
     /// `interface`.
     pub xdp_attach: Option<XdpAttach>,
+    /// `tls`: terminate TLS. `false` makes the listener a plain TCP (L4) proxy. Default true.
+    pub tls: Option<bool>,
 }
 
 /// One `[[certificate]]` table.
@@ -498,12 +581,10 @@ impl Config {
         FileConfig::parse(path, text)?.validate(path)
     }
 
-    /// The certificate served when SNI is absent or unknown. Validation guarantees exactly one.
-    pub fn default_certificate(&self) -> &Certificate {
-        self.certificates
-            .iter()
-            .find(|c| c.default)
-            .expect("validation marks exactly one certificate as the default")
+    /// The certificate served when SNI is absent or unknown. Validation guarantees exactly one
+    /// when any certificate is configured (none are needed when no listener has TLS).
+    pub fn default_certificate(&self) -> Option<&Certificate> {
+        self.certificates.iter().find(|c| c.default)
     }
 }
 
@@ -558,10 +639,13 @@ impl FileConfig {
 
     fn validate_in(self, path: &Path) -> Result<Config, Invalid> {
         let dir = config_dir(path);
+        let listeners = validate_listeners(self.listener)?;
+        let needs_certificates = listeners.iter().any(|l| l.tls);
+        let xdp = validate_xdp(self.xdp)?;
         Ok(Config {
             path: path.to_path_buf(),
-            listeners: validate_listeners(self.listener)?,
-            certificates: validate_certificates(dir, self.certificate)?,
+            certificates: validate_certificates(dir, self.certificate, needs_certificates)?,
+            listeners,
             tls: validate_tls(self.tls)?,
             backend: validate_backend(self.backend)?,
             workers: validate_workers(self.workers, &available_cpus())?,
@@ -572,7 +656,8 @@ impl FileConfig {
             },
             limits: validate_limits(self.limits)?,
             control: validate_control(dir, self.control)?,
-            xdp: validate_xdp(self.xdp)?,
+            tcp: validate_tcp(self.tcp, &xdp)?,
+            xdp,
         })
     }
 }
@@ -722,6 +807,7 @@ fn validate_listeners(file: Vec<FileListener>) -> Result<Vec<Listener>, Invalid>
             mode,
             interface,
             xdp_attach,
+            tls: l.tls.unwrap_or(true),
         });
     }
     Ok(listeners)
@@ -760,11 +846,15 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 fn validate_certificates(
     dir: &Path,
     file: Vec<FileCertificate>,
+    required: bool,
 ) -> Result<Vec<Certificate>, Invalid> {
     if file.is_empty() {
+        if !required {
+            return Ok(Vec::new());
+        }
         return Err(Invalid::new(
             "certificate",
-            "at least one [[certificate]] table is required",
+            "at least one [[certificate]] table is required (a listener terminates TLS)",
         ));
     }
     let provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -1216,6 +1306,53 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
         completion_ring: file.completion_ring,
         idle_spin: Duration::from_micros(file.idle_spin_us),
         hugepages: file.hugepages,
+    })
+}
+
+/// Ethernet + IPv6 + TCP with the largest options we send (timestamps): what a frame must hold
+/// besides one MSS of payload.
+const TCP_FRAME_OVERHEAD: usize = 14 + 40 + 60;
+
+fn validate_tcp(file: FileTcp, xdp: &XdpSettings) -> Result<TcpSettings, Invalid> {
+    let room = xdp.frame_size as usize - TCP_FRAME_OVERHEAD;
+    if !(536..=9000).contains(&file.mss) || usize::from(file.mss) > room {
+        return Err(Invalid::new(
+            "tcp.mss",
+            format!(
+                "{} bytes: must be from 536 to 9000 and fit a {}-byte frame with its headers \
+                 (at most {room})",
+                file.mss, xdp.frame_size
+            ),
+        ));
+    }
+    for (name, v) in [
+        ("tcp.recv_buffer", file.recv_buffer),
+        ("tcp.send_buffer", file.send_buffer),
+    ] {
+        if !(4096..=16 << 20).contains(&v) {
+            return Err(Invalid::new(
+                name,
+                format!("{v} bytes: must be from 4096 to 16777216 (16 MiB)"),
+            ));
+        }
+    }
+    if file.keepalive_ms > MAX_DURATION_MS {
+        return Err(Invalid::new(
+            "tcp.keepalive_ms",
+            format!(
+                "{} ms: at most {MAX_DURATION_MS} (a year)",
+                file.keepalive_ms
+            ),
+        ));
+    }
+    Ok(TcpSettings {
+        congestion: file.congestion,
+        mss: file.mss,
+        recv_buffer: file.recv_buffer,
+        send_buffer: file.send_buffer,
+        nagle: file.nagle,
+        keepalive: (file.keepalive_ms > 0).then(|| Duration::from_millis(file.keepalive_ms)),
+        rx_checksum: file.rx_checksum,
     })
 }
 

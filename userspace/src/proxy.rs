@@ -15,6 +15,10 @@
 //! - back pressure: [`Session::wants_client_read`] and [`Session::wants_backend_read`] turn
 //!   false when a bounded amount is buffered for the other side; the driver stops reading then.
 //!
+//! A plain session ([`Session::plain`], a `tls = false` listener) is the same core without
+//! rustls: the client's bytes go to the backend as they are and the backend's to the client,
+//! with the same PROXY header, half-close and bounds (a FIN stands in for close_notify).
+//!
 //! What it does not own: sockets, timers, the backend choice and connection, counters.
 //!
 //! Bounds, per direction: client → backend holds at most `limit` bytes of ciphertext that
@@ -55,14 +59,20 @@ pub enum Stage {
 
 /// One client connection's TLS and proxy state.
 pub struct Session {
-    tls: ServerConnection,
+    /// `None` for a plain (L4) session.
+    tls: Option<ServerConnection>,
     stage: Stage,
     /// Ciphertext from the client that rustls has not taken yet, because its plaintext buffer
     /// was full. Invariant: non-empty only while rustls' received plaintext is non-empty, so
-    /// draining plaintext ([`Session::backend_output`]) always makes progress on it.
+    /// draining plaintext ([`Session::backend_output`]) always makes progress on it. Plain
+    /// sessions: the client's bytes not yet handed to the backend, from `client_in_read` on.
     client_in: Vec<u8>,
+    client_in_read: usize,
     /// Plaintext from the backend that rustls has not taken yet (its buffer limit was reached).
+    /// Plain sessions: the backend's bytes not yet handed to the client, from
+    /// `backend_in_read` on.
     backend_in: Vec<u8>,
+    backend_in_read: usize,
     /// PROXY header still to be sent to the backend, from `header_sent` on. Built once at the
     /// end of the handshake; empty when no header is configured.
     header: Vec<u8>,
@@ -97,10 +107,12 @@ impl Session {
         let mut tls = ServerConnection::new(config)?;
         tls.set_buffer_limit(Some(limit));
         Ok(Session {
-            tls,
+            tls: Some(tls),
             stage: Stage::Handshake,
             client_in: Vec::new(),
+            client_in_read: 0,
             backend_in: Vec::new(),
+            backend_in_read: 0,
             header: Vec::new(),
             header_sent: 0,
             proxy_protocol,
@@ -115,22 +127,68 @@ impl Session {
         })
     }
 
+    /// A plain (L4) session: no TLS, the bytes pass through as they are. Proxying from the
+    /// start; the PROXY header (without TLS fields) is queued at once.
+    pub fn plain(
+        proxy_protocol: ProxyProtocol,
+        client_addr: SocketAddr,
+        local_addr: SocketAddr,
+        limit: usize,
+    ) -> Session {
+        let mut session = Session {
+            tls: None,
+            stage: Stage::Proxying,
+            client_in: Vec::new(),
+            client_in_read: 0,
+            backend_in: Vec::new(),
+            backend_in_read: 0,
+            header: Vec::new(),
+            header_sent: 0,
+            proxy_protocol,
+            client_addr,
+            local_addr,
+            client_close_notify: false,
+            plaintext: 0,
+            client_eof: false,
+            backend_eof: false,
+            close_notify_queued: false,
+            limit,
+        };
+        session.build_header();
+        session
+    }
+
     pub fn stage(&self) -> Stage {
         self.stage
     }
 
-    /// Whether this handshake resumed an earlier session (None while handshaking).
+    /// Whether this is a TLS session (not a plain one).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether this handshake resumed an earlier session (None while handshaking, and for
+    /// plain sessions).
     pub fn resumed(&self) -> Option<bool> {
-        match self.tls.handshake_kind()? {
+        let tls = self.tls.as_ref()?;
+        match tls.handshake_kind()? {
             HandshakeKind::Resumed => Some(true),
-            _ if self.tls.is_handshaking() => None,
+            _ if tls.is_handshaking() => None,
             _ => Some(false),
         }
     }
 
-    /// What was negotiated (SNI, ALPN, version, cipher).
+    /// What was negotiated (SNI, ALPN, version, cipher); all `None` for a plain session.
     pub fn negotiated(&self) -> tls::Negotiated {
-        tls::negotiated(&self.tls)
+        match &self.tls {
+            Some(tls) => tls::negotiated(tls),
+            None => tls::Negotiated {
+                version: None,
+                sni: None,
+                alpn: None,
+                cipher: None,
+            },
+        }
     }
 
     /// Feeds ciphertext received from the client. Returns an error when the client's TLS is
@@ -139,6 +197,10 @@ impl Session {
         if self.stage == Stage::Failed || self.client_close_notify || data.is_empty() {
             // After close_notify or an error, further client bytes are ignored (RFC 8446 §6.1:
             // data after close_notify is to be ignored).
+            return Ok(());
+        }
+        if self.tls.is_none() {
+            stash_plain(&mut self.client_in, &mut self.client_in_read, data);
             return Ok(());
         }
         if !self.client_in.is_empty() {
@@ -155,7 +217,10 @@ impl Session {
     /// Gives rustls as much of `data` as it takes; returns what it did not take.
     fn feed_tls<'d>(&mut self, mut data: &'d [u8]) -> Result<&'d [u8], SessionError> {
         while !data.is_empty() {
-            match self.tls.read_tls(&mut data) {
+            let Some(tls) = self.tls.as_mut() else {
+                break;
+            };
+            match tls.read_tls(&mut data) {
                 Ok(0) => {
                     // close_notify received: rustls reads nothing more. The rest is ignored.
                     data = &[];
@@ -170,9 +235,12 @@ impl Session {
     }
 
     fn process(&mut self) -> Result<(), SessionError> {
-        match self.tls.process_new_packets() {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        match tls.process_new_packets() {
             Ok(state) => {
-                if self.stage == Stage::Handshake && !self.tls.is_handshaking() {
+                if self.stage == Stage::Handshake && !tls.is_handshaking() {
                     self.stage = Stage::Proxying;
                     self.build_header();
                 }
@@ -195,17 +263,17 @@ impl Session {
         if self.proxy_protocol == ProxyProtocol::None {
             return;
         }
-        let n = tls::negotiated(&self.tls);
-        let tls_info = TlsInfo {
+        let n = self.negotiated();
+        let tls_info = self.tls.as_ref().map(|_| TlsInfo {
             version: n.version.map(tls::version_name).unwrap_or("unknown"),
             sni: n.sni.as_deref(),
             alpn: n.alpn.as_deref(),
             cipher: n.cipher.as_ref().and_then(|c| c.suite().as_str()),
-        };
+        });
         let header = ProxyHeader {
             source: self.client_addr,
             destination: self.local_addr,
-            tls: Some(tls_info),
+            tls: tls_info,
         };
         proxy_protocol::write(self.proxy_protocol, &header, &mut self.header);
     }
@@ -235,7 +303,7 @@ impl Session {
         !self.client_eof
             && self.stage != Stage::Failed
             && !self.client_close_notify
-            && self.client_in.len() < self.limit
+            && self.client_in.len() - self.client_in_read < self.limit
     }
 
     /// True once the client will send no more plaintext and all of it has been handed to
@@ -266,7 +334,7 @@ impl Session {
         self.stage == Stage::Proxying
             && (self.header_sent < self.header.len()
                 || self.plaintext > 0
-                || !self.client_in.is_empty())
+                || self.client_in.len() > self.client_in_read)
     }
 
     /// Copies plaintext for the backend into `dst` (the PROXY header first). Returns how much.
@@ -286,8 +354,15 @@ impl Session {
                 self.header_sent = 0;
             }
         }
+        if self.tls.is_none() {
+            n += unstash_plain(&mut self.client_in, &mut self.client_in_read, &mut dst[n..]);
+            return Ok(n);
+        }
         while n < dst.len() {
-            match self.tls.reader().read(&mut dst[n..]) {
+            let Some(tls) = self.tls.as_mut() else {
+                break;
+            };
+            match tls.reader().read(&mut dst[n..]) {
                 Ok(0) => {
                     // close_notify received and all plaintext read.
                     self.plaintext = 0;
@@ -323,11 +398,15 @@ impl Session {
         if self.stage == Stage::Failed || self.close_notify_queued || data.is_empty() {
             return;
         }
+        let Some(tls) = self.tls.as_mut() else {
+            stash_plain(&mut self.backend_in, &mut self.backend_in_read, data);
+            return;
+        };
         if !self.backend_in.is_empty() {
             stash(&mut self.backend_in, data);
             return;
         }
-        let taken = self.tls.writer().write(data).unwrap_or(0);
+        let taken = tls.writer().write(data).unwrap_or(0);
         if taken < data.len() {
             stash(&mut self.backend_in, &data[taken..]);
         }
@@ -341,11 +420,14 @@ impl Session {
 
     fn maybe_close_notify(&mut self) {
         if self.backend_eof
-            && self.backend_in.is_empty()
+            && self.backend_in.len() == self.backend_in_read
             && !self.close_notify_queued
             && self.stage == Stage::Proxying
         {
-            self.tls.send_close_notify();
+            // Plain sessions: "close_notify queued" means our side is finished (a FIN follows).
+            if let Some(tls) = self.tls.as_mut() {
+                tls.send_close_notify();
+            }
             self.close_notify_queued = true;
         }
     }
@@ -354,37 +436,52 @@ impl Session {
     /// close_notify after whatever is already encrypted; unsent backend plaintext is dropped.
     pub fn close(&mut self) {
         self.backend_in = Vec::new();
+        self.backend_in_read = 0;
         self.backend_eof = true;
         if self.stage == Stage::Proxying && !self.close_notify_queued {
-            self.tls.send_close_notify();
+            if let Some(tls) = self.tls.as_mut() {
+                tls.send_close_notify();
+            }
             self.close_notify_queued = true;
         }
     }
 
     /// Whether the driver should be receiving from the backend now.
     pub fn wants_backend_read(&self) -> bool {
-        !self.backend_eof && self.stage != Stage::Failed && self.backend_in.len() < self.limit
+        !self.backend_eof
+            && self.stage != Stage::Failed
+            && self.backend_in.len() - self.backend_in_read < self.limit
     }
 
     /// Whether [`Session::client_output`] would produce bytes.
     pub fn wants_client_write(&self) -> bool {
-        self.tls.wants_write() || !self.backend_in.is_empty()
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+            || self.backend_in.len() > self.backend_in_read
     }
 
-    /// Copies ciphertext for the client into `dst`. Returns how much.
+    /// Copies ciphertext (plain sessions: the backend's bytes) for the client into `dst`.
+    /// Returns how much.
     pub fn client_output(&mut self, dst: &mut [u8]) -> usize {
+        if self.tls.is_none() {
+            let n = unstash_plain(&mut self.backend_in, &mut self.backend_in_read, dst);
+            self.maybe_close_notify();
+            return n;
+        }
         let mut n = 0;
         loop {
+            let Some(tls) = self.tls.as_mut() else {
+                break;
+            };
             let mut w = &mut dst[n..];
             let before = w.len();
-            let _ = self.tls.write_tls(&mut w);
+            let _ = tls.write_tls(&mut w);
             n += before - w.len();
             if n == dst.len() || self.backend_in.is_empty() || self.stage == Stage::Failed {
                 break;
             }
             // rustls drained some of its buffer: move stashed backend plaintext into it.
             let stash = std::mem::take(&mut self.backend_in);
-            let taken = self.tls.writer().write(&stash).unwrap_or(0);
+            let taken = tls.writer().write(&stash).unwrap_or(0);
             self.backend_in = stash[taken..].to_vec();
             if taken == 0 {
                 break;
@@ -399,14 +496,39 @@ impl Session {
     /// side after flushing.
     pub fn server_finished(&self) -> bool {
         (self.close_notify_queued || self.stage == Stage::Failed)
-            && !self.tls.wants_write()
-            && self.backend_in.is_empty()
+            && !self.tls.as_ref().is_some_and(|t| t.wants_write())
+            && self.backend_in.len() == self.backend_in_read
     }
 
     /// Bytes of heap this session holds in its own stashes (rustls' buffers not included).
     pub fn stashed_bytes(&self) -> usize {
         self.client_in.capacity() + self.backend_in.capacity() + self.header.capacity()
     }
+}
+
+/// Appends to a plain session's buffer, whose bytes before `read` were already handed on:
+/// those are dropped first (one move per refill, not per read), so the buffer never holds
+/// more than what is pending plus `data`.
+fn stash_plain(buf: &mut Vec<u8>, read: &mut usize, data: &[u8]) {
+    if *read > 0 {
+        buf.drain(..*read);
+        *read = 0;
+    }
+    buf.extend_from_slice(data);
+}
+
+/// Takes up to `dst.len()` pending bytes from a plain session's buffer.
+fn unstash_plain(buf: &mut Vec<u8>, read: &mut usize, dst: &mut [u8]) -> usize {
+    let pending = &buf[*read..];
+    let k = pending.len().min(dst.len());
+    dst[..k].copy_from_slice(&pending[..k]);
+    *read += k;
+    if *read == buf.len() {
+        // Drained: keep the allocation for the next bytes.
+        buf.clear();
+        *read = 0;
+    }
+    k
 }
 
 /// Appends to a stash, growing it exactly: stashes are the slow path (the other side is

@@ -25,8 +25,15 @@ use crate::worker::{self, Shutdown, Worker, WorkerSetup};
 
 /// Runs tern with `config` until it is told to stop. Returns once everything is torn down.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let tls = crate::tls::server_config(&config.certificates, &config.tls)
-        .context("building the TLS configuration")?;
+    // Only listeners with `tls = true` need certificates (validation made sure they exist).
+    let tls = if config.listeners.iter().any(|l| l.tls) {
+        Some(
+            crate::tls::server_config(&config.certificates, &config.tls)
+                .context("building the TLS configuration")?,
+        )
+    } else {
+        None
+    };
 
     // XDP first: if it cannot attach, nothing else should start.
     let mut xdp = Vec::new();
@@ -89,11 +96,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     // Kernel-mode workers serve the kernel listeners; none are started without any.
-    let kernel_listeners: Vec<SocketAddr> = config
+    let kernel_listeners: Vec<(SocketAddr, bool)> = config
         .listeners
         .iter()
         .filter(|l| l.mode == ListenerMode::Kernel)
-        .map(|l| l.address)
+        .map(|l| (l.address, l.tls))
         .collect();
     let kernel_workers = if kernel_listeners.is_empty() {
         0
@@ -115,10 +122,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
-        for &address in &kernel_listeners {
+        for &(address, tls) in &kernel_listeners {
             let fd = listen_socket(address)
                 .with_context(|| format!("listening on {address} (worker {i})"))?;
-            fds.push(fd);
+            fds.push(worker::ListenSocket { fd, tls });
         }
         let cpu = config
             .workers

@@ -47,13 +47,22 @@ pub struct Shutdown {
 pub struct WorkerSetup {
     pub id: usize,
     /// This worker's listening sockets (already bound and listening, SO_REUSEPORT).
-    pub listeners: Vec<RawFd>,
-    pub tls: Arc<ServerConfig>,
+    pub listeners: Vec<ListenSocket>,
+    /// The TLS configuration; `None` when no listener terminates TLS.
+    pub tls: Option<Arc<ServerConfig>>,
     pub backend: Backend,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub counters: Arc<WorkerCounters>,
     pub shutdown: Arc<Shutdown>,
+}
+
+/// One listening socket of a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenSocket {
+    pub fd: RawFd,
+    /// Terminate TLS on its connections; `false`: plain TCP (L4) proxying.
+    pub tls: bool,
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -147,7 +156,7 @@ pub struct Worker {
     /// Connection count (slots occupied, closing included).
     live: usize,
     listeners: Vec<Listener>,
-    tls: Arc<ServerConfig>,
+    tls: Option<Arc<ServerConfig>>,
     backend: Backend,
     next_server: usize,
     timeouts: Timeouts,
@@ -173,6 +182,7 @@ pub struct Worker {
 
 struct Listener {
     fd: RawFd,
+    tls: bool,
     armed: bool,
     /// After an accept error (e.g. EMFILE), re-arm no earlier than this.
     retry_at: Millis,
@@ -204,8 +214,9 @@ impl Worker {
             listeners: setup
                 .listeners
                 .into_iter()
-                .map(|fd| Listener {
-                    fd,
+                .map(|l| Listener {
+                    fd: l.fd,
+                    tls: l.tls,
                     armed: false,
                     retry_at: 0,
                 })
@@ -444,7 +455,7 @@ impl Worker {
             return;
         }
         self.counters.accepted.inc();
-        match self.new_conn(fd) {
+        match self.new_conn(fd, self.listeners[pos].tls) {
             Ok(idx) => self.pump(idx),
             Err(e) => {
                 tracing::warn!(worker = self.id, error = %e, "cannot set up accepted connection");
@@ -454,18 +465,24 @@ impl Worker {
         }
     }
 
-    fn new_conn(&mut self, fd: RawFd) -> io::Result<u32> {
+    fn new_conn(&mut self, fd: RawFd, tls: bool) -> io::Result<u32> {
         let client_addr = sockaddr_of(fd, libc::getpeername)?;
         let local_addr = sockaddr_of(fd, libc::getsockname)?;
         set_nodelay(fd);
-        let session = Session::new(
-            self.tls.clone(),
-            self.backend.proxy_protocol,
-            client_addr,
-            local_addr,
-            self.limits.buffer_per_direction,
-        )
-        .map_err(io::Error::other)?;
+        let limit = self.limits.buffer_per_direction;
+        let protocol = self.backend.proxy_protocol;
+        let session = match (&self.tls, tls) {
+            (Some(config), true) => {
+                Session::new(config.clone(), protocol, client_addr, local_addr, limit)
+                    .map_err(io::Error::other)?
+            }
+            (None, true) => {
+                return Err(io::Error::other(
+                    "a TLS listener without a TLS configuration",
+                ))
+            }
+            (_, false) => Session::plain(protocol, client_addr, local_addr, limit),
+        };
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -786,7 +803,9 @@ impl Worker {
             }
             if !c.handshake_counted && c.session.stage() == Stage::Proxying {
                 c.handshake_counted = true;
-                self.counters.handshakes.inc();
+                if c.session.is_tls() {
+                    self.counters.handshakes.inc();
+                }
                 if c.session.resumed() == Some(true) {
                     self.counters.resumed.inc();
                 }

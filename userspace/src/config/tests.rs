@@ -191,12 +191,14 @@ socket = "/run/tern-test.sock"
                 mode: ListenerMode::Kernel,
                 interface: None,
                 xdp_attach: XdpAttach::Auto,
+                tls: true,
             },
             Listener {
                 address: "[::]:8443".parse().expect("literal address"),
                 mode: ListenerMode::Xdp,
                 interface: Some("veth0".to_owned()),
                 xdp_attach: XdpAttach::Skb,
+                tls: true,
             },
         ]
     );
@@ -351,7 +353,10 @@ fn sni_defaults_and_names_across_certificates() {
     assert!(config.certificates[0].default, "none marked: the first");
     assert!(!config.certificates[1].default);
     assert_eq!(config.certificates[1].names, ["other.example.net"]);
-    assert_eq!(config.default_certificate().names[0], "example.com");
+    assert_eq!(
+        config.default_certificate().expect("a default").names[0],
+        "example.com"
+    );
 
     let second_default = format!("{two}default = true\n");
     let config = fx.ok(&second_default);
@@ -940,4 +945,97 @@ fn the_documented_examples_parse() {
         assert!(!file.listener.is_empty() && !file.certificate.is_empty());
         assert!(file.backend.is_some(), "the examples have a [backend]");
     }
+}
+
+#[test]
+fn plain_listeners_need_no_certificate() {
+    let fx = Fixture::new("plain");
+    let config = fx.ok(r#"
+[[listener]]
+address = "0.0.0.0:7000"
+tls = false
+
+[[listener]]
+address = "10.0.0.1:7001"
+mode = "xdp"
+interface = "veth0"
+tls = false
+
+[backend]
+servers = ["127.0.0.1:8080"]
+"#);
+    assert!(config.listeners.iter().all(|l| !l.tls));
+    assert!(config.certificates.is_empty());
+    assert!(config.default_certificate().is_none());
+    // One TLS listener brings the requirement back.
+    fx.rejects(
+        r#"
+[[listener]]
+address = "0.0.0.0:7000"
+tls = false
+
+[[listener]]
+address = "0.0.0.0:7443"
+
+[backend]
+servers = ["127.0.0.1:8080"]
+"#,
+        "certificate",
+        "a listener terminates TLS",
+    );
+    fx.rejects(
+        &minimal_with("").replacen("address = ", "tls = \"no\"\naddress = ", 1),
+        "listener[0].tls",
+        "expected true or false",
+    );
+}
+
+#[test]
+fn tcp_table_defaults_and_bounds() {
+    let fx = Fixture::new("tcp");
+    let tcp = fx.ok(MINIMAL).tcp;
+    assert_eq!(
+        tcp,
+        TcpSettings {
+            congestion: Congestion::Cubic,
+            mss: 1460,
+            recv_buffer: 256 * 1024,
+            send_buffer: 256 * 1024,
+            nagle: false,
+            keepalive: None,
+            rx_checksum: RxChecksum::Verify,
+        }
+    );
+    let tcp = fx
+        .ok(&minimal_with(
+            "[tcp]\ncongestion = \"newreno\"\nmss = 1400\nkeepalive_ms = 60000\nrx_checksum = \"skip\"\nnagle = true",
+        ))
+        .tcp;
+    assert_eq!(tcp.congestion, Congestion::NewReno);
+    assert_eq!(tcp.mss, 1400);
+    assert_eq!(tcp.keepalive, Some(Duration::from_secs(60)));
+    assert_eq!(tcp.rx_checksum, RxChecksum::Skip);
+    assert!(tcp.nagle);
+    fx.rejects(
+        &minimal_with("[tcp]\nmss = 100"),
+        "tcp.mss",
+        "from 536 to 9000",
+    );
+    // 2048-byte frames (the default) cannot hold a 4000-byte segment.
+    fx.rejects(
+        &minimal_with("[tcp]\nmss = 4000"),
+        "tcp.mss",
+        "2048-byte frame",
+    );
+    fx.ok(&minimal_with("[tcp]\nmss = 3900\n[xdp]\nframe_size = 4096"));
+    fx.rejects(
+        &minimal_with("[tcp]\nrecv_buffer = 100"),
+        "tcp.recv_buffer",
+        "from 4096",
+    );
+    fx.rejects(
+        &minimal_with("[tcp]\ncongestion = \"bbr\""),
+        "tcp.congestion",
+        "unknown variant",
+    );
 }

@@ -333,3 +333,133 @@ fn backend_to_client_back_pressure_is_bounded_and_lossless() {
     }
     assert!(got == data, "bytes arrive intact and in order");
 }
+
+// ---- plain (L4) sessions ----
+
+fn plain(pp: ProxyProtocol) -> Session {
+    Session::plain(
+        pp,
+        "192.0.2.7:51000".parse().expect("addr"),
+        "198.51.100.1:443".parse().expect("addr"),
+        LIMIT,
+    )
+}
+
+/// Drains everything `session` holds for the backend.
+fn drain_backend(session: &mut Session) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1000];
+    loop {
+        let n = session
+            .backend_output(&mut buf)
+            .expect("plain sessions cannot fail");
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn plain_passes_bytes_both_ways_unchanged() {
+    let mut s = plain(ProxyProtocol::None);
+    assert!(!s.is_tls());
+    assert_eq!(s.stage(), Stage::Proxying, "no handshake to wait for");
+    assert!(!s.needs_backend(false), "first-byte: nothing to send yet");
+    s.client_recv(b"hello ").expect("plain");
+    s.client_recv(b"backend").expect("plain");
+    assert!(
+        s.needs_backend(false),
+        "the first byte asks for the backend"
+    );
+    assert_eq!(drain_backend(&mut s), b"hello backend");
+    assert!(!s.has_backend_output());
+
+    s.backend_recv(b"hello client");
+    assert!(s.wants_client_write());
+    let mut buf = [0u8; 5];
+    let mut got = Vec::new();
+    while s.wants_client_write() {
+        let n = s.client_output(&mut buf);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"hello client", "small reads reassemble the stream");
+    assert_eq!(s.negotiated().sni, None);
+    assert_eq!(s.resumed(), None);
+}
+
+#[test]
+fn plain_proxy_header_has_no_tls_fields() {
+    let mut s = plain(ProxyProtocol::V1);
+    assert!(
+        s.needs_backend(false),
+        "the header alone asks for the backend"
+    );
+    s.client_recv(b"data").expect("plain");
+    assert_eq!(
+        drain_backend(&mut s),
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 443\r\ndata"
+    );
+}
+
+#[test]
+fn plain_half_close_both_ways() {
+    let mut s = plain(ProxyProtocol::None);
+    s.client_recv(b"request").expect("plain");
+    s.client_eof().expect("plain");
+    assert!(!s.wants_client_read(), "nothing more is read after FIN");
+    assert!(!s.client_finished(), "not until the bytes are handed on");
+    assert_eq!(drain_backend(&mut s), b"request");
+    assert!(
+        s.client_finished(),
+        "now the backend's write side can be shut"
+    );
+    // The other direction still flows.
+    assert!(s.wants_backend_read());
+    s.backend_recv(b"response");
+    s.backend_eof();
+    assert!(!s.server_finished(), "the response is still pending");
+    let mut buf = [0u8; 64];
+    let n = s.client_output(&mut buf);
+    assert_eq!(&buf[..n], b"response");
+    assert!(
+        s.server_finished(),
+        "FIN to the client once the response is out"
+    );
+}
+
+#[test]
+fn plain_back_pressure_is_bounded_and_lossless() {
+    let mut s = plain(ProxyProtocol::None);
+    let chunk: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0usize;
+    while s.wants_client_read() {
+        s.client_recv(&chunk).expect("plain");
+        sent += chunk.len();
+        assert!(sent <= LIMIT + chunk.len(), "reading stops at the limit");
+    }
+    assert!(s.stashed_bytes() <= 2 * (LIMIT + chunk.len()));
+    // Partial drains interleaved with refills keep the order.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 3000];
+    let mut more = 40usize;
+    loop {
+        let n = s.backend_output(&mut buf).expect("plain");
+        got.extend_from_slice(&buf[..n]);
+        if s.wants_client_read() && more > 0 {
+            s.client_recv(&chunk).expect("plain");
+            sent += chunk.len();
+            more -= 1;
+        } else if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(got.len(), sent);
+    for (i, c) in got.chunks(chunk.len()).enumerate() {
+        assert_eq!(
+            c,
+            &chunk[..c.len()],
+            "chunk {i} arrived intact and in order"
+        );
+    }
+}
