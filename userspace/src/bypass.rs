@@ -70,6 +70,27 @@ pub trait FrameHandler {
     /// One received frame (an Ethernet frame, [`RxFrame::data`]). Return what to do with it;
     /// new frames go out through `out` ([`TxQueue::alloc`], [`TxQueue::send`]).
     fn frame(&mut self, frame: &mut RxFrame<'_>, out: &mut TxQueue<'_>) -> Disposition;
+
+    /// Called once on the worker's thread before the loop starts: a handler with its own
+    /// event source (an io_uring) registers the worker's eventfd so its events end the
+    /// worker's sleep.
+    fn attach_waker(&mut self, _waker: &Waker) {}
+
+    /// Work not started by a received frame (timers, application I/O), once per worker turn;
+    /// frames go out through `out`. Returns whether it did anything (the worker then keeps
+    /// busy-polling). Must be cheap when there is nothing to do.
+    fn poll(&mut self, _out: &mut TxQueue<'_>) -> bool {
+        false
+    }
+
+    /// The latest time the worker may sleep until although no frame arrives (`None`: no
+    /// deadline of the handler's own).
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// The worker is stopping: end what is open (frames still go out through `out`).
+    fn shutdown(&mut self, _out: &mut TxQueue<'_>) {}
 }
 
 crate::counters::single_writer_counters! {
@@ -278,6 +299,25 @@ where
     H: FrameHandler + Send + 'static,
     F: FnMut(usize, Arc<BypassCounters>) -> H,
 {
+    start_with(setup, program, |id, counters| {
+        let handler = make(id, counters);
+        move || Ok(handler)
+    })
+}
+
+/// [`start`] for handlers that must be built on their worker's own thread (an io_uring set up
+/// single-issuer belongs to the thread that creates it): `make(i, counters)` returns a builder
+/// that runs on worker `i`'s thread, after pinning; if it fails, start-up fails with its error.
+pub fn start_with<H, F, M>(
+    setup: &BypassSetup,
+    program: &XdpProgram,
+    mut make: F,
+) -> Result<Vec<BypassWorker>, BypassError>
+where
+    H: FrameHandler + 'static,
+    M: FnOnce() -> io::Result<H> + Send + 'static,
+    F: FnMut(usize, Arc<BypassCounters>) -> M,
+{
     let mut xsks = crate::xsk::open(
         &setup.interface,
         setup.queues,
@@ -293,7 +333,7 @@ where
     for xsk in xsks {
         let id = xsk.worker();
         let counters = Arc::new(BypassCounters::default());
-        let handler = make(id, counters.clone());
+        let build = make(id, counters.clone());
         let spawned = spawn(
             xsk,
             WorkerConfig {
@@ -303,7 +343,7 @@ where
                 counters,
                 shutdown: setup.shutdown.clone(),
             },
-            handler,
+            build,
         );
         match spawned {
             Ok(worker) => workers.push(worker),
@@ -358,10 +398,11 @@ struct WorkerConfig {
     shutdown: Arc<Shutdown>,
 }
 
-/// Spawns the thread of one worker; returns once it runs (pinned).
-fn spawn<H>(xsk: Xsk, config: WorkerConfig, handler: H) -> Result<BypassWorker, BypassError>
+/// Spawns the thread of one worker; returns once it runs (pinned, its handler built).
+fn spawn<H, M>(xsk: Xsk, config: WorkerConfig, build: M) -> Result<BypassWorker, BypassError>
 where
-    H: FrameHandler + Send + 'static,
+    H: FrameHandler + 'static,
+    M: FnOnce() -> io::Result<H> + Send + 'static,
 {
     let worker = xsk.worker();
     let waker = xsk.waker();
@@ -377,8 +418,15 @@ where
                     tracing::warn!(worker, cpu, "could not pin bypass worker to its CPU");
                 }
             }
+            let handler = match build() {
+                Ok(h) => h,
+                Err(source) => {
+                    let _ = ready_tx.send(Err(source));
+                    return Err(BypassError::Exited { worker });
+                }
+            };
             // SAFETY: gettid has no preconditions.
-            let _ = ready_tx.send(unsafe { libc::gettid() });
+            let _ = ready_tx.send(Ok(unsafe { libc::gettid() }));
             Loop::new(xsk, handler, config).run()
         })
         .map_err(|source| BypassError::Io {
@@ -387,7 +435,15 @@ where
             source,
         })?;
     match ready_rx.recv() {
-        Ok(tid) => Ok(BypassWorker {
+        Ok(Err(source)) => {
+            let _ = join.join();
+            Err(BypassError::Io {
+                worker,
+                what: "setting up the frame handler",
+                source,
+            })
+        }
+        Ok(Ok(tid)) => Ok(BypassWorker {
             id: worker,
             tid,
             waker,
@@ -413,7 +469,8 @@ struct Loop<H> {
 }
 
 impl<H: FrameHandler> Loop<H> {
-    fn new(xsk: Xsk, handler: H, config: WorkerConfig) -> Loop<H> {
+    fn new(xsk: Xsk, mut handler: H, config: WorkerConfig) -> Loop<H> {
+        handler.attach_waker(&xsk.waker());
         let fallback = config.hugepages == HugePages::Auto && xsk.page_kind() == PageKind::Small;
         config.counters.hugepage_fallback.set(u64::from(fallback));
         config.counters.set_frames(&xsk.frames_accounted());
@@ -451,10 +508,11 @@ impl<H: FrameHandler> Loop<H> {
             let received = self
                 .xsk
                 .turn(&mut stats, |frame, out| handler.frame(frame, out));
+            let worked = self.xsk.send_with(0, &mut stats, |out| handler.poll(out));
             self.counters.busy_turns.inc();
             self.counters.add_turn(&stats);
             let now = Instant::now();
-            if received > 0 {
+            if received > 0 || worked {
                 self.counters.set_frames(&self.xsk.frames_accounted());
                 last_frame = now;
                 continue;
@@ -466,6 +524,11 @@ impl<H: FrameHandler> Loop<H> {
             self.counters.set_frames(&self.xsk.frames_accounted());
             self.sleep(&mut pollfds)?;
         }
+        let mut stats = TurnStats::default();
+        let handler = &mut self.handler;
+        self.xsk
+            .send_with(0, &mut stats, |out| handler.shutdown(out));
+        self.counters.add_turn(&stats);
         Ok(self.exit())
     }
 
@@ -475,13 +538,19 @@ impl<H: FrameHandler> Loop<H> {
             return Ok(());
         }
         self.counters.sleeps.inc();
+        let mut timeout = SLEEP;
+        if let Some(deadline) = self.handler.next_deadline() {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        // Round up: waking a little late is fine, spinning on a sub-millisecond rest is not.
+        let timeout_ms = timeout.as_micros().div_ceil(1000) as libc::c_int;
         // SAFETY: `pollfds` is a valid array of initialised pollfd of the given length, whose
         // fds stay open (owned by `xsk`) for the call.
         let rc = unsafe {
             libc::poll(
                 pollfds.as_mut_ptr(),
                 pollfds.len() as libc::nfds_t,
-                SLEEP.as_millis() as libc::c_int,
+                timeout_ms,
             )
         };
         let err = (rc < 0).then(io::Error::last_os_error);

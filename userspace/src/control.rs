@@ -50,6 +50,10 @@ pub struct BypassInfo {
     /// UMEM page size actually used (hugepages, or the 4 KiB fallback).
     pub page_kind: String,
     pub counters: Arc<BypassCounters>,
+    /// The L4 proxy's connection counters, when the worker runs one (`tls = false` listeners).
+    pub proxy: Option<Arc<crate::counters::WorkerCounters>>,
+    /// Its TCP stack's counters.
+    pub tcp: Option<Arc<crate::l4::TcpCounters>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,18 +226,30 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         })
         .unwrap_or_default();
     let mut bypass_total = BypassSnapshot::default();
+    let mut proxy_total = crate::counters::Snapshot::default();
+    let mut tcp_total = crate::l4::TcpSnapshot::default();
     let bypass_workers: Vec<_> = state
         .bypass
         .iter()
         .map(|b| {
             let s = b.counters.snapshot();
             bypass_total += s;
+            let proxy = b.proxy.as_ref().map(|p| p.snapshot());
+            let tcp = b.tcp.as_ref().map(|t| t.snapshot());
+            if let Some(p) = proxy {
+                proxy_total += p;
+            }
+            if let Some(t) = tcp {
+                tcp_total += t;
+            }
             serde_json::json!({
                 "interface": b.interface,
                 "worker": b.worker,
                 "bind": b.bind_mode,
                 "pages": b.page_kind,
                 "counters": s,
+                "proxy": proxy,
+                "tcp": tcp,
             })
         })
         .collect();
@@ -242,7 +258,12 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         "total": total,
         "workers": workers,
         "xdp": xdp,
-        "bypass": { "total": bypass_total, "workers": bypass_workers },
+        "bypass": {
+            "total": bypass_total,
+            "proxy": proxy_total,
+            "tcp": tcp_total,
+            "workers": bypass_workers,
+        },
     })
 }
 

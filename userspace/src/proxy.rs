@@ -468,10 +468,7 @@ impl Session {
             return n;
         }
         let mut n = 0;
-        loop {
-            let Some(tls) = self.tls.as_mut() else {
-                break;
-            };
+        while let Some(tls) = self.tls.as_mut() {
             let mut w = &mut dst[n..];
             let before = w.len();
             let _ = tls.write_tls(&mut w);

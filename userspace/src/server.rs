@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::config::ListenerMode;
 use crate::control::{self, BypassInfo, ControlState};
 use crate::counters::WorkerCounters;
+use crate::l4::{L4Proxy, L4Setup, TcpCounters};
 use crate::worker::{self, Shutdown, Worker, WorkerSetup};
 
 /// Runs tern with `config` until it is told to stop. Returns once everything is torn down.
@@ -56,6 +57,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // listeners get an empty listen set (counters and blocklist only).
     let mut bypass_workers: Vec<BypassWorker> = Vec::new();
     let mut bypass_info = Vec::new();
+    // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
+    // whichever worker the handshake's last ACK reaches.
+    let mut secret = [0u8; 16];
+    crate::l4::fill_random(&mut secret).context("reading random bytes for the SYN cookie key")?;
+    let epoch = Instant::now();
     for (iface, prog) in &xdp {
         let addrs: Vec<SocketAddr> = config
             .listeners
@@ -68,7 +74,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         if addrs.is_empty() {
             continue;
         }
-        let started = start_bypass(&config, iface, prog, &addrs, &shutdown);
+        let started = start_bypass(&config, iface, prog, &addrs, &shutdown, secret, epoch);
         let workers = match started {
             Ok(w) => w,
             Err(e) => {
@@ -76,15 +82,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 return Err(e);
             }
         };
-        for w in &workers {
+        for (w, extra) in &workers {
             bypass_info.push(BypassInfo {
                 interface: iface.clone(),
                 worker: w.id(),
                 bind_mode: w.bind_mode().to_string(),
                 page_kind: w.page_kind().to_string(),
                 counters: w.counters().clone(),
+                proxy: extra.as_ref().map(|(p, _)| p.clone()),
+                tcp: extra.as_ref().map(|(_, t)| t.clone()),
             });
         }
+        let workers = workers.into_iter().map(|(w, _)| w);
         bypass_workers.extend(workers);
     }
 
@@ -251,13 +260,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 /// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
 /// the bypass workers (classifying and counting frames until the TCP stack consumes them).
+/// A bypass worker, with its L4 proxy's counters when it runs one.
+type StartedBypass = (
+    BypassWorker,
+    Option<(Arc<WorkerCounters>, Arc<TcpCounters>)>,
+);
+
+/// Starts the bypass workers of `iface`. With plain (`tls = false`) listeners there, each runs
+/// the L4 proxy over tern's TCP stack ([`L4Proxy`]); TLS does not run on the bypass path yet,
+/// so TLS listeners there are only counted ([`Classifier`]) — or, next to plain ones, answered
+/// with RST — and a warning says so.
 fn start_bypass(
     config: &Config,
     iface: &str,
     prog: &crate::xdp::XdpProgram,
     addrs: &[SocketAddr],
     shutdown: &Arc<Shutdown>,
-) -> anyhow::Result<Vec<BypassWorker>> {
+    secret: [u8; 16],
+    epoch: Instant,
+) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
     let setup = BypassSetup {
@@ -268,11 +289,69 @@ fn start_bypass(
         settings: config.xdp,
         shutdown: shutdown.clone(),
     };
-    let workers = bypass::start(&setup, prog, |_, counters| {
-        Classifier::new(addrs.to_vec(), counters)
-    })
-    .with_context(|| format!("starting the bypass workers on {iface}"))?;
-    if let Some(w) = workers.first() {
+    let on_iface = |l: &&crate::config::Listener| {
+        l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface)
+    };
+    let plain: Vec<SocketAddr> = config
+        .listeners
+        .iter()
+        .filter(on_iface)
+        .filter(|l| !l.tls)
+        .map(|l| l.address)
+        .collect();
+    let tls: Vec<SocketAddr> = config
+        .listeners
+        .iter()
+        .filter(on_iface)
+        .filter(|l| l.tls)
+        .map(|l| l.address)
+        .collect();
+    if !tls.is_empty() {
+        tracing::warn!(
+            interface = %iface,
+            listeners = ?tls,
+            "TLS does not run on the bypass path yet: these mode = \"xdp\" listeners are {}",
+            if plain.is_empty() { "counted only (frames dropped)" } else { "answered with RST" }
+        );
+    }
+    let workers: Vec<StartedBypass> = if plain.is_empty() {
+        bypass::start(&setup, prog, |_, counters| {
+            Classifier::new(addrs.to_vec(), counters)
+        })
+        .with_context(|| format!("starting the bypass workers on {iface}"))?
+        .into_iter()
+        .map(|w| (w, None))
+        .collect()
+    } else {
+        let mut extras = Vec::new();
+        let workers = bypass::start_with(&setup, prog, |id, _| {
+            let counters = Arc::new(WorkerCounters::default());
+            let tcp_counters = Arc::new(TcpCounters::default());
+            extras.push((counters.clone(), tcp_counters.clone()));
+            let l4 = L4Setup {
+                worker: id,
+                listeners: plain.clone(),
+                backend: config.backend.clone(),
+                timeouts: config.timeouts,
+                limits: config.limits,
+                tcp: config.tcp,
+                frame_size: config.xdp.frame_size as usize,
+                secret,
+                epoch,
+                counters,
+                tcp_counters,
+            };
+            // Built on the worker's thread: its io_uring is single-issuer.
+            move || L4Proxy::new(l4)
+        })
+        .with_context(|| format!("starting the bypass workers (L4 proxy) on {iface}"))?;
+        workers
+            .into_iter()
+            .zip(extras)
+            .map(|(w, e)| (w, Some(e)))
+            .collect()
+    };
+    if let Some((w, _)) = workers.first() {
         tracing::info!(
             interface = %iface,
             queues,

@@ -1173,7 +1173,7 @@ fn set_nodelay(fd: RawFd) {
 }
 
 /// Makes the next close send RST instead of FIN (abortive close).
-fn set_linger_zero(fd: RawFd) {
+pub(crate) fn set_linger_zero(fd: RawFd) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,

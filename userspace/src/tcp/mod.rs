@@ -16,8 +16,11 @@
 //! - [`ring`]: the fixed-capacity byte ring behind each connection's send and receive buffers.
 //! - [`conn`]: one connection's TCB (RFC 9293 state machine from ESTABLISHED on, created when a
 //!   SYN cookie validates): segment arrival, RFC 5961 challenge ACKs, retransmission, SACK,
-//!   delayed ACK, zero-window probes, half-close, TIME-WAIT.
-//! - [`stack`]: per-worker flow table, SYN-cookie passive open, RSTs, timer wheel.
+//!   delayed ACK, zero-window probes, keep-alive, the per-connection half of path-MTU
+//!   discovery, half-close, TIME-WAIT; re-initialised in place for each new connection.
+//! - [`stack`]: per-worker flow table, a slab whose slots own their TCB and buffers (no
+//!   allocation per connection), SYN-cookie passive open (per-connection TSval offsets), RSTs,
+//!   ICMP packet-too-big for live flows, timer wheel.
 //!
 //! Not here yet: the bypass worker's `FrameHandler` that runs a [`stack::Stack`], and the L4
 //! proxy that connects its connections to `proxy`/io_uring.

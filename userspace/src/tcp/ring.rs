@@ -4,7 +4,15 @@
 //! The ring holds `len` readable bytes starting at `head`; the free space after them can also be
 //! written out of order ([`Ring::write_at`]) and made readable later ([`Ring::commit`]), which is
 //! how the receive side stores segments that arrive beyond RCV.NXT (RFC 9293 §3.10.7.4, "segment
-//! text"). Which bytes are in flight, acknowledged or in order is the connection's business.
+//! text"). [`Ring::clear`] makes a ring reusable by the slot's next connection without
+//! touching the allocator. Which bytes are in flight, acknowledged or in order is the
+//! connection's business.
+
+#[cfg(test)]
+thread_local! {
+    /// Rings with storage allocated on this thread (tests: proves reuse does not allocate).
+    pub static RING_ALLOCS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
+}
 
 /// A bounded byte ring. Not `Clone`: copying one would allocate.
 pub struct Ring {
@@ -29,11 +37,26 @@ impl core::fmt::Debug for Ring {
 impl Ring {
     /// An empty ring of `capacity` bytes (the only allocation it ever makes).
     pub fn new(capacity: usize) -> Ring {
+        #[cfg(test)]
+        RING_ALLOCS.with(|c| c.set(c.get() + u64::from(capacity > 0)));
         Ring {
             buf: vec![0; capacity].into_boxed_slice(),
             head: 0,
             len: 0,
         }
+    }
+
+    /// Empties the ring for reuse by another connection. The storage is kept (no allocation);
+    /// the old bytes stay in it but are unreadable until written again.
+    pub fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+
+    /// Address of the storage, so tests can tell that a reused ring kept its buffer.
+    #[cfg(test)]
+    pub fn storage_ptr(&self) -> *const u8 {
+        self.buf.as_ptr()
     }
 
     /// Total capacity in bytes.

@@ -16,18 +16,34 @@
 //! §3.10.7.1: "An incoming segment containing a RST is discarded"). Frames addressed to a
 //! group address (Ethernet or IP multicast/broadcast) are never answered (RFC 1122 §4.2.3.10).
 //!
-//! Allocation: the slab, the flow table, the free list, the event queues and the transmit
-//! scratch frame are all sized at [`Stack::new`]. What still allocates after start-up: creating a
-//! connection ([`Tcb::accept`] allocates its two rings — reusing them needs a re-initialising
-//! constructor in `conn`), and the timer wheel's buckets, which grow amortised to their
-//! high-water mark and then stay (see `timer`). The ready and dirty queues are reserved at twice
-//! the capacity; only an application that never drains them while connections churn could make
-//! them grow.
+//! ICMP (path-MTU discovery, RFC 1191 / RFC 8201, with RFC 5927's defences): the XDP program
+//! steers ICMPv4 "fragmentation needed" and ICMPv6 "packet too big" that quote one of our
+//! segments to the flow's worker. A frame that is not TCP is parsed as ICMP (checksum verified
+//! per `rx_checksum`); a packet-too-big whose quoted 4-tuple (ours as sent) is a live flow and
+//! whose quoted sequence number is in SND.UNA..SND.MAX lowers that connection's MSS to the MTU
+//! minus the IP and TCP headers (minus our timestamp option), never below 536 (IPv4) / 1220
+//! (IPv6) and never upwards, and resends the flight at once in the new size
+//! ([`Tcb::on_packet_too_big`]). Every other ICMP frame is dropped and counted by reason
+//! ([`RxDrop::IcmpIgnored`] and the other `Icmp*` variants).
 //!
-//! Timestamps: our TSval clock is [`Instant::ts_millis`] with offset 0 for every connection (the
-//! SYN-ACK's TSval comes from the same clock, [`CookieJar::make`] never runs it ahead). RFC 7323
-//! §7.1 suggests a per-connection random offset; that would need the offset derived from the
-//! 4-tuple under a key, which the cookie already hides in its low bits only — left for later.
+//! Allocation: the slab, the flow table, the free list, the event queues and the transmit
+//! scratch frame are all sized at [`Stack::new`]. Each slab slot owns a TCB with its send and
+//! receive rings, allocated there once (sized from [`TcbConfig`]); a new connection
+//! re-initialises its slot's TCB in place ([`Tcb::accept_in_place`]) and a closed one leaves it
+//! behind, CLOSED and emptied, so creating and closing connections allocates nothing (a test
+//! counts ring allocations over churn). The rings come from zeroed allocations, which the OS maps
+//! lazily: memory is committed as slots are first used, and the free list is LIFO, so the
+//! touched set stays at the high-water mark of concurrent connections. What still allocates
+//! after start-up: the timer wheel's buckets, which grow amortised to their high-water mark and
+//! then stay (see `timer`). The ready and dirty queues are reserved at twice the capacity; only
+//! an application that never drains them while connections churn could make them grow.
+//!
+//! Timestamps: our TSval clock is [`Instant::ts_millis`] plus a per-connection offset (RFC 7323
+//! §7.1), a keyed hash of the 4-tuple under the cookie key ([`CookieJar::ts_offset`]). The
+//! SYN-ACK's TSval is made from that clock ([`CookieJar::make`] only replaces its low bits, never
+//! running it ahead) and the connection gets the offset back from the cookie check
+//! ([`Negotiated::ts_offset`](super::syncookie::Negotiated::ts_offset), under the key that made
+//! the cookie), so the SYN-ACK's and the connection's TSvals are one clock.
 
 #[cfg(test)]
 mod tests;
@@ -35,14 +51,14 @@ mod tests;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::conn::{Handshake, State, Tcb, TcbConfig};
+use super::conn::{Handshake, PmtuIgnored, State, Tcb, TcbConfig};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
 use crate::timer::{Millis, Wheel};
 use crate::wire::{
-    emit_tcp_frame_headers, parse_tcp_frame, tcp_payload_offset, ChecksumMode, EthernetRepr,
-    IpRepr, Ipv4Repr, Ipv6Repr, SeqNumber, TcpFlags, TcpFrame, TcpOptions, TcpRepr, Timestamps,
-    WireError, IP_PROTO_TCP,
+    emit_tcp_frame_headers, parse_icmp_frame, parse_tcp_frame, tcp_payload_offset, ChecksumMode,
+    EtherType, EthernetAddress, EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr, SeqNumber, TcpFlags,
+    TcpFrame, TcpOptions, TcpRepr, Timestamps, WireError, IP_PROTO_TCP,
 };
 
 /// Timer-wheel resolution. Finer than any TCP timer we run (the smallest is the delayed ACK).
@@ -126,18 +142,40 @@ pub enum RxDrop {
     /// To a listener, with neither SYN nor ACK: discarded (RFC 9293 §3.10.7.2).
     #[error("neither SYN nor ACK")]
     NoSynNoAck,
+    /// ICMP other than "fragmentation needed" (v4 type 3 code 4) / "packet too big" (v6 type
+    /// 2): left alone (the XDP program passes such messages to the kernel; one that reaches us
+    /// anyway is dropped).
+    #[error("ICMP message not about path MTU")]
+    IcmpIgnored,
+    /// A packet-too-big message that quotes no TCP segment (too short, a fragment, not TCP).
+    #[error("ICMP quotes no TCP segment")]
+    IcmpNoQuote,
+    /// A packet-too-big message quoting a segment of no live connection.
+    #[error("ICMP for no connection")]
+    IcmpUnknownFlow,
+    /// The quoted sequence number is not in flight (RFC 5927 §4.1): stale or forged.
+    #[error("ICMP quotes a sequence number not in flight")]
+    IcmpStale,
+    /// The reported MTU would not lower the connection's MSS (it is never raised).
+    #[error("ICMP MTU does not lower the MSS")]
+    IcmpMtuNotLower,
 }
 
 impl RxDrop {
     /// The stack-level reasons ([`RxDrop::Wire`] is counted per [`WireError`]), in
     /// [`RxDrop::index`] order.
-    pub const STACK_REASONS: [RxDrop; 6] = [
+    pub const STACK_REASONS: [RxDrop; 11] = [
         RxDrop::NotForUs,
         RxDrop::NoListener,
         RxDrop::BadCookie,
         RxDrop::SlabFull,
         RxDrop::UnknownRst,
         RxDrop::NoSynNoAck,
+        RxDrop::IcmpIgnored,
+        RxDrop::IcmpNoQuote,
+        RxDrop::IcmpUnknownFlow,
+        RxDrop::IcmpStale,
+        RxDrop::IcmpMtuNotLower,
     ];
 
     /// Dense index into [`StackCounters::drops`]; `None` for [`RxDrop::Wire`].
@@ -150,6 +188,11 @@ impl RxDrop {
             RxDrop::SlabFull => Some(3),
             RxDrop::UnknownRst => Some(4),
             RxDrop::NoSynNoAck => Some(5),
+            RxDrop::IcmpIgnored => Some(6),
+            RxDrop::IcmpNoQuote => Some(7),
+            RxDrop::IcmpUnknownFlow => Some(8),
+            RxDrop::IcmpStale => Some(9),
+            RxDrop::IcmpMtuNotLower => Some(10),
         }
     }
 
@@ -163,6 +206,11 @@ impl RxDrop {
             RxDrop::SlabFull => "slab_full",
             RxDrop::UnknownRst => "unknown_rst",
             RxDrop::NoSynNoAck => "no_syn_no_ack",
+            RxDrop::IcmpIgnored => "icmp_ignored",
+            RxDrop::IcmpNoQuote => "icmp_no_quote",
+            RxDrop::IcmpUnknownFlow => "icmp_unknown_flow",
+            RxDrop::IcmpStale => "icmp_stale",
+            RxDrop::IcmpMtuNotLower => "icmp_mtu_not_lower",
         }
     }
 }
@@ -185,6 +233,9 @@ pub struct StackCounters {
     pub rsts_sent: u64,
     /// Frames handed to `out`.
     pub frames_sent: u64,
+    /// Path-MTU reductions applied to a connection (ICMP packet-too-big that passed the
+    /// checks).
+    pub pmtu_reductions: u64,
     /// Segments a connection wanted to send that did not fit the frame (none with a valid
     /// config); the connection retries them at its next poll.
     pub tx_errors: u64,
@@ -387,15 +438,67 @@ struct Conn {
     armed_ms: Option<Millis>,
 }
 
-#[derive(Debug, Default)]
+/// One slab slot. It owns its connection's storage for the stack's whole life: a new
+/// connection re-initialises `conn` in place ([`Tcb::accept_in_place`]), so the two buffers are
+/// allocated once, at [`Stack::new`], never per connection.
+#[derive(Debug)]
 struct Slot {
     /// Bumped each time the slot is freed; a [`ConnId`] is live iff its generation matches.
     generation: u32,
-    conn: Option<Conn>,
+    /// The connection, meaningful only while `live`; a vacant slot keeps a CLOSED TCB whose
+    /// buffers wait for the next connection.
+    conn: Conn,
+    live: bool,
     /// Generation for which an entry sits in the ready queue (so a connection is queued once).
     ready_for: Option<u32>,
     /// An entry for the current connection sits in the dirty list.
     dirty: bool,
+}
+
+impl Slot {
+    fn vacant(config: TcbConfig) -> Slot {
+        Slot {
+            generation: 0,
+            conn: Conn {
+                tcb: Tcb::vacant(config),
+                key: FlowKey([0; 36]),
+                local: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                remote: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                eth: EthernetRepr {
+                    src_addr: EthernetAddress::default(),
+                    dst_addr: EthernetAddress::default(),
+                    vlan: None,
+                    ethertype: EtherType::IPV4,
+                },
+                ip: IpRepr::V4(Ipv4Repr {
+                    src_addr: Ipv4Addr::UNSPECIFIED,
+                    dst_addr: Ipv4Addr::UNSPECIFIED,
+                    protocol: IP_PROTO_TCP,
+                    payload_len: 0,
+                    ttl: DEFAULT_TTL,
+                    dscp_ecn: 0,
+                    ident: 0,
+                    dont_frag: true,
+                }),
+                armed_ms: None,
+            },
+            live: false,
+            ready_for: None,
+            dirty: false,
+        }
+    }
+
+    fn conn(&self) -> Option<&Conn> {
+        self.live.then_some(&self.conn)
+    }
+
+    fn conn_mut(&mut self) -> Option<&mut Conn> {
+        if self.live {
+            Some(&mut self.conn)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -463,7 +566,9 @@ impl Stack {
             our_wscale,
             listeners: config.listeners.to_vec(),
             jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
-            slots: (0..config.capacity).map(|_| Slot::default()).collect(),
+            slots: (0..config.capacity)
+                .map(|_| Slot::vacant(config.tcb))
+                .collect(),
             // Popped from the end: slot 0 first.
             free: (0..config.capacity as u32).rev().collect(),
             flows: FlowTable::new(config.capacity, config.flow_key),
@@ -511,14 +616,14 @@ impl Stack {
     /// goes out at the next [`poll`](Self::poll).
     pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut Tcb> {
         let slot = self.slots.get_mut(id.slot as usize)?;
-        if slot.generation != id.generation || slot.conn.is_none() {
+        if slot.generation != id.generation || !slot.live {
             return None;
         }
         if !slot.dirty {
             slot.dirty = true;
             self.dirty.push(id);
         }
-        slot.conn.as_mut().map(|c| &mut c.tcb)
+        slot.conn_mut().map(|c| &mut c.tcb)
     }
 
     /// `(local, remote)` addresses of a live connection.
@@ -530,7 +635,7 @@ impl Stack {
     /// not the per-packet path).
     pub fn connections(&self) -> impl Iterator<Item = ConnId> + '_ {
         self.slots.iter().enumerate().filter_map(|(i, s)| {
-            s.conn.as_ref().map(|_| ConnId {
+            s.conn().map(|_| ConnId {
                 slot: i as u32,
                 generation: s.generation,
             })
@@ -554,7 +659,7 @@ impl Stack {
         if slot.generation != id.generation {
             return None;
         }
-        slot.conn.as_ref()
+        slot.conn()
     }
 
     /// Handles one arriving frame at `now`; every frame it sends in reply goes through `out`
@@ -579,7 +684,12 @@ impl Stack {
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) -> Result<(), RxDrop> {
-        let rx = parse_tcp_frame(frame, self.rx_checksum).map_err(RxDrop::Wire)?;
+        let rx = match parse_tcp_frame(frame, self.rx_checksum) {
+            Ok(rx) => rx,
+            // Not TCP: maybe ICMP about one of our flows (the only other thing steered here).
+            Err(WireError::UnsupportedProtocol) => return self.icmp(frame, now, out),
+            Err(e) => return Err(RxDrop::Wire(e)),
+        };
         let local = SocketAddr::new(rx.ip.dst_addr(), rx.tcp.dst_port);
         let remote = SocketAddr::new(rx.ip.src_addr(), rx.tcp.src_port);
         let key = FlowKey::new(local, remote);
@@ -621,6 +731,45 @@ impl Stack {
         }
     }
 
+    /// An ICMP frame: path-MTU discovery (RFC 1191 / RFC 8201) for the connection whose segment
+    /// it quotes, if that segment is in flight (RFC 5927 §4.1); everything else is dropped by
+    /// reason. The flow is found by the quoted 4-tuple, which is ours as sent (source = local).
+    fn icmp(
+        &mut self,
+        frame: &[u8],
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> Result<(), RxDrop> {
+        let f = parse_icmp_frame(frame, self.rx_checksum).map_err(RxDrop::Wire)?;
+        if !f.icmp.is_packet_too_big() {
+            return Err(RxDrop::IcmpIgnored);
+        }
+        let quoted = f.icmp.quoted.ok_or(RxDrop::IcmpNoQuote)?;
+        let key = FlowKey::new(quoted.src, quoted.dst);
+        let slot = self.flows.get(&key).ok_or(RxDrop::IcmpUnknownFlow)?;
+        // The payload of a full segment at this MTU without options, never below the family's
+        // minimum (IPv4: 576 − 40, RFC 9293 §3.7.1's default; IPv6: 1280 − 60, RFC 8201 §4
+        // "MUST NOT reduce ... below the IPv6 minimum link MTU"). An IPv4 router from before
+        // RFC 1191 reports 0, which lands on the floor.
+        let (headers, floor) = if f.icmp.v6 { (60, 1220) } else { (40, 536) };
+        let path_mss = f.icmp.mtu.saturating_sub(headers).max(floor);
+        let Some(conn) = self.slots[slot as usize].conn_mut() else {
+            debug_assert!(false, "flow table points at an empty slot");
+            return Err(RxDrop::IcmpUnknownFlow);
+        };
+        let before = Snapshot::of(&conn.tcb);
+        match conn.tcb.on_packet_too_big(now, quoted.seq, path_mss) {
+            Ok(_) => {
+                self.counters.pmtu_reductions += 1;
+                // Resend the flight in the new size now.
+                self.after_activity(slot, before, now, out);
+                Ok(())
+            }
+            Err(PmtuIgnored::NotInFlight) => Err(RxDrop::IcmpStale),
+            Err(PmtuIgnored::NotSmaller) => Err(RxDrop::IcmpMtuNotLower),
+        }
+    }
+
     fn is_listener(&self, local: SocketAddr) -> bool {
         self.listeners.iter().any(|l| {
             l.port() == local.port()
@@ -638,7 +787,7 @@ impl Stack {
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) {
-        let Some(conn) = self.slots[slot as usize].conn.as_mut() else {
+        let Some(conn) = self.slots[slot as usize].conn_mut() else {
             debug_assert!(false, "flow table points at an empty slot");
             return;
         };
@@ -658,7 +807,7 @@ impl Stack {
     ) {
         let s = &mut self.slots[slot as usize];
         let generation = s.generation;
-        let Some(conn) = s.conn.as_mut() else {
+        let Some(conn) = s.conn_mut() else {
             return;
         };
         transmit(conn, &mut self.tx, now, &mut self.counters, out);
@@ -696,12 +845,14 @@ impl Stack {
 
     fn free_slot(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        let Some(conn) = s.conn.take() else {
+        if !s.live {
             return;
-        };
+        }
+        // The TCB stays in the slot (CLOSED, buffers kept) for the next connection.
+        s.live = false;
         s.generation = s.generation.wrapping_add(1);
         s.dirty = false;
-        let removed = self.flows.remove(&conn.key);
+        let removed = self.flows.remove(&s.conn.key);
         debug_assert!(removed, "a live connection is in the flow table");
         self.free.push(slot);
         self.counters.connections_closed += 1;
@@ -720,7 +871,11 @@ impl Stack {
         let peer = syn.options;
         // RFC 9293 §3.7.1: without the option, assume 536 (IPv4) or 1220 (IPv6, RFC 8200 §5).
         let default_mss = if tuple.remote.is_ipv4() { 536 } else { 1220 };
-        let ts_now = peer.timestamps.map(|_| now.ts_millis());
+        // RFC 7323 §7.1: a per-connection TSval offset; the connection gets the same one back
+        // from the cookie check.
+        let ts_now = peer
+            .timestamps
+            .map(|_| now.ts_millis().wrapping_add(self.jar.ts_offset(tuple)));
         let (isn, tsval) = self.jar.make(
             tuple,
             syn.seq.0,
@@ -791,20 +946,19 @@ impl Stack {
             peer_mss: negotiated.mss,
             window_scale: negotiated.ws.map(|peer| (peer, self.our_wscale)),
             sack_permitted: negotiated.sack_perm,
-            timestamps: tsecr.map(|_| 0),
+            timestamps: tsecr.map(|_| negotiated.ts_offset),
             peer_window: seg.window,
         };
-        let tcb = Tcb::accept(self.tcb_config, &hs, seg, rx.payload, now);
         let s = &mut self.slots[slot as usize];
-        s.conn = Some(Conn {
-            tcb,
-            key,
-            local: tuple.local,
-            remote: tuple.remote,
-            eth: reply_eth(&rx.eth),
-            ip: reply_ip(&rx.ip),
-            armed_ms: None,
-        });
+        // In place: the slot's buffers are reused, nothing is allocated.
+        s.conn.tcb.accept_in_place(&hs, seg, rx.payload, now);
+        s.conn.key = key;
+        s.conn.local = tuple.local;
+        s.conn.remote = tuple.remote;
+        s.conn.eth = reply_eth(&rx.eth);
+        s.conn.ip = reply_ip(&rx.ip);
+        s.conn.armed_ms = None;
+        s.live = true;
         self.flows.insert(key, slot);
         self.counters.connections_created += 1;
         // A new connection is news whatever its state.
@@ -893,7 +1047,7 @@ impl Stack {
                 continue;
             }
             s.dirty = false;
-            let Some(conn) = s.conn.as_ref() else {
+            let Some(conn) = s.conn() else {
                 continue;
             };
             // The application saw the connection as it is now; only what this flush changes
@@ -910,7 +1064,7 @@ impl Stack {
             let Some(conn) = slots
                 .get_mut(entry.slot as usize)
                 .filter(|s| s.generation == entry.generation)
-                .and_then(|s| s.conn.as_mut())
+                .and_then(|s| s.conn_mut())
             else {
                 return;
             };
@@ -938,7 +1092,7 @@ impl Stack {
         while i < self.due.len() {
             let entry = self.due[i];
             i += 1;
-            let Some(conn) = self.slots[entry.slot as usize].conn.as_mut() else {
+            let Some(conn) = self.slots[entry.slot as usize].conn_mut() else {
                 continue;
             };
             conn.armed_ms = None;

@@ -22,6 +22,12 @@
 //!   peer's window scale (4 bits, 0xF = none) and SACK-permitted (1 bit; the 6th is reserved and
 //!   zero); the peer echoes them in TSecr. Without timestamps, window scaling and SACK are not
 //!   offered (the SYN-ACK must then omit them), as on Linux: there is nowhere to keep them.
+//! - Our TSvals carry a per-connection offset (RFC 7323 §7.1), a keyed hash of the 4-tuple
+//!   under the cookie key ([`CookieJar::ts_offset`]): keyed with the cookie key because every
+//!   worker shares it (the final ACK may reach another worker than the SYN), and
+//!   [`CookieJar::check`] recomputes it under whichever key validated the cookie, so the
+//!   SYN-ACK's TSval and the connection's later TSvals stay one clock across a rotation. The
+//!   offset is added before the option bits are put in the low bits, so decoding is unchanged.
 //! - The MSS is rounded down to an entry of [`MSS_TABLE`]; a peer that offers less than 536 gets
 //!   536, the IPv4 default (RFC 9293 §3.7.1), as on Linux.
 
@@ -52,6 +58,7 @@ const MAX_WS: u8 = 14;
 /// Domain-separation tags so the pad and the MAC are independent functions of the same key.
 const TAG_PAD: u8 = 0x50;
 const TAG_MAC: u8 = 0x4d;
+const TAG_TS: u8 = 0x54;
 /// The MAC's option code when the SYN had no timestamps (TS codes are `0x40 | bits`).
 const OPTS_NO_TS: u8 = 0x80;
 
@@ -77,6 +84,10 @@ pub struct Negotiated {
     pub ws: Option<u8>,
     /// SACK-permitted (RFC 2018), if offered and carried by timestamps.
     pub sack_perm: bool,
+    /// The connection's TSval offset ([`CookieJar::ts_offset`]) under the key that validated
+    /// the cookie — the key that made it, so the SYN-ACK's TSval and the connection's agree
+    /// even across a key rotation.
+    pub ts_offset: u32,
 }
 
 /// Why an ACK's cookie was refused (each is a drop counter).
@@ -117,6 +128,17 @@ impl CookieJar {
     /// Makes `new_key` current; the current key becomes the previous one, the previous is dropped.
     pub fn rotate(&mut self, new_key: CookieKey) {
         self.keys = [new_key, self.keys[0]];
+    }
+
+    /// The TSval offset for connections on `tuple` under the current key: our TSval is
+    /// [`Instant::ts_millis`] plus this (RFC 7323 §7.1: a per-connection offset, so TSvals tell
+    /// nothing about our clock or other connections). Pass `ts_millis() + ts_offset(tuple)` to
+    /// [`make`](Self::make) as `ts_now`; [`check`](Self::check) returns the same offset in
+    /// [`Negotiated::ts_offset`]. It depends on the addresses and ports only (not the ISN), so a
+    /// new incarnation of a 4-tuple continues the old one's TSval clock (as Linux's per-address
+    /// offset does), which keeps the peer's PAWS state valid.
+    pub fn ts_offset(&self, tuple: &CookieTuple) -> u32 {
+        ts_offset_under(&self.keys[0], tuple)
     }
 
     /// The cookie for a SYN: returns our ISN and, if the SYN carried timestamps, the TSval to
@@ -198,6 +220,7 @@ impl CookieJar {
                     mss: MSS_TABLE[usize::from(index)],
                     ws,
                     sack_perm,
+                    ts_offset: ts_offset_under(key, tuple),
                 });
             }
         }
@@ -258,6 +281,10 @@ fn message(
     m[49] = index;
     m[50] = opts;
     m
+}
+
+fn ts_offset_under(key: &CookieKey, tuple: &CookieTuple) -> u32 {
+    siphash24(key, &message(TAG_TS, tuple, 0, 0, 0, 0)) as u32
 }
 
 fn pad(key: &CookieKey, tuple: &CookieTuple, client_isn: u32) -> u32 {
@@ -395,7 +422,8 @@ mod tests {
             Ok(Negotiated {
                 mss: 1460,
                 ws: None,
-                sack_perm: false
+                sack_perm: false,
+                ts_offset: jar.ts_offset(&tuple()),
             }),
             "MSS survives; WS and SACK need timestamps"
         );
@@ -448,7 +476,8 @@ mod tests {
                 Ok(Negotiated {
                     mss: 8960,
                     ws,
-                    sack_perm: sack
+                    sack_perm: sack,
+                    ts_offset: jar.ts_offset(&tuple()),
                 }),
                 "ws {ws:?} sack {sack}"
             );
@@ -614,6 +643,40 @@ mod tests {
             jar.check(&tuple(), fresh, 77, None, at(1010)).is_ok(),
             "K3 now previous"
         );
+    }
+
+    #[test]
+    fn ts_offset_is_per_tuple_and_survives_rotation() {
+        let mut jar = CookieJar::new(K1, K2);
+        let other = CookieTuple {
+            remote: "192.0.2.9:40001".parse().expect("addr"),
+            ..tuple()
+        };
+        let off = jar.ts_offset(&tuple());
+        assert_ne!(off, jar.ts_offset(&other), "another port, another offset");
+        assert_ne!(
+            off,
+            CookieJar::new(K3, K2).ts_offset(&tuple()),
+            "keyed: another key, another offset"
+        );
+        // The SYN-ACK's TSval uses the offset; the ACK echoes it after a rotation.
+        let clock = 5_000_000u32.wrapping_add(off);
+        let (isn, tsval) = jar.make(&tuple(), 9, 1460, Some(7), true, Some(clock), at(100));
+        let tsval = tsval.expect("timestamps");
+        jar.rotate(K3);
+        assert_ne!(
+            jar.ts_offset(&tuple()),
+            off,
+            "new key, new offset for new SYNs"
+        );
+        let got = jar
+            .check(&tuple(), isn, 9, Some(tsval), at(101))
+            .expect("valid under the previous key");
+        assert_eq!(
+            got.ts_offset, off,
+            "the offset of the key that made the cookie"
+        );
+        assert_eq!((got.ws, got.sack_perm), (Some(7), true), "options decode");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! representations (`Repr`s), the Internet checksum and TCP sequence-number arithmetic.
 //!
 //! Owns: the byte layout of every header tern's user-space TCP stack reads or writes on the
-//! bypass path, and nothing else — no state, no policy, no allocation, no I/O. What a segment
-//! *means* (state machine, SYN cookies, PAWS) belongs to the `tcp` module.
+//! bypass path, the ICMP errors path-MTU discovery reads (`icmp`), and nothing else — no state,
+//! no policy, no allocation, no I/O. What a segment *means* (state machine, SYN cookies, PAWS,
+//! what a packet-too-big does to a connection) belongs to the `tcp` module.
 //!
 //! The shape follows smoltcp's `wire` module: each header has a view `Packet<T: AsRef<[u8]>>`
 //! over a buffer (getters need `AsRef`, setters `AsMut`) with a private `mod field` of byte
@@ -23,13 +24,15 @@
 //! Specifications: IEEE 802.3 / 802.1Q (Ethernet and one VLAN tag), RFC 791 (IPv4), RFC 8200
 //! (IPv6; §8.1 upper-layer checksums), RFC 9293 (TCP; §3.1 header and pseudo-header, §3.4
 //! sequence numbers), RFC 7323 (window scale, timestamps), RFC 2018 (SACK), RFC 1071 and
-//! RFC 1624 (the Internet checksum and its incremental update).
+//! RFC 1624 (the Internet checksum and its incremental update), RFC 792 / RFC 1191 §4 (ICMPv4
+//! "fragmentation needed") and RFC 4443 §3.2 (ICMPv6 "packet too big").
 
 #![forbid(unsafe_code)]
 
 pub mod checksum;
 mod ethernet;
 mod frame;
+mod icmp;
 mod ipv4;
 mod ipv6;
 mod seq;
@@ -41,6 +44,10 @@ mod tests;
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, EthernetRepr, VlanTag};
 pub use frame::{
     emit_tcp_frame, emit_tcp_frame_headers, parse_tcp_frame, tcp_payload_offset, IpRepr, TcpFrame,
+};
+pub use icmp::{
+    emit_icmp_frame, parse_icmp_frame, IcmpFrame, IcmpRepr, QuotedTcp, ICMPV4_DEST_UNREACHABLE,
+    ICMPV4_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG, IP_PROTO_ICMP, IP_PROTO_ICMPV6,
 };
 pub use ipv4::{Ipv4Packet, Ipv4Repr};
 pub use ipv6::{Ipv6Packet, Ipv6Repr};

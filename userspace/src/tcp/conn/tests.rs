@@ -849,6 +849,63 @@ fn sack_retransmits_the_holes() {
     assert!(!s.cc().in_recovery(), "recovered");
 }
 
+/// The first 1000 bytes of `data`, retransmitted at SND.UNA, is among `out`.
+fn has_retransmission_of_first(out: &[Seg], data: &[u8]) -> bool {
+    out.iter()
+        .any(|(r, p)| r.seq == LOCAL_SEQ && p.as_slice() == &data[..1000])
+}
+
+#[test]
+fn sack_acks_carrying_data_count_as_duplicates() {
+    // RFC 6675 §2: an ACK whose SACK blocks cover new data is a duplicate ACK even when it
+    // carries data (the peer sends too) — RFC 5681's rule alone would wait for the RTO.
+    let mut s = established_sack();
+    let data = pattern(6000, 5);
+    s.send(&data);
+    assert_eq!(poll(&mut s, 0).len(), 6, "six segments out");
+    let from_peer = |n: u32, right: u32| TcpRepr {
+        seq: REMOTE_SEQ + n * 10,
+        ..dup_ack(LOCAL_SEQ, &[(1000, right)])
+    };
+    send!(s, 10, from_peer(0, 1500), &[b'a'; 10]);
+    send!(s, 11, from_peer(1, 2000), &[b'b'; 10]);
+    // The same SACK information again is no news: not a duplicate.
+    send!(s, 12, from_peer(2, 2000), &[b'c'; 10]);
+    let out = poll(&mut s, 12);
+    assert!(
+        !has_retransmission_of_first(&out, &data),
+        "two duplicates are not enough: {out:?}"
+    );
+    send!(s, 13, from_peer(3, 2500), &[b'd'; 10]);
+    let out = poll(&mut s, 13);
+    assert!(
+        has_retransmission_of_first(&out, &data),
+        "third SACK-bearing data segment triggers fast retransmit: {out:?}"
+    );
+    assert_eq!(s.counters().fast_retransmits, 1, "counted once");
+    assert_eq!(s.counters().timeouts, 0, "no RTO needed");
+}
+
+#[test]
+fn three_segments_sacked_above_una_mean_it_is_lost() {
+    // RFC 6675 §4 IsLost: DupThresh·SMSS SACKed above SND.UNA, from a single ACK.
+    let mut s = established_sack();
+    let data = pattern(6000, 6);
+    s.send(&data);
+    assert_eq!(poll(&mut s, 0).len(), 6, "six segments out");
+    send!(s, 10, dup_ack(LOCAL_SEQ, &[(1000, 3000)]));
+    assert!(
+        !has_retransmission_of_first(&poll(&mut s, 10), &data),
+        "two segments SACKed: not yet"
+    );
+    send!(s, 11, dup_ack(LOCAL_SEQ, &[(1000, 4000)]));
+    assert!(
+        has_retransmission_of_first(&poll(&mut s, 11), &data),
+        "three segments SACKed: retransmit on the second duplicate"
+    );
+    assert!(s.cc().in_recovery(), "in fast recovery");
+}
+
 #[test]
 fn zero_window_probe_then_reopen() {
     let mut s = established();
@@ -1197,6 +1254,103 @@ fn timestamps_echo_rtt_and_paws() {
     assert_eq!(s.counters().paws, 1, "counted");
 }
 
+// ---------------------------------------------------------------------- keep-alive
+
+#[test]
+fn keepalive_probes_after_idle_and_aborts_after_count_unanswered() {
+    assert_eq!(
+        TcbConfig::default().keepalive,
+        None,
+        "off by default (RFC 1122)"
+    );
+    assert_eq!(established().next_timer(), None, "no timer when off");
+    let cfg = TcbConfig {
+        keepalive: Some(Keepalive {
+            idle: Duration::from_secs(10),
+            interval: Duration::from_secs(1),
+            count: 3,
+        }),
+        ..config()
+    };
+    let mut s = Tcb::new(cfg, &handshake(), t(0));
+    assert_eq!(s.next_timer(), Some(t(10_000)), "first probe after idle");
+    tick!(s, 9_999);
+    recv!(s, 9_999, []);
+    // RFC 9293 §3.8.4: SEG.SEQ = SND.NXT − 1, no data.
+    let probe = seg(
+        TcpRepr {
+            seq: LOCAL_SEQ - 1,
+            ..recv_templ()
+        },
+        &[],
+    );
+    tick!(s, 10_000);
+    recv!(s, 10_000, [probe.clone()]);
+    assert_eq!(s.next_timer(), Some(t(11_000)), "next probe after interval");
+    // The peer answers: the idle period starts again.
+    send!(s, 10_500, send_templ());
+    assert_eq!(s.next_timer(), Some(t(20_500)), "answered: idle again");
+    recv!(s, 10_500, []);
+    // Data in flight: the retransmission timer rules, not keep-alive.
+    s.send(b"x");
+    assert_eq!(poll(&mut s, 10_600).len(), 1, "data sent");
+    assert_eq!(
+        s.next_timer(),
+        Some(t(10_600) + s.rtt().rto()),
+        "RTO, not keep-alive, while data is in flight"
+    );
+    send!(
+        s,
+        10_700,
+        TcpRepr {
+            ack: Some(LOCAL_SEQ + 1),
+            ..send_templ()
+        }
+    );
+    let probe = seg(
+        TcpRepr {
+            seq: LOCAL_SEQ,
+            ..recv_templ()
+        },
+        &[],
+    );
+    assert_eq!(
+        s.next_timer(),
+        Some(t(20_700)),
+        "idle from the last arrival"
+    );
+    // Nobody answers: three probes, then abort with RST.
+    for ms in [20_700, 21_700, 22_700] {
+        tick!(s, ms);
+        recv!(s, ms, [probe.clone()]);
+        assert_eq!(s.state(), State::Established, "still open at {ms}");
+    }
+    tick!(s, 23_699);
+    recv!(s, 23_699, []);
+    tick!(s, 23_700);
+    assert_eq!(
+        s.close_reason(),
+        Some(CloseReason::KeepaliveTimeout),
+        "aborted"
+    );
+    recv!(
+        s,
+        23_700,
+        [seg(
+            TcpRepr {
+                seq: LOCAL_SEQ + 1,
+                ack: None,
+                flags: TcpFlags::RST,
+                window: 0,
+                ..recv_templ()
+            },
+            &[]
+        )]
+    );
+    assert_eq!(s.counters().keepalive_probes, 4, "probes counted");
+    assert_eq!(s.next_timer(), None, "closed: no timer");
+}
+
 // ---------------------------------------------------------------------- closing
 
 #[test]
@@ -1531,10 +1685,74 @@ impl Side {
     }
 }
 
+/// The simulated link's properties.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    /// Percent of segments lost.
+    loss: u64,
+    one_way_ms: u64,
+    /// Uniform extra delay in [0, jitter_ms) for every segment. The simulation sends a burst
+    /// at one instant, so any jitter shuffles whole bursts (heavy reordering).
+    jitter_ms: u64,
+    /// Percent of segments held back by an extra 1–3 ms (sparse reordering: the segments sent
+    /// in that time overtake it).
+    reorder: u64,
+}
+
+/// Puts what `side` has to send on the link (lost, delayed, jittered, sometimes duplicated).
+fn link_send(
+    side: &mut Side,
+    to_server: bool,
+    now: Instant,
+    rng: &mut Rng,
+    link: &mut Vec<InFlight>,
+    cfg: &Link,
+) {
+    side.tcb
+        .poll_transmit(now, |repr, payload| {
+            if rng.chance(cfg.loss) {
+                return Ok::<(), ()>(());
+            }
+            let mut bytes = vec![0; payload.len()];
+            payload.copy_to(&mut bytes);
+            let copies = if rng.chance(1) { 2 } else { 1 };
+            for _ in 0..copies {
+                let mut jitter = if cfg.jitter_ms == 0 {
+                    0
+                } else {
+                    rng.next() % (cfg.jitter_ms * 1_000)
+                };
+                if rng.chance(cfg.reorder) {
+                    jitter += 1_000 + rng.next() % 2_000;
+                }
+                link.push(InFlight {
+                    at: now + Duration::from_micros(cfg.one_way_ms * 1_000 + jitter),
+                    to_server,
+                    repr: *repr,
+                    payload: bytes.clone(),
+                });
+            }
+            Ok(())
+        })
+        .expect("the link never refuses");
+}
+
+/// What one simulated transfer measured.
+#[derive(Clone, Copy, Debug)]
+struct SimResult {
+    /// Simulated time until both sides had received every byte (the close and TIME-WAIT that
+    /// follow are checked but not counted).
+    completion: Duration,
+    /// RTO expiries and fast/SACK retransmissions, both sides.
+    timeouts: u64,
+    fast_retransmits: u64,
+}
+
 /// Two Tcbs (the client one built with the same constructor, ISS/IRS swapped) exchange 1 MB
-/// each way over a link with `loss` % loss, a one-way delay of `one_way_ms` plus up to 3 ms of
-/// jitter (which reorders segments) and 1 % duplication.
-fn loopback(seed: u64, loss: u64, one_way_ms: u64, algorithm: Algorithm) {
+/// each way over a [`Link`] (loss, delay, jitter, sparse reordering) that also duplicates 1 %
+/// of segments. Asserts every byte arrives exactly once and in order, and an orderly
+/// close; returns the simulated completion time.
+fn loopback(seed: u64, link_cfg: Link, algorithm: Algorithm) -> SimResult {
     const SIZE: usize = 1 << 20;
     let cfg = TcbConfig {
         send_buffer: 64 * 1024,
@@ -1579,44 +1797,56 @@ fn loopback(seed: u64, loss: u64, one_way_ms: u64, algorithm: Algorithm) {
     let mut rng = Rng(seed);
     let mut link: Vec<InFlight> = Vec::new();
     let mut now = Instant::ZERO;
+    let mut data_done = None;
     let step = Duration::from_millis(1);
     let deadline = Instant::from_secs(300);
     while now < deadline {
         // Deliver what is due, in arrival order.
         link.sort_by_key(|p| p.at);
         let due = link.partition_point(|p| p.at <= now);
-        for p in link.drain(..due) {
+        let arrived: Vec<InFlight> = link.drain(..due).collect();
+        for p in arrived {
             let side = if p.to_server {
                 &mut server
             } else {
                 &mut client
             };
+            if side.tcb.state() == State::Closed && !p.repr.flags.contains(TcpFlags::RST) {
+                // The peer's stack no longer has the connection (its TIME-WAIT ended before our
+                // last retransmission): it answers with an RST (RFC 9293 §3.10.7.1).
+                let (seq, ack) = match p.repr.ack {
+                    Some(ack) => (ack, None),
+                    None => (SeqNumber(0), Some(p.repr.seq + p.repr.segment_len() as u32)),
+                };
+                link.push(InFlight {
+                    at: now + Duration::from_millis(link_cfg.one_way_ms),
+                    to_server: !p.to_server,
+                    repr: TcpRepr {
+                        src_port: p.repr.dst_port,
+                        dst_port: p.repr.src_port,
+                        seq,
+                        ack,
+                        flags: TcpFlags::RST,
+                        window: 0,
+                        options: TcpOptions::default(),
+                        payload_len: 0,
+                    },
+                    payload: Vec::new(),
+                });
+                continue;
+            }
             // Drops are expected here (duplicates, stale retransmissions); they are counted.
             let _ = side.tcb.process(now, &p.repr, &p.payload);
+            // Replies go out per segment, as `Stack::receive` sends them.
+            link_send(side, !p.to_server, now, &mut rng, &mut link, &link_cfg);
         }
         for (side, to_server) in [(&mut server, false), (&mut client, true)] {
             side.tcb.on_timer(now);
             side.app();
-            side.tcb
-                .poll_transmit(now, |repr, payload| {
-                    if rng.chance(loss) {
-                        return Ok::<(), ()>(());
-                    }
-                    let mut bytes = vec![0; payload.len()];
-                    payload.copy_to(&mut bytes);
-                    let copies = if rng.chance(1) { 2 } else { 1 };
-                    for _ in 0..copies {
-                        let delay = one_way_ms * 1_000 + rng.next() % 3_000;
-                        link.push(InFlight {
-                            at: now + Duration::from_micros(delay),
-                            to_server,
-                            repr: *repr,
-                            payload: bytes.clone(),
-                        });
-                    }
-                    Ok(())
-                })
-                .expect("the link never refuses");
+            link_send(side, to_server, now, &mut rng, &mut link, &link_cfg);
+        }
+        if data_done.is_none() && server.received.len() == SIZE && client.received.len() == SIZE {
+            data_done = Some(now);
         }
         let done = |s: &Side| s.received.len() == SIZE && matches!(s.tcb.state(), State::Closed);
         if done(&server) && done(&client) && link.is_empty() {
@@ -1649,6 +1879,12 @@ fn loopback(seed: u64, loss: u64, one_way_ms: u64, algorithm: Algorithm) {
             Some(CloseReason::Normal),
             "seed {seed}: orderly close"
         );
+    }
+    let c = [server.tcb.counters(), client.tcb.counters()];
+    SimResult {
+        completion: data_done.expect("all data arrived") - Instant::ZERO,
+        timeouts: c[0].timeouts + c[1].timeouts,
+        fast_retransmits: c[0].fast_retransmits + c[1].fast_retransmits,
     }
 }
 
@@ -1754,31 +1990,140 @@ fn arbitrary_segments_never_panic() {
     }
 }
 
+/// A link with 5 ms one-way delay and 3 ms of jitter on every segment.
+fn jittery(loss: u64) -> Link {
+    Link {
+        loss,
+        one_way_ms: 5,
+        jitter_ms: 3,
+        reorder: 0,
+    }
+}
+
 #[test]
 fn loopback_clean_link() {
-    loopback(1, 0, 5, Algorithm::NewReno);
+    loopback(1, jittery(0), Algorithm::NewReno);
 }
 
 #[test]
 fn loopback_lossy_reordering_link_newreno() {
-    loopback(0x1234_5678, 3, 5, Algorithm::NewReno);
+    loopback(0x1234_5678, jittery(3), Algorithm::NewReno);
 }
 
 #[test]
 fn loopback_lossy_reordering_link_cubic() {
-    loopback(0xdead_beef, 5, 5, Algorithm::Cubic);
+    loopback(0xdead_beef, jittery(5), Algorithm::Cubic);
 }
 
+/// The loss × delay × reordering matrix: every cell must deliver every byte exactly once, in
+/// order (checked inside [`loopback`]), and finish within a bound derived from the loss-free,
+/// reordering-free cell of the same delay. The table of simulated completion times is printed
+/// (`cargo test -p tern --lib loopback_loss_matrix -- --nocapture`).
+///
+/// Dimensions: loss 0–10 % (each direction, data and ACKs alike), one-way delay 1/5/20 ms,
+/// sparse reordering 0 or 3 % of segments held back 1–3 ms (overtaken by whole bursts, so it
+/// causes spurious fast retransmits), plus 1 % duplication everywhere.
+///
+/// Bound per cell, from the loss-free, reordering-free cell of the same delay (`clean`):
+/// `clean × (1 + 2·loss%) + loss% × 1.5 s (+ 4 × clean + 0.5 s with reordering)`. Loss shrinks
+/// the window (each loss episode halves cwnd), and a lost retransmission or a tail loss costs an
+/// RTO (200 ms floor, doubling when it repeats); spurious fast retransmits from reordering
+/// halve cwnd too. Every loss recovered by RTO alone (no fast retransmit) blows the bound, as it
+/// did before duplicate ACKs were counted per RFC 6675 (e.g. 1 % loss at 20 ms took 6.6 s).
+/// Sanity: the loss-free time grows with the delay, and at each delay the 10 % cell is slower
+/// than the loss-free one.
 #[test]
 fn loopback_loss_matrix() {
-    for loss in [1, 2, 7, 10] {
-        for (seed, one_way_ms) in [(11, 1), (12, 5), (13, 20)] {
-            let algorithm = if seed % 2 == 0 {
-                Algorithm::Cubic
-            } else {
-                Algorithm::NewReno
-            };
-            loopback(seed * 1_000 + loss, loss, one_way_ms, algorithm);
+    const LOSSES: [u64; 5] = [0, 1, 2, 5, 10];
+    const DELAYS: [u64; 3] = [1, 5, 20];
+    /// Reordering, percent of segments held back.
+    const JITTERS: [u64; 2] = [0, 3];
+    let mut table = Vec::new();
+    for (di, &one_way_ms) in DELAYS.iter().enumerate() {
+        for &jitter_ms in &JITTERS {
+            for &loss in &LOSSES {
+                let seed = 1_000 * (di as u64 + 11) + 10 * jitter_ms + loss;
+                let algorithm = if (loss + jitter_ms) % 2 == 0 {
+                    Algorithm::Cubic
+                } else {
+                    Algorithm::NewReno
+                };
+                let link = Link {
+                    loss,
+                    one_way_ms,
+                    jitter_ms: 0,
+                    reorder: jitter_ms,
+                };
+                let r = loopback(seed, link, algorithm);
+                table.push((one_way_ms, jitter_ms, loss, algorithm, r));
+            }
         }
+    }
+    println!(
+        "loopback 1 MiB each way: simulated ms until both sides had every byte, \
+         c/n = CUBIC/NewReno, [RTO expiries / fast+SACK retransmissions]"
+    );
+    print!("{:>14}", "delay/reorder");
+    for loss in LOSSES {
+        print!("{:>20}", format!("{loss} % loss"));
+    }
+    println!();
+    for &d in &DELAYS {
+        for &j in &JITTERS {
+            print!("{:>14}", format!("{d} ms / {j} %"));
+            for &(_, _, _, alg, r) in table.iter().filter(|c| c.0 == d && c.1 == j) {
+                let tag = if alg == Algorithm::Cubic { 'c' } else { 'n' };
+                print!(
+                    "{:>20}",
+                    format!(
+                        "{} {tag} [{}/{}]",
+                        r.completion.as_millis(),
+                        r.timeouts,
+                        r.fast_retransmits
+                    )
+                );
+            }
+            println!();
+        }
+    }
+    let clean = |d: u64| {
+        table
+            .iter()
+            .find(|c| c.0 == d && c.1 == 0 && c.2 == 0)
+            .map(|c| c.4.completion.as_millis())
+            .expect("clean cell")
+    };
+    for &(d, j, loss, alg, r) in &table {
+        let base = clean(d);
+        let reorder_budget = if j > 0 { 4 * base + 500 } else { 0 };
+        let bound = base * (1 + 2 * loss) + 1_500 * loss + reorder_budget;
+        let got = r.completion.as_millis();
+        assert!(
+            got <= bound,
+            "{d} ms delay, {j} % reordered, {loss} % loss ({alg:?}): {got} ms exceeds the bound \
+             {bound} ms (loss-free {base} ms)"
+        );
+    }
+    for w in DELAYS.windows(2) {
+        assert!(
+            clean(w[0]) < clean(w[1]),
+            "loss-free completion grows with the delay: {} ms at {} ms, {} ms at {} ms",
+            clean(w[0]),
+            w[0],
+            clean(w[1]),
+            w[1]
+        );
+    }
+    for &d in &DELAYS {
+        let worst = table
+            .iter()
+            .find(|c| c.0 == d && c.1 == 0 && c.2 == 10)
+            .map(|c| c.4.completion.as_millis())
+            .expect("10 % cell");
+        assert!(
+            worst > clean(d),
+            "{d} ms: 10 % loss ({worst} ms) is slower than none ({} ms)",
+            clean(d)
+        );
     }
 }

@@ -283,9 +283,15 @@ fn syn_gets_syn_ack_with_options_and_no_state() {
     assert!(o.tcp.options.sack_permitted, "SACK-permitted echoed");
     let ts = o.tcp.options.timestamps.expect("timestamps");
     assert_eq!(ts.tsecr, 555, "TSecr echoes the SYN's TSval");
+    // Our clock for this connection: ts_millis plus the per-tuple offset (RFC 7323 §7.1).
+    let clock = t(0).ts_millis().wrapping_add(s.jar.ts_offset(&CookieTuple {
+        local: server(),
+        remote: client(1),
+    }));
     assert!(
-        ts.tsval <= t(0).ts_millis(),
-        "TSval never ahead of our clock"
+        clock.wrapping_sub(ts.tsval) < 64,
+        "TSval {} never ahead of our clock {clock} (only the cookie bits below it)",
+        ts.tsval
     );
     assert_eq!(o.tcp.window, u16::MAX, "unscaled SYN-ACK window, capped");
     assert!(o.payload.is_empty(), "no payload");
@@ -931,4 +937,285 @@ fn cookie_survives_key_rotation_and_final_ack_may_carry_data() {
         Err(RxDrop::BadCookie),
         "a cookie for another tuple never validates"
     );
+}
+
+// ---------------------------------------------------------------------- allocation
+
+/// SYN, SYN-ACK, final ACK against the stack, with no client `Tcb` (so that nothing on the
+/// test's side allocates rings); returns the new connection.
+#[track_caller]
+fn handshake_only(s: &mut Stack, addr: SocketAddr, isn: u32, now: Instant) -> ConnId {
+    let (r, out) = deliver(s, &frame(addr, server(), syn(isn, 1), &[]), now);
+    assert_eq!((r, out.len()), (Ok(()), 1), "SYN answered");
+    let sa = &out[0].tcp;
+    let ts = sa.options.timestamps.expect("SYN-ACK echoes timestamps");
+    let ack = TcpRepr {
+        seq: SeqNumber(isn) + 1,
+        ack: Some(sa.seq + 1),
+        window: 512,
+        options: TcpOptions {
+            timestamps: Some(Timestamps {
+                tsval: 2,
+                tsecr: ts.tsval,
+            }),
+            ..TcpOptions::default()
+        },
+        ..templ()
+    };
+    let (r, _) = deliver(s, &frame(addr, server(), ack, &[]), now);
+    assert_eq!(r, Ok(()), "cookie ACK accepted");
+    let mut id = None;
+    while let Some(r) = s.pop_ready() {
+        if s.endpoints(r).map(|e| e.1) == Some(addr) {
+            id = Some(r);
+        }
+    }
+    id.expect("the new connection is reported")
+}
+
+#[test]
+fn connections_reuse_their_slots_buffers_without_allocating() {
+    use crate::tcp::ring::RING_ALLOCS;
+    let allocs = || RING_ALLOCS.with(std::cell::Cell::get);
+    let before_new = allocs();
+    let mut s = stack(3);
+    assert_eq!(
+        allocs() - before_new,
+        6,
+        "Stack::new allocates both rings of every slot (the counter works)"
+    );
+    let after_new = allocs();
+    let mut seen: HashMap<usize, (*const u8, *const u8)> = HashMap::new();
+    for round in 0..60u16 {
+        let now = t(u64::from(round) * 10);
+        // Two at a time, so more than one slot churns.
+        let a = handshake_only(&mut s, client(round * 2), 1_000 + u32::from(round), now);
+        let b = handshake_only(&mut s, client(round * 2 + 1), 9_000 + u32::from(round), now);
+        for id in [a, b] {
+            let tcb = s.conn_mut(id).expect("live");
+            assert_eq!(tcb.send(b"payload"), 7, "the reused send buffer takes data");
+            assert_eq!(tcb.send_queue(), 7, "and starts empty");
+            assert_eq!(tcb.recv_queue(), 0, "receive buffer starts empty");
+            let ptrs = tcb.buffer_ptrs();
+            let first = *seen.entry(id.slot()).or_insert(ptrs);
+            assert_eq!(ptrs, first, "slot {} keeps its buffers", id.slot());
+        }
+        let _ = poll(&mut s, now);
+        s.conn_mut(a).expect("live").abort();
+        s.conn_mut(b).expect("live").abort();
+        let _ = poll(&mut s, now);
+        assert!(s.is_empty(), "round {round}: both aborted and freed");
+    }
+    assert_eq!(s.counters().connections_created, 120, "all created");
+    assert_eq!(
+        allocs(),
+        after_new,
+        "no ring was allocated after Stack::new, over 120 connections"
+    );
+}
+
+// ---------------------------------------------------------------------- ICMP / PMTU
+
+const ROUTER: [u8; 4] = [192, 0, 2, 1];
+
+/// An ICMPv4 error from a router to the server quoting the first 28 bytes (IP header + 8 TCP
+/// bytes) of `quoted_frame` (a frame the server sent).
+fn icmp_v4(icmp_type: u8, code: u8, mtu: u32, quoted_frame: &[u8]) -> Vec<u8> {
+    let eth = EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: SERVER_MAC,
+        vlan: None,
+        ethertype: EtherType::IPV4,
+    };
+    let IpAddr::V4(server_ip) = server().ip() else {
+        panic!("tests use IPv4");
+    };
+    let ip = IpRepr::V4(Ipv4Repr {
+        src_addr: Ipv4Addr::from(ROUTER),
+        dst_addr: server_ip,
+        protocol: 0,
+        payload_len: 0,
+        ttl: 64,
+        dscp_ecn: 0,
+        ident: 0,
+        dont_frag: false,
+    });
+    let mut buf = vec![0; FRAME];
+    let n = crate::wire::emit_icmp_frame(
+        &mut buf,
+        &eth,
+        &ip,
+        icmp_type,
+        code,
+        mtu,
+        &quoted_frame[14..14 + 28],
+        ChecksumMode::Compute,
+    )
+    .expect("ICMP frame fits");
+    buf.truncate(n);
+    buf
+}
+
+/// A connection with 5 full segments in flight (unacknowledged); returns the stack, the
+/// connection and the raw frames it sent.
+fn pmtu_fixture() -> (Stack, ConnId, Vec<Vec<u8>>) {
+    let mut s = stack(2);
+    let (_c, id) = connect(&mut s, client(1), 100, t(0));
+    let mss = s.conn(id).expect("live").mss() as usize;
+    assert_eq!(
+        s.conn_mut(id).expect("live").send(&vec![0x42; 5 * mss]),
+        5 * mss,
+        "queued"
+    );
+    let mut frames = Vec::new();
+    s.poll(t(1), &mut |b| frames.push(b.to_vec()));
+    assert_eq!(frames.len(), 5, "five full segments in flight");
+    (s, id, frames)
+}
+
+#[test]
+fn packet_too_big_lowers_the_mss_and_resends_the_flight_smaller() {
+    let (mut s, id, frames) = pmtu_fixture();
+    let una = s.conn(id).expect("live").snd_una();
+    let old_mss = s.conn(id).expect("live").mss();
+    assert_eq!(
+        old_mss,
+        u32::from(MSS) - 12,
+        "MSS minus the timestamp option"
+    );
+    // The third segment was too big for a 1000-byte link.
+    let (r, out) = deliver(&mut s, &icmp_v4(3, 4, 1000, &frames[2]), t(5));
+    assert_eq!(r, Ok(()), "ICMP accepted");
+    let new_mss = 1000 - 40 - 12;
+    assert_eq!(s.conn(id).expect("live").mss(), new_mss, "MSS lowered");
+    assert_eq!(s.counters().pmtu_reductions, 1, "counted");
+    assert!(!out.is_empty(), "the flight is resent at once");
+    assert_eq!(out[0].tcp.seq, una, "from SND.UNA");
+    for o in &out {
+        assert!(
+            o.payload.len() <= new_mss as usize,
+            "segment of {} bytes fits the new MSS",
+            o.payload.len()
+        );
+        let ip_len = o.ip.payload_len() + o.ip.buffer_len();
+        assert!(ip_len <= 1000, "IP packet of {ip_len} bytes fits the MTU");
+    }
+    // A larger MTU later never raises it; the same MTU again changes nothing.
+    let (r, out) = deliver(&mut s, &icmp_v4(3, 4, 1400, &frames[0]), t(6));
+    assert_eq!(r, Err(RxDrop::IcmpMtuNotLower), "not raised");
+    assert!(out.is_empty(), "nothing resent");
+    assert_eq!(s.conn(id).expect("live").mss(), new_mss, "unchanged");
+    // Below the IPv4 floor: clamped to 576 − 40 − 12.
+    let (r, _) = deliver(&mut s, &icmp_v4(3, 4, 300, &frames[0]), t(7));
+    assert_eq!(r, Ok(()), "accepted");
+    assert_eq!(s.conn(id).expect("live").mss(), 536 - 12, "floor");
+}
+
+#[test]
+fn packet_too_big_for_data_not_in_flight_is_ignored() {
+    let (mut s, id, frames) = pmtu_fixture();
+    let mss = s.conn(id).expect("live").mss();
+    let mut bad = frames[0].clone();
+    // Quote a sequence number beyond SND.MAX (never sent): offset 14 + 20 + 4 in the frame.
+    let beyond = (s.conn(id).expect("live").snd_nxt() + 10_000).0;
+    bad[38..42].copy_from_slice(&beyond.to_be_bytes());
+    let (r, out) = deliver(&mut s, &icmp_v4(3, 4, 1000, &bad), t(5));
+    assert_eq!(r, Err(RxDrop::IcmpStale), "RFC 5927 §4.1 check");
+    assert!(out.is_empty(), "nothing sent");
+    assert_eq!(s.conn(id).expect("live").mss(), mss, "MSS unchanged");
+    assert_eq!(s.counters().dropped(RxDrop::IcmpStale), 1, "counted");
+    assert_eq!(s.counters().pmtu_reductions, 0, "no reduction");
+}
+
+#[test]
+fn other_icmp_and_unknown_flows_are_dropped_and_counted() {
+    let (mut s, id, frames) = pmtu_fixture();
+    let mss = s.conn(id).expect("live").mss();
+    // Port unreachable: not about the path MTU.
+    let (r, _) = deliver(&mut s, &icmp_v4(3, 3, 1000, &frames[0]), t(5));
+    assert_eq!(r, Err(RxDrop::IcmpIgnored), "3/3 ignored");
+    // A quote for a flow we do not have (another client port).
+    let mut other = frames[0].clone();
+    other[36..38].copy_from_slice(&41_999u16.to_be_bytes());
+    let (r, _) = deliver(&mut s, &icmp_v4(3, 4, 1000, &other), t(5));
+    assert_eq!(r, Err(RxDrop::IcmpUnknownFlow), "unknown flow");
+    // A quote that is not TCP.
+    let mut udp = frames[0].clone();
+    udp[14 + 9] = 17;
+    let (r, _) = deliver(&mut s, &icmp_v4(3, 4, 1000, &udp), t(5));
+    assert_eq!(r, Err(RxDrop::IcmpNoQuote), "no TCP quote");
+    // A corrupted ICMP checksum.
+    let mut bad = icmp_v4(3, 4, 1000, &frames[0]);
+    let last = bad.len() - 1;
+    bad[last] ^= 0x10;
+    let (r, _) = deliver(&mut s, &bad, t(5));
+    assert_eq!(
+        r,
+        Err(RxDrop::Wire(WireError::BadChecksum)),
+        "checksum verified"
+    );
+    let c = s.counters();
+    for reason in [
+        RxDrop::IcmpIgnored,
+        RxDrop::IcmpUnknownFlow,
+        RxDrop::IcmpNoQuote,
+        RxDrop::Wire(WireError::BadChecksum),
+    ] {
+        assert_eq!(c.dropped(reason), 1, "{} counted once", reason.name());
+    }
+    assert_eq!(s.conn(id).expect("live").mss(), mss, "MSS untouched");
+}
+
+// ---------------------------------------------------------------------- timestamps
+
+#[test]
+fn tsval_offset_is_per_connection_and_continues_the_syn_ack() {
+    let mut s = stack(4);
+    let mut syn_ack_ts = Vec::new();
+    let mut ids = Vec::new();
+    for n in [1, 2] {
+        let (r, out) = deliver(&mut s, &frame(client(n), server(), syn(500, 1), &[]), t(0));
+        assert_eq!((r, out.len()), (Ok(()), 1), "SYN-ACK");
+        let sa = out[0].tcp;
+        let ts = sa.options.timestamps.expect("timestamps").tsval;
+        syn_ack_ts.push(ts);
+        let ack = TcpRepr {
+            seq: SeqNumber(501),
+            ack: Some(sa.seq + 1),
+            window: 512,
+            options: TcpOptions {
+                timestamps: Some(Timestamps {
+                    tsval: 2,
+                    tsecr: ts,
+                }),
+                ..TcpOptions::default()
+            },
+            ..templ()
+        };
+        // The final ACK arrives after a key rotation: the offset must not change.
+        if n == 2 {
+            s.rotate_cookie_key([42; 16]);
+        }
+        let (r, _) = deliver(&mut s, &frame(client(n), server(), ack, &[]), t(5));
+        assert_eq!(r, Ok(()), "cookie ACK");
+        ids.push(s.pop_ready().expect("new connection"));
+    }
+    assert!(
+        syn_ack_ts[0]
+            .wrapping_sub(syn_ack_ts[1])
+            .min(syn_ack_ts[1].wrapping_sub(syn_ack_ts[0]))
+            > 1_000,
+        "two connections at the same instant show unrelated TSvals: {syn_ack_ts:?}"
+    );
+    for (i, id) in ids.into_iter().enumerate() {
+        s.conn_mut(id).expect("live").send(b"hi");
+        let out = poll(&mut s, t(100));
+        assert_eq!(out.len(), 1, "data segment");
+        let ts = out[0].tcp.options.timestamps.expect("timestamps").tsval;
+        let step = ts.wrapping_sub(syn_ack_ts[i]);
+        assert!(
+            (100..100 + 64).contains(&step),
+            "connection {i}: TSval moved {step} ms after the SYN-ACK's (100 ms + cookie bits)"
+        );
+    }
 }

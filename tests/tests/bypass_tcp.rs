@@ -1,0 +1,464 @@
+//! End-to-end tests of tern's own TCP stack on the bypass path: a `mode = "xdp"`, `tls = false`
+//! listener (the L4 proxy) with Linux's TCP as the client, over the veth rig. The XDP program
+//! steers the listener's frames into AF_XDP sockets; tern's stack terminates TCP and its
+//! workers carry the bytes to an echo backend over io_uring.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tern_tests::backend::Backend;
+
+const PORT: u16 = 4443;
+
+/// The rig (2 queues), an echo backend on the server side, and tern with a kernel TLS listener
+/// on :443 (readiness) and the bypass L4 listener on :4443, 2 workers.
+fn l4_stack(tag: &str, backend: fn(TcpListener) -> Backend, toml_extra: &str) -> (Stack, Backend) {
+    let (rig, dir) = (
+        tern_tests::rig::Rig::isolated(tag, 2),
+        tern_tests::rig::TempDir::new(tag),
+    );
+    let backend = backend(server_listener(&rig));
+    let listener_extra = format!(
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+         interface = \"{iface}\"\ntls = false\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    let toml_extra = format!(
+        "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n\n[limits]\nmax_connections_per_worker = 4096\n\n{toml_extra}\n"
+    );
+    let stack = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            listener_extra: Box::leak(listener_extra.into_boxed_str()),
+            toml_extra: Box::leak(toml_extra.into_boxed_str()),
+            ..Default::default()
+        },
+    );
+    (stack, backend)
+}
+
+fn l4_addr(s: &Stack) -> SocketAddr {
+    s.rig.server_addr(PORT)
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    c.set_write_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    c
+}
+
+#[test]
+fn echo_through_the_bypass_l4_proxy() {
+    let (s, _backend) = l4_stack("l4echo", Backend::echo, "");
+    let addr = l4_addr(&s);
+    s.rig.client.run(move || {
+        let mut c = connect(addr);
+        for round in 0..50u32 {
+            let msg = format!("round {round} through tern's own TCP stack");
+            c.write_all(msg.as_bytes()).expect("write");
+            let mut back = vec![0u8; msg.len()];
+            c.read_exact(&mut back).expect("read echo");
+            assert_eq!(back, msg.as_bytes());
+        }
+        c.shutdown(Shutdown::Write).expect("half-close");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .expect("FIN after the echo backend closes");
+        assert!(rest.is_empty(), "nothing after the last echo: {rest:?}");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = s.stats();
+        let tcp = &st["bypass"]["tcp"];
+        let proxy = &st["bypass"]["proxy"];
+        if tcp["connections_created"] == 1 && proxy["closed"] == 1 {
+            assert_eq!(tcp["rx_malformed"], 0, "{st}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stats never settled: {st}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tern ctl stats` polled until `f` holds (bounded).
+#[track_caller]
+fn wait_stats(s: &Stack, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = s.stats();
+        if f(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {st}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a counter: {v}"))
+}
+
+/// Every connection is gone from tern's stack and proxy.
+fn settled(st: &serde_json::Value) -> bool {
+    n(&st["bypass"]["tcp"]["connections"]) == 0 && n(&st["bypass"]["proxy"]["active"]) == 0
+}
+
+#[test]
+fn a_thousand_concurrent_connections_echo_byte_exact() {
+    let (s, _backend) = l4_stack("l4thousand", Backend::echo, "");
+    let addr = l4_addr(&s);
+    const CONNS: usize = 1000;
+    s.rig.client.run(move || {
+        let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr)).collect();
+        // Every connection is open at once before any byte moves.
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(format!("connection {i:04} says hello;").as_bytes())
+                .expect("write");
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let want = format!("connection {i:04} says hello;");
+            let mut got = vec![0u8; want.len()];
+            c.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("connection {i}: reading the echo: {e}"));
+            assert_eq!(
+                got,
+                want.as_bytes(),
+                "connection {i} got its own bytes back"
+            );
+        }
+        for c in &conns {
+            c.shutdown(Shutdown::Write).expect("half-close");
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest)
+                .unwrap_or_else(|e| panic!("connection {i}: FIN expected: {e}"));
+            assert!(rest.is_empty());
+        }
+    });
+    let st = wait_stats(&s, "all connections closed", settled);
+    assert_eq!(
+        n(&st["bypass"]["tcp"]["connections_created"]),
+        CONNS as u64,
+        "{st}"
+    );
+    assert_eq!(
+        n(&st["bypass"]["proxy"]["backend_connects"]),
+        CONNS as u64,
+        "{st}"
+    );
+    for w in st["bypass"]["workers"].as_array().expect("workers") {
+        assert!(
+            n(&w["tcp"]["connections_created"]) > 0,
+            "flows spread over both workers: {st}"
+        );
+    }
+}
+
+/// Writes `total` bytes of a pattern and reads the echo back concurrently, checking every byte.
+fn bulk_echo(addr: SocketAddr, total: usize) {
+    let mut c = connect(addr);
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < total {
+            let k = buf.len().min(total - sent);
+            for (i, b) in buf[..k].iter_mut().enumerate() {
+                *b = tern_tests::backend::pattern_byte((sent + i) as u64);
+            }
+            w.write_all(&buf[..k]).expect("write");
+            sent += k;
+        }
+        w.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    loop {
+        let k = c.read(&mut buf).expect("read");
+        if k == 0 {
+            break;
+        }
+        for (i, &b) in buf[..k].iter().enumerate() {
+            let at = (got + i) as u64;
+            assert_eq!(
+                b,
+                tern_tests::backend::pattern_byte(at),
+                "byte {at} differs"
+            );
+        }
+        got += k;
+    }
+    writer.join().expect("writer");
+    assert_eq!(got, total, "every byte came back, then FIN");
+}
+
+#[test]
+fn hundred_megabytes_each_way_byte_exact() {
+    let (s, _backend) = l4_stack("l4bulk", Backend::echo, "");
+    let addr = l4_addr(&s);
+    s.rig.client.run(move || bulk_echo(addr, 100 << 20));
+    let st = wait_stats(&s, "the connection closed", settled);
+    assert!(
+        n(&st["bypass"]["proxy"]["client_bytes_in"]) >= 100 << 20,
+        "{st}"
+    );
+    assert!(
+        n(&st["bypass"]["proxy"]["client_bytes_out"]) >= 100 << 20,
+        "{st}"
+    );
+}
+
+/// A client that stops reading: the echo stalls end to end (tern's window to the client
+/// closes, its reads from the backend stop, the backend stops reading, tern's window to the
+/// client's writes closes), nothing is lost, and everything flows again when it reads.
+#[test]
+fn client_that_stops_reading_then_resumes() {
+    let (s, _backend) = l4_stack("l4zwin", Backend::echo, "");
+    let addr = l4_addr(&s);
+    const TOTAL: usize = 64 << 20;
+    s.rig.client.run(move || {
+        let mut c = connect(addr);
+        // Small receive buffer so the client's window closes quickly.
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut w = c.try_clone().expect("clone");
+        let writer = {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut at = 0usize;
+                while at < TOTAL {
+                    let k = buf.len().min(TOTAL - at);
+                    for (i, b) in buf[..k].iter_mut().enumerate() {
+                        *b = tern_tests::backend::pattern_byte((at + i) as u64);
+                    }
+                    w.write_all(&buf[..k]).expect("write");
+                    at += k;
+                    sent.store(at, std::sync::atomic::Ordering::Relaxed);
+                }
+                w.shutdown(Shutdown::Write).expect("half-close");
+            })
+        };
+        // Not reading: the writer must stall well before it has sent everything.
+        let mut last = 0;
+        let mut still_for = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while still_for < 10 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+            if now == last {
+                still_for += 1;
+            } else {
+                still_for = 0;
+                last = now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the writer never stalled ({now} bytes sent)"
+            );
+        }
+        assert!(
+            last < TOTAL,
+            "back pressure: the writer stalled at {last} of {TOTAL} bytes"
+        );
+        // Resume: everything arrives, in order.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        loop {
+            let k = c.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            for (i, &b) in buf[..k].iter().enumerate() {
+                let at = (got + i) as u64;
+                assert_eq!(
+                    b,
+                    tern_tests::backend::pattern_byte(at),
+                    "byte {at} differs"
+                );
+            }
+            got += k;
+        }
+        writer.join().expect("writer");
+        assert_eq!(got, TOTAL);
+    });
+    wait_stats(&s, "the connection closed", settled);
+}
+
+/// The backend finishes first (greeting + FIN) while the client keeps sending; then the client
+/// finishes. Both directions' bytes arrive whole.
+#[test]
+fn half_close_from_the_backend_side() {
+    let (rig, dir) = (
+        tern_tests::rig::Rig::isolated("l4half", 2),
+        tern_tests::rig::TempDir::new("l4half"),
+    );
+    let listener = server_listener(&rig);
+    let backend_addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let backend = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        conn.write_all(b"greeting then FIN").expect("write");
+        conn.shutdown(Shutdown::Write).expect("half-close");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got)
+            .expect("read to the client's FIN");
+        tx.send(got).expect("report");
+    });
+    let listener_extra = format!(
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+         interface = \"{iface}\"\ntls = false\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    let s = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend_addr],
+            listener_extra: &listener_extra,
+            toml_extra: "[xdp]\nhugepages = \"off\"\n",
+            ..Default::default()
+        },
+    );
+    let addr = l4_addr(&s);
+    const AFTER: usize = 1 << 20;
+    s.rig.client.run(move || {
+        let mut c = connect(addr);
+        c.write_all(b"first").expect("write");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read to the backend's FIN");
+        assert_eq!(got, b"greeting then FIN");
+        // Our direction is still open.
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..AFTER / chunk.len() {
+            c.write_all(&chunk).expect("write after the backend's FIN");
+        }
+        c.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the backend saw the client's FIN");
+    backend.join().expect("backend");
+    assert_eq!(
+        got.len(),
+        5 + AFTER,
+        "every byte after the backend's FIN arrived"
+    );
+    assert_eq!(&got[..5], b"first");
+    assert!(got[5..].iter().all(|&b| b == 7));
+    // tern closed first, so its TCB waits in TIME-WAIT; the proxied connection is done.
+    wait_stats(&s, "the proxied connection closed", |st| {
+        n(&st["bypass"]["proxy"]["active"]) == 0 && n(&st["bypass"]["proxy"]["closed"]) == 1
+    });
+}
+
+/// A client that resets mid-transfer: tern drops the connection and resets the backend; the
+/// stack and proxy hold nothing afterwards and keep serving.
+#[test]
+fn client_reset_mid_transfer_frees_everything() {
+    let (s, _backend) = l4_stack("l4rst", Backend::echo, "");
+    let addr = l4_addr(&s);
+    s.rig.client.run(move || {
+        for _ in 0..20 {
+            let mut c = connect(addr);
+            let chunk = vec![1u8; 256 * 1024];
+            c.write_all(&chunk).expect("write");
+            let mut some = [0u8; 1000];
+            c.read_exact(&mut some).expect("the echo started");
+            // SO_LINGER 0 + close = RST with data in flight both ways.
+            linger_zero(&c);
+            drop(c);
+        }
+        bulk_echo(addr, 1 << 20);
+    });
+    let st = wait_stats(&s, "every connection gone", settled);
+    assert_eq!(n(&st["bypass"]["tcp"]["connections_created"]), 21, "{st}");
+}
+
+/// Sets SO_LINGER {on, 0} so that dropping the stream sends RST.
+fn linger_zero(c: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// A port the XDP program steers but tern's stack has no listener for (a TLS `mode = "xdp"`
+/// listener: TLS does not run on the bypass path yet) is answered with RST by the stack.
+#[test]
+fn steered_port_without_a_stack_listener_gets_rst() {
+    let (rig, dir) = (
+        tern_tests::rig::Rig::isolated("l4norst", 2),
+        tern_tests::rig::TempDir::new("l4norst"),
+    );
+    let backend = Backend::echo(server_listener(&rig));
+    let listener_extra = format!(
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+         interface = \"{iface}\"\ntls = false\n\n[[listener]]\naddress = \"{ip}:4444\"\n\
+         mode = \"xdp\"\ninterface = \"{iface}\"\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    let s = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            listener_extra: &listener_extra,
+            toml_extra: "[xdp]\nhugepages = \"off\"\n",
+            ..Default::default()
+        },
+    );
+    let refused = s.rig.server_addr(4444);
+    let unsteered = s.rig.server_addr(4445);
+    s.rig.client.run(move || {
+        for target in [refused, unsteered] {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                Err(e) => assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused,
+                    "{target}: RST expected, got {e}"
+                ),
+                Ok(_) => panic!("{target}: connected to a port nobody serves"),
+            }
+        }
+    });
+    // The stack, not the kernel, answered the steered port.
+    wait_stats(&s, "the stack's RST counted", |st| {
+        n(&st["bypass"]["tcp"]["rx_no_listener"]) >= 1
+    });
+}

@@ -1,0 +1,976 @@
+//! The bypass path's plain TCP (L4) proxy: a [`FrameHandler`] that runs tern's own TCP stack
+//! ([`Stack`]) inside a bypass worker and carries each connection's bytes to a backend over the
+//! worker's own io_uring, through the same proxy core as kernel mode ([`Session::plain`]).
+//!
+//! Per worker: one `Stack` (flow table, SYN cookies, timers), one io_uring with a registered
+//! slot pool for backend sends and receives, and a slab of proxied connections. Client frames
+//! arrive through [`FrameHandler::frame`]; what the stack sends is copied into UMEM frames at
+//! once. Everything else happens in [`FrameHandler::poll`], once per worker turn when there is
+//! something to do: io_uring completions, connections the stack reported news for
+//! ([`Stack::pop_ready`]), the stack's timers, and one non-blocking submit. The worker sleeps
+//! on the ring's eventfd (registered on the worker's [`Waker`]) and until the stack's next
+//! timer ([`FrameHandler::next_deadline`]).
+//!
+//! Back pressure, both ways, with one operation in flight per direction:
+//! - client → backend: bytes are taken from the TCB only while the session has nothing
+//!   pending for the backend, so an unread backend closes the client's receive window;
+//! - backend → client: a backend receive is armed only while the session has nothing pending
+//!   for the client, and session bytes enter the TCB only as far as its send buffer has room, so
+//!   a client that stops reading stops the backend reads (its kernel socket buffers fill and
+//!   the backend's TCP window closes).
+//!
+//! Lifetimes: a proxied connection is created when the stack reports a new connection and is
+//! freed once its TCB is gone and no io_uring operation is in flight. A TCB that disappears
+//! before both directions finished (client RST, retransmission or idle timeout) resets the
+//! backend (SO_LINGER 0); a backend that fails closes the client side politely (FIN after
+//! what was already queued), as kernel mode does.
+//!
+//! SYN-cookie keys: every worker derives the key of cookie period `p` from one process-wide
+//! secret (`siphash(secret, p)`), and all workers share one clock epoch, so they agree on the
+//! keys without talking to each other; a period is two cookie slots, so the previous key (still
+//! tried) covers every cookie in its lifetime.
+//!
+//! Not here: the TCP state machine (`tcp`), frames and rings (`xsk`, `bypass`), the byte
+//! shuffling rules (`proxy`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::bypass::{FrameHandler, Waker};
+use crate::config::{
+    Backend, Congestion, ConnectPolicy, Limits, RxChecksum, TcpSettings, Timeouts,
+};
+use crate::counters::WorkerCounters;
+use crate::proxy::Session;
+use crate::tcp::cc::Algorithm;
+use crate::tcp::conn::{Keepalive, TcbConfig};
+use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
+use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
+use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
+use crate::uring::{Op, SlotId, SlotPool, UserData, BUF_SIZE, GEN_MASK};
+use crate::wire::{ChecksumMode, WireError};
+use crate::worker::{set_linger_zero, tcp_socket, write_sockaddr};
+use crate::xsk::{Disposition, RxFrame, TxQueue};
+
+const RING_ENTRIES: u32 = 1024;
+const CQ_ENTRIES: u32 = 8192;
+/// Most registered 16 KiB slots per worker (two per connection are needed at most).
+const MAX_SLOTS: u32 = 8192;
+/// How often the stack's counters are published for `tern ctl stats`, and keys checked.
+const HOUSEKEEPING_US: u64 = 100_000;
+/// A cookie key period: two cookie slots, so the previous key covers a cookie's lifetime.
+const KEY_PERIOD_SECS: u64 = 2 * SLOT_SECS;
+/// Keep-alive probes after `tcp.keepalive_ms`: Linux's defaults for the other two numbers.
+const KEEPALIVE_INTERVAL_SECS: u64 = 75;
+const KEEPALIVE_PROBES: u32 = 9;
+const NO_PROXIED: u32 = u32::MAX;
+
+crate::counters::single_writer_counters! {
+    /// One bypass worker's TCP stack counters, published from the stack's own every 100 ms.
+    TcpCounters,
+    /// A point-in-time copy of [`TcpCounters`].
+    TcpSnapshot {
+    /// Gauge: connections in the flow table.
+    connections,
+    /// SYN-ACKs sent (stateless, one per SYN to a listener).
+    syn_acks_sent,
+    /// Connections created by a valid cookie.
+    connections_created,
+    /// Connections that reached CLOSED.
+    connections_closed,
+    /// RSTs sent.
+    rsts_sent,
+    /// Frames the stack sent.
+    frames_sent,
+    /// Frames that did not parse (any reason, bad checksums included).
+    rx_malformed,
+    /// Of those, bad IPv4 header or TCP checksums.
+    rx_bad_checksum,
+    /// Segments for no connection and no listener (answered with RST).
+    rx_no_listener,
+    /// ACKs to a listener whose cookie did not validate (answered with RST).
+    rx_bad_cookie,
+    /// Valid cookies refused because every connection slot was taken (answered with RST).
+    rx_slab_full,
+    /// Other dropped frames (RSTs for no connection, group addresses, neither SYN nor ACK).
+    rx_other_dropped,
+    /// Frames the stack wanted to send but no UMEM frame was free (dropped; TCP retransmits).
+    tx_no_frame,
+    }
+}
+
+/// What one worker's L4 proxy is built from.
+pub struct L4Setup {
+    pub worker: usize,
+    /// The `mode = "xdp"`, `tls = false` listener addresses this worker serves.
+    pub listeners: Vec<SocketAddr>,
+    pub backend: Backend,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub tcp: TcpSettings,
+    /// UMEM frame size: the largest frame the stack may emit.
+    pub frame_size: usize,
+    /// Process-wide secret the cookie keys are derived from (same for every worker).
+    pub secret: CookieKey,
+    /// Process-wide clock epoch (same for every worker: cookies carry time).
+    pub epoch: std::time::Instant,
+    pub counters: Arc<WorkerCounters>,
+    pub tcp_counters: Arc<TcpCounters>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendState {
+    None,
+    Connecting,
+    Connected,
+    /// Unreachable or broken; the client side is being closed.
+    Failed,
+}
+
+/// One proxied connection: the client's TCP connection in the stack, the session, and the
+/// backend socket.
+struct Proxied {
+    gen: u32,
+    /// The client's connection; `None` once the stack freed it.
+    conn: Option<ConnId>,
+    session: Session,
+    client_addr: SocketAddr,
+    backend_fd: RawFd,
+    backend: BackendState,
+    server: usize,
+    attempts: usize,
+    sockaddr: libc::sockaddr_storage,
+    socklen: libc::socklen_t,
+    /// Session → backend: `slot[start..end]` still to be written; one write in flight at most.
+    up_slot: Option<SlotId>,
+    up_start: usize,
+    up_end: usize,
+    up_in_flight: bool,
+    /// Backend → session: one receive in flight at most, into `down_slot`.
+    down_slot: Option<SlotId>,
+    down_in_flight: bool,
+    backend_eof: bool,
+    backend_wr_shut: bool,
+    /// The client's FIN has been passed to the session.
+    client_eof_told: bool,
+    /// We queued our FIN to the client.
+    client_fin_sent: bool,
+    in_flight: u32,
+    /// Torn down; freed when `in_flight` reaches 0.
+    closing: bool,
+}
+
+/// The L4 proxy of one bypass worker. See the module documentation.
+pub struct L4Proxy {
+    id: usize,
+    stack: Stack,
+    tcp_config: TcbConfig,
+    epoch: std::time::Instant,
+    secret: CookieKey,
+    key_period: u64,
+    ring: IoUring,
+    slots: SlotPool,
+    /// The slab. Created with its final capacity and never grown past it, so entries never
+    /// move: io_uring entries point into them (`Proxied::sockaddr`).
+    conns: Vec<Option<Proxied>>,
+    free: Vec<u32>,
+    /// Stack slot → (generation, proxied index).
+    by_slot: Vec<(u32, u32)>,
+    /// Connections that found no free slot; retried when slots come back.
+    starved: Vec<(u32, u32)>,
+    backend: Backend,
+    next_server: usize,
+    limit: usize,
+    connect_timeout: types::Timespec,
+    gen_counter: u32,
+    scratch: Vec<u8>,
+    counters: Arc<WorkerCounters>,
+    tcp_counters: Arc<TcpCounters>,
+    last_housekeeping: u64,
+    /// Something happened that `poll` must look at (frames were received).
+    pending: bool,
+    shutting_down: bool,
+}
+
+impl L4Proxy {
+    /// Builds the stack and the ring; allocates everything the per-packet path uses.
+    pub fn new(setup: L4Setup) -> io::Result<L4Proxy> {
+        let capacity = setup.limits.max_connections_per_worker;
+        let tcp_config = TcbConfig {
+            send_buffer: setup.tcp.send_buffer,
+            recv_buffer: setup.tcp.recv_buffer,
+            mss: setup.tcp.mss,
+            nagle: setup.tcp.nagle,
+            idle_timeout: Some(TcpDuration::from_millis(
+                setup.timeouts.idle.as_millis() as u64
+            )),
+            cc: match setup.tcp.congestion {
+                Congestion::Cubic => Algorithm::Cubic,
+                Congestion::NewReno => Algorithm::NewReno,
+            },
+            keepalive: setup.tcp.keepalive.map(|idle| Keepalive {
+                idle: TcpDuration::from_millis(idle.as_millis() as u64),
+                interval: TcpDuration::from_secs(KEEPALIVE_INTERVAL_SECS),
+                count: KEEPALIVE_PROBES,
+            }),
+            ..TcbConfig::default()
+        };
+        let now = to_tcp(setup.epoch, std::time::Instant::now());
+        let period = now.as_secs() / KEY_PERIOD_SECS;
+        let mut flow_key = [0u8; 16];
+        fill_random(&mut flow_key)?;
+        let stack = Stack::new(
+            StackConfig {
+                capacity,
+                listeners: &setup.listeners,
+                tcb: tcp_config,
+                cookie_keys: [
+                    cookie_key(&setup.secret, period),
+                    cookie_key(&setup.secret, period.wrapping_sub(1)),
+                ],
+                flow_key,
+                rx_checksum: match setup.tcp.rx_checksum {
+                    RxChecksum::Verify => ChecksumMode::Compute,
+                    RxChecksum::Skip => ChecksumMode::Skip,
+                },
+                frame_size: setup.frame_size,
+            },
+            now,
+        )
+        .map_err(io::Error::other)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_single_issuer()
+            .build(RING_ENTRIES)?;
+        let slot_count = ((2 * capacity) as u32).clamp(64, MAX_SLOTS);
+        let slots = SlotPool::new(&ring, slot_count)?;
+        let ct = setup.backend.connect_timeout;
+        Ok(L4Proxy {
+            id: setup.worker,
+            stack,
+            tcp_config,
+            epoch: setup.epoch,
+            secret: setup.secret,
+            key_period: period,
+            ring,
+            slots,
+            // Twice the stack's slots: a proxied connection can outlive its TCB while its
+            // backend operations finish.
+            conns: Vec::with_capacity(2 * capacity),
+            free: Vec::new(),
+            by_slot: vec![(0, NO_PROXIED); capacity],
+            starved: Vec::new(),
+            backend: setup.backend,
+            next_server: setup.worker,
+            limit: setup.limits.buffer_per_direction,
+            connect_timeout: types::Timespec::new()
+                .sec(ct.as_secs())
+                .nsec(ct.subsec_nanos()),
+            gen_counter: 0,
+            scratch: vec![0; BUF_SIZE],
+            counters: setup.counters,
+            tcp_counters: setup.tcp_counters,
+            last_housekeeping: 0,
+            pending: false,
+            shutting_down: false,
+        })
+    }
+
+    fn now(&self) -> TcpInstant {
+        to_tcp(self.epoch, std::time::Instant::now())
+    }
+
+    /// Publishes counters and rotates the cookie key when its period changed.
+    fn housekeeping(&mut self, now: TcpInstant) {
+        if now.as_micros() < self.last_housekeeping + HOUSEKEEPING_US {
+            return;
+        }
+        self.last_housekeeping = now.as_micros();
+        let period = now.as_secs() / KEY_PERIOD_SECS;
+        if period != self.key_period {
+            self.key_period = period;
+            self.stack
+                .rotate_cookie_key(cookie_key(&self.secret, period));
+        }
+        publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+    }
+
+    // ------------------------------------------------------------------ events
+
+    /// Handles the stack's news: new connections, data, space, state changes, departures.
+    fn drain_ready(&mut self) {
+        while let Some(id) = self.stack.pop_ready() {
+            let (gen, idx) = self.by_slot[id.slot()];
+            let known = idx != NO_PROXIED && gen == id.generation();
+            if known {
+                self.pump(idx);
+            } else if self.stack.conn(id).is_some() {
+                if self.shutting_down {
+                    if let Some(tcb) = self.stack.conn_mut(id) {
+                        tcb.abort();
+                    }
+                    continue;
+                }
+                match self.adopt(id) {
+                    Some(idx) => self.pump(idx),
+                    None => {
+                        self.counters.refused_full.inc();
+                        if let Some(tcb) = self.stack.conn_mut(id) {
+                            tcb.abort();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new client connection from the stack; `None` when the slab is full (connections
+    /// still finishing their backend side hold entries).
+    fn adopt(&mut self, id: ConnId) -> Option<u32> {
+        let (local, remote) = self
+            .stack
+            .endpoints(id)
+            .expect("a connection the stack just reported is live");
+        let session = Session::plain(self.backend.proxy_protocol, remote, local, self.limit);
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None if self.conns.len() < self.conns.capacity() => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+            None => return None,
+        };
+        self.gen_counter = (self.gen_counter + 1) & GEN_MASK;
+        self.conns[idx as usize] = Some(Proxied {
+            gen: self.gen_counter,
+            conn: Some(id),
+            session,
+            client_addr: remote,
+            backend_fd: -1,
+            backend: BackendState::None,
+            server: 0,
+            attempts: 0,
+            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+            sockaddr: unsafe { std::mem::zeroed() },
+            socklen: 0,
+            up_slot: None,
+            up_start: 0,
+            up_end: 0,
+            up_in_flight: false,
+            down_slot: None,
+            down_in_flight: false,
+            backend_eof: false,
+            backend_wr_shut: false,
+            client_eof_told: false,
+            client_fin_sent: false,
+            in_flight: 0,
+            closing: false,
+        });
+        self.by_slot[id.slot()] = (id.generation(), idx);
+        self.counters.accepted.inc();
+        self.counters.active.inc();
+        Some(idx)
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut batch = [(0u64, 0i32); 64];
+            let mut n = 0;
+            for cqe in self.ring.completion() {
+                batch[n] = (cqe.user_data(), cqe.result());
+                n += 1;
+                if n == batch.len() {
+                    break;
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            for &(ud, res) in &batch[..n] {
+                self.complete(ud, res);
+            }
+        }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        let Some(ud) = UserData::decode(ud) else {
+            tracing::error!(worker = self.id, ud, "completion with unknown user_data");
+            return;
+        };
+        if ud.op == Op::Cancel {
+            return;
+        }
+        let idx = ud.index;
+        let Some(Some(p)) = self.conns.get_mut(idx as usize) else {
+            tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
+            return;
+        };
+        if p.gen != ud.gen {
+            tracing::error!(
+                worker = self.id,
+                ?ud,
+                "completion for an earlier connection"
+            );
+            return;
+        }
+        p.in_flight -= 1;
+        match ud.op {
+            Op::BackendConnect => self.on_connect(idx, res),
+            Op::BackendSend => self.on_send(idx, res),
+            Op::BackendRecv => self.on_recv(idx, res),
+            _ => {}
+        }
+        self.pump(idx);
+    }
+
+    fn on_connect(&mut self, idx: u32, res: i32) {
+        let n = self.backend.servers.len();
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        if p.backend != BackendState::Connecting || p.closing {
+            return;
+        }
+        if res == 0 {
+            p.backend = BackendState::Connected;
+            self.counters.backend_connects.inc();
+            return;
+        }
+        // SAFETY: our socket; the connect completed, nothing else uses it.
+        unsafe { libc::close(p.backend_fd) };
+        p.backend_fd = -1;
+        p.attempts += 1;
+        let server = self.backend.servers[p.server];
+        if res == -libc::ECANCELED {
+            self.counters.backend_connect_timeouts.inc();
+        } else {
+            self.counters.backend_connect_errors.inc();
+        }
+        tracing::debug!(
+            worker = self.id,
+            %server,
+            client = %p.client_addr,
+            error = %io::Error::from_raw_os_error(-res),
+            "backend connect failed"
+        );
+        if p.attempts < n {
+            p.server = (p.server + 1) % n;
+            p.backend = BackendState::None;
+            self.start_connect(idx);
+        } else {
+            self.backend_lost(idx);
+        }
+    }
+
+    fn on_send(&mut self, idx: u32, res: i32) {
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        p.up_in_flight = false;
+        if res < 0 {
+            if !p.closing {
+                self.backend_lost(idx);
+            }
+            return;
+        }
+        p.up_start += res as usize;
+        self.counters.backend_bytes_out.add(res as u64);
+        if p.up_start >= p.up_end {
+            p.up_start = 0;
+            p.up_end = 0;
+            if let Some(slot) = p.up_slot.take() {
+                self.slots.give_back(slot);
+            }
+        }
+    }
+
+    fn on_recv(&mut self, idx: u32, res: i32) {
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        p.down_in_flight = false;
+        let Some(slot) = p.down_slot.take() else {
+            return;
+        };
+        if res > 0 && !p.closing {
+            let data = &self.slots.slot_mut(slot)[..res as usize];
+            p.session.backend_recv(data);
+            self.counters.backend_bytes_in.add(res as u64);
+        } else if res == 0 {
+            p.backend_eof = true;
+            p.session.backend_eof();
+        }
+        self.slots.give_back(slot);
+        if res < 0 && !p.closing {
+            self.backend_lost(idx);
+        }
+    }
+
+    // ------------------------------------------------------------------ the pump
+
+    /// Moves a connection forward after any event. See the module documentation.
+    fn pump(&mut self, idx: u32) {
+        let eager = self.backend.connect == ConnectPolicy::Eager;
+        let Some(p) = self.conns[idx as usize].as_mut() else {
+            return;
+        };
+        if p.closing {
+            if p.in_flight == 0 {
+                self.release(idx);
+            }
+            return;
+        }
+        let Some(id) = p.conn.filter(|&id| self.stack.conn(id).is_some()) else {
+            // The client's connection is gone. Finished both ways: a normal end; otherwise it
+            // was reset or timed out, and the backend is reset too.
+            let graceful = p.client_eof_told && p.client_fin_sent;
+            self.finish(idx, graceful);
+            return;
+        };
+
+        // Client → session, while the session has passed on everything it had.
+        let tcb = self.stack.conn(id).expect("checked above");
+        let readable = tcb.recv_queue() > 0;
+        let client_done = !tcb.may_recv() && tcb.recv_queue() == 0;
+        if (readable && p.session.wants_client_read() && !p.session.has_backend_output())
+            || (client_done && !p.client_eof_told)
+        {
+            let tcb = self.stack.conn_mut(id).expect("checked above");
+            while p.session.wants_client_read() && !p.session.has_backend_output() {
+                let n = tcb.recv(&mut self.scratch);
+                if n == 0 {
+                    break;
+                }
+                self.counters.client_bytes_in.add(n as u64);
+                // Plain sessions cannot fail.
+                let _ = p.session.client_recv(&self.scratch[..n]);
+            }
+            if !tcb.may_recv() && tcb.recv_queue() == 0 && !p.client_eof_told {
+                p.client_eof_told = true;
+                let _ = p.session.client_eof();
+            }
+        }
+
+        if p.backend == BackendState::None && p.session.needs_backend(eager) {
+            self.start_connect(idx);
+        }
+        let p = self.conns[idx as usize].as_mut().expect("live");
+
+        // Session → backend.
+        if p.backend == BackendState::Connected {
+            if !p.up_in_flight && p.up_slot.is_none() && p.session.has_backend_output() {
+                match self.slots.take() {
+                    Some(slot) => {
+                        let buf = self.slots.slot_mut(slot);
+                        let n = p.session.backend_output(buf).unwrap_or(0);
+                        if n > 0 {
+                            p.up_slot = Some(slot);
+                            p.up_start = 0;
+                            p.up_end = n;
+                        } else {
+                            self.slots.give_back(slot);
+                        }
+                    }
+                    None => self.starved.push((idx, p.gen)),
+                }
+            }
+            if !p.up_in_flight && p.up_start < p.up_end {
+                let slot = p.up_slot.expect("bytes pending in a slot");
+                let e = opcode::WriteFixed::new(
+                    types::Fd(p.backend_fd),
+                    self.slots.ptr(slot, p.up_start),
+                    (p.up_end - p.up_start) as u32,
+                    0,
+                )
+                .build()
+                .user_data(UserData::new(Op::BackendSend, p.gen, idx).encode());
+                p.up_in_flight = true;
+                p.in_flight += 1;
+                push(&mut self.ring, e);
+            }
+            if p.session.client_finished()
+                && !p.up_in_flight
+                && p.up_slot.is_none()
+                && !p.backend_wr_shut
+            {
+                p.backend_wr_shut = true;
+                // SAFETY: our socket. Half-close: the client sent FIN and all its bytes went.
+                unsafe { libc::shutdown(p.backend_fd, libc::SHUT_WR) };
+            }
+            // Backend → session, while the session has passed on everything it had.
+            if !p.down_in_flight
+                && !p.backend_eof
+                && p.session.wants_backend_read()
+                && !p.session.wants_client_write()
+            {
+                match self.slots.take() {
+                    Some(slot) => {
+                        let buf = self.slots.slot_mut(slot);
+                        let e = opcode::ReadFixed::new(
+                            types::Fd(p.backend_fd),
+                            buf.as_mut_ptr(),
+                            BUF_SIZE as u32,
+                            0,
+                        )
+                        .build()
+                        .user_data(UserData::new(Op::BackendRecv, p.gen, idx).encode());
+                        p.down_slot = Some(slot);
+                        p.down_in_flight = true;
+                        p.in_flight += 1;
+                        push(&mut self.ring, e);
+                    }
+                    None => self.starved.push((idx, p.gen)),
+                }
+            }
+        }
+
+        // Session → client, as far as the send buffer has room.
+        let tcb = self.stack.conn(id).expect("checked above");
+        let room = self.tcp_config.send_buffer.saturating_sub(tcb.send_queue());
+        let fin_due = p.session.server_finished() && !p.client_fin_sent;
+        if (room > 0 && p.session.wants_client_write()) || fin_due {
+            let tcb = self.stack.conn_mut(id).expect("checked above");
+            let mut room = room;
+            while room > 0 && p.session.wants_client_write() {
+                let want = room.min(self.scratch.len());
+                let n = p.session.client_output(&mut self.scratch[..want]);
+                if n == 0 {
+                    break;
+                }
+                let taken = tcb.send(&self.scratch[..n]);
+                debug_assert_eq!(taken, n, "the send buffer had room for it");
+                self.counters.client_bytes_out.add(taken as u64);
+                room -= n;
+            }
+            if p.session.server_finished() && !p.client_fin_sent {
+                p.client_fin_sent = true;
+                tcb.close();
+            }
+        }
+
+        tracing::trace!(
+            worker = self.id,
+            idx,
+            fin_sent = p.client_fin_sent,
+            eof_told = p.client_eof_told,
+            client_finished = p.session.client_finished(),
+            wr_shut = p.backend_wr_shut,
+            backend = ?p.backend,
+            up_in_flight = p.up_in_flight,
+            "pumped"
+        );
+        // Both directions finished: the backend is closed now and the TCB is left to complete
+        // its own closing handshake (and TIME-WAIT) in the stack.
+        if p.client_fin_sent
+            && p.client_eof_told
+            && p.session.client_finished()
+            && (p.backend_wr_shut || p.backend == BackendState::Failed)
+            && !p.up_in_flight
+        {
+            self.finish(idx, true);
+        }
+    }
+
+    /// Opens a backend connection (round-robin; on failure the next server).
+    fn start_connect(&mut self, idx: u32) {
+        let n = self.backend.servers.len();
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        if p.attempts == 0 {
+            p.server = self.next_server % n;
+            self.next_server = self.next_server.wrapping_add(1);
+        }
+        let addr = self.backend.servers[p.server];
+        let fd = match tcp_socket(&addr) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(worker = self.id, error = %e, "cannot create a backend socket");
+                self.backend_lost(idx);
+                return;
+            }
+        };
+        p.backend_fd = fd;
+        p.backend = BackendState::Connecting;
+        p.socklen = write_sockaddr(&addr, &mut p.sockaddr);
+        let connect = opcode::Connect::new(
+            types::Fd(fd),
+            (&p.sockaddr as *const libc::sockaddr_storage).cast(),
+            p.socklen,
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(UserData::new(Op::BackendConnect, p.gen, idx).encode());
+        let timeout = opcode::LinkTimeout::new(&self.connect_timeout)
+            .build()
+            .user_data(UserData::new(Op::ConnectTimeout, p.gen, idx).encode());
+        p.in_flight += 2;
+        // The two must be adjacent in the queue.
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < 2 {
+            let _ = self.ring.submit();
+        }
+        push(&mut self.ring, connect);
+        push(&mut self.ring, timeout);
+    }
+
+    /// The backend failed: close it, and close the client side politely.
+    fn backend_lost(&mut self, idx: u32) {
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        if p.backend == BackendState::Failed {
+            return;
+        }
+        self.counters.backend_failures.inc();
+        p.backend = BackendState::Failed;
+        close_backend(p, false);
+        p.session.close();
+    }
+
+    /// Ends a proxied connection: closes the backend (RST unless `graceful`), aborts the client
+    /// connection if it is still there, and frees the entry once nothing is in flight.
+    fn finish(&mut self, idx: u32, graceful: bool) {
+        let p = self.conns[idx as usize].as_mut().expect("live");
+        if p.closing {
+            return;
+        }
+        p.closing = true;
+        self.counters.closed.inc();
+        close_backend(p, graceful);
+        if let Some(id) = p.conn.take() {
+            if let Some(tcb) = self.stack.conn_mut(id) {
+                if !graceful {
+                    tcb.abort();
+                }
+            }
+            if self.by_slot[id.slot()] == (id.generation(), idx) {
+                self.by_slot[id.slot()] = (0, NO_PROXIED);
+            }
+        }
+        if p.in_flight == 0 {
+            self.release(idx);
+        }
+    }
+
+    fn release(&mut self, idx: u32) {
+        let p = self.conns[idx as usize].take().expect("live");
+        debug_assert_eq!(p.in_flight, 0, "releasing with operations in flight");
+        for slot in [p.up_slot, p.down_slot].into_iter().flatten() {
+            self.slots.give_back(slot);
+        }
+        if let Some(id) = p.conn {
+            if self.by_slot[id.slot()] == (id.generation(), idx) {
+                self.by_slot[id.slot()] = (0, NO_PROXIED);
+            }
+        }
+        self.free.push(idx);
+        self.counters.active.dec();
+    }
+
+    fn retry_starved(&mut self) {
+        if self.starved.is_empty() || self.slots.in_use() >= self.slots.capacity() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.starved);
+        for (idx, gen) in waiting {
+            if matches!(&self.conns[idx as usize], Some(p) if p.gen == gen) {
+                self.pump(idx);
+            }
+        }
+    }
+
+    /// One round of everything but received frames.
+    fn run(&mut self, out: &mut TxQueue<'_>) {
+        let now = self.now();
+        self.reap();
+        self.drain_ready();
+        self.retry_starved();
+        let tx_no_frame = &self.tcp_counters.tx_no_frame;
+        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        // Timers and flushed sends may have ended connections or freed space.
+        self.drain_ready();
+        let tx_no_frame = &self.tcp_counters.tx_no_frame;
+        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        self.housekeeping(now);
+        if let Err(e) = self.ring.submit() {
+            if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                tracing::warn!(worker = self.id, error = %e, "io_uring submit failed");
+            }
+        }
+    }
+}
+
+impl FrameHandler for L4Proxy {
+    fn frame(&mut self, frame: &mut RxFrame<'_>, out: &mut TxQueue<'_>) -> Disposition {
+        let now = self.now();
+        let tx_no_frame = &self.tcp_counters.tx_no_frame;
+        // Drops are counted by the stack (published in `TcpCounters`).
+        let _ = self
+            .stack
+            .receive(frame.data(), now, &mut |f| transmit(out, f, tx_no_frame));
+        self.pending = true;
+        Disposition::Recycle
+    }
+
+    fn attach_waker(&mut self, waker: &Waker) {
+        // Completions wake the worker from its sleep in poll(2).
+        if let Err(e) = self.ring.submitter().register_eventfd(waker.as_raw_fd()) {
+            tracing::warn!(worker = self.id, error = %e, "cannot register the io_uring eventfd");
+        }
+    }
+
+    fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
+        let due = self.stack.next_poll().is_some_and(|t| t <= self.now());
+        let completions = !self.ring.completion().is_empty();
+        let housekeeping = self.now().as_micros() >= self.last_housekeeping + HOUSEKEEPING_US;
+        if !(self.pending || due || completions || housekeeping) {
+            return false;
+        }
+        self.pending = false;
+        self.run(out);
+        true
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let stack = self
+            .stack
+            .next_poll()
+            .map(|t| self.epoch + std::time::Duration::from_micros(t.as_micros()));
+        let housekeeping =
+            self.epoch + std::time::Duration::from_micros(self.last_housekeeping + HOUSEKEEPING_US);
+        Some(stack.map_or(housekeeping, |s| s.min(housekeeping)))
+    }
+
+    fn shutdown(&mut self, out: &mut TxQueue<'_>) {
+        self.shutting_down = true;
+        let ids: Vec<ConnId> = self.stack.connections().collect();
+        for id in ids {
+            if let Some(tcb) = self.stack.conn_mut(id) {
+                tcb.abort();
+            }
+        }
+        for idx in 0..self.conns.len() as u32 {
+            if matches!(&self.conns[idx as usize], Some(p) if !p.closing) {
+                self.finish(idx, false);
+            }
+        }
+        let now = self.now();
+        let tx_no_frame = &self.tcp_counters.tx_no_frame;
+        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        // Wait (bounded) for the operations still in flight, so none outlives its buffer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.conns.iter().flatten().any(|p| p.in_flight > 0)
+            && std::time::Instant::now() < deadline
+        {
+            let _ = self.ring.submit_and_wait(1);
+            self.reap();
+        }
+        publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+    }
+}
+
+/// Closes the backend socket of `p` (with RST unless `graceful`). Operations still in flight
+/// complete with errors; their completions only release what they lent.
+fn close_backend(p: &mut Proxied, graceful: bool) {
+    if p.backend_fd < 0 {
+        return;
+    }
+    if !graceful {
+        set_linger_zero(p.backend_fd);
+    }
+    if p.in_flight > 0 {
+        // Make operations on the socket complete now (a read would otherwise wait forever).
+        // SAFETY: our socket.
+        unsafe { libc::shutdown(p.backend_fd, libc::SHUT_RDWR) };
+    }
+    // SAFETY: our socket, closed once (set to -1 right after).
+    unsafe { libc::close(p.backend_fd) };
+    p.backend_fd = -1;
+}
+
+/// Copies one frame the stack emitted into a UMEM frame and queues it.
+fn transmit(out: &mut TxQueue<'_>, frame: &[u8], no_frame: &crate::counters::Counter) {
+    let Some(mut f) = out.alloc() else {
+        no_frame.inc();
+        return;
+    };
+    let buf = out.buffer(&mut f);
+    if frame.len() > buf.len() {
+        // The stack is configured with the UMEM frame size; cannot happen.
+        out.recycle(f);
+        no_frame.inc();
+        return;
+    }
+    buf[..frame.len()].copy_from_slice(frame);
+    out.send(f, frame.len());
+}
+
+/// Queues an SQE, submitting first if the queue is full.
+fn push(ring: &mut IoUring, e: squeue::Entry) {
+    loop {
+        // SAFETY: every buffer and address an entry points at lives in the proxy until its
+        // completion arrives: the slot pool's memory, `connect_timeout`, and `Proxied::sockaddr`
+        // in the slab, which never reallocates (`L4Proxy::conns` is created with its final
+        // capacity) and whose entries are released only when nothing is in flight.
+        if unsafe { ring.submission().push(&e) }.is_ok() {
+            return;
+        }
+        if let Err(err) = ring.submit() {
+            tracing::warn!(error = %err, "io_uring submit failed");
+        }
+    }
+}
+
+fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
+    c.connections.set(live as u64);
+    c.syn_acks_sent.set(s.syn_acks_sent);
+    c.connections_created.set(s.connections_created);
+    c.connections_closed.set(s.connections_closed);
+    c.rsts_sent.set(s.rsts_sent);
+    c.frames_sent.set(s.frames_sent);
+    c.rx_malformed.set(s.wire_drops.iter().sum());
+    c.rx_bad_checksum.set(
+        WireError::ALL
+            .iter()
+            .filter(|e| e.name().contains("checksum"))
+            .map(|e| s.wire_drops[e.index()])
+            .sum(),
+    );
+    c.rx_no_listener.set(s.dropped(RxDrop::NoListener));
+    c.rx_bad_cookie.set(s.dropped(RxDrop::BadCookie));
+    c.rx_slab_full.set(s.dropped(RxDrop::SlabFull));
+    c.rx_other_dropped.set(
+        s.dropped(RxDrop::UnknownRst) + s.dropped(RxDrop::NotForUs) + s.dropped(RxDrop::NoSynNoAck),
+    );
+}
+
+/// The cookie key of period `period`: the same on every worker of the process.
+fn cookie_key(secret: &CookieKey, period: u64) -> CookieKey {
+    let lo = siphash24(secret, &period.to_le_bytes());
+    let hi = siphash24(secret, &(!period).to_le_bytes());
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&lo.to_le_bytes());
+    key[8..].copy_from_slice(&hi.to_le_bytes());
+    key
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: writes at most `buf.len() - filled` bytes into the live buffer.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+fn to_tcp(epoch: std::time::Instant, t: std::time::Instant) -> TcpInstant {
+    TcpInstant::from_micros(t.saturating_duration_since(epoch).as_micros() as u64)
+}
