@@ -179,6 +179,16 @@ pub struct Args {
     /// at most 256].
     #[arg(long, value_name = "N")]
     pub prime: Option<u64>,
+    /// Plain TCP (no TLS, no HTTP) against an echo server: each operation writes
+    /// --message-bytes of a fixed pattern and reads the same bytes back (checked). new-conn:
+    /// connect + one message + close (--close reset by default); keepalive: back-to-back
+    /// messages on persistent connections; bulk: large messages (MB/s of echoed bytes); idle:
+    /// connections held open. TLS flags are ignored.
+    #[arg(long)]
+    pub plain: bool,
+    /// --plain: bytes per operation, each way [default: 64; bulk 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub message_bytes: Option<u64>,
     /// Print the JSON report on stdout.
     #[arg(long)]
     pub json: bool,
@@ -248,6 +258,10 @@ pub struct Plan {
     pub watch_pids: Vec<u32>,
     /// resumed: priming transactions per worker.
     pub prime: u64,
+    /// Plain TCP echo instead of TLS + HTTP.
+    pub plain: bool,
+    /// Plain: bytes sent (and echoed back) per operation.
+    pub message_bytes: u64,
     pub json: bool,
     pub quiet: bool,
     pub child_index: Option<usize>,
@@ -344,6 +358,8 @@ impl Args {
 
         // TLS.
         let trust = match (&self.ca, self.insecure) {
+            // Plain TCP never builds a TLS session; the config is only a placeholder.
+            _ if self.plain => Trust::Insecure,
             (Some(path), false) => Trust::Roots(path.clone()),
             (None, true) => Trust::Insecure,
             _ => return invalid("give --ca FILE or --insecure"),
@@ -377,6 +393,32 @@ impl Args {
         };
         // Build once now so an impossible combination is an argument error, not a run error.
         tls::client_config(&tls, None)?;
+
+        // Plain TCP.
+        let message_bytes = match (self.plain, self.message_bytes) {
+            (false, Some(_)) => return invalid("--message-bytes needs --plain"),
+            (false, None) => 0,
+            (true, Some(0)) => return invalid("--message-bytes must be at least 1"),
+            (true, Some(n)) => n,
+            (true, None) if mode == Mode::Bulk => 1 << 20,
+            (true, None) => 64,
+        };
+        if self.plain {
+            if mode == Mode::Resumed {
+                return invalid("--plain has no sessions to resume: use new-conn");
+            }
+            if self.body_bytes > 0 {
+                return invalid("--plain sends --message-bytes, not --body-bytes");
+            }
+            if self.close == Some(ClosePolicy::Server) {
+                return invalid(
+                    "--plain --close server: an echo server never closes first; use client or reset",
+                );
+            }
+            if self.idle_requests > 0 {
+                return invalid("--idle-requests does not apply to --plain");
+            }
+        }
 
         // Load shape.
         let load = match self.rate {
@@ -527,13 +569,21 @@ impl Args {
             warmup_ns: self.warmup,
             timeout_ns: self.timeout,
             grace_ns: self.grace,
-            close: self.close.unwrap_or(ClosePolicy::Server),
+            // Plain: RST after the echo, so neither side keeps TIME_WAIT (an echo server
+            // cannot close first, and a client FIN would leave TIME_WAIT on the client).
+            close: self.close.unwrap_or(if self.plain {
+                ClosePolicy::Reset
+            } else {
+                ClosePolicy::Server
+            }),
             source_ips,
             idle_requests: self.idle_requests,
             ramp_timeout_ns: self.ramp_timeout,
             ready_file: self.ready_file,
             watch_pids: self.watch_pids,
             prime,
+            plain: self.plain,
+            message_bytes,
             json: self.json,
             quiet: self.quiet,
             child_index: self.child_index,

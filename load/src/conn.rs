@@ -14,6 +14,11 @@
 //! still allocates per request is inside rustls 0.23's buffered API: one `Vec` per TLS record
 //! each way (the unbuffered API does the same for received records in 0.23).
 //!
+//! Plain TCP (`--plain`): no rustls session and no HTTP. An operation writes `message_bytes` of
+//! the repeating pattern `a..z` (by stream offset, so an echo can be checked byte for byte
+//! across writes) and is complete when the same bytes have come back; whatever else arrives is
+//! an error (`Http`: the peer did not echo). Stages are the same minus `Handshaking`.
+//!
 //! Specs: RFC 8446 §6.1 (close_notify), RFC 9112 §9.6 (tearing down a connection).
 
 use std::io::{self, BufRead, Read, Write};
@@ -28,6 +33,20 @@ use crate::http::ResponseReader;
 use crate::stats::{ErrorKind, Stats};
 use crate::sys::{self, EV_FAIL, EV_OUT};
 use crate::tls;
+
+/// Plain TCP: payload handed to the kernel per `write` (bulk messages go out in these pieces).
+pub const PLAIN_CHUNK: usize = 64 * 1024;
+
+/// The plain-TCP payload byte at stream offset `off`.
+pub fn pattern_byte(off: u64) -> u8 {
+    b'a' + (off % 26) as u8
+}
+
+/// `PLAIN_CHUNK + 26` pattern bytes: a write at stream offset `off` takes
+/// `chunk[off % 26..][..n]`.
+pub fn plain_chunk() -> Vec<u8> {
+    (0..PLAIN_CHUNK as u64 + 26).map(pattern_byte).collect()
+}
 
 /// Size of the worker's socket read buffer.
 pub const READ_BUF: usize = 64 * 1024;
@@ -112,6 +131,12 @@ pub struct Ctx {
     pub body_chunk: Vec<u8>,
     pub close: ClosePolicy,
     pub timeout_ns: u64,
+    /// Plain TCP echo instead of TLS + HTTP.
+    pub plain: bool,
+    /// Plain: bytes per operation, each way.
+    pub message_bytes: u64,
+    /// Plain: pattern bytes writes are taken from ([`plain_chunk`]).
+    pub plain_chunk: Vec<u8>,
 }
 
 impl Ctx {
@@ -159,6 +184,14 @@ pub struct Conn {
     body_counted: u64,
     /// Held: requests still to make before parking.
     gets_left: u32,
+    /// Plain TCP (no `tls` at any stage).
+    plain: bool,
+    /// Plain: bytes of the current message still to write / still to come back, and the
+    /// stream offsets written and read so far (they choose the pattern bytes).
+    send_left: u64,
+    recv_left: u64,
+    sent_off: u64,
+    recv_off: u64,
 }
 
 fn io_kind(e: &io::Error) -> ErrorKind {
@@ -182,12 +215,18 @@ impl Conn {
         gets: u32,
     ) -> Result<Conn, ErrorKind> {
         let stream = sys::connect(dial.target, dial.source).map_err(|_| ErrorKind::Connect)?;
-        let tls = ClientConnection::new(dial.config.clone(), dial.name.clone())
-            .map_err(|_| ErrorKind::Tls)?;
+        let tls = if ctx.plain {
+            None
+        } else {
+            Some(
+                ClientConnection::new(dial.config.clone(), dial.name.clone())
+                    .map_err(|_| ErrorKind::Tls)?,
+            )
+        };
         let transaction = matches!(role, Role::Transaction | Role::Prime);
         Ok(Conn {
             stream,
-            tls: Some(tls),
+            tls,
             stage: Stage::Connecting,
             role,
             conn_start: start,
@@ -199,6 +238,11 @@ impl Conn {
             body_left: 0,
             body_counted: 0,
             gets_left: gets,
+            plain: ctx.plain,
+            send_left: 0,
+            recv_left: 0,
+            sent_off: 0,
+            recv_off: 0,
         })
     }
 
@@ -227,9 +271,19 @@ impl Conn {
                 _ => return Err(ErrorKind::Connect),
             }
             self.stage = Stage::Handshaking;
+            if self.plain {
+                self.on_connected_plain(ctx, out)?;
+            }
         }
         if self.stage == Stage::Parked {
             self.drain_parked(rbuf, out);
+            return Ok(());
+        }
+        if self.plain {
+            self.read_plain(ctx, rbuf, out)?;
+            if out.end.is_none() {
+                self.write_plain(ctx)?;
+            }
             return Ok(());
         }
         self.read_all(ctx, rbuf, out)?;
@@ -247,10 +301,149 @@ impl Conn {
         out: &mut Outcome,
     ) -> Result<(), ErrorKind> {
         self.begin_request(ctx, op_start)?;
+        if self.plain {
+            return self.write_plain(ctx);
+        }
         self.flush(ctx, out)
     }
 
+    /// Plain: the TCP connect completed (there is no handshake).
+    fn on_connected_plain(&mut self, ctx: &mut Ctx, out: &mut Outcome) -> Result<(), ErrorKind> {
+        if self.role != Role::Prime && ctx.measured(self.conn_start) {
+            ctx.stats.record_handshake(self.conn_start, ctx.now);
+        }
+        match self.role {
+            Role::Transaction | Role::Prime => {
+                let start = self.op_start;
+                self.begin_request(ctx, start)?;
+            }
+            Role::Persistent => {
+                self.stage = Stage::Idle;
+                self.deadline = u64::MAX;
+                out.ready = true;
+            }
+            Role::Held => {
+                self.stage = Stage::Parked;
+                self.deadline = u64::MAX;
+                out.parked = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plain: reads until the socket would block, checking the echo against the pattern.
+    fn read_plain(
+        &mut self,
+        ctx: &mut Ctx,
+        rbuf: &mut [u8],
+        out: &mut Outcome,
+    ) -> Result<(), ErrorKind> {
+        loop {
+            let n = match (&self.stream).read(rbuf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_kind(&e)),
+            };
+            if n == 0 {
+                return match self.stage {
+                    Stage::Idle => {
+                        out.end = Some(End::PeerClosed);
+                        Ok(())
+                    }
+                    _ => Err(ErrorKind::Closed),
+                };
+            }
+            if self.stage != Stage::Request || n as u64 > self.recv_left {
+                // Bytes nobody sent, or more than was sent: not an echo.
+                return Err(ErrorKind::Http);
+            }
+            let off = self.recv_off;
+            if rbuf[..n]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b != pattern_byte(off + i as u64))
+            {
+                return Err(ErrorKind::Http);
+            }
+            self.recv_off += n as u64;
+            self.recv_left -= n as u64;
+            if ctx.counting() {
+                ctx.stats.bytes.body_received += n as u64;
+            }
+            if self.recv_left == 0 && self.send_left == 0 {
+                self.on_echoed(ctx, out);
+                if out.end.is_some() {
+                    return Ok(());
+                }
+            }
+            if n < rbuf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Plain: writes what is left of the current message until the socket would block.
+    fn write_plain(&mut self, ctx: &mut Ctx) -> Result<(), ErrorKind> {
+        while self.send_left > 0 && self.stage == Stage::Request {
+            let n = self.send_left.min(PLAIN_CHUNK as u64) as usize;
+            let start = (self.sent_off % 26) as usize;
+            let written = match (&self.stream).write(&ctx.plain_chunk[start..start + n]) {
+                Ok(0) => return Err(ErrorKind::Closed),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_kind(&e)),
+            };
+            self.send_left -= written as u64;
+            self.sent_off += written as u64;
+            if ctx.counting() {
+                ctx.stats.bytes.body_sent += written as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plain: the whole message came back.
+    fn on_echoed(&mut self, ctx: &mut Ctx, out: &mut Outcome) {
+        self.op_active = false;
+        out.op_done = true;
+        if self.role == Role::Prime {
+            ctx.stats.primed += 1;
+        } else {
+            if self.measured {
+                ctx.stats.completed += 1;
+                // An echo is this protocol's success: counted like a 2xx response.
+                ctx.stats.status.add(200);
+                ctx.stats.record_latency(self.op_start, ctx.now);
+            }
+            if ctx.counting() {
+                ctx.stats.in_window += 1;
+            }
+        }
+        match self.role {
+            // `--close server` is refused for plain runs: Client (FIN) or Reset (the worker
+            // sets SO_LINGER 0) both end here.
+            Role::Transaction | Role::Prime => out.end = Some(End::Clean),
+            Role::Persistent | Role::Held => {
+                self.stage = Stage::Idle;
+                self.deadline = u64::MAX;
+                out.ready = true;
+            }
+        }
+    }
+
     fn begin_request(&mut self, ctx: &mut Ctx, op_start: u64) -> Result<(), ErrorKind> {
+        if self.plain {
+            self.send_left = ctx.message_bytes;
+            self.recv_left = ctx.message_bytes;
+            self.op_start = op_start;
+            self.op_active = true;
+            self.measured = ctx.measured(op_start);
+            self.stage = Stage::Request;
+            self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+            return Ok(());
+        }
         let tls = self.tls.as_mut().ok_or(ErrorKind::Io)?;
         tls.writer()
             .write_all(&ctx.request)

@@ -7,6 +7,8 @@
 //! (`--concurrency`/`--connections`), open loop with `--rate`, where every latency is measured
 //! from the request's intended send time (no coordinated omission). Runs are bounded by
 //! `--duration` and/or `--requests` and always end by themselves: every wait has a deadline.
+//! `--plain` runs the same modes over plain TCP against an echo server (no TLS, no HTTP; each
+//! operation is `--message-bytes` sent and echoed back), for tern's `tls = false` listeners.
 //! See load/README.md for every flag and the JSON schema.
 //!
 //! Module map: `cli` (flags → `Plan`), `coord` (threads/processes, the common window),

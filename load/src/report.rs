@@ -277,6 +277,11 @@ pub struct Report<'a> {
     pub version: &'static str,
     pub schema: u32,
     pub mode: &'static str,
+    /// "tls" (TLS + HTTP/1.1) or "tcp" (`--plain` echo).
+    pub protocol: &'static str,
+    /// `--plain`: bytes per operation, each way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_bytes: Option<u64>,
     #[serde(rename = "loop")]
     pub loop_kind: &'static str,
     pub target: String,
@@ -347,6 +352,8 @@ impl<'a> Report<'a> {
             version: env!("CARGO_PKG_VERSION"),
             schema: SCHEMA,
             mode: plan.mode.name(),
+            protocol: if plan.plain { "tcp" } else { "tls" },
+            message_bytes: plan.plain.then_some(plan.message_bytes),
             loop_kind: match plan.load {
                 Load::Closed => "closed",
                 Load::Open { .. } => "open",
@@ -445,10 +452,14 @@ impl<'a> Report<'a> {
             (Some(c), None) => format!("concurrency {c}"),
             (None, None) => String::new(),
         };
+        let what = match self.message_bytes {
+            Some(n) => format!("plain TCP echo of {n} B"),
+            None => format!("(sni {}) {} {}", self.sni, self.method, self.path),
+        };
         let _ = writeln!(
             o,
-            "tern-load {} → {} (sni {}) {} {}: {shape}, {width}, {} thread(s) × {} process(es)",
-            self.mode, self.target, self.sni, self.method, self.path, self.threads, self.processes
+            "tern-load {} → {} {what}: {shape}, {width}, {} thread(s) × {} process(es)",
+            self.mode, self.target, self.threads, self.processes
         );
         let _ = writeln!(
             o,

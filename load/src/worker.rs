@@ -24,7 +24,7 @@ use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{ClosePolicy, Load, Mode, Plan};
-use crate::conn::{Conn, Ctx, Dial, End, Outcome, Role, Stage, BODY_CHUNK, READ_BUF};
+use crate::conn::{plain_chunk, Conn, Ctx, Dial, End, Outcome, Role, Stage, BODY_CHUNK, READ_BUF};
 use crate::http::{request_head, RequestSpec};
 use crate::pacer::Pacer;
 use crate::stats::{ErrorKind, IdleStats, Stats};
@@ -256,6 +256,13 @@ impl Worker {
             body_chunk: (0..BODY_CHUNK).map(|i| b'a' + (i % 26) as u8).collect(),
             close: plan.close,
             timeout_ns: plan.timeout_ns,
+            plain: plan.plain,
+            message_bytes: plan.message_bytes,
+            plain_chunk: if plan.plain {
+                plain_chunk()
+            } else {
+                Vec::new()
+            },
         };
         let idle = IdleStats {
             target: if plan.mode == Mode::Idle {

@@ -264,3 +264,63 @@ fn file_descriptor_budget_asks_for_processes() {
         "raise --processes",
     );
 }
+
+#[test]
+fn plain_defaults_and_rules() {
+    let p = ok(&["--mode", "new-conn", "--plain"]);
+    assert!(p.plain);
+    assert_eq!(p.message_bytes, 64);
+    assert_eq!(
+        p.close,
+        ClosePolicy::Reset,
+        "plain transactions reset by default"
+    );
+    let p = ok(&["--mode", "bulk", "--plain"]);
+    assert_eq!(p.message_bytes, 1 << 20);
+    let p = ok(&["--mode", "keepalive", "--plain", "--message-bytes", "512"]);
+    assert_eq!(p.message_bytes, 512);
+    let p = ok(&["--mode", "new-conn", "--plain", "--close", "client"]);
+    assert_eq!(p.close, ClosePolicy::Client);
+    // TLS runs are unchanged: no message size, the server closes.
+    let p = ok(&["--mode", "new-conn"]);
+    assert!(!p.plain);
+    assert_eq!((p.message_bytes, p.close), (0, ClosePolicy::Server));
+    rejected(
+        &["--mode", "new-conn", "--plain", "--close", "server"],
+        "never closes first",
+    );
+    rejected(&["--mode", "resumed", "--plain"], "no sessions");
+    rejected(
+        &["--mode", "keepalive", "--message-bytes", "8"],
+        "needs --plain",
+    );
+    rejected(
+        &[
+            "--mode",
+            "bulk",
+            "--plain",
+            "--body-bytes",
+            "10",
+            "--method",
+            "POST",
+        ],
+        "--message-bytes",
+    );
+    rejected(
+        &[
+            "--mode",
+            "idle",
+            "--plain",
+            "--connections",
+            "4",
+            "--idle-requests",
+            "1",
+        ],
+        "--idle-requests",
+    );
+    // The file-descriptor budget holds for plain runs too.
+    rejected(
+        &["--mode", "keepalive", "--plain", "--connections", "30000"],
+        "file descriptors",
+    );
+}

@@ -30,6 +30,7 @@ pub mod report;
 pub mod results;
 pub mod stats;
 pub mod targets;
+pub mod tcp;
 pub mod xsk;
 
 use anyhow::Result;
@@ -51,6 +52,9 @@ enum BenchCommand {
     /// The bypass I/O layer's raw frame rate: an AF_XDP reflector per worker core next to the
     /// XDP_TX ceiling on the same rig.
     Xsk(xsk::XskArgs),
+    /// Plain-TCP (L4) proxying: tern's bypass path (its own TCP stack on AF_XDP) against its
+    /// kernel path, same echo backend, same run; plus the TCP stack's criterion benches.
+    Tcp(tcp::TcpArgs),
 }
 
 /// Runs the selected benchmark.
@@ -59,5 +63,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         None => compare::run(&args.compare),
         Some(BenchCommand::Tls(a)) => compare::run(a),
         Some(BenchCommand::Xsk(a)) => xsk::run(a),
+        Some(BenchCommand::Tcp(a)) => tcp::run(a),
     }
 }
