@@ -250,6 +250,100 @@ unsafe impl aya::Pod for ListenKey {}
 unsafe impl aya::Pod for XdpConfig {}
 
 // ---------------------------------------------------------------------------------------------
+// Test-only loss injection (`tern_tests::loss`). The programs live in the same object as
+// `tern_xdp` so the tests need no second eBPF build; `tern run` never loads or attaches them
+// (aya creates their two small maps with the object, nothing else).
+
+/// XDP program that drops received IPv4/IPv6 TCP frames at [`LossConfig::ingress_ppm`].
+pub const LOSS_XDP_PROGRAM: &str = "tern_loss";
+/// tc classifier (`SchedClassifier`) that drops sent IPv4/IPv6 TCP frames at
+/// [`LossConfig::egress_ppm`].
+pub const LOSS_TC_PROGRAM: &str = "tern_loss_tc";
+/// Loss settings: `Array<LossConfig>`, [`LOSS_CONFIG_ENTRIES`] entry, index 0.
+pub const LOSS_CONFIG_MAP: &str = "TERN_LOSS_CFG";
+/// Loss counters: `PerCpuArray<LossStats>`, [`LOSS_STATS_ENTRIES`] entries, indexed by
+/// [`LOSS_INGRESS`] / [`LOSS_EGRESS`].
+pub const LOSS_STATS_MAP: &str = "TERN_LOSS_STATS";
+/// Entries of [`LOSS_CONFIG_MAP`].
+pub const LOSS_CONFIG_ENTRIES: u32 = 1;
+/// Entries of [`LOSS_STATS_MAP`]: one per direction.
+pub const LOSS_STATS_ENTRIES: u32 = 2;
+/// [`LOSS_STATS_MAP`] index of the XDP (ingress) program's counters.
+pub const LOSS_INGRESS: u32 = 0;
+/// [`LOSS_STATS_MAP`] index of the tc (egress) program's counters.
+pub const LOSS_EGRESS: u32 = 1;
+/// Parts per million: a rate of `LOSS_PPM_MAX` drops every eligible frame.
+pub const LOSS_PPM_MAX: u32 = 1_000_000;
+
+const _: () = assert!(LOSS_CONFIG_MAP.len() <= 15);
+const _: () = assert!(LOSS_STATS_MAP.len() <= 15);
+const _: () = assert!(LOSS_XDP_PROGRAM.len() <= 15);
+const _: () = assert!(LOSS_TC_PROGRAM.len() <= 15);
+
+/// Value of [`LOSS_CONFIG_MAP`]. All zero (no loss) until userspace writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossConfig {
+    /// Drop rate of received TCP frames, parts per million (capped at [`LOSS_PPM_MAX`]).
+    pub ingress_ppm: u32,
+    /// Drop rate of sent TCP frames, parts per million (capped at [`LOSS_PPM_MAX`]).
+    pub egress_ppm: u32,
+    /// Seeds each CPU's and direction's xorshift generator the first time it runs.
+    pub seed: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LossConfig>() == 16);
+
+/// Per-CPU value of [`LOSS_STATS_MAP`], one per direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossStats {
+    /// IPv4/IPv6 TCP frames dropped.
+    pub dropped: u64,
+    /// IPv4/IPv6 TCP frames let through. Frames that are not subject to loss (ARP, ICMP, UDP,
+    /// IPv6 with extension headers, anything not IP) are counted in neither.
+    pub passed: u64,
+    /// The generator's state on this CPU; 0 means "not seeded yet".
+    pub rng: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<LossStats>() == 24);
+
+/// One xorshift64* step: the new state and a 32-bit output whose high bits are well mixed.
+/// `state` must not be 0 (xorshift's fixed point).
+#[inline(always)]
+pub const fn loss_rng_step(state: u64) -> (u64, u32) {
+    let mut x = state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    (x, (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32)
+}
+
+/// The first generator state of direction `direction` for `seed`: never 0, and different per
+/// direction so the two programs do not drop in lockstep.
+#[inline(always)]
+pub const fn loss_rng_seed(seed: u64, direction: u32) -> u64 {
+    let mixed = (seed ^ ((direction as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+        .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (mixed ^ (mixed >> 31)) | 1
+}
+
+/// Whether a frame is dropped at `ppm` parts per million given the generator output `draw`:
+/// maps `draw` onto `0..LOSS_PPM_MAX` by multiply-shift (no division on the eBPF side).
+#[inline(always)]
+pub const fn loss_drops(draw: u32, ppm: u32) -> bool {
+    ((draw as u64 * LOSS_PPM_MAX as u64) >> 32) < ppm as u64
+}
+
+// SAFETY: as for the impls above: `#[repr(C)]`, `Copy`, integer fields only, no padding
+// (size assertions above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LossConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LossStats {}
+
+// ---------------------------------------------------------------------------------------------
 // Addresses
 
 /// `::ffff:0.0.0.0`, the key address of an IPv4 wildcard listener.
@@ -553,6 +647,33 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|s| *s), "slots 0..16 all used: {seen:?}");
+    }
+
+    #[test]
+    fn loss_draws_hit_the_rate() {
+        assert!(!loss_drops(u32::MAX, 0), "rate 0 never drops");
+        assert!(loss_drops(u32::MAX, LOSS_PPM_MAX), "rate 1e6 always drops");
+        assert_ne!(
+            loss_rng_seed(7, LOSS_INGRESS),
+            loss_rng_seed(7, LOSS_EGRESS)
+        );
+        assert_ne!(
+            loss_rng_seed(0, LOSS_INGRESS),
+            0,
+            "seed 0 still gives a state"
+        );
+        let mut state = loss_rng_seed(42, LOSS_INGRESS);
+        let mut dropped = 0u32;
+        for _ in 0..100_000 {
+            let (next, draw) = loss_rng_step(state);
+            assert_ne!(next, 0, "xorshift reached its fixed point");
+            state = next;
+            dropped += u32::from(loss_drops(draw, 200_000));
+        }
+        assert!(
+            (19_000..=21_000).contains(&dropped),
+            "20% of 100000 draws should drop about 20000, got {dropped}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   (RFC 9112 framing with `Content-Length` only), a raw TCP echo, and a PROXY-protocol-aware
 //!   server that parses v1/v2 headers independently of tern's own encoder
 //!   (haproxy's `proxy-protocol.txt`).
+//! - [`loss`]: test-only packet loss (XDP ingress, tc egress) on a rig interface, from the
+//!   test-only programs in tern's eBPF object.
 //! - [`pktgen`]: a bounded raw TCP SYN generator (AF_PACKET, qdisc bypass, `sendmmsg`) for the
 //!   bypass benchmark and flood tests.
 //!
@@ -17,5 +19,6 @@
 
 pub mod backend;
 pub mod certs;
+pub mod loss;
 pub mod pktgen;
 pub mod rig;

@@ -521,9 +521,42 @@ fn syn_flood_creates_no_state_and_clients_are_served() {
         CLIENTS as u64,
         "only the legitimate clients made state: {st}"
     );
+    // What the workers could not take off their RX rings during the burst the kernel dropped
+    // (xsk rx_dropped); most of the flood is still answered, each with a stateless SYN-ACK.
     assert!(
-        n(&tcp["syn_acks_sent"]) >= CLIENTS as u64 + sent.frames / 2,
+        n(&tcp["syn_acks_sent"]) >= CLIENTS as u64 + sent.frames / 10,
         "the flood was answered statelessly ({} SYNs sent): {st}",
         sent.frames
     );
+}
+
+/// 100 MB each way through the bypass L4 proxy with 2 % of the TCP frames lost in each
+/// direction (a test-only XDP program drops what the client receives, a tc program what it
+/// sends): every byte arrives once and in order, and both directions really lost frames.
+#[test]
+fn hundred_megabytes_each_way_with_two_percent_loss() {
+    let (s, _backend) = l4_stack("l4loss", Backend::echo, "");
+    let addr = l4_addr(&s);
+    let mut loss = tern_tests::loss::LossInjector::attach(
+        &s.rig.client,
+        &s.rig.client_if,
+        20_000,
+        20_000,
+        0x7e27,
+    );
+    s.rig.client.run(move || bulk_echo(addr, 100 << 20));
+    let counts = loss.counts();
+    // A clean close: stop losing frames so FIN/ACK exchanges are not retried for seconds.
+    loss.set_rates(0, 0);
+    assert!(
+        counts.ingress_dropped > 0 && counts.egress_dropped > 0,
+        "both directions lost frames: {counts:?}"
+    );
+    let (rin, rout) = (counts.ingress_rate(), counts.egress_rate());
+    assert!(
+        (0.01..0.04).contains(&rin) && (0.01..0.04).contains(&rout),
+        "loss near 2 % each way: {counts:?}"
+    );
+    println!("2 % loss, 100 MB each way: {counts:?}");
+    wait_stats(&s, "the connection closed", settled);
 }

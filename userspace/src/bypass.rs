@@ -76,9 +76,15 @@ pub trait FrameHandler {
     /// worker's sleep.
     fn attach_waker(&mut self, _waker: &Waker) {}
 
-    /// Work not started by a received frame (timers, application I/O), once per worker turn;
-    /// frames go out through `out`. Returns whether it did anything (the worker then keeps
-    /// busy-polling). Must be cheap when there is nothing to do.
+    /// Whether [`poll`](Self::poll) has work now (frames were handled, timers are due, events
+    /// arrived). Asked once per worker turn, so it must be cheap; `poll` is only called (and a
+    /// TX queue only lent) when it says yes.
+    fn wants_poll(&mut self) -> bool {
+        false
+    }
+
+    /// Work not started by a received frame (timers, application I/O); frames go out through
+    /// `out`. Returns whether it did anything (the worker then keeps busy-polling).
     fn poll(&mut self, _out: &mut TxQueue<'_>) -> bool {
         false
     }
@@ -508,7 +514,8 @@ impl<H: FrameHandler> Loop<H> {
             let received = self
                 .xsk
                 .turn(&mut stats, |frame, out| handler.frame(frame, out));
-            let worked = self.xsk.send_with(0, &mut stats, |out| handler.poll(out));
+            let worked =
+                handler.wants_poll() && self.xsk.send_with(0, &mut stats, |out| handler.poll(out));
             self.counters.busy_turns.inc();
             self.counters.add_turn(&stats);
             let now = Instant::now();

@@ -242,9 +242,15 @@ impl L4Proxy {
             now,
         )
         .map_err(io::Error::other)?;
+        // Cooperative task running: completions are not pushed at the worker with an IPI while
+        // it busy-polls; the kernel raises a flag (checked every turn, `wants_poll`) and they
+        // are run at the next io_uring_enter. A sleeping worker is still woken (its poll(2)
+        // is interrupted, and the CQE then signals the registered eventfd).
         let ring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
             .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(RING_ENTRIES)?;
         let slot_count = ((2 * capacity) as u32).clamp(64, MAX_SLOTS);
         let slots = SlotPool::new(&ring, slot_count)?;
@@ -780,6 +786,10 @@ impl L4Proxy {
     /// One round of everything but received frames.
     fn run(&mut self, out: &mut TxQueue<'_>) {
         let now = self.now();
+        // Task work the kernel flagged (cooperative task running) posts its completions now.
+        if self.ring.submission().taskrun() {
+            self.submit();
+        }
         self.reap();
         self.drain_ready();
         self.retry_starved();
@@ -790,6 +800,13 @@ impl L4Proxy {
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         self.housekeeping(now);
+        // Nothing is submitted when there is nothing to submit: an idle turn makes no syscall.
+        if !self.ring.submission().is_empty() {
+            self.submit();
+        }
+    }
+
+    fn submit(&mut self) {
         if let Err(e) = self.ring.submit() {
             if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
                 tracing::warn!(worker = self.id, error = %e, "io_uring submit failed");
@@ -817,13 +834,16 @@ impl FrameHandler for L4Proxy {
         }
     }
 
-    fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
-        let due = self.stack.next_poll().is_some_and(|t| t <= self.now());
-        let completions = !self.ring.completion().is_empty();
-        let housekeeping = self.now().as_micros() >= self.last_housekeeping + HOUSEKEEPING_US;
-        if !(self.pending || due || completions || housekeeping) {
-            return false;
+    fn wants_poll(&mut self) -> bool {
+        if self.pending || self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+            return true;
         }
+        let now = self.now();
+        self.stack.next_poll().is_some_and(|t| t <= now)
+            || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
+    }
+
+    fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
         self.pending = false;
         self.run(out);
         true

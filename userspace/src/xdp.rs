@@ -50,6 +50,13 @@ use crate::config::XdpAttach;
 /// The XDP object built by `build.rs` from `xdp-ebpf/` (ELF, 8-byte aligned as aya requires).
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-xdp"));
 
+/// The embedded eBPF object (8-byte aligned ELF), for loaders outside this module: the test
+/// rig's loss injection (`tern_tests::loss`) loads its test-only programs from it. tern itself
+/// loads it only through [`attach`] and [`attach_pass`].
+pub fn object() -> &'static [u8] {
+    XDP_OBJECT
+}
+
 /// The mode the program actually runs in on its interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

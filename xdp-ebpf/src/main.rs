@@ -11,7 +11,16 @@
 //!    AF_XDP socket in `XSKMAP[queue * workers + flow_hash % workers]` (`steered`), or passed to
 //!    the kernel when that slot holds no socket for this queue (`no_socket`). With the config's
 //!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`).
-//! 3. Everything else goes to the kernel (`XDP_PASS`, `passed`): other addresses and ports,
+//! 3. **PMTU signals for a listener's flows**: an ICMPv4 "fragmentation needed" (type 3 code 4,
+//!    RFC 792 / RFC 1191) or ICMPv6 "packet too big" (type 2, RFC 4443 §3.2) whose quoted packet
+//!    is a TCP segment *from* a listener (quoted source (address, port) in the listen map, exact
+//!    or wildcard) goes to the XSKMAP slot of the worker owning that flow. The quoted segment
+//!    travels server → client, so the hash swaps it back into the client's order:
+//!    `flow_hash(quoted dst, quoted src, quoted dport, quoted sport)`, the value the flow's own
+//!    segments hash to. Counted `steered` / `no_socket` like TCP (in reflect mode: `passed`).
+//!    The quote must hold the inner IP header and the first 8 TCP bytes (ports and sequence
+//!    number, what RFC 792 guarantees); a shorter quote, or any other ICMP, is the kernel's.
+//! 4. Everything else goes to the kernel (`XDP_PASS`, `passed`): other addresses and ports,
 //!    non-TCP, non-IP (ARP, LLDP), IPv6 with extension headers, and IPv4 fragments (first
 //!    fragments too: without reassembly a fragment's flow cannot be identified reliably, and
 //!    the kernel reassembles them). Frames too short for a header they announce, or with an
@@ -29,7 +38,12 @@
 //!
 //! Formats: Ethernet II and IEEE 802.1Q tags; IPv4 header, RFC 791 §3.1 (IHL, MF flag, fragment
 //! offset); IPv6 fixed header, RFC 8200 §3 (extension headers are not walked); TCP header,
-//! RFC 9293 §3.1 (data offset); Internet checksum, RFC 1071 (why reflection keeps it valid).
+//! RFC 9293 §3.1 (data offset); Internet checksum, RFC 1071 (why reflection keeps it valid);
+//! ICMPv4 destination unreachable, RFC 792 (quoted header + 64 bits); ICMPv6 packet too big,
+//! RFC 4443 §3.2.
+//!
+//! The object also carries the test-only loss-injection programs of [`loss`] (`tern_loss`,
+//! `tern_loss_tc`), which tern never loads.
 //!
 //! Verifier notes: every packet access goes through [`ptr_at`], [`ptr_at_mut`] or
 //! [`check_range`], which compare against `data_end` right before the access; variable offsets
@@ -38,6 +52,8 @@
 
 #![no_std]
 #![no_main]
+
+mod loss;
 
 use core::mem::{size_of, swap};
 
@@ -85,6 +101,15 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMPv4 destination unreachable / fragmentation needed and DF set (RFC 792, RFC 1191).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 packet too big (RFC 4443 §3.2).
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// IPv4 fragment offset alone: a quoted packet with a non-zero offset carries no TCP header.
+const IPV4_OFFSET: u16 = 0x1fff;
 /// IPv4 flags+fragment-offset field: MF flag and the 13-bit offset. DF (0x4000) is not part of
 /// fragmentation state.
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
@@ -143,6 +168,25 @@ struct TcpHdr {
     _urgent: [u8; 2],
 }
 
+/// The fixed 8 bytes of an ICMPv4 error or ICMPv6 packet-too-big message; the quoted packet
+/// follows.
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    _checksum: [u8; 2],
+    /// Unused / next-hop MTU (ICMPv4), MTU (ICMPv6).
+    _rest: [u8; 4],
+}
+
+/// The first 8 bytes of a quoted TCP header: all an ICMPv4 error is guaranteed to carry.
+#[repr(C)]
+struct QuotedTcp {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    _seq: [u8; 4],
+}
+
 /// A header announced by the layer outside it does not fit in the frame, or carries an
 /// impossible version or length.
 struct Malformed;
@@ -165,11 +209,25 @@ struct Flow {
     tcp_offset: usize,
 }
 
+/// The flow an ICMP PMTU message is about, in the client's order (the quoted segment's
+/// destination is the client).
+struct Quoted {
+    client: [u8; 16],
+    server: [u8; 16],
+    client_port: u16,
+    server_port: u16,
+    /// Family of the quoted packet (which wildcard listener applies).
+    v4: bool,
+}
+
 /// What the parser decided, before the listen set is consulted.
 enum Frame {
     /// A complete TCP header in an unfragmented IPv4 packet or directly after an IPv6 header,
     /// from a source that is not blocked.
     Tcp(Flow),
+    /// An ICMP "fragmentation needed" / "packet too big" quoting a TCP segment, from a source
+    /// that is not blocked.
+    Icmp(Quoted),
     /// The source matches a blocklist prefix.
     Blocked,
     /// Anything else: the kernel handles it.
@@ -210,7 +268,10 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     // Exactly one terminal counter per frame, on every path below.
     Ok(match frame {
         Frame::Tcp(flow) if is_listener(&flow) => steer(ctx, &flow, stats),
-        Frame::Tcp(_) | Frame::Pass => {
+        Frame::Icmp(quoted) if is_listening(quoted.server, quoted.server_port, quoted.v4) => {
+            steer_icmp(ctx, &quoted, stats)
+        }
+        Frame::Tcp(_) | Frame::Icmp(_) | Frame::Pass => {
             stats.passed += 1;
             xdp_action::XDP_PASS
         }
@@ -225,19 +286,38 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
 /// wildcard address of the packet's family with that port.
 #[inline(always)]
 fn is_listener(flow: &Flow) -> bool {
-    if TERN_LISTEN
-        .get_ptr(ListenKey::new(flow.dst, flow.dst_port))
-        .is_some()
-    {
+    is_listening(flow.dst, flow.dst_port, matches!(flow.ip, Ip::V4 { .. }))
+}
+
+/// Whether (`addr`, `port`) is in the listen set, exactly or through the wildcard address of
+/// its family (`v4`: IPv4-mapped).
+#[inline(always)]
+fn is_listening(addr: [u8; 16], port: u16, v4: bool) -> bool {
+    if TERN_LISTEN.get_ptr(ListenKey::new(addr, port)).is_some() {
         return true;
     }
-    let wildcard = match flow.ip {
-        Ip::V4 { .. } => IPV4_MAPPED_UNSPECIFIED,
-        Ip::V6 { .. } => [0; 16],
-    };
+    let wildcard = if v4 { IPV4_MAPPED_UNSPECIFIED } else { [0; 16] };
     TERN_LISTEN
-        .get_ptr(ListenKey::new(wildcard, flow.dst_port))
+        .get_ptr(ListenKey::new(wildcard, port))
         .is_some()
+}
+
+/// Hands a PMTU message about a listener's flow to that flow's worker; counts `steered` or
+/// `no_socket`. In reflect mode there is no worker to tell, so the kernel gets it (`passed`).
+#[inline(always)]
+fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
+    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    if config.reflect != 0 {
+        stats.passed += 1;
+        return xdp_action::XDP_PASS;
+    }
+    let hash = flow_hash(
+        &quoted.client,
+        &quoted.server,
+        quoted.client_port,
+        quoted.server_port,
+    );
+    redirect(ctx, config.workers, hash, stats)
 }
 
 /// Hands a listener's segment on; counts `steered` or `no_socket` (exactly one).
@@ -257,9 +337,16 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
             }
         };
     }
-    let queue = ctx.rx_queue_index();
     let hash = flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port);
-    let Some(index) = xsk_index(queue, config.workers, hash) else {
+    redirect(ctx, config.workers, hash, stats)
+}
+
+/// Redirects the frame to the AF_XDP socket of the worker owning the flow with hash `hash` on
+/// the receiving queue; counts `steered` or `no_socket` (exactly one).
+#[inline(always)]
+fn redirect(ctx: &XdpContext, workers: u32, hash: u32, stats: &mut XdpStats) -> u32 {
+    let queue = ctx.rx_queue_index();
+    let Some(index) = xsk_index(queue, workers, hash) else {
         stats.no_socket += 1;
         return xdp_action::XDP_PASS;
     };
@@ -379,6 +466,9 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<F
         stats.ipv4_fragments += 1;
         return Ok(Frame::Pass);
     }
+    if protocol == IPPROTO_ICMP {
+        return Ok(parse_icmpv4(ctx, offset + header_len));
+    }
     if protocol != IPPROTO_TCP {
         return Ok(Frame::Pass);
     }
@@ -414,6 +504,9 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize, stats: &mut XdpStats) -> Result<F
     }
     // Only TCP directly after the fixed header; a chain of extension headers (rare for TCP to a
     // listener) stays with the kernel.
+    if next_header == IPPROTO_ICMPV6 {
+        return Ok(parse_icmpv6(ctx, offset + size_of::<Ipv6Hdr>()));
+    }
     if next_header != IPPROTO_TCP {
         return Ok(Frame::Pass);
     }
@@ -455,6 +548,96 @@ fn parse_tcp(
         ip,
         tcp_offset: offset,
     }))
+}
+
+/// An ICMPv4 message at `offset`: `Frame::Icmp` for "fragmentation needed" quoting an
+/// unfragmented (or first-fragment) IPv4 TCP segment with its ports, else `Frame::Pass`. A
+/// quote that is cut short is not the outer frame's fault, so it is never `Malformed`.
+#[inline(always)]
+fn parse_icmpv4(ctx: &XdpContext, offset: usize) -> Frame {
+    let Ok(icmp) = ptr_at::<IcmpHdr>(ctx, offset) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the 8-byte ICMP header lies inside the frame; alignment 1.
+    let (kind, code) = unsafe { ((*icmp).kind, (*icmp).code) };
+    if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+        return Frame::Pass;
+    }
+    let inner = offset + size_of::<IcmpHdr>();
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the quoted fixed IPv4 header lies inside the frame.
+    let (version_ihl, flags_fragment, protocol, src, dst) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).flags_fragment,
+            (*ip).protocol,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4
+        || header_len < size_of::<Ipv4Hdr>()
+        || protocol != IPPROTO_TCP
+        || u16::from_be_bytes(flags_fragment) & IPV4_OFFSET != 0
+    {
+        return Frame::Pass;
+    }
+    let Ok(tcp) = ptr_at::<QuotedTcp>(ctx, inner + header_len) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the quoted 8 TCP bytes lie inside the frame; alignment 1.
+    let (src_port, dst_port) = unsafe { ((*tcp).src_port, (*tcp).dst_port) };
+    Frame::Icmp(Quoted {
+        client: ipv4_mapped(dst),
+        server: ipv4_mapped(src),
+        client_port: u16::from_be_bytes(dst_port),
+        server_port: u16::from_be_bytes(src_port),
+        v4: true,
+    })
+}
+
+/// An ICMPv6 message at `offset`: `Frame::Icmp` for "packet too big" quoting an IPv6 packet
+/// whose fixed header is followed directly by TCP, else `Frame::Pass` (as for ICMPv4).
+#[inline(always)]
+fn parse_icmpv6(ctx: &XdpContext, offset: usize) -> Frame {
+    let Ok(icmp) = ptr_at::<IcmpHdr>(ctx, offset) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the 8-byte ICMPv6 header lies inside the frame; alignment 1.
+    if unsafe { (*icmp).kind } != ICMPV6_PACKET_TOO_BIG {
+        return Frame::Pass;
+    }
+    let inner = offset + size_of::<IcmpHdr>();
+    let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the quoted 40-byte IPv6 header lies inside the frame.
+    let (version_class_flow, next_header, src, dst) = unsafe {
+        (
+            (*ip).version_class_flow,
+            (*ip).next_header,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    if version_class_flow[0] >> 4 != 6 || next_header != IPPROTO_TCP {
+        return Frame::Pass;
+    }
+    let Ok(tcp) = ptr_at::<QuotedTcp>(ctx, inner + size_of::<Ipv6Hdr>()) else {
+        return Frame::Pass;
+    };
+    // SAFETY: `ptr_at` checked that the quoted 8 TCP bytes lie inside the frame; alignment 1.
+    let (src_port, dst_port) = unsafe { ((*tcp).src_port, (*tcp).dst_port) };
+    Frame::Icmp(Quoted {
+        client: dst,
+        server: src,
+        client_port: u16::from_be_bytes(dst_port),
+        server_port: u16::from_be_bytes(src_port),
+        v4: false,
+    })
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if all of it lies inside the frame.

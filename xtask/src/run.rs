@@ -132,12 +132,12 @@ fn session(mode: Mode, workers: u32, binary: &Path, interrupted: &AtomicBool) ->
     let listen: SocketAddr = rig.server_addr(443);
     let socket = dir.join("tern.sock");
     // xdp: the TLS listener stays on kernel sockets with the XDP program attached to the veth
-    // (counters, blocklist), and a bypass listener on BYPASS_PORT shows frames steered into
-    // the AF_XDP workers (the TCP stack that will answer them is the next step).
+    // (counters, blocklist), and a plain (L4) bypass listener on BYPASS_PORT is served by
+    // tern's own TCP stack in the AF_XDP workers, in front of the same demo backend.
     let interface = match mode {
         Mode::Kernel => String::new(),
         Mode::Xdp => format!(
-            "interface = {iface}\n\n[[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\n",
+            "interface = {iface}\n\n[[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\ntls = false\n",
             iface = toml_str(&rig.server_if),
             bypass = toml_str(&rig.server_addr(BYPASS_PORT).to_string()),
         ),
@@ -259,9 +259,10 @@ fn print_instructions(
             Mode::Kernel => String::new(),
             Mode::Xdp => format!(
                 "The XDP program is attached to {server_if}. The bypass listener {ip}:{BYPASS_PORT} \
-                 steers SYNs into the AF_XDP workers\n(no TCP answer yet: tern's own TCP stack is \
-                 the next step). Watch them arrive:\n\
-                 \x20 ip netns exec {ns} curl -s -m 1 http://{ip}:{BYPASS_PORT}/; {bin} ctl --socket {socket} stats | grep -E '\"(steered|syns)\"'\n\
+                 is a plain TCP proxy served by tern's own TCP stack\nin the AF_XDP workers \
+                 (the kernel's TCP never sees those frames), in front of the same HTTP backend:\n\
+                 \x20 ip netns exec {ns} curl -s http://{ip}:{BYPASS_PORT}/bytes/1048576 | sha256sum\n\
+                 \x20 {bin} ctl --socket {socket} stats | grep -A14 '\"tcp\"'\n\
                  \x20 {bin} ctl --socket {socket} block {client}/32   # then curl above times out; unblock to undo\n\n",
                 server_if = rig.server_if,
                 client = rig.client_ip,

@@ -10,6 +10,17 @@
 //! 10.x.y.0/24 with x in 200..=255; for a host rig (server side = the host namespace)
 //! a /24 that overlaps anything on the host's routing tables is skipped. Both veth ends get
 //! MTU 1500: native XDP on veth needs the peer's MTU ≤ 3506 unless the program is frags-aware.
+//!
+//! **Offloads.** The client-side veth gets TX checksum offload, TSO and GSO turned off
+//! (`SIOCETHTOOL` legacy commands `ETHTOOL_STXCSUM` / `ETHTOOL_STSO` / `ETHTOOL_SGSO`; the
+//! `ethtool` binary is not needed) and the rig checks with the matching `GET` commands that they
+//! are off, panicking otherwise. With TX checksum offload on, veth hands the peer — and an
+//! AF_XDP socket behind it — TCP segments whose checksum field holds only the pseudo-header sum;
+//! a real NIC delivers complete checksums, and tern verifies them. Without TSO/GSO every frame
+//! leaving the client veth is at most one MTU, as on a wire. (The kernel's TCP still builds
+//! multi-segment skbs and segments them in software after the tc egress hook; the loss injector
+//! ([`crate::loss`]) sets `gso_max_segs 1` for as long as it is attached, so its classifier
+//! sees one segment per skb.)
 //! Every guard removes what it made on drop, also while unwinding from a panic; a name left
 //! over by a killed process with the same PID is deleted and reused (a live process cannot share
 //! our PID, so such a leftover is stale).
@@ -304,7 +315,19 @@ impl Rig {
             queues,
         };
         rig.create_link();
+        rig.disable_client_offloads();
         rig
+    }
+
+    /// Turns TX checksum offload, TSO and GSO off on `client_if` and checks that they are off
+    /// (see the module docs for why). Panics with the interface and the failing command.
+    #[track_caller]
+    fn disable_client_offloads(&self) {
+        let interface = self.client_if.clone();
+        let netns = self.client.name.clone();
+        if let Err(e) = self.client.run(move || disable_offloads(&interface)) {
+            panic!("rig: offloads of {} in {netns}: {e}", self.client_if);
+        }
     }
 
     #[track_caller]
@@ -440,6 +463,83 @@ impl Drop for Rig {
     }
 }
 
+/// `SIOCETHTOOL` (linux/sockios.h).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+// Legacy ethtool commands (linux/ethtool.h), each taking a `struct ethtool_value`.
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_GTSO: u32 = 0x1e;
+const ETHTOOL_STSO: u32 = 0x1f;
+const ETHTOOL_GGSO: u32 = 0x23;
+const ETHTOOL_SGSO: u32 = 0x24;
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// One legacy ethtool command on `interface` of the calling thread's namespace: `data` is the
+/// value to set (ignored by `GET` commands); returns the value the kernel left in `data`.
+fn ethtool(interface: &str, cmd: u32, data: u32) -> Result<u32, String> {
+    let name = interface.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(format!("interface name {interface} is too long"));
+    }
+    // SAFETY: plain socket(2) call; the result is checked and owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut value = EthtoolValue { cmd, data };
+    // SAFETY: all-zero is a valid `ifreq` (a name and a union of plain data and pointers).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = std::ptr::addr_of_mut!(value).cast();
+    // SAFETY: SIOCETHTOOL reads the NUL-terminated name and the `ethtool_value` that
+    // `ifru_data` points to, and writes back only into that value; both outlive the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) };
+    if rc < 0 {
+        return Err(format!(
+            "SIOCETHTOOL command {cmd:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(value.data)
+}
+
+/// Turns TX checksum offload, TSO and GSO off on `interface` (calling thread's namespace) and
+/// reads them back; `Err` names whatever is still on.
+pub(crate) fn disable_offloads(interface: &str) -> Result<(), String> {
+    // Checksum offload first: TSO depends on it, so the kernel may already drop TSO with it.
+    for (set, get, what) in [
+        (ETHTOOL_STXCSUM, ETHTOOL_GTXCSUM, "tx checksum offload"),
+        (ETHTOOL_STSO, ETHTOOL_GTSO, "TSO"),
+        (ETHTOOL_SGSO, ETHTOOL_GGSO, "GSO"),
+    ] {
+        ethtool(interface, set, 0).map_err(|e| format!("turning {what} off: {e}"))?;
+        let now = ethtool(interface, get, 0).map_err(|e| format!("reading {what}: {e}"))?;
+        if now != 0 {
+            return Err(format!("{what} is still on after turning it off"));
+        }
+    }
+    Ok(())
+}
+
+/// Sets TX checksum offload on `interface` (calling thread's namespace) and returns the state
+/// read back. For tests that need the veth default back (the negative control of the checksum
+/// test).
+#[cfg(test)]
+pub(crate) fn set_tx_checksum_offload(interface: &str, on: bool) -> Result<bool, String> {
+    ethtool(interface, ETHTOOL_STXCSUM, u32::from(on))?;
+    Ok(ethtool(interface, ETHTOOL_GTXCSUM, 0)? != 0)
+}
+
 /// Picks the second and third octets of a 10.x.y.0/24 for a rig: derived from the PID and the
 /// per-process id so concurrent rigs differ; for host rigs also free on the host.
 #[track_caller]
@@ -508,6 +608,190 @@ mod tests {
         assert_eq!(parse_prefix("default"), None);
         assert_eq!(parse_prefix("0.0.0.0/0"), None);
         assert_eq!(parse_prefix("10.1.2.3/33"), None);
+    }
+
+    /// An AF_PACKET socket capturing every frame an interface receives (not the ones it sends).
+    struct Capture(std::os::fd::OwnedFd);
+
+    impl Capture {
+        /// Opens it on `interface` of the calling thread's namespace.
+        fn open(interface: &str) -> Capture {
+            use std::os::fd::FromRawFd;
+            let name = std::ffi::CString::new(interface).expect("interface name");
+            // SAFETY: `name` is a valid NUL-terminated string.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "no interface {interface}");
+            let protocol = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call; the result is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+            assert!(
+                fd >= 0,
+                "socket(AF_PACKET): {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `fd` is a fresh socket nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = protocol;
+            addr.sll_ifindex = ifindex as i32;
+            // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    std::ptr::addr_of!(addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "bind(AF_PACKET): {}",
+                std::io::Error::last_os_error()
+            );
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            let buffer: libc::c_int = 4 << 20;
+            for (option, value, len) in [
+                (
+                    libc::SO_RCVTIMEO,
+                    std::ptr::addr_of!(timeout).cast::<libc::c_void>(),
+                    std::mem::size_of::<libc::timeval>(),
+                ),
+                (
+                    libc::SO_RCVBUF,
+                    std::ptr::addr_of!(buffer).cast(),
+                    std::mem::size_of::<libc::c_int>(),
+                ),
+            ] {
+                // SAFETY: `value` points to `len` readable bytes of the option's type.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        option,
+                        value,
+                        len as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+            }
+            Capture(fd)
+        }
+
+        /// Every received frame queued so far (stops at the first 200 ms without one).
+        fn drain(&self) -> Vec<Vec<u8>> {
+            let mut frames = Vec::new();
+            loop {
+                let mut buf = vec![0u8; 65536];
+                // SAFETY: all-zero is a valid sockaddr_ll.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: `buf` and `from` are writable for the lengths passed.
+                let n = unsafe {
+                    libc::recvfrom(
+                        self.0.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        std::ptr::addr_of_mut!(from).cast(),
+                        &mut len,
+                    )
+                };
+                if n < 0 {
+                    return frames;
+                }
+                // PACKET_OUTGOING (4): a frame this side sent; only received ones count.
+                if from.sll_pkttype != 4 {
+                    buf.truncate(n as usize);
+                    frames.push(buf);
+                }
+            }
+        }
+    }
+
+    /// Sends `bytes` from the client namespace to a listener on the server side and returns the
+    /// TCP data segments (payload > 0) from the client that the server's veth end received,
+    /// each with whether its checksums verify.
+    fn client_data_segments(
+        rig: &Rig,
+        listener: std::net::TcpListener,
+        capture: &Capture,
+        bytes: usize,
+    ) -> Vec<Result<usize, tern::wire::WireError>> {
+        use std::io::{Read, Write};
+        let addr = listener.local_addr().expect("local_addr");
+        let sink = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).expect("read");
+            received.len()
+        });
+        rig.client.run(move || {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+                    .expect("connect");
+            stream.write_all(&vec![0x5a; bytes]).expect("write");
+        });
+        assert_eq!(sink.join().expect("sink thread"), bytes, "bytes received");
+        let client_ip = std::net::IpAddr::V4(rig.client_ip);
+        capture
+            .drain()
+            .iter()
+            .filter_map(|frame| {
+                let unchecked = tern::wire::parse_tcp_frame(frame, tern::wire::ChecksumMode::Skip)
+                    .ok()
+                    .filter(|f| f.ip.src_addr() == client_ip && !f.payload.is_empty())?;
+                let len = unchecked.payload.len();
+                Some(
+                    tern::wire::parse_tcp_frame(frame, tern::wire::ChecksumMode::Compute)
+                        .map(|_| len),
+                )
+            })
+            .collect()
+    }
+
+    /// The rig's client veth has TX checksum offload and TSO/GSO off, so the server side
+    /// receives complete checksums (as from a NIC) in frames of at most one MTU; with TX
+    /// checksum offload back on, the same capture sees the partial checksums the rig avoids.
+    #[test]
+    fn client_segments_reach_the_server_with_complete_checksums() {
+        let rig = Rig::isolated("csum", 1);
+        let server = rig.server.as_ref().expect("isolated rig");
+        let (server_if, server_ip) = (rig.server_if.clone(), rig.server_ip);
+        let (listener, capture) = server.run(move || {
+            let listener = std::net::TcpListener::bind((server_ip, 0)).expect("bind");
+            (listener, Capture::open(&server_if))
+        });
+        let segments = client_data_segments(&rig, listener, &capture, 32 * 1024);
+        assert!(
+            segments.len() >= 10,
+            "too few data segments captured: {segments:?}"
+        );
+        let mss = RIG_MTU as usize - 40;
+        for segment in &segments {
+            let len = segment
+                .as_ref()
+                .unwrap_or_else(|e| panic!("a client segment failed to parse/verify: {e}"));
+            assert!(*len <= mss, "a {len}-byte segment: TSO/GSO is not off");
+        }
+
+        // Negative control: the check above can fail.
+        let client_if = rig.client_if.clone();
+        let on = rig
+            .client
+            .run(move || set_tx_checksum_offload(&client_if, true));
+        assert_eq!(on, Ok(true), "turning tx checksum offload back on");
+        let listener =
+            server.run(move || std::net::TcpListener::bind((server_ip, 0)).expect("bind"));
+        let segments = client_data_segments(&rig, listener, &capture, 32 * 1024);
+        assert!(
+            segments.contains(&Err(tern::wire::WireError::BadChecksum)),
+            "with offload on, veth should deliver partial checksums: {segments:?}"
+        );
     }
 
     #[test]

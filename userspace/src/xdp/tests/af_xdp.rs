@@ -404,3 +404,188 @@ fn frames_by_port(ports: &[u16], frame: &[u8]) -> Vec<u8> {
     assert!(ports.contains(&sport), "unexpected source port {sport}");
     syn4(CLIENT_IP, TARGET_IP, sport, 443)
 }
+
+/// An ICMP PMTU message (`icmp6`: ICMPv6 packet too big, else ICMPv4 fragmentation needed,
+/// with `code`) from a router to the listener's address, quoting a segment the listener
+/// (`server:sport`) sent to `client:dport`, cut after `quoted_tcp` bytes of its TCP header.
+/// The program does not verify ICMP checksums (the stack does), so the ICMPv6 one is left 0.
+fn pmtu_frame(
+    server: IpAddr,
+    client: IpAddr,
+    sport: u16,
+    dport: u16,
+    code: u8,
+    quoted_tcp: usize,
+) -> Vec<u8> {
+    let mut tcp = tcp_syn(server, client, sport, dport);
+    tcp.truncate(quoted_tcp);
+    match (server, client) {
+        (IpAddr::V4(server), IpAddr::V4(client)) => {
+            let quoted = ipv4(server, client, TCP, 0, 0, &tcp);
+            // Type 3, code, checksum, unused, next-hop MTU 1400 (RFC 1191).
+            let mut icmp = vec![3, code, 0, 0, 0, 0, 0x05, 0x78];
+            icmp.extend_from_slice(&quoted);
+            let checksum = !ones_complement_sum(&icmp);
+            icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+            ethernet(0x0800, &ipv4(CLIENT_IP2, server, 1, 0, 0, &icmp))
+        }
+        (IpAddr::V6(server), IpAddr::V6(client)) => {
+            let quoted = ipv6(server, client, TCP, &tcp);
+            // Type 2 (packet too big), code, checksum, MTU 1280 (RFC 4443 §3.2).
+            let mut icmp = vec![2, code, 0, 0, 0, 0, 0x05, 0x00];
+            icmp.extend_from_slice(&quoted);
+            let router = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+            ethernet(0x86dd, &ipv6(router, server, 58, &icmp))
+        }
+        _ => panic!("mixed address families {server} {client}"),
+    }
+}
+
+/// The quoted destination port (the client's) of a PMTU frame built by [`pmtu_frame`].
+fn quoted_client_port(frame: &[u8]) -> u16 {
+    let at = match u16::from_be_bytes([frame[12], frame[13]]) {
+        // Ethernet, outer IPv4 (20), ICMP (8), quoted IPv4 (20), then sport, dport.
+        0x0800 => 14 + 20 + 8 + 20 + 2,
+        // Ethernet, outer IPv6 (40), ICMPv6 (8), quoted IPv6 (40), then sport, dport.
+        0x86dd => 14 + 40 + 8 + 40 + 2,
+        other => panic!("EtherType {other:#06x} in {frame:02x?}"),
+    };
+    u16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+/// ICMPv4 "fragmentation needed" and ICMPv6 "packet too big" quoting a listener's segment go
+/// to the socket of the worker that owns the quoted flow (hashed in the client's order, as the
+/// flow's own segments are); PMTU messages about other flows, other ICMP and quotes too short
+/// to name the flow go to the kernel.
+#[test]
+fn pmtu_messages_about_listener_flows_reach_the_flows_worker() {
+    let pair = Pair::new();
+    let program = pair
+        .attach(XdpAttach::Native)
+        .unwrap_or_else(|err| panic!("attach: {err}"));
+    let workers = 2;
+    let (first, second) = pair.server.run_in(|| {
+        let first = Xsk::bind(&pair.server_if, None);
+        let second = Xsk::bind(&pair.server_if, Some(&first));
+        (first, second)
+    });
+    program
+        .set_listeners(&[
+            SocketAddr::new(TARGET_IP.into(), 443),
+            SocketAddr::new(TARGET_IP6.into(), 443),
+        ])
+        .expect("set_listeners");
+    program.set_workers(workers).expect("set_workers");
+    program
+        .register_socket(xsk_slot(0, 0, workers), &first.fd)
+        .expect("register worker 0");
+    program
+        .register_socket(xsk_slot(0, 1, workers), &second.fd)
+        .expect("register worker 1");
+
+    let (server4, client4) = (IpAddr::from(TARGET_IP), IpAddr::from(CLIENT_IP));
+    let (server6, client6) = (IpAddr::from(TARGET_IP6), IpAddr::from(SOURCE_IP6));
+    let owner = |client: IpAddr, server: IpAddr, client_port: u16| {
+        let mapped = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        // The order of the flow's own client → server segments.
+        let hash = flow_hash(&mapped(client), &mapped(server), client_port, 443);
+        flow_worker(hash, workers) as usize
+    };
+    let ports: Vec<u16> = (42000..42016).collect();
+    let mut steered = Vec::new();
+    for port in &ports {
+        steered.push(pmtu_frame(server4, client4, 443, *port, 4, 8));
+        steered.push(pmtu_frame(server6, client6, 443, *port, 0, 8));
+    }
+    let per_worker = |frames: &[Vec<u8>]| {
+        let mut counts = [0u64; 2];
+        for frame in frames {
+            let client = if frame[12..14] == [0x08, 0x00] {
+                client4
+            } else {
+                client6
+            };
+            let server = if client == client4 { server4 } else { server6 };
+            counts[owner(client, server, quoted_client_port(frame))] += 1;
+        }
+        counts
+    };
+    let expected = per_worker(&steered);
+    assert!(
+        expected[0] > 0 && expected[1] > 0,
+        "the test's flows must cover both workers: {expected:?}"
+    );
+    let passed = [
+        pmtu_frame(server4, client4, 80, 42000, 4, 8), // not a listener's port
+        pmtu_frame(client4, server4, 42000, 443, 4, 8), // quotes a segment *to* the listener
+        pmtu_frame(server4, client4, 443, 42000, 1, 8), // host unreachable, not frag needed
+        pmtu_frame(server4, client4, 443, 42000, 4, 4), // quote too short for the TCP bytes
+        pmtu_frame(server6, client6, 8443, 42000, 0, 8), // not a listener's port
+        pmtu_frame(server6, client6, 443, 42000, 0, 6), // quote too short
+        ethernet(
+            0x0800,
+            &ipv4(
+                CLIENT_IP2,
+                TARGET_IP,
+                1,
+                0,
+                0,
+                &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+            ),
+        ), // echo request
+    ];
+
+    let mut frames = steered.clone();
+    frames.extend(passed.iter().cloned());
+    pair.inject(&frames);
+    let total = frames.len() as u64;
+    let counters = wait_for(&program, |c| c.packets >= total);
+    assert_eq!(
+        (counters.steered, counters.passed, counters.no_socket),
+        (steered.len() as u64, passed.len() as u64, 0),
+        "PMTU messages about listener flows steered, the rest passed: {counters:?}"
+    );
+    assert_eq!(counters.tcp, 0, "ICMP is not counted as TCP: {counters:?}");
+
+    let mut received = [Vec::new(), Vec::new()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received[0].len() + received[1].len() < steered.len() && Instant::now() < deadline {
+        received[0].extend(first.receive());
+        received[1].extend(second.receive());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (worker, frames) in received.iter().enumerate() {
+        for frame in frames {
+            assert!(
+                steered.contains(frame),
+                "a frame arrived changed: {frame:02x?}"
+            );
+            assert_eq!(
+                per_worker(std::slice::from_ref(frame))[worker],
+                1,
+                "a PMTU message reached worker {worker}, which does not own its flow"
+            );
+        }
+    }
+    assert_eq!(
+        [received[0].len() as u64, received[1].len() as u64],
+        expected,
+        "PMTU messages per worker socket"
+    );
+
+    // Reflect mode has no worker to tell: the kernel gets them.
+    program.set_reflect(true).expect("reflect on");
+    pair.inject(&steered[..2]);
+    let counters = wait_for(&program, |c| c.packets >= total + 2);
+    assert_eq!(
+        counters.passed,
+        passed.len() as u64 + 2,
+        "reflect mode passes PMTU messages: {counters:?}"
+    );
+    assert_terminal_invariant(&program);
+    drop(second);
+    drop(first);
+}
