@@ -193,6 +193,8 @@ pub struct L4Proxy {
     last_housekeeping: u64,
     /// Something happened that `poll` must look at (frames were received).
     pending: bool,
+    /// The clock at the first frame of this turn.
+    frame_now: TcpInstant,
     shutting_down: bool,
 }
 
@@ -282,6 +284,7 @@ impl L4Proxy {
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
             pending: false,
+            frame_now: TcpInstant::ZERO,
             shutting_down: false,
         })
     }
@@ -817,7 +820,11 @@ impl L4Proxy {
 
 impl FrameHandler for L4Proxy {
     fn frame(&mut self, frame: &mut RxFrame<'_>, out: &mut TxQueue<'_>) -> Disposition {
-        let now = self.now();
+        // One clock read per turn: the frames of one batch arrived together.
+        if !self.pending {
+            self.frame_now = self.now();
+        }
+        let now = self.frame_now;
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         // Drops are counted by the stack (published in `TcpCounters`).
         let _ = self
@@ -839,8 +846,7 @@ impl FrameHandler for L4Proxy {
             return true;
         }
         let now = self.now();
-        self.stack.next_poll().is_some_and(|t| t <= now)
-            || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
+        self.stack.poll_due(now) || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
     }
 
     fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
@@ -850,6 +856,7 @@ impl FrameHandler for L4Proxy {
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
+        // O(wheel buckets), but only asked before sleeping.
         let stack = self
             .stack
             .next_poll()

@@ -73,6 +73,18 @@ impl<T: Copy> Wheel<T> {
             .map(|tick| tick * self.tick_ms)
     }
 
+    /// Whether [`expire`](Self::expire) at `now` would visit a non-empty bucket. Cost: the ticks
+    /// since the last expiry (at most one turn), so it is cheap to ask every loop turn.
+    pub fn due(&self, now: Millis) -> bool {
+        let now_tick = now / self.tick_ms;
+        if now_tick < self.next_tick {
+            return false;
+        }
+        let mask = self.buckets.len() as u64 - 1;
+        let first = self.next_tick.max(now_tick.saturating_sub(mask));
+        (first..=now_tick).any(|tick| !self.buckets[(tick & mask) as usize].is_empty())
+    }
+
     pub fn len(&self) -> usize {
         self.buckets.iter().map(Vec::len).sum()
     }
@@ -93,10 +105,24 @@ mod tests {
         w.insert(55, 1);
         w.insert(31, 2);
         assert_eq!(w.next_due(), Some(40));
-        w.expire(40, |_, item| assert_eq!(item, 2, "only the 40 ms bucket is due"));
+        w.expire(40, |_, item| {
+            assert_eq!(item, 2, "only the 40 ms bucket is due")
+        });
         assert_eq!(w.next_due(), Some(60));
         w.expire(60, |_, _| {});
         assert_eq!(w.next_due(), None);
+    }
+
+    #[test]
+    fn due_says_whether_expire_has_work() {
+        let mut w: Wheel<u32> = Wheel::new(10, 8, 0);
+        assert!(!w.due(1000), "empty wheel");
+        w.insert(35, 1);
+        assert!(!w.due(39), "not before its tick");
+        assert!(w.due(40));
+        assert!(w.due(500), "still due when polled late");
+        w.expire(40, |_, _| {});
+        assert!(!w.due(40));
     }
 
     #[test]

@@ -1033,6 +1033,12 @@ impl Stack {
         self.wheel.next_due().map(Instant::from_millis)
     }
 
+    /// Whether [`poll`](Self::poll) has work at `now`: the application touched a connection, or
+    /// a timer bucket is due. Cheap enough for every loop turn (unlike [`next_poll`](Self::next_poll)).
+    pub fn poll_due(&self, now: Instant) -> bool {
+        !self.dirty.is_empty() || self.wheel.due(to_ms_floor(now))
+    }
+
     /// Runs the timers due at `now` and sends what the application queued through
     /// [`conn_mut`](Self::conn_mut) since the last poll; frees connections that reached CLOSED.
     /// Cost: the connections touched or due, not the connections held.
