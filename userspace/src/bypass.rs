@@ -89,6 +89,19 @@ pub trait FrameHandler {
         false
     }
 
+    /// Whether the handler wakes the AF_XDP sockets for transmission itself
+    /// ([`end_turn`](Self::end_turn)), e.g. batched into its own io_uring submission, instead
+    /// of the worker calling `sendto` per socket per turn.
+    fn takes_kicks(&self) -> bool {
+        false
+    }
+
+    /// End of a worker turn (only for handlers that [take kicks](Self::takes_kicks)): `kicks`
+    /// are the sockets whose TX rings wait for a wakeup. Returns how many wakeups it issued.
+    fn end_turn(&mut self, _kicks: &[std::os::fd::RawFd]) -> u64 {
+        0
+    }
+
     /// The latest time the worker may sleep until although no frame arrives (`None`: no
     /// deadline of the handler's own).
     fn next_deadline(&self) -> Option<Instant> {
@@ -475,8 +488,9 @@ struct Loop<H> {
 }
 
 impl<H: FrameHandler> Loop<H> {
-    fn new(xsk: Xsk, mut handler: H, config: WorkerConfig) -> Loop<H> {
+    fn new(mut xsk: Xsk, mut handler: H, config: WorkerConfig) -> Loop<H> {
         handler.attach_waker(&xsk.waker());
+        xsk.set_deferred_kicks(handler.takes_kicks());
         let fallback = config.hugepages == HugePages::Auto && xsk.page_kind() == PageKind::Small;
         config.counters.hugepage_fallback.set(u64::from(fallback));
         config.counters.set_frames(&xsk.frames_accounted());
@@ -503,6 +517,8 @@ impl<H: FrameHandler> Loop<H> {
             })
             .collect();
         let mut last_frame = Instant::now();
+        let deferred_kicks = self.handler.takes_kicks();
+        let mut kicks = Vec::with_capacity(pollfds.len());
         loop {
             if self.shutdown.stop.load(Ordering::Relaxed)
                 || self.shutdown.drain.load(Ordering::Relaxed)
@@ -516,6 +532,11 @@ impl<H: FrameHandler> Loop<H> {
                 .turn(&mut stats, |frame, out| handler.frame(frame, out));
             let worked =
                 handler.wants_poll() && self.xsk.send_with(0, &mut stats, |out| handler.poll(out));
+            if deferred_kicks {
+                kicks.clear();
+                kicks.extend(self.xsk.kicks_wanted());
+                stats.wakeups += handler.end_turn(&kicks);
+            }
             self.counters.busy_turns.inc();
             self.counters.add_turn(&stats);
             let now = Instant::now();
@@ -573,6 +594,7 @@ impl<H: FrameHandler> Loop<H> {
     }
 
     fn exit(mut self) -> BypassExit {
+        self.xsk.set_deferred_kicks(false);
         let quiesced = self.xsk.quiesce(QUIESCE);
         let frames = self.xsk.frames_accounted();
         self.counters.set_frames(&frames);

@@ -100,6 +100,8 @@ crate::counters::single_writer_counters! {
     rx_other_dropped,
     /// Frames the stack wanted to send but no UMEM frame was free (dropped; TCP retransmits).
     tx_no_frame,
+    /// TX wakeups (SEND on an AF_XDP socket through the ring) that failed unexpectedly.
+    tx_kick_errors,
     }
 }
 
@@ -195,6 +197,8 @@ pub struct L4Proxy {
     pending: bool,
     /// The clock at the first frame of this turn.
     frame_now: TcpInstant,
+    /// AF_XDP sockets with a TX wakeup on the ring.
+    kicks_in_flight: Vec<RawFd>,
     shutting_down: bool,
 }
 
@@ -285,6 +289,7 @@ impl L4Proxy {
             last_housekeeping: 0,
             pending: false,
             frame_now: TcpInstant::ZERO,
+            kicks_in_flight: Vec::new(),
             shutting_down: false,
         })
     }
@@ -410,8 +415,19 @@ impl L4Proxy {
             tracing::error!(worker = self.id, ud, "completion with unknown user_data");
             return;
         };
-        if ud.op == Op::Cancel {
-            return;
+        match ud.op {
+            Op::Cancel => return,
+            Op::Kick => {
+                let fd = ud.index as RawFd;
+                self.kicks_in_flight.retain(|&k| k != fd);
+                // EAGAIN/EBUSY/ENOBUFS: the ring still holds descriptors and the next turn kicks
+                // again; anything else is counted.
+                if res < 0 && ![libc::EAGAIN, libc::EBUSY, libc::ENOBUFS].contains(&-res) {
+                    self.tcp_counters.tx_kick_errors.inc();
+                }
+                return;
+            }
+            _ => {}
         }
         let idx = ud.index;
         let Some(Some(p)) = self.conns.get_mut(idx as usize) else {
@@ -803,10 +819,7 @@ impl L4Proxy {
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         self.housekeeping(now);
-        // Nothing is submitted when there is nothing to submit: an idle turn makes no syscall.
-        if !self.ring.submission().is_empty() {
-            self.submit();
-        }
+        // The submit happens in `end_turn`, together with the turn's TX kicks.
     }
 
     fn submit(&mut self) {
@@ -853,6 +866,33 @@ impl FrameHandler for L4Proxy {
         self.pending = false;
         self.run(out);
         true
+    }
+
+    fn takes_kicks(&self) -> bool {
+        true
+    }
+
+    fn end_turn(&mut self, kicks: &[RawFd]) -> u64 {
+        let mut issued = 0;
+        for &fd in kicks {
+            if self.kicks_in_flight.contains(&fd) {
+                continue;
+            }
+            // A zero-length, non-blocking send is the AF_XDP TX wakeup (copy mode transmits in
+            // it); through the ring it shares one io_uring_enter with the turn's other work.
+            let e = opcode::Send::new(types::Fd(fd), std::ptr::null(), 0)
+                .flags(libc::MSG_DONTWAIT)
+                .build()
+                .user_data(UserData::new(Op::Kick, 0, fd as u32).encode());
+            push(&mut self.ring, e);
+            self.kicks_in_flight.push(fd);
+            issued += 1;
+        }
+        // Nothing is submitted when there is nothing to submit: an idle turn makes no syscall.
+        if !self.ring.submission().is_empty() {
+            self.submit();
+        }
+        issued
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {

@@ -235,6 +235,8 @@ pub enum Op {
     BackendSend,
     /// Completions of cancel requests; nothing to do.
     Cancel,
+    /// A TX wakeup (zero-length SEND) on an AF_XDP socket; `index` is its fd.
+    Kick,
 }
 
 impl Op {
@@ -248,6 +250,7 @@ impl Op {
             6 => Op::BackendRecv,
             7 => Op::BackendSend,
             8 => Op::Cancel,
+            9 => Op::Kick,
             _ => return None,
         })
     }

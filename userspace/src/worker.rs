@@ -416,7 +416,7 @@ impl Worker {
                     Op::ClientSend => self.on_send(idx, true, res),
                     Op::BackendSend => self.on_send(idx, false, res),
                     Op::BackendConnect => self.on_connect(idx, res),
-                    Op::ConnectTimeout | Op::Accept | Op::Cancel => {}
+                    Op::ConnectTimeout | Op::Accept | Op::Cancel | Op::Kick => {}
                 }
                 self.pump(idx);
             }

@@ -388,6 +388,8 @@ pub struct Xsk {
     /// Workers whose completion rings this turn's transmissions will complete on (bit per
     /// worker): woken at the end of the turn if they sleep.
     notify: u64,
+    /// TX kicks are left to the caller ([`Xsk::set_deferred_kicks`]).
+    deferred_kicks: bool,
     bind_mode: BindMode,
     interface: String,
     shared: Arc<Shared>,
@@ -598,6 +600,7 @@ pub fn open(
             sent: 0,
             completed: 0,
             notify: 0,
+            deferred_kicks: false,
             bind_mode,
             interface: interface.to_owned(),
             shared: shared.clone(),
@@ -792,6 +795,7 @@ impl Xsk {
             tx_batch,
             sent,
             notify,
+            deferred_kicks,
             ..
         } = self;
         for socket in sockets.iter_mut() {
@@ -845,9 +849,11 @@ impl Xsk {
             if wrote > 0 && owner != me {
                 *notify |= 1u64 << owner;
             }
-            let kicks = socket.kick();
-            stats.wakeups += u64::from(kicks.calls);
-            stats.kick_errors += u64::from(kicks.errors);
+            if !*deferred_kicks {
+                let kicks = socket.kick();
+                stats.wakeups += u64::from(kicks.calls);
+                stats.kick_errors += u64::from(kicks.errors);
+            }
         }
         self.hand_off_done();
         received
@@ -881,9 +887,11 @@ impl Xsk {
         };
         let result = f(&mut out);
         out.flush();
-        let kicks = socket.kick();
-        stats.wakeups += u64::from(kicks.calls);
-        stats.kick_errors += u64::from(kicks.errors);
+        if !self.deferred_kicks {
+            let kicks = socket.kick();
+            stats.wakeups += u64::from(kicks.calls);
+            stats.kick_errors += u64::from(kicks.errors);
+        }
         let wrote = stats.tx - before;
         let owner = socket.queue as usize % self.shared.peers.len();
         self.sent += wrote;
@@ -934,6 +942,24 @@ impl Xsk {
                 }
             }
         }
+    }
+
+    /// Leaves TX kicks to the caller: [`turn`](Self::turn) and [`send_with`](Self::send_with)
+    /// no longer call `sendto` themselves; the caller asks [`kicks_wanted`](Self::kicks_wanted)
+    /// once per turn and wakes those sockets itself, e.g. with a SEND on its own io_uring
+    /// batched with its other operations (one syscall instead of two). [`quiesce`](Self::quiesce)
+    /// always kicks by itself.
+    pub fn set_deferred_kicks(&mut self, deferred: bool) {
+        self.deferred_kicks = deferred;
+    }
+
+    /// The sockets whose TX ring holds descriptors the kernel has not taken and asks to be
+    /// woken (`need_wakeup`): what a caller with deferred kicks must kick now.
+    pub fn kicks_wanted(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.sockets
+            .iter()
+            .filter(|s| s.tx_pending() && s.tx_needs_wakeup())
+            .map(SocketRings::fd)
     }
 
     /// Stops using the rings and waits (at most `timeout`) until every transmission of every

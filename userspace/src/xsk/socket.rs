@@ -73,6 +73,11 @@ impl SocketRings {
         self.tx.pending() > 0
     }
 
+    /// Whether the kernel asks to be woken to transmit (always in copy mode).
+    pub fn tx_needs_wakeup(&self) -> bool {
+        self.tx.needs_wakeup()
+    }
+
     /// The kernel's statistics for this socket.
     pub fn statistics(&self) -> io::Result<xdpilone::xdp::XdpStatisticsV2> {
         self.user.statistics_v2().map_err(errno)

@@ -311,3 +311,78 @@ fn hugepage_umem_transmits_and_the_pool_is_restored() {
         "the test must leave vm.nr_hugepages as it found it"
     );
 }
+
+/// With deferred kicks, sending leaves the descriptors on the TX ring and names the socket in
+/// `kicks_wanted` (copy mode always asks for a wakeup); a zero-length send on that fd, as the
+/// L4 proxy issues through its io_uring, transmits them.
+#[test]
+fn deferred_kicks_name_the_socket_and_a_send_transmits() {
+    let pair = VethPair::new(1);
+    let client = pair.client_socket();
+    const COUNT: u32 = 16;
+    let template = TcpFrame {
+        src_mac: pair.server_mac,
+        dst_mac: pair.client_mac,
+        src: SERVER_IP,
+        dst: CLIENT_IP,
+        sport: 443,
+        dport: 40001,
+        seq: 0,
+        flags: ACK,
+    };
+    let receiver = std::thread::spawn(move || {
+        let mut seen = 0u32;
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen < COUNT && Instant::now() < deadline {
+            if let Some(n) = client.recv(&mut buf, Duration::from_millis(200)) {
+                if n == 54 && buf[26..30] == SERVER_IP.octets() {
+                    seen += 1;
+                }
+            }
+        }
+        seen
+    });
+    pair.server.run_in(|| {
+        let mut xsk = open(&pair.server_if, 1, 1, &settings(HugePages::Off))
+            .unwrap_or_else(|err| panic!("AF_XDP on {}: {err}", pair.server_if))
+            .pop()
+            .expect("one worker");
+        xsk.set_deferred_kicks(true);
+        let mut stats = TurnStats::default();
+        xsk.send_with(0, &mut stats, |out| {
+            for seq in 0..COUNT {
+                let mut frame = out.alloc().expect("free frames");
+                let bytes = TcpFrame { seq, ..template }.build();
+                out.buffer(&mut frame)[..bytes.len()].copy_from_slice(&bytes);
+                out.send(frame, bytes.len());
+            }
+        });
+        assert_eq!(stats.wakeups, 0, "no sendto of its own: {stats:?}");
+        let wanted: Vec<RawFd> = xsk.kicks_wanted().collect();
+        assert_eq!(wanted.len(), 1, "the one socket waits for its kick");
+        // SAFETY: a zero-length sendto on the AF_XDP socket, its documented TX wakeup.
+        let rc = unsafe {
+            libc::sendto(
+                wanted[0],
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        assert!(rc >= 0, "kick: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            xsk.kicks_wanted().count(),
+            0,
+            "copy mode transmitted everything in the kick"
+        );
+        assert!(xsk.quiesce(Duration::from_secs(5)), "frames came home");
+    });
+    assert_eq!(
+        receiver.join().expect("receiver"),
+        COUNT,
+        "the peer got every frame"
+    );
+}
