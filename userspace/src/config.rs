@@ -338,9 +338,9 @@ pub struct FileTcp {
     /// `mss`: 536 ..= 9000, and the frame (`xdp.frame_size`) must hold it plus headers.
     /// Default 1460.
     pub mss: u16,
-    /// `recv_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 262144.
+    /// `recv_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 131072.
     pub recv_buffer: usize,
-    /// `send_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 262144.
+    /// `send_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 131072.
     pub send_buffer: usize,
     /// `nagle`: Nagle's algorithm. Default false.
     pub nagle: bool,
@@ -355,8 +355,8 @@ impl Default for FileTcp {
         FileTcp {
             congestion: Congestion::Cubic,
             mss: 1460,
-            recv_buffer: 256 * 1024,
-            send_buffer: 256 * 1024,
+            recv_buffer: 128 * 1024,
+            send_buffer: 128 * 1024,
             nagle: false,
             keepalive_ms: 0,
             rx_checksum: RxChecksum::Verify,

@@ -3,7 +3,9 @@
 //! worker's own io_uring, through the same proxy core as kernel mode ([`Session::plain`]).
 //!
 //! Per worker: one `Stack` (flow table, SYN cookies, timers), one io_uring with a registered
-//! slot pool for backend sends and receives, and a slab of proxied connections. Client frames
+//! slot pool for backend sends and a provided-buffer ring for backend receives (a buffer is
+//! taken only when data arrives: idle connections hold none), and a slab of proxied
+//! connections. Client frames
 //! arrive through [`FrameHandler::frame`]; what the stack sends is copied into UMEM frames at
 //! once. Everything else happens in [`FrameHandler::poll`], once per worker turn when there is
 //! something to do: io_uring completions, connections the stack reported news for
@@ -51,15 +53,21 @@ use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
 use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
 use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
-use crate::uring::{Op, SlotId, SlotPool, UserData, BUF_SIZE, GEN_MASK};
+use crate::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE, GEN_MASK};
 use crate::wire::{ChecksumMode, WireError};
 use crate::worker::{set_linger_zero, tcp_socket, write_sockaddr};
 use crate::xsk::{Disposition, RxFrame, TxQueue};
 
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
-/// Most registered 16 KiB slots per worker (two per connection are needed at most).
-const MAX_SLOTS: u32 = 8192;
+/// Most registered 16 KiB send slots per worker. A slot is held only while a write to a
+/// backend is in flight; connections that find none wait (back pressure), and the pool is
+/// pinned memory, so it is bounded well below one per connection.
+const MAX_SLOTS: u32 = 2048;
+/// Provided buffers for backend receives (16 KiB each): a buffer is taken only when data
+/// arrives, so idle connections hold none.
+const RECV_BUFFERS: u16 = 1024;
+const BUF_GROUP: u16 = 0;
 /// How often the stack's counters are published for `tern ctl stats`, and keys checked.
 const HOUSEKEEPING_US: u64 = 100_000;
 /// A cookie key period: two cookie slots, so the previous key covers a cookie's lifetime.
@@ -152,8 +160,7 @@ struct Proxied {
     up_start: usize,
     up_end: usize,
     up_in_flight: bool,
-    /// Backend → session: one receive in flight at most, into `down_slot`.
-    down_slot: Option<SlotId>,
+    /// Backend → session: one receive in flight at most (into a provided buffer).
     down_in_flight: bool,
     backend_eof: bool,
     backend_wr_shut: bool,
@@ -174,8 +181,10 @@ pub struct L4Proxy {
     epoch: std::time::Instant,
     secret: CookieKey,
     key_period: u64,
+    /// Declared before the buffers it has registered: dropped (unregistering them) first.
     ring: IoUring,
     slots: SlotPool,
+    bufs: BufRing,
     /// The slab. Created with its final capacity and never grown past it, so entries never
     /// move: io_uring entries point into them (`Proxied::sockaddr`).
     conns: Vec<Option<Proxied>>,
@@ -258,9 +267,18 @@ impl L4Proxy {
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             .build(RING_ENTRIES)?;
-        let slot_count = ((2 * capacity) as u32).clamp(64, MAX_SLOTS);
+        let slot_count = (capacity as u32).clamp(64, MAX_SLOTS);
         let slots = SlotPool::new(&ring, slot_count)?;
+        let bufs = BufRing::new(&ring, RECV_BUFFERS, BUF_GROUP)?;
         let ct = setup.backend.connect_timeout;
+        tracing::info!(
+            worker = setup.worker,
+            connections = capacity,
+            buffers_mib = capacity * (setup.tcp.send_buffer + setup.tcp.recv_buffer) >> 20,
+            io_buffers_mib =
+                (slot_count as usize * BUF_SIZE + RECV_BUFFERS as usize * BUF_SIZE) >> 20,
+            "bypass TCP stack ready (connection buffers are touched only as connections use them)"
+        );
         Ok(L4Proxy {
             id: setup.worker,
             stack,
@@ -270,6 +288,7 @@ impl L4Proxy {
             key_period: period,
             ring,
             slots,
+            bufs,
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
             conns: Vec::with_capacity(2 * capacity),
@@ -375,7 +394,6 @@ impl L4Proxy {
             up_start: 0,
             up_end: 0,
             up_in_flight: false,
-            down_slot: None,
             down_in_flight: false,
             backend_eof: false,
             backend_wr_shut: false,
@@ -392,10 +410,10 @@ impl L4Proxy {
 
     fn reap(&mut self) {
         loop {
-            let mut batch = [(0u64, 0i32); 64];
+            let mut batch = [(0u64, 0i32, 0u32); 64];
             let mut n = 0;
             for cqe in self.ring.completion() {
-                batch[n] = (cqe.user_data(), cqe.result());
+                batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
                 n += 1;
                 if n == batch.len() {
                     break;
@@ -404,13 +422,13 @@ impl L4Proxy {
             if n == 0 {
                 return;
             }
-            for &(ud, res) in &batch[..n] {
-                self.complete(ud, res);
+            for &(ud, res, flags) in &batch[..n] {
+                self.complete(ud, res, flags);
             }
         }
     }
 
-    fn complete(&mut self, ud: u64, res: i32) {
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let Some(ud) = UserData::decode(ud) else {
             tracing::error!(worker = self.id, ud, "completion with unknown user_data");
             return;
@@ -446,7 +464,7 @@ impl L4Proxy {
         match ud.op {
             Op::BackendConnect => self.on_connect(idx, res),
             Op::BackendSend => self.on_send(idx, res),
-            Op::BackendRecv => self.on_recv(idx, res),
+            Op::BackendRecv => self.on_recv(idx, res, flags),
             _ => {}
         }
         self.pump(idx);
@@ -509,22 +527,26 @@ impl L4Proxy {
         }
     }
 
-    fn on_recv(&mut self, idx: u32, res: i32) {
+    fn on_recv(&mut self, idx: u32, res: i32, flags: u32) {
         let p = self.conns[idx as usize].as_mut().expect("live");
         p.down_in_flight = false;
-        let Some(slot) = p.down_slot.take() else {
-            return;
-        };
+        let bid = io_uring::cqueue::buffer_select(flags);
         if res > 0 && !p.closing {
-            let data = &self.slots.slot_mut(slot)[..res as usize];
-            p.session.backend_recv(data);
+            let bid = bid.expect("a receive with data names its buffer");
+            p.session.backend_recv(self.bufs.get(bid, res as usize));
             self.counters.backend_bytes_in.add(res as u64);
         } else if res == 0 {
             p.backend_eof = true;
             p.session.backend_eof();
         }
-        self.slots.give_back(slot);
-        if res < 0 && !p.closing {
+        if let Some(bid) = bid {
+            self.bufs.recycle(bid);
+        }
+        if res == -libc::ENOBUFS {
+            // Every provided buffer was in use: try again once some come back.
+            self.counters.recv_buffer_starved.inc();
+            self.starved.push((idx, p.gen));
+        } else if res < 0 && !p.closing {
             self.backend_lost(idx);
         }
     }
@@ -626,24 +648,15 @@ impl L4Proxy {
                 && p.session.wants_backend_read()
                 && !p.session.wants_client_write()
             {
-                match self.slots.take() {
-                    Some(slot) => {
-                        let buf = self.slots.slot_mut(slot);
-                        let e = opcode::ReadFixed::new(
-                            types::Fd(p.backend_fd),
-                            buf.as_mut_ptr(),
-                            BUF_SIZE as u32,
-                            0,
-                        )
-                        .build()
-                        .user_data(UserData::new(Op::BackendRecv, p.gen, idx).encode());
-                        p.down_slot = Some(slot);
-                        p.down_in_flight = true;
-                        p.in_flight += 1;
-                        push(&mut self.ring, e);
-                    }
-                    None => self.starved.push((idx, p.gen)),
-                }
+                // The kernel picks a provided buffer when data arrives.
+                let e = opcode::Recv::new(types::Fd(p.backend_fd), std::ptr::null_mut(), 0)
+                    .buf_group(BUF_GROUP)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(UserData::new(Op::BackendRecv, p.gen, idx).encode());
+                p.down_in_flight = true;
+                p.in_flight += 1;
+                push(&mut self.ring, e);
             }
         }
 
@@ -778,7 +791,7 @@ impl L4Proxy {
     fn release(&mut self, idx: u32) {
         let p = self.conns[idx as usize].take().expect("live");
         debug_assert_eq!(p.in_flight, 0, "releasing with operations in flight");
-        for slot in [p.up_slot, p.down_slot].into_iter().flatten() {
+        if let Some(slot) = p.up_slot {
             self.slots.give_back(slot);
         }
         if let Some(id) = p.conn {

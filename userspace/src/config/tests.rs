@@ -999,8 +999,8 @@ fn tcp_table_defaults_and_bounds() {
         TcpSettings {
             congestion: Congestion::Cubic,
             mss: 1460,
-            recv_buffer: 256 * 1024,
-            send_buffer: 256 * 1024,
+            recv_buffer: 128 * 1024,
+            send_buffer: 128 * 1024,
             nagle: false,
             keepalive: None,
             rx_checksum: RxChecksum::Verify,
