@@ -274,7 +274,7 @@ impl L4Proxy {
         tracing::info!(
             worker = setup.worker,
             connections = capacity,
-            buffers_mib = capacity * (setup.tcp.send_buffer + setup.tcp.recv_buffer) >> 20,
+            buffers_mib = (capacity * (setup.tcp.send_buffer + setup.tcp.recv_buffer)) >> 20,
             io_buffers_mib =
                 (slot_count as usize * BUF_SIZE + RECV_BUFFERS as usize * BUF_SIZE) >> 20,
             "bypass TCP stack ready (connection buffers are touched only as connections use them)"
