@@ -70,23 +70,6 @@ fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
 }
 
-/// Polls `stats` until `f` holds (bounded), returning the last document.
-fn wait_stats(s: &Stack, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let st = s.stats();
-        if f(&st) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {st}\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn assert_terminal_invariant(st: &serde_json::Value) {
     let c = &st["xdp"][0]["counters"];
     let sum: u64 = ["steered", "passed", "no_socket", "blocked"]

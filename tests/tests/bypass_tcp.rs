@@ -95,24 +95,6 @@ fn echo_through_the_bypass_l4_proxy() {
     }
 }
 
-/// `tern ctl stats` polled until `f` holds (bounded).
-#[track_caller]
-fn wait_stats(s: &Stack, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = s.stats();
-        if f(&st) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {st}\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a counter: {v}"))
 }
@@ -174,6 +156,27 @@ fn a_thousand_concurrent_connections_echo_byte_exact() {
     }
 }
 
+/// Reads until EOF, checking each byte against the test pattern; returns how many arrived.
+fn read_pattern_to_eof(c: &mut TcpStream) -> usize {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    loop {
+        let k = c.read(&mut buf).expect("read");
+        if k == 0 {
+            return got;
+        }
+        for (i, &b) in buf[..k].iter().enumerate() {
+            let at = (got + i) as u64;
+            assert_eq!(
+                b,
+                tern_tests::backend::pattern_byte(at),
+                "byte {at} differs"
+            );
+        }
+        got += k;
+    }
+}
+
 /// Writes `total` bytes of a pattern and reads the echo back concurrently, checking every byte.
 fn bulk_echo(addr: SocketAddr, total: usize) {
     let mut c = connect(addr);
@@ -191,23 +194,7 @@ fn bulk_echo(addr: SocketAddr, total: usize) {
         }
         w.shutdown(Shutdown::Write).expect("half-close");
     });
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0usize;
-    loop {
-        let k = c.read(&mut buf).expect("read");
-        if k == 0 {
-            break;
-        }
-        for (i, &b) in buf[..k].iter().enumerate() {
-            let at = (got + i) as u64;
-            assert_eq!(
-                b,
-                tern_tests::backend::pattern_byte(at),
-                "byte {at} differs"
-            );
-        }
-        got += k;
-    }
+    let got = read_pattern_to_eof(&mut c);
     writer.join().expect("writer");
     assert_eq!(got, total, "every byte came back, then FIN");
 }
@@ -281,23 +268,7 @@ fn client_that_stops_reading_then_resumes() {
             "back pressure: the writer stalled at {last} of {TOTAL} bytes"
         );
         // Resume: everything arrives, in order.
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0usize;
-        loop {
-            let k = c.read(&mut buf).expect("read");
-            if k == 0 {
-                break;
-            }
-            for (i, &b) in buf[..k].iter().enumerate() {
-                let at = (got + i) as u64;
-                assert_eq!(
-                    b,
-                    tern_tests::backend::pattern_byte(at),
-                    "byte {at} differs"
-                );
-            }
-            got += k;
-        }
+        let got = read_pattern_to_eof(&mut c);
         writer.join().expect("writer");
         assert_eq!(got, TOTAL);
     });

@@ -727,28 +727,19 @@ impl L4Proxy {
         p.backend_fd = fd;
         p.backend = BackendState::Connecting;
         p.socklen = write_sockaddr(&addr, &mut p.sockaddr);
-        let connect = opcode::Connect::new(
-            types::Fd(fd),
-            (&p.sockaddr as *const libc::sockaddr_storage).cast(),
+        let entries = crate::uring::connect_with_timeout(
+            fd,
+            &p.sockaddr,
             p.socklen,
-        )
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(UserData::new(Op::BackendConnect, p.gen, idx).encode());
-        let timeout = opcode::LinkTimeout::new(&self.connect_timeout)
-            .build()
-            .user_data(UserData::new(Op::ConnectTimeout, p.gen, idx).encode());
+            &self.connect_timeout,
+            p.gen,
+            idx,
+        );
         p.in_flight += 2;
-        // The two must be adjacent in the queue.
-        let room = {
-            let sq = self.ring.submission();
-            sq.capacity() - sq.len()
-        };
-        if room < 2 {
-            let _ = self.ring.submit();
+        crate::uring::make_room(&mut self.ring, 2);
+        for e in entries {
+            push(&mut self.ring, e);
         }
-        push(&mut self.ring, connect);
-        push(&mut self.ring, timeout);
     }
 
     /// The backend failed: close it, and close the client side politely.

@@ -222,6 +222,42 @@ impl SlotPool {
     }
 }
 
+/// A backend CONNECT linked to a LINK_TIMEOUT, for connection `index` of generation `gen`.
+/// Both must sit next to each other in the submission queue: call [`make_room`] for two
+/// entries first. `addr` and `timeout` must stay valid until submitted (the kernel copies
+/// them when it prepares the entries).
+pub fn connect_with_timeout(
+    fd: std::os::fd::RawFd,
+    addr: *const libc::sockaddr_storage,
+    len: libc::socklen_t,
+    timeout: &io_uring::types::Timespec,
+    gen: u32,
+    index: u32,
+) -> [io_uring::squeue::Entry; 2] {
+    use io_uring::{opcode, squeue, types};
+    [
+        opcode::Connect::new(types::Fd(fd), addr.cast(), len)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(UserData::new(Op::BackendConnect, gen, index).encode()),
+        opcode::LinkTimeout::new(timeout)
+            .build()
+            .user_data(UserData::new(Op::ConnectTimeout, gen, index).encode()),
+    ]
+}
+
+/// Submits what is queued if fewer than `n` submission entries are free, so that `n` entries
+/// pushed next land together.
+pub fn make_room(ring: &mut IoUring, n: usize) {
+    let room = {
+        let sq = ring.submission();
+        sq.capacity() - sq.len()
+    };
+    if room < n {
+        let _ = ring.submit();
+    }
+}
+
 /// What a completion is for. Stored in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

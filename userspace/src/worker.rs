@@ -757,28 +757,19 @@ impl Worker {
         c.backend = BackendState::Connecting;
         c.backend_socklen = write_sockaddr(&addr, &mut c.backend_sockaddr);
         let gen = c.gen;
-        let connect = opcode::Connect::new(
-            types::Fd(fd),
-            (&c.backend_sockaddr as *const libc::sockaddr_storage).cast(),
+        let entries = crate::uring::connect_with_timeout(
+            fd,
+            &c.backend_sockaddr,
             c.backend_socklen,
-        )
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(UserData::new(Op::BackendConnect, gen, idx).encode());
-        let timeout = opcode::LinkTimeout::new(&self.connect_timeout)
-            .build()
-            .user_data(UserData::new(Op::ConnectTimeout, gen, idx).encode());
+            &self.connect_timeout,
+            gen,
+            idx,
+        );
         c.in_flight += 2;
-        // The two must be adjacent in the queue: make room for both first.
-        let room = {
-            let sq = self.ring.submission();
-            sq.capacity() - sq.len()
-        };
-        if room < 2 {
-            let _ = self.ring.submit();
+        crate::uring::make_room(&mut self.ring, 2);
+        for e in entries {
+            self.push(e);
         }
-        self.push(connect);
-        self.push(timeout);
     }
 
     fn push_cancel(&mut self, target: u64) {

@@ -262,3 +262,26 @@ pub fn assert_ok(out: &Output, what: &str, log: &str) {
         String::from_utf8_lossy(&out.stderr),
     );
 }
+
+/// `tern ctl stats` polled until `f` holds, for at most 20 s; panics with the last document
+/// and tern's log otherwise.
+#[track_caller]
+pub fn wait_stats(
+    s: &Stack,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = s.stats();
+        if f(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {st}\n{}",
+            s.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
