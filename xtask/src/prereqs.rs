@@ -2,7 +2,8 @@
 //!
 //! Owns: rustup components (`rustfmt` and `clippy` on stable; `rust-src`, `rustfmt` and
 //! `clippy` on nightly, which the eBPF crate is built, formatted and linted with) and the
-//! Debian packages the rig and the end-to-end tests call (`ip`, `ping`, `curl`, `openssl`, CA certificates, procps).
+//! Debian packages the rig and the end-to-end tests call (`ip`, `ping`, `curl`, `openssl`, CA certificates, procps) and
+//! `g++` for libFuzzer.
 //! Idempotent and quick when everything is there: only queries, no network. When something is
 //! missing it runs `apt-get update` once and `apt-get install -y --no-install-recommends`,
 //! non-interactively (CI runs as root with no stdin). bpf-linker is not here: userspace/build.rs
@@ -19,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "ca-certificates",
     "procps",
+    // libFuzzer (built by libfuzzer-sys for the fuzz smoke step) is C++.
+    "g++",
 ];
 
 /// (toolchain, component) pairs rustup must have.

@@ -3,9 +3,12 @@
 //! Steps: prerequisites, `cargo fmt --all -- --check`, `cargo +nightly fmt --check` in
 //! `xdp-ebpf/` (its own nightly workspace, if present), `cargo clippy --workspace --all-targets
 //! -- -D warnings`, `cargo build -p tern` (the end-to-end tests run the binary, which `cargo
-//! test` does not build for another package), `cargo test --workspace`. Output is streamed as
-//! it comes; a summary with each step's time ends the run. Exit status is non-zero if any step
-//! failed.
+//! test` does not build for another package), `cargo test --workspace`, then a fuzz smoke run:
+//! the cargo-fuzz targets in `fuzz/` built with coverage instrumentation on nightly (the flags
+//! `cargo fuzz` passes, without needing cargo-fuzz installed) and run for a bounded time each
+//! with a fixed seed; a crash fails the step and leaves its input under
+//! `target/fuzz-smoke/artifacts/`. Output is streamed as it comes; a summary with each step's
+//! time ends the run. Exit status is non-zero if any step failed.
 
 use crate::{cargo, display, prereqs, workspace_root};
 use anyhow::{bail, Result};
@@ -116,6 +119,53 @@ fn run_steps(done: &mut Vec<Outcome>, tally: &mut Tally) -> Result<()> {
     result?;
     if tally.passed == 0 {
         bail!("no test ran");
+    }
+    fuzz_smoke(done)
+}
+
+/// The fuzz targets, how long each runs in `cargo xtask test` (seconds) and the step's name.
+const FUZZ_SMOKE: &[(&str, u32, &str)] = &[
+    ("stack_frames", 60, "fuzz smoke: stack_frames (60 s)"),
+    ("wire_parse", 20, "fuzz smoke: wire_parse (20 s)"),
+];
+/// What `cargo fuzz build` passes to rustc (SanitizerCoverage for libFuzzer, `cfg(fuzzing)`),
+/// plus the debug assertions and overflow checks the stack's invariants rely on.
+const FUZZ_RUSTFLAGS: &str = "-Cpasses=sancov-module \
+    -Cllvm-args=-sanitizer-coverage-level=4 \
+    -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
+    -Cllvm-args=-sanitizer-coverage-pc-table \
+    -Cllvm-args=-sanitizer-coverage-trace-compares \
+    --cfg fuzzing -Cdebug-assertions -Coverflow-checks";
+const FUZZ_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn fuzz_smoke(done: &mut Vec<Outcome>) -> Result<()> {
+    let root = workspace_root();
+    let fuzz = root.join("fuzz");
+    if !fuzz.join("Cargo.toml").is_file() {
+        return Ok(());
+    }
+    let target_dir = root.join("target/fuzz-smoke");
+    let mut build = Command::new("cargo");
+    // An explicit --target keeps the instrumentation off build scripts, as cargo-fuzz does.
+    build
+        .current_dir(&fuzz)
+        .env("RUSTFLAGS", FUZZ_RUSTFLAGS)
+        .args(["+nightly", "build", "--release", "--target", FUZZ_TARGET])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for (name, _, _) in FUZZ_SMOKE {
+        build.args(["--bin", name]);
+    }
+    command_step(done, "fuzz smoke: build (nightly, instrumented)", build)?;
+    let artifacts = target_dir.join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    for &(name, seconds, step_name) in FUZZ_SMOKE {
+        let mut run = Command::new(target_dir.join(FUZZ_TARGET).join("release").join(name));
+        run.arg(format!("-max_total_time={seconds}"))
+            .arg("-seed=1")
+            .arg("-print_final_stats=1")
+            .arg(format!("-artifact_prefix={}/{name}-", artifacts.display()));
+        command_step(done, step_name, run)?;
     }
     Ok(())
 }
