@@ -582,13 +582,19 @@ impl L4Proxy {
         {
             let tcb = self.stack.conn_mut(id).expect("checked above");
             while p.session.wants_client_read() && !p.session.has_backend_output() {
-                let n = tcb.recv(&mut self.scratch);
+                // Straight from the TCB's ring into the session, one slot's worth at a time.
+                let data = tcb.peek();
+                let first = &data.first[..data.first.len().min(BUF_SIZE)];
+                let second = &data.second[..data.second.len().min(BUF_SIZE - first.len())];
+                let n = first.len() + second.len();
                 if n == 0 {
                     break;
                 }
-                self.counters.client_bytes_in.add(n as u64);
                 // Plain sessions cannot fail.
-                let _ = p.session.client_recv(&self.scratch[..n]);
+                let _ = p.session.client_recv(first);
+                let _ = p.session.client_recv(second);
+                tcb.consume(n);
+                self.counters.client_bytes_in.add(n as u64);
             }
             if !tcb.may_recv() && tcb.recv_queue() == 0 && !p.client_eof_told {
                 p.client_eof_told = true;
@@ -684,17 +690,6 @@ impl L4Proxy {
             }
         }
 
-        tracing::trace!(
-            worker = self.id,
-            idx,
-            fin_sent = p.client_fin_sent,
-            eof_told = p.client_eof_told,
-            client_finished = p.session.client_finished(),
-            wr_shut = p.backend_wr_shut,
-            backend = ?p.backend,
-            up_in_flight = p.up_in_flight,
-            "pumped"
-        );
         // Both directions finished: the backend is closed now and the TCB is left to complete
         // its own closing handshake (and TIME-WAIT) in the stack.
         if p.client_fin_sent

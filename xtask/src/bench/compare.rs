@@ -230,7 +230,7 @@ fn check_interrupted(flag: &AtomicBool) -> Result<()> {
 }
 
 /// Runs `cmd` to completion with its output captured; an error carries stderr.
-fn run_captured(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run_captured(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
     let out = cmd
         .stdin(Stdio::null())
@@ -285,7 +285,8 @@ fn build(progress: &Progress) -> Result<Binaries> {
     progress.log(format!("$ {}", display(&bench)));
     let tls_bench = run_captured(&mut bench)
         .and_then(|json| {
-            bench_executable(&json).context("cargo did not report the `tls` bench executable")
+            bench_executable(&json, "tls")
+                .context("cargo did not report the `tls` bench executable")
         })
         .map_err(|e| format!("building the criterion bench failed: {e:#}"));
     if let Err(e) = &tls_bench {
@@ -304,11 +305,11 @@ fn build(progress: &Progress) -> Result<Binaries> {
     Ok(bins)
 }
 
-/// The `executable` of the `tls` bench target in cargo's JSON messages.
-fn bench_executable(json: &str) -> Option<PathBuf> {
+/// The `executable` of bench target `name` in cargo's JSON messages.
+pub(crate) fn bench_executable(json: &str, name: &str) -> Option<PathBuf> {
     json.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "tls")
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
         .filter(|v| {
             v["target"]["kind"]
                 .as_array()
@@ -1309,10 +1310,10 @@ mod tests {
 {"reason":"compiler-artifact","target":{"name":"tls","kind":["bench"]},"executable":"/w/target/release/deps/tls-0123"}
 {"reason":"build-finished","success":true}"#;
         assert_eq!(
-            bench_executable(json),
+            bench_executable(json, "tls"),
             Some(PathBuf::from("/w/target/release/deps/tls-0123"))
         );
-        assert_eq!(bench_executable("{}"), None);
+        assert_eq!(bench_executable("{}", "tls"), None);
     }
 
     #[test]

@@ -31,7 +31,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tern_tests::rig::{Rig, TempDir};
 
+use super::compare::{bench_executable, run_captured};
 use super::daemon::{can_connect, Daemon};
 use super::measure::{idle_noise, run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
@@ -262,22 +263,6 @@ struct Bins {
     tern: PathBuf,
     load: PathBuf,
     echo: PathBuf,
-}
-
-fn run_captured(cmd: &mut Command) -> Result<String> {
-    let line = display(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn build(progress: &Progress) -> Result<Bins> {
@@ -638,19 +623,6 @@ fn criterion(
     }
     figures.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((figures, line))
-}
-
-/// The `executable` of bench target `name` in cargo's JSON messages.
-fn bench_executable(json: &str, name: &str) -> Option<PathBuf> {
-    json.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
-        .filter(|v| {
-            v["target"]["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "bench"))
-        })
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
 }
 
 /// Walks a criterion home for `<id>/new/estimates.json` (skipping `report` directories).
