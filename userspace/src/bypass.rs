@@ -59,6 +59,10 @@ pub const SLEEP: Duration = Duration::from_millis(100);
 /// How long a stopping worker waits for its last transmissions to complete.
 const QUIESCE: Duration = Duration::from_secs(1);
 
+/// How often a busy worker reads the kernel's AF_XDP statistics (one `getsockopt` per socket);
+/// an idle worker reads them before each sleep.
+pub const KERNEL_STATS_EVERY: Duration = Duration::from_millis(100);
+
 /// What a bypass worker does with frames: the seam between the AF_XDP layer and the protocol
 /// stack ("frames in, frames out").
 ///
@@ -157,6 +161,14 @@ crate::counters::single_writer_counters! {
     frames_held,
     /// Gauge: UMEM frames lent to the kernel for sending.
     frames_tx,
+    /// Gauge, from the kernel's `XDP_STATISTICS` (summed over the worker's sockets, refreshed
+    /// at most every [`KERNEL_STATS_EVERY`]): frames the kernel dropped because the RX ring was
+    /// full (the worker fell behind).
+    kernel_rx_ring_full,
+    /// Gauge, as above: frames the kernel dropped for other reasons, mostly an empty fill ring.
+    kernel_rx_dropped,
+    /// Gauge, as above: times the kernel found a fill ring empty.
+    kernel_fill_ring_empty,
     }
 }
 
@@ -178,6 +190,12 @@ impl BypassCounters {
                 stat.add(n);
             }
         }
+    }
+
+    fn set_kernel(&self, k: &KernelStats) {
+        self.kernel_rx_ring_full.set(k.rx_ring_full);
+        self.kernel_rx_dropped.set(k.rx_dropped);
+        self.kernel_fill_ring_empty.set(k.rx_fill_ring_empty_descs);
     }
 
     fn set_frames(&self, a: &FrameAccount) {
@@ -517,6 +535,7 @@ impl<H: FrameHandler> Loop<H> {
             })
             .collect();
         let mut last_frame = Instant::now();
+        let mut last_kernel_stats = last_frame;
         let deferred_kicks = self.handler.takes_kicks();
         let mut kicks = Vec::with_capacity(pollfds.len());
         loop {
@@ -543,6 +562,10 @@ impl<H: FrameHandler> Loop<H> {
             if received > 0 || worked {
                 self.counters.set_frames(&self.xsk.frames_accounted());
                 last_frame = now;
+                if now.duration_since(last_kernel_stats) >= KERNEL_STATS_EVERY {
+                    self.publish_kernel_stats();
+                    last_kernel_stats = now;
+                }
                 continue;
             }
             if now.duration_since(last_frame) < self.idle_spin || self.xsk.busy() {
@@ -550,6 +573,8 @@ impl<H: FrameHandler> Loop<H> {
                 continue;
             }
             self.counters.set_frames(&self.xsk.frames_accounted());
+            self.publish_kernel_stats();
+            last_kernel_stats = now;
             self.sleep(&mut pollfds)?;
         }
         let mut stats = TurnStats::default();
@@ -558,6 +583,13 @@ impl<H: FrameHandler> Loop<H> {
             .send_with(0, &mut stats, |out| handler.shutdown(out));
         self.counters.add_turn(&stats);
         Ok(self.exit())
+    }
+
+    fn publish_kernel_stats(&self) {
+        // A socket whose statistics cannot be read keeps the last published figures.
+        if let Ok(k) = self.xsk.kernel_stats() {
+            self.counters.set_kernel(&k);
+        }
     }
 
     /// Sleeps in `poll` until a socket has frames, the waker fires or [`SLEEP`] passes.
@@ -598,6 +630,7 @@ impl<H: FrameHandler> Loop<H> {
         let quiesced = self.xsk.quiesce(QUIESCE);
         let frames = self.xsk.frames_accounted();
         self.counters.set_frames(&frames);
+        self.publish_kernel_stats();
         if !quiesced {
             tracing::warn!(worker = self.id, ?frames, "frames still in flight at exit");
         }
