@@ -49,6 +49,19 @@ const BATCH: usize = 64;
 
 /// Builds one SYN frame (no TCP options).
 pub fn syn_frame(spec: &SynSpec, src_ip: Ipv4Addr, src_port: u16, seq: u32) -> [u8; FRAME_LEN] {
+    tcp_frame(spec, src_ip, src_port, seq, 0, 0x02)
+}
+
+/// Builds one TCP segment without options or payload, with the given flags (`0x10` ACK, ...)
+/// and acknowledgment number, from `src_ip:src_port` to the spec's destination.
+pub fn tcp_frame(
+    spec: &SynSpec,
+    src_ip: Ipv4Addr,
+    src_port: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> [u8; FRAME_LEN] {
     let mut f = [0u8; FRAME_LEN];
     f[0..6].copy_from_slice(&spec.dst_mac);
     f[6..12].copy_from_slice(&spec.src_mac);
@@ -67,8 +80,9 @@ pub fn syn_frame(spec: &SynSpec, src_ip: Ipv4Addr, src_port: u16, seq: u32) -> [
     tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
     tcp[2..4].copy_from_slice(&spec.dst_port.to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x02; // SYN
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     // Pseudo-header: src, dst, zero, protocol, TCP length.
     let mut pseudo = [0u8; 12];
@@ -146,6 +160,32 @@ impl Drop for PacketSocket {
         // SAFETY: our fd, closed once.
         unsafe { libc::close(self.fd) };
     }
+}
+
+/// Sends one prebuilt frame out of `spec.interface` (to `spec.dst_mac`).
+pub fn send_frame(spec: &SynSpec, frame: &[u8]) -> io::Result<()> {
+    let sock = PacketSocket::open(&spec.interface)?;
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = sock.ifindex;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&spec.dst_mac);
+    // SAFETY: `frame` and `addr` are live for the call; the lengths are theirs.
+    let r = unsafe {
+        libc::sendto(
+            sock.fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sends SYN frames per `spec` until `max_frames`, `duration` or `stop`.

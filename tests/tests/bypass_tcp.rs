@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use tern_tests::backend::Backend;
+use tern_tests::pktgen::{mac_of, send_frame, tcp_frame, SynSpec};
 
 const PORT: u16 = 4443;
 
@@ -392,10 +393,11 @@ fn linger_zero(c: &TcpStream) {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
-/// A port the XDP program steers but tern's stack has no listener for (a TLS `mode = "xdp"`
-/// listener: TLS does not run on the bypass path yet) is answered with RST by the stack.
+/// A segment of no connection to a bypass listener (an ACK whose cookie does not validate) is
+/// answered with RST by tern's stack; a port nobody serves gets RST from the kernel (it is not
+/// steered); a TLS bypass listener next to a plain one completes its TCP handshake.
 #[test]
-fn steered_port_without_a_stack_listener_gets_rst() {
+fn segments_of_no_connection_get_rst() {
     let (rig, dir) = (
         tern_tests::rig::Rig::isolated("l4norst", 2),
         tern_tests::rig::TempDir::new("l4norst"),
@@ -418,26 +420,46 @@ fn steered_port_without_a_stack_listener_gets_rst() {
             ..Default::default()
         },
     );
-    let refused = s.rig.server_addr(4444);
+    let tls_port = s.rig.server_addr(4444);
     let unsteered = s.rig.server_addr(4445);
     s.rig.client.run(move || {
-        for target in [refused, unsteered] {
-            match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
-                Err(e) => assert_eq!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused,
-                    "{target}: RST expected, got {e}"
-                ),
-                Ok(_) => panic!("{target}: connected to a port nobody serves"),
-            }
+        TcpStream::connect_timeout(&tls_port, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{tls_port}: the stack answers the TLS listener: {e}"));
+        match TcpStream::connect_timeout(&unsteered, Duration::from_secs(5)) {
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{unsteered}: RST expected, got {e}"
+            ),
+            Ok(_) => panic!("{unsteered}: connected to a port nobody serves"),
         }
     });
+    // A bare ACK to the plain listener that no SYN-ACK of ours preceded.
+    let spec = SynSpec {
+        interface: s.rig.client_if.clone(),
+        src_mac: mac_of(s.rig.client_command("ip"), &s.rig.client_if).expect("client MAC"),
+        dst_mac: mac_of(s.rig.server_command("ip"), &s.rig.server_if).expect("server MAC"),
+        src_ip: s.rig.client_ip,
+        src_ips: 1,
+        dst_ip: s.rig.server_ip,
+        dst_port: PORT,
+        flows: 1,
+    };
+    let rsts_before = n(&s.stats()["bypass"]["tcp"]["rsts_sent"]);
+    let frame = tcp_frame(&spec, s.rig.client_ip, 40_000, 0x1234_5678, 0x9abc_def0, 0x10);
+    s.rig
+        .client
+        .run(move || send_frame(&spec, &frame))
+        .expect("send the ACK");
     // The stack, not the kernel, answered the steered port.
-    wait_stats(&s, "the stack's RST counted", |st| {
-        n(&st["bypass"]["tcp"]["rx_no_listener"]) >= 1
+    let st = wait_stats(&s, "the stack's RST counted", |st| {
+        n(&st["bypass"]["tcp"]["rx_bad_cookie"]) >= 1
     });
+    assert!(
+        n(&st["bypass"]["tcp"]["rsts_sent"]) > rsts_before,
+        "the stack answered with RST: {st}"
+    );
 }
-
 /// A SYN flood from 4,096 spoofed sources (bounded: 200,000 SYNs or 20 s) while legitimate
 /// clients connect and echo: the flood creates no connection state (SYN cookies), every
 /// legitimate client is served.

@@ -35,19 +35,21 @@
 //! Not here: the TCP state machine (`tcp`), frames and rings (`xsk`, `bypass`), the byte
 //! shuffling rules (`proxy`).
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
+use rustls::ServerConfig;
 
 use crate::bypass::{FrameHandler, Waker};
 use crate::config::{
     Backend, Congestion, ConnectPolicy, Limits, RxChecksum, TcpSettings, Timeouts,
 };
 use crate::counters::WorkerCounters;
-use crate::proxy::Session;
+use crate::proxy::{Session, Stage};
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
@@ -76,6 +78,9 @@ const KEY_PERIOD_SECS: u64 = 2 * SLOT_SECS;
 const KEEPALIVE_INTERVAL_SECS: u64 = 75;
 const KEEPALIVE_PROBES: u32 = 9;
 const NO_PROXIED: u32 = u32::MAX;
+/// A stack slot whose connection the proxy is done with, while its TCB finishes the closing
+/// handshake (or TIME-WAIT) in the stack: its later news are not a new connection.
+const RETIRED: u32 = u32::MAX - 1;
 
 crate::counters::single_writer_counters! {
     /// One bypass worker's TCP stack counters, published from the stack's own every 100 ms.
@@ -116,8 +121,13 @@ crate::counters::single_writer_counters! {
 /// What one worker's L4 proxy is built from.
 pub struct L4Setup {
     pub worker: usize,
-    /// The `mode = "xdp"`, `tls = false` listener addresses this worker serves.
+    /// The `mode = "xdp"` listener addresses this worker serves, plain and TLS.
     pub listeners: Vec<SocketAddr>,
+    /// Those of `listeners` that terminate TLS (`tls = true`).
+    pub tls_listeners: Vec<SocketAddr>,
+    /// The TLS configuration (certificates, session cache, tickets) shared with kernel mode;
+    /// required when `tls_listeners` is not empty.
+    pub tls: Option<Arc<ServerConfig>>,
     pub backend: Backend,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -168,6 +178,8 @@ struct Proxied {
     client_eof_told: bool,
     /// We queued our FIN to the client.
     client_fin_sent: bool,
+    /// The end of the TLS handshake has been counted.
+    handshake_counted: bool,
     in_flight: u32,
     /// Torn down; freed when `in_flight` reaches 0.
     closing: bool,
@@ -193,6 +205,13 @@ pub struct L4Proxy {
     by_slot: Vec<(u32, u32)>,
     /// Connections that found no free slot; retried when slots come back.
     starved: Vec<(u32, u32)>,
+    tls_listeners: Vec<SocketAddr>,
+    tls: Option<Arc<ServerConfig>>,
+    handshake_timeout: TcpDuration,
+    /// TLS connections by handshake deadline (idx, generation). Every deadline is the accept
+    /// time plus the same timeout, so the queue is in deadline order: checking it costs O(1)
+    /// per turn, and entries whose handshake finished are skipped when they come up.
+    handshake_deadlines: VecDeque<(TcpInstant, u32, u32)>,
     backend: Backend,
     next_server: usize,
     limit: usize,
@@ -215,6 +234,11 @@ impl L4Proxy {
     /// Builds the stack and the ring; allocates everything the per-packet path uses.
     pub fn new(setup: L4Setup) -> io::Result<L4Proxy> {
         let capacity = setup.limits.max_connections_per_worker;
+        if !setup.tls_listeners.is_empty() && setup.tls.is_none() {
+            return Err(io::Error::other(
+                "TLS listeners on the bypass path without a TLS configuration",
+            ));
+        }
         let tcp_config = TcbConfig {
             send_buffer: setup.tcp.send_buffer,
             recv_buffer: setup.tcp.recv_buffer,
@@ -295,6 +319,10 @@ impl L4Proxy {
             free: Vec::new(),
             by_slot: vec![(0, NO_PROXIED); capacity],
             starved: Vec::new(),
+            tls_listeners: setup.tls_listeners,
+            tls: setup.tls,
+            handshake_timeout: TcpDuration::from_millis(setup.timeouts.handshake.as_millis() as u64),
+            handshake_deadlines: VecDeque::new(),
             backend: setup.backend,
             next_server: setup.worker,
             limit: setup.limits.buffer_per_direction,
@@ -335,10 +363,14 @@ impl L4Proxy {
     // ------------------------------------------------------------------ events
 
     /// Handles the stack's news: new connections, data, space, state changes, departures.
-    fn drain_ready(&mut self) {
+    fn drain_ready(&mut self, now: TcpInstant) {
         while let Some(id) = self.stack.pop_ready() {
             let (gen, idx) = self.by_slot[id.slot()];
             let known = idx != NO_PROXIED && gen == id.generation();
+            if known && idx == RETIRED {
+                // A connection the proxy is done with, closing on its own in the stack.
+                continue;
+            }
             if known {
                 self.pump(idx);
             } else if self.stack.conn(id).is_some() {
@@ -348,10 +380,9 @@ impl L4Proxy {
                     }
                     continue;
                 }
-                match self.adopt(id) {
+                match self.adopt(id, now) {
                     Some(idx) => self.pump(idx),
                     None => {
-                        self.counters.refused_full.inc();
                         if let Some(tcb) = self.stack.conn_mut(id) {
                             tcb.abort();
                         }
@@ -361,21 +392,39 @@ impl L4Proxy {
         }
     }
 
-    /// A new client connection from the stack; `None` when the slab is full (connections
-    /// still finishing their backend side hold entries).
-    fn adopt(&mut self, id: ConnId) -> Option<u32> {
+    /// A new client connection from the stack; `None` (counted) when the slab is full
+    /// (connections still finishing their backend side hold entries) or rustls refused to
+    /// start a session.
+    fn adopt(&mut self, id: ConnId, now: TcpInstant) -> Option<u32> {
         let (local, remote) = self
             .stack
             .endpoints(id)
             .expect("a connection the stack just reported is live");
-        let session = Session::plain(self.backend.proxy_protocol, remote, local, self.limit);
+        if self.free.is_empty() && self.conns.len() == self.conns.capacity() {
+            self.counters.refused_full.inc();
+            return None;
+        }
+        let protocol = self.backend.proxy_protocol;
+        let session = match &self.tls {
+            Some(config) if self.tls_listeners.contains(&local) => {
+                match Session::new(config.clone(), protocol, remote, local, self.limit) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        self.counters.tls_errors.inc();
+                        tracing::warn!(worker = self.id, error = %e, "cannot start a TLS session");
+                        return None;
+                    }
+                }
+            }
+            _ => Session::plain(protocol, remote, local, self.limit),
+        };
+        let tls = session.is_tls();
         let idx = match self.free.pop() {
             Some(i) => i,
-            None if self.conns.len() < self.conns.capacity() => {
+            None => {
                 self.conns.push(None);
                 (self.conns.len() - 1) as u32
             }
-            None => return None,
         };
         self.gen_counter = (self.gen_counter + 1) & GEN_MASK;
         self.conns[idx as usize] = Some(Proxied {
@@ -399,10 +448,18 @@ impl L4Proxy {
             backend_wr_shut: false,
             client_eof_told: false,
             client_fin_sent: false,
+            handshake_counted: false,
             in_flight: 0,
             closing: false,
         });
         self.by_slot[id.slot()] = (id.generation(), idx);
+        if tls {
+            self.handshake_deadlines.push_back((
+                now + self.handshake_timeout,
+                idx,
+                self.gen_counter,
+            ));
+        }
         self.counters.accepted.inc();
         self.counters.active.inc();
         Some(idx)
@@ -577,10 +634,17 @@ impl L4Proxy {
         let tcb = self.stack.conn(id).expect("checked above");
         let readable = tcb.recv_queue() > 0;
         let client_done = !tcb.may_recv() && tcb.recv_queue() == 0;
-        if (readable && p.session.wants_client_read() && !p.session.has_backend_output())
+        let failed = p.session.stage() == Stage::Failed;
+        if (readable
+            && (failed || (p.session.wants_client_read() && !p.session.has_backend_output())))
             || (client_done && !p.client_eof_told)
         {
             let tcb = self.stack.conn_mut(id).expect("checked above");
+            if failed {
+                // Nothing the client sends after a TLS error is read: discarded, so its window
+                // stays open for the closing handshake.
+                tcb.consume(tcb.recv_queue());
+            }
             while p.session.wants_client_read() && !p.session.has_backend_output() {
                 // Straight from the TCB's ring into the session, one slot's worth at a time.
                 let data = tcb.peek();
@@ -590,16 +654,43 @@ impl L4Proxy {
                 if n == 0 {
                     break;
                 }
-                // Plain sessions cannot fail.
-                let _ = p.session.client_recv(first);
-                let _ = p.session.client_recv(second);
+                let fed = match p.session.client_recv(first) {
+                    Ok(()) => p.session.client_recv(second),
+                    Err(e) => Err(e),
+                };
                 tcb.consume(n);
                 self.counters.client_bytes_in.add(n as u64);
+                if let Err(e) = fed {
+                    // rustls queued an alert; it goes out below, then our FIN.
+                    self.counters.tls_errors.inc();
+                    tracing::debug!(worker = self.id, client = %p.client_addr, error = %e, "TLS error");
+                    tcb.consume(tcb.recv_queue());
+                    break;
+                }
             }
             if !tcb.may_recv() && tcb.recv_queue() == 0 && !p.client_eof_told {
                 p.client_eof_told = true;
                 let _ = p.session.client_eof();
             }
+        }
+
+        if !p.handshake_counted && p.session.stage() == Stage::Proxying {
+            p.handshake_counted = true;
+            if p.session.is_tls() {
+                self.counters.handshakes.inc();
+            }
+            if p.session.resumed() == Some(true) {
+                self.counters.resumed.inc();
+            }
+        }
+        if p.backend == BackendState::None
+            && !p.session.needs_backend(eager)
+            && p.session.client_finished()
+            && p.session.stage() == Stage::Proxying
+        {
+            // The client finished without sending anything: no backend is needed, and our side
+            // closes too.
+            p.session.close();
         }
 
         if p.backend == BackendState::None && p.session.needs_backend(eager) {
@@ -613,7 +704,15 @@ impl L4Proxy {
                 match self.slots.take() {
                     Some(slot) => {
                         let buf = self.slots.slot_mut(slot);
-                        let n = p.session.backend_output(buf).unwrap_or(0);
+                        let n = match p.session.backend_output(buf) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                // Ciphertext stashed behind a full plaintext buffer was bad.
+                                self.counters.tls_errors.inc();
+                                tracing::debug!(worker = self.id, error = %e, "TLS error");
+                                0
+                            }
+                        };
                         if n > 0 {
                             p.up_slot = Some(slot);
                             p.up_start = 0;
@@ -690,14 +789,14 @@ impl L4Proxy {
             }
         }
 
-        // Both directions finished: the backend is closed now and the TCB is left to complete
-        // its own closing handshake (and TIME-WAIT) in the stack.
-        if p.client_fin_sent
-            && p.client_eof_told
-            && p.session.client_finished()
-            && (p.backend_wr_shut || p.backend == BackendState::Failed)
-            && !p.up_in_flight
-        {
+        // Both directions finished (or the TLS session failed and its alert and our FIN are
+        // queued): the backend is closed now and the TCB is left to complete its own closing
+        // handshake (and TIME-WAIT) in the stack.
+        let failed = p.session.stage() == Stage::Failed;
+        let backend_done =
+            p.backend_wr_shut || matches!(p.backend, BackendState::None | BackendState::Failed);
+        let both_done = p.client_eof_told && p.session.client_finished() && backend_done;
+        if p.client_fin_sent && (failed || both_done) && !p.up_in_flight {
             self.finish(idx, true);
         }
     }
@@ -766,7 +865,7 @@ impl L4Proxy {
                 }
             }
             if self.by_slot[id.slot()] == (id.generation(), idx) {
-                self.by_slot[id.slot()] = (0, NO_PROXIED);
+                self.by_slot[id.slot()] = (id.generation(), RETIRED);
             }
         }
         if p.in_flight == 0 {
@@ -782,7 +881,7 @@ impl L4Proxy {
         }
         if let Some(id) = p.conn {
             if self.by_slot[id.slot()] == (id.generation(), idx) {
-                self.by_slot[id.slot()] = (0, NO_PROXIED);
+                self.by_slot[id.slot()] = (id.generation(), RETIRED);
             }
         }
         self.free.push(idx);
@@ -809,16 +908,36 @@ impl L4Proxy {
             self.submit();
         }
         self.reap();
-        self.drain_ready();
+        self.drain_ready(now);
         self.retry_starved();
+        self.expire_handshakes(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         // Timers and flushed sends may have ended connections or freed space.
-        self.drain_ready();
+        self.drain_ready(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         self.housekeeping(now);
         // The submit happens in `end_turn`, together with the turn's TX kicks.
+    }
+
+    /// Resets TLS connections whose handshake did not finish in time (as kernel mode does).
+    fn expire_handshakes(&mut self, now: TcpInstant) {
+        while let Some(&(deadline, idx, gen)) = self.handshake_deadlines.front() {
+            if now < deadline {
+                return;
+            }
+            self.handshake_deadlines.pop_front();
+            let Some(Some(p)) = self.conns.get(idx as usize) else {
+                continue;
+            };
+            if p.gen != gen || p.closing || p.session.stage() != Stage::Handshake {
+                continue;
+            }
+            self.counters.handshake_timeouts.inc();
+            tracing::debug!(worker = self.id, client = %p.client_addr, "TLS handshake timed out");
+            self.finish(idx, false);
+        }
     }
 
     fn submit(&mut self) {
@@ -858,7 +977,12 @@ impl FrameHandler for L4Proxy {
             return true;
         }
         let now = self.now();
-        self.stack.poll_due(now) || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
+        self.stack.poll_due(now)
+            || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
+            || self
+                .handshake_deadlines
+                .front()
+                .is_some_and(|&(deadline, ..)| now >= deadline)
     }
 
     fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
@@ -902,7 +1026,16 @@ impl FrameHandler for L4Proxy {
             .map(|t| self.epoch + std::time::Duration::from_micros(t.as_micros()));
         let housekeeping =
             self.epoch + std::time::Duration::from_micros(self.last_housekeeping + HOUSEKEEPING_US);
-        Some(stack.map_or(housekeeping, |s| s.min(housekeeping)))
+        let handshake = self
+            .handshake_deadlines
+            .front()
+            .map(|&(t, ..)| self.epoch + std::time::Duration::from_micros(t.as_micros()));
+        Some(
+            [stack, handshake]
+                .into_iter()
+                .flatten()
+                .fold(housekeeping, std::cmp::min),
+        )
     }
 
     fn shutdown(&mut self, out: &mut TxQueue<'_>) {

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 
-use crate::bypass::{self, BypassSetup, BypassWorker, Classifier};
+use crate::bypass::{self, BypassSetup, BypassWorker};
 use crate::config::Config;
 use crate::config::ListenerMode;
 use crate::control::{self, BypassInfo, ControlState};
@@ -74,7 +74,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         if addrs.is_empty() {
             continue;
         }
-        let started = start_bypass(&config, iface, prog, &addrs, &shutdown, secret, epoch);
+        let started = start_bypass(
+            &config,
+            iface,
+            prog,
+            &addrs,
+            tls.as_ref(),
+            &shutdown,
+            secret,
+            epoch,
+        );
         let workers = match started {
             Ok(w) => w,
             Err(e) => {
@@ -89,8 +98,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 bind_mode: w.bind_mode().to_string(),
                 page_kind: w.page_kind().to_string(),
                 counters: w.counters().clone(),
-                proxy: extra.as_ref().map(|(p, _)| p.clone()),
-                tcp: extra.as_ref().map(|(_, t)| t.clone()),
+                proxy: Some(extra.0.clone()),
+                tcp: Some(extra.1.clone()),
             });
         }
         let workers = workers.into_iter().map(|(w, _)| w);
@@ -258,23 +267,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
-/// the bypass workers (classifying and counting frames until the TCP stack consumes them).
-/// A bypass worker, with its L4 proxy's counters when it runs one.
-type StartedBypass = (
-    BypassWorker,
-    Option<(Arc<WorkerCounters>, Arc<TcpCounters>)>,
-);
+/// A bypass worker, with its L4 proxy's counters.
+type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 
-/// Starts the bypass workers of `iface`. With plain (`tls = false`) listeners there, each runs
-/// the L4 proxy over tern's TCP stack ([`L4Proxy`]); TLS does not run on the bypass path yet,
-/// so TLS listeners there are only counted ([`Classifier`]) — or, next to plain ones, answered
-/// with RST — and a warning says so.
+/// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
+/// the bypass workers. Each runs tern's TCP stack and the proxy over it ([`L4Proxy`]) for the
+/// `mode = "xdp"` listeners of `iface`: TLS ones through rustls (the same configuration, session
+/// cache and tickets as kernel mode), plain ones (`tls = false`) as they are.
+#[allow(clippy::too_many_arguments)]
 fn start_bypass(
     config: &Config,
     iface: &str,
     prog: &crate::xdp::XdpProgram,
     addrs: &[SocketAddr],
+    tls: Option<&Arc<rustls::ServerConfig>>,
     shutdown: &Arc<Shutdown>,
     secret: [u8; 16],
     epoch: Instant,
@@ -289,68 +295,38 @@ fn start_bypass(
         settings: config.xdp,
         shutdown: shutdown.clone(),
     };
-    let on_iface = |l: &&crate::config::Listener| {
-        l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface)
-    };
-    let plain: Vec<SocketAddr> = config
+    let tls_listeners: Vec<SocketAddr> = config
         .listeners
         .iter()
-        .filter(on_iface)
-        .filter(|l| !l.tls)
-        .map(|l| l.address)
-        .collect();
-    let tls: Vec<SocketAddr> = config
-        .listeners
-        .iter()
-        .filter(on_iface)
+        .filter(|l| l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface))
         .filter(|l| l.tls)
         .map(|l| l.address)
         .collect();
-    if !tls.is_empty() {
-        tracing::warn!(
-            interface = %iface,
-            listeners = ?tls,
-            "TLS does not run on the bypass path yet: these mode = \"xdp\" listeners are {}",
-            if plain.is_empty() { "counted only (frames dropped)" } else { "answered with RST" }
-        );
-    }
-    let workers: Vec<StartedBypass> = if plain.is_empty() {
-        bypass::start(&setup, prog, |_, counters| {
-            Classifier::new(addrs.to_vec(), counters)
-        })
-        .with_context(|| format!("starting the bypass workers on {iface}"))?
-        .into_iter()
-        .map(|w| (w, None))
-        .collect()
-    } else {
-        let mut extras = Vec::new();
-        let workers = bypass::start_with(&setup, prog, |id, _| {
-            let counters = Arc::new(WorkerCounters::default());
-            let tcp_counters = Arc::new(TcpCounters::default());
-            extras.push((counters.clone(), tcp_counters.clone()));
-            let l4 = L4Setup {
-                worker: id,
-                listeners: plain.clone(),
-                backend: config.backend.clone(),
-                timeouts: config.timeouts,
-                limits: config.limits,
-                tcp: config.tcp,
-                frame_size: config.xdp.frame_size as usize,
-                secret,
-                epoch,
-                counters,
-                tcp_counters,
-            };
-            // Built on the worker's thread: its io_uring is single-issuer.
-            move || L4Proxy::new(l4)
-        })
-        .with_context(|| format!("starting the bypass workers (L4 proxy) on {iface}"))?;
-        workers
-            .into_iter()
-            .zip(extras)
-            .map(|(w, e)| (w, Some(e)))
-            .collect()
-    };
+    let mut extras = Vec::new();
+    let workers = bypass::start_with(&setup, prog, |id, _| {
+        let counters = Arc::new(WorkerCounters::default());
+        let tcp_counters = Arc::new(TcpCounters::default());
+        extras.push((counters.clone(), tcp_counters.clone()));
+        let l4 = L4Setup {
+            worker: id,
+            listeners: addrs.to_vec(),
+            tls_listeners: tls_listeners.clone(),
+            tls: tls.cloned(),
+            backend: config.backend.clone(),
+            timeouts: config.timeouts,
+            limits: config.limits,
+            tcp: config.tcp,
+            frame_size: config.xdp.frame_size as usize,
+            secret,
+            epoch,
+            counters,
+            tcp_counters,
+        };
+        // Built on the worker's thread: its io_uring is single-issuer.
+        move || L4Proxy::new(l4)
+    })
+    .with_context(|| format!("starting the bypass workers on {iface}"))?;
+    let workers: Vec<StartedBypass> = workers.into_iter().zip(extras).collect();
     if let Some((w, _)) = workers.first() {
         tracing::info!(
             interface = %iface,
@@ -358,6 +334,7 @@ fn start_bypass(
             workers = workers.len(),
             bind = %w.bind_mode(),
             pages = %w.page_kind(),
+            tls_listeners = tls_listeners.len(),
             "bypass path ready"
         );
     }

@@ -131,14 +131,18 @@ fn session(mode: Mode, workers: u32, binary: &Path, interrupted: &AtomicBool) ->
     );
     let listen: SocketAddr = rig.server_addr(443);
     let socket = dir.join("tern.sock");
-    // xdp: the TLS listener stays on kernel sockets with the XDP program attached to the veth
-    // (counters, blocklist), and a plain (L4) bypass listener on BYPASS_PORT is served by
-    // tern's own TCP stack in the AF_XDP workers, in front of the same demo backend.
+    // xdp: the :443 listener stays on kernel sockets with the XDP program attached to the veth
+    // (counters, blocklist; and tern's readiness check, which does not cross the veth), and two
+    // bypass listeners are served by tern's own TCP stack in the AF_XDP workers, in front of the
+    // same demo backend: TLS on BYPASS_TLS_PORT, plain TCP (L4) on BYPASS_PORT.
     let interface = match mode {
         Mode::Kernel => String::new(),
         Mode::Xdp => format!(
-            "interface = {iface}\n\n[[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\ntls = false\n",
+            "interface = {iface}\n\n\
+             [[listener]]\naddress = {bypass_tls}\nmode = \"xdp\"\ninterface = {iface}\n\n\
+             [[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\ntls = false\n",
             iface = toml_str(&rig.server_if),
+            bypass_tls = toml_str(&rig.server_addr(BYPASS_TLS_PORT).to_string()),
             bypass = toml_str(&rig.server_addr(BYPASS_PORT).to_string()),
         ),
     };
@@ -258,9 +262,11 @@ fn print_instructions(
         bypass = match mode {
             Mode::Kernel => String::new(),
             Mode::Xdp => format!(
-                "The XDP program is attached to {server_if}. The bypass listener {ip}:{BYPASS_PORT} \
-                 is a plain TCP proxy served by tern's own TCP stack\nin the AF_XDP workers \
-                 (the kernel's TCP never sees those frames), in front of the same HTTP backend:\n\
+                "The XDP program is attached to {server_if}. The bypass listeners are served by \
+                 tern's own TCP stack in the AF_XDP workers\n(the kernel's TCP never sees those \
+                 frames), in front of the same HTTP backend: TLS on {ip}:{BYPASS_TLS_PORT}, plain \
+                 TCP on {ip}:{BYPASS_PORT}:\n\
+                 \x20 ip netns exec {ns} curl -sk --resolve tern.test:{BYPASS_TLS_PORT}:{ip} https://tern.test:{BYPASS_TLS_PORT}/bytes/1048576 | sha256sum\n\
                  \x20 ip netns exec {ns} curl -s http://{ip}:{BYPASS_PORT}/bytes/1048576 | sha256sum\n\
                  \x20 {bin} ctl --socket {socket} stats | grep -A14 '\"tcp\"'\n\
                  \x20 {bin} ctl --socket {socket} block {client}/32   # then curl above times out; unblock to undo\n\n",
@@ -273,5 +279,7 @@ fn print_instructions(
     );
 }
 
-/// The bypass listener of `--mode xdp`.
+/// The plain (L4) bypass listener of `--mode xdp`.
 const BYPASS_PORT: u16 = 4443;
+/// The TLS bypass listener of `--mode xdp`.
+const BYPASS_TLS_PORT: u16 = 8443;
