@@ -344,6 +344,18 @@ fn half_close_from_the_backend_side() {
     wait_stats(&s, "the proxied connection closed", |st| {
         n(&st["bypass"]["proxy"]["active"]) == 0 && n(&st["bypass"]["proxy"]["closed"]) == 1
     });
+    // The TCB's last segments (the client's FIN and ACK into TIME-WAIT) are not a new
+    // connection for the proxy.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = s.stats();
+    assert_eq!(
+        (
+            n(&st["bypass"]["proxy"]["accepted"]),
+            n(&st["bypass"]["proxy"]["active"])
+        ),
+        (1, 0),
+        "one connection, adopted once: {st}"
+    );
 }
 
 /// A client that resets mid-transfer: tern drops the connection and resets the backend; the

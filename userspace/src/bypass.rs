@@ -5,10 +5,11 @@
 //! Each turn takes back frames other workers returned, reaps and refills the queues the worker
 //! owns, and on every socket hands up to [`BATCH`](crate::xsk::BATCH) received frames one by one
 //! to the worker's [`FrameHandler`], whose [`Disposition`] recycles the frame or sends it back
-//! out (rewritten in place); the handler may also build new frames through the [`TxQueue`]. The
-//! TCP stack of the next issue is a `FrameHandler`; this issue ships [`Classifier`] (counts SYNs
-//! to a listener, other TCP, non-TCP, and recycles) and [`Reflector`] (the benchmark: swaps
-//! L2/L3/L4 addresses and sends the frame back).
+//! out (rewritten in place); the handler may also build new frames through the [`TxQueue`].
+//! tern's handler is the proxy over its own TCP stack ([`crate::l4::L4Proxy`], TLS and plain);
+//! this module also has [`Classifier`] (counts SYNs to a listener, other TCP, non-TCP, and
+//! recycles: the I/O layer's tests) and [`Reflector`] (the I/O benchmark: swaps L2/L3/L4
+//! addresses and sends the frame back).
 //!
 //! Cross-queue rule: the XDP program sends a flow's frames to
 //! `XSKMAP[queue * workers + flow_hash % workers]`, and worker `w` has a socket on every queue,
@@ -20,12 +21,13 @@
 //! Adaptive polling: a worker busy-polls while frames flow. After `xdp.idle_spin` without a
 //! frame (and with nothing left for the kernel to transmit and no returned frames to take back)
 //! it sleeps in `poll(2)` on all its AF_XDP sockets plus its eventfd ([`Waker`]: other workers
-//! handing it work, shutdown, and the io_uring of the next issue), at most [`SLEEP`] at a time so
+//! handing it work, shutdown, and the handler's io_uring), at most [`SLEEP`] at a time so
 //! it also sees the shutdown flags on its own. A wakeup that brings no frame puts it back to
 //! sleep after one turn, so an idle worker costs one turn per [`SLEEP`] and nothing else.
 //!
-//! Shutdown: `Shutdown::stop` or `Shutdown::drain` end the loop (there are no connections to
-//! drain in this issue); the workers then wait together, briefly, until every transmission has
+//! Shutdown: `Shutdown::stop` or `Shutdown::drain` end the loop (the handler's
+//! [`FrameHandler::shutdown`] resets what is open: no drain on the bypass path yet); the workers
+//! then wait together, briefly, until every transmission has
 //! completed and every frame is home, and each returns a [`BypassExit`] with its frame
 //! accounting.
 //!
@@ -779,8 +781,9 @@ fn classify(frame: &[u8], listeners: &[SocketAddr]) -> Class {
     }
 }
 
-/// The default handler of this issue: counts what arrives (SYNs to a listener, other TCP,
-/// non-TCP) and recycles every frame.
+/// A handler that counts what arrives (SYNs to a listener, other TCP, non-TCP: the `syns`,
+/// `other_tcp`, `non_tcp` counters, which only it fills) and recycles every frame. The I/O
+/// layer's tests use it.
 pub struct Classifier {
     listeners: Vec<SocketAddr>,
     counters: Arc<BypassCounters>,
