@@ -458,7 +458,14 @@ fn segments_of_no_connection_get_rst() {
         flows: 1,
     };
     let rsts_before = n(&s.stats()["bypass"]["tcp"]["rsts_sent"]);
-    let frame = tcp_frame(&spec, s.rig.client_ip, 40_000, 0x1234_5678, 0x9abc_def0, 0x10);
+    let frame = tcp_frame(
+        &spec,
+        s.rig.client_ip,
+        40_000,
+        0x1234_5678,
+        0x9abc_def0,
+        0x10,
+    );
     s.rig
         .client
         .run(move || send_frame(&spec, &frame))
