@@ -110,7 +110,7 @@ fn a_thousand_concurrent_connections_echo_byte_exact() {
     let (s, _backend) = l4_stack("l4thousand", Backend::echo, "");
     let addr = l4_addr(&s);
     const CONNS: usize = 1000;
-    s.rig.client.run(move || {
+    let echoed = s.rig.client.run(move || {
         let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr)).collect();
         // Every connection is open at once before any byte moves.
         for (i, c) in conns.iter_mut().enumerate() {
@@ -121,7 +121,7 @@ fn a_thousand_concurrent_connections_echo_byte_exact() {
             let want = format!("connection {i:04} says hello;");
             let mut got = vec![0u8; want.len()];
             c.read_exact(&mut got)
-                .unwrap_or_else(|e| panic!("connection {i}: reading the echo: {e}"));
+                .map_err(|e| format!("connection {i}: reading the echo: {e}"))?;
             assert_eq!(
                 got,
                 want.as_bytes(),
@@ -134,10 +134,14 @@ fn a_thousand_concurrent_connections_echo_byte_exact() {
         for (i, c) in conns.iter_mut().enumerate() {
             let mut rest = Vec::new();
             c.read_to_end(&mut rest)
-                .unwrap_or_else(|e| panic!("connection {i}: FIN expected: {e}"));
+                .map_err(|e| format!("connection {i}: FIN expected: {e}"))?;
             assert!(rest.is_empty());
         }
+        Ok::<(), String>(())
     });
+    if let Err(e) = echoed {
+        panic!("{e}\nstats: {}\n{}", s.stats(), s.log());
+    }
     let st = wait_stats(&s, "all connections closed", settled);
     assert_eq!(
         n(&st["bypass"]["tcp"]["connections_created"]),
@@ -457,7 +461,11 @@ fn segments_of_no_connection_get_rst() {
         dst_port: PORT,
         flows: 1,
     };
-    let rsts_before = n(&s.stats()["bypass"]["tcp"]["rsts_sent"]);
+    // The first connection's closing segments may already have drawn a bad-cookie RST (a late
+    // segment after its TCB closed); count from here.
+    let before = s.stats();
+    let rsts_before = n(&before["bypass"]["tcp"]["rsts_sent"]);
+    let bad_before = n(&before["bypass"]["tcp"]["rx_bad_cookie"]);
     let frame = tcp_frame(
         &spec,
         s.rig.client_ip,
@@ -472,7 +480,7 @@ fn segments_of_no_connection_get_rst() {
         .expect("send the ACK");
     // The stack, not the kernel, answered the steered port.
     let st = wait_stats(&s, "the stack's RST counted", |st| {
-        n(&st["bypass"]["tcp"]["rx_bad_cookie"]) >= 1
+        n(&st["bypass"]["tcp"]["rx_bad_cookie"]) > bad_before
     });
     assert!(
         n(&st["bypass"]["tcp"]["rsts_sent"]) > rsts_before,
@@ -575,4 +583,102 @@ fn hundred_megabytes_each_way_with_two_percent_loss() {
     );
     println!("2 % loss, 100 MB each way: {counts:?}");
     wait_stats(&s, "the connection closed", settled);
+}
+
+/// SIGTERM drains the bypass path as it does kernel mode: tern's stack refuses new connections
+/// (RST), open ones keep working until they close, then tern exits cleanly.
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    let (mut s, _backend) = l4_stack("l4drain", Backend::echo, "[timeouts]\ndrain_ms = 20000\n");
+    let addr = l4_addr(&s);
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let (ready, ready_rx) = std::sync::mpsc::channel::<()>();
+    let open = s.rig.client.spawn(move || {
+        let mut c = connect(addr);
+        let echo = |c: &mut TcpStream, msg: &[u8]| {
+            c.write_all(msg).expect("write");
+            let mut back = vec![0u8; msg.len()];
+            c.read_exact(&mut back).expect("read echo");
+            assert_eq!(back, msg);
+        };
+        echo(&mut c, b"before the drain");
+        ready.send(()).expect("ready");
+        go_rx.recv().expect("go");
+        echo(&mut c, b"during the drain");
+        // Closing both ways ends the last connection, which ends the drain.
+        c.shutdown(Shutdown::Write).expect("half-close");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("FIN from tern");
+        assert!(rest.is_empty());
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("connection open");
+    s.tern.signal(libc::SIGTERM);
+    let refused = s.rig.client.run(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        false
+    });
+    assert!(refused, "new connections get RST while draining");
+    go.send(()).expect("go");
+    open.join()
+        .expect("the open connection kept working during the drain");
+    let status = s
+        .tern
+        .wait_exit(Duration::from_secs(15))
+        .expect("tern exits once drained, well before drain_ms");
+    assert!(
+        status.success(),
+        "clean exit after drain: {status}\n{}",
+        s.log()
+    );
+    assert!(
+        !s.log().contains("resetting what is open"),
+        "nothing was left to reset:\n{}",
+        s.log()
+    );
+}
+
+/// A connection still open at the drain deadline is reset, and tern exits.
+#[test]
+fn drain_deadline_resets_what_is_left() {
+    let (mut s, _backend) = l4_stack("l4draindl", Backend::echo, "[timeouts]\ndrain_ms = 1000\n");
+    let addr = l4_addr(&s);
+    let (ready, ready_rx) = std::sync::mpsc::channel::<()>();
+    let open = s.rig.client.spawn(move || {
+        let mut c = connect(addr);
+        c.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).expect("echo");
+        ready.send(()).expect("ready");
+        // Idle until tern gives up on it.
+        let mut buf = [0u8; 16];
+        c.read(&mut buf)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("connection open");
+    s.tern.signal(libc::SIGTERM);
+    let status = s
+        .tern
+        .wait_exit(Duration::from_secs(15))
+        .expect("tern exits after the drain deadline");
+    assert!(status.success(), "clean exit: {status}\n{}", s.log());
+    let read = open.join().expect("client thread");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the idle connection was reset at the deadline"
+    );
+    assert!(
+        s.log().contains("resetting what is open"),
+        "the reset was logged:\n{}",
+        s.log()
+    );
 }

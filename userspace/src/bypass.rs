@@ -25,9 +25,11 @@
 //! it also sees the shutdown flags on its own. A wakeup that brings no frame puts it back to
 //! sleep after one turn, so an idle worker costs one turn per [`SLEEP`] and nothing else.
 //!
-//! Shutdown: `Shutdown::stop` or `Shutdown::drain` end the loop (the handler's
-//! [`FrameHandler::shutdown`] resets what is open: no drain on the bypass path yet); the workers
-//! then wait together, briefly, until every transmission has
+//! Shutdown: `Shutdown::stop` ends the loop at once. `Shutdown::drain` first asks the handler
+//! to drain ([`FrameHandler::drain`]: no new connections, open ones finish) until it has
+//! drained or `drain_timeout` passed; the workers of an interface keep turning until all of
+//! them are done (they feed each other's queues), then end together. The handler's
+//! [`FrameHandler::shutdown`] resets whatever is still open; the workers then wait together, briefly, until every transmission has
 //! completed and every frame is home, and each returns a [`BypassExit`] with its frame
 //! accounting.
 //!
@@ -39,7 +41,7 @@ mod tests;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -112,6 +114,15 @@ pub trait FrameHandler {
     /// deadline of the handler's own).
     fn next_deadline(&self) -> Option<Instant> {
         None
+    }
+
+    /// A drain began (SIGTERM): stop accepting new connections and finish the open ones by
+    /// `deadline` (after which [`shutdown`](Self::shutdown) ends what is left).
+    fn drain(&mut self, _deadline: Instant) {}
+
+    /// During a drain: whether nothing is left open. Asked once per turn, so it must be cheap.
+    fn drained(&mut self) -> bool {
+        true
     }
 
     /// The worker is stopping: end what is open (frames still go out through `out`).
@@ -241,8 +252,11 @@ pub struct BypassSetup {
     /// `workers.cpus` (may be empty): worker `i` is pinned by [`worker_cpu`].
     pub cpus: Vec<usize>,
     pub settings: XdpSettings,
-    /// Workers end when `stop` or `drain` is set ([`stop`] also wakes them).
+    /// Workers end when `stop` is set ([`stop`] also wakes them), or once `drain` is set and
+    /// every worker's handler has drained or `drain_timeout` has passed.
     pub shutdown: Arc<Shutdown>,
+    /// How long a drain may take (`timeouts.drain_ms`).
+    pub drain_timeout: Duration,
 }
 
 /// What a worker reports when it ends.
@@ -369,6 +383,10 @@ where
     }
     register_sockets(program, &xsks)?;
     let mut workers: Vec<BypassWorker> = Vec::with_capacity(xsks.len());
+    let drain = Arc::new(DrainBarrier {
+        workers: xsks.len(),
+        done: AtomicUsize::new(0),
+    });
     for xsk in xsks {
         let id = xsk.worker();
         let counters = Arc::new(BypassCounters::default());
@@ -381,6 +399,8 @@ where
                 hugepages: setup.settings.hugepages,
                 counters,
                 shutdown: setup.shutdown.clone(),
+                drain_timeout: setup.drain_timeout,
+                drain: drain.clone(),
             },
             build,
         );
@@ -435,6 +455,17 @@ struct WorkerConfig {
     hugepages: HugePages,
     counters: Arc<BypassCounters>,
     shutdown: Arc<Shutdown>,
+    drain_timeout: Duration,
+    drain: Arc<DrainBarrier>,
+}
+
+/// The workers of one interface end a drain together: each keeps turning (its fill rings feed
+/// the queues every worker receives on, and frames of its UMEM range come home to it) until
+/// all have drained.
+struct DrainBarrier {
+    workers: usize,
+    /// Workers whose handler has drained (or whose drain deadline passed).
+    done: AtomicUsize,
 }
 
 /// Spawns the thread of one worker; returns once it runs (pinned, its handler built).
@@ -505,6 +536,12 @@ struct Loop<H> {
     counters: Arc<BypassCounters>,
     shutdown: Arc<Shutdown>,
     idle_spin: Duration,
+    drain_timeout: Duration,
+    drain: Arc<DrainBarrier>,
+    /// The drain deadline, once a drain began.
+    draining: Option<Instant>,
+    /// This worker has counted itself in `drain.done`.
+    drain_reported: bool,
 }
 
 impl<H: FrameHandler> Loop<H> {
@@ -521,6 +558,10 @@ impl<H: FrameHandler> Loop<H> {
             counters: config.counters,
             shutdown: config.shutdown,
             idle_spin: config.idle_spin,
+            drain_timeout: config.drain_timeout,
+            drain: config.drain,
+            draining: None,
+            drain_reported: false,
         }
     }
 
@@ -541,9 +582,7 @@ impl<H: FrameHandler> Loop<H> {
         let deferred_kicks = self.handler.takes_kicks();
         let mut kicks = Vec::with_capacity(pollfds.len());
         loop {
-            if self.shutdown.stop.load(Ordering::Relaxed)
-                || self.shutdown.drain.load(Ordering::Relaxed)
-            {
+            if self.shutdown.stop.load(Ordering::Relaxed) || self.drain_over() {
                 break;
             }
             let mut stats = TurnStats::default();
@@ -585,6 +624,27 @@ impl<H: FrameHandler> Loop<H> {
             .send_with(0, &mut stats, |out| handler.shutdown(out));
         self.counters.add_turn(&stats);
         Ok(self.exit())
+    }
+
+    /// Starts the drain when the flag is first seen; true once every worker of the interface
+    /// has drained (or passed its deadline).
+    fn drain_over(&mut self) -> bool {
+        let deadline = match self.draining {
+            Some(deadline) => deadline,
+            None if self.shutdown.drain.load(Ordering::Relaxed) => {
+                let deadline = Instant::now() + self.drain_timeout;
+                self.draining = Some(deadline);
+                self.handler.drain(deadline);
+                tracing::debug!(worker = self.id, "bypass worker draining");
+                deadline
+            }
+            None => return false,
+        };
+        if !self.drain_reported && (self.handler.drained() || Instant::now() >= deadline) {
+            self.drain_reported = true;
+            self.drain.done.fetch_add(1, Ordering::AcqRel);
+        }
+        self.drain.done.load(Ordering::Acquire) >= self.drain.workers
     }
 
     fn publish_kernel_stats(&self) {

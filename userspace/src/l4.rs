@@ -228,6 +228,10 @@ pub struct L4Proxy {
     /// AF_XDP sockets with a TX wakeup on the ring.
     kicks_in_flight: Vec<RawFd>,
     shutting_down: bool,
+    /// A drain began: the stack's listeners are closed.
+    draining: bool,
+    /// During a drain, the next time the stack may be scanned for closing handshakes.
+    next_drain_scan: TcpInstant,
 }
 
 impl L4Proxy {
@@ -338,6 +342,8 @@ impl L4Proxy {
             frame_now: TcpInstant::ZERO,
             kicks_in_flight: Vec::new(),
             shutting_down: false,
+            draining: false,
+            next_drain_scan: TcpInstant::ZERO,
         })
     }
 
@@ -1038,8 +1044,42 @@ impl FrameHandler for L4Proxy {
         )
     }
 
+    fn drain(&mut self, _deadline: std::time::Instant) {
+        // New SYNs and cookie ACKs get RST from now on; open connections go on until they end
+        // (or the worker's drain deadline passes and `shutdown` resets them).
+        self.draining = true;
+        self.stack.close_listeners();
+        let open = self.conns.len() - self.free.len();
+        tracing::info!(worker = self.id, open, "bypass worker draining");
+    }
+
+    fn drained(&mut self) -> bool {
+        if self.free.len() != self.conns.len() {
+            return false;
+        }
+        // No proxied connection is left; TCBs may still be finishing their closing handshakes
+        // in the stack. Scanning for them is O(slots), so at most every 10 ms.
+        let now = self.now();
+        if now < self.next_drain_scan {
+            return false;
+        }
+        self.next_drain_scan = now + TcpDuration::from_millis(10);
+        self.stack.only_time_wait()
+    }
+
     fn shutdown(&mut self, out: &mut TxQueue<'_>) {
         self.shutting_down = true;
+        if self.draining {
+            let open = self.conns.iter().flatten().filter(|p| !p.closing).count();
+            if open > 0 {
+                self.counters.drain_aborted.add(open as u64);
+                tracing::info!(
+                    worker = self.id,
+                    open,
+                    "drain deadline: resetting what is open"
+                );
+            }
+        }
         let ids: Vec<ConnId> = self.stack.connections().collect();
         for id in ids {
             if let Some(tcb) = self.stack.conn_mut(id) {

@@ -52,6 +52,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let shutdown = Arc::new(Shutdown::default());
+    // Before anything accepts a connection: a SIGTERM that arrives once a client could have
+    // connected must drain, not kill.
+    spawn_signal_thread(shutdown.clone(), config.timeouts.drain)?;
     // The bypass path: on every interface with `mode = "xdp"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
@@ -203,7 +206,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .spawn(move || control::serve(control_listener, state))
             .context("spawning the control thread")?;
     }
-    spawn_signal_thread(shutdown.clone(), config.timeouts.drain)?;
 
     let addrs: Vec<String> = config
         .listeners
@@ -234,8 +236,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
-    // Bypass workers end on the same flags (they have nothing to drain yet); they must be
-    // joined before the programs whose XSKMAP holds their sockets are dropped.
+    // Bypass workers end on the same flags (draining their own connections meanwhile); they
+    // must be joined before the programs whose XSKMAP holds their sockets are dropped.
     for w in bypass_workers {
         let id = w.id();
         match w.join() {
@@ -294,6 +296,7 @@ fn start_bypass(
         cpus: config.workers.cpus.clone(),
         settings: config.xdp,
         shutdown: shutdown.clone(),
+        drain_timeout: config.timeouts.drain,
     };
     let tls_listeners: Vec<SocketAddr> = config
         .listeners

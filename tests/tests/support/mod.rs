@@ -224,7 +224,16 @@ pub fn echo_round_trip(tls: &mut Tls, msg: &[u8]) {
 /// A listener bound inside the rig's server namespace, on loopback.
 #[track_caller]
 pub fn server_listener(rig: &Rig) -> TcpListener {
-    rig.server_run(|| TcpListener::bind("127.0.0.1:0").expect("bind backend listener"))
+    let listener =
+        rig.server_run(|| TcpListener::bind("127.0.0.1:0").expect("bind backend listener"));
+    // std listens with a backlog of 128: a burst of tern's backend connects (1,000 clients at
+    // once) on a loaded machine would overflow it, and the dropped SYNs would turn into connect
+    // timeouts that say nothing about tern. Linux takes a second listen() as a new backlog.
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen(2) on our own listening socket; no memory is involved.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+    listener
 }
 
 /// A port on the server side's loopback where nothing listens (connections are refused).

@@ -195,6 +195,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         cpus: args.cpus.clone(),
         settings: settings(args),
         shutdown: shutdown.clone(),
+        drain_timeout: Duration::ZERO,
     };
     let mode = if args.copy {
         ReflectMode::Copy

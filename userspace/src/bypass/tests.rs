@@ -62,6 +62,7 @@ impl Bench {
             cpus: Vec::new(),
             settings: settings(),
             shutdown: shutdown.clone(),
+            drain_timeout: Duration::from_secs(1),
         };
         let workers = pair
             .server

@@ -607,6 +607,21 @@ impl Stack {
         self.jar.rotate(key);
     }
 
+    /// Stops accepting (drain): from now on a SYN, or a cookie ACK, to a former listener is
+    /// answered with RST like any segment for no listener. Live connections are not affected.
+    pub fn close_listeners(&mut self) {
+        self.listeners.clear();
+    }
+
+    /// Whether every live connection is in TIME-WAIT (nothing left to deliver either way). Scans
+    /// the slab: for the drain, not the per-packet path.
+    pub fn only_time_wait(&self) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.conn())
+            .all(|c| c.tcb.state() == State::TimeWait)
+    }
+
     /// The connection behind `id`, if it is still live.
     pub fn conn(&self, id: ConnId) -> Option<&Tcb> {
         self.live(id).map(|c| &c.tcb)

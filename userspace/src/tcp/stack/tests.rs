@@ -1219,3 +1219,52 @@ fn tsval_offset_is_per_connection_and_continues_the_syn_ack() {
         );
     }
 }
+
+// ---------------------------------------------------------------------- drain
+
+#[test]
+fn closed_listeners_refuse_new_connections_and_keep_live_ones() {
+    let mut s = stack(4);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 5000, t(0));
+    // A handshake half done before the drain: its cookie ACK arrives after it.
+    let (_, out) = deliver(&mut s, &frame(client(2), server(), syn(9000, 1), &[]), t(1));
+    let cookie = out[0].tcp.seq;
+    s.close_listeners();
+
+    let (r, out) = deliver(&mut s, &frame(client(3), server(), syn(7000, 1), &[]), t(2));
+    assert_eq!(r, Err(RxDrop::NoListener), "a new SYN is refused");
+    assert_eq!(out.len(), 1, "with one RST");
+    assert!(
+        out[0].tcp.flags.contains(TcpFlags::RST),
+        "RST: {:?}",
+        out[0].tcp
+    );
+    let ack = TcpRepr {
+        seq: SeqNumber(9001),
+        ack: Some(cookie + 1),
+        window: 100,
+        ..templ()
+    };
+    let (r, out) = deliver(&mut s, &frame(client(2), server(), ack, &[]), t(3));
+    assert_eq!(
+        r,
+        Err(RxDrop::NoListener),
+        "a valid cookie no longer opens a connection"
+    );
+    assert!(
+        out[0].tcp.flags.contains(TcpFlags::RST),
+        "RST: {:?}",
+        out[0].tcp
+    );
+    assert_eq!(s.len(), 1, "only the connection from before the drain");
+    assert!(!s.only_time_wait(), "it is established");
+
+    // The live connection still carries data.
+    assert_eq!(c.send(b"after the drain"), 15);
+    let replies = client_to_stack(&mut s, &mut c, addr, t(4));
+    stack_to_client(&mut c, &replies, t(4));
+    let mut buf = [0u8; 32];
+    let n = s.conn_mut(id).expect("live").recv(&mut buf);
+    assert_eq!(&buf[..n], b"after the drain");
+}
