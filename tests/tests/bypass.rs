@@ -332,11 +332,7 @@ fn sigterm_stops_the_bypass_workers_and_detaches() {
     flood(&s, syn_spec(&s, unassigned_source(&s), 8), 200);
     wait_stats(&s, "SYNs in the workers", |st| syns_handled(st) >= 200);
     s.tern.signal(libc::SIGTERM);
-    let status = s
-        .tern
-        .wait_exit(Duration::from_secs(10))
-        .expect("tern exits on SIGTERM");
-    assert!(status.success(), "clean exit: {status}\n{}", s.log());
+    s.expect_clean_exit(Duration::from_secs(10), "tern exits on SIGTERM");
     let out = s
         .rig
         .server_command("ip")

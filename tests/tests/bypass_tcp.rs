@@ -629,14 +629,9 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     go.send(()).expect("go");
     open.join()
         .expect("the open connection kept working during the drain");
-    let status = s
-        .tern
-        .wait_exit(Duration::from_secs(15))
-        .expect("tern exits once drained, well before drain_ms");
-    assert!(
-        status.success(),
-        "clean exit after drain: {status}\n{}",
-        s.log()
+    s.expect_clean_exit(
+        Duration::from_secs(15),
+        "tern exits once drained, well before drain_ms",
     );
     assert!(
         !s.log().contains("resetting what is open"),
@@ -665,11 +660,10 @@ fn drain_deadline_resets_what_is_left() {
         .recv_timeout(Duration::from_secs(20))
         .expect("connection open");
     s.tern.signal(libc::SIGTERM);
-    let status = s
-        .tern
-        .wait_exit(Duration::from_secs(15))
-        .expect("tern exits after the drain deadline");
-    assert!(status.success(), "clean exit: {status}\n{}", s.log());
+    s.expect_clean_exit(
+        Duration::from_secs(15),
+        "tern exits after the drain deadline",
+    );
     let read = open.join().expect("client thread");
     assert_eq!(
         read.map_err(|e| e.kind()),

@@ -567,15 +567,7 @@ fn drain_on_sigterm_finishes_open_connections_and_refuses_new_ones() {
     go.send(()).expect("go");
     open.join()
         .expect("the open connection kept working during the drain");
-    let status = s
-        .tern
-        .wait_exit(Duration::from_secs(10))
-        .expect("tern exits once drained");
-    assert!(
-        status.success(),
-        "clean exit after drain: {status}\n{}",
-        s.log()
-    );
+    s.expect_clean_exit(Duration::from_secs(10), "tern exits once drained");
 }
 
 #[test]

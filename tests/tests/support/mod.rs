@@ -172,6 +172,15 @@ impl Stack {
     }
 
     /// tern's stderr, for failure messages.
+    /// Waits up to `within` for tern to exit (after a signal) and checks it exited with 0.
+    #[track_caller]
+    pub fn expect_clean_exit(&mut self, within: Duration, what: &str) {
+        let Some(status) = self.tern.wait_exit(within) else {
+            panic!("{what}: tern still runs after {within:?}\n{}", self.log());
+        };
+        assert!(status.success(), "{what}: {status}\n{}", self.log());
+    }
+
     pub fn log(&self) -> String {
         self.tern.stderr_text()
     }
