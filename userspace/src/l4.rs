@@ -217,7 +217,6 @@ pub struct L4Proxy {
     limit: usize,
     connect_timeout: types::Timespec,
     gen_counter: u32,
-    scratch: Vec<u8>,
     counters: Arc<WorkerCounters>,
     tcp_counters: Arc<TcpCounters>,
     last_housekeeping: u64,
@@ -334,7 +333,6 @@ impl L4Proxy {
                 .sec(ct.as_secs())
                 .nsec(ct.subsec_nanos()),
             gen_counter: 0,
-            scratch: vec![0; BUF_SIZE],
             counters: setup.counters,
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
@@ -779,14 +777,17 @@ impl L4Proxy {
             let tcb = self.stack.conn_mut(id).expect("checked above");
             let mut room = room;
             while room > 0 && p.session.wants_client_write() {
-                let want = room.min(self.scratch.len());
-                let n = p.session.client_output(&mut self.scratch[..want]);
+                // Straight into the TCB's send ring (its contiguous free part, then the rest
+                // after the wrap on the next round).
+                let session = &mut p.session;
+                let n = tcb.send_in_place(|spare| {
+                    let want = room.min(spare.len());
+                    session.client_output(&mut spare[..want])
+                });
                 if n == 0 {
                     break;
                 }
-                let taken = tcb.send(&self.scratch[..n]);
-                debug_assert_eq!(taken, n, "the send buffer had room for it");
-                self.counters.client_bytes_out.add(taken as u64);
+                self.counters.client_bytes_out.add(n as u64);
                 room -= n;
             }
             if p.session.server_finished() && !p.client_fin_sent {
@@ -798,11 +799,16 @@ impl L4Proxy {
         // Both directions finished (or the TLS session failed and its alert and our FIN are
         // queued): the backend is closed now and the TCB is left to complete its own closing
         // handshake (and TIME-WAIT) in the stack.
-        let failed = p.session.stage() == Stage::Failed;
-        let backend_done =
-            p.backend_wr_shut || matches!(p.backend, BackendState::None | BackendState::Failed);
-        let both_done = p.client_eof_told && p.session.client_finished() && backend_done;
-        if p.client_fin_sent && (failed || both_done) && !p.up_in_flight {
+        let client_done = p.client_eof_told && p.session.client_finished();
+        let done = match p.backend {
+            // A failed session or backend: nothing more from the client will be used (its
+            // unread plaintext has nowhere to go), so our FIN ends it.
+            _ if p.session.stage() == Stage::Failed => true,
+            BackendState::Failed => true,
+            BackendState::None => client_done,
+            BackendState::Connecting | BackendState::Connected => client_done && p.backend_wr_shut,
+        };
+        if p.client_fin_sent && done && !p.up_in_flight {
             self.finish(idx, true);
         }
     }

@@ -698,6 +698,19 @@ impl Tcb {
         self.tx.push(data)
     }
 
+    /// [`send`](Self::send) without a copy in between: `fill` writes straight into the send
+    /// buffer's free space (its contiguous part; call again for what follows a wrap) and returns
+    /// how many bytes it wrote, which are queued. Zero once the connection can no longer send.
+    pub fn send_in_place(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
+        if !self.may_send() {
+            return 0;
+        }
+        let spare = self.tx.spare_mut();
+        let n = fill(spare).min(spare.len());
+        self.tx.commit(n);
+        n
+    }
+
     /// Copies received in-order bytes into `out` and consumes them; returns how many.
     pub fn recv(&mut self, out: &mut [u8]) -> usize {
         let n = self.rx.read_at(0, out);

@@ -111,6 +111,19 @@ impl Ring {
         n
     }
 
+    /// The free space right after the readable bytes, as far as it is contiguous: write into it
+    /// and [`commit`](Self::commit) what was written; after a wrap the rest of the free space
+    /// is the next call's. Empty when the ring is full.
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        let cap = self.buf.len();
+        if self.len >= cap {
+            return &mut [];
+        }
+        let start = self.index(self.len);
+        let end = if start < self.head { self.head } else { cap };
+        &mut self.buf[start..end]
+    }
+
     /// Makes `n` more bytes (previously written with [`write_at`](Self::write_at)) readable;
     /// clamped to the free space.
     pub fn commit(&mut self, n: usize) {
@@ -165,6 +178,33 @@ mod tests {
         assert_eq!(&out, b"fghij", "bytes across the wrap");
         r.consume(100);
         assert!(r.is_empty(), "consume clamps");
+    }
+
+    #[test]
+    fn spare_space_is_written_in_place_across_the_wrap() {
+        let mut r = Ring::new(8);
+        assert_eq!(r.spare_mut().len(), 8, "empty: all of it");
+        r.push(b"abcdef");
+        r.consume(4);
+        // Readable "ef" at 4..6; free: 6..8, then 0..4 after the wrap.
+        let spare = r.spare_mut();
+        assert_eq!(spare.len(), 2, "up to the end of the storage");
+        spare.copy_from_slice(b"gh");
+        r.commit(2);
+        let spare = r.spare_mut();
+        assert_eq!(
+            spare.len(),
+            4,
+            "then from the start up to the readable bytes"
+        );
+        spare[..3].copy_from_slice(b"ijk");
+        r.commit(3);
+        assert_eq!(r.spare_mut().len(), 1, "what is left before the head");
+        let mut out = [0u8; 7];
+        assert_eq!(r.read_at(0, &mut out), 7);
+        assert_eq!(&out, b"efghijk", "in order across the wrap");
+        r.push(b"l");
+        assert!(r.spare_mut().is_empty(), "full");
     }
 
     #[test]
