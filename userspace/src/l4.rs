@@ -325,7 +325,8 @@ impl L4Proxy {
             tls_listeners: setup.tls_listeners,
             tls: setup.tls,
             handshake_timeout: TcpDuration::from_millis(setup.timeouts.handshake.as_millis() as u64),
-            handshake_deadlines: VecDeque::new(),
+            // One entry per TLS accept within a handshake timeout; grows only past that.
+            handshake_deadlines: VecDeque::with_capacity(capacity),
             backend: setup.backend,
             next_server: setup.worker,
             limit: setup.limits.buffer_per_direction,
