@@ -109,6 +109,8 @@ crate::counters::single_writer_counters! {
     rx_bad_cookie,
     /// Valid cookies refused because every connection slot was taken (answered with RST).
     rx_slab_full,
+    /// Another copy of the final ACK of a connection that just closed (dropped, no RST).
+    rx_late_ack,
     /// Other dropped frames (RSTs for no connection, group addresses, neither SYN nor ACK).
     rx_other_dropped,
     /// Frames the stack wanted to send but no UMEM frame was free (dropped; TCP retransmits).
@@ -646,8 +648,8 @@ impl L4Proxy {
         {
             let tcb = self.stack.conn_mut(id).expect("checked above");
             if failed {
-                // Nothing the client sends after a TLS error is read: discarded, so its window
-                // stays open for the closing handshake.
+                // Nothing the client sends after a TLS error is read: discarded (and once the
+                // alert and FIN are queued the TCB is released, so later data draws an RST).
                 tcb.consume(tcb.recv_queue());
             }
             while p.session.wants_client_read() && !p.session.has_backend_output() {
@@ -873,7 +875,11 @@ impl L4Proxy {
         close_backend(p, graceful);
         if let Some(id) = p.conn.take() {
             if let Some(tcb) = self.stack.conn_mut(id) {
-                if !graceful {
+                if graceful {
+                    // Our FIN is queued; the TCB finishes its closing handshake in the stack,
+                    // and resets the client if it sends anything more (nobody reads it now).
+                    tcb.release();
+                } else {
                     tcb.abort();
                 }
             }
@@ -1183,6 +1189,7 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
     c.rx_no_listener.set(s.dropped(RxDrop::NoListener));
     c.rx_bad_cookie.set(s.dropped(RxDrop::BadCookie));
     c.rx_slab_full.set(s.dropped(RxDrop::SlabFull));
+    c.rx_late_ack.set(s.dropped(RxDrop::LateAck));
     c.rx_other_dropped.set(
         s.dropped(RxDrop::UnknownRst) + s.dropped(RxDrop::NotForUs) + s.dropped(RxDrop::NoSynNoAck),
     );

@@ -251,6 +251,10 @@ pub enum DropReason {
     /// Out-of-order data that would need one more reassembly range than we keep.
     #[error("reassembly ranges exhausted")]
     ReassemblyFull,
+    /// New data after the application [released](Tcb::release) the connection: nobody will
+    /// read it, so the connection is reset (RFC 1122 §4.2.2.13).
+    #[error("data after the application closed")]
+    DataAfterRelease,
 }
 
 /// Per-connection drop and event counters (the owner sums them per worker).
@@ -278,6 +282,8 @@ pub struct Counters {
     pub ack_too_old: u64,
     /// [`DropReason::ReassemblyFull`].
     pub reassembly_full: u64,
+    /// [`DropReason::DataAfterRelease`].
+    pub data_after_release: u64,
     /// Challenge ACKs not sent because of the rate limit.
     pub challenge_acks_suppressed: u64,
     /// RTO expiries.
@@ -306,6 +312,7 @@ impl Counters {
             DropReason::AckTooNew => &mut self.ack_too_new,
             DropReason::AckTooOld => &mut self.ack_too_old,
             DropReason::ReassemblyFull => &mut self.reassembly_full,
+            DropReason::DataAfterRelease => &mut self.data_after_release,
         };
         *c += 1;
     }
@@ -415,6 +422,8 @@ pub struct Tcb {
     reasm: Reassembly<REASSEMBLY_RANGES>,
     /// The peer's FIN has been received and is in order.
     fin_received: bool,
+    /// The application will read nothing more ([`Tcb::release`]).
+    released: bool,
     /// Sequence number of a FIN that arrived before all the data preceding it.
     fin_pending: Option<SeqNumber>,
     /// Shift applied to our window field.
@@ -553,6 +562,7 @@ impl Tcb {
             rx,
             reasm: Reassembly::new(rcv_nxt.0),
             fin_received: false,
+            released: false,
             fin_pending: None,
             rcv_wscale,
             // The SYN-ACK advertised at most what the buffer holds; promise that edge.
@@ -730,6 +740,17 @@ impl Tcb {
         if self.window_update_due() {
             self.ack_now = true;
         }
+    }
+
+    /// A full close: the application reads nothing more. What it has not read is dropped, a FIN
+    /// follows the queued data (as [`close`](Self::close)), and new data arriving later resets
+    /// the connection (RFC 1122 §4.2.2.13, as Linux does after `close()`), so a peer that keeps
+    /// sending learns at once that nobody reads, and the slot does not wait for a timeout.
+    pub fn release(&mut self) {
+        self.released = true;
+        let unread = self.rx.len();
+        self.consume(unread);
+        self.close();
     }
 
     /// Half-closes: a FIN follows the queued data (ESTABLISHED → FIN-WAIT-1, CLOSE-WAIT →
@@ -1066,6 +1087,12 @@ impl Tcb {
             match self.state {
                 // RFC 9293 §3.10.7.4 ESTABLISHED, FIN-WAIT-1, FIN-WAIT-2: deliver the text.
                 State::Established | State::FinWait1 | State::FinWait2 if !self.fin_received => {
+                    let new_data = seg.seq + payload.len() as u32 > self.rcv_nxt();
+                    if self.released && new_data {
+                        // RFC 1122 §4.2.2.13: data nobody will read; tell the peer it was lost.
+                        self.abort();
+                        return Err(DropReason::DataAfterRelease);
+                    }
                     result = self.receive_text(now, seg.seq, payload);
                 }
                 // CLOSE-WAIT, CLOSING, LAST-ACK, TIME-WAIT: the peer's FIN has been received;

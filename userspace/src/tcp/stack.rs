@@ -51,7 +51,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::conn::{Handshake, PmtuIgnored, State, Tcb, TcbConfig};
+use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
 use crate::timer::{Millis, Wheel};
@@ -159,12 +159,17 @@ pub enum RxDrop {
     /// The reported MTU would not lower the connection's MSS (it is never raised).
     #[error("ICMP MTU does not lower the MSS")]
     IcmpMtuNotLower,
+    /// Another copy of the last ACK of a connection that has just closed (LAST-ACK → CLOSED;
+    /// a peer sends one when its application reads the last bytes, as a window update):
+    /// dropped without the RST a segment of no connection gets.
+    #[error("late ACK of a closed connection")]
+    LateAck,
 }
 
 impl RxDrop {
     /// The stack-level reasons ([`RxDrop::Wire`] is counted per [`WireError`]), in
     /// [`RxDrop::index`] order.
-    pub const STACK_REASONS: [RxDrop; 11] = [
+    pub const STACK_REASONS: [RxDrop; 12] = [
         RxDrop::NotForUs,
         RxDrop::NoListener,
         RxDrop::BadCookie,
@@ -176,6 +181,7 @@ impl RxDrop {
         RxDrop::IcmpUnknownFlow,
         RxDrop::IcmpStale,
         RxDrop::IcmpMtuNotLower,
+        RxDrop::LateAck,
     ];
 
     /// Dense index into [`StackCounters::drops`]; `None` for [`RxDrop::Wire`].
@@ -193,6 +199,7 @@ impl RxDrop {
             RxDrop::IcmpUnknownFlow => Some(8),
             RxDrop::IcmpStale => Some(9),
             RxDrop::IcmpMtuNotLower => Some(10),
+            RxDrop::LateAck => Some(11),
         }
     }
 
@@ -211,6 +218,7 @@ impl RxDrop {
             RxDrop::IcmpUnknownFlow => "icmp_unknown_flow",
             RxDrop::IcmpStale => "icmp_stale",
             RxDrop::IcmpMtuNotLower => "icmp_mtu_not_lower",
+            RxDrop::LateAck => "late_ack",
         }
     }
 }
@@ -302,6 +310,62 @@ fn v6_octets(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// How long a connection closed from LAST-ACK is remembered ([`RecentCloses`]).
+const RECENT_CLOSE_MS: Millis = 2_000;
+
+/// Connections that just closed from LAST-ACK (the peer acknowledged our FIN), remembered for
+/// [`RECENT_CLOSE_MS`] so that another copy of that final ACK is dropped quietly instead of
+/// drawing an RST (the peer is in TIME-WAIT and would only be confused by it). Direct-mapped by
+/// the flow hash: a collision forgets the older entry, which then costs no more than one
+/// harmless RST. Fixed size, allocated once.
+struct RecentCloses {
+    entries: Box<[RecentClose]>,
+}
+
+#[derive(Clone, Copy)]
+struct RecentClose {
+    key: FlowKey,
+    /// The peer's next sequence number (our RCV.NXT, its FIN included).
+    seq: SeqNumber,
+    /// Our SND.NXT (our FIN included): what its ACK acknowledges.
+    ack: SeqNumber,
+    /// Forgotten after this (`0`: empty).
+    until_ms: Millis,
+}
+
+impl RecentCloses {
+    fn new(capacity: usize) -> RecentCloses {
+        let size = capacity.clamp(64, 16_384).next_power_of_two();
+        let empty = RecentClose {
+            key: FlowKey([0; 36]),
+            seq: SeqNumber(0),
+            ack: SeqNumber(0),
+            until_ms: 0,
+        };
+        RecentCloses {
+            entries: vec![empty; size].into_boxed_slice(),
+        }
+    }
+
+    fn remember(&mut self, hash: u32, entry: RecentClose) {
+        let i = hash as usize & (self.entries.len() - 1);
+        self.entries[i] = entry;
+    }
+
+    /// Whether a pure ACK `seq`/`ack` on `key` repeats a remembered close's last ACK.
+    fn is_late_ack(
+        &self,
+        hash: u32,
+        key: &FlowKey,
+        seq: SeqNumber,
+        ack: SeqNumber,
+        now_ms: Millis,
+    ) -> bool {
+        let e = &self.entries[hash as usize & (self.entries.len() - 1)];
+        now_ms < e.until_ms && e.key == *key && e.seq == seq && e.ack == ack
     }
 }
 
@@ -521,6 +585,7 @@ pub struct Stack {
     /// Free slots; `free.len() + live connections == slots.len()`.
     free: Vec<u32>,
     flows: FlowTable,
+    recent_closes: RecentCloses,
     wheel: Wheel<TimerEntry>,
     /// Connections due in this `poll` (scratch, capacity = slots).
     due: Vec<TimerEntry>,
@@ -572,6 +637,7 @@ impl Stack {
             // Popped from the end: slot 0 first.
             free: (0..config.capacity as u32).rev().collect(),
             flows: FlowTable::new(config.capacity, config.flow_key),
+            recent_closes: RecentCloses::new(config.capacity),
             wheel: Wheel::new(WHEEL_TICK_MS, WHEEL_BUCKETS, to_ms_floor(now)),
             due: Vec::with_capacity(config.capacity),
             ready: VecDeque::with_capacity(config.capacity * 2),
@@ -734,6 +800,18 @@ impl Stack {
                     self.send_reset(&rx, out);
                     return Err(RxDrop::BadCookie);
                 }
+                if tcp.flags == TcpFlags::NONE
+                    && rx.payload.is_empty()
+                    && self.recent_closes.is_late_ack(
+                        self.flows.hash(&key),
+                        &key,
+                        tcp.seq,
+                        ack,
+                        to_ms_floor(now),
+                    )
+                {
+                    return Err(RxDrop::LateAck);
+                }
                 self.cookie_ack(&rx, &tuple, ack, key, now, out)
             }
             // Third check: a SYN gets a SYN-ACK, statelessly.
@@ -842,6 +920,19 @@ impl Stack {
         }
         let after = Snapshot::of(&conn.tcb);
         let closed = after.state == State::Closed;
+        if closed
+            && before.state == State::LastAck
+            && conn.tcb.close_reason() == Some(CloseReason::Normal)
+        {
+            let entry = RecentClose {
+                key: conn.key,
+                seq: conn.tcb.rcv_nxt(),
+                ack: conn.tcb.snd_nxt(),
+                until_ms: to_ms_floor(now) + RECENT_CLOSE_MS,
+            };
+            let hash = self.flows.hash(&entry.key);
+            self.recent_closes.remember(hash, entry);
+        }
         if before.news(&after) {
             self.notify(ConnId { slot, generation });
         }

@@ -2127,3 +2127,52 @@ fn loopback_loss_matrix() {
         );
     }
 }
+
+// ---------------------------------------------------------------------- release
+
+#[test]
+fn released_connection_drops_unread_data_sends_fin_and_resets_on_new_data() {
+    let mut s = established();
+    assert_eq!(
+        deliver(&mut s, 0, send_templ(), &pattern(100, 0)),
+        Ok(()),
+        "data before the release"
+    );
+    s.release();
+    assert_eq!(s.recv_queue(), 0, "what was not read is dropped");
+    assert_eq!(s.state(), State::FinWait1, "a FIN follows");
+    let out = poll(&mut s, 1);
+    assert_eq!(out.len(), 1, "one segment: {out:?}");
+    assert!(out[0].0.flags.contains(TcpFlags::FIN), "the FIN: {out:?}");
+    assert_eq!(
+        out[0].0.ack,
+        Some(REMOTE_SEQ + 100),
+        "the data is acknowledged"
+    );
+
+    // A retransmission of what already arrived is not new data: no reset (it is an old
+    // segment, dropped with an ACK as always).
+    assert_eq!(
+        deliver(&mut s, 2, send_templ(), &pattern(100, 0)),
+        Err(DropReason::OutOfWindow)
+    );
+    assert_eq!(s.state(), State::FinWait1, "still closing politely");
+
+    // New data: nobody will read it.
+    let more = TcpRepr {
+        seq: REMOTE_SEQ + 100,
+        ..send_templ()
+    };
+    assert_eq!(
+        deliver(&mut s, 3, more, b"more"),
+        Err(DropReason::DataAfterRelease)
+    );
+    assert_eq!(s.state(), State::Closed);
+    assert_eq!(s.close_reason(), Some(CloseReason::Aborted));
+    assert_eq!(s.counters().data_after_release, 1, "counted");
+    let out = poll(&mut s, 3);
+    assert!(
+        out.iter().any(|(r, _)| r.flags.contains(TcpFlags::RST)),
+        "an RST tells the peer: {out:?}"
+    );
+}

@@ -1268,3 +1268,50 @@ fn closed_listeners_refuse_new_connections_and_keep_live_ones() {
     let n = s.conn_mut(id).expect("live").recv(&mut buf);
     assert_eq!(&buf[..n], b"after the drain");
 }
+
+#[test]
+fn late_copies_of_the_final_ack_after_last_ack_draw_no_rst() {
+    let mut s = stack(2);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    // The client closes first; we close after: LAST-ACK, then its ACK of our FIN closes us.
+    c.close();
+    run(&mut s, &mut c, addr, 1, 5);
+    assert_eq!(s.conn(id).map(Tcb::state), Some(State::CloseWait));
+    s.conn_mut(id).expect("live").close();
+    // Capture the client's final ACK so it can be sent again.
+    let fin = poll(&mut s, t(6));
+    let fin: Vec<Vec<u8>> = fin
+        .iter()
+        .map(|o| frame(server(), addr, o.tcp, &o.payload))
+        .collect();
+    stack_to_client(&mut c, &fin, t(6));
+    let mut last_ack = Vec::new();
+    c.poll_transmit(t(6), |repr, _| {
+        last_ack.push(frame(addr, server(), *repr, &[]));
+        Ok::<(), ()>(())
+    })
+    .expect("the test link never refuses");
+    assert_eq!(last_ack.len(), 1, "the client ACKs our FIN");
+    let (r, out) = deliver(&mut s, &last_ack[0], t(6));
+    assert_eq!(
+        (r, out.len()),
+        (Ok(()), 0),
+        "the final ACK closes us quietly"
+    );
+    assert!(s.conn(id).is_none(), "closed from LAST-ACK");
+
+    // Another copy (a window update as the client's application reads): no RST.
+    let (r, out) = deliver(&mut s, &last_ack[0], t(50));
+    assert_eq!(r, Err(RxDrop::LateAck));
+    assert!(out.is_empty(), "no RST for a late ACK: {out:?}");
+    // An ACK that does not match the close is a bad cookie as before.
+    let mut other = parse_out(&last_ack[0]).tcp;
+    other.ack = other.ack.map(|a| a + 1000);
+    let (r, out) = deliver(&mut s, &frame(addr, server(), other, &[]), t(60));
+    assert_eq!((r, out.len()), (Err(RxDrop::BadCookie), 1), "RST");
+    // The memory is short: later, the same ACK gets RST like any ACK of no connection.
+    let (r, out) = deliver(&mut s, &last_ack[0], t(2_100));
+    assert_eq!((r, out.len()), (Err(RxDrop::BadCookie), 1), "RST after 2 s");
+    assert_eq!(s.counters().dropped(RxDrop::LateAck), 1, "counted");
+}
