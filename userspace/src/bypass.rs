@@ -580,6 +580,7 @@ impl<H: FrameHandler> Loop<H> {
         let mut last_frame = Instant::now();
         let mut last_kernel_stats = last_frame;
         let deferred_kicks = self.handler.takes_kicks();
+        let tx = self.xsk.tx_index();
         let mut kicks = Vec::with_capacity(pollfds.len());
         loop {
             if self.shutdown.stop.load(Ordering::Relaxed) || self.drain_over() {
@@ -591,7 +592,7 @@ impl<H: FrameHandler> Loop<H> {
                 .xsk
                 .turn(&mut stats, |frame, out| handler.frame(frame, out));
             let worked =
-                handler.wants_poll() && self.xsk.send_with(0, &mut stats, |out| handler.poll(out));
+                handler.wants_poll() && self.xsk.send_with(tx, &mut stats, |out| handler.poll(out));
             if deferred_kicks {
                 kicks.clear();
                 kicks.extend(self.xsk.kicks_wanted());
@@ -621,7 +622,7 @@ impl<H: FrameHandler> Loop<H> {
         let mut stats = TurnStats::default();
         let handler = &mut self.handler;
         self.xsk
-            .send_with(0, &mut stats, |out| handler.shutdown(out));
+            .send_with(self.xsk.tx_index(), &mut stats, |out| handler.shutdown(out));
         self.counters.add_turn(&stats);
         Ok(self.exit())
     }

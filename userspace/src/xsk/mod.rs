@@ -375,6 +375,8 @@ pub struct Xsk {
     worker: usize,
     /// One per RX queue, in queue order.
     sockets: Vec<SocketRings>,
+    /// The socket every frame this worker sends goes out on ([`Xsk::tx_index`]).
+    tx: usize,
     /// The queues this worker owns (`queue % workers == worker`).
     owned: Vec<QueueRings>,
     ledger: Ledger,
@@ -583,6 +585,7 @@ pub fn open(
         .enumerate()
         .map(|(worker, ((sockets, owned), (out, inbound)))| Xsk {
             worker,
+            tx: tx_socket_index(&sockets, worker, w),
             sockets,
             owned,
             ledger: Ledger::new(
@@ -607,6 +610,15 @@ pub fn open(
         })
         .collect();
     Ok(xsks)
+}
+
+/// The socket a worker transmits on: the first on a queue it owns (its completions come back
+/// to itself), else the first.
+fn tx_socket_index(sockets: &[SocketRings], worker: usize, workers: usize) -> usize {
+    sockets
+        .iter()
+        .position(|s| s.queue as usize % workers == worker)
+        .unwrap_or(0)
 }
 
 fn map_rings(
@@ -790,6 +802,7 @@ impl Xsk {
         let me = self.worker;
         let Xsk {
             sockets,
+            tx: tx_index,
             ledger,
             rx_batch,
             tx_batch,
@@ -798,15 +811,20 @@ impl Xsk {
             deferred_kicks,
             ..
         } = self;
-        for socket in sockets.iter_mut() {
-            let n = socket.receive(ledger, BATCH, rx_batch);
-            if n == 0 && !socket.tx_pending() {
+        // Every frame goes out on one TX ring, whichever queue the frames it answers came in
+        // on: frames of one flow built in one turn then leave in the order they were built
+        // (two rings would be drained in kick order, which can swap a flow's segments).
+        let tx = *tx_index;
+        let before = stats.tx;
+        for k in 0..sockets.len() {
+            let n = sockets[k].receive(ledger, BATCH, rx_batch);
+            if n == 0 {
                 continue;
             }
             received += n;
             stats.rx += u64::from(n);
-            let queue = socket.queue;
-            let before = stats.tx;
+            let queue = sockets[k].queue;
+            let socket = &mut sockets[tx];
             for mut frame in rx_batch.drain(..) {
                 let len = frame.len() as usize;
                 let disposition = {
@@ -835,6 +853,9 @@ impl Xsk {
                     Disposition::Transmit { len } => out.send(frame, len),
                 }
             }
+        }
+        let socket = &mut sockets[tx];
+        if received > 0 || socket.tx_pending() {
             TxQueue {
                 ledger,
                 area,
@@ -857,6 +878,13 @@ impl Xsk {
         }
         self.hand_off_done();
         received
+    }
+
+    /// The socket index [`turn`](Self::turn) sends every frame on, and the one to pass to
+    /// [`send_with`](Self::send_with) so that all of a worker's frames share one TX ring (and
+    /// one flow's segments keep their order): the first socket on a queue this worker owns.
+    pub fn tx_index(&self) -> usize {
+        self.tx
     }
 
     /// Lends a [`TxQueue`] for the socket on queue `queue_index` outside of a receive (frames
