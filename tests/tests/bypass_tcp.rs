@@ -49,22 +49,12 @@ fn l4_addr(s: &Stack) -> SocketAddr {
     s.rig.server_addr(PORT)
 }
 
-fn connect(addr: SocketAddr) -> TcpStream {
-    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    c.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    c.set_write_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    c
-}
-
 #[test]
 fn echo_through_the_bypass_l4_proxy() {
     let (s, _backend) = l4_stack("l4echo", Backend::echo, "");
     let addr = l4_addr(&s);
     s.rig.client.run(move || {
-        let mut c = connect(addr);
+        let mut c = connect_guarded(addr);
         for round in 0..50u32 {
             let msg = format!("round {round} through tern's own TCP stack");
             c.write_all(msg.as_bytes()).expect("write");
@@ -111,7 +101,7 @@ fn a_thousand_concurrent_connections_echo_byte_exact() {
     let addr = l4_addr(&s);
     const CONNS: usize = 1000;
     let echoed = s.rig.client.run(move || {
-        let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr)).collect();
+        let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect_guarded(addr)).collect();
         // Every connection is open at once before any byte moves.
         for (i, c) in conns.iter_mut().enumerate() {
             c.write_all(format!("connection {i:04} says hello;").as_bytes())
@@ -184,7 +174,7 @@ fn read_pattern_to_eof(c: &mut TcpStream) -> usize {
 
 /// Writes `total` bytes of a pattern and reads the echo back concurrently, checking every byte.
 fn bulk_echo(addr: SocketAddr, total: usize) {
-    let mut c = connect(addr);
+    let mut c = connect_guarded(addr);
     let mut w = c.try_clone().expect("clone");
     let writer = std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
@@ -229,7 +219,7 @@ fn client_that_stops_reading_then_resumes() {
     let addr = l4_addr(&s);
     const TOTAL: usize = 64 << 20;
     s.rig.client.run(move || {
-        let mut c = connect(addr);
+        let mut c = connect_guarded(addr);
         // Small receive buffer so the client's window closes quickly.
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut w = c.try_clone().expect("clone");
@@ -321,7 +311,7 @@ fn half_close_from_the_backend_side() {
     let addr = l4_addr(&s);
     const AFTER: usize = 1 << 20;
     s.rig.client.run(move || {
-        let mut c = connect(addr);
+        let mut c = connect_guarded(addr);
         c.write_all(b"first").expect("write");
         let mut got = Vec::new();
         c.read_to_end(&mut got).expect("read to the backend's FIN");
@@ -370,7 +360,7 @@ fn client_reset_mid_transfer_frees_everything() {
     let addr = l4_addr(&s);
     s.rig.client.run(move || {
         for _ in 0..20 {
-            let mut c = connect(addr);
+            let mut c = connect_guarded(addr);
             let chunk = vec![1u8; 256 * 1024];
             c.write_all(&chunk).expect("write");
             let mut some = [0u8; 1000];
@@ -520,7 +510,7 @@ fn syn_flood_creates_no_state_and_clients_are_served() {
     };
     s.rig.client.run(move || {
         for i in 0..CLIENTS {
-            let mut c = connect(addr);
+            let mut c = connect_guarded(addr);
             let msg = format!("legitimate client {i}");
             c.write_all(msg.as_bytes()).expect("write");
             let mut back = vec![0u8; msg.len()];
@@ -594,7 +584,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let (go, go_rx) = std::sync::mpsc::channel::<()>();
     let (ready, ready_rx) = std::sync::mpsc::channel::<()>();
     let open = s.rig.client.spawn(move || {
-        let mut c = connect(addr);
+        let mut c = connect_guarded(addr);
         let echo = |c: &mut TcpStream, msg: &[u8]| {
             c.write_all(msg).expect("write");
             let mut back = vec![0u8; msg.len()];
@@ -647,7 +637,7 @@ fn drain_deadline_resets_what_is_left() {
     let addr = l4_addr(&s);
     let (ready, ready_rx) = std::sync::mpsc::channel::<()>();
     let open = s.rig.client.spawn(move || {
-        let mut c = connect(addr);
+        let mut c = connect_guarded(addr);
         c.write_all(b"ping").expect("write");
         let mut back = [0u8; 4];
         c.read_exact(&mut back).expect("echo");

@@ -261,15 +261,7 @@ fn proxy_protocol_case(version: &str, expect: ProxyExpect) {
         "v1" => assert_eq!(h.version, ProxyVersion::V1),
         _ => {
             assert_eq!(h.version, ProxyVersion::V2);
-            assert_eq!(
-                h.authority.as_deref(),
-                Some(NAME),
-                "SNI in PP2_TYPE_AUTHORITY"
-            );
-            assert_eq!(h.alpn.as_deref(), Some(&b"http/1.1"[..]), "ALPN TLV");
-            let ssl = h.ssl.as_ref().expect("PP2_TYPE_SSL");
-            assert_eq!(ssl.client & 1, 1, "PP2_CLIENT_SSL");
-            assert_eq!(ssl.version.as_deref(), Some("TLSv1.3"));
+            assert_proxy_v2_tls(h);
         }
     }
 }

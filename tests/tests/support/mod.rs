@@ -32,6 +32,8 @@ pub struct Stack {
 pub struct StackOptions<'a> {
     pub backends: Vec<SocketAddr>,
     pub proxy_protocol: &'a str,
+    /// `backend.connect`: "first-byte" (tern's default) or "eager".
+    pub connect: &'a str,
     pub listener_extra: &'a str,
     pub toml_extra: &'a str,
     pub extra_certs: &'a [(&'a str, &'a [&'a str])],
@@ -42,6 +44,7 @@ impl Default for StackOptions<'_> {
         StackOptions {
             backends: Vec::new(),
             proxy_protocol: "none",
+            connect: "first-byte",
             listener_extra: "",
             toml_extra: "",
             extra_certs: &[],
@@ -77,12 +80,14 @@ impl Stack {
         let config = format!(
             "[[listener]]\naddress = \"{addr}\"\n{listener_extra}\n\n{certs}\n\
              [tls]\nalpn = [\"http/1.1\"]\n\n\
-             [backend]\nservers = [{servers}]\nproxy_protocol = \"{pp}\"\nconnect_timeout_ms = 2000\n\n\
+             [backend]\nservers = [{servers}]\nproxy_protocol = \"{pp}\"\nconnect = \"{connect}\"\n\
+             connect_timeout_ms = 2000\n\n\
              [workers]\ncount = 2\n\n[control]\nsocket = \"{control}\"\n\n{extra}\n",
             addr = rig.server_addr(443),
             listener_extra = opts.listener_extra,
             servers = servers.join(", "),
             pp = opts.proxy_protocol,
+            connect = opts.connect,
             control = control.display(),
             extra = opts.toml_extra,
         );
@@ -200,24 +205,64 @@ pub fn client_config(cert_der: &[u8]) -> Arc<ClientConfig> {
 
 pub type Tls = StreamOwned<ClientConnection, TcpStream>;
 
-/// Connects and completes the handshake (call inside the client namespace).
+/// A TCP connection with read and write timeouts as failure guards (call inside the client
+/// namespace).
 #[track_caller]
-pub fn tls_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
+pub fn connect_guarded(addr: SocketAddr) -> TcpStream {
     let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     sock.set_write_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let conn = ClientConnection::new(cfg.clone(), ServerName::try_from(NAME).expect("name"))
-        .expect("client");
+    sock
+}
+
+/// Completes a TLS handshake for `name` over an established socket.
+#[track_caller]
+pub fn tls_handshake(sock: TcpStream, cfg: &Arc<ClientConfig>, name: &str) -> Tls {
+    let peer = sock.peer_addr().expect("peer addr");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    sock.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let conn = ClientConnection::new(
+        cfg.clone(),
+        ServerName::try_from(name.to_string()).expect("name"),
+    )
+    .expect("client");
     let mut tls = StreamOwned::new(conn, sock);
     while tls.conn.is_handshaking() {
         tls.conn
             .complete_io(&mut tls.sock)
-            .unwrap_or_else(|e| panic!("handshake with {addr}: {e}"));
+            .unwrap_or_else(|e| panic!("handshake with {peer} for {name}: {e}"));
     }
     tls
+}
+
+/// Connects and completes the handshake for [`NAME`] (call inside the client namespace).
+#[track_caller]
+pub fn tls_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
+    tls_handshake(connect_guarded(addr), cfg, NAME)
+}
+
+/// The TLS fields tern puts in a PROXY v2 header for a TLS 1.3 client that asked for
+/// [`NAME`] and `http/1.1`.
+#[track_caller]
+pub fn assert_proxy_v2_tls(h: &tern_tests::backend::ProxyHeader) {
+    assert_eq!(
+        h.authority.as_deref(),
+        Some(NAME),
+        "SNI in PP2_TYPE_AUTHORITY"
+    );
+    assert_eq!(h.alpn.as_deref(), Some(&b"http/1.1"[..]), "ALPN TLV");
+    let ssl = h.ssl.as_ref().expect("PP2_TYPE_SSL");
+    assert_eq!(ssl.client & 1, 1, "PP2_CLIENT_SSL");
+    assert_eq!(ssl.version.as_deref(), Some("TLSv1.3"));
+    assert!(
+        ssl.cipher.as_deref().is_some_and(|c| !c.is_empty()),
+        "PP2_SUBTYPE_SSL_CIPHER: {ssl:?}"
+    );
 }
 
 /// Writes `msg` and reads exactly `msg.len()` bytes back (through an echo backend).
