@@ -379,26 +379,6 @@ fn client_reset_mid_transfer_frees_everything() {
     assert_eq!(n(&st["bypass"]["tcp"]["connections_created"]), 21, "{st}");
 }
 
-/// Sets SO_LINGER {on, 0} so that dropping the stream sends RST.
-fn linger_zero(c: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
 /// A segment of no connection to a bypass listener (an ACK whose cookie does not validate) is
 /// answered with RST by tern's stack; a port nobody serves gets RST from the kernel (it is not
 /// steered); a TLS bypass listener next to a plain one completes its TCP handshake.

@@ -240,6 +240,27 @@ pub fn tls_handshake(sock: TcpStream, cfg: &Arc<ClientConfig>, name: &str) -> Tl
     tls
 }
 
+/// Sets SO_LINGER {on, 0} so that dropping the stream sends RST.
+#[track_caller]
+pub fn linger_zero(c: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
 /// Connects and completes the handshake for [`NAME`] (call inside the client namespace).
 #[track_caller]
 pub fn tls_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
