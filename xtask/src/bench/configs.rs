@@ -79,13 +79,40 @@ pub fn nginx_cpu_mask(cpu: usize) -> String {
     format!("1{}", "0".repeat(cpu))
 }
 
+/// The `[xdp]` table of every bench config with a bypass (`mode = "xdp"`) listener: 4 KiB
+/// pages, because a bench must not leave hugepages reserved on the machine (`auto` would raise
+/// `vm.nr_hugepages` and keep them); the other AF_XDP settings (`frames_per_worker`, rings) stay
+/// at tern's defaults, as in `cargo xtask bench tcp`.
+pub const BYPASS_XDP_TABLE: &str = "[xdp]\nhugepages = \"off\"\n";
+
+/// The listener lines of a bypass listener on `iface` (the rig's server-side veth: the XDP
+/// program only sees frames that cross it).
+pub fn bypass_listener_lines(iface: &str) -> String {
+    format!("mode = \"xdp\"\ninterface = \"{iface}\"\n")
+}
+
 /// tern, kernel mode, one worker pinned to `cpu`.
 pub fn tern(l: &TargetLayout) -> Result<String, UnsafePath> {
+    tern_with(l, "mode = \"kernel\"\n", "")
+}
+
+/// tern, bypass mode: the same certificate, TLS settings, backend and worker pinning as
+/// [`tern`], but the listener is `mode = "xdp"` on `iface` with `tls = true`, served by one
+/// bypass worker (its own TCP stack on AF_XDP) on `cpu`. `max_connections` is the stack's slab
+/// capacity (`limits.max_connections_per_worker`): slots are preallocated, so it is sized to
+/// what the bench needs (idle connections and TIME-WAIT), not to the fd limit. `iface` comes
+/// from the rig (`tn-…` names); `tern check-config` validates it.
+pub fn tern_bypass(l: &TargetLayout, iface: &str) -> Result<String, UnsafePath> {
+    let listener = format!("{}tls = true\n", bypass_listener_lines(iface));
+    tern_with(l, &listener, &format!("\n{BYPASS_XDP_TABLE}"))
+}
+
+fn tern_with(l: &TargetLayout, listener: &str, tail: &str) -> Result<String, UnsafePath> {
     Ok(format!(
         "# Written by `cargo xtask bench`.\n\
          [[listener]]\n\
          address = \"{listen}\"\n\
-         mode = \"kernel\"\n\n\
+         {listener}\n\
          [[certificate]]\n\
          cert = \"{cert}\"\n\
          key = \"{key}\"\n\n\
@@ -102,7 +129,8 @@ pub fn tern(l: &TargetLayout) -> Result<String, UnsafePath> {
          [timeouts]\n\
          drain_ms = 1000\n\n\
          [control]\n\
-         socket = \"{socket}\"\n",
+         socket = \"{socket}\"\n\
+         {tail}",
         listen = l.listen,
         cert = plain(&l.cert)?,
         key = plain(&l.key)?,
@@ -302,6 +330,44 @@ mod tests {
             value["backend"]["servers"][0].as_str(),
             Some("127.0.0.1:8080")
         );
+    }
+
+    #[test]
+    fn tern_bypass_config_differs_from_kernel_only_in_listener_and_xdp() {
+        let mut l = layout();
+        l.max_connections = 131_072;
+        let text = tern_bypass(&l, "tn-bench-s-1").expect("plain paths");
+        let value: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let listener = &value["listener"][0];
+        assert_eq!(listener["mode"].as_str(), Some("xdp"), "{text}");
+        assert_eq!(listener["interface"].as_str(), Some("tn-bench-s-1"));
+        assert_eq!(listener["tls"].as_bool(), Some(true));
+        assert_eq!(listener["address"].as_str(), Some("10.201.3.1:443"));
+        assert_eq!(value["xdp"]["hugepages"].as_str(), Some("off"));
+        assert_eq!(
+            value["limits"]["max_connections_per_worker"].as_integer(),
+            Some(131_072)
+        );
+        assert_eq!(value["workers"]["cpus"][0].as_integer(), Some(0));
+        // Everything else is the kernel target's config, line for line.
+        let kernel = tern(&l).expect("plain paths");
+        let strip = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|x| {
+                    !x.starts_with("mode =")
+                        && !x.starts_with("interface =")
+                        && !x.starts_with("tls =")
+                        && !x.starts_with("hugepages =")
+                        && *x != "[xdp]"
+                        && !x.is_empty()
+                })
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(strip(&text), strip(&kernel), "{text}\n---\n{kernel}");
+        let kv: toml::Table = kernel.parse().unwrap_or_else(|e| panic!("{e}\n{kernel}"));
+        assert_eq!(kv["listener"][0]["mode"].as_str(), Some("kernel"));
+        assert!(!kv.contains_key("xdp"), "{kernel}");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use super::configs::{CIPHERSUITE, GROUP};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 /// Latency percentiles of an open-loop run, µs.
@@ -333,8 +333,16 @@ impl TernLoad {
         args
     }
 
-    /// Idle: open `connections` and hold them for `hold`, writing `ready_file` once they are up.
-    pub fn idle(&self, connections: u64, hold: Duration, ready_file: &str) -> Vec<String> {
+    /// Idle: open `connections` and hold them for `hold`, writing `ready_file` once they are up;
+    /// from `source` (`--source-ips`, an address on the client veth) when given, else from the
+    /// kernel's choice (the rig's client address).
+    pub fn idle(
+        &self,
+        connections: u64,
+        hold: Duration,
+        ready_file: &str,
+        source: Option<Ipv4Addr>,
+    ) -> Vec<String> {
         let mut args = self.common("idle", "/");
         args.extend([
             "--connections".into(),
@@ -344,6 +352,9 @@ impl TernLoad {
             "--ready-file".into(),
             ready_file.to_owned(),
         ]);
+        if let Some(ip) = source {
+            args.extend(["--source-ips".into(), ip.to_string()]);
+        }
         args
     }
 }
@@ -358,7 +369,6 @@ fn secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     const H2LOAD: &str = "\
 starting benchmark...
@@ -433,6 +443,35 @@ traffic: 114.74KB (117500) total, 11.62KB (11900) headers (space savings 0.00%),
         let err = parse_tern_load(&newer).expect_err("unknown schema");
         assert!(err.to_string().contains("schema 2"), "{err}");
         assert!(parse_tern_load("tern-load: bad arguments\n").is_err());
+    }
+
+    #[test]
+    fn idle_args_bind_a_source_only_when_given() {
+        let tl = TernLoad {
+            bin: "tern-load".into(),
+            endpoint: Endpoint {
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 1), 443),
+                sni: "bench.test".into(),
+            },
+            ca: "/tmp/ca.pem".into(),
+        };
+        let plain = tl.idle(1000, Duration::from_secs(120), "/tmp/r", None);
+        assert!(!plain.iter().any(|a| a == "--source-ips"), "{plain:?}");
+        assert!(plain.windows(2).any(|w| w == ["--connections", "1000"]));
+        assert!(plain.windows(2).any(|w| w == ["--duration", "120000ms"]));
+        let bound = tl.idle(
+            19_936,
+            Duration::from_secs(120),
+            "/tmp/r",
+            Some(Ipv4Addr::new(10, 200, 0, 3)),
+        );
+        assert!(
+            bound
+                .windows(2)
+                .any(|w| w == ["--source-ips", "10.200.0.3"]),
+            "{bound:?}"
+        );
+        assert!(bound.windows(2).any(|w| w == ["--mode", "idle"]));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! `docs/benchmarks.md` between its markers.
 //!
 //! Owns: layout and wording of the results. Every cell comes from [`BenchResults`]; a target
-//! without figures shows why (e.g. `n/a (bypass TLS not built yet)`), never a made-up number.
+//! without figures shows why (e.g. `n/a: 2 fd per connection …`), never a made-up number.
 
 use super::load::Latency;
 use super::results::{
@@ -309,7 +309,14 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
         out,
         "\n### Idle connections: resident memory\n\nRSS growth of the target's processes per \
          idle TLS connection (handshake done, nothing sent), KiB; baseline = RSS before the \
-         first connection. Kernel socket memory is not in RSS.\n"
+         first connection. Kernel socket memory is not in RSS.{}\n",
+        if targets.iter().any(|t| t.target == Target::TernBypass) {
+            " tern-bypass has no kernel socket: its TCP state (connection slot, send and \
+             receive buffers as far as used) is in its own RSS, and its baseline includes the \
+             connection slab it preallocates (the slot count is under Setup above)."
+        } else {
+            ""
+        }
     );
     out.push_str(&header("", &targets));
     let mut cells = vec!["baseline RSS, MiB".to_owned()];
@@ -322,15 +329,7 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
         );
     }
     out.push_str(&row(&cells));
-    let mut headline: Vec<u64> = r.idle_steps.clone();
-    for t in &targets {
-        for (n, _) in &t.idle.not_measured {
-            if !headline.contains(n) {
-                headline.push(*n);
-            }
-        }
-    }
-    headline.sort_unstable();
+    let headline = idle_rows(&r.idle_steps, &targets);
     for n in headline {
         let mut cells = vec![format!("KiB per connection at {}", fmt_num(n as f64))];
         for t in &targets {
@@ -448,6 +447,24 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
     }
     out.push_str("```\n");
     out
+}
+
+/// The idle-memory table's connection counts: the plan's steps, every count a target was
+/// ramped to, and every count a target says it could not hold.
+fn idle_rows(steps: &[u64], targets: &[&TargetResult]) -> Vec<u64> {
+    let mut rows: Vec<u64> = steps.to_vec();
+    for t in targets {
+        rows.extend(t.idle.not_measured.iter().map(|(n, _)| *n));
+        rows.extend(
+            t.idle
+                .runs
+                .iter()
+                .flat_map(|run| run.points.iter().map(|p| p.connections)),
+        );
+    }
+    rows.sort_unstable();
+    rows.dedup();
+    rows
 }
 
 /// Relative difference |a − b| / max(a, b).
@@ -573,6 +590,34 @@ mod tests {
         assert_eq!(replace_section(&new, "new table").expect("markers"), new);
         assert!(replace_section("no markers", "x").is_err());
         assert!(replace_section(&format!("{BEGIN_MARKER} only"), "x").is_err());
+    }
+
+    #[test]
+    fn idle_rows_cover_steps_ramps_and_reasons() {
+        use super::super::results::{IdlePoint, IdleRun};
+        let mut bypass = TargetResult::new(Target::TernBypass, "t".into());
+        bypass.idle.runs.push(IdleRun {
+            baseline_rss: 1 << 20,
+            points: vec![
+                IdlePoint {
+                    connections: 10_000,
+                    rss_bytes: 2 << 20,
+                },
+                IdlePoint {
+                    connections: 100_000,
+                    rss_bytes: 9 << 20,
+                },
+            ],
+        });
+        let mut kernel = TargetResult::new(Target::TernKernel, "t".into());
+        kernel
+            .idle
+            .not_measured
+            .push((250_000, "n/a: 1 fd per connection".into()));
+        assert_eq!(
+            idle_rows(&[1_000, 10_000], &[&bypass, &kernel]),
+            vec![1_000, 10_000, 100_000, 250_000]
+        );
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl TargetResult {
         TargetResult {
             target,
             version,
-            skipped: target.unavailable().map(str::to_owned),
+            skipped: None,
             errors: Vec::new(),
             warnings: Vec::new(),
             noise_us_per_s: None,

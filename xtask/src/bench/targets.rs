@@ -1,13 +1,21 @@
 //! The bench targets (tern in both modes, hitch, haproxy, nginx) and the shared backend: which
 //! binary, which config, how to check the config and how to start it on the target core.
 //!
-//! Owns: the [`Target`] list and what is honestly said about targets that cannot run yet
-//! (`tern-bypass`), writing each target's files into its own directory, running the peer's own
+//! Owns: the [`Target`] list and what is honestly said about what targets cannot do (how many
+//! idle connections each can hold), writing each target's files into its own directory, running the peer's own
 //! config checker inside the server namespace (the integration check the bench does before it
 //! measures anything: `tern check-config`, `hitch --test`, `haproxy -c`, `nginx -t`), starting the
 //! target pinned with `taskset` to the target core (plus the peer's own pinning, see
-//! [`super::configs`]), and the nginx backend with its 1 KiB and 1 MiB files. Does not own the
-//! processes' lifetime (that is [`super::daemon::Daemon`]).
+//! [`super::configs`]) and waiting until it accepts *from the client namespace* (the way the load
+//! reaches it; the bypass path only sees frames that cross the veth), reading tern's counters
+//! from its control socket, and the nginx backend with its 1 KiB and 1 MiB files. Does not own
+//! the processes' lifetime (that is [`super::daemon::Daemon`]).
+//!
+//! tern-bypass is the same tern binary and config as tern-kernel except for the listener
+//! (`mode = "xdp"` on the rig's server-side veth, `tls = true`), `[xdp] hugepages = "off"` and
+//! the slab size: its one bypass worker (pinned like the kernel worker) runs tern's own TCP
+//! stack on AF_XDP, whose connection slots (`limits.max_connections_per_worker`) are
+//! preallocated; [`bypass_slots`] sizes them to what the bench will hold.
 
 use super::configs::{self, BackendLayout, TargetLayout};
 use super::daemon::{can_connect, Daemon};
@@ -33,11 +41,36 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DOCUMENTED_NOFILE: u64 = 20_000;
 /// File descriptors a target needs besides connections (listeners, logs, epoll/io_uring, …).
 pub const FD_OVERHEAD: u64 = 64;
+/// New connections per second the bypass slab is sized for (above every closed-loop rate seen
+/// on the 2-core rig, where the TLS client is the bottleneck): each connection the server
+/// closes first holds its slot for TIME-WAIT.
+pub const BYPASS_SIZING_RATE: f64 = 4_000.0;
+/// tern's TCP stack keeps a closed connection's slot for TIME-WAIT this long (RFC 9293's 2·MSL
+/// as Linux uses it; `TcbConfig::time_wait`).
+pub const BYPASS_TIME_WAIT: Duration = Duration::from_secs(60);
+/// Slots beyond the most idle connections held: the readiness probe, stragglers.
+pub const BYPASS_SLOT_MARGIN: u64 = 1_024;
+/// Slab sizes are rounded up to this (keeps the number readable in the report).
+const BYPASS_SLOT_ROUNDING: u64 = 16_384;
+
+/// tern-bypass's slab capacity (`limits.max_connections_per_worker`) for a run that holds up to
+/// `max_idle` idle connections and opens new connections closed-loop for `newconn_span` in one
+/// target start: the larger of the idle count plus a margin and the TIME-WAIT slots those new
+/// connections can occupy (at most [`BYPASS_SIZING_RATE`] × the shorter of the span and
+/// [`BYPASS_TIME_WAIT`]), rounded up. Slots are preallocated (each costs resident memory at
+/// start, see the report), so the slab is not sized to a fixed maximum.
+pub fn bypass_slots(max_idle: u64, newconn_span: Duration) -> u64 {
+    let span = newconn_span.min(BYPASS_TIME_WAIT).as_secs_f64();
+    let time_wait = (span * BYPASS_SIZING_RATE).ceil() as u64;
+    let need = (max_idle + BYPASS_SLOT_MARGIN).max(time_wait);
+    need.div_ceil(BYPASS_SLOT_ROUNDING) * BYPASS_SLOT_ROUNDING
+}
 
 /// A column of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Target {
-    /// tern with its own TCP stack on AF_XDP (not built yet: always n/a).
+    /// tern with its own TCP stack on AF_XDP (`mode = "xdp"`), TLS terminated in its bypass
+    /// worker.
     TernBypass,
     /// tern on kernel sockets with io_uring.
     TernKernel,
@@ -66,12 +99,9 @@ impl Target {
         }
     }
 
-    /// Why this target cannot be measured in this version, printed in its column.
-    pub fn unavailable(self) -> Option<&'static str> {
-        match self {
-            Target::TernBypass => Some("n/a (bypass TLS not built yet)"),
-            _ => None,
-        }
+    /// tern targets answer on a control socket (`tern ctl`) in their directory.
+    pub fn is_tern(self) -> bool {
+        matches!(self, Target::TernBypass | Target::TernKernel)
     }
 
     /// File descriptors one idle TLS connection costs the target. tern's default
@@ -86,8 +116,15 @@ impl Target {
         }
     }
 
-    /// The most idle connections the target can hold under `nofile`, or why not `wanted`.
-    pub fn idle_capacity(self, wanted: u64, nofile: u64) -> Result<(), String> {
+    /// Whether the target can hold `wanted` idle connections under `nofile` (and, for
+    /// tern-bypass, in a slab of `bypass_slots`), or why not.
+    pub fn idle_capacity(self, wanted: u64, nofile: u64, bypass_slots: u64) -> Result<(), String> {
+        if self == Target::TernBypass && wanted + BYPASS_SLOT_MARGIN > bypass_slots {
+            return Err(format!(
+                "n/a: {wanted} connections (+{BYPASS_SLOT_MARGIN} margin) > the {bypass_slots} \
+                 connection slots this run gives the bypass stack"
+            ));
+        }
         let per = self.fds_per_idle_connection();
         let needed = per * wanted + FD_OVERHEAD;
         if per > 0 && needed > nofile {
@@ -128,14 +165,22 @@ pub struct CertPaths {
 pub struct Prepared {
     pub target: Target,
     pub config: PathBuf,
-    pub dir: PathBuf,
     /// The command that starts it (without the netns/taskset prefix), for the report.
     pub argv: Vec<String>,
     /// The command that checks the config.
     pub check_argv: Vec<String>,
+    /// tern's control socket (tern targets only).
+    pub control_socket: Option<PathBuf>,
+    /// The target's log (stdout and stderr).
+    pub log: PathBuf,
 }
 
 /// Writes `target`'s config into `dir` (created) and returns how to check and start it.
+/// `bypass_slots` is tern-bypass's slab capacity ([`bypass_slots`]).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
 pub fn prepare(
     target: Target,
     dir: &Path,
@@ -144,6 +189,7 @@ pub fn prepare(
     tern_bin: &Path,
     cpu: usize,
     nofile: u64,
+    bypass_slots: u64,
 ) -> Result<Prepared> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // haproxy refuses to start unless 2 × maxconn (client + server side) fits RLIMIT_NOFILE;
@@ -151,6 +197,8 @@ pub fn prepare(
     let budget = nofile.saturating_sub(FD_OVERHEAD);
     let max_connections = match target {
         Target::Haproxy => budget / 2,
+        // Not fds but preallocated slots: an idle bypass connection holds no descriptor.
+        Target::TernBypass => bypass_slots,
         _ => budget,
     };
     let max_connections = u32::try_from(max_connections).unwrap_or(u32::MAX);
@@ -166,12 +214,16 @@ pub fn prepare(
     };
     let s = |p: &Path| p.display().to_string();
     let (file, text, argv, check_argv) = match target {
-        Target::TernBypass => bail!("{}", target.unavailable().unwrap_or("not available")),
-        Target::TernKernel => {
+        Target::TernBypass | Target::TernKernel => {
             let config = dir.join("tern.toml");
+            let text = if target == Target::TernBypass {
+                configs::tern_bypass(&layout, &rig.server_if)?
+            } else {
+                configs::tern(&layout)?
+            };
             (
                 config.clone(),
-                configs::tern(&layout)?,
+                text,
                 vec![s(tern_bin), "run".into(), "--config".into(), s(&config)],
                 vec![s(tern_bin), "check-config".into(), s(&config)],
             )
@@ -220,9 +272,11 @@ pub fn prepare(
     Ok(Prepared {
         target,
         config: file,
-        dir: dir.to_path_buf(),
         argv,
         check_argv,
+        // The socket path the tern configs name (see `configs::tern`).
+        control_socket: target.is_tern().then(|| dir.join("tern.sock")),
+        log: dir.join(format!("{}.log", target.name())),
     })
 }
 
@@ -257,7 +311,8 @@ pub fn pinned_server_command(rig: &Rig, cpu: usize, argv: &[String]) -> Command 
     cmd
 }
 
-/// Starts a prepared target and waits until it accepts on the TLS port.
+/// Starts a prepared target and waits until it accepts on the TLS port from the client
+/// namespace (and, for tern, until its control socket answers).
 pub fn start(
     prepared: &Prepared,
     rig: &Rig,
@@ -265,22 +320,82 @@ pub fn start(
     interrupted: &AtomicBool,
 ) -> Result<Daemon> {
     let cmd = pinned_server_command(rig, cpu, &prepared.argv);
-    let log = prepared.dir.join(format!("{}.log", prepared.target.name()));
-    let mut daemon = Daemon::start(prepared.target.name(), cmd, &log)?;
+    let mut daemon = Daemon::start(prepared.target.name(), cmd, &prepared.log)?;
     let addr = SocketAddr::V4(SocketAddrV4::new(rig.server_ip, TLS_PORT));
-    wait_accepting(&mut daemon, rig, addr, interrupted)?;
+    let client = &rig.client;
+    // tern binds its control socket after its bypass workers run: a bypass listener can
+    // accept before `tern ctl` answers, and the bench reads tern-bypass's counters.
+    let control = prepared.control_socket.clone();
+    daemon.wait_ready(READY_TIMEOUT, interrupted, || {
+        // Connect, not exists(): a file left by a killed run would pass too early.
+        let answers = |c: &PathBuf| std::os::unix::net::UnixStream::connect(c).is_ok();
+        control.as_ref().is_none_or(answers) && client.run(move || can_connect(addr))
+    })?;
     Ok(daemon)
 }
 
-fn wait_accepting(
-    daemon: &mut Daemon,
-    rig: &Rig,
-    addr: SocketAddr,
-    interrupted: &AtomicBool,
-) -> Result<()> {
-    daemon.wait_ready(READY_TIMEOUT, interrupted, || {
-        rig.server_run(move || can_connect(addr))
-    })
+/// `tern ctl stats` without the extra process: one `stats` line on the control socket, one JSON
+/// document back (see tern's `control` module).
+pub fn tern_stats(socket: &Path) -> Result<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot connect to tern's control socket {}",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"stats\n")?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading stats from {}", socket.display()))?;
+    if text.starts_with("error:") {
+        bail!("tern ctl stats: {}", text.trim());
+    }
+    serde_json::from_str(&text).with_context(|| format!("tern's stats are not JSON:\n{text}"))
+}
+
+/// A counter of the bypass path's totals in a stats document: `bypass.<group>.<name>`
+/// (`proxy` = the L4/TLS proxy's counters, `tcp` = the stack's).
+pub fn bypass_counter(stats: &serde_json::Value, group: &str, name: &str) -> Option<u64> {
+    stats["bypass"][group][name].as_u64()
+}
+
+/// TLS handshakes tern-bypass's proxy has completed since it started: the server side of "the
+/// idle connections are up", where kernel targets show established sockets.
+pub fn bypass_handshakes(socket: &Path) -> Result<u64> {
+    let stats = tern_stats(socket)?;
+    bypass_counter(&stats, "proxy", "handshakes")
+        .ok_or_else(|| anyhow::anyhow!("tern's stats have no bypass.proxy.handshakes"))
+}
+
+/// Counters of the bypass path that mean a figure was distorted (connections refused for want
+/// of a slot, frames dropped for want of UMEM, TLS failures, handshake timeouts), as notes;
+/// empty when all are zero. `since` is an earlier stats document (its values are subtracted).
+pub fn bypass_trouble(now: &serde_json::Value, since: Option<&serde_json::Value>) -> Vec<String> {
+    const WATCHED: [(&str, &str, &str); 5] = [
+        (
+            "tcp",
+            "rx_slab_full",
+            "handshakes refused: every connection slot taken (TIME-WAIT included)",
+        ),
+        ("tcp", "tx_no_frame", "frames not sent: no free UMEM frame"),
+        ("proxy", "tls_errors", "TLS errors"),
+        ("proxy", "handshake_timeouts", "handshake timeouts"),
+        ("proxy", "backend_failures", "backend failures"),
+    ];
+    WATCHED
+        .iter()
+        .filter_map(|&(group, name, what)| {
+            let n = bypass_counter(now, group, name)?;
+            let before = since
+                .and_then(|s| bypass_counter(s, group, name))
+                .unwrap_or(0);
+            let d = n.saturating_sub(before);
+            (d > 0).then(|| format!("{d} {what} (bypass.{group}.{name})"))
+        })
+        .collect()
 }
 
 /// The backend: nginx serving `/bytes/1024` and `/bytes/1048576` on [`BACKEND`].
@@ -350,7 +465,11 @@ pub fn start_backend(
     }
     let cmd = pinned_server_command(rig, cpu, &files.argv);
     let mut daemon = Daemon::start("backend (nginx)", cmd, &files.dir.join("backend.log"))?;
-    wait_accepting(&mut daemon, rig, SocketAddr::V4(BACKEND), interrupted)?;
+    // The backend listens on the server namespace's loopback: probe it from there.
+    let addr = SocketAddr::V4(BACKEND);
+    daemon.wait_ready(READY_TIMEOUT, interrupted, || {
+        rig.server_run(move || can_connect(addr))
+    })?;
     Ok(daemon)
 }
 
@@ -366,19 +485,74 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{} does not parse: {e}", t.name()));
             assert_eq!(parsed, t);
         }
-        assert!(Target::TernBypass.unavailable().is_some());
-        assert!(Target::ALL[1..].iter().all(|t| t.unavailable().is_none()));
+        assert!(Target::TernBypass.is_tern() && Target::TernKernel.is_tern());
+        assert!(!Target::Hitch.is_tern());
     }
 
     #[test]
     fn idle_capacity_follows_file_descriptors() {
         let n = DOCUMENTED_NOFILE;
-        assert!(Target::TernKernel.idle_capacity(10_000, n).is_ok());
+        let slots = 131_072;
+        assert!(Target::TernKernel.idle_capacity(10_000, n, slots).is_ok());
         let why = Target::Hitch
-            .idle_capacity(10_000, n)
+            .idle_capacity(10_000, n, slots)
             .expect_err("2 fds × 10k > 20k");
         assert!(why.contains("RLIMIT_NOFILE 20000"), "{why}");
-        assert!(Target::Haproxy.idle_capacity(9_000, n).is_ok());
-        assert!(Target::TernKernel.idle_capacity(100_000, n).is_err());
+        assert!(Target::Haproxy.idle_capacity(9_000, n, slots).is_ok());
+        assert!(Target::TernKernel.idle_capacity(100_000, n, slots).is_err());
+    }
+
+    #[test]
+    fn bypass_idle_capacity_is_its_slab_not_fds() {
+        let n = DOCUMENTED_NOFILE;
+        assert!(Target::TernBypass
+            .idle_capacity(100_000, n, 131_072)
+            .is_ok());
+        let why = Target::TernBypass
+            .idle_capacity(100_000, n, 65_536)
+            .expect_err("100k > 64k slots");
+        assert!(why.contains("65536 connection slots"), "{why}");
+        // The margin counts: exactly the slab is not enough.
+        assert!(Target::TernBypass.idle_capacity(65_536, n, 65_536).is_err());
+    }
+
+    #[test]
+    fn bypass_slots_cover_idle_and_time_wait() {
+        // Quick plan: 10k idle, ~5 s of new connections (20k TIME-WAIT at 4k/s).
+        let quick = bypass_slots(10_000, Duration::from_millis(5_000));
+        assert_eq!(quick, 32_768);
+        // 100k idle dominates a short span.
+        let big = bypass_slots(100_000, Duration::from_secs(5));
+        assert!(
+            big >= 100_000 + BYPASS_SLOT_MARGIN && big.is_multiple_of(16_384),
+            "{big}"
+        );
+        assert!(Target::TernBypass
+            .idle_capacity(100_000, DOCUMENTED_NOFILE, big)
+            .is_ok());
+        // TIME-WAIT is capped at its 60 s: 40 s and 600 s of load differ, 60 s and 600 s do not.
+        let long = bypass_slots(0, Duration::from_secs(600));
+        assert_eq!(long, bypass_slots(0, Duration::from_secs(60)));
+        assert!(long >= 240_000 && long > bypass_slots(0, Duration::from_secs(40)));
+    }
+
+    #[test]
+    fn bypass_trouble_reports_only_what_grew() {
+        let before = serde_json::json!({
+            "bypass": {"tcp": {"rx_slab_full": 3, "tx_no_frame": 0},
+                       "proxy": {"tls_errors": 1, "handshake_timeouts": 0, "backend_failures": 0}}
+        });
+        assert!(bypass_trouble(&before, Some(&before)).is_empty());
+        let after = serde_json::json!({
+            "bypass": {"tcp": {"rx_slab_full": 10, "tx_no_frame": 0},
+                       "proxy": {"tls_errors": 1, "handshake_timeouts": 2, "backend_failures": 0}}
+        });
+        let notes = bypass_trouble(&after, Some(&before));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("7 handshakes refused"), "{notes:?}");
+        assert!(notes[1].starts_with("2 handshake timeouts"), "{notes:?}");
+        assert_eq!(bypass_trouble(&after, None).len(), 3);
+        assert_eq!(bypass_counter(&after, "tcp", "rx_slab_full"), Some(10));
+        assert_eq!(bypass_counter(&after, "tcp", "nothing"), None);
     }
 }
