@@ -480,6 +480,20 @@ impl Tcb {
     /// between) connections. [`reinit`](Self::reinit) turns it into a live connection without
     /// allocating.
     pub fn vacant(config: TcbConfig) -> Tcb {
+        Tcb::vacant_with(
+            config,
+            Ring::new(config.send_buffer),
+            Ring::new(config.recv_buffer),
+        )
+    }
+
+    /// [`vacant`](Self::vacant) over given buffers (e.g. from a [`super::ring::RingArena`]),
+    /// `tx` of `config.send_buffer` bytes and `rx` of `config.recv_buffer`.
+    pub fn vacant_with(config: TcbConfig, tx: Ring, rx: Ring) -> Tcb {
+        debug_assert_eq!(
+            (tx.capacity(), rx.capacity()),
+            (config.send_buffer, config.recv_buffer)
+        );
         let hs = Handshake {
             local_port: 0,
             remote_port: 0,
@@ -491,7 +505,7 @@ impl Tcb {
             timestamps: None,
             peer_window: 0,
         };
-        let mut tcb = Tcb::new(config, &hs, Instant::ZERO);
+        let mut tcb = Tcb::with_rings(config, &hs, Instant::ZERO, tx, rx);
         tcb.state = State::Closed;
         tcb
     }

@@ -1,6 +1,9 @@
 //! A fixed-capacity byte ring: the send and receive buffers of one connection.
 //!
 //! Owns the storage only (allocated once, at construction; nothing here allocates afterwards).
+//! A stack's rings are cut from a few large zeroed allocations ([`RingArena`]) rather than one
+//! allocation each: the allocator then writes no per-ring header into the storage, so a ring's
+//! pages become resident only when bytes are written to them.
 //! The ring holds `len` readable bytes starting at `head`; the free space after them can also be
 //! written out of order ([`Ring::write_at`]) and made readable later ([`Ring::commit`]), which is
 //! how the receive side stores segments that arrive beyond RCV.NXT (RFC 9293 §3.10.7.4, "segment
@@ -8,16 +11,62 @@
 //! touching the allocator. Which bytes are in flight, acknowledged or in order is the
 //! connection's business.
 
+use bytes::BytesMut;
+
 #[cfg(test)]
 thread_local! {
     /// Rings with storage allocated on this thread (tests: proves reuse does not allocate).
     pub static RING_ALLOCS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
 }
 
+/// Storage for many rings of the same two sizes, handed out in pairs: a few large zeroed
+/// allocations (at most [`RingArena::CHUNK`] bytes each, so that no single request is refused by
+/// the kernel's overcommit heuristic), each split into rings without writing to it.
+pub struct RingArena {
+    chunk: BytesMut,
+    send: usize,
+    recv: usize,
+    /// Pairs still to hand out.
+    left: usize,
+}
+
+impl RingArena {
+    /// Largest single allocation.
+    pub const CHUNK: usize = 1 << 30;
+
+    /// An arena for `pairs` pairs of (`send`, `recv`)-byte rings.
+    pub fn new(pairs: usize, send: usize, recv: usize) -> RingArena {
+        RingArena {
+            chunk: BytesMut::new(),
+            send,
+            recv,
+            left: pairs,
+        }
+    }
+
+    /// The next (send, receive) pair, or `None` once `pairs` were handed out.
+    pub fn next_pair(&mut self) -> Option<(Ring, Ring)> {
+        if self.left == 0 {
+            return None;
+        }
+        let pair = self.send + self.recv;
+        if self.chunk.len() < pair {
+            let per_chunk = (Self::CHUNK / pair.max(1)).max(1);
+            #[cfg(test)]
+            RING_ALLOCS.with(|c| c.set(c.get() + 1));
+            self.chunk = BytesMut::zeroed(per_chunk.min(self.left) * pair);
+        }
+        self.left -= 1;
+        let tx = self.chunk.split_to(self.send);
+        let rx = self.chunk.split_to(self.recv);
+        Some((Ring::with_storage(tx), Ring::with_storage(rx)))
+    }
+}
+
 /// A bounded byte ring. Not `Clone`: copying one would allocate.
 pub struct Ring {
     /// The storage; its length is the capacity and never changes.
-    buf: Box<[u8]>,
+    buf: BytesMut,
     /// Index of the first readable byte; `< buf.len()` (or 0 when the capacity is 0).
     head: usize,
     /// Readable bytes, `<= buf.len()`.
@@ -39,8 +88,14 @@ impl Ring {
     pub fn new(capacity: usize) -> Ring {
         #[cfg(test)]
         RING_ALLOCS.with(|c| c.set(c.get() + u64::from(capacity > 0)));
+        Ring::with_storage(BytesMut::zeroed(capacity))
+    }
+
+    /// An empty ring over `storage` (its length is the capacity; its bytes are never read
+    /// before they are written).
+    pub fn with_storage(storage: BytesMut) -> Ring {
         Ring {
-            buf: vec![0; capacity].into_boxed_slice(),
+            buf: storage,
             head: 0,
             len: 0,
         }
@@ -178,6 +233,23 @@ mod tests {
         assert_eq!(&out, b"fghij", "bytes across the wrap");
         r.consume(100);
         assert!(r.is_empty(), "consume clamps");
+    }
+
+    #[test]
+    fn arena_hands_out_disjoint_pairs_of_the_right_sizes() {
+        let mut arena = RingArena::new(3, 8, 16);
+        let mut pairs: Vec<(Ring, Ring)> = std::iter::from_fn(|| arena.next_pair()).collect();
+        assert_eq!(pairs.len(), 3, "as many pairs as asked for");
+        for (i, (tx, rx)) in pairs.iter_mut().enumerate() {
+            assert_eq!((tx.capacity(), rx.capacity()), (8, 16));
+            assert_eq!(tx.push(&[i as u8; 8]), 8);
+            assert_eq!(rx.push(&[0x10 + i as u8; 16]), 16);
+        }
+        // No pair's bytes overwrote another's.
+        for (i, (tx, rx)) in pairs.iter().enumerate() {
+            assert_eq!(tx.slices(0, 8), (&[i as u8; 8][..], &[][..]));
+            assert_eq!(rx.slices(0, 16), (&[0x10 + i as u8; 16][..], &[][..]));
+        }
     }
 
     #[test]

@@ -52,6 +52,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig};
+use super::ring::{Ring, RingArena};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
 use crate::timer::{Millis, Wheel};
@@ -520,11 +521,11 @@ struct Slot {
 }
 
 impl Slot {
-    fn vacant(config: TcbConfig) -> Slot {
+    fn vacant(config: TcbConfig, tx: Ring, rx: Ring) -> Slot {
         Slot {
             generation: 0,
             conn: Conn {
-                tcb: Tcb::vacant(config),
+                tcb: Tcb::vacant_with(config, tx, rx),
                 key: FlowKey([0; 36]),
                 local: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
                 remote: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
@@ -631,9 +632,19 @@ impl Stack {
             our_wscale,
             listeners: config.listeners.to_vec(),
             jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
-            slots: (0..config.capacity)
-                .map(|_| Slot::vacant(config.tcb))
-                .collect(),
+            slots: {
+                // One arena for every slot's buffers: no allocation per slot, and no page of a
+                // buffer is resident before bytes are written to it.
+                let mut arena = RingArena::new(
+                    config.capacity,
+                    config.tcb.send_buffer,
+                    config.tcb.recv_buffer,
+                );
+                (0..config.capacity)
+                    .map_while(|_| arena.next_pair())
+                    .map(|(tx, rx)| Slot::vacant(config.tcb, tx, rx))
+                    .collect()
+            },
             // Popped from the end: slot 0 first.
             free: (0..config.capacity as u32).rev().collect(),
             flows: FlowTable::new(config.capacity, config.flow_key),
