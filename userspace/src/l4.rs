@@ -111,6 +111,11 @@ crate::counters::single_writer_counters! {
     rx_slab_full,
     /// Another copy of the final ACK of a connection that just closed (dropped, no RST).
     rx_late_ack,
+    /// Segments for connections in TIME-WAIT after their slot was given back (a retransmitted
+    /// FIN or data is ACKed, the rest dropped).
+    rx_time_wait,
+    /// TIME-WAIT entries forgotten early because another flow needed their place.
+    time_wait_evicted,
     /// Other dropped frames (RSTs for no connection, group addresses, neither SYN nor ACK).
     rx_other_dropped,
     /// Frames the stack wanted to send but no UMEM frame was free (dropped; TCP retransmits).
@@ -1190,6 +1195,8 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
     c.rx_bad_cookie.set(s.dropped(RxDrop::BadCookie));
     c.rx_slab_full.set(s.dropped(RxDrop::SlabFull));
     c.rx_late_ack.set(s.dropped(RxDrop::LateAck));
+    c.rx_time_wait.set(s.dropped(RxDrop::TimeWait));
+    c.time_wait_evicted.set(s.closed_evicted);
     c.rx_other_dropped.set(
         s.dropped(RxDrop::UnknownRst) + s.dropped(RxDrop::NotForUs) + s.dropped(RxDrop::NoSynNoAck),
     );

@@ -457,6 +457,46 @@ pub struct Tcb {
     counters: Counters,
 }
 
+/// What TIME-WAIT still needs of a connection once it has given its buffers back: enough to
+/// ACK a retransmitted FIN (RFC 9293 §3.10.7.4) with the right sequence numbers and timestamps,
+/// as Linux keeps a small `tcp_timewait_sock` instead of the whole socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeWaitState {
+    /// Our SND.NXT (our FIN included).
+    pub snd_nxt: SeqNumber,
+    /// Our RCV.NXT (the peer's FIN included).
+    pub rcv_nxt: SeqNumber,
+    /// The window field of our segments (already scaled down).
+    pub window: u16,
+    /// The connection's TSval offset, when timestamps are on.
+    pub ts_offset: Option<u32>,
+    pub ts_recent: u32,
+}
+
+impl TimeWaitState {
+    /// The ACK a TIME-WAIT connection sends at `now` (for a retransmitted FIN, or a segment
+    /// that must be re-synchronised).
+    pub fn ack(&self, local_port: u16, remote_port: u16, now: Instant) -> TcpRepr {
+        let mut options = TcpOptions::default();
+        if let Some(off) = self.ts_offset {
+            options.timestamps = Some(Timestamps {
+                tsval: now.ts_millis().wrapping_add(off),
+                tsecr: self.ts_recent,
+            });
+        }
+        TcpRepr {
+            src_port: local_port,
+            dst_port: remote_port,
+            seq: self.snd_nxt,
+            ack: Some(self.rcv_nxt),
+            flags: TcpFlags::NONE,
+            window: self.window,
+            options,
+            payload_len: 0,
+        }
+    }
+}
+
 /// Signed distance `a - b` clamped at 0, as a `u32`.
 fn dist(a: SeqNumber, b: SeqNumber) -> u32 {
     u32::try_from((a - b).max(0)).unwrap_or(0)
@@ -754,6 +794,31 @@ impl Tcb {
         if self.window_update_due() {
             self.ack_now = true;
         }
+    }
+
+    /// Whether the application [released](Self::release) the connection.
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
+    /// In TIME-WAIT, what the state still needs ([`TimeWaitState`]); `None` in other states.
+    pub fn time_wait_state(&self) -> Option<TimeWaitState> {
+        if self.state != State::TimeWait {
+            return None;
+        }
+        let field = (self.window_to_advertise() >> self.rcv_wscale).min(u32::from(u16::MAX));
+        Some(TimeWaitState {
+            snd_nxt: self.snd_nxt,
+            rcv_nxt: self.rcv_nxt(),
+            window: field as u16,
+            ts_offset: self.ts_offset,
+            ts_recent: self.ts_recent,
+        })
+    }
+
+    /// How long TIME-WAIT lasts for this connection.
+    pub fn time_wait_duration(&self) -> Duration {
+        self.config.time_wait
     }
 
     /// A full close: the application reads nothing more. What it has not read is dropped, a FIN

@@ -51,7 +51,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig};
+use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig, TimeWaitState};
 use super::ring::{Ring, RingArena};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
@@ -165,12 +165,16 @@ pub enum RxDrop {
     /// dropped without the RST a segment of no connection gets.
     #[error("late ACK of a closed connection")]
     LateAck,
+    /// A segment for a connection in TIME-WAIT after its slot was given back: a retransmitted
+    /// FIN or data is ACKed, anything else dropped.
+    #[error("segment for a connection in TIME-WAIT")]
+    TimeWait,
 }
 
 impl RxDrop {
     /// The stack-level reasons ([`RxDrop::Wire`] is counted per [`WireError`]), in
     /// [`RxDrop::index`] order.
-    pub const STACK_REASONS: [RxDrop; 12] = [
+    pub const STACK_REASONS: [RxDrop; 13] = [
         RxDrop::NotForUs,
         RxDrop::NoListener,
         RxDrop::BadCookie,
@@ -183,6 +187,7 @@ impl RxDrop {
         RxDrop::IcmpStale,
         RxDrop::IcmpMtuNotLower,
         RxDrop::LateAck,
+        RxDrop::TimeWait,
     ];
 
     /// Dense index into [`StackCounters::drops`]; `None` for [`RxDrop::Wire`].
@@ -201,6 +206,7 @@ impl RxDrop {
             RxDrop::IcmpStale => Some(9),
             RxDrop::IcmpMtuNotLower => Some(10),
             RxDrop::LateAck => Some(11),
+            RxDrop::TimeWait => Some(12),
         }
     }
 
@@ -220,6 +226,7 @@ impl RxDrop {
             RxDrop::IcmpStale => "icmp_stale",
             RxDrop::IcmpMtuNotLower => "icmp_mtu_not_lower",
             RxDrop::LateAck => "late_ack",
+            RxDrop::TimeWait => "time_wait",
         }
     }
 }
@@ -248,6 +255,8 @@ pub struct StackCounters {
     /// Segments a connection wanted to send that did not fit the frame (none with a valid
     /// config); the connection retries them at its next poll.
     pub tx_errors: u64,
+    /// TIME-WAIT entries of [`ClosedFlows`] overwritten by another flow before they expired.
+    pub closed_evicted: u64,
 }
 
 impl StackCounters {
@@ -314,59 +323,75 @@ fn v6_octets(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// How long a connection closed from LAST-ACK is remembered ([`RecentCloses`]).
+/// How long a connection closed from LAST-ACK is remembered ([`ClosedFlows`]).
 const RECENT_CLOSE_MS: Millis = 2_000;
 
-/// Connections that just closed from LAST-ACK (the peer acknowledged our FIN), remembered for
-/// [`RECENT_CLOSE_MS`] so that another copy of that final ACK is dropped quietly instead of
-/// drawing an RST (the peer is in TIME-WAIT and would only be confused by it). Direct-mapped by
-/// the flow hash: a collision forgets the older entry, which then costs no more than one
-/// harmless RST. Fixed size, allocated once.
-struct RecentCloses {
-    entries: Box<[RecentClose]>,
+/// Flows the stack no longer holds a slot for but still answers for, by 4-tuple:
+/// - **TIME-WAIT** of a connection the application has released: the slot and its buffers go
+///   back at once and only [`TimeWaitState`] stays for the 2·MSL (as Linux keeps a small
+///   `tcp_timewait_sock`): a retransmitted FIN or data is ACKed, a pure ACK dropped, an RST ends
+///   it, a new SYN starts a new connection;
+/// - a connection closed from **LAST-ACK**, for [`RECENT_CLOSE_MS`]: another copy of the peer's
+///   final ACK (a window update as its application reads the last bytes) is dropped instead of
+///   drawing the RST a segment of no connection gets.
+///
+/// Direct-mapped by the flow hash, fixed size (allocated once): a collision forgets the older
+/// entry (counted in [`StackCounters::closed_evicted`]), which then costs at most an RST to a
+/// peer that is closing anyway — as Linux's `tcp_max_tw_buckets` overflow does.
+struct ClosedFlows {
+    entries: Box<[ClosedEntry]>,
 }
 
 #[derive(Clone, Copy)]
-struct RecentClose {
+struct ClosedEntry {
     key: FlowKey,
-    /// The peer's next sequence number (our RCV.NXT, its FIN included).
-    seq: SeqNumber,
-    /// Our SND.NXT (our FIN included): what its ACK acknowledges.
-    ack: SeqNumber,
-    /// Forgotten after this (`0`: empty).
+    kind: ClosedKind,
+    /// Forgotten after this.
     until_ms: Millis,
 }
 
-impl RecentCloses {
-    fn new(capacity: usize) -> RecentCloses {
-        let size = capacity.clamp(64, 16_384).next_power_of_two();
-        let empty = RecentClose {
+#[derive(Clone, Copy)]
+enum ClosedKind {
+    Empty,
+    /// Closed from LAST-ACK: the peer's next sequence number (our RCV.NXT) and what its final
+    /// ACK acknowledges (our SND.NXT).
+    LastAck {
+        seq: SeqNumber,
+        ack: SeqNumber,
+    },
+    TimeWait(TimeWaitState),
+}
+
+impl ClosedFlows {
+    fn new(capacity: usize) -> ClosedFlows {
+        let size = (capacity * 2).clamp(1_024, 1 << 20).next_power_of_two();
+        let empty = ClosedEntry {
             key: FlowKey([0; 36]),
-            seq: SeqNumber(0),
-            ack: SeqNumber(0),
+            kind: ClosedKind::Empty,
             until_ms: 0,
         };
-        RecentCloses {
+        ClosedFlows {
             entries: vec![empty; size].into_boxed_slice(),
         }
     }
 
-    fn remember(&mut self, hash: u32, entry: RecentClose) {
+    fn slot(&mut self, hash: u32) -> &mut ClosedEntry {
         let i = hash as usize & (self.entries.len() - 1);
-        self.entries[i] = entry;
+        &mut self.entries[i]
     }
 
-    /// Whether a pure ACK `seq`/`ack` on `key` repeats a remembered close's last ACK.
-    fn is_late_ack(
-        &self,
-        hash: u32,
-        key: &FlowKey,
-        seq: SeqNumber,
-        ack: SeqNumber,
-        now_ms: Millis,
-    ) -> bool {
-        let e = &self.entries[hash as usize & (self.entries.len() - 1)];
-        now_ms < e.until_ms && e.key == *key && e.seq == seq && e.ack == ack
+    /// Remembers `entry`; returns whether a live TIME-WAIT entry of another flow was evicted.
+    fn remember(&mut self, hash: u32, entry: ClosedEntry, now_ms: Millis) -> bool {
+        let e = self.slot(hash);
+        let evicted =
+            matches!(e.kind, ClosedKind::TimeWait(_)) && now_ms < e.until_ms && e.key != entry.key;
+        *e = entry;
+        evicted
+    }
+
+    fn lookup(&mut self, hash: u32, key: &FlowKey, now_ms: Millis) -> Option<&mut ClosedEntry> {
+        let e = self.slot(hash);
+        (now_ms < e.until_ms && e.key == *key && !matches!(e.kind, ClosedKind::Empty)).then_some(e)
     }
 }
 
@@ -586,7 +611,7 @@ pub struct Stack {
     /// Free slots; `free.len() + live connections == slots.len()`.
     free: Vec<u32>,
     flows: FlowTable,
-    recent_closes: RecentCloses,
+    closed: ClosedFlows,
     wheel: Wheel<TimerEntry>,
     /// Connections due in this `poll` (scratch, capacity = slots).
     due: Vec<TimerEntry>,
@@ -648,7 +673,7 @@ impl Stack {
             // Popped from the end: slot 0 first.
             free: (0..config.capacity as u32).rev().collect(),
             flows: FlowTable::new(config.capacity, config.flow_key),
-            recent_closes: RecentCloses::new(config.capacity),
+            closed: ClosedFlows::new(config.capacity),
             wheel: Wheel::new(WHEEL_TICK_MS, WHEEL_BUCKETS, to_ms_floor(now)),
             due: Vec::with_capacity(config.capacity),
             ready: VecDeque::with_capacity(config.capacity * 2),
@@ -792,6 +817,9 @@ impl Stack {
         if !addressed_to_us(&rx) {
             return Err(RxDrop::NotForUs);
         }
+        if let Some(done) = self.closed_flow_segment(&rx, &key, now, out) {
+            return done;
+        }
         let tcp = &rx.tcp;
         // RFC 9293 §3.10.7.1 / §3.10.7.2: an RST for no connection is discarded.
         if tcp.flags.contains(TcpFlags::RST) {
@@ -810,18 +838,6 @@ impl Stack {
                 if tcp.flags.contains(TcpFlags::SYN) {
                     self.send_reset(&rx, out);
                     return Err(RxDrop::BadCookie);
-                }
-                if tcp.flags == TcpFlags::NONE
-                    && rx.payload.is_empty()
-                    && self.recent_closes.is_late_ack(
-                        self.flows.hash(&key),
-                        &key,
-                        tcp.seq,
-                        ack,
-                        to_ms_floor(now),
-                    )
-                {
-                    return Err(RxDrop::LateAck);
                 }
                 self.cookie_ack(&rx, &tuple, ack, key, now, out)
             }
@@ -931,23 +947,47 @@ impl Stack {
         }
         let after = Snapshot::of(&conn.tcb);
         let closed = after.state == State::Closed;
-        if closed
+        let now_ms = to_ms_floor(now);
+        let remembered = if closed
             && before.state == State::LastAck
             && conn.tcb.close_reason() == Some(CloseReason::Normal)
         {
-            let entry = RecentClose {
+            Some(ClosedEntry {
                 key: conn.key,
-                seq: conn.tcb.rcv_nxt(),
-                ack: conn.tcb.snd_nxt(),
-                until_ms: to_ms_floor(now) + RECENT_CLOSE_MS,
-            };
+                kind: ClosedKind::LastAck {
+                    seq: conn.tcb.rcv_nxt(),
+                    ack: conn.tcb.snd_nxt(),
+                },
+                until_ms: now_ms + RECENT_CLOSE_MS,
+            })
+        } else if conn.tcb.is_released() {
+            // TIME-WAIT of a connection nobody reads any more: keep only what TIME-WAIT needs
+            // and give the slot (and its buffers) back now.
+            conn.tcb.time_wait_state().map(|tw| ClosedEntry {
+                key: conn.key,
+                kind: ClosedKind::TimeWait(tw),
+                until_ms: now_ms + conn.tcb.time_wait_duration().as_millis(),
+            })
+        } else {
+            None
+        };
+        let to_time_wait = matches!(
+            remembered,
+            Some(ClosedEntry {
+                kind: ClosedKind::TimeWait(_),
+                ..
+            })
+        );
+        if let Some(entry) = remembered {
             let hash = self.flows.hash(&entry.key);
-            self.recent_closes.remember(hash, entry);
+            if self.closed.remember(hash, entry, now_ms) {
+                self.counters.closed_evicted += 1;
+            }
         }
         if before.news(&after) {
             self.notify(ConnId { slot, generation });
         }
-        if closed {
+        if closed || to_time_wait {
             self.free_slot(slot);
         }
     }
@@ -1115,6 +1155,55 @@ impl Stack {
         };
         if self.emit_reply(rx, &repr, out) {
             self.counters.rsts_sent += 1;
+        }
+    }
+
+    /// A segment for a flow in [`ClosedFlows`]: handled there (`Some`), or `None` to go on as a
+    /// segment of no connection (a new SYN, an ACK that is not a late copy).
+    fn closed_flow_segment(
+        &mut self,
+        rx: &TcpFrame<'_>,
+        key: &FlowKey,
+        now: Instant,
+        out: &mut impl FnMut(&[u8]),
+    ) -> Option<Result<(), RxDrop>> {
+        let now_ms = to_ms_floor(now);
+        let hash = self.flows.hash(key);
+        let entry = self.closed.lookup(hash, key, now_ms)?;
+        let tcp = &rx.tcp;
+        match entry.kind {
+            ClosedKind::Empty => None,
+            ClosedKind::LastAck { seq, ack } => {
+                let late_copy = tcp.flags == TcpFlags::NONE
+                    && rx.payload.is_empty()
+                    && tcp.seq == seq
+                    && tcp.ack == Some(ack);
+                late_copy.then_some(Err(RxDrop::LateAck))
+            }
+            ClosedKind::TimeWait(tw) => {
+                if tcp.flags.contains(TcpFlags::RST) {
+                    // The peer is done with it too (Linux ends TIME-WAIT on an RST as well).
+                    entry.kind = ClosedKind::Empty;
+                    return Some(Err(RxDrop::TimeWait));
+                }
+                if tcp.flags.contains(TcpFlags::SYN) && tcp.ack.is_none() {
+                    // A new connection on the same 4-tuple: answered as any SYN (a cookie
+                    // SYN-ACK; its ISN is unrelated to the old connection's sequence space).
+                    entry.kind = ClosedKind::Empty;
+                    return None;
+                }
+                let fin = tcp.flags.contains(TcpFlags::FIN);
+                if fin {
+                    // RFC 9293 §3.10.7.4: a retransmitted FIN restarts the 2·MSL.
+                    entry.until_ms = now_ms + self.tcb_config.time_wait.as_millis();
+                }
+                if fin || !rx.payload.is_empty() {
+                    // Our last ACK was lost, or an old segment: ACK with what we have.
+                    let repr = tw.ack(tcp.dst_port, tcp.src_port, now);
+                    self.emit_reply(rx, &repr, out);
+                }
+                Some(Err(RxDrop::TimeWait))
+            }
         }
     }
 

@@ -151,21 +151,10 @@ impl Plan {
         4 + 3 * n + 1
     }
 
-    /// The longest stretch of closed- or open-loop new connections one target start sees, as
-    /// seconds at the closed-loop rate: the throughput pass (warm-up + the new-connection runs)
-    /// or the latency pass (every fraction's runs, each at that fraction of the rate). It sizes
-    /// tern-bypass's slab for TIME-WAIT ([`targets::bypass_slots`] caps it at 60 s).
-    pub fn newconn_span(&self) -> Duration {
-        let throughput = WARMUP_RUN + self.run_time * self.runs;
-        let per_fraction = (self.warmup + self.latency_time) * self.runs;
-        let latency = per_fraction.mul_f64(self.latency_fractions.iter().sum::<f64>());
-        throughput.max(latency)
-    }
-
     /// tern-bypass's slab capacity for this plan.
     pub fn bypass_slots(&self) -> u64 {
         let max_idle = self.idle_steps.iter().copied().max().unwrap_or(0);
-        targets::bypass_slots(max_idle, self.newconn_span())
+        targets::bypass_slots(max_idle)
     }
 }
 
@@ -1591,12 +1580,10 @@ mod tests {
     #[test]
     fn bypass_slab_follows_the_plan() {
         let quick = Plan::quick();
-        assert_eq!(quick.newconn_span(), Duration::from_millis(5_000));
         // The full plan's idle ramp reaches 100,000 on tern-bypass.
         assert!(Plan::full().idle_steps.contains(&100_000));
-        assert_eq!(quick.bypass_slots(), 32_768);
+        assert_eq!(quick.bypass_slots(), 16_384);
         let full = Plan::full();
-        assert!(full.newconn_span() >= Duration::from_secs(40));
         let slots = full.bypass_slots();
         assert!(
             Target::TernBypass

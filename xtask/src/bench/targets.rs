@@ -41,28 +41,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DOCUMENTED_NOFILE: u64 = 20_000;
 /// File descriptors a target needs besides connections (listeners, logs, epoll/io_uring, …).
 pub const FD_OVERHEAD: u64 = 64;
-/// New connections per second the bypass slab is sized for (above every closed-loop rate seen
-/// on the 2-core rig, where the TLS client is the bottleneck): each connection the server
-/// closes first holds its slot for TIME-WAIT.
-pub const BYPASS_SIZING_RATE: f64 = 4_000.0;
-/// tern's TCP stack keeps a closed connection's slot for TIME-WAIT this long (RFC 9293's 2·MSL
-/// as Linux uses it; `TcbConfig::time_wait`).
-pub const BYPASS_TIME_WAIT: Duration = Duration::from_secs(60);
-/// Slots beyond the most idle connections held: the readiness probe, stragglers.
+/// Slots beyond the most idle connections held: the readiness probe, the closed-loop
+/// connections in flight, stragglers.
 pub const BYPASS_SLOT_MARGIN: u64 = 1_024;
-/// Slab sizes are rounded up to this (keeps the number readable in the report).
+/// Slab sizes are rounded up to this (keeps the number readable in the report); also the least.
 const BYPASS_SLOT_ROUNDING: u64 = 16_384;
 
 /// tern-bypass's slab capacity (`limits.max_connections_per_worker`) for a run that holds up to
-/// `max_idle` idle connections and opens new connections closed-loop for `newconn_span` in one
-/// target start: the larger of the idle count plus a margin and the TIME-WAIT slots those new
-/// connections can occupy (at most [`BYPASS_SIZING_RATE`] × the shorter of the span and
-/// [`BYPASS_TIME_WAIT`]), rounded up. Slots are preallocated (each costs resident memory at
-/// start, see the report), so the slab is not sized to a fixed maximum.
-pub fn bypass_slots(max_idle: u64, newconn_span: Duration) -> u64 {
-    let span = newconn_span.min(BYPASS_TIME_WAIT).as_secs_f64();
-    let time_wait = (span * BYPASS_SIZING_RATE).ceil() as u64;
-    let need = (max_idle + BYPASS_SLOT_MARGIN).max(time_wait);
+/// `max_idle` idle connections at once: those plus a margin, rounded up. (Connections tern has
+/// finished with keep no slot in TIME-WAIT, so the closing rate does not count.)
+pub fn bypass_slots(max_idle: u64) -> u64 {
+    let need = (max_idle + BYPASS_SLOT_MARGIN).max(1);
     need.div_ceil(BYPASS_SLOT_ROUNDING) * BYPASS_SLOT_ROUNDING
 }
 
@@ -517,12 +506,10 @@ mod tests {
     }
 
     #[test]
-    fn bypass_slots_cover_idle_and_time_wait() {
-        // Quick plan: 10k idle, ~5 s of new connections (20k TIME-WAIT at 4k/s).
-        let quick = bypass_slots(10_000, Duration::from_millis(5_000));
-        assert_eq!(quick, 32_768);
-        // 100k idle dominates a short span.
-        let big = bypass_slots(100_000, Duration::from_secs(5));
+    fn bypass_slots_cover_the_idle_connections() {
+        assert_eq!(bypass_slots(0), 16_384, "the least");
+        assert_eq!(bypass_slots(10_000), 16_384);
+        let big = bypass_slots(100_000);
         assert!(
             big >= 100_000 + BYPASS_SLOT_MARGIN && big.is_multiple_of(16_384),
             "{big}"
@@ -530,10 +517,6 @@ mod tests {
         assert!(Target::TernBypass
             .idle_capacity(100_000, DOCUMENTED_NOFILE, big)
             .is_ok());
-        // TIME-WAIT is capped at its 60 s: 40 s and 600 s of load differ, 60 s and 600 s do not.
-        let long = bypass_slots(0, Duration::from_secs(600));
-        assert_eq!(long, bypass_slots(0, Duration::from_secs(60)));
-        assert!(long >= 240_000 && long > bypass_slots(0, Duration::from_secs(40)));
     }
 
     #[test]

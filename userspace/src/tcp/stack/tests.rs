@@ -1315,3 +1315,86 @@ fn late_copies_of_the_final_ack_after_last_ack_draw_no_rst() {
     assert_eq!((r, out.len()), (Err(RxDrop::BadCookie), 1), "RST after 2 s");
     assert_eq!(s.counters().dropped(RxDrop::LateAck), 1, "counted");
 }
+
+/// The client's segments due at `now`, as frames (not delivered).
+fn client_frames(c: &mut Tcb, addr: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    c.poll_transmit(now, |repr, payload| {
+        let mut bytes = vec![0; payload.len()];
+        payload.copy_to(&mut bytes);
+        frames.push(frame(addr, server(), *repr, &bytes));
+        Ok::<(), ()>(())
+    })
+    .expect("the test link never refuses");
+    frames
+}
+
+#[test]
+fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
+    let mut s = stack(1);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    // We close first and the application lets go: FIN-WAIT, then TIME-WAIT on the client's FIN.
+    s.conn_mut(id).expect("live").release();
+    run(&mut s, &mut c, addr, 1, 5);
+    assert_eq!(c.state(), State::CloseWait, "client got our FIN");
+    c.close();
+    let fin = client_frames(&mut c, addr, t(6));
+    assert_eq!(fin.len(), 1, "the client's FIN");
+    let (r, out) = deliver(&mut s, &fin[0], t(6));
+    assert_eq!(r, Ok(()));
+    assert_eq!(out.len(), 1, "we ACK the FIN: {out:?}");
+    let last_ack = out[0].tcp;
+    assert!(
+        s.conn(id).is_none(),
+        "TIME-WAIT holds no slot once released"
+    );
+    assert_eq!(s.len(), 0, "nor a flow-table entry");
+
+    // The client did not get our ACK and sends its FIN again: the same ACK comes back.
+    let (r, out) = deliver(&mut s, &fin[0], t(300));
+    assert_eq!(r, Err(RxDrop::TimeWait));
+    assert_eq!(out.len(), 1, "re-ACKed: {out:?}");
+    assert_eq!(
+        (out[0].tcp.seq, out[0].tcp.ack, out[0].tcp.flags),
+        (last_ack.seq, last_ack.ack, TcpFlags::NONE),
+        "the TIME-WAIT ACK"
+    );
+    let ts = out[0].tcp.options.timestamps.expect("timestamps stay on");
+    assert_eq!(
+        ts.tsecr,
+        last_ack.options.timestamps.expect("ts").tsecr,
+        "echoes TS.Recent"
+    );
+    // A pure ACK is dropped quietly.
+    let mut ack = parse_out(&fin[0]).tcp;
+    ack.flags = TcpFlags::NONE;
+    ack.seq = ack.seq + 1;
+    let (r, out) = deliver(&mut s, &frame(addr, server(), ack, &[]), t(301));
+    assert_eq!((r, out.len()), (Err(RxDrop::TimeWait), 0));
+    // A new SYN on the same 4-tuple starts a new connection.
+    let (r, out) = deliver(&mut s, &frame(addr, server(), syn(90_000, 5), &[]), t(400));
+    assert_eq!(r, Ok(()));
+    assert!(
+        out.len() == 1 && out[0].tcp.flags.contains(TcpFlags::SYN),
+        "a SYN-ACK: {out:?}"
+    );
+    assert_eq!(s.counters().dropped(RxDrop::TimeWait), 2);
+}
+
+#[test]
+fn time_wait_entries_expire() {
+    let mut s = stack(1);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    s.conn_mut(id).expect("live").release();
+    run(&mut s, &mut c, addr, 1, 5);
+    c.close();
+    let fin = client_frames(&mut c, addr, t(6));
+    let _ = deliver(&mut s, &fin[0], t(6));
+    assert!(s.conn(id).is_none());
+    // After TIME-WAIT (1 s here) the flow is unknown: its FIN is a segment of no connection.
+    let (r, out) = deliver(&mut s, &fin[0], t(1_100));
+    assert_eq!(r, Err(RxDrop::BadCookie), "no TIME-WAIT left");
+    assert!(out[0].tcp.flags.contains(TcpFlags::RST), "RST: {out:?}");
+}
