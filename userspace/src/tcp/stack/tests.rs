@@ -1369,7 +1369,7 @@ fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
     // A pure ACK is dropped quietly.
     let mut ack = parse_out(&fin[0]).tcp;
     ack.flags = TcpFlags::NONE;
-    ack.seq = ack.seq + 1;
+    ack.seq += 1;
     let (r, out) = deliver(&mut s, &frame(addr, server(), ack, &[]), t(301));
     assert_eq!((r, out.len()), (Err(RxDrop::TimeWait), 0));
     // A new SYN on the same 4-tuple starts a new connection.
