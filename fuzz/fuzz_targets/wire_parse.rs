@@ -78,9 +78,11 @@ fuzz_target!(|data: &[u8]| {
         let Ok(frame) = parse_tcp_frame(data, mode) else {
             continue;
         };
-        // tern's option layout is never longer than any legal encoding of the same options,
-        // and IPv4 options are dropped, so the re-emitted frame is no longer than the input.
-        let mut out = vec![0u8; data.len()];
+        // tern aligns each option on its own (NOP padding), so its layout can be longer than a
+        // packed legal encoding of the same options (MSS + WS + SACK-permitted + timestamps:
+        // 19 bytes packed, 24 aligned); IPv4 options are dropped. The re-emitted frame is
+        // therefore at most the input plus the 40-byte TCP option space.
+        let mut out = vec![0u8; data.len() + 40];
         let n = emit_tcp_frame(
             &mut out,
             &frame.eth,
@@ -89,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
             frame.payload,
             ChecksumMode::Compute,
         )
-        .expect("a parsed frame re-emits into a buffer as long as itself");
+        .expect("a parsed frame re-emits into its length plus the TCP option space");
         let again = parse_tcp_frame(&out[..n], ChecksumMode::Compute)
             .expect("a re-emitted frame parses with checksums verified");
         let mut tcp = frame.tcp;
