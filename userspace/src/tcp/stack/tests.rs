@@ -1329,20 +1329,26 @@ fn client_frames(c: &mut Tcb, addr: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
     frames
 }
 
+/// A connection we close first and the application releases: FIN-WAIT, then TIME-WAIT when
+/// the client's FIN (returned, with our replies to it) arrives at 6 ms.
+fn released_into_time_wait(s: &mut Stack, addr: SocketAddr) -> (ConnId, Vec<u8>, Vec<Out>) {
+    let (mut c, id) = connect(s, addr, 100, t(0));
+    s.conn_mut(id).expect("live").release();
+    run(s, &mut c, addr, 1, 5);
+    assert_eq!(c.state(), State::CloseWait, "client got our FIN");
+    c.close();
+    let mut fin = client_frames(&mut c, addr, t(6));
+    assert_eq!(fin.len(), 1, "the client's FIN");
+    let (r, out) = deliver(s, &fin[0], t(6));
+    assert_eq!(r, Ok(()));
+    (id, fin.remove(0), out)
+}
+
 #[test]
 fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
     let mut s = stack(1);
     let addr = client(1);
-    let (mut c, id) = connect(&mut s, addr, 100, t(0));
-    // We close first and the application lets go: FIN-WAIT, then TIME-WAIT on the client's FIN.
-    s.conn_mut(id).expect("live").release();
-    run(&mut s, &mut c, addr, 1, 5);
-    assert_eq!(c.state(), State::CloseWait, "client got our FIN");
-    c.close();
-    let fin = client_frames(&mut c, addr, t(6));
-    assert_eq!(fin.len(), 1, "the client's FIN");
-    let (r, out) = deliver(&mut s, &fin[0], t(6));
-    assert_eq!(r, Ok(()));
+    let (id, fin, out) = released_into_time_wait(&mut s, addr);
     assert_eq!(out.len(), 1, "we ACK the FIN: {out:?}");
     let last_ack = out[0].tcp;
     assert!(
@@ -1352,7 +1358,7 @@ fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
     assert_eq!(s.len(), 0, "nor a flow-table entry");
 
     // The client did not get our ACK and sends its FIN again: the same ACK comes back.
-    let (r, out) = deliver(&mut s, &fin[0], t(300));
+    let (r, out) = deliver(&mut s, &fin, t(300));
     assert_eq!(r, Err(RxDrop::TimeWait));
     assert_eq!(out.len(), 1, "re-ACKed: {out:?}");
     assert_eq!(
@@ -1367,7 +1373,7 @@ fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
         "echoes TS.Recent"
     );
     // A pure ACK is dropped quietly.
-    let mut ack = parse_out(&fin[0]).tcp;
+    let mut ack = parse_out(&fin).tcp;
     ack.flags = TcpFlags::NONE;
     ack.seq += 1;
     let (r, out) = deliver(&mut s, &frame(addr, server(), ack, &[]), t(301));
@@ -1386,15 +1392,10 @@ fn released_time_wait_gives_its_slot_back_and_still_acks_a_retransmitted_fin() {
 fn time_wait_entries_expire() {
     let mut s = stack(1);
     let addr = client(1);
-    let (mut c, id) = connect(&mut s, addr, 100, t(0));
-    s.conn_mut(id).expect("live").release();
-    run(&mut s, &mut c, addr, 1, 5);
-    c.close();
-    let fin = client_frames(&mut c, addr, t(6));
-    let _ = deliver(&mut s, &fin[0], t(6));
+    let (id, fin, _) = released_into_time_wait(&mut s, addr);
     assert!(s.conn(id).is_none());
     // After TIME-WAIT (1 s here) the flow is unknown: its FIN is a segment of no connection.
-    let (r, out) = deliver(&mut s, &fin[0], t(1_100));
+    let (r, out) = deliver(&mut s, &fin, t(1_100));
     assert_eq!(r, Err(RxDrop::BadCookie), "no TIME-WAIT left");
     assert!(out[0].tcp.flags.contains(TcpFlags::RST), "RST: {out:?}");
 }
