@@ -461,17 +461,19 @@ impl FlowTable {
         }
     }
 
-    fn get(&self, key: &FlowKey) -> Option<u32> {
-        self.find(key, self.hash(key)).map(|i| self.entries[i].slot)
+    /// The slot of `key`, whose [`hash`](Self::hash) the caller has (it is reused for the
+    /// other per-flow tables and for an insert, so a segment hashes its 4-tuple once).
+    fn get(&self, key: &FlowKey, hash: u32) -> Option<u32> {
+        self.find(key, hash).map(|i| self.entries[i].slot)
     }
 
-    /// Inserts a key known to be absent. The slab bounds `len` to half the table.
-    fn insert(&mut self, key: FlowKey, slot: u32) {
+    /// Inserts a key (with its [`hash`](Self::hash)) known to be absent. The slab bounds `len`
+    /// to half the table.
+    fn insert(&mut self, key: FlowKey, hash: u32, slot: u32) {
         debug_assert!(
             self.len < self.entries.len() / 2,
             "flow table over its load factor"
         );
-        let hash = self.hash(&key);
         let mask = self.mask();
         let mut i = hash as usize & mask;
         while self.entries[i].slot != EMPTY {
@@ -810,14 +812,15 @@ impl Stack {
         let local = SocketAddr::new(rx.ip.dst_addr(), rx.tcp.dst_port);
         let remote = SocketAddr::new(rx.ip.src_addr(), rx.tcp.src_port);
         let key = FlowKey::new(local, remote);
-        if let Some(slot) = self.flows.get(&key) {
+        let hash = self.flows.hash(&key);
+        if let Some(slot) = self.flows.get(&key, hash) {
             self.segment_for_conn(slot, &rx, now, out);
             return Ok(());
         }
         if !addressed_to_us(&rx) {
             return Err(RxDrop::NotForUs);
         }
-        if let Some(done) = self.closed_flow_segment(&rx, &key, now, out) {
+        if let Some(done) = self.closed_flow_segment(&rx, &key, hash, now, out) {
             return done;
         }
         let tcp = &rx.tcp;
@@ -839,7 +842,7 @@ impl Stack {
                     self.send_reset(&rx, out);
                     return Err(RxDrop::BadCookie);
                 }
-                self.cookie_ack(&rx, &tuple, ack, key, now, out)
+                self.cookie_ack(&rx, &tuple, ack, (key, hash), now, out)
             }
             // Third check: a SYN gets a SYN-ACK, statelessly.
             None if tcp.flags.contains(TcpFlags::SYN) => {
@@ -866,7 +869,10 @@ impl Stack {
         }
         let quoted = f.icmp.quoted.ok_or(RxDrop::IcmpNoQuote)?;
         let key = FlowKey::new(quoted.src, quoted.dst);
-        let slot = self.flows.get(&key).ok_or(RxDrop::IcmpUnknownFlow)?;
+        let slot = self
+            .flows
+            .get(&key, self.flows.hash(&key))
+            .ok_or(RxDrop::IcmpUnknownFlow)?;
         // The payload of a full segment at this MTU without options, never below the family's
         // minimum (IPv4: 576 − 40, RFC 9293 §3.7.1's default; IPv6: 1280 − 60, RFC 8201 §4
         // "MUST NOT reduce ... below the IPv6 minimum link MTU"). An IPv4 router from before
@@ -1079,7 +1085,7 @@ impl Stack {
         rx: &TcpFrame<'_>,
         tuple: &CookieTuple,
         ack: SeqNumber,
-        key: FlowKey,
+        (key, hash): (FlowKey, u32),
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) -> Result<(), RxDrop> {
@@ -1116,7 +1122,7 @@ impl Stack {
         s.conn.ip = reply_ip(&rx.ip);
         s.conn.armed_ms = None;
         s.live = true;
-        self.flows.insert(key, slot);
+        self.flows.insert(key, hash, slot);
         self.counters.connections_created += 1;
         // A new connection is news whatever its state.
         let generation = self.slots[slot as usize].generation;
@@ -1164,11 +1170,11 @@ impl Stack {
         &mut self,
         rx: &TcpFrame<'_>,
         key: &FlowKey,
+        hash: u32,
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) -> Option<Result<(), RxDrop>> {
         let now_ms = to_ms_floor(now);
-        let hash = self.flows.hash(key);
         let entry = self.closed.lookup(hash, key, now_ms)?;
         let tcp = &rx.tcp;
         match entry.kind {

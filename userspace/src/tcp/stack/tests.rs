@@ -705,7 +705,9 @@ fn flow_table_matches_a_model_under_churn() {
         if model.remove(&port).is_some() {
             assert!(table.remove(&key(port)), "step {step}: present key removed");
         } else if table.len < 8 {
-            table.insert(key(port), step);
+            let k = key(port);
+            let hash = table.hash(&k);
+            table.insert(k, hash, step);
             model.insert(port, step);
         } else {
             assert!(
@@ -715,7 +717,7 @@ fn flow_table_matches_a_model_under_churn() {
         }
         for p in 0..24u16 {
             assert_eq!(
-                table.get(&key(p)),
+                table.get(&key(p), table.hash(&key(p))),
                 model.get(&p).copied(),
                 "step {step}: lookup of port {p}"
             );
