@@ -240,6 +240,26 @@ pub fn tls_handshake(sock: TcpStream, cfg: &Arc<ClientConfig>, name: &str) -> Tl
     tls
 }
 
+/// Ends a 2 %-each-way loss run: stops dropping (so the closing handshakes are not retried for
+/// seconds) and checks that both directions really lost frames, at 1–4 %. Returns the counts.
+#[track_caller]
+pub fn stop_loss_checking_two_percent(
+    loss: &mut tern_tests::loss::LossInjector,
+) -> tern_tests::loss::LossCounts {
+    let counts = loss.counts();
+    loss.set_rates(0, 0);
+    assert!(
+        counts.ingress_dropped > 0 && counts.egress_dropped > 0,
+        "both directions lost frames: {counts:?}"
+    );
+    let (rin, rout) = (counts.ingress_rate(), counts.egress_rate());
+    assert!(
+        (0.01..0.04).contains(&rin) && (0.01..0.04).contains(&rout),
+        "loss near 2 % each way: {counts:?}"
+    );
+    counts
+}
+
 /// Sets SO_LINGER {on, 0} so that dropping the stream sends RST.
 #[track_caller]
 pub fn linger_zero(c: &TcpStream) {
