@@ -63,8 +63,8 @@ pub const SLEEP: Duration = Duration::from_millis(100);
 /// How long a stopping worker waits for its last transmissions to complete.
 const QUIESCE: Duration = Duration::from_secs(1);
 
-/// How often a busy worker reads the kernel's AF_XDP statistics (one `getsockopt` per socket);
-/// an idle worker reads them before each sleep.
+/// At most how often a worker reads the kernel's AF_XDP statistics (one `getsockopt` per
+/// socket), while busy or before it sleeps.
 pub const KERNEL_STATS_EVERY: Duration = Duration::from_millis(100);
 
 /// What a bypass worker does with frames: the seam between the AF_XDP layer and the protocol
@@ -601,22 +601,26 @@ impl<H: FrameHandler> Loop<H> {
             self.counters.busy_turns.inc();
             self.counters.add_turn(&stats);
             let now = Instant::now();
-            if received > 0 || worked {
+            let active = received > 0 || worked;
+            let spinning =
+                !active && (now.duration_since(last_frame) < self.idle_spin || self.xsk.busy());
+            if !spinning {
+                // Busy or about to sleep (an idle worker wakes at least every SLEEP), at most
+                // every KERNEL_STATS_EVERY: one getsockopt per socket, never per frame.
                 self.counters.set_frames(&self.xsk.frames_accounted());
-                last_frame = now;
                 if now.duration_since(last_kernel_stats) >= KERNEL_STATS_EVERY {
                     self.publish_kernel_stats();
                     last_kernel_stats = now;
                 }
+            }
+            if active {
+                last_frame = now;
                 continue;
             }
-            if now.duration_since(last_frame) < self.idle_spin || self.xsk.busy() {
+            if spinning {
                 std::hint::spin_loop();
                 continue;
             }
-            self.counters.set_frames(&self.xsk.frames_accounted());
-            self.publish_kernel_stats();
-            last_kernel_stats = now;
             self.sleep(&mut pollfds)?;
         }
         let mut stats = TurnStats::default();
