@@ -24,6 +24,7 @@ use rustls::client::{
     ClientSessionStore, Resumption, Tls12ClientSessionValue, Tls13ClientSessionValue,
 };
 use rustls::crypto::{aws_lc_rs, SupportedKxGroup, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, NamedGroup, RootCertStore,
@@ -161,9 +162,10 @@ fn read_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
     };
     let mut reader = BufReader::new(File::open(path).map_err(read_err)?);
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut reader) {
+    for cert in CertificateDer::pem_reader_iter(&mut reader) {
         // A certificate webpki cannot parse is skipped; an empty store is the error.
-        let _ = roots.add(cert.map_err(read_err)?);
+        let cert = cert.map_err(|e| read_err(std::io::Error::other(e)))?;
+        let _ = roots.add(cert);
     }
     if roots.is_empty() {
         return Err(TlsSetupError::CaEmpty {

@@ -145,8 +145,11 @@ pub struct Workers {
 pub struct Timeouts {
     /// From accept to the end of the TLS handshake.
     pub handshake: Duration,
-    /// No bytes in either direction for this long closes the connection.
+    /// No plaintext moving in either direction for this long closes the connection.
     pub idle: Duration,
+    /// Output queued for a client (or backend) that takes none of it for this long resets
+    /// the connection.
+    pub send: Duration,
     /// On SIGTERM, how long open connections may take to finish before they are cut.
     pub drain: Duration,
 }
@@ -157,6 +160,8 @@ pub struct Limits {
     pub max_connections_per_worker: usize,
     /// Bytes buffered per direction per connection before tern stops reading from the sender.
     pub buffer_per_direction: usize,
+    /// Connections one source address may hold per worker; 0: no limit.
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +277,8 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
 pub const DEFAULT_HANDSHAKE_MS: u64 = 10_000;
 /// Default `timeouts.idle_ms`.
 pub const DEFAULT_IDLE_MS: u64 = 300_000;
+/// Default `timeouts.send_ms` (nginx's `send_timeout` is 60 s too).
+pub const DEFAULT_SEND_MS: u64 = 60_000;
 /// Default `timeouts.drain_ms`.
 pub const DEFAULT_DRAIN_MS: u64 = 30_000;
 /// Default `limits.max_connections_per_worker`.
@@ -509,9 +516,12 @@ pub struct FileWorkers {
 pub struct FileTimeouts {
     /// `handshake_ms`: from accept to the end of the TLS handshake. Default 10000.
     pub handshake_ms: u64,
-    /// `idle_ms`: no bytes in either direction for this long closes the connection.
+    /// `idle_ms`: no plaintext moving in either direction for this long closes the connection.
     /// Default 300000.
     pub idle_ms: u64,
+    /// `send_ms`: bytes queued for a peer (client or backend) that takes none of them for this
+    /// long reset the connection (a client that never reads). Default 60000.
+    pub send_ms: u64,
     /// `drain_ms`: on SIGTERM, how long open connections may take to finish. Default 30000.
     pub drain_ms: u64,
 }
@@ -521,6 +531,7 @@ impl Default for FileTimeouts {
         FileTimeouts {
             handshake_ms: DEFAULT_HANDSHAKE_MS,
             idle_ms: DEFAULT_IDLE_MS,
+            send_ms: DEFAULT_SEND_MS,
             drain_ms: DEFAULT_DRAIN_MS,
         }
     }
@@ -536,6 +547,9 @@ pub struct FileLimits {
     /// `buffer_per_direction`: bytes buffered per direction per connection; 16384 ..= 2^30.
     /// Default 65536.
     pub buffer_per_direction: usize,
+    /// `max_connections_per_source`: connections one client address may hold per worker;
+    /// 0 (the default) is no limit.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for FileLimits {
@@ -543,6 +557,7 @@ impl Default for FileLimits {
         FileLimits {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
+            max_connections_per_source: 0,
         }
     }
 }
@@ -652,6 +667,7 @@ impl FileConfig {
             timeouts: Timeouts {
                 handshake: positive_ms("timeouts.handshake_ms", self.timeouts.handshake_ms)?,
                 idle: positive_ms("timeouts.idle_ms", self.timeouts.idle_ms)?,
+                send: positive_ms("timeouts.send_ms", self.timeouts.send_ms)?,
                 drain: positive_ms("timeouts.drain_ms", self.timeouts.drain_ms)?,
             },
             limits: validate_limits(self.limits)?,
@@ -1257,6 +1273,11 @@ fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
             "limits.buffer_per_direction",
             file.buffer_per_direction,
             MAX_BUFFER_PER_DIRECTION,
+        )?,
+        max_connections_per_source: at_most(
+            "limits.max_connections_per_source",
+            file.max_connections_per_source,
+            MAX_TABLE_ENTRIES,
         )?,
     })
 }

@@ -63,14 +63,22 @@ single_writer_counters! {
     tls_errors,
     /// Connections closed because the handshake took longer than `timeouts.handshake_ms`.
     handshake_timeouts,
-    /// Connections closed after `timeouts.idle_ms` without traffic.
+    /// Connections closed after `timeouts.idle_ms` without plaintext moving.
     idle_timeouts,
+    /// Connections reset because a peer took none of the bytes queued for it for
+    /// `timeouts.send_ms` (a client that never reads).
+    send_timeouts,
+    /// Client connections refused because their source address held
+    /// `limits.max_connections_per_source` already.
+    refused_source_limit,
     /// Backend connections established.
     backend_connects,
     /// Backend connection attempts refused or failed.
     backend_connect_errors,
     /// Backend connection attempts that timed out.
     backend_connect_timeouts,
+    /// Times a new connection passed over a backend server marked down (passive health).
+    backend_skipped_down,
     /// Client connections closed because no backend could be reached or it failed.
     backend_failures,
     /// Client connections ended by a socket error (reset, ...).
@@ -85,7 +93,7 @@ single_writer_counters! {
     backend_bytes_in,
     /// Plaintext bytes sent to backends (PROXY headers included).
     backend_bytes_out,
-    /// Multishot receives that stopped because the provided-buffer ring was empty.
+    /// Receives that found the provided-buffer ring empty (retried).
     recv_buffer_starved,
     /// Times a connection waited for a free send slot.
     send_slot_waits,

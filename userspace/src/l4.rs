@@ -1,63 +1,68 @@
-//! The bypass path's plain TCP (L4) proxy: a [`FrameHandler`] that runs tern's own TCP stack
-//! ([`Stack`]) inside a bypass worker and carries each connection's bytes to a backend over the
-//! worker's own io_uring, through the same proxy core as kernel mode ([`Session::plain`]).
+//! The bypass path's proxy: a [`FrameHandler`] that runs tern's own TCP stack ([`Stack`])
+//! inside a bypass worker and proxies each connection through the shared connection driver
+//! ([`crate::driver`]), TLS or plain, to a backend over the worker's own io_uring.
 //!
 //! Per worker: one `Stack` (flow table, SYN cookies, timers), one io_uring with a registered
 //! slot pool for backend sends and a provided-buffer ring for backend receives (a buffer is
 //! taken only when data arrives: idle connections hold none), and a slab of proxied
-//! connections. Client frames
-//! arrive through [`FrameHandler::frame`]; what the stack sends is copied into UMEM frames at
-//! once. Everything else happens in [`FrameHandler::poll`], once per worker turn when there is
-//! something to do: io_uring completions, connections the stack reported news for
-//! ([`Stack::pop_ready`]), the stack's timers, and one non-blocking submit. The worker sleeps
-//! on the ring's eventfd (registered on the worker's [`Waker`]) and until the stack's next
-//! timer ([`FrameHandler::next_deadline`]).
+//! connections, each a driver [`Conn`] with the TCB as its client transport and a [`Sock`] as
+//! its backend leg. Client frames arrive through [`FrameHandler::frame`]; what the stack sends
+//! is copied into UMEM frames at once. Everything else happens in [`FrameHandler::poll`], once
+//! per worker turn when there is something to do: io_uring completions, connections the stack
+//! reported news for ([`Stack::pop_ready`]), the stack's timers, the driver's deadlines (on a
+//! timer wheel, checked with the housekeeping every 100 ms), and one non-blocking submit. The
+//! worker sleeps on the ring's eventfd (registered on the worker's [`Waker`]) and until the
+//! stack's next timer ([`FrameHandler::next_deadline`]).
 //!
-//! Back pressure, both ways, with one operation in flight per direction:
-//! - client → backend: bytes are taken from the TCB only while the session has nothing
-//!   pending for the backend, so an unread backend closes the client's receive window;
-//! - backend → client: a backend receive is armed only while the session has nothing pending
-//!   for the client, and session bytes enter the TCB only as far as its send buffer has room, so
-//!   a client that stops reading stops the backend reads (its kernel socket buffers fill and
-//!   the backend's TCP window closes).
+//! What is the bypass path's own is only the client transport: bytes are taken from the TCB's
+//! receive ring while the machine wants them (so an unread backend closes the client's receive
+//! window), and the machine's output goes straight into the TCB's send ring as far as it has
+//! room (so a client that stops reading stops the backend reads). Every rule about the
+//! connection (backend choice, failover, close, deadlines, counters) is the driver's, the same
+//! as in kernel mode. Idleness is measured in payload moving, not in segments: a bare ACK does
+//! not keep a connection alive (the TCB's own idle timer is off; the driver's is used).
 //!
 //! Lifetimes: a proxied connection is created when the stack reports a new connection and is
-//! freed once its TCB is gone and no io_uring operation is in flight. A TCB that disappears
-//! before both directions finished (client RST, retransmission or idle timeout) resets the
-//! backend (SO_LINGER 0); a backend that fails closes the client side politely (FIN after
-//! what was already queued), as kernel mode does.
+//! freed once the machine is done and its backend socket has no operation in flight. A TCB that
+//! disappears before both directions finished (client RST, retransmission or keep-alive
+//! timeout) counts as a client failure and resets the backend; when the machine ends the
+//! connection gracefully the TCB is released and finishes its closing handshake (and
+//! TIME-WAIT) on its own in the stack.
 //!
 //! SYN-cookie keys: every worker derives the key of cookie period `p` from one process-wide
 //! secret (`siphash(secret, p)`), and all workers share one clock epoch, so they agree on the
 //! keys without talking to each other; a period is two cookie slots, so the previous key (still
 //! tried) covers every cookie in its lifetime.
 //!
-//! Not here: the TCP state machine (`tcp`), frames and rings (`xsk`, `bypass`), the byte
-//! shuffling rules (`proxy`).
+//! Not here: the TCP state machine (`tcp`), frames and rings (`xsk`, `bypass`), the connection
+//! rules (`driver`), the byte rules (`proxy`).
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 use rustls::ServerConfig;
 
 use crate::bypass::{FrameHandler, Waker};
 use crate::config::{
-    Backend, Congestion, ConnectPolicy, Limits, RxChecksum, TcpSettings, Timeouts,
+    Backend, Congestion, Limits, ProxyProtocol, RxChecksum, TcpSettings, Timeouts,
 };
 use crate::counters::WorkerCounters;
-use crate::proxy::{Session, Stage};
+use crate::driver::sock::{Io, Side, Sock};
+use crate::driver::{
+    self, Backends, ClientOutput, Conn, End, Key, Policy, Slab, SourceLimits, Why,
+};
+use crate::proxy::Session;
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
 use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
 use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
-use crate::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE, GEN_MASK};
+use crate::timer::Wheel;
+use crate::uring::{Op, UserData, BUF_SIZE};
 use crate::wire::{ChecksumMode, WireError};
-use crate::worker::{set_linger_zero, tcp_socket, write_sockaddr};
 use crate::xsk::{Disposition, RxFrame, TxQueue};
 
 const RING_ENTRIES: u32 = 1024;
@@ -69,18 +74,16 @@ const MAX_SLOTS: u32 = 2048;
 /// Provided buffers for backend receives (16 KiB each): a buffer is taken only when data
 /// arrives, so idle connections hold none.
 const RECV_BUFFERS: u16 = 1024;
-const BUF_GROUP: u16 = 0;
-/// How often the stack's counters are published for `tern ctl stats`, and keys checked.
+/// How often the stack's counters are published for `tern ctl stats`, keys checked and the
+/// driver's deadlines looked at.
 const HOUSEKEEPING_US: u64 = 100_000;
+/// Granularity of the driver's deadlines (the housekeeping interval).
+const WHEEL_TICK_MS: u64 = HOUSEKEEPING_US / 1000;
 /// A cookie key period: two cookie slots, so the previous key covers a cookie's lifetime.
 const KEY_PERIOD_SECS: u64 = 2 * SLOT_SECS;
 /// Keep-alive probes after `tcp.keepalive_ms`: Linux's defaults for the other two numbers.
 const KEEPALIVE_INTERVAL_SECS: u64 = 75;
 const KEEPALIVE_PROBES: u32 = 9;
-const NO_PROXIED: u32 = u32::MAX;
-/// A stack slot whose connection the proxy is done with, while its TCB finishes the closing
-/// handshake (or TIME-WAIT) in the stack: its later news are not a new connection.
-const RETIRED: u32 = u32::MAX - 1;
 
 crate::counters::single_writer_counters! {
     /// One bypass worker's TCP stack counters, published from the stack's own every 100 ms.
@@ -149,50 +152,31 @@ pub struct L4Setup {
     pub tcp_counters: Arc<TcpCounters>,
 }
 
+/// Stack slot → proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BackendState {
+enum Owner {
+    /// No proxied connection (yet): the stack's next news for it is a new connection.
     None,
-    Connecting,
-    Connected,
-    /// Unreachable or broken; the client side is being closed.
-    Failed,
+    Proxied(ConnId, Key),
+    /// The proxy is done with this TCB, which finishes its closing handshake (or TIME-WAIT) in
+    /// the stack: its later news are not a new connection.
+    Retired(ConnId),
 }
 
-/// One proxied connection: the client's TCP connection in the stack, the session, and the
-/// backend socket.
+/// One proxied connection: the driver's machine, the client's TCB, the backend leg.
 struct Proxied {
-    gen: u32,
-    /// The client's connection; `None` once the stack freed it.
-    conn: Option<ConnId>,
-    session: Session,
-    client_addr: SocketAddr,
-    backend_fd: RawFd,
-    backend: BackendState,
-    server: usize,
-    attempts: usize,
-    sockaddr: libc::sockaddr_storage,
-    socklen: libc::socklen_t,
-    /// Session → backend: `slot[start..end]` still to be written; one write in flight at most.
-    up_slot: Option<SlotId>,
-    up_start: usize,
-    up_end: usize,
-    up_in_flight: bool,
-    /// Backend → session: one receive in flight at most (into a provided buffer).
-    down_in_flight: bool,
-    backend_eof: bool,
-    backend_wr_shut: bool,
-    /// The client's FIN has been passed to the session.
-    client_eof_told: bool,
-    /// We queued our FIN to the client.
-    client_fin_sent: bool,
-    /// The end of the TLS handshake has been counted.
-    handshake_counted: bool,
-    in_flight: u32,
-    /// Torn down; freed when `in_flight` reaches 0.
+    conn: Conn,
+    /// The client's connection; `None` once the proxy let go of it.
+    tcb: Option<ConnId>,
+    backend: Sock,
+    /// The TCB's send queue after the last pump: less now means the client acknowledged bytes.
+    sent_queue: usize,
+    scheduled: Option<TcpInstant>,
+    /// Torn down; freed when the backend socket has nothing in flight.
     closing: bool,
 }
 
-/// The L4 proxy of one bypass worker. See the module documentation.
+/// The proxy of one bypass worker. See the module documentation.
 pub struct L4Proxy {
     id: usize,
     stack: Stack,
@@ -201,29 +185,20 @@ pub struct L4Proxy {
     secret: CookieKey,
     key_period: u64,
     /// Declared before the buffers it has registered: dropped (unregistering them) first.
-    ring: IoUring,
-    slots: SlotPool,
-    bufs: BufRing,
-    /// The slab. Created with its final capacity and never grown past it, so entries never
-    /// move: io_uring entries point into them (`Proxied::sockaddr`).
-    conns: Vec<Option<Proxied>>,
-    free: Vec<u32>,
-    /// Stack slot → (generation, proxied index).
-    by_slot: Vec<(u32, u32)>,
-    /// Connections that found no free slot; retried when slots come back.
-    starved: Vec<(u32, u32)>,
+    io: Io,
+    /// The slab; entries never move (io_uring entries point into them).
+    conns: Slab<Proxied>,
+    /// Stack slot → owner.
+    by_slot: Vec<Owner>,
     tls_listeners: Vec<SocketAddr>,
     tls: Option<Arc<ServerConfig>>,
-    handshake_timeout: TcpDuration,
-    /// TLS connections by handshake deadline (idx, generation). Every deadline is the accept
-    /// time plus the same timeout, so the queue is in deadline order: checking it costs O(1)
-    /// per turn, and entries whose handshake finished are skipped when they come up.
-    handshake_deadlines: VecDeque<(TcpInstant, u32, u32)>,
-    backend: Backend,
-    next_server: usize,
+    backends: Backends,
+    sources: SourceLimits,
+    policy: Policy,
+    proxy_protocol: ProxyProtocol,
     limit: usize,
-    connect_timeout: types::Timespec,
-    gen_counter: u32,
+    wheel: Wheel<Key>,
+    due: Vec<Key>,
     counters: Arc<WorkerCounters>,
     tcp_counters: Arc<TcpCounters>,
     last_housekeeping: u64,
@@ -254,9 +229,9 @@ impl L4Proxy {
             recv_buffer: setup.tcp.recv_buffer,
             mss: setup.tcp.mss,
             nagle: setup.tcp.nagle,
-            idle_timeout: Some(TcpDuration::from_millis(
-                setup.timeouts.idle.as_millis() as u64
-            )),
+            // Idleness is the driver's (payload moving, not segments): a bare ACK must not keep
+            // a connection alive.
+            idle_timeout: None,
             cc: match setup.tcp.congestion {
                 Congestion::Cubic => Algorithm::Cubic,
                 Congestion::NewReno => Algorithm::NewReno,
@@ -302,9 +277,12 @@ impl L4Proxy {
             .setup_taskrun_flag()
             .build(RING_ENTRIES)?;
         let slot_count = (capacity as u32).clamp(64, MAX_SLOTS);
-        let slots = SlotPool::new(&ring, slot_count)?;
-        let bufs = BufRing::new(&ring, RECV_BUFFERS, BUF_GROUP)?;
-        let ct = setup.backend.connect_timeout;
+        let io = Io::new(
+            ring,
+            slot_count,
+            RECV_BUFFERS,
+            setup.backend.connect_timeout,
+        )?;
         tracing::info!(
             worker = setup.worker,
             connections = capacity,
@@ -320,27 +298,20 @@ impl L4Proxy {
             epoch: setup.epoch,
             secret: setup.secret,
             key_period: period,
-            ring,
-            slots,
-            bufs,
+            io,
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
-            conns: Vec::with_capacity(2 * capacity),
-            free: Vec::new(),
-            by_slot: vec![(0, NO_PROXIED); capacity],
-            starved: Vec::new(),
+            conns: Slab::with_capacity(2 * capacity),
+            by_slot: vec![Owner::None; capacity],
             tls_listeners: setup.tls_listeners,
             tls: setup.tls,
-            handshake_timeout: TcpDuration::from_millis(setup.timeouts.handshake.as_millis() as u64),
-            // One entry per TLS accept within a handshake timeout; grows only past that.
-            handshake_deadlines: VecDeque::with_capacity(capacity),
-            backend: setup.backend,
-            next_server: setup.worker,
+            backends: Backends::new(setup.backend.servers.clone(), setup.worker),
+            sources: SourceLimits::new(setup.limits.max_connections_per_source),
+            policy: Policy::from_config(&setup.timeouts, &setup.backend),
+            proxy_protocol: setup.backend.proxy_protocol,
             limit: setup.limits.buffer_per_direction,
-            connect_timeout: types::Timespec::new()
-                .sec(ct.as_secs())
-                .nsec(ct.subsec_nanos()),
-            gen_counter: 0,
+            wheel: Wheel::new(WHEEL_TICK_MS, 1024, now.as_micros() / 1000),
+            due: Vec::new(),
             counters: setup.counters,
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
@@ -370,6 +341,7 @@ impl L4Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        self.expire_timers(now);
     }
 
     // ------------------------------------------------------------------ events
@@ -377,27 +349,29 @@ impl L4Proxy {
     /// Handles the stack's news: new connections, data, space, state changes, departures.
     fn drain_ready(&mut self, now: TcpInstant) {
         while let Some(id) = self.stack.pop_ready() {
-            let (gen, idx) = self.by_slot[id.slot()];
-            let known = idx != NO_PROXIED && gen == id.generation();
-            if known && idx == RETIRED {
-                // A connection the proxy is done with, closing on its own in the stack.
-                continue;
-            }
-            if known {
-                self.pump(idx);
-            } else if self.stack.conn(id).is_some() {
-                if self.shutting_down {
-                    if let Some(tcb) = self.stack.conn_mut(id) {
-                        tcb.abort();
-                    }
+            match self.by_slot[id.slot()] {
+                Owner::Proxied(owner, key) if owner == id => {
+                    self.pump(key, now);
                     continue;
                 }
-                match self.adopt(id, now) {
-                    Some(idx) => self.pump(idx),
-                    None => {
-                        if let Some(tcb) = self.stack.conn_mut(id) {
-                            tcb.abort();
-                        }
+                // A connection the proxy is done with, closing on its own in the stack.
+                Owner::Retired(owner) if owner == id => continue,
+                _ => {}
+            }
+            if self.stack.conn(id).is_none() {
+                continue;
+            }
+            if self.shutting_down {
+                if let Some(tcb) = self.stack.conn_mut(id) {
+                    tcb.abort();
+                }
+                continue;
+            }
+            match self.adopt(id, now) {
+                Some(key) => self.pump(key, now),
+                None => {
+                    if let Some(tcb) = self.stack.conn_mut(id) {
+                        tcb.abort();
                     }
                 }
             }
@@ -405,83 +379,57 @@ impl L4Proxy {
     }
 
     /// A new client connection from the stack; `None` (counted) when the slab is full
-    /// (connections still finishing their backend side hold entries) or rustls refused to
-    /// start a session.
-    fn adopt(&mut self, id: ConnId, now: TcpInstant) -> Option<u32> {
-        let (local, remote) = self
-            .stack
-            .endpoints(id)
-            .expect("a connection the stack just reported is live");
-        if self.free.is_empty() && self.conns.len() == self.conns.capacity() {
+    /// (connections still finishing their backend side hold entries), the source is at its
+    /// limit, or rustls refused to start a session.
+    fn adopt(&mut self, id: ConnId, now: TcpInstant) -> Option<Key> {
+        let (local, remote) = self.stack.endpoints(id)?;
+        if self.conns.is_full() {
             self.counters.refused_full.inc();
             return None;
         }
-        let protocol = self.backend.proxy_protocol;
+        if !self.sources.acquire(remote.ip()) {
+            self.counters.refused_source_limit.inc();
+            return None;
+        }
         let session = match &self.tls {
             Some(config) if self.tls_listeners.contains(&local) => {
-                match Session::new(config.clone(), protocol, remote, local, self.limit) {
+                match Session::new(
+                    config.clone(),
+                    self.proxy_protocol,
+                    remote,
+                    local,
+                    self.limit,
+                ) {
                     Ok(session) => session,
                     Err(e) => {
                         self.counters.tls_errors.inc();
+                        self.sources.release(remote.ip());
                         tracing::warn!(worker = self.id, error = %e, "cannot start a TLS session");
                         return None;
                     }
                 }
             }
-            _ => Session::plain(protocol, remote, local, self.limit),
+            _ => Session::plain(self.proxy_protocol, remote, local, self.limit),
         };
-        let tls = session.is_tls();
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.conns.push(None);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        self.gen_counter = (self.gen_counter + 1) & GEN_MASK;
-        self.conns[idx as usize] = Some(Proxied {
-            gen: self.gen_counter,
-            conn: Some(id),
-            session,
-            client_addr: remote,
-            backend_fd: -1,
-            backend: BackendState::None,
-            server: 0,
-            attempts: 0,
-            // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
-            sockaddr: unsafe { std::mem::zeroed() },
-            socklen: 0,
-            up_slot: None,
-            up_start: 0,
-            up_end: 0,
-            up_in_flight: false,
-            down_in_flight: false,
-            backend_eof: false,
-            backend_wr_shut: false,
-            client_eof_told: false,
-            client_fin_sent: false,
-            handshake_counted: false,
-            in_flight: 0,
+        let key = self.conns.insert(Proxied {
+            conn: Conn::new(session, remote, now),
+            tcb: Some(id),
+            backend: Sock::none(Side::Backend),
+            sent_queue: 0,
+            scheduled: None,
             closing: false,
-        });
-        self.by_slot[id.slot()] = (id.generation(), idx);
-        if tls {
-            self.handshake_deadlines.push_back((
-                now + self.handshake_timeout,
-                idx,
-                self.gen_counter,
-            ));
-        }
+        })?;
+        self.by_slot[id.slot()] = Owner::Proxied(id, key);
         self.counters.accepted.inc();
         self.counters.active.inc();
-        Some(idx)
+        Some(key)
     }
 
-    fn reap(&mut self) {
+    fn reap(&mut self, now: TcpInstant) {
         loop {
             let mut batch = [(0u64, 0i32, 0u32); 64];
             let mut n = 0;
-            for cqe in self.ring.completion() {
+            for cqe in self.io.ring.completion() {
                 batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
                 n += 1;
                 if n == batch.len() {
@@ -492,12 +440,16 @@ impl L4Proxy {
                 return;
             }
             for &(ud, res, flags) in &batch[..n] {
-                self.complete(ud, res, flags);
+                self.complete(ud, res, flags, now);
+            }
+            // Connections that found no free send slot: slots may have come back.
+            for key in std::mem::take(&mut self.io.retry) {
+                self.pump(key, now);
             }
         }
     }
 
-    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+    fn complete(&mut self, ud: u64, res: i32, flags: u32, now: TcpInstant) {
         let Some(ud) = UserData::decode(ud) else {
             tracing::error!(worker = self.id, ud, "completion with unknown user_data");
             return;
@@ -516,149 +468,64 @@ impl L4Proxy {
             }
             _ => {}
         }
-        let idx = ud.index;
-        let Some(Some(p)) = self.conns.get_mut(idx as usize) else {
+        let key = Key {
+            index: ud.index,
+            gen: ud.gen,
+        };
+        let Some(p) = self.conns.get_mut(key) else {
             tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
             return;
         };
-        if p.gen != ud.gen {
-            tracing::error!(
-                worker = self.id,
-                ?ud,
-                "completion for an earlier connection"
-            );
-            return;
-        }
-        p.in_flight -= 1;
-        match ud.op {
-            Op::BackendConnect => self.on_connect(idx, res),
-            Op::BackendSend => self.on_send(idx, res),
-            Op::BackendRecv => self.on_recv(idx, res, flags),
-            _ => {}
-        }
-        self.pump(idx);
-    }
-
-    fn on_connect(&mut self, idx: u32, res: i32) {
-        let n = self.backend.servers.len();
-        let p = self.conns[idx as usize].as_mut().expect("live");
-        if p.backend != BackendState::Connecting || p.closing {
-            return;
-        }
-        if res == 0 {
-            p.backend = BackendState::Connected;
-            self.counters.backend_connects.inc();
-            return;
-        }
-        // SAFETY: our socket; the connect completed, nothing else uses it.
-        unsafe { libc::close(p.backend_fd) };
-        p.backend_fd = -1;
-        p.attempts += 1;
-        let server = self.backend.servers[p.server];
-        if res == -libc::ECANCELED {
-            self.counters.backend_connect_timeouts.inc();
-        } else {
-            self.counters.backend_connect_errors.inc();
-        }
-        tracing::debug!(
-            worker = self.id,
-            %server,
-            client = %p.client_addr,
-            error = %io::Error::from_raw_os_error(-res),
-            "backend connect failed"
+        driver::backend_completion(
+            &mut p.conn,
+            &mut p.backend,
+            &mut self.io,
+            &mut self.backends,
+            &self.counters,
+            key,
+            (ud.op, res, flags),
+            now,
         );
-        if p.attempts < n {
-            p.server = (p.server + 1) % n;
-            p.backend = BackendState::None;
-            self.start_connect(idx);
-        } else {
-            self.backend_lost(idx);
-        }
-    }
-
-    fn on_send(&mut self, idx: u32, res: i32) {
-        let p = self.conns[idx as usize].as_mut().expect("live");
-        p.up_in_flight = false;
-        if res < 0 {
-            if !p.closing {
-                self.backend_lost(idx);
-            }
-            return;
-        }
-        p.up_start += res as usize;
-        self.counters.backend_bytes_out.add(res as u64);
-        if p.up_start >= p.up_end {
-            p.up_start = 0;
-            p.up_end = 0;
-            if let Some(slot) = p.up_slot.take() {
-                self.slots.give_back(slot);
-            }
-        }
-    }
-
-    fn on_recv(&mut self, idx: u32, res: i32, flags: u32) {
-        let p = self.conns[idx as usize].as_mut().expect("live");
-        p.down_in_flight = false;
-        let bid = io_uring::cqueue::buffer_select(flags);
-        if res > 0 && !p.closing {
-            let bid = bid.expect("a receive with data names its buffer");
-            p.session.backend_recv(self.bufs.get(bid, res as usize));
-            self.counters.backend_bytes_in.add(res as u64);
-        } else if res == 0 {
-            p.backend_eof = true;
-            p.session.backend_eof();
-        }
-        if let Some(bid) = bid {
-            self.bufs.recycle(bid);
-        }
-        if res == -libc::ENOBUFS {
-            // Every provided buffer was in use: try again once some come back.
-            self.counters.recv_buffer_starved.inc();
-            self.starved.push((idx, p.gen));
-        } else if res < 0 && !p.closing {
-            self.backend_lost(idx);
-        }
+        self.pump(key, now);
     }
 
     // ------------------------------------------------------------------ the pump
 
-    /// Moves a connection forward after any event. See the module documentation.
-    fn pump(&mut self, idx: u32) {
-        let eager = self.backend.connect == ConnectPolicy::Eager;
-        let Some(p) = self.conns[idx as usize].as_mut() else {
+    /// Moves a connection forward after any event: the client's TCB, the backend leg (shared
+    /// with kernel mode), the end.
+    fn pump(&mut self, key: Key, now: TcpInstant) {
+        let Some(p) = self.conns.get_mut(key) else {
             return;
         };
         if p.closing {
-            if p.in_flight == 0 {
-                self.release(idx);
+            if p.backend.is_released() {
+                self.release(key);
             }
             return;
         }
-        let Some(id) = p.conn.filter(|&id| self.stack.conn(id).is_some()) else {
-            // The client's connection is gone. Finished both ways: a normal end; otherwise it
-            // was reset or timed out, and the backend is reset too.
-            let graceful = p.client_eof_told && p.client_fin_sent;
-            self.finish(idx, graceful);
+        let counters = &*self.counters;
+        let Some(id) = p.tcb.filter(|&id| self.stack.conn(id).is_some()) else {
+            // The client's connection is gone. Both ways finished: a normal end; otherwise it
+            // was reset or timed out (the stack counted which), and the backend is reset too.
+            let end = if p.conn.fin_sent() && p.conn.session().client_finished() {
+                End::Graceful
+            } else {
+                p.conn.client_failed(counters);
+                End::Abort(Why::Client)
+            };
+            self.finish(key, end);
             return;
         };
+        let c = &mut p.conn;
 
-        // Client → session, while the session has passed on everything it had.
-        let tcb = self.stack.conn(id).expect("checked above");
-        let readable = tcb.recv_queue() > 0;
-        let client_done = !tcb.may_recv() && tcb.recv_queue() == 0;
-        let failed = p.session.stage() == Stage::Failed;
-        if (readable
-            && (failed || (p.session.wants_client_read() && !p.session.has_backend_output())))
-            || (client_done && !p.client_eof_told)
-        {
-            let tcb = self.stack.conn_mut(id).expect("checked above");
-            if failed {
-                // Nothing the client sends after a TLS error is read: discarded (and once the
-                // alert and FIN are queued the TCB is released, so later data draws an RST).
+        // Client → machine, straight from the TCB's ring, while the machine wants bytes.
+        if let Some(tcb) = self.stack.conn_mut(id) {
+            if c.discards_client_input() {
+                // Nothing the client sends after a TLS error is read (once the alert and FIN
+                // are queued the TCB is released, so later data draws an RST).
                 tcb.consume(tcb.recv_queue());
             }
-            while p.session.wants_client_read() && !p.session.has_backend_output() {
-                // Straight from the TCB's ring into the session, one slot's worth at a time.
+            while c.wants_client_read() {
                 let data = tcb.peek();
                 let first = &data.first[..data.first.len().min(BUF_SIZE)];
                 let second = &data.second[..data.second.len().min(BUF_SIZE - first.len())];
@@ -666,261 +533,138 @@ impl L4Proxy {
                 if n == 0 {
                     break;
                 }
-                let fed = match p.session.client_recv(first) {
-                    Ok(()) => p.session.client_recv(second),
-                    Err(e) => Err(e),
-                };
+                let fed = c
+                    .client_data(first, counters)
+                    .and_then(|()| c.client_data(second, counters));
                 tcb.consume(n);
-                self.counters.client_bytes_in.add(n as u64);
                 if let Err(e) = fed {
                     // rustls queued an alert; it goes out below, then our FIN.
-                    self.counters.tls_errors.inc();
-                    tracing::debug!(worker = self.id, client = %p.client_addr, error = %e, "TLS error");
+                    tracing::debug!(worker = self.id, client = %c.peer, error = %e, "TLS error");
                     tcb.consume(tcb.recv_queue());
                     break;
                 }
             }
-            if !tcb.may_recv() && tcb.recv_queue() == 0 && !p.client_eof_told {
-                p.client_eof_told = true;
-                let _ = p.session.client_eof();
+            if !tcb.may_recv() && tcb.recv_queue() == 0 {
+                c.client_eof();
             }
         }
 
-        if !p.handshake_counted && p.session.stage() == Stage::Proxying {
-            p.handshake_counted = true;
-            if p.session.is_tls() {
-                self.counters.handshakes.inc();
-            }
-            if p.session.resumed() == Some(true) {
-                self.counters.resumed.inc();
-            }
-        }
-        if p.backend == BackendState::None
-            && !p.session.needs_backend(eager)
-            && p.session.client_finished()
-            && p.session.stage() == Stage::Proxying
-        {
-            // The client finished without sending anything: no backend is needed, and our side
-            // closes too.
-            p.session.close();
-        }
+        driver::pump_backend(
+            c,
+            &mut p.backend,
+            &mut self.io,
+            &mut self.backends,
+            counters,
+            &self.policy,
+            key,
+            now,
+        );
 
-        if p.backend == BackendState::None && p.session.needs_backend(eager) {
-            self.start_connect(idx);
-        }
-        let p = self.conns[idx as usize].as_mut().expect("live");
-
-        // Session → backend.
-        if p.backend == BackendState::Connected {
-            if !p.up_in_flight && p.up_slot.is_none() && p.session.has_backend_output() {
-                match self.slots.take() {
-                    Some(slot) => {
-                        let buf = self.slots.slot_mut(slot);
-                        let n = match p.session.backend_output(buf) {
-                            Ok(n) => n,
-                            Err(e) => {
-                                // Ciphertext stashed behind a full plaintext buffer was bad.
-                                self.counters.tls_errors.inc();
-                                tracing::debug!(worker = self.id, error = %e, "TLS error");
-                                0
-                            }
-                        };
-                        if n > 0 {
-                            p.up_slot = Some(slot);
-                            p.up_start = 0;
-                            p.up_end = n;
-                        } else {
-                            self.slots.give_back(slot);
-                        }
-                    }
-                    None => self.starved.push((idx, p.gen)),
-                }
-            }
-            if !p.up_in_flight && p.up_start < p.up_end {
-                let slot = p.up_slot.expect("bytes pending in a slot");
-                let e = opcode::WriteFixed::new(
-                    types::Fd(p.backend_fd),
-                    self.slots.ptr(slot, p.up_start),
-                    (p.up_end - p.up_start) as u32,
-                    0,
-                )
-                .build()
-                .user_data(UserData::new(Op::BackendSend, p.gen, idx).encode());
-                p.up_in_flight = true;
-                p.in_flight += 1;
-                push(&mut self.ring, e);
-            }
-            if p.session.client_finished()
-                && !p.up_in_flight
-                && p.up_slot.is_none()
-                && !p.backend_wr_shut
-            {
-                p.backend_wr_shut = true;
-                // SAFETY: our socket. Half-close: the client sent FIN and all its bytes went.
-                unsafe { libc::shutdown(p.backend_fd, libc::SHUT_WR) };
-            }
-            // Backend → session, while the session has passed on everything it had.
-            if !p.down_in_flight
-                && !p.backend_eof
-                && p.session.wants_backend_read()
-                && !p.session.wants_client_write()
-            {
-                // The kernel picks a provided buffer when data arrives.
-                let e = opcode::Recv::new(types::Fd(p.backend_fd), std::ptr::null_mut(), 0)
-                    .buf_group(BUF_GROUP)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-                    .user_data(UserData::new(Op::BackendRecv, p.gen, idx).encode());
-                p.down_in_flight = true;
-                p.in_flight += 1;
-                push(&mut self.ring, e);
-            }
-        }
-
-        // Session → client, as far as the send buffer has room.
-        let tcb = self.stack.conn(id).expect("checked above");
-        let room = self.tcp_config.send_buffer.saturating_sub(tcb.send_queue());
-        let fin_due = p.session.server_finished() && !p.client_fin_sent;
-        if (room > 0 && p.session.wants_client_write()) || fin_due {
-            let tcb = self.stack.conn_mut(id).expect("checked above");
-            let mut room = room;
-            while room > 0 && p.session.wants_client_write() {
-                // Straight into the TCB's send ring (its contiguous free part, then the rest
-                // after the wrap on the next round).
-                let session = &mut p.session;
+        // Machine → client, straight into the TCB's send ring as far as it has room.
+        let mut client = ClientOutput {
+            queued: false,
+            progressed: false,
+            flushed: true,
+        };
+        if let Some(tcb) = self.stack.conn_mut(id) {
+            client.progressed = tcb.send_queue() < p.sent_queue;
+            let mut room = self.tcp_config.send_buffer.saturating_sub(tcb.send_queue());
+            while room > 0 && c.wants_client_write() {
                 let n = tcb.send_in_place(|spare| {
                     let want = room.min(spare.len());
-                    session.client_output(&mut spare[..want])
+                    c.client_output(&mut spare[..want], counters)
                 });
                 if n == 0 {
                     break;
                 }
-                self.counters.client_bytes_out.add(n as u64);
                 room -= n;
             }
-            if p.session.server_finished() && !p.client_fin_sent {
-                p.client_fin_sent = true;
+            // The TCB sends our FIN after what it holds.
+            if c.fin_due(true) {
                 tcb.close();
             }
+            p.sent_queue = tcb.send_queue();
+            client.queued = p.sent_queue > 0;
         }
-
-        // Both directions finished (or the TLS session failed and its alert and our FIN are
-        // queued): the backend is closed now and the TCB is left to complete its own closing
-        // handshake (and TIME-WAIT) in the stack.
-        let client_done = p.client_eof_told && p.session.client_finished();
-        let done = match p.backend {
-            // A failed session or backend: nothing more from the client will be used (its
-            // unread plaintext has nowhere to go), so our FIN ends it.
-            _ if p.session.stage() == Stage::Failed => true,
-            BackendState::Failed => true,
-            BackendState::None => client_done,
-            BackendState::Connecting | BackendState::Connected => client_done && p.backend_wr_shut,
-        };
-        if p.client_fin_sent && done && !p.up_in_flight {
-            self.finish(idx, true);
+        match driver::settle(c, client, &mut p.backend, now) {
+            Some(end) => self.finish(key, end),
+            None => self.schedule(key),
         }
     }
 
-    /// Opens a backend connection (round-robin; on failure the next server).
-    fn start_connect(&mut self, idx: u32) {
-        let n = self.backend.servers.len();
-        let p = self.conns[idx as usize].as_mut().expect("live");
-        if p.attempts == 0 {
-            p.server = self.next_server % n;
-            self.next_server = self.next_server.wrapping_add(1);
-        }
-        let addr = self.backend.servers[p.server];
-        let fd = match tcp_socket(&addr) {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(worker = self.id, error = %e, "cannot create a backend socket");
-                self.backend_lost(idx);
-                return;
-            }
+    /// Puts the connection's next deadline on the wheel unless an earlier entry is there.
+    fn schedule(&mut self, key: Key) {
+        let Some(p) = self.conns.get_mut(key) else {
+            return;
         };
-        p.backend_fd = fd;
-        p.backend = BackendState::Connecting;
-        p.socklen = write_sockaddr(&addr, &mut p.sockaddr);
-        let entries = crate::uring::connect_with_timeout(
-            fd,
-            &p.sockaddr,
-            p.socklen,
-            &self.connect_timeout,
-            p.gen,
-            idx,
-        );
-        p.in_flight += 2;
-        crate::uring::make_room(&mut self.ring, 2);
-        for e in entries {
-            push(&mut self.ring, e);
-        }
-    }
-
-    /// The backend failed: close it, and close the client side politely.
-    fn backend_lost(&mut self, idx: u32) {
-        let p = self.conns[idx as usize].as_mut().expect("live");
-        if p.backend == BackendState::Failed {
+        let Some(deadline) = p.conn.next_deadline(&self.policy) else {
+            return;
+        };
+        if p.scheduled.is_some_and(|s| s <= deadline) {
             return;
         }
-        self.counters.backend_failures.inc();
-        p.backend = BackendState::Failed;
-        close_backend(p, false);
-        p.session.close();
+        p.scheduled = Some(deadline);
+        self.wheel.insert(deadline.as_micros().div_ceil(1000), key);
     }
 
-    /// Ends a proxied connection: closes the backend (RST unless `graceful`), aborts the client
-    /// connection if it is still there, and frees the entry once nothing is in flight.
-    fn finish(&mut self, idx: u32, graceful: bool) {
-        let p = self.conns[idx as usize].as_mut().expect("live");
+    fn expire_timers(&mut self, now: TcpInstant) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel
+            .expire(now.as_micros() / 1000, |_, key| due.push(key));
+        for &key in &due {
+            let Some(p) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if p.closing {
+                continue;
+            }
+            p.scheduled = None;
+            if p.conn.on_timeout(now, &self.policy, &self.counters) {
+                self.pump(key, now);
+            } else {
+                self.schedule(key);
+            }
+        }
+        due.clear();
+        self.due = due;
+    }
+
+    /// Ends a proxied connection: closes the backend (RST unless graceful), releases the
+    /// client's TCB (graceful: our FIN is queued and the TCB finishes on its own) or aborts it,
+    /// and frees the entry once nothing is in flight.
+    fn finish(&mut self, key: Key, end: End) {
+        let Some(p) = self.conns.get_mut(key) else {
+            return;
+        };
         if p.closing {
             return;
         }
         p.closing = true;
         self.counters.closed.inc();
-        close_backend(p, graceful);
-        if let Some(id) = p.conn.take() {
+        let graceful = end == End::Graceful;
+        p.backend.close(&mut self.io, graceful);
+        self.sources.release(p.conn.peer.ip());
+        if let Some(id) = p.tcb.take() {
             if let Some(tcb) = self.stack.conn_mut(id) {
                 if graceful {
-                    // Our FIN is queued; the TCB finishes its closing handshake in the stack,
-                    // and resets the client if it sends anything more (nobody reads it now).
+                    // The TCB resets the client if it sends anything more (nobody reads it now).
                     tcb.release();
                 } else {
                     tcb.abort();
                 }
             }
-            if self.by_slot[id.slot()] == (id.generation(), idx) {
-                self.by_slot[id.slot()] = (id.generation(), RETIRED);
+            if self.by_slot[id.slot()] == Owner::Proxied(id, key) {
+                self.by_slot[id.slot()] = Owner::Retired(id);
             }
         }
-        if p.in_flight == 0 {
-            self.release(idx);
+        if p.backend.is_released() {
+            self.release(key);
         }
     }
 
-    fn release(&mut self, idx: u32) {
-        let p = self.conns[idx as usize].take().expect("live");
-        debug_assert_eq!(p.in_flight, 0, "releasing with operations in flight");
-        if let Some(slot) = p.up_slot {
-            self.slots.give_back(slot);
-        }
-        if let Some(id) = p.conn {
-            if self.by_slot[id.slot()] == (id.generation(), idx) {
-                self.by_slot[id.slot()] = (id.generation(), RETIRED);
-            }
-        }
-        self.free.push(idx);
-        self.counters.active.dec();
-    }
-
-    fn retry_starved(&mut self) {
-        if self.starved.is_empty() || self.slots.in_use() >= self.slots.capacity() {
-            return;
-        }
-        let waiting = std::mem::take(&mut self.starved);
-        for (idx, gen) in waiting {
-            if matches!(&self.conns[idx as usize], Some(p) if p.gen == gen) {
-                self.pump(idx);
-            }
+    fn release(&mut self, key: Key) {
+        if self.conns.remove(key).is_some() {
+            self.counters.active.dec();
         }
     }
 
@@ -928,44 +672,23 @@ impl L4Proxy {
     fn run(&mut self, out: &mut TxQueue<'_>) {
         let now = self.now();
         // Task work the kernel flagged (cooperative task running) posts its completions now.
-        if self.ring.submission().taskrun() {
+        if self.io.ring.submission().taskrun() {
             self.submit();
         }
-        self.reap();
+        self.reap(now);
         self.drain_ready(now);
-        self.retry_starved();
-        self.expire_handshakes(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         // Timers and flushed sends may have ended connections or freed space.
         self.drain_ready(now);
+        self.housekeeping(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
-        self.housekeeping(now);
         // The submit happens in `end_turn`, together with the turn's TX kicks.
     }
 
-    /// Resets TLS connections whose handshake did not finish in time (as kernel mode does).
-    fn expire_handshakes(&mut self, now: TcpInstant) {
-        while let Some(&(deadline, idx, gen)) = self.handshake_deadlines.front() {
-            if now < deadline {
-                return;
-            }
-            self.handshake_deadlines.pop_front();
-            let Some(Some(p)) = self.conns.get(idx as usize) else {
-                continue;
-            };
-            if p.gen != gen || p.closing || p.session.stage() != Stage::Handshake {
-                continue;
-            }
-            self.counters.handshake_timeouts.inc();
-            tracing::debug!(worker = self.id, client = %p.client_addr, "TLS handshake timed out");
-            self.finish(idx, false);
-        }
-    }
-
     fn submit(&mut self) {
-        if let Err(e) = self.ring.submit() {
+        if let Err(e) = self.io.ring.submit() {
             if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
                 tracing::warn!(worker = self.id, error = %e, "io_uring submit failed");
             }
@@ -991,22 +714,21 @@ impl FrameHandler for L4Proxy {
 
     fn attach_waker(&mut self, waker: &Waker) {
         // Completions wake the worker from its sleep in poll(2).
-        if let Err(e) = self.ring.submitter().register_eventfd(waker.as_raw_fd()) {
+        if let Err(e) = self.io.ring.submitter().register_eventfd(waker.as_raw_fd()) {
             tracing::warn!(worker = self.id, error = %e, "cannot register the io_uring eventfd");
         }
     }
 
     fn wants_poll(&mut self) -> bool {
-        if self.pending || self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+        if self.pending
+            || self.io.ring.submission().taskrun()
+            || !self.io.ring.completion().is_empty()
+        {
             return true;
         }
         let now = self.now();
-        self.stack.poll_due(now)
-            || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
-            || self
-                .handshake_deadlines
-                .front()
-                .is_some_and(|&(deadline, ..)| now >= deadline)
+        // The driver's deadlines are looked at with the housekeeping.
+        self.stack.poll_due(now) || now.as_micros() >= self.last_housekeeping + HOUSEKEEPING_US
     }
 
     fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
@@ -1031,12 +753,12 @@ impl FrameHandler for L4Proxy {
                 .flags(libc::MSG_DONTWAIT)
                 .build()
                 .user_data(UserData::new(Op::Kick, 0, fd as u32).encode());
-            push(&mut self.ring, e);
+            self.io.push(e);
             self.kicks_in_flight.push(fd);
             issued += 1;
         }
         // Nothing is submitted when there is nothing to submit: an idle turn makes no syscall.
-        if !self.ring.submission().is_empty() {
+        if !self.io.ring.submission().is_empty() {
             self.submit();
         }
         issued
@@ -1050,16 +772,7 @@ impl FrameHandler for L4Proxy {
             .map(|t| self.epoch + std::time::Duration::from_micros(t.as_micros()));
         let housekeeping =
             self.epoch + std::time::Duration::from_micros(self.last_housekeeping + HOUSEKEEPING_US);
-        let handshake = self
-            .handshake_deadlines
-            .front()
-            .map(|&(t, ..)| self.epoch + std::time::Duration::from_micros(t.as_micros()));
-        Some(
-            [stack, handshake]
-                .into_iter()
-                .flatten()
-                .fold(housekeeping, std::cmp::min),
-        )
+        Some(stack.map_or(housekeeping, |s| s.min(housekeeping)))
     }
 
     fn drain(&mut self, _deadline: std::time::Instant) {
@@ -1067,12 +780,12 @@ impl FrameHandler for L4Proxy {
         // (or the worker's drain deadline passes and `shutdown` resets them).
         self.draining = true;
         self.stack.close_listeners();
-        let open = self.conns.len() - self.free.len();
+        let open = self.conns.len();
         tracing::info!(worker = self.id, open, "bypass worker draining");
     }
 
     fn drained(&mut self) -> bool {
-        if self.free.len() != self.conns.len() {
+        if !self.conns.is_empty() {
             return false;
         }
         // No proxied connection is left; TCBs may still be finishing their closing handshakes
@@ -1088,7 +801,7 @@ impl FrameHandler for L4Proxy {
     fn shutdown(&mut self, out: &mut TxQueue<'_>) {
         self.shutting_down = true;
         if self.draining {
-            let open = self.conns.iter().flatten().filter(|p| !p.closing).count();
+            let open = self.conns.values().filter(|p| !p.closing).count();
             if open > 0 {
                 self.counters.drain_aborted.add(open as u64);
                 tracing::info!(
@@ -1104,43 +817,26 @@ impl FrameHandler for L4Proxy {
                 tcb.abort();
             }
         }
-        for idx in 0..self.conns.len() as u32 {
-            if matches!(&self.conns[idx as usize], Some(p) if !p.closing) {
-                self.finish(idx, false);
+        for key in self.conns.keys() {
+            if let Some(p) = self.conns.get_mut(key) {
+                p.conn.abort(Why::Shutdown);
             }
+            self.finish(key, End::Abort(Why::Shutdown));
         }
         let now = self.now();
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
         // Wait (bounded) for the operations still in flight, so none outlives its buffer.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while self.conns.iter().flatten().any(|p| p.in_flight > 0)
-            && std::time::Instant::now() < deadline
-        {
-            let _ = self.ring.submit_and_wait(1);
-            self.reap();
+        while !self.conns.is_empty() && std::time::Instant::now() < deadline {
+            let _ = self.io.ring.submitter().submit_with_args(
+                1,
+                &types::SubmitArgs::new().timespec(&types::Timespec::new().nsec(10_000_000)),
+            );
+            self.reap(now);
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
     }
-}
-
-/// Closes the backend socket of `p` (with RST unless `graceful`). Operations still in flight
-/// complete with errors; their completions only release what they lent.
-fn close_backend(p: &mut Proxied, graceful: bool) {
-    if p.backend_fd < 0 {
-        return;
-    }
-    if !graceful {
-        set_linger_zero(p.backend_fd);
-    }
-    if p.in_flight > 0 {
-        // Make operations on the socket complete now (a read would otherwise wait forever).
-        // SAFETY: our socket.
-        unsafe { libc::shutdown(p.backend_fd, libc::SHUT_RDWR) };
-    }
-    // SAFETY: our socket, closed once (set to -1 right after).
-    unsafe { libc::close(p.backend_fd) };
-    p.backend_fd = -1;
 }
 
 /// Copies one frame the stack emitted into a UMEM frame and queues it.
@@ -1158,22 +854,6 @@ fn transmit(out: &mut TxQueue<'_>, frame: &[u8], no_frame: &crate::counters::Cou
     }
     buf[..frame.len()].copy_from_slice(frame);
     out.send(f, frame.len());
-}
-
-/// Queues an SQE, submitting first if the queue is full.
-fn push(ring: &mut IoUring, e: squeue::Entry) {
-    loop {
-        // SAFETY: every buffer and address an entry points at lives in the proxy until its
-        // completion arrives: the slot pool's memory, `connect_timeout`, and `Proxied::sockaddr`
-        // in the slab, which never reallocates (`L4Proxy::conns` is created with its final
-        // capacity) and whose entries are released only when nothing is in flight.
-        if unsafe { ring.submission().push(&e) }.is_ok() {
-            return;
-        }
-        if let Err(err) = ring.submit() {
-            tracing::warn!(error = %err, "io_uring submit failed");
-        }
-    }
 }
 
 fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {

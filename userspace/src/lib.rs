@@ -12,6 +12,7 @@ pub mod bypass;
 pub mod config;
 pub mod control;
 pub mod counters;
+pub mod driver;
 pub mod l4;
 pub mod proxy;
 pub mod proxy_protocol;

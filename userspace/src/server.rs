@@ -375,47 +375,20 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> a
 /// A listening TCP socket with SO_REUSEPORT, so each worker has its own accept queue and the
 /// kernel spreads connections across workers.
 fn listen_socket(addr: SocketAddr) -> io::Result<RawFd> {
-    let fd = worker::tcp_socket(&addr)?;
-    let close_on_err = |e: io::Error| {
-        // SAFETY: our fd, closed once on this error path.
-        unsafe { libc::close(fd) };
-        e
-    };
-    let one: libc::c_int = 1;
-    let mut opts = vec![
-        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-    ];
+    use std::os::fd::IntoRawFd;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // "[::]:443" means IPv6 only; list "0.0.0.0:443" as well for IPv4 (explicit beats a
         // sysctl-dependent dual stack).
-        opts.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+        sock.set_only_v6(true)?;
     }
-    for (level, opt) in opts {
-        // SAFETY: valid fd, pointer to a c_int of the given size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(close_on_err(io::Error::last_os_error()));
-        }
-    }
-    // SAFETY: zeroed sockaddr_storage is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = worker::write_sockaddr(&addr, &mut ss);
-    // SAFETY: ss holds a sockaddr of `len` bytes.
-    if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } < 0 {
-        return Err(close_on_err(io::Error::last_os_error()));
-    }
-    // SAFETY: valid bound socket.
-    if unsafe { libc::listen(fd, 4096) } < 0 {
-        return Err(close_on_err(io::Error::last_os_error()));
-    }
-    Ok(fd)
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into_raw_fd())
 }

@@ -1,4 +1,4 @@
-//! io_uring resources a worker owns: the provided-buffer ring its multishot receives draw from,
+//! io_uring resources a worker owns: the provided-buffer ring its receives draw from,
 //! the pool of registered buffers its sends go out of, and the `user_data` encoding that ties a
 //! completion back to its operation and connection.
 //!
@@ -23,44 +23,31 @@ use io_uring::IoUring;
 /// in a slot; ciphertext records straddling two slots are fine since TCP is a byte stream.
 pub const BUF_SIZE: usize = 16 * 1024;
 
-/// An anonymous, page-aligned, zeroed mapping that is unmapped on drop.
+/// An anonymous, page-aligned, zeroed mapping that is unmapped on drop (memmap2). Populated
+/// at once: a worker's buffer memory is resident from start-up, so memory use is predictable
+/// and no receive pays a page fault. The kernel keeps raw pointers into it (registered buffers,
+/// the buffer ring), so it is only ever accessed through `ptr`.
 struct Mapping {
+    /// Owns the mapping (unmapped when dropped).
+    _map: memmap2::MmapMut,
     ptr: NonNull<u8>,
     len: usize,
 }
 
 impl Mapping {
     fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: an anonymous private mapping with no address hint has no preconditions; the
-        // result is checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                // Populated now: a worker's buffer memory is resident from start-up, so memory
-                // use is predictable and no receive pays a page fault.
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(Mapping { ptr, len })
+        let mut map = memmap2::MmapOptions::new().len(len).populate().map_anon()?;
+        let ptr =
+            NonNull::new(map.as_mut_ptr()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Mapping {
+            _map: map,
+            ptr,
+            len,
+        })
     }
 }
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped exactly once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// The provided-buffer ring for multishot receives (one buffer group per worker).
+/// The provided-buffer ring receives draw from (one buffer group per worker).
 pub struct BufRing {
     ring: Mapping,
     bufs: Mapping,
@@ -151,8 +138,11 @@ impl BufRing {
     }
 }
 
-/// A slot index in the [`SlotPool`].
-pub type SlotId = u32;
+/// A slot of the [`SlotPool`], lent to one socket's queued bytes. Not `Copy` or `Clone`: the
+/// one handle moves from the pool to its holder and back ([`SlotPool::give_back`] consumes it),
+/// so a slot cannot be returned twice or written by two holders.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SlotId(u32);
 
 /// Registered send buffers, registered as one fixed buffer (index 0) and carved into slots.
 pub struct SlotPool {
@@ -173,7 +163,7 @@ impl SlotPool {
         unsafe { ring.submitter().register_buffers(&[iov])? };
         Ok(SlotPool {
             mem,
-            free: (0..count).rev().collect(),
+            free: (0..count).rev().map(SlotId).collect(),
             count,
         })
     }
@@ -184,10 +174,7 @@ impl SlotPool {
     }
 
     pub fn give_back(&mut self, id: SlotId) {
-        debug_assert!(
-            id < self.count && !self.free.contains(&id),
-            "slot returned twice"
-        );
+        debug_assert!(id.0 < self.count, "slot from another pool");
         self.free.push(id);
     }
 
@@ -199,7 +186,8 @@ impl SlotPool {
         (self.count as usize) - self.free.len()
     }
 
-    pub fn slot_mut(&mut self, id: SlotId) -> &mut [u8] {
+    pub fn slot_mut(&mut self, id: &SlotId) -> &mut [u8] {
+        let id = id.0;
         assert!(id < self.count, "slot id out of range");
         // SAFETY: in bounds (checked), and `&mut self` guarantees no other reference from us;
         // the caller only writes to slots it does not have a write in flight for.
@@ -212,49 +200,14 @@ impl SlotPool {
     }
 
     /// Pointer to byte `offset` of slot `id`, for a WRITE_FIXED on registered buffer 0.
-    pub fn ptr(&self, id: SlotId, offset: usize) -> *const u8 {
+    pub fn ptr(&self, id: &SlotId, offset: usize) -> *const u8 {
+        let id = id.0;
         assert!(
             id < self.count && offset <= BUF_SIZE,
             "slot id or offset out of range"
         );
         // SAFETY: in bounds (checked).
         unsafe { self.mem.ptr.as_ptr().add(id as usize * BUF_SIZE + offset) }
-    }
-}
-
-/// A backend CONNECT linked to a LINK_TIMEOUT, for connection `index` of generation `gen`.
-/// Both must sit next to each other in the submission queue: call [`make_room`] for two
-/// entries first. `addr` and `timeout` must stay valid until submitted (the kernel copies
-/// them when it prepares the entries).
-pub fn connect_with_timeout(
-    fd: std::os::fd::RawFd,
-    addr: *const libc::sockaddr_storage,
-    len: libc::socklen_t,
-    timeout: &io_uring::types::Timespec,
-    gen: u32,
-    index: u32,
-) -> [io_uring::squeue::Entry; 2] {
-    use io_uring::{opcode, squeue, types};
-    [
-        opcode::Connect::new(types::Fd(fd), addr.cast(), len)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(UserData::new(Op::BackendConnect, gen, index).encode()),
-        opcode::LinkTimeout::new(timeout)
-            .build()
-            .user_data(UserData::new(Op::ConnectTimeout, gen, index).encode()),
-    ]
-}
-
-/// Submits what is queued if fewer than `n` submission entries are free, so that `n` entries
-/// pushed next land together.
-pub fn make_room(ring: &mut IoUring, n: usize) {
-    let room = {
-        let sq = ring.submission();
-        sq.capacity() - sq.len()
-    };
-    if room < n {
-        let _ = ring.submit();
     }
 }
 
@@ -273,6 +226,10 @@ pub enum Op {
     Cancel,
     /// A TX wakeup (zero-length SEND) on an AF_XDP socket; `index` is its fd.
     Kick,
+    /// A client socket's window was full: wait until it takes bytes again (POLLOUT).
+    ClientPoll,
+    /// The same for a backend socket.
+    BackendPoll,
 }
 
 impl Op {
@@ -287,6 +244,8 @@ impl Op {
             7 => Op::BackendSend,
             8 => Op::Cancel,
             9 => Op::Kick,
+            10 => Op::ClientPoll,
+            11 => Op::BackendPoll,
             _ => return None,
         })
     }
@@ -352,12 +311,14 @@ mod tests {
         let mut pool = SlotPool::new(&ring, 4).expect("slot pool");
         let mut taken: Vec<_> = std::iter::from_fn(|| pool.take()).collect();
         taken.sort_unstable();
-        assert_eq!(taken, vec![0, 1, 2, 3]);
+        assert_eq!(taken, (0..4).map(SlotId).collect::<Vec<_>>());
         assert_eq!(pool.in_use(), 4);
-        pool.slot_mut(2)[0] = 7;
-        pool.give_back(2);
-        assert_eq!(pool.take(), Some(2));
-        assert_eq!(pool.slot_mut(2)[0], 7);
+        let two = taken.remove(2);
+        pool.slot_mut(&two)[0] = 7;
+        pool.give_back(two);
+        let again = pool.take().expect("the slot given back");
+        assert_eq!(again, SlotId(2));
+        assert_eq!(pool.slot_mut(&again)[0], 7);
     }
 
     #[test]

@@ -169,11 +169,13 @@ cpus = [{cpu_list}]
 [timeouts]
 handshake_ms = 5000
 idle_ms = 60000
+send_ms = 7000
 drain_ms = 2000
 
 [limits]
 max_connections_per_worker = 123
 buffer_per_direction = 16384
+max_connections_per_source = 9
 
 [control]
 socket = "/run/tern-test.sock"
@@ -255,6 +257,7 @@ socket = "/run/tern-test.sock"
         Timeouts {
             handshake: Duration::from_secs(5),
             idle: Duration::from_secs(60),
+            send: Duration::from_secs(7),
             drain: Duration::from_secs(2),
         }
     );
@@ -263,6 +266,7 @@ socket = "/run/tern-test.sock"
         Limits {
             max_connections_per_worker: 123,
             buffer_per_direction: 16384,
+            max_connections_per_source: 9,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern-test.sock"));
@@ -310,6 +314,7 @@ fn defaults_are_applied() {
         Timeouts {
             handshake: Duration::from_millis(10_000),
             idle: Duration::from_millis(300_000),
+            send: Duration::from_millis(60_000),
             drain: Duration::from_millis(30_000),
         }
     );
@@ -318,6 +323,7 @@ fn defaults_are_applied() {
         Limits {
             max_connections_per_worker: 10_000,
             buffer_per_direction: 65_536,
+            max_connections_per_source: 0,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern.sock"));

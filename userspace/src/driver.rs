@@ -1,0 +1,688 @@
+//! The connection driver both data paths run: one sans-IO machine per proxied connection
+//! ([`Conn`]), the rules every connection of a worker shares ([`Backends`] for choice,
+//! failover and passive health, [`SourceLimits`], [`Slab`] for the connection table), and the
+//! io_uring execution of a socket leg ([`sock::Sock`]) that the kernel path uses for clients
+//! and backends and the bypass path for backends.
+//!
+//! The model is quinn-proto under quinn. A [`Conn`] owns the [`Session`] (TLS and the byte
+//! rules), the state of the backend leg (connect, failover, failure, half-close), the
+//! connection's deadlines (handshake, idle, send progress) and the decision when the connection
+//! is over and how (FIN or RST). It is told what happened (`client_data`, `backend_connected`,
+//! `on_timeout`, ...) with the time, and asked what to do (`poll_backend`, `client_output`,
+//! `fin_due`, `poll_end`, `next_deadline`). It never performs I/O or reads a clock. The kernel
+//! worker (`crate::worker`) and the bypass proxy (`crate::l4`) each only move bytes between
+//! their client transport (a kernel socket; a TCB of tern's stack) and the machine, and execute
+//! the operations it asks for. A rule that both paths need lives here, once.
+//!
+//! Not here: the TLS/byte rules themselves ([`crate::proxy`]), the TCP stack, rings and frames.
+
+pub mod backends;
+pub mod slab;
+pub mod sock;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+
+use crate::counters::WorkerCounters;
+use crate::proxy::{Session, SessionError, Stage};
+use crate::tcp::time::{Duration, Instant};
+
+pub use backends::{Backends, SourceLimits};
+pub use slab::{Key, Slab};
+use sock::{Io, Sock};
+
+/// The per-worker settings every connection's machine follows (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// From accept to the end of the TLS handshake (`timeouts.handshake_ms`).
+    pub handshake: Duration,
+    /// No plaintext moving either way for this long ends the connection (`timeouts.idle_ms`).
+    pub idle: Duration,
+    /// Output queued for a peer that makes no progress for this long ends the connection
+    /// (`timeouts.send_ms`): a client (or backend) that never reads cannot hold buffers.
+    pub send: Duration,
+    /// `backend.connect = "eager"`: connect at accept rather than on the first plaintext byte.
+    pub eager: bool,
+}
+
+impl Policy {
+    pub fn from_config(
+        timeouts: &crate::config::Timeouts,
+        backend: &crate::config::Backend,
+    ) -> Policy {
+        Policy {
+            handshake: timeouts.handshake.into(),
+            idle: timeouts.idle.into(),
+            send: timeouts.send.into(),
+            eager: backend.connect == crate::config::ConnectPolicy::Eager,
+        }
+    }
+}
+
+/// One direction of a byte stream, as far as its end is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Bytes may still come.
+    Open,
+    /// The end (FIN, EOF, close) has been passed on.
+    Finished,
+}
+
+/// The backend leg of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// No backend: none needed yet (`first-byte` waits for plaintext), or none ever.
+    Idle,
+    /// A connect to `Backends` server `server` is in flight; `attempts` servers tried so far
+    /// for this connection (this one included).
+    Connecting { server: usize, attempts: usize },
+    /// Connected to `server`. `write`: whether our FIN (SHUT_WR) has been sent; `read`:
+    /// whether the backend's EOF has been passed to the session.
+    Connected {
+        server: usize,
+        write: Flow,
+        read: Flow,
+    },
+    /// No server could be reached, or the connection broke: the client side is closed
+    /// politely (close_notify and FIN after what was already queued).
+    Failed,
+}
+
+/// What the machine asks the transport to do with the backend leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendOp {
+    /// Open a connection to this address (with `backend.connect_timeout_ms`).
+    Connect(SocketAddr),
+    /// Everything for the backend is written: send FIN (SHUT_WR).
+    ShutdownWrite,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished: FIN on both sides, nothing lost.
+    Graceful,
+    /// Cut: both sockets are reset (RST).
+    Abort(Why),
+}
+
+/// Why a connection was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The client's transport failed (reset, error, or its TCB timed out).
+    Client,
+    HandshakeTimeout,
+    IdleTimeout,
+    SendTimeout,
+    /// The worker is stopping (drain deadline, stop).
+    Shutdown,
+}
+
+/// What a socket leg reported, in terms the machine understands (see [`sock::Sock::complete`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    Data(&'a [u8]),
+    Eof,
+    /// The peer or the socket failed (errno).
+    Failed(i32),
+    /// A connect completed.
+    Connected,
+    /// A connect failed (errno) or timed out.
+    ConnectFailed {
+        timed_out: bool,
+        errno: i32,
+    },
+    /// Nothing the machine needs to know (bytes written, a wakeup, a cancelled operation).
+    Nothing,
+}
+
+/// One proxied connection's machine. See the module documentation.
+pub struct Conn {
+    session: Session,
+    /// The client's address (logs, PROXY header, per-source accounting).
+    pub peer: SocketAddr,
+    leg: Leg,
+    /// The client's FIN has been passed to the session.
+    client_in: Flow,
+    /// Our FIN to the client has been asked for ([`Conn::fin_due`] returned true).
+    client_out: Flow,
+    handshake_counted: bool,
+    accepted: Instant,
+    /// Last time plaintext moved either way (or a peer took queued bytes): the idle clock.
+    active: Instant,
+    /// Since when output queued for a peer has made no progress; `None`: nothing queued.
+    stalled_since: Option<Instant>,
+    end: Option<End>,
+}
+
+impl Conn {
+    pub fn new(session: Session, peer: SocketAddr, now: Instant) -> Conn {
+        Conn {
+            session,
+            peer,
+            leg: Leg::Idle,
+            client_in: Flow::Open,
+            client_out: Flow::Open,
+            handshake_counted: false,
+            accepted: now,
+            active: now,
+            stalled_since: None,
+            end: None,
+        }
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn leg(&self) -> Leg {
+        self.leg
+    }
+
+    /// Whether the machine has decided the connection is over (see [`Conn::poll_end`]).
+    pub fn is_over(&self) -> bool {
+        self.end.is_some()
+    }
+
+    // ------------------------------------------------------------------ client side
+
+    /// Whether the transport should take bytes from the client now: the session wants them and
+    /// has passed on everything it had (so an unread backend closes the client's window), or
+    /// the session failed and what the client sends is to be discarded.
+    pub fn wants_client_read(&self) -> bool {
+        self.end.is_none() && self.session.wants_client_read() && !self.session.has_backend_output()
+    }
+
+    /// Whether bytes the client sends now are discarded (the TLS session failed; its alert and
+    /// our FIN are on their way).
+    pub fn discards_client_input(&self) -> bool {
+        self.session.stage() == Stage::Failed
+    }
+
+    /// Bytes from the client. A TLS error is counted; rustls has queued an alert, which goes
+    /// out with [`Conn::client_output`], then our FIN.
+    pub fn client_data(
+        &mut self,
+        data: &[u8],
+        counters: &WorkerCounters,
+    ) -> Result<(), SessionError> {
+        counters.client_bytes_in.add(data.len() as u64);
+        let r = self.session.client_recv(data);
+        if r.is_err() {
+            counters.tls_errors.inc();
+        }
+        self.count_handshake(counters);
+        r
+    }
+
+    /// The client's FIN (after all its bytes).
+    pub fn client_eof(&mut self) {
+        if self.client_in == Flow::Finished {
+            return;
+        }
+        self.client_in = Flow::Finished;
+        let _ = self.session.client_eof();
+    }
+
+    /// The client's transport failed: reset, socket error, or its TCB gave up.
+    pub fn client_failed(&mut self, counters: &WorkerCounters) {
+        if self.end.is_none() {
+            counters.client_errors.inc();
+            self.end = Some(End::Abort(Why::Client));
+        }
+    }
+
+    /// A client event reported by a socket leg (kernel path).
+    pub fn client_event(&mut self, ev: Event<'_>, counters: &WorkerCounters) {
+        match ev {
+            Event::Data(data) => {
+                if let Err(e) = self.client_data(data, counters) {
+                    tracing::debug!(client = %self.peer, error = %e, "TLS error from client");
+                }
+            }
+            Event::Eof => self.client_eof(),
+            Event::Failed(errno) => {
+                tracing::debug!(client = %self.peer, error = %std::io::Error::from_raw_os_error(errno), "client connection failed");
+                self.client_failed(counters);
+            }
+            Event::Connected | Event::ConnectFailed { .. } | Event::Nothing => {}
+        }
+    }
+
+    /// Whether [`Conn::client_output`] would produce bytes.
+    pub fn wants_client_write(&self) -> bool {
+        self.end.is_none() && self.session.wants_client_write()
+    }
+
+    /// Ciphertext (plain sessions: the backend's bytes) for the client, into `dst`.
+    pub fn client_output(&mut self, dst: &mut [u8], counters: &WorkerCounters) -> usize {
+        let n = self.session.client_output(dst);
+        counters.client_bytes_out.add(n as u64);
+        n
+    }
+
+    /// Whether our FIN to the client is due now, given whether the transport has written
+    /// everything queued for the client (`flushed`). True once: the transport then sends FIN.
+    pub fn fin_due(&mut self, flushed: bool) -> bool {
+        if self.client_out == Flow::Open && flushed && self.session.server_finished() {
+            self.client_out = Flow::Finished;
+            return true;
+        }
+        false
+    }
+
+    /// Whether our FIN to the client was sent (or queued behind the data).
+    pub fn fin_sent(&self) -> bool {
+        self.client_out == Flow::Finished
+    }
+
+    /// The transport's view of the output queued for its peers (client and backend), once per
+    /// pump: `queued`: bytes are waiting for a peer to take them; `progressed`: a peer took
+    /// some since the last report. Arms or clears the send-progress deadline.
+    pub fn output_state(&mut self, queued: bool, progressed: bool, now: Instant) {
+        if progressed {
+            self.active = now;
+        }
+        self.stalled_since = match (queued, self.stalled_since) {
+            (false, _) => None,
+            (true, Some(since)) if !progressed => Some(since),
+            (true, _) => Some(now),
+        };
+    }
+
+    // ------------------------------------------------------------------ backend side
+
+    /// What the backend leg needs now, if anything. `flushed`: the transport has written
+    /// everything the machine gave it for the backend.
+    pub fn poll_backend(
+        &mut self,
+        backends: &mut Backends,
+        counters: &WorkerCounters,
+        eager: bool,
+        flushed: bool,
+        now: Instant,
+    ) -> Option<BackendOp> {
+        if self.end.is_some() {
+            return None;
+        }
+        self.count_handshake(counters);
+        match self.leg {
+            Leg::Idle if self.session.needs_backend(eager) => {
+                let server = backends.pick(now, counters);
+                self.leg = Leg::Connecting {
+                    server,
+                    attempts: 1,
+                };
+                Some(BackendOp::Connect(backends.addr(server)))
+            }
+            Leg::Idle => {
+                if self.session.stage() == Stage::Proxying && self.session.client_finished() {
+                    // The client finished without sending anything: no backend is needed, and
+                    // our side closes too.
+                    self.session.close();
+                }
+                None
+            }
+            Leg::Connected {
+                server,
+                write: Flow::Open,
+                read,
+            } if flushed
+                && self.session.stage() == Stage::Proxying
+                && self.session.client_finished() =>
+            {
+                self.leg = Leg::Connected {
+                    server,
+                    write: Flow::Finished,
+                    read,
+                };
+                Some(BackendOp::ShutdownWrite)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the transport should receive from the backend now: connected, the session has
+    /// room, and it has passed on everything it had for the client.
+    pub fn wants_backend_read(&self) -> bool {
+        self.end.is_none()
+            && matches!(
+                self.leg,
+                Leg::Connected {
+                    read: Flow::Open,
+                    ..
+                }
+            )
+            && self.session.wants_backend_read()
+            && !self.session.wants_client_write()
+    }
+
+    /// Whether the backend leg is connected and [`Conn::backend_output`] may be written to it.
+    pub fn backend_writable(&self) -> bool {
+        self.end.is_none()
+            && matches!(
+                self.leg,
+                Leg::Connected {
+                    write: Flow::Open,
+                    ..
+                }
+            )
+    }
+
+    /// Whether [`Conn::backend_output`] would produce bytes.
+    pub fn has_backend_output(&self) -> bool {
+        self.session.has_backend_output()
+    }
+
+    /// Plaintext for the backend (the PROXY header first), into `dst`.
+    pub fn backend_output(
+        &mut self,
+        dst: &mut [u8],
+        counters: &WorkerCounters,
+        now: Instant,
+    ) -> usize {
+        match self.session.backend_output(dst) {
+            Ok(n) => {
+                if n > 0 {
+                    self.active = now;
+                    counters.backend_bytes_out.add(n as u64);
+                }
+                n
+            }
+            Err(e) => {
+                // Ciphertext stashed behind a full plaintext buffer was bad.
+                counters.tls_errors.inc();
+                tracing::debug!(client = %self.peer, error = %e, "TLS error from client");
+                0
+            }
+        }
+    }
+
+    /// A backend event reported by its socket leg. Returns a connect to retry on the next
+    /// server when the connect failed and another server is left to try.
+    pub fn backend_event(
+        &mut self,
+        ev: Event<'_>,
+        backends: &mut Backends,
+        counters: &WorkerCounters,
+        now: Instant,
+    ) -> Option<BackendOp> {
+        match ev {
+            Event::Data(data) => {
+                counters.backend_bytes_in.add(data.len() as u64);
+                if self.end.is_none() {
+                    self.active = now;
+                    self.session.backend_recv(data);
+                }
+                None
+            }
+            Event::Eof => {
+                if let Leg::Connected { server, write, .. } = self.leg {
+                    self.leg = Leg::Connected {
+                        server,
+                        write,
+                        read: Flow::Finished,
+                    };
+                    self.session.backend_eof();
+                }
+                None
+            }
+            Event::Failed(errno) => {
+                if matches!(self.leg, Leg::Connected { .. }) && self.end.is_none() {
+                    tracing::debug!(client = %self.peer, error = %std::io::Error::from_raw_os_error(errno), "backend connection failed");
+                    self.backend_lost(backends, counters, now);
+                }
+                None
+            }
+            Event::Connected => {
+                if let Leg::Connecting { server, .. } = self.leg {
+                    counters.backend_connects.inc();
+                    backends.up(server, now);
+                    self.leg = Leg::Connected {
+                        server,
+                        write: Flow::Open,
+                        read: Flow::Open,
+                    };
+                }
+                None
+            }
+            Event::ConnectFailed { timed_out, errno } => {
+                let Leg::Connecting { server, attempts } = self.leg else {
+                    return None;
+                };
+                if timed_out {
+                    counters.backend_connect_timeouts.inc();
+                } else {
+                    counters.backend_connect_errors.inc();
+                }
+                backends.down(server, timed_out, errno, now);
+                if self.end.is_some() {
+                    return None;
+                }
+                match backends.failover(server, attempts, now, counters) {
+                    Some(next) => {
+                        self.leg = Leg::Connecting {
+                            server: next,
+                            attempts: attempts + 1,
+                        };
+                        Some(BackendOp::Connect(backends.addr(next)))
+                    }
+                    None => {
+                        self.backend_lost(backends, counters, now);
+                        None
+                    }
+                }
+            }
+            Event::Nothing => None,
+        }
+    }
+
+    /// The backend could not be reached or broke: the client side is closed politely.
+    fn backend_lost(&mut self, backends: &mut Backends, counters: &WorkerCounters, now: Instant) {
+        if self.leg == Leg::Failed {
+            return;
+        }
+        counters.backend_failures.inc();
+        backends.warn_failure(self.peer, now);
+        self.leg = Leg::Failed;
+        self.session.close();
+    }
+
+    // ------------------------------------------------------------------ time and the end
+
+    /// When [`Conn::on_timeout`] must be called next.
+    pub fn next_deadline(&self, policy: &Policy) -> Option<Instant> {
+        if self.end.is_some() {
+            return None;
+        }
+        if self.session.stage() == Stage::Handshake {
+            return Some(self.accepted + policy.handshake);
+        }
+        let idle = self.active + policy.idle;
+        Some(match self.stalled_since {
+            Some(since) => idle.min(since + policy.send),
+            None => idle,
+        })
+    }
+
+    /// Checks the deadlines at `now`; returns true when one passed (the connection is cut,
+    /// counted, and [`Conn::poll_end`] says so).
+    pub fn on_timeout(&mut self, now: Instant, policy: &Policy, counters: &WorkerCounters) -> bool {
+        if self.end.is_some() {
+            return false;
+        }
+        let why = if self.session.stage() == Stage::Handshake {
+            (now >= self.accepted + policy.handshake).then_some(Why::HandshakeTimeout)
+        } else if self.stalled_since.is_some_and(|s| now >= s + policy.send) {
+            Some(Why::SendTimeout)
+        } else {
+            (now >= self.active + policy.idle).then_some(Why::IdleTimeout)
+        };
+        let Some(why) = why else { return false };
+        match why {
+            Why::HandshakeTimeout => counters.handshake_timeouts.inc(),
+            Why::SendTimeout => counters.send_timeouts.inc(),
+            _ => counters.idle_timeouts.inc(),
+        }
+        tracing::debug!(client = %self.peer, ?why, "connection timed out");
+        self.end = Some(End::Abort(why));
+        true
+    }
+
+    /// Cuts the connection now (worker shutdown).
+    pub fn abort(&mut self, why: Why) {
+        self.end.get_or_insert(End::Abort(why));
+    }
+
+    /// Whether the connection is over, and how. `client_flushed`/`backend_flushed`: the
+    /// transport has written everything queued for that peer. Once this returns `Some`, the
+    /// transport closes both legs (FIN for `Graceful`, RST otherwise) and drops the machine.
+    pub fn poll_end(&mut self, client_flushed: bool, backend_flushed: bool) -> Option<End> {
+        if let Some(end) = self.end {
+            return Some(end);
+        }
+        if !(self.fin_sent() && client_flushed && backend_flushed) {
+            return None;
+        }
+        let client_done = self.client_in == Flow::Finished && self.session.client_finished();
+        let done = match self.leg {
+            // A failed session or backend: nothing more from the client will be used (its
+            // unread plaintext has nowhere to go), so our FIN ends it.
+            _ if self.session.stage() == Stage::Failed => true,
+            Leg::Failed => true,
+            Leg::Idle => client_done,
+            Leg::Connecting { .. } => false,
+            Leg::Connected { write, .. } => client_done && write == Flow::Finished,
+        };
+        if done {
+            self.end = Some(End::Graceful);
+        }
+        self.end
+    }
+
+    fn count_handshake(&mut self, counters: &WorkerCounters) {
+        if !self.handshake_counted && self.session.stage() == Stage::Proxying {
+            self.handshake_counted = true;
+            if self.session.is_tls() {
+                counters.handshakes.inc();
+            }
+            if self.session.resumed() == Some(true) {
+                counters.resumed.inc();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------- the backend leg
+
+/// The backend half of a connection's pump, the same on both paths: start or retry the
+/// connect the machine asks for, send its FIN, queue and send its plaintext, and keep a
+/// receive armed while it wants bytes.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
+)]
+pub fn pump_backend(
+    conn: &mut Conn,
+    sock: &mut Sock,
+    io: &mut Io,
+    backends: &mut Backends,
+    counters: &WorkerCounters,
+    policy: &Policy,
+    key: Key,
+    now: Instant,
+) {
+    if let Some(op) = conn.poll_backend(backends, counters, policy.eager, sock.flushed(), now) {
+        execute(op, conn, sock, io, backends, counters, key, now);
+    }
+    if conn.backend_writable()
+        && conn.has_backend_output()
+        && !sock.fill(io, |buf| conn.backend_output(buf, counters, now))
+    {
+        // No free send slot: back pressure; pumped again once slots come back.
+        counters.send_slot_waits.inc();
+        io.retry.push(key);
+    }
+    sock.flush(io, key);
+    sock.want_recv(io, conn.wants_backend_read(), key);
+}
+
+/// A completion of a connection's backend socket, the same on both paths.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
+)]
+pub fn backend_completion(
+    conn: &mut Conn,
+    sock: &mut Sock,
+    io: &mut Io,
+    backends: &mut Backends,
+    counters: &WorkerCounters,
+    key: Key,
+    (op, res, flags): (crate::uring::Op, i32, u32),
+    now: Instant,
+) {
+    let done = sock.complete(io, key, op, res, flags, counters);
+    if let Some(op) = io.deliver(done, |ev| conn.backend_event(ev, backends, counters, now)) {
+        execute(op, conn, sock, io, backends, counters, key, now);
+    }
+}
+
+/// Carries out a backend operation; a connect whose socket cannot even be created fails over
+/// at once.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
+)]
+fn execute(
+    op: BackendOp,
+    conn: &mut Conn,
+    sock: &mut Sock,
+    io: &mut Io,
+    backends: &mut Backends,
+    counters: &WorkerCounters,
+    key: Key,
+    now: Instant,
+) {
+    let mut next = Some(op);
+    while let Some(op) = next.take() {
+        match op {
+            BackendOp::Connect(addr) => {
+                if let Err(errno) = sock.connect(io, addr, key) {
+                    let failed = Event::ConnectFailed {
+                        timed_out: false,
+                        errno,
+                    };
+                    next = conn.backend_event(failed, backends, counters, now);
+                }
+            }
+            BackendOp::ShutdownWrite => sock.shutdown_write(),
+        }
+    }
+}
+
+/// What a path's client transport reports at the end of a pump.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOutput {
+    /// Bytes are waiting for the client to take them (written but unacknowledged included).
+    pub queued: bool,
+    /// The client took some since the last pump.
+    pub progressed: bool,
+    /// Everything the machine gave the transport is handed on for good (a kernel socket:
+    /// written; a TCB: in its send buffer, which delivers it on its own).
+    pub flushed: bool,
+}
+
+/// The output half every pump ends with: tells the machine whether bytes are queued for a
+/// peer and whether a peer took some, and asks whether the connection is over.
+pub fn settle(
+    conn: &mut Conn,
+    client: ClientOutput,
+    backend: &mut Sock,
+    now: Instant,
+) -> Option<End> {
+    let progressed = client.progressed | backend.take_progress();
+    conn.output_state(client.queued || !backend.flushed(), progressed, now);
+    conn.poll_end(client.flushed, backend.flushed())
+}

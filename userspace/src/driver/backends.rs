@@ -1,0 +1,256 @@
+//! Per-worker rules shared by every connection: which backend server a new connection goes to
+//! ([`Backends`]: round-robin, failover, passive health, rate-limited warnings) and how many
+//! connections one source address may hold ([`SourceLimits`]).
+//!
+//! Passive health: a server whose connect fails (refused, unreachable, timed out) is marked
+//! down for a back-off that doubles with each consecutive failure (1 s up to 30 s). New
+//! connections skip a down server while another is up, so no connection waits
+//! `backend.connect_timeout_ms` behind a server already known to be down; once its back-off
+//! has passed, the next connection that picks it tries it again (a successful connect marks it
+//! up). When every server is down, the one whose back-off ends first is tried. Each worker keeps
+//! its own view (shared nothing); a server down for one worker is learnt by the others on their
+//! own first failure.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::counters::WorkerCounters;
+use crate::tcp::time::{Duration, Instant};
+
+/// First back-off after a failure; doubles per consecutive failure.
+const DOWN_FIRST: Duration = Duration::from_secs(1);
+/// Longest back-off.
+const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Warnings about backends: at most one per this interval per worker, with a count of those
+/// not logged.
+const WARN_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    /// Consecutive failed connects.
+    failures: u32,
+    /// Skipped by new connections until then.
+    down_until: Option<Instant>,
+}
+
+/// The backend servers of one worker. See the module documentation.
+pub struct Backends {
+    servers: Vec<SocketAddr>,
+    health: Vec<Health>,
+    /// Round-robin position.
+    next: usize,
+    worker: usize,
+    last_warn: Option<Instant>,
+    warns_suppressed: u64,
+}
+
+impl Backends {
+    /// `servers` is never empty (validated configuration). Workers start at different
+    /// positions so that their first connections do not all go to the first server.
+    pub fn new(servers: Vec<SocketAddr>, worker: usize) -> Backends {
+        assert!(!servers.is_empty(), "a backend pool is never empty");
+        Backends {
+            health: vec![Health::default(); servers.len()],
+            next: worker % servers.len(),
+            servers,
+            worker,
+            last_warn: None,
+            warns_suppressed: 0,
+        }
+    }
+
+    pub fn addr(&self, server: usize) -> SocketAddr {
+        self.servers[server % self.servers.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    fn is_down(&self, server: usize, now: Instant) -> bool {
+        self.health[server].down_until.is_some_and(|t| now < t)
+    }
+
+    /// The server for a new connection: the next one round-robin that is not down.
+    pub fn pick(&mut self, now: Instant, counters: &WorkerCounters) -> usize {
+        let n = self.servers.len();
+        let start = self.next % n;
+        self.next = self.next.wrapping_add(1);
+        self.first_up(start, n, now, counters)
+            .unwrap_or_else(|| self.soonest_back(start))
+    }
+
+    /// The server to try after `failed` for a connection that has tried `attempts` servers,
+    /// or `None` when it has tried as many as there are.
+    pub fn failover(
+        &mut self,
+        failed: usize,
+        attempts: usize,
+        now: Instant,
+        counters: &WorkerCounters,
+    ) -> Option<usize> {
+        let n = self.servers.len();
+        if attempts >= n {
+            return None;
+        }
+        let start = (failed + 1) % n;
+        // Only servers this connection has not tried: the `n - attempts` after `failed`.
+        Some(
+            self.first_up(start, n - attempts, now, counters)
+                .unwrap_or(start),
+        )
+    }
+
+    /// The first server of `count` from `start` (wrapping) that is not down; the down ones
+    /// passed over are counted.
+    fn first_up(
+        &self,
+        start: usize,
+        count: usize,
+        now: Instant,
+        counters: &WorkerCounters,
+    ) -> Option<usize> {
+        let n = self.servers.len();
+        for i in 0..count {
+            let s = (start + i) % n;
+            if !self.is_down(s, now) {
+                return Some(s);
+            }
+            counters.backend_skipped_down.inc();
+        }
+        None
+    }
+
+    /// The server whose back-off ends first (every server is down), from `start` on for ties.
+    fn soonest_back(&self, start: usize) -> usize {
+        let n = self.servers.len();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .min_by_key(|&s| self.health[s].down_until)
+            .unwrap_or(start)
+    }
+
+    /// A connect to `server` succeeded.
+    pub fn up(&mut self, server: usize, now: Instant) {
+        let h = &mut self.health[server];
+        if h.failures > 0 {
+            if h.down_until.is_some() {
+                tracing::info!(worker = self.worker, server = %self.servers[server], "backend server is up again");
+            }
+            *h = Health::default();
+        }
+        let _ = now;
+    }
+
+    /// A connect to `server` failed: it is down for a back-off.
+    pub fn down(&mut self, server: usize, timed_out: bool, errno: i32, now: Instant) {
+        let h = &mut self.health[server];
+        h.failures = h.failures.saturating_add(1);
+        let backoff = DOWN_FIRST
+            .saturating_shl(h.failures.saturating_sub(1).min(5))
+            .min(DOWN_MAX);
+        h.down_until = Some(now + backoff);
+        let failures = h.failures;
+        let addr = self.servers[server];
+        if self.may_warn(now) {
+            let error = if timed_out {
+                "connect timed out".to_owned()
+            } else {
+                std::io::Error::from_raw_os_error(errno).to_string()
+            };
+            let suppressed = self.take_suppressed();
+            tracing::warn!(
+                worker = self.worker,
+                server = %addr,
+                %error,
+                consecutive_failures = failures,
+                skipped_for_ms = backoff.as_millis(),
+                suppressed,
+                "backend server down"
+            );
+        }
+    }
+
+    /// No server could be reached for a client, or its backend broke.
+    pub fn warn_failure(&mut self, client: SocketAddr, now: Instant) {
+        if self.may_warn(now) {
+            let suppressed = self.take_suppressed();
+            tracing::warn!(
+                worker = self.worker,
+                %client,
+                suppressed,
+                "backend unreachable or failed: closing the client connection"
+            );
+        }
+    }
+
+    fn may_warn(&mut self, now: Instant) -> bool {
+        match self.last_warn {
+            Some(t) if now < t + WARN_EVERY => {
+                self.warns_suppressed += 1;
+                false
+            }
+            _ => {
+                self.last_warn = Some(now);
+                true
+            }
+        }
+    }
+
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.warns_suppressed)
+    }
+}
+
+/// Connections per source address, per worker (`limits.max_connections_per_source`; 0: no
+/// limit). A source at its limit has its next connection refused (RST) and counted.
+pub struct SourceLimits {
+    limit: u32,
+    open: HashMap<IpAddr, u32>,
+}
+
+impl SourceLimits {
+    pub fn new(limit: usize) -> SourceLimits {
+        SourceLimits {
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            open: HashMap::new(),
+        }
+    }
+
+    /// Takes a place for a connection from `ip`; false (nothing taken) when it is at its limit.
+    pub fn acquire(&mut self, ip: IpAddr) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        // An IPv4 client on a dual-stack socket is the same source as over IPv4.
+        let n = self.open.entry(ip.to_canonical()).or_insert(0);
+        if *n >= self.limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back a place taken by [`SourceLimits::acquire`].
+    pub fn release(&mut self, ip: IpAddr) {
+        if self.limit == 0 {
+            return;
+        }
+        let ip = ip.to_canonical();
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
+
+    /// Sources holding connections now.
+    pub fn sources(&self) -> usize {
+        self.open.len()
+    }
+}

@@ -1,0 +1,527 @@
+//! One TCP socket driven through a worker's io_uring: the kernel path's client sockets and both
+//! paths' backend sockets. [`Io`] is what a worker's sockets share (the ring, the registered
+//! send slots, the provided receive buffers); [`Sock`] is one socket's operations.
+//!
+//! Ownership is in the types. A send slot ([`SlotId`], not `Copy`) is taken from the pool when
+//! there are bytes to write and goes back when they are written; it is never held across a
+//! blocked write: every send is non-blocking (`MSG_DONTWAIT`), and when the peer's window is
+//! full the unsent rest moves to a small per-socket stash and a `POLLOUT` is armed, so a peer
+//! that never reads holds at most its stash, never a pooled slot (and the connection's send
+//! deadline ends it). The fd is owned by the `Sock`: [`Sock::close`] cancels what is in flight
+//! and the fd is closed only when the last completion is in, so an fd number is never reused
+//! while an operation that names it is queued.
+//!
+//! Receives are single-shot into the provided-buffer ring, armed only while the connection's
+//! machine wants bytes from that peer (back pressure without cancels); at most one receive and
+//! one send are in flight per socket.
+//!
+//! Kernel interfaces: io_uring_enter(2) with RECV (buffer select), SEND, POLL_ADD, CONNECT
+//! linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{IntoRawFd, RawFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{Event, Key};
+use crate::counters::WorkerCounters;
+use crate::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE};
+
+/// The provided-buffer group every receive draws from.
+pub const BUF_GROUP: u16 = 0;
+
+/// What a worker's sockets share. Field order is drop order: the ring lets go of the
+/// registered memory before the pools unmap it.
+pub struct Io {
+    pub ring: IoUring,
+    pub slots: SlotPool,
+    pub bufs: BufRing,
+    connect_timeout: types::Timespec,
+    /// Connections to pump again after this batch of completions: a receive found the buffer
+    /// ring empty, or a send found no free slot.
+    pub retry: Vec<Key>,
+}
+
+impl Io {
+    pub fn new(
+        ring: IoUring,
+        slots: u32,
+        recv_buffers: u16,
+        connect_timeout: std::time::Duration,
+    ) -> io::Result<Io> {
+        let slots = SlotPool::new(&ring, slots)?;
+        let bufs = BufRing::new(&ring, recv_buffers, BUF_GROUP)?;
+        Ok(Io {
+            ring,
+            slots,
+            bufs,
+            connect_timeout: types::Timespec::new()
+                .sec(connect_timeout.as_secs())
+                .nsec(connect_timeout.subsec_nanos()),
+            retry: Vec::new(),
+        })
+    }
+
+    /// Queues an SQE, submitting first if the queue is full.
+    pub fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer and address an entry points at outlives its operation: the
+            // slot pool and buffer ring live as long as the ring; a socket's stash and connect
+            // address live in its connection's slab entry, which never moves and is freed only
+            // once the socket has no operation in flight; `connect_timeout` lives in `self`.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                tracing::warn!(error = %err, "io_uring submit failed");
+            }
+        }
+    }
+
+    /// Submits what is queued if fewer than `n` entries are free, so `n` pushed next are
+    /// adjacent (linked entries must be).
+    fn make_room(&mut self, n: usize) {
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < n {
+            let _ = self.ring.submit();
+        }
+    }
+
+    /// Calls `f` with the event a completion stands for (borrowing the received bytes from the
+    /// buffer ring) and gives the buffer back afterwards.
+    pub fn deliver<R>(&mut self, done: Done, f: impl FnOnce(Event<'_>) -> R) -> R {
+        match done {
+            Done::Data { bid, len } => {
+                let r = f(Event::Data(self.bufs.get(bid, len)));
+                self.bufs.recycle(bid);
+                r
+            }
+            Done::Event(ev) => f(ev.event()),
+        }
+    }
+}
+
+/// Which end of a connection a socket is; picks the `user_data` op codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    fn recv(self) -> Op {
+        match self {
+            Side::Client => Op::ClientRecv,
+            Side::Backend => Op::BackendRecv,
+        }
+    }
+    fn send(self) -> Op {
+        match self {
+            Side::Client => Op::ClientSend,
+            Side::Backend => Op::BackendSend,
+        }
+    }
+    fn poll(self) -> Op {
+        match self {
+            Side::Client => Op::ClientPoll,
+            Side::Backend => Op::BackendPoll,
+        }
+    }
+}
+
+/// A completion, digested.
+#[derive(Debug)]
+pub enum Done {
+    /// Bytes in provided buffer `bid` (see [`Io::deliver`]).
+    Data {
+        bid: u16,
+        len: usize,
+    },
+    Event(OwnedEvent),
+}
+
+/// [`Event`] without the borrowed bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum OwnedEvent {
+    Eof,
+    Failed(i32),
+    Connected,
+    ConnectFailed { timed_out: bool, errno: i32 },
+    Nothing,
+}
+
+impl OwnedEvent {
+    fn event(self) -> Event<'static> {
+        match self {
+            OwnedEvent::Eof => Event::Eof,
+            OwnedEvent::Failed(e) => Event::Failed(e),
+            OwnedEvent::Connected => Event::Connected,
+            OwnedEvent::ConnectFailed { timed_out, errno } => {
+                Event::ConnectFailed { timed_out, errno }
+            }
+            OwnedEvent::Nothing => Event::Nothing,
+        }
+    }
+}
+
+/// Bytes queued for the peer: `slot[start..end]` (while a send may go straight out) or
+/// `stash[start..]` (after the peer's window filled up).
+#[derive(Debug, Default)]
+struct Tx {
+    slot: Option<SlotId>,
+    start: usize,
+    end: usize,
+    /// Unsent bytes of a send the peer's window cut short; allocated only then.
+    stash: Vec<u8>,
+    in_flight: bool,
+}
+
+impl Tx {
+    fn is_empty(&self) -> bool {
+        self.slot.is_none() && self.stash.is_empty()
+    }
+}
+
+/// One socket. See the module documentation.
+pub struct Sock {
+    side: Side,
+    /// -1: no socket (backend not connected yet, or closed).
+    fd: RawFd,
+    /// A receive is in flight.
+    recv: bool,
+    /// The peer's EOF was seen: no receive is armed again.
+    eof: bool,
+    /// A POLLOUT is in flight (the peer's window was full).
+    poll: bool,
+    tx: Tx,
+    /// Bytes were written since [`Sock::take_progress`].
+    progressed: bool,
+    /// The address of a connect in flight; must not move until it completes (the socket lives
+    /// in a slab entry that never moves).
+    addr: Option<socket2::SockAddr>,
+    /// Operations submitted whose final completion has not arrived.
+    in_flight: u32,
+    /// [`Sock::close`] was called; the fd is closed once `in_flight` is 0.
+    closing: bool,
+}
+
+impl Sock {
+    /// A socket leg with no socket yet (a backend before its connect).
+    pub fn none(side: Side) -> Sock {
+        Sock {
+            side,
+            fd: -1,
+            recv: false,
+            eof: false,
+            poll: false,
+            tx: Tx::default(),
+            progressed: false,
+            addr: None,
+            in_flight: 0,
+            closing: false,
+        }
+    }
+
+    /// Takes ownership of a connected socket (an accepted client).
+    pub fn adopt(side: Side, fd: RawFd) -> Sock {
+        Sock {
+            fd,
+            ..Sock::none(side)
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Nothing is queued for the peer (everything given to [`Sock::fill`] is written).
+    pub fn flushed(&self) -> bool {
+        self.tx.is_empty()
+    }
+
+    /// Whether bytes were written since the last call (and forgets it).
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
+    }
+
+    /// Closed and every operation completed: the connection may be freed.
+    pub fn is_released(&self) -> bool {
+        self.fd < 0 && self.in_flight == 0 && self.tx.slot.is_none()
+    }
+
+    // ------------------------------------------------------------------ operations
+
+    /// Opens a non-blocking-free (io_uring drives it) TCP socket and starts a connect to
+    /// `addr`, linked to the connect timeout. A socket that cannot be created is reported as a
+    /// failed connect.
+    pub fn connect(&mut self, io: &mut Io, addr: SocketAddr, key: Key) -> Result<(), i32> {
+        debug_assert!(self.fd < 0, "connect on a socket that has one");
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM.cloexec(),
+            None,
+        )
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let _ = socket.set_tcp_nodelay(true);
+        self.fd = socket.into_raw_fd();
+        let sa = self.addr.insert(socket2::SockAddr::from(addr));
+        let (ptr, len) = (sa.as_ptr(), sa.len());
+        io.make_room(2);
+        let connect = opcode::Connect::new(types::Fd(self.fd), ptr.cast(), len)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(UserData::new(Op::BackendConnect, key.gen, key.index).encode());
+        let timeout = opcode::LinkTimeout::new(&io.connect_timeout)
+            .build()
+            .user_data(UserData::new(Op::ConnectTimeout, key.gen, key.index).encode());
+        self.in_flight += 2;
+        io.push(connect);
+        io.push(timeout);
+        Ok(())
+    }
+
+    /// Arms a receive if `wanted` and none is in flight.
+    pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
+        if !wanted || self.recv || self.eof || self.closing || self.fd < 0 {
+            return;
+        }
+        let e = opcode::Recv::new(types::Fd(self.fd), std::ptr::null_mut(), BUF_SIZE as u32)
+            .buf_group(BUF_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(UserData::new(self.side.recv(), key.gen, key.index).encode());
+        self.recv = true;
+        self.in_flight += 1;
+        io.push(e);
+    }
+
+    /// Queues bytes for the peer when nothing is queued: `f` writes into a free send slot and
+    /// returns how much. Returns false when no slot was free (the caller retries later).
+    pub fn fill(&mut self, io: &mut Io, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
+        if !self.tx.is_empty() || self.closing || self.fd < 0 {
+            return true;
+        }
+        let Some(slot) = io.slots.take() else {
+            return false;
+        };
+        let n = f(io.slots.slot_mut(&slot));
+        if n == 0 {
+            io.slots.give_back(slot);
+        } else {
+            self.tx = Tx {
+                slot: Some(slot),
+                start: 0,
+                end: n,
+                stash: Vec::new(),
+                in_flight: false,
+            };
+        }
+        true
+    }
+
+    /// Sends what is queued, unless a send or a wait for room is in flight.
+    pub fn flush(&mut self, io: &mut Io, key: Key) {
+        if self.tx.in_flight || self.poll || self.tx.is_empty() || self.closing || self.fd < 0 {
+            return;
+        }
+        let (ptr, len) = match &self.tx.slot {
+            Some(slot) => (
+                io.slots.ptr(slot, self.tx.start),
+                self.tx.end - self.tx.start,
+            ),
+            None => (
+                // SAFETY: `start < stash.len()` (a stash holds only unsent bytes).
+                unsafe { self.tx.stash.as_ptr().add(self.tx.start) },
+                self.tx.stash.len() - self.tx.start,
+            ),
+        };
+        let e = opcode::Send::new(types::Fd(self.fd), ptr, len as u32)
+            .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(UserData::new(self.side.send(), key.gen, key.index).encode());
+        self.tx.in_flight = true;
+        self.in_flight += 1;
+        io.push(e);
+    }
+
+    /// Sends FIN after what was written (SHUT_WR).
+    pub fn shutdown_write(&mut self) {
+        if self.fd >= 0 && !self.closing {
+            // SAFETY: our socket; shutdown(2) has no memory-safety preconditions.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        }
+    }
+
+    /// Closes the socket: with RST unless `graceful`. Operations in flight are cancelled; the
+    /// fd itself is closed when the last of them completes.
+    pub fn close(&mut self, io: &mut Io, graceful: bool) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if self.fd < 0 {
+            self.give_back_tx(io);
+            return;
+        }
+        if !graceful {
+            set_linger_zero(self.fd);
+        }
+        if self.in_flight > 0 {
+            let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(self.fd)).all())
+                .build()
+                .user_data(UserData::new(Op::Cancel, 0, 0).encode());
+            io.push(e);
+        }
+        self.release_if_idle(io);
+    }
+
+    fn release_if_idle(&mut self, io: &mut Io) {
+        if self.closing && self.in_flight == 0 {
+            self.give_back_tx(io);
+            if self.fd >= 0 {
+                // SAFETY: our socket, closed once (set to -1 right after); nothing in flight
+                // names it any more.
+                unsafe { libc::close(self.fd) };
+                self.fd = -1;
+            }
+        }
+    }
+
+    fn give_back_tx(&mut self, io: &mut Io) {
+        if let Some(slot) = self.tx.slot.take() {
+            io.slots.give_back(slot);
+        }
+        self.tx = Tx::default();
+    }
+
+    /// Digests the completion of one of this socket's operations.
+    pub fn complete(
+        &mut self,
+        io: &mut Io,
+        key: Key,
+        op: Op,
+        res: i32,
+        flags: u32,
+        counters: &WorkerCounters,
+    ) -> Done {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let bid = io_uring::cqueue::buffer_select(flags);
+        let done = if self.closing {
+            if let Some(bid) = bid {
+                io.bufs.recycle(bid);
+            }
+            Done::Event(OwnedEvent::Nothing)
+        } else {
+            match op {
+                Op::ClientRecv | Op::BackendRecv => self.on_recv(io, res, bid, counters),
+                Op::ClientSend | Op::BackendSend => self.on_send(io, res, key),
+                Op::ClientPoll | Op::BackendPoll => {
+                    self.poll = false;
+                    Done::Event(OwnedEvent::Nothing)
+                }
+                Op::BackendConnect => self.on_connect(res),
+                _ => Done::Event(OwnedEvent::Nothing),
+            }
+        };
+        self.release_if_idle(io);
+        done
+    }
+
+    fn on_recv(
+        &mut self,
+        io: &mut Io,
+        res: i32,
+        bid: Option<u16>,
+        counters: &WorkerCounters,
+    ) -> Done {
+        self.recv = false;
+        if res > 0 {
+            return match bid {
+                Some(bid) => Done::Data {
+                    bid,
+                    len: res as usize,
+                },
+                None => Done::Event(OwnedEvent::Failed(libc::EIO)),
+            };
+        }
+        if let Some(bid) = bid {
+            io.bufs.recycle(bid);
+        }
+        Done::Event(match res {
+            0 => {
+                self.eof = true;
+                OwnedEvent::Eof
+            }
+            r if r == -libc::ENOBUFS => {
+                counters.recv_buffer_starved.inc();
+                OwnedEvent::Nothing
+            }
+            r if r == -libc::ECANCELED || r == -libc::EINTR => OwnedEvent::Nothing,
+            r => OwnedEvent::Failed(-r),
+        })
+    }
+
+    fn on_send(&mut self, io: &mut Io, res: i32, key: Key) -> Done {
+        self.tx.in_flight = false;
+        let queued = match &self.tx.slot {
+            Some(_) => self.tx.end - self.tx.start,
+            None => self.tx.stash.len() - self.tx.start,
+        };
+        let written = match res {
+            n if n >= 0 => (n as usize).min(queued),
+            r if r == -libc::EAGAIN || r == -libc::EINTR => 0,
+            r => return Done::Event(OwnedEvent::Failed(-r)),
+        };
+        if written > 0 {
+            self.progressed = true;
+        }
+        self.tx.start += written;
+        if written == queued {
+            self.give_back_tx(io);
+            return Done::Event(OwnedEvent::Nothing);
+        }
+        // The peer's window is full: keep the rest off the pool and wait for room.
+        if let Some(slot) = self.tx.slot.take() {
+            let rest = &io.slots.slot_mut(&slot)[self.tx.start..self.tx.end];
+            self.tx.stash = rest.to_vec();
+            self.tx.start = 0;
+            self.tx.end = 0;
+            io.slots.give_back(slot);
+        }
+        let e = opcode::PollAdd::new(types::Fd(self.fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(UserData::new(self.side.poll(), key.gen, key.index).encode());
+        self.poll = true;
+        self.in_flight += 1;
+        io.push(e);
+        Done::Event(OwnedEvent::Nothing)
+    }
+
+    fn on_connect(&mut self, res: i32) -> Done {
+        self.addr = None;
+        if res == 0 {
+            return Done::Event(OwnedEvent::Connected);
+        }
+        // The connect completed; its linked timeout completes separately (counted in flight).
+        // SAFETY: our socket; the connect completed and nothing else uses it.
+        unsafe { libc::close(self.fd) };
+        self.fd = -1;
+        Done::Event(OwnedEvent::ConnectFailed {
+            timed_out: res == -libc::ECANCELED,
+            errno: -res,
+        })
+    }
+}
+
+/// Makes the next close send RST instead of FIN (abortive close).
+pub fn set_linger_zero(fd: RawFd) {
+    let sock = std::mem::ManuallyDrop::new(
+        // SAFETY: `fd` is an open socket we own; ManuallyDrop keeps it from being closed here.
+        unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+    );
+    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+}
