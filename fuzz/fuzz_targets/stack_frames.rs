@@ -279,6 +279,7 @@ impl Harness {
                 flow_key: [3; 16],
                 rx_checksum,
                 frame_size: FRAME,
+                max_orphans: CAPACITY,
             },
             now,
         )

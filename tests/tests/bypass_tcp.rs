@@ -635,3 +635,95 @@ fn drain_deadline_resets_what_is_left() {
         s.log()
     );
 }
+
+/// tern with the L4 bypass listener whose only backend is down, and `tcp_extra` in `[tcp]`: a
+/// client's first bytes find no backend and tern closes the client side.
+fn dead_backend_stack(tag: &str, tcp_extra: &str) -> Stack {
+    let (rig, dir) = (
+        tern_tests::rig::Rig::isolated(tag, 2),
+        tern_tests::rig::TempDir::new(tag),
+    );
+    let dead = dead_port(&rig);
+    let listener_extra = format!(
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+         interface = \"{iface}\"\ntls = false\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    let toml_extra = format!("[xdp]\nhugepages = \"off\"\n\n[tcp]\n{tcp_extra}\n");
+    Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![dead],
+            listener_extra: Box::leak(listener_extra.into_boxed_str()),
+            toml_extra: Box::leak(toml_extra.into_boxed_str()),
+            ..Default::default()
+        },
+    )
+}
+
+fn tcp_counter(st: &serde_json::Value, name: &str) -> u64 {
+    n(&st["bypass"]["tcp"][name])
+}
+
+/// A client that gets tern's FIN and never sends its own (nor anything else): tern's TCB waits
+/// in FIN-WAIT-2 only `tcp.fin_timeout_ms`, then resets the client and gives its slot back.
+#[test]
+fn a_client_that_never_closes_is_reset_after_the_fin_timeout() {
+    let s = dead_backend_stack("l4finwait", "fin_timeout_ms = 1000");
+    let addr = l4_addr(&s);
+    let c = s.rig.client.run(move || {
+        let mut c = connect_guarded(addr);
+        c.write_all(b"anyone there?").expect("write");
+        let mut buf = [0u8; 64];
+        assert_eq!(c.read(&mut buf).expect("tern's FIN"), 0, "EOF, no data");
+        // Kept open: the client's kernel ACKed the FIN and sits in CLOSE-WAIT.
+        c
+    });
+    let st = wait_stats(&s, "the orphan reset after fin_timeout_ms", |st| {
+        tcp_counter(st, "orphan_timeouts") >= 1 && tcp_counter(st, "connections") == 0
+    });
+    assert_eq!(tcp_counter(&st, "orphan_timeouts"), 1, "{st}");
+    assert_eq!(tcp_counter(&st, "orphans"), 0, "gauge back to 0: {st}");
+    assert_eq!(tcp_counter(&st, "orphans_dropped"), 0, "{st}");
+    assert_eq!(n(&st["bypass"]["proxy"]["active"]), 0, "{st}");
+    // The client's socket learned of the reset: it can no longer send.
+    let refused = s.rig.client.run(move || {
+        let mut c = c;
+        for _ in 0..50 {
+            if c.write_all(b"late").is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    assert!(refused, "the client's socket was reset\n{}", s.log());
+}
+
+/// `tcp.max_orphans = 0`: a connection tern is done with is reset at once instead of waiting
+/// for the client to finish closing.
+#[test]
+fn with_no_orphans_allowed_the_close_is_a_reset() {
+    let s = dead_backend_stack("l4noorphan", "max_orphans = 0");
+    let addr = l4_addr(&s);
+    let r = s.rig.client.run(move || {
+        let mut c = connect_guarded(addr);
+        c.write_all(b"anyone there?").expect("write");
+        let mut buf = [0u8; 64];
+        c.read(&mut buf).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        r,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "an RST, not a FIN\n{}",
+        s.log()
+    );
+    let st = wait_stats(&s, "the dropped orphan counted", |st| {
+        tcp_counter(st, "orphans_dropped") >= 1 && tcp_counter(st, "connections") == 0
+    });
+    assert_eq!(tcp_counter(&st, "orphans_dropped"), 1, "{st}");
+    assert_eq!(tcp_counter(&st, "orphans"), 0, "{st}");
+    assert_eq!(tcp_counter(&st, "orphan_timeouts"), 0, "{st}");
+}

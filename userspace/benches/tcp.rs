@@ -73,6 +73,7 @@ fn stack(capacity: usize) -> Stack {
             flow_key: [3; 16],
             rx_checksum: ChecksumMode::Compute,
             frame_size: FRAME,
+            max_orphans: capacity,
         },
         t0(),
     )

@@ -224,6 +224,12 @@ pub struct TcpSettings {
     /// Idle time before the first keep-alive probe; `None`: no keep-alives.
     pub keepalive: Option<Duration>,
     pub rx_checksum: RxChecksum,
+    /// How long a connection tern is done with may take to finish its closing handshake
+    /// (FIN-WAIT-1/2, CLOSING, LAST-ACK) before it is reset. Always on.
+    pub fin_timeout: Duration,
+    /// Per worker: most connections finishing their closing handshake at once; tern resets a
+    /// connection it is done with instead when this many are already closing. 0: always reset.
+    pub max_orphans: usize,
 }
 
 /// Whether the AF_XDP UMEM lives in 2 MiB hugepages.
@@ -281,6 +287,13 @@ pub const DEFAULT_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_SEND_MS: u64 = 60_000;
 /// Default `timeouts.drain_ms`.
 pub const DEFAULT_DRAIN_MS: u64 = 30_000;
+/// Default `tcp.fin_timeout_ms` (Linux's `tcp_fin_timeout`).
+pub const DEFAULT_FIN_TIMEOUT_MS: u64 = 60_000;
+/// Default `tcp.max_orphans`: this fraction (1/N) of `limits.max_connections_per_worker`. An
+/// orphan holds a whole connection slot (both buffers), so clients that never finish closing
+/// can take at most a quarter of the slots from new connections; a normal close holds its
+/// orphan for about a round trip, so even thousands of closes a second stay far below it.
+pub const DEFAULT_ORPHANS_DIVISOR: usize = 4;
 /// Default `limits.max_connections_per_worker`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
 /// Default `limits.buffer_per_direction` (bytes).
@@ -355,6 +368,13 @@ pub struct FileTcp {
     pub keepalive_ms: u64,
     /// `rx_checksum`: `"verify"` or `"skip"`. Default `"verify"`.
     pub rx_checksum: RxChecksum,
+    /// `fin_timeout_ms`: milliseconds a connection tern is done with may take to finish its
+    /// closing handshake before it is reset; > 0 and at most a year. Default 60000.
+    pub fin_timeout_ms: u64,
+    /// `max_orphans`: per worker, connections tern is done with that may be finishing their
+    /// closing handshake at once (more are reset); 0 ..= `limits.max_connections_per_worker`.
+    /// Default: a quarter of `limits.max_connections_per_worker`, rounded up.
+    pub max_orphans: Option<usize>,
 }
 
 impl Default for FileTcp {
@@ -367,6 +387,8 @@ impl Default for FileTcp {
             nagle: false,
             keepalive_ms: 0,
             rx_checksum: RxChecksum::Verify,
+            fin_timeout_ms: DEFAULT_FIN_TIMEOUT_MS,
+            max_orphans: None,
         }
     }
 }
@@ -657,6 +679,7 @@ impl FileConfig {
         let listeners = validate_listeners(self.listener)?;
         let needs_certificates = listeners.iter().any(|l| l.tls);
         let xdp = validate_xdp(self.xdp)?;
+        let limits = validate_limits(self.limits)?;
         Ok(Config {
             path: path.to_path_buf(),
             certificates: validate_certificates(dir, self.certificate, needs_certificates)?,
@@ -670,9 +693,9 @@ impl FileConfig {
                 send: positive_ms("timeouts.send_ms", self.timeouts.send_ms)?,
                 drain: positive_ms("timeouts.drain_ms", self.timeouts.drain_ms)?,
             },
-            limits: validate_limits(self.limits)?,
             control: validate_control(dir, self.control)?,
-            tcp: validate_tcp(self.tcp, &xdp)?,
+            tcp: validate_tcp(self.tcp, &xdp, &limits)?,
+            limits,
             xdp,
         })
     }
@@ -1334,7 +1357,7 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
 /// besides one MSS of payload.
 const TCP_FRAME_OVERHEAD: usize = 14 + 40 + 60;
 
-fn validate_tcp(file: FileTcp, xdp: &XdpSettings) -> Result<TcpSettings, Invalid> {
+fn validate_tcp(file: FileTcp, xdp: &XdpSettings, limits: &Limits) -> Result<TcpSettings, Invalid> {
     let room = xdp.frame_size as usize - TCP_FRAME_OVERHEAD;
     if !(536..=9000).contains(&file.mss) || usize::from(file.mss) > room {
         return Err(Invalid::new(
@@ -1366,7 +1389,23 @@ fn validate_tcp(file: FileTcp, xdp: &XdpSettings) -> Result<TcpSettings, Invalid
             ),
         ));
     }
+    let capacity = limits.max_connections_per_worker;
+    let max_orphans = match file.max_orphans {
+        None => capacity.div_ceil(DEFAULT_ORPHANS_DIVISOR),
+        Some(n) if n > capacity => {
+            return Err(Invalid::new(
+                "tcp.max_orphans",
+                format!(
+                    "{n} is more than limits.max_connections_per_worker ({capacity}): it is per \
+                     worker, and an orphan holds one of those connection slots"
+                ),
+            ))
+        }
+        Some(n) => n,
+    };
     Ok(TcpSettings {
+        fin_timeout: positive_ms("tcp.fin_timeout_ms", file.fin_timeout_ms)?,
+        max_orphans,
         congestion: file.congestion,
         mss: file.mss,
         recv_buffer: file.recv_buffer,

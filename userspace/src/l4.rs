@@ -119,6 +119,13 @@ crate::counters::single_writer_counters! {
     rx_time_wait,
     /// TIME-WAIT entries forgotten early because another flow needed their place.
     time_wait_evicted,
+    /// Gauge: connections the proxy is done with that hold a slot finishing their closing
+    /// handshake (at most `tcp.max_orphans`).
+    orphans,
+    /// Of those releases, how many were reset instead because `tcp.max_orphans` were held.
+    orphans_dropped,
+    /// Orphans reset because their closing handshake outlasted `tcp.fin_timeout_ms`.
+    orphan_timeouts,
     /// Other dropped frames (RSTs for no connection, group addresses, neither SYN nor ACK).
     rx_other_dropped,
     /// Frames the stack wanted to send but no UMEM frame was free (dropped; TCP retransmits).
@@ -241,6 +248,9 @@ impl L4Proxy {
                 interval: TcpDuration::from_secs(KEEPALIVE_INTERVAL_SECS),
                 count: KEEPALIVE_PROBES,
             }),
+            orphan_timeout: Some(TcpDuration::from_millis(
+                setup.tcp.fin_timeout.as_millis() as u64
+            )),
             ..TcbConfig::default()
         };
         let now = to_tcp(setup.epoch, std::time::Instant::now());
@@ -262,6 +272,7 @@ impl L4Proxy {
                     RxChecksum::Skip => ChecksumMode::Skip,
                 },
                 frame_size: setup.frame_size,
+                max_orphans: setup.tcp.max_orphans,
             },
             now,
         )
@@ -877,6 +888,9 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
     c.rx_late_ack.set(s.dropped(RxDrop::LateAck));
     c.rx_time_wait.set(s.dropped(RxDrop::TimeWait));
     c.time_wait_evicted.set(s.closed_evicted);
+    c.orphans.set(s.orphans);
+    c.orphans_dropped.set(s.orphans_dropped);
+    c.orphan_timeouts.set(s.orphan_timeouts);
     c.rx_other_dropped.set(
         s.dropped(RxDrop::UnknownRst) + s.dropped(RxDrop::NotForUs) + s.dropped(RxDrop::NoSynNoAck),
     );

@@ -1010,6 +1010,8 @@ fn tcp_table_defaults_and_bounds() {
             nagle: false,
             keepalive: None,
             rx_checksum: RxChecksum::Verify,
+            fin_timeout: Duration::from_secs(60),
+            max_orphans: 2_500,
         }
     );
     let tcp = fx
@@ -1043,5 +1045,45 @@ fn tcp_table_defaults_and_bounds() {
         &minimal_with("[tcp]\ncongestion = \"bbr\""),
         "tcp.congestion",
         "unknown variant",
+    );
+}
+
+#[test]
+fn tcp_orphan_bounds() {
+    let fx = Fixture::new("tcp-orphans");
+    let tcp = fx
+        .ok(&minimal_with(
+            "[tcp]\nfin_timeout_ms = 5000\nmax_orphans = 0\n[limits]\nmax_connections_per_worker = 10",
+        ))
+        .tcp;
+    assert_eq!(tcp.fin_timeout, Duration::from_secs(5));
+    assert_eq!(tcp.max_orphans, 0, "0: every release resets");
+    // The default follows the slots: a quarter, rounded up (never 0 by default).
+    let tcp = fx
+        .ok(&minimal_with("[limits]\nmax_connections_per_worker = 3"))
+        .tcp;
+    assert_eq!(tcp.max_orphans, 1);
+    fx.ok(&minimal_with(
+        "[tcp]\nmax_orphans = 10\n[limits]\nmax_connections_per_worker = 10",
+    ));
+    fx.rejects(
+        &minimal_with("[tcp]\nmax_orphans = 11\n[limits]\nmax_connections_per_worker = 10"),
+        "tcp.max_orphans",
+        "more than limits.max_connections_per_worker (10)",
+    );
+    fx.rejects(
+        &minimal_with("[tcp]\nmax_orphans = -1"),
+        "tcp.max_orphans",
+        "invalid value",
+    );
+    fx.rejects(
+        &minimal_with("[tcp]\nfin_timeout_ms = 0"),
+        "tcp.fin_timeout_ms",
+        "greater than 0",
+    );
+    fx.rejects(
+        &minimal_with("[tcp]\nfin_timeout_ms = 31536000001"),
+        "tcp.fin_timeout_ms",
+        "more than a year",
     );
 }

@@ -86,6 +86,19 @@ pub struct TcbConfig {
     /// Keep-alive probing (RFC 9293 §3.8.4, RFC 1122 §4.2.3.6); `None` (the default) disables
     /// it, as RFC 1122 requires.
     pub keepalive: Option<Keepalive>,
+    /// How long a [released](Tcb::release) connection ("orphan", in Linux's words) may take to
+    /// reach TIME-WAIT or CLOSED; then it is aborted (RST, [`CloseReason::OrphanTimeout`]).
+    /// `None` leaves it to the other timers.
+    ///
+    /// One deadline for every closing state (FIN-WAIT-1/2, CLOSING, LAST-ACK), counted from
+    /// the release (armed at the first [`poll_transmit`](Tcb::poll_transmit) after it, the one
+    /// that can send the FIN) and moved by nothing the peer sends: not by bare ACKs, nor by
+    /// zero-window answers to persist probes. Linux has two bounds instead, `tcp_fin_timeout`
+    /// (60 s) for FIN-WAIT-2 and `tcp_orphan_retries` (retransmissions and probes) for the
+    /// other states; one deadline is simpler and leaves no gap for a peer that keeps its
+    /// window shut. The cost: within this time the peer must also take what was still queued
+    /// at the release (at most `send_buffer` bytes).
+    pub orphan_timeout: Option<Duration>,
 }
 
 /// Keep-alive tunables (RFC 1122 §4.2.3.6: off by default, idle at least two hours unless
@@ -116,6 +129,8 @@ impl Default for TcbConfig {
             rto: RtoConfig::default(),
             cc: Algorithm::default(),
             keepalive: None,
+            // Linux's `tcp_fin_timeout`.
+            orphan_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -201,6 +216,10 @@ pub enum CloseReason {
     /// [`TcbConfig::keepalive`]'s probes went unanswered (RFC 1122 §4.2.3.6).
     #[error("keep-alive probes unanswered")]
     KeepaliveTimeout,
+    /// A [released](Tcb::release) connection did not finish its closing handshake within
+    /// [`TcbConfig::orphan_timeout`] (we sent RST).
+    #[error("closing handshake not finished in time after release")]
+    OrphanTimeout,
 }
 
 /// Why [`Tcb::on_packet_too_big`] left the connection as it was.
@@ -424,6 +443,11 @@ pub struct Tcb {
     fin_received: bool,
     /// The application will read nothing more ([`Tcb::release`]).
     released: bool,
+    /// When a released connection still short of TIME-WAIT is aborted
+    /// ([`TcbConfig::orphan_timeout`]). Set only while `released` and in FIN-WAIT-1/2,
+    /// CLOSING or LAST-ACK (armed by the first `poll_transmit` after the release; cleared on
+    /// entering TIME-WAIT or CLOSED, which have their own ends).
+    orphan_deadline: Option<Instant>,
     /// Sequence number of a FIN that arrived before all the data preceding it.
     fin_pending: Option<SeqNumber>,
     /// Shift applied to our window field.
@@ -617,6 +641,7 @@ impl Tcb {
             reasm: Reassembly::new(rcv_nxt.0),
             fin_received: false,
             released: false,
+            orphan_deadline: None,
             fin_pending: None,
             rcv_wscale,
             // The SYN-ACK advertised at most what the buffer holds; promise that edge.
@@ -825,6 +850,8 @@ impl Tcb {
     /// follows the queued data (as [`close`](Self::close)), and new data arriving later resets
     /// the connection (RFC 1122 §4.2.2.13, as Linux does after `close()`), so a peer that keeps
     /// sending learns at once that nobody reads, and the slot does not wait for a timeout.
+    /// From the next [`poll_transmit`](Self::poll_transmit) on, the closing handshake has
+    /// [`TcbConfig::orphan_timeout`] to finish.
     pub fn release(&mut self) {
         self.released = true;
         let unread = self.rx.len();
@@ -866,6 +893,7 @@ impl Tcb {
         self.rto_deadline = None;
         self.ack_deadline = None;
         self.time_wait_deadline = None;
+        self.orphan_deadline = None;
         self.ack_now = false;
         self.rexmit = None;
         self.tx.consume(usize::MAX);
@@ -874,13 +902,16 @@ impl Tcb {
     fn enter_time_wait(&mut self, now: Instant) {
         self.state = State::TimeWait;
         self.rto_deadline = None;
+        // TIME-WAIT ends on its own timer; the orphan bound is for the handshake before it.
+        self.orphan_deadline = None;
         self.time_wait_deadline = Some(now + self.config.time_wait);
     }
 
     // ------------------------------------------------------------------ timers
 
     /// The earliest instant at which [`on_timer`](Self::on_timer) has work: RTO or persist,
-    /// delayed ACK, TIME-WAIT expiry, idle timeout. `None` when nothing is armed.
+    /// delayed ACK, TIME-WAIT expiry, idle timeout, orphan timeout. `None` when nothing is
+    /// armed.
     pub fn next_timer(&self) -> Option<Instant> {
         if self.state == State::Closed {
             return None;
@@ -890,6 +921,7 @@ impl Tcb {
             self.rto_deadline,
             self.ack_deadline,
             self.time_wait_deadline,
+            self.orphan_deadline,
             idle,
             self.keepalive_deadline(),
         ]
@@ -906,6 +938,13 @@ impl Tcb {
         }
         if self.time_wait_deadline.is_some_and(|d| d <= now) {
             self.enter_closed(CloseReason::Normal);
+            return;
+        }
+        if self.orphan_deadline.is_some_and(|d| d <= now) {
+            // Released and still not through its closing handshake: give up, with an RST so
+            // that a peer which is still there drops its half too rather than wait on us.
+            self.rst_pending = true;
+            self.enter_closed(CloseReason::OrphanTimeout);
             return;
         }
         if let Some(idle) = self.config.idle_timeout {
@@ -1664,6 +1703,10 @@ impl Tcb {
         }
         if self.state == State::Closed {
             return Ok(0);
+        }
+        if self.released && self.orphan_deadline.is_none() && self.state != State::TimeWait {
+            // The first poll after `release` (which had no clock): the orphan clock starts.
+            self.orphan_deadline = self.config.orphan_timeout.map(|d| now + d);
         }
         let mut sent = 0;
 

@@ -38,6 +38,14 @@
 //! then stay (see `timer`). The ready and dirty queues are reserved at twice the capacity; only
 //! an application that never drains them while connections churn could make them grow.
 //!
+//! Orphans: a connection the application [released](Tcb::release) finishes its closing
+//! handshake here on its own. Until it reaches TIME-WAIT (which gives the slot back, see
+//! [`ClosedFlows`]) or CLOSED it holds a slot and is bounded twice, as Linux bounds its orphaned
+//! sockets: in time by [`TcbConfig::orphan_timeout`] (like `tcp_fin_timeout`, but for every
+//! closing state; RST on expiry), and in number by [`StackConfig::max_orphans`] (like
+//! `tcp_max_orphans`: the release that would exceed it becomes an abort). Both are counted in
+//! [`StackCounters`].
+//!
 //! Timestamps: our TSval clock is [`Instant::ts_millis`] plus a per-connection offset (RFC 7323
 //! §7.1), a keyed hash of the 4-tuple under the cookie key ([`CookieJar::ts_offset`]). The
 //! SYN-ACK's TSval is made from that clock ([`CookieJar::make`] only replaces its low bits, never
@@ -92,6 +100,11 @@ pub struct StackConfig<'a> {
     pub rx_checksum: ChecksumMode,
     /// Size of the transmit scratch frame (the UMEM frame size): bounds the largest frame we emit.
     pub frame_size: usize,
+    /// Most orphans — connections the application [released](Tcb::release) that still hold a
+    /// slot in FIN-WAIT-1/2, CLOSING or LAST-ACK — held at once; a release beyond it aborts that
+    /// connection (RST) instead, as Linux's `tcp_max_orphans`. 0: every such release aborts.
+    /// Each orphan is also bounded in time by [`TcbConfig::orphan_timeout`].
+    pub max_orphans: usize,
 }
 
 impl std::fmt::Debug for StackConfig<'_> {
@@ -103,6 +116,7 @@ impl std::fmt::Debug for StackConfig<'_> {
             .field("tcb", &self.tcb)
             .field("rx_checksum", &self.rx_checksum)
             .field("frame_size", &self.frame_size)
+            .field("max_orphans", &self.max_orphans)
             .finish_non_exhaustive()
     }
 }
@@ -257,6 +271,14 @@ pub struct StackCounters {
     pub tx_errors: u64,
     /// TIME-WAIT entries of [`ClosedFlows`] overwritten by another flow before they expired.
     pub closed_evicted: u64,
+    /// Gauge: orphans (connections released by the application that hold a slot in a closing
+    /// state short of TIME-WAIT); at most [`StackConfig::max_orphans`].
+    pub orphans: u64,
+    /// Releases aborted (RST) because [`StackConfig::max_orphans`] orphans were held.
+    pub orphans_dropped: u64,
+    /// Orphans aborted (RST) by [`TcbConfig::orphan_timeout`]
+    /// ([`CloseReason::OrphanTimeout`]).
+    pub orphan_timeouts: u64,
 }
 
 impl StackCounters {
@@ -528,6 +550,9 @@ struct Conn {
     /// The deadline (ms) of this connection's one live wheel entry; entries with another
     /// deadline are stale and dropped when their bucket fires.
     armed_ms: Option<Millis>,
+    /// Counted in [`StackCounters::orphans`] (released, holding its slot); uncounted when the
+    /// slot is freed.
+    orphan: bool,
 }
 
 /// One slab slot. It owns its connection's storage for the stack's whole life: a new
@@ -573,6 +598,7 @@ impl Slot {
                     dont_frag: true,
                 }),
                 armed_ms: None,
+                orphan: false,
             },
             live: false,
             ready_for: None,
@@ -623,6 +649,8 @@ pub struct Stack {
     dirty: Vec<ConnId>,
     /// The frame being built; `out` gets a view of it.
     tx: Vec<u8>,
+    /// [`StackConfig::max_orphans`].
+    max_orphans: usize,
     counters: StackCounters,
 }
 
@@ -681,6 +709,7 @@ impl Stack {
             ready: VecDeque::with_capacity(config.capacity * 2),
             dirty: Vec::with_capacity(config.capacity * 2),
             tx: vec![0; config.frame_size],
+            max_orphans: config.max_orphans,
             counters: StackCounters::default(),
         })
     }
@@ -953,6 +982,9 @@ impl Stack {
         }
         let after = Snapshot::of(&conn.tcb);
         let closed = after.state == State::Closed;
+        if closed && conn.tcb.close_reason() == Some(CloseReason::OrphanTimeout) {
+            self.counters.orphan_timeouts += 1;
+        }
         let now_ms = to_ms_floor(now);
         let remembered = if closed
             && before.state == State::LastAck
@@ -1015,6 +1047,11 @@ impl Stack {
         s.live = false;
         s.generation = s.generation.wrapping_add(1);
         s.dirty = false;
+        if s.conn.orphan {
+            s.conn.orphan = false;
+            debug_assert!(self.counters.orphans > 0, "orphan gauge out of step");
+            self.counters.orphans = self.counters.orphans.saturating_sub(1);
+        }
         let removed = self.flows.remove(&s.conn.key);
         debug_assert!(removed, "a live connection is in the flow table");
         self.free.push(slot);
@@ -1121,6 +1158,7 @@ impl Stack {
         s.conn.eth = reply_eth(&rx.eth);
         s.conn.ip = reply_ip(&rx.ip);
         s.conn.armed_ms = None;
+        s.conn.orphan = false;
         s.live = true;
         self.flows.insert(key, hash, slot);
         self.counters.connections_created += 1;
@@ -1265,12 +1303,28 @@ impl Stack {
                 continue;
             }
             s.dirty = false;
-            let Some(conn) = s.conn() else {
+            let Some(conn) = s.conn_mut() else {
                 continue;
             };
             // The application saw the connection as it is now; only what this flush changes
             // is news.
             let before = Snapshot::of(&conn.tcb);
+            // A release only happens through `conn_mut`, so every release is found here,
+            // normally before its FIN goes out (a segment arriving between the release and
+            // this poll sends the FIN first; an abort over the cap then follows it).
+            if conn.tcb.is_released()
+                && !conn.orphan
+                && !matches!(conn.tcb.state(), State::TimeWait | State::Closed)
+            {
+                if self.counters.orphans >= self.max_orphans as u64 {
+                    // Linux's tcp_max_orphans: over the cap, the release becomes an abort.
+                    conn.tcb.abort();
+                    self.counters.orphans_dropped += 1;
+                } else {
+                    conn.orphan = true;
+                    self.counters.orphans += 1;
+                }
+            }
             self.after_activity(id.slot, before, now, out);
         }
         self.dirty.clear();

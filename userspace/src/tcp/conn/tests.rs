@@ -2176,3 +2176,203 @@ fn released_connection_drops_unread_data_sends_fin_and_resets_on_new_data() {
         "an RST tells the peer: {out:?}"
     );
 }
+
+// ---------------------------------------------------------------------- orphans
+
+/// [`config`] with a 5 s orphan timeout.
+fn orphan_config() -> TcbConfig {
+    TcbConfig {
+        orphan_timeout: Some(Duration::from_secs(5)),
+        ..config()
+    }
+}
+
+fn orphan_rst() -> Seg {
+    seg(
+        TcpRepr {
+            seq: LOCAL_SEQ + 1,
+            ack: None,
+            flags: TcpFlags::RST,
+            window: 0,
+            ..recv_templ()
+        },
+        &[],
+    )
+}
+
+#[test]
+fn released_fin_wait_2_is_reset_at_the_orphan_timeout_whatever_the_peer_acks() {
+    let mut s = Tcb::new(orphan_config(), &handshake(), t(0));
+    s.release();
+    assert_eq!(s.next_timer(), None, "no clock yet: armed by the next poll");
+    recv!(
+        s,
+        10,
+        [seg(
+            TcpRepr {
+                flags: TcpFlags::FIN,
+                ..recv_templ()
+            },
+            &[]
+        )]
+    );
+    let ack = TcpRepr {
+        ack: Some(LOCAL_SEQ + 1),
+        ..send_templ()
+    };
+    send!(s, 20, ack);
+    assert_eq!(s.state(), State::FinWait2);
+    assert_eq!(s.next_timer(), Some(t(5_010)), "release (first poll) + 5 s");
+    // A peer that never sends its FIN but keeps the path warm with bare ACKs (each would
+    // reset an idle timer) does not move the deadline.
+    for ms in (1_000..5_010).step_by(1_000) {
+        send!(s, ms, ack);
+        tick!(s, ms);
+        recv!(s, ms, []);
+        assert_eq!(s.state(), State::FinWait2, "still waiting at {ms} ms");
+        assert_eq!(s.next_timer(), Some(t(5_010)), "not extended at {ms} ms");
+    }
+    tick!(s, 5_009);
+    assert_eq!(s.state(), State::FinWait2, "not before the deadline");
+    tick!(s, 5_010);
+    assert_eq!(s.state(), State::Closed);
+    assert_eq!(s.close_reason(), Some(CloseReason::OrphanTimeout));
+    recv!(s, 5_010, [orphan_rst()]);
+    assert_eq!(s.next_timer(), None, "nothing left");
+}
+
+#[test]
+fn released_fin_wait_1_against_a_zero_window_is_reset_at_the_orphan_timeout() {
+    let mut s = Tcb::new(orphan_config(), &handshake(), t(0));
+    let shut = TcpRepr {
+        window: 0,
+        ..send_templ()
+    };
+    send!(s, 0, shut);
+    assert_eq!(s.send(b"hello"), 5, "queued");
+    s.release();
+    recv!(s, 0, []);
+    assert_eq!(s.state(), State::FinWait1, "the FIN waits behind the data");
+    // The peer answers every persist probe with its window still shut.
+    let mut probes = 0;
+    for _ in 0..100 {
+        let Some(due) = s.next_timer() else { break };
+        if due >= t(5_000) {
+            break;
+        }
+        let ms = due.as_micros() / 1_000;
+        tick!(s, ms);
+        probes += poll(&mut s, ms).len();
+        send!(s, ms + 1, shut);
+    }
+    assert!(probes >= 2, "probed while the window stayed shut: {probes}");
+    assert_eq!(
+        s.state(),
+        State::FinWait1,
+        "still probing before the deadline"
+    );
+    assert_eq!(
+        s.next_timer(),
+        Some(t(5_000)),
+        "the orphan deadline is next"
+    );
+    tick!(s, 5_000);
+    assert_eq!(s.close_reason(), Some(CloseReason::OrphanTimeout));
+    // The RST carries SND.MAX: past the probe byte in flight.
+    let out = poll(&mut s, 5_000);
+    assert_eq!(out.len(), 1, "one RST: {out:?}");
+    assert_eq!(out[0].0.flags, TcpFlags::RST, "RST: {out:?}");
+    assert_eq!(out[0].0.seq, LOCAL_SEQ + 1, "after the probe byte: {out:?}");
+}
+
+#[test]
+fn closes_within_the_orphan_timeout_are_untouched() {
+    // We close first: FIN-WAIT-1 → TIME-WAIT at 100 ms, which has its own (60 s) end.
+    let mut s = Tcb::new(orphan_config(), &handshake(), t(0));
+    s.release();
+    assert_eq!(poll(&mut s, 0).len(), 1, "the FIN");
+    send!(
+        s,
+        100,
+        TcpRepr {
+            ack: Some(LOCAL_SEQ + 1),
+            flags: TcpFlags::FIN,
+            ..send_templ()
+        }
+    );
+    assert_eq!(s.state(), State::TimeWait);
+    assert_eq!(
+        s.next_timer(),
+        Some(t(60_100)),
+        "TIME-WAIT, not the orphan bound"
+    );
+    tick!(s, 5_000);
+    assert_eq!(s.state(), State::TimeWait, "the orphan deadline is gone");
+    tick!(s, 60_100);
+    assert_eq!(s.close_reason(), Some(CloseReason::Normal));
+
+    // The peer closed first: LAST-ACK → CLOSED on its ACK.
+    let mut s = Tcb::new(orphan_config(), &handshake(), t(0));
+    send!(
+        s,
+        0,
+        TcpRepr {
+            flags: TcpFlags::FIN,
+            ..send_templ()
+        }
+    );
+    assert_eq!(s.state(), State::CloseWait);
+    s.release();
+    assert_eq!(s.state(), State::LastAck);
+    assert_eq!(poll(&mut s, 1).len(), 1, "our FIN (with the ACK of theirs)");
+    assert!(s.next_timer().is_some_and(|d| d <= t(5_001)), "bounded");
+    send!(
+        s,
+        50,
+        TcpRepr {
+            seq: REMOTE_SEQ + 1,
+            ack: Some(LOCAL_SEQ + 1),
+            ..send_templ()
+        }
+    );
+    assert_eq!(s.close_reason(), Some(CloseReason::Normal));
+    recv!(s, 5_001, []);
+}
+
+#[test]
+fn orphan_timeout_only_applies_to_released_connections_and_can_be_off() {
+    // A half-close by `close` keeps reading: FIN-WAIT-2 is the application's to end.
+    let mut s = Tcb::new(orphan_config(), &handshake(), t(0));
+    s.close();
+    assert_eq!(poll(&mut s, 0).len(), 1, "the FIN");
+    send!(
+        s,
+        1,
+        TcpRepr {
+            ack: Some(LOCAL_SEQ + 1),
+            ..send_templ()
+        }
+    );
+    assert_eq!(s.state(), State::FinWait2);
+    assert_eq!(s.next_timer(), None, "no orphan deadline without a release");
+
+    let mut s = Tcb::new(
+        TcbConfig {
+            orphan_timeout: None,
+            ..config()
+        },
+        &handshake(),
+        t(0),
+    );
+    s.release();
+    assert_eq!(poll(&mut s, 0).len(), 1, "the FIN");
+    send!(
+        s,
+        1,
+        TcpRepr {
+            ack: Some(LOCAL_SEQ + 1),
+            ..send_templ()
+        }
+    );
+    assert_eq!(s.next_timer(), None, "off");
+}

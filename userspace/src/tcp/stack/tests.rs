@@ -39,15 +39,20 @@ fn tcb_config() -> TcbConfig {
 }
 
 fn stack(capacity: usize) -> Stack {
+    stack_with(capacity, tcb_config(), capacity)
+}
+
+fn stack_with(capacity: usize, tcb: TcbConfig, max_orphans: usize) -> Stack {
     Stack::new(
         StackConfig {
             capacity,
             listeners: &[server()],
-            tcb: tcb_config(),
+            tcb,
             cookie_keys: [[7; 16], [9; 16]],
             flow_key: [3; 16],
             rx_checksum: ChecksumMode::Compute,
             frame_size: FRAME,
+            max_orphans,
         },
         t(0),
     )
@@ -820,6 +825,7 @@ fn bad_configs_are_refused() {
         flow_key: [0; 16],
         rx_checksum: ChecksumMode::Skip,
         frame_size: FRAME,
+        max_orphans: 64,
     };
     assert_eq!(
         Stack::new(
@@ -862,6 +868,7 @@ fn ipv6_syn_to_wildcard_listener_gets_syn_ack() {
             flow_key: [2; 16],
             rx_checksum: ChecksumMode::Compute,
             frame_size: FRAME,
+            max_orphans: 64,
         },
         t(0),
     )
@@ -1400,4 +1407,136 @@ fn time_wait_entries_expire() {
     let (r, out) = deliver(&mut s, &fin, t(1_100));
     assert_eq!(r, Err(RxDrop::BadCookie), "no TIME-WAIT left");
     assert!(out[0].tcp.flags.contains(TcpFlags::RST), "RST: {out:?}");
+}
+
+// ---------------------------------------------------------------------- orphans
+
+/// Frames as the stack emitted them, for [`stack_to_client`].
+fn raw(out: &[Out]) -> Vec<Vec<u8>> {
+    out.iter()
+        .map(|o| {
+            frame(
+                server(),
+                SocketAddr::new(o.ip.dst_addr(), o.tcp.dst_port),
+                o.tcp,
+                &o.payload,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_released_connection_whose_peer_never_closes_is_reset_at_the_orphan_timeout() {
+    let tcb = TcbConfig {
+        orphan_timeout: Some(Duration::from_secs(2)),
+        ..tcb_config()
+    };
+    let mut s = stack_with(2, tcb, 2);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    s.conn_mut(id).expect("live").release();
+    // The FIN goes out at the poll of 1 ms, which starts the orphan clock.
+    run(&mut s, &mut c, addr, 1, 5);
+    assert_eq!(
+        c.state(),
+        State::CloseWait,
+        "client got our FIN and never closes"
+    );
+    assert_eq!(s.conn(id).map(Tcb::state), Some(State::FinWait2));
+    assert_eq!(s.counters().orphans, 1, "one orphan");
+
+    assert!(
+        poll(&mut s, t(2_000)).is_empty(),
+        "nothing before the deadline"
+    );
+    assert!(s.conn(id).is_some(), "still held");
+    let out = poll(&mut s, t(2_001));
+    assert_eq!(out.len(), 1, "one RST: {out:?}");
+    assert_eq!(out[0].tcp.flags, TcpFlags::RST, "RST: {out:?}");
+    assert_eq!(out[0].tcp.dst_port, addr.port(), "to the orphan's peer");
+    assert!(s.conn(id).is_none(), "slot given back");
+    assert_eq!(s.len(), 0);
+    let k = s.counters();
+    assert_eq!(
+        (
+            k.orphans,
+            k.orphan_timeouts,
+            k.orphans_dropped,
+            k.connections_closed
+        ),
+        (0, 1, 0, 1),
+        "gauge back to 0, one timeout, counted as a close"
+    );
+    stack_to_client(&mut c, &raw(&out), t(2_001));
+    assert_eq!(
+        c.close_reason(),
+        Some(CloseReason::Reset),
+        "the peer learns"
+    );
+}
+
+#[test]
+fn the_orphan_cap_turns_the_release_beyond_it_into_an_abort() {
+    let mut s = stack_with(4, tcb_config(), 1);
+    let (a_addr, b_addr, c_addr) = (client(1), client(2), client(3));
+    let (mut a, a_id) = connect(&mut s, a_addr, 100, t(0));
+    let (mut b, b_id) = connect(&mut s, b_addr, 200, t(0));
+    s.conn_mut(a_id).expect("live").release();
+    run(&mut s, &mut a, a_addr, 1, 5);
+    assert_eq!(s.conn(a_id).map(Tcb::state), Some(State::FinWait2));
+    assert_eq!(s.counters().orphans, 1, "a is the one orphan allowed");
+
+    // b's release would make two: b is reset instead, at once, and its slot freed.
+    s.conn_mut(b_id).expect("live").release();
+    let out = poll(&mut s, t(6));
+    assert_eq!(out.len(), 1, "only an RST, no FIN: {out:?}");
+    assert_eq!(out[0].tcp.flags, TcpFlags::RST, "RST: {out:?}");
+    assert_eq!(out[0].tcp.dst_port, b_addr.port(), "to b");
+    assert!(s.conn(b_id).is_none(), "b's slot is free");
+    assert_eq!(s.len(), 1, "only a is held");
+    assert_eq!(
+        (s.counters().orphans, s.counters().orphans_dropped),
+        (1, 1),
+        "one orphan, one release dropped"
+    );
+    stack_to_client(&mut b, &raw(&out), t(6));
+    assert_eq!(
+        b.close_reason(),
+        Some(CloseReason::Reset),
+        "b's peer learns"
+    );
+
+    // a finishes its close: TIME-WAIT gives its slot back and it is no orphan any more.
+    a.close();
+    run(&mut s, &mut a, a_addr, 7, 12);
+    assert!(s.conn(a_id).is_none(), "a in TIME-WAIT holds no slot");
+    assert_eq!(s.counters().orphans, 0, "the cap has room again");
+
+    // So the next release closes politely. (News of a and b were left unread.)
+    while s.pop_ready().is_some() {}
+    let (mut c, c_id) = connect(&mut s, c_addr, 300, t(20));
+    s.conn_mut(c_id).expect("live").release();
+    run(&mut s, &mut c, c_addr, 21, 25);
+    assert_eq!(c.state(), State::CloseWait, "c got our FIN");
+    assert_eq!(s.conn(c_id).map(Tcb::state), Some(State::FinWait2));
+    assert_eq!(
+        (s.counters().orphans, s.counters().orphans_dropped),
+        (1, 1),
+        "an orphan again, nothing more dropped"
+    );
+}
+
+#[test]
+fn no_orphans_allowed_means_every_release_aborts() {
+    let mut s = stack_with(2, tcb_config(), 0);
+    let addr = client(1);
+    let (mut c, id) = connect(&mut s, addr, 100, t(0));
+    assert_eq!(c.send(b"request"), 7);
+    assert!(client_to_stack(&mut s, &mut c, addr, t(1)).is_empty());
+    s.conn_mut(id).expect("live").release();
+    let out = poll(&mut s, t(2));
+    assert_eq!(out.len(), 1, "an RST: {out:?}");
+    assert_eq!(out[0].tcp.flags, TcpFlags::RST, "RST: {out:?}");
+    assert!(s.conn(id).is_none());
+    assert_eq!((s.counters().orphans, s.counters().orphans_dropped), (0, 1));
 }
