@@ -73,7 +73,11 @@ fuzz_target!(|data: &[u8]| {
         );
         let _ = (p.payload().len(), p.verify_checksum(a, a));
     }
-    for mode in [ChecksumMode::Compute, ChecksumMode::Skip] {
+    for mode in [
+        ChecksumMode::Compute,
+        ChecksumMode::AcceptPartial,
+        ChecksumMode::Skip,
+    ] {
         let _ = Ipv4Repr::parse(&Ipv4Packet::new_unchecked(data), mode);
         let Ok(frame) = parse_tcp_frame(data, mode) else {
             continue;

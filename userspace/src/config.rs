@@ -198,11 +198,15 @@ pub enum Congestion {
 }
 
 /// Whether the bypass stack verifies the checksums of arriving segments. File syntax:
-/// `"verify"` | `"skip"`.
+/// `"auto"` | `"verify"` | `"skip"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RxChecksum {
-    /// Verify IPv4 header and TCP checksums; count and drop failures.
+    /// As `Verify`, but a TCP segment whose checksum field holds only the pseudo-header sum
+    /// (what a sender with TX checksum offload leaves, e.g. a veth peer with its default
+    /// offloads) is accepted and counted (`rx_partial_checksum`).
+    Auto,
+    /// Verify IPv4 header and TCP checksums; count and drop failures (partial ones too).
     Verify,
     /// Trust what arrives (a NIC that verified it, or a veth whose sender leaves checksums
     /// partial).
@@ -366,7 +370,7 @@ pub struct FileTcp {
     pub nagle: bool,
     /// `keepalive_ms`: idle milliseconds before the first keep-alive probe; 0 = off (default).
     pub keepalive_ms: u64,
-    /// `rx_checksum`: `"verify"` or `"skip"`. Default `"verify"`.
+    /// `rx_checksum`: `"auto"`, `"verify"` or `"skip"`. Default `"auto"`.
     pub rx_checksum: RxChecksum,
     /// `fin_timeout_ms`: milliseconds a connection tern is done with may take to finish its
     /// closing handshake before it is reset; > 0 and at most a year. Default 60000.
@@ -386,7 +390,7 @@ impl Default for FileTcp {
             send_buffer: 128 * 1024,
             nagle: false,
             keepalive_ms: 0,
-            rx_checksum: RxChecksum::Verify,
+            rx_checksum: RxChecksum::Auto,
             fin_timeout_ms: DEFAULT_FIN_TIMEOUT_MS,
             max_orphans: None,
         }

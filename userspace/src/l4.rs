@@ -106,6 +106,9 @@ crate::counters::single_writer_counters! {
     rx_malformed,
     /// Of those, bad IPv4 header or TCP checksums.
     rx_bad_checksum,
+    /// TCP segments accepted with a partial checksum (`tcp.rx_checksum = "auto"`: a sender
+    /// with TX checksum offload, e.g. a veth peer); not drops.
+    rx_partial_checksum,
     /// Segments for no connection and no listener (answered with RST).
     rx_no_listener,
     /// ACKs to a listener whose cookie did not validate (answered with RST).
@@ -268,6 +271,7 @@ impl L4Proxy {
                 ],
                 flow_key,
                 rx_checksum: match setup.tcp.rx_checksum {
+                    RxChecksum::Auto => ChecksumMode::AcceptPartial,
                     RxChecksum::Verify => ChecksumMode::Compute,
                     RxChecksum::Skip => ChecksumMode::Skip,
                 },
@@ -339,7 +343,8 @@ impl L4Proxy {
         to_tcp(self.epoch, std::time::Instant::now())
     }
 
-    /// Publishes counters and rotates the cookie key when its period changed.
+    /// Publishes counters, rotates the cookie key when its period changed, and warns when most
+    /// arriving frames fail their checksum.
     fn housekeeping(&mut self, now: TcpInstant) {
         if now.as_micros() < self.last_housekeeping + HOUSEKEEPING_US {
             return;
@@ -352,6 +357,14 @@ impl L4Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        if let Some(alarm) = self.stack.checksum_alarm(now) {
+            tracing::warn!(
+                worker = self.id,
+                frames = alarm.frames,
+                bad = alarm.bad,
+                "{alarm}"
+            );
+        }
         self.expire_timers(now);
     }
 
@@ -882,6 +895,7 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
             .map(|e| s.wire_drops[e.index()])
             .sum(),
     );
+    c.rx_partial_checksum.set(s.rx_partial_checksum);
     c.rx_no_listener.set(s.dropped(RxDrop::NoListener));
     c.rx_bad_cookie.set(s.dropped(RxDrop::BadCookie));
     c.rx_slab_full.set(s.dropped(RxDrop::SlabFull));

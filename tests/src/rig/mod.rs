@@ -20,7 +20,9 @@
 //! leaving the client veth is at most one MTU, as on a wire. (The kernel's TCP still builds
 //! multi-segment skbs and segments them in software after the tc egress hook; the loss injector
 //! ([`crate::loss`]) sets `gso_max_segs 1` for as long as it is attached, so its classifier
-//! sees one segment per skb.)
+//! sees one segment per skb.) [`Rig::isolated_with`] and [`ClientOffloads::Default`] keep the
+//! pair as `ip link add … type veth` makes it instead, offloads on: what a user gets, and what
+//! tern's `tcp.rx_checksum = "auto"` is for.
 //! Every guard removes what it made on drop, also while unwinding from a panic; a name left
 //! over by a killed process with the same PID is deleted and reused (a live process cannot share
 //! our PID, so such a leftover is stale).
@@ -247,6 +249,15 @@ pub(crate) fn enter_netns_path(path: &std::path::Path) {
 /// namespace ([`Rig::isolated`], for tests) or the host namespace ([`Rig::host`], for
 /// `cargo xtask run`). Addresses: `server_ip` = .1 and `client_ip` = .2 of a /24 unique per rig.
 ///
+/// What the rig does to the client veth's offloads (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientOffloads {
+    /// TX checksum offload, TSO and GSO off: complete checksums, frames of at most one MTU.
+    Off,
+    /// Left as the kernel made them (TX checksum offload on: partial checksums).
+    Default,
+}
+
 /// Drop deletes the veth pair and the namespaces.
 #[derive(Debug)]
 pub struct Rig {
@@ -270,18 +281,24 @@ impl Rig {
     /// Server side in its own namespace: nothing touches the host. For tests.
     #[track_caller]
     pub fn isolated(tag: &str, queues: u32) -> Rig {
-        Rig::build(tag, queues, true)
+        Rig::build(tag, queues, true, ClientOffloads::Off)
+    }
+
+    /// [`Rig::isolated`], with the client veth's offloads as `offloads` says.
+    #[track_caller]
+    pub fn isolated_with(tag: &str, queues: u32, offloads: ClientOffloads) -> Rig {
+        Rig::build(tag, queues, true, offloads)
     }
 
     /// Server side is the host namespace (tern runs as a normal host process and its backends
     /// can be on the host's loopback). For `cargo xtask run`.
     #[track_caller]
     pub fn host(tag: &str, queues: u32) -> Rig {
-        Rig::build(tag, queues, false)
+        Rig::build(tag, queues, false, ClientOffloads::Off)
     }
 
     #[track_caller]
-    fn build(tag: &str, queues: u32, isolated: bool) -> Rig {
+    fn build(tag: &str, queues: u32, isolated: bool, offloads: ClientOffloads) -> Rig {
         check_tag(tag);
         assert!(
             (1..=256).contains(&queues),
@@ -315,8 +332,17 @@ impl Rig {
             queues,
         };
         rig.create_link();
-        rig.disable_client_offloads();
+        if offloads == ClientOffloads::Off {
+            rig.disable_client_offloads();
+        }
         rig
+    }
+
+    /// Whether the client veth has TX checksum offload on (it sends partial checksums).
+    pub fn client_tx_checksum_offload(&self) -> Result<bool, String> {
+        let interface = self.client_if.clone();
+        self.client
+            .run(move || ethtool(&interface, ETHTOOL_GTXCSUM, 0).map(|on| on != 0))
     }
 
     /// Turns TX checksum offload, TSO and GSO off on `client_if` and checks that they are off
@@ -715,13 +741,14 @@ mod tests {
 
     /// Sends `bytes` from the client namespace to a listener on the server side and returns the
     /// TCP data segments (payload > 0) from the client that the server's veth end received,
-    /// each with whether its checksums verify.
+    /// each with its length and what parsing it with `mode` found in its checksum field.
     fn client_data_segments(
         rig: &Rig,
         listener: std::net::TcpListener,
         capture: &Capture,
         bytes: usize,
-    ) -> Vec<Result<usize, tern::wire::WireError>> {
+        mode: tern::wire::ChecksumMode,
+    ) -> Vec<Result<(usize, tern::wire::ChecksumVerdict), tern::wire::WireError>> {
         use std::io::{Read, Write};
         let addr = listener.local_addr().expect("local_addr");
         let sink = std::thread::spawn(move || {
@@ -746,19 +773,18 @@ mod tests {
                     .ok()
                     .filter(|f| f.ip.src_addr() == client_ip && !f.payload.is_empty())?;
                 let len = unchecked.payload.len();
-                Some(
-                    tern::wire::parse_tcp_frame(frame, tern::wire::ChecksumMode::Compute)
-                        .map(|_| len),
-                )
+                Some(tern::wire::parse_tcp_frame(frame, mode).map(|f| (len, f.checksum)))
             })
             .collect()
     }
 
     /// The rig's client veth has TX checksum offload and TSO/GSO off, so the server side
     /// receives complete checksums (as from a NIC) in frames of at most one MTU; with TX
-    /// checksum offload back on, the same capture sees the partial checksums the rig avoids.
+    /// checksum offload back on, the same capture sees the partial checksums the rig avoids,
+    /// and each is exactly what `ChecksumMode::AcceptPartial` takes (the pseudo-header sum).
     #[test]
     fn client_segments_reach_the_server_with_complete_checksums() {
+        use tern::wire::{ChecksumMode, ChecksumVerdict, WireError};
         let rig = Rig::isolated("csum", 1);
         let server = rig.server.as_ref().expect("isolated rig");
         let (server_if, server_ip) = (rig.server_if.clone(), rig.server_ip);
@@ -766,14 +792,15 @@ mod tests {
             let listener = std::net::TcpListener::bind((server_ip, 0)).expect("bind");
             (listener, Capture::open(&server_if))
         });
-        let segments = client_data_segments(&rig, listener, &capture, 32 * 1024);
+        let segments =
+            client_data_segments(&rig, listener, &capture, 32 * 1024, ChecksumMode::Compute);
         assert!(
             segments.len() >= 10,
             "too few data segments captured: {segments:?}"
         );
         let mss = RIG_MTU as usize - 40;
         for segment in &segments {
-            let len = segment
+            let (len, _) = segment
                 .as_ref()
                 .unwrap_or_else(|e| panic!("a client segment failed to parse/verify: {e}"));
             assert!(*len <= mss, "a {len}-byte segment: TSO/GSO is not off");
@@ -785,12 +812,31 @@ mod tests {
             .client
             .run(move || set_tx_checksum_offload(&client_if, true));
         assert_eq!(on, Ok(true), "turning tx checksum offload back on");
-        let listener =
-            server.run(move || std::net::TcpListener::bind((server_ip, 0)).expect("bind"));
-        let segments = client_data_segments(&rig, listener, &capture, 32 * 1024);
+        let bind = move || std::net::TcpListener::bind((server_ip, 0)).expect("bind");
+        let listener = server.run(bind);
+        let segments =
+            client_data_segments(&rig, listener, &capture, 32 * 1024, ChecksumMode::Compute);
         assert!(
-            segments.contains(&Err(tern::wire::WireError::BadChecksum)),
+            segments.contains(&Err(WireError::BadChecksum)),
             "with offload on, veth should deliver partial checksums: {segments:?}"
+        );
+        let listener = server.run(bind);
+        let segments = client_data_segments(
+            &rig,
+            listener,
+            &capture,
+            32 * 1024,
+            ChecksumMode::AcceptPartial,
+        );
+        assert!(
+            segments.iter().all(Result::is_ok),
+            "every segment of an offloading veth peer is accepted: {segments:?}"
+        );
+        assert!(
+            segments
+                .iter()
+                .any(|s| matches!(s, Ok((_, ChecksumVerdict::Partial)))),
+            "and they are partial: {segments:?}"
         );
     }
 

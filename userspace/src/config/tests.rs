@@ -1009,10 +1009,25 @@ fn tcp_table_defaults_and_bounds() {
             send_buffer: 128 * 1024,
             nagle: false,
             keepalive: None,
-            rx_checksum: RxChecksum::Verify,
+            rx_checksum: RxChecksum::Auto,
             fin_timeout: Duration::from_secs(60),
             max_orphans: 2_500,
         }
+    );
+    for (text, value) in [
+        ("auto", RxChecksum::Auto),
+        ("verify", RxChecksum::Verify),
+        ("skip", RxChecksum::Skip),
+    ] {
+        let tcp = fx
+            .ok(&minimal_with(&format!("[tcp]\nrx_checksum = \"{text}\"")))
+            .tcp;
+        assert_eq!(tcp.rx_checksum, value, "rx_checksum = {text:?}");
+    }
+    fx.rejects(
+        &minimal_with("[tcp]\nrx_checksum = \"partial\""),
+        "tcp.rx_checksum",
+        "unknown variant",
     );
     let tcp = fx
         .ok(&minimal_with(

@@ -13,6 +13,7 @@
 //!   an enum dispatcher.
 //! - [`syncookie`]: stateless passive open (RFC 4987 §3.6), keyed with SipHash-2-4.
 //! - [`reassembly`]: bounded out-of-order range tracking and SACK blocks (RFC 2018).
+//! - [`checksum_alarm`]: notices when most arriving frames fail their checksum, and says why.
 //! - [`ring`]: the fixed-capacity byte ring behind each connection's send and receive buffers.
 //! - [`conn`]: one connection's TCB (RFC 9293 state machine from ESTABLISHED on, created when a
 //!   SYN cookie validates): segment arrival, RFC 5961 challenge ACKs, retransmission, SACK,
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cc;
+pub mod checksum_alarm;
 pub mod conn;
 pub mod reassembly;
 pub mod ring;

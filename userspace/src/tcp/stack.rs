@@ -4,6 +4,10 @@
 //! timer wheel that drives every connection's [`Tcb::on_timer`], and the per-reason drop
 //! counters.
 //!
+//! Checksums are checked per `rx_checksum` ([`ChecksumMode`]); segments accepted with only the
+//! pseudo-header sum in their checksum field (a veth peer with TX checksum offload) are counted
+//! apart, and [`Stack::checksum_alarm`] tells the worker when most frames fail.
+//!
 //! Does not own: header layout and checksums (`wire`), the state machine of one connection
 //! (`conn`), the cookie format (`syncookie`), or the frames' memory (the caller copies each
 //! emitted frame into its UMEM from the `out` callback). Nothing here reads a clock or makes a
@@ -59,6 +63,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::checksum_alarm::{ChecksumAlarm, ChecksumWatch};
 use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig, TimeWaitState};
 use super::ring::{Ring, RingArena};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
@@ -66,8 +71,8 @@ use super::time::Instant;
 use crate::timer::{Millis, Wheel};
 use crate::wire::{
     emit_tcp_frame_headers, parse_icmp_frame, parse_tcp_frame, tcp_payload_offset, ChecksumMode,
-    EtherType, EthernetAddress, EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr, SeqNumber, TcpFlags,
-    TcpFrame, TcpOptions, TcpRepr, Timestamps, WireError, IP_PROTO_TCP,
+    ChecksumVerdict, EtherType, EthernetAddress, EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr,
+    SeqNumber, TcpFlags, TcpFrame, TcpOptions, TcpRepr, Timestamps, WireError, IP_PROTO_TCP,
 };
 
 /// Timer-wheel resolution. Finer than any TCP timer we run (the smallest is the delayed ACK).
@@ -95,8 +100,8 @@ pub struct StackConfig<'a> {
     pub cookie_keys: [CookieKey; 2],
     /// Key of the flow table's hash (random per worker; see [`FlowTable`] for why it is keyed).
     pub flow_key: CookieKey,
-    /// Whether arriving checksums are verified. veth with offloads on hands partially
-    /// checksummed frames to AF_XDP, so the worker chooses. What we send is always checksummed.
+    /// Whether arriving checksums are verified, and whether a partial one (what a veth peer
+    /// with TX checksum offload sends) is accepted. What we send is always checksummed.
     pub rx_checksum: ChecksumMode,
     /// Size of the transmit scratch frame (the UMEM frame size): bounds the largest frame we emit.
     pub frame_size: usize,
@@ -249,6 +254,11 @@ impl RxDrop {
 /// drops are in each [`Tcb::counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackCounters {
+    /// Frames handed to [`Stack::receive`], whatever became of them.
+    pub frames_received: u64,
+    /// TCP segments accepted whose checksum field held only the pseudo-header sum (a sender
+    /// with TX checksum offload; see [`ChecksumMode::AcceptPartial`]).
+    pub rx_partial_checksum: u64,
     /// Frames dropped by parse error, indexed by [`WireError::index`].
     pub wire_drops: [u64; WireError::ALL.len()],
     /// Frames dropped by stack reason, indexed by [`RxDrop::index`].
@@ -630,6 +640,8 @@ struct TimerEntry {
 pub struct Stack {
     tcb_config: TcbConfig,
     rx_checksum: ChecksumMode,
+    /// Raises [`Stack::checksum_alarm`] when most arriving frames fail their checksum.
+    checksum_watch: ChecksumWatch,
     /// The window shift our SYN-ACKs offer: the smallest that lets the receive buffer be
     /// advertised whole (RFC 7323 §2.3, at most 14).
     our_wscale: u8,
@@ -684,6 +696,7 @@ impl Stack {
         Ok(Stack {
             tcb_config: config.tcb,
             rx_checksum: config.rx_checksum,
+            checksum_watch: ChecksumWatch::default(),
             our_wscale,
             listeners: config.listeners.to_vec(),
             jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
@@ -732,6 +745,15 @@ impl Stack {
     /// The counters.
     pub fn counters(&self) -> &StackCounters {
         &self.counters
+    }
+
+    /// An alarm when most frames received since the last judgement failed their checksum,
+    /// at most one per [`ALARM_EVERY`](super::checksum_alarm::ALARM_EVERY); for the worker to
+    /// log from its housekeeping (see [`ChecksumWatch`]).
+    pub fn checksum_alarm(&mut self, now: Instant) -> Option<ChecksumAlarm> {
+        let bad = self.counters.dropped(RxDrop::Wire(WireError::BadChecksum));
+        self.checksum_watch
+            .check(self.counters.frames_received, bad, self.rx_checksum, now)
     }
 
     /// Makes `key` the cookie-signing key; the current one keeps validating (see
@@ -819,6 +841,7 @@ impl Stack {
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) -> Result<(), RxDrop> {
+        self.counters.frames_received += 1;
         let result = self.receive_inner(frame, now, out);
         if let Err(reason) = result {
             self.counters.count(reason);
@@ -838,6 +861,9 @@ impl Stack {
             Err(WireError::UnsupportedProtocol) => return self.icmp(frame, now, out),
             Err(e) => return Err(RxDrop::Wire(e)),
         };
+        if rx.checksum == ChecksumVerdict::Partial {
+            self.counters.rx_partial_checksum += 1;
+        }
         let local = SocketAddr::new(rx.ip.dst_addr(), rx.tcp.dst_port);
         let remote = SocketAddr::new(rx.ip.src_addr(), rx.tcp.src_port);
         let key = FlowKey::new(local, remote);

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use super::ethernet::EtherType;
 use super::{
-    ChecksumMode, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    TcpPacket, TcpRepr, WireError, IP_PROTO_TCP,
+    ChecksumMode, ChecksumVerdict, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
+    Ipv6Repr, TcpPacket, TcpRepr, WireError, IP_PROTO_TCP,
 };
 
 /// The network-layer header of a frame.
@@ -67,6 +67,8 @@ pub struct TcpFrame<'a> {
     pub tcp: TcpRepr,
     /// The TCP payload (`tcp.payload_len` bytes), Ethernet padding excluded.
     pub payload: &'a [u8],
+    /// What the TCP checksum field held (the IPv4 header checksum, if checked, verified).
+    pub checksum: ChecksumVerdict,
 }
 
 /// Parses a whole frame as the stack receives it from AF_XDP; never panics. Anything that is
@@ -99,7 +101,8 @@ pub fn parse_tcp_frame(frame: &[u8], checksum: ChecksumMode) -> Result<TcpFrame<
         _ => return Err(WireError::UnsupportedEtherType),
     };
     let packet = TcpPacket::new_unchecked(segment);
-    let tcp = TcpRepr::parse(&packet, ip.src_addr(), ip.dst_addr(), checksum)?;
+    let (tcp, verdict) =
+        TcpRepr::parse_with_verdict(&packet, ip.src_addr(), ip.dst_addr(), checksum)?;
     // In bounds: parse ran check_len (header_len <= segment.len()).
     let payload = &segment[usize::from(packet.header_len())..];
     Ok(TcpFrame {
@@ -107,6 +110,7 @@ pub fn parse_tcp_frame(frame: &[u8], checksum: ChecksumMode) -> Result<TcpFrame<
         ip,
         tcp,
         payload,
+        checksum: verdict,
     })
 }
 
@@ -118,7 +122,7 @@ pub fn tcp_payload_offset(eth: &EthernetRepr, ip: &IpRepr, tcp: &TcpRepr) -> usi
 }
 
 /// Writes the Ethernet, IP and TCP headers of a frame whose `tcp.payload_len` payload bytes are
-/// already at [`tcp_payload_offset`], computes the checksums (with [`ChecksumMode::Compute`])
+/// already at [`tcp_payload_offset`], computes the checksums (unless [`ChecksumMode::Skip`])
 /// and returns the frame length.
 ///
 /// The linking fields are derived, not taken from the reprs: `eth.ethertype` from the IP

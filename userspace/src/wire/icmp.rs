@@ -83,7 +83,7 @@ pub struct IcmpFrame {
 
 /// Parses a whole frame carrying ICMPv4 or ICMPv6; never panics. Non-ICMP payloads are
 /// [`WireError::UnsupportedProtocol`]; a message shorter than its fixed header is
-/// [`WireError::Truncated`]; with [`ChecksumMode::Compute`] a wrong ICMP checksum is
+/// [`WireError::Truncated`]; unless [`ChecksumMode::Skip`], a wrong ICMP checksum is
 /// [`WireError::BadChecksum`].
 pub fn parse_icmp_frame(frame: &[u8], checksum: ChecksumMode) -> Result<IcmpFrame, WireError> {
     let eth_frame = EthernetFrame::new_checked(frame)?;
@@ -114,7 +114,7 @@ pub fn parse_icmp_frame(frame: &[u8], checksum: ChecksumMode) -> Result<IcmpFram
     if message.len() < HEADER_LEN {
         return Err(WireError::Truncated);
     }
-    if checksum == ChecksumMode::Compute && icmp_sum(&ip, message) != 0xffff {
+    if checksum.computes() && icmp_sum(&ip, message) != 0xffff {
         return Err(WireError::BadChecksum);
     }
     let v6 = matches!(ip, IpRepr::V6(_));
@@ -262,7 +262,7 @@ pub fn emit_icmp_frame(
     };
     message[4..8].copy_from_slice(&word.to_be_bytes());
     message[HEADER_LEN..].copy_from_slice(quoted);
-    if checksum == ChecksumMode::Compute {
+    if checksum.computes() {
         let sum = checksum::finish(icmp_sum(ip, message));
         message[2..4].copy_from_slice(&sum.to_be_bytes());
     }

@@ -235,7 +235,7 @@ impl Ipv4Repr {
             return Err(WireError::BadVersion);
         }
         packet.check_len()?;
-        if checksum == ChecksumMode::Compute && !packet.verify_checksum() {
+        if checksum.computes() && !packet.verify_checksum() {
             return Err(WireError::BadChecksum);
         }
         if packet.more_frags() || packet.frag_offset() != 0 {
@@ -258,7 +258,7 @@ impl Ipv4Repr {
         HEADER_LEN
     }
 
-    /// Writes the header (no options) and, with [`ChecksumMode::Compute`], its checksum.
+    /// Writes the header (no options) and, unless [`ChecksumMode::Skip`], its checksum.
     /// Panics if the buffer is shorter than [`Ipv4Repr::buffer_len`] or `payload_len` does not
     /// fit the 16-bit total length (the caller sizes segments to the MTU).
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(
@@ -277,7 +277,7 @@ impl Ipv4Repr {
         packet.set_protocol(self.protocol);
         packet.set_src_addr(self.src_addr);
         packet.set_dst_addr(self.dst_addr);
-        if checksum == ChecksumMode::Compute {
+        if checksum.computes() {
             packet.fill_checksum();
         }
     }

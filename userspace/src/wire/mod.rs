@@ -65,14 +65,41 @@ type Field = core::ops::Range<usize>;
 
 /// Whether checksums are computed: verified by `parse`, filled in by `emit`.
 ///
-/// AF_XDP on veth offers no checksum offload, so the stack uses [`ChecksumMode::Compute`];
-/// `Skip` exists for tests and for a future NIC that validates checksums in hardware.
+/// AF_XDP offers no receive checksum offload, so the stack verifies in software. A sender that
+/// hands its device a TCP segment to finish (Linux's CHECKSUM_PARTIAL: TX checksum offload on)
+/// leaves only the pseudo-header sum in the checksum field; a NIC completes it on the wire, but
+/// veth passes the frame on as it is, so a veth peer with default offloads sends exactly that.
+/// [`ChecksumMode::AcceptPartial`] tells those frames from damaged ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChecksumMode {
     /// `parse` rejects a wrong checksum with [`WireError::BadChecksum`]; `emit` fills it in.
     Compute,
+    /// As `Compute`, except that `parse` also accepts a TCP segment whose checksum field holds
+    /// exactly its pseudo-header sum (what a partial-checksum sender leaves, checked on Linux
+    /// veth for IPv4 and IPv6) and reports it as [`ChecksumVerdict::Partial`]. The IPv4 header
+    /// and ICMP checksums are always complete, so they are verified as with `Compute`. A frame
+    /// whose full checksum verifies costs nothing more than with `Compute`.
+    AcceptPartial,
     /// `parse` does not look at the checksum; `emit` leaves the field as it is.
     Skip,
+}
+
+impl ChecksumMode {
+    /// Whether `parse` verifies checksums and `emit` computes them.
+    pub const fn computes(self) -> bool {
+        !matches!(self, ChecksumMode::Skip)
+    }
+}
+
+/// What `parse` found in a TCP segment's checksum field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChecksumVerdict {
+    /// The full checksum verifies.
+    Complete,
+    /// Only the pseudo-header sum is there (accepted by [`ChecksumMode::AcceptPartial`] only).
+    Partial,
+    /// Not looked at ([`ChecksumMode::Skip`]).
+    Unchecked,
 }
 
 /// Why a frame could not be parsed or emitted. One variant per reason the stack counts drops

@@ -13,7 +13,10 @@ use std::net::IpAddr;
 
 use super::checksum;
 use super::IP_PROTO_TCP;
-use super::{read_u16, read_u32, write_u16, write_u32, ChecksumMode, Field, SeqNumber, WireError};
+use super::{
+    read_u16, read_u32, write_u16, write_u32, ChecksumMode, ChecksumVerdict, Field, SeqNumber,
+    WireError,
+};
 
 mod field {
     use super::Field;
@@ -223,6 +226,36 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     pub fn verify_checksum(&self, src: IpAddr, dst: IpAddr) -> bool {
         let b = self.buffer.as_ref();
         checksum::combine(&[pseudo_header(src, dst, b.len()), checksum::data(b)]) == 0xffff
+    }
+
+    /// Whether the checksum field holds exactly the pseudo-header sum: what Linux leaves in a
+    /// segment whose checksum the device is to finish (`th->check = ~tcp_v4_check(len, ..)`,
+    /// the folded sum, not complemented; the same for IPv6). Captured on veth, it is that sum
+    /// over the segment length, for both families. 0x0000 and 0xffff are the same sum
+    /// (one's complement zero), so either encoding matches. O(1): the payload is not read.
+    pub fn has_partial_checksum(&self, src: IpAddr, dst: IpAddr) -> bool {
+        let expected = pseudo_header(src, dst, self.buffer.as_ref().len());
+        let normal = |v: u16| if v == 0 { 0xffff } else { v };
+        normal(self.checksum()) == normal(expected)
+    }
+
+    /// Checks the checksum as `mode` says (the buffer must have passed `check_len`). The
+    /// pseudo-header-only test runs only on a segment whose full checksum failed, so a right
+    /// checksum costs one pass over the segment, as with [`ChecksumMode::Compute`].
+    pub fn checksum_verdict(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        mode: ChecksumMode,
+    ) -> Result<ChecksumVerdict, WireError> {
+        match mode {
+            ChecksumMode::Skip => Ok(ChecksumVerdict::Unchecked),
+            _ if self.verify_checksum(src, dst) => Ok(ChecksumVerdict::Complete),
+            ChecksumMode::AcceptPartial if self.has_partial_checksum(src, dst) => {
+                Ok(ChecksumVerdict::Partial)
+            }
+            ChecksumMode::Compute | ChecksumMode::AcceptPartial => Err(WireError::BadChecksum),
+        }
     }
 }
 
@@ -563,12 +596,20 @@ impl TcpRepr {
         dst: IpAddr,
         checksum: ChecksumMode,
     ) -> Result<TcpRepr, WireError> {
+        TcpRepr::parse_with_verdict(packet, src, dst, checksum).map(|(repr, _)| repr)
+    }
+
+    /// [`TcpRepr::parse`], also saying what was found in the checksum field.
+    pub fn parse_with_verdict<T: AsRef<[u8]>>(
+        packet: &TcpPacket<T>,
+        src: IpAddr,
+        dst: IpAddr,
+        checksum: ChecksumMode,
+    ) -> Result<(TcpRepr, ChecksumVerdict), WireError> {
         packet.check_len()?;
-        if checksum == ChecksumMode::Compute && !packet.verify_checksum(src, dst) {
-            return Err(WireError::BadChecksum);
-        }
+        let verdict = packet.checksum_verdict(src, dst, checksum)?;
         let flags = packet.flags();
-        Ok(TcpRepr {
+        let repr = TcpRepr {
             src_port: packet.src_port(),
             dst_port: packet.dst_port(),
             seq: packet.seq_number(),
@@ -577,7 +618,8 @@ impl TcpRepr {
             window: packet.window_len(),
             options: TcpOptions::parse(packet.options())?,
             payload_len: packet.payload().len(),
-        })
+        };
+        Ok((repr, verdict))
     }
 
     /// Header length this repr emits: 20 plus the options.
@@ -597,7 +639,7 @@ impl TcpRepr {
             + usize::from(self.flags.contains(TcpFlags::FIN))
     }
 
-    /// Writes the header and, with [`ChecksumMode::Compute`], the checksum over the first
+    /// Writes the header and, unless [`ChecksumMode::Skip`], the checksum over the first
     /// [`TcpRepr::buffer_len`] bytes — so the `payload_len` payload bytes must already be in
     /// place at [`TcpRepr::header_len`] (or be written before calling
     /// [`TcpPacket::fill_checksum`] on a view of exactly `buffer_len` bytes).
@@ -624,7 +666,7 @@ impl TcpRepr {
         packet.set_window_len(self.window);
         packet.set_urgent_at(0);
         self.options.emit(packet.options_mut());
-        if checksum == ChecksumMode::Compute {
+        if checksum.computes() {
             fill_segment_checksum(packet.buffer.as_mut(), src, dst, self.buffer_len());
         }
     }

@@ -33,6 +33,23 @@ const ALL_LINUX: [&str; 8] = [
     LINUX_V6_DATA,
 ];
 
+/// Frames a veth end received from a peer with its default offloads (TX checksum offload on),
+/// captured the same way (Linux 6.18): the TCP checksum field holds only the pseudo-header sum
+/// (not complemented), over the segment length, in both families; the IPv4 header checksum is
+/// complete. Client 10.250.9.2 / fd00:99::2, server port 9; the data frames carry
+/// "hello-tern\n".
+const PARTIAL_V4_SYN: &str = "b6b2397d9917b605b57dad2d08004500003c60f640004006b1cf0afa09020afa090186e800099dd3093400000000a002faf028250000020405b40402080a44152204000000000103030a";
+const PARTIAL_V4_DATA: &str = "e6b0c83bec09f6c8afb1bec008004500003f37ca40004006daf80afa09020afa0901b7300009ecd1deb72655f83e8018003f282800000101080a2b8eb2563370165f68656c6c6f2d7465726e0a";
+const PARTIAL_V6_SYN: &str = "b6b2397d9917b605b57dad2d86dd600ac10e00280640fd000099000000000000000000000002fd000099000000000000000000000001ad5a000948142ba900000000a002fd20fb640000020405a00402080a9ec17264000000000103030a";
+const PARTIAL_V6_DATA: &str = "e6b0c83bec09f6c8afb1bec086dd600e79cb002b0640fd000099000000000000000000000002fd0000990000000000000000000000019b16000919d6159e951676ab80180040fb6700000101080ae34293ad1ff49da068656c6c6f2d7465726e0a";
+
+const ALL_PARTIAL: [&str; 4] = [
+    PARTIAL_V4_SYN,
+    PARTIAL_V4_DATA,
+    PARTIAL_V6_SYN,
+    PARTIAL_V6_DATA,
+];
+
 #[track_caller]
 fn hex(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2), "odd hex length");
@@ -205,13 +222,18 @@ fn linux_checksums_match_the_reference() {
 fn any_flipped_bit_is_caught_by_a_checksum() {
     // Every single-bit error in the IPv4 header or the TCP segment fails a checksum or a
     // length/version check; none is accepted, none panics.
-    for text in [LINUX_V4_DATA, LINUX_V6_DATA] {
+    for (text, mode) in [
+        (LINUX_V4_DATA, ChecksumMode::Compute),
+        (LINUX_V6_DATA, ChecksumMode::Compute),
+        (LINUX_V4_DATA, ChecksumMode::AcceptPartial),
+        (LINUX_V6_DATA, ChecksumMode::AcceptPartial),
+    ] {
         let good = hex(text);
         for byte in 14..good.len() {
             for bit in 0..8 {
                 let mut bad = good.clone();
                 bad[byte] ^= 1 << bit;
-                let parsed = parse_tcp_frame(&bad, ChecksumMode::Compute);
+                let parsed = parse_tcp_frame(&bad, mode);
                 // IPv6 has no header checksum; a flipped bit in the traffic class, flow label
                 // or hop limit legitimately yields a different valid packet.
                 let v6_unchecked = text == LINUX_V6_DATA && (byte < 14 + 4 || byte == 14 + 7);
@@ -224,6 +246,104 @@ fn any_flipped_bit_is_caught_by_a_checksum() {
             }
         }
     }
+}
+
+#[test]
+fn complete_checksums_are_complete_in_every_verifying_mode() {
+    for text in ALL_LINUX {
+        let bytes = hex(text);
+        for mode in [ChecksumMode::Compute, ChecksumMode::AcceptPartial] {
+            let f = parse_tcp_frame(&bytes, mode).expect("a complete checksum verifies");
+            assert_eq!(f.checksum, ChecksumVerdict::Complete, "{mode:?}");
+        }
+        let f = parse_tcp_frame(&bytes, ChecksumMode::Skip).expect("parses unchecked");
+        assert_eq!(f.checksum, ChecksumVerdict::Unchecked);
+    }
+}
+
+#[test]
+fn partial_checksums_are_accepted_only_when_asked() {
+    for text in ALL_PARTIAL {
+        let bytes = hex(text);
+        assert_eq!(
+            parse_tcp_frame(&bytes, ChecksumMode::Compute),
+            Err(WireError::BadChecksum),
+            "verify refuses a partial checksum"
+        );
+        let f = parse_tcp_frame(&bytes, ChecksumMode::AcceptPartial)
+            .expect("a partial checksum is accepted");
+        assert_eq!(f.checksum, ChecksumVerdict::Partial);
+        assert_eq!(
+            parse_tcp_frame(&bytes, ChecksumMode::Skip).map(|f| f.checksum),
+            Ok(ChecksumVerdict::Unchecked)
+        );
+        // The field is the pseudo-header sum of the segment as it arrived.
+        let seg_start = 14 + f.ip.buffer_len();
+        let segment = &bytes[seg_start..];
+        assert_eq!(
+            u16::from_be_bytes([segment[16], segment[17]]),
+            tcp_pseudo_header(f.ip.src_addr(), f.ip.dst_addr(), segment.len())
+        );
+        // Completing it (as a NIC would) gives a frame every verifying mode calls complete.
+        let mut fixed = bytes.clone();
+        let sum = checksum::data(&fixed[seg_start..]);
+        fixed[seg_start + 16..seg_start + 18].copy_from_slice(&checksum::finish(sum).to_be_bytes());
+        assert_eq!(
+            parse_tcp_frame(&fixed, ChecksumMode::Compute).map(|f| f.checksum),
+            Ok(ChecksumVerdict::Complete)
+        );
+    }
+    assert!(
+        ALL_PARTIAL.iter().any(|t| t.contains("86dd")),
+        "IPv6 covered"
+    );
+}
+
+#[test]
+fn garbage_checksums_are_refused_in_every_verifying_mode() {
+    for text in ALL_PARTIAL.iter().chain(&ALL_LINUX) {
+        let good = hex(text);
+        let seg_start = 14
+            + parse_tcp_frame(&good, ChecksumMode::Skip)
+                .expect("parses")
+                .ip
+                .buffer_len();
+        // Neither the full checksum nor the pseudo-header sum: every other field value.
+        for delta in [1u16, 0x100, 0x8000, 0xfffe] {
+            let mut bad = good.clone();
+            let at = seg_start + 16..seg_start + 18;
+            let field = u16::from_be_bytes([bad[at.start], bad[at.start + 1]]);
+            bad[at].copy_from_slice(&field.wrapping_add(delta).to_be_bytes());
+            for mode in [ChecksumMode::Compute, ChecksumMode::AcceptPartial] {
+                assert_eq!(
+                    parse_tcp_frame(&bad, mode).map(|f| f.checksum),
+                    Err(WireError::BadChecksum),
+                    "{mode:?}, field + {delta:#x}"
+                );
+            }
+        }
+        // An address the pseudo-header covers, changed on the way: the partial sum no longer
+        // matches either (IPv4: the header checksum catches it first).
+        let mut moved = good.clone();
+        let last_src_byte = if text.contains("86dd") {
+            14 + 8 + 15
+        } else {
+            14 + 15
+        };
+        moved[last_src_byte] ^= 0x40;
+        assert_eq!(
+            parse_tcp_frame(&moved, ChecksumMode::AcceptPartial).map(|f| f.checksum),
+            Err(WireError::BadChecksum),
+            "a changed source address"
+        );
+    }
+    // The IPv4 header checksum is always complete and always verified.
+    let mut bad_ip = hex(PARTIAL_V4_SYN);
+    bad_ip[14 + 10] ^= 0x01;
+    assert_eq!(
+        parse_tcp_frame(&bad_ip, ChecksumMode::AcceptPartial),
+        Err(WireError::BadChecksum)
+    );
 }
 
 #[test]
@@ -428,7 +548,11 @@ fn check_reemit(frame: &TcpFrame<'_>, max_len: usize) {
 
 /// Runs every parser and, where `check_len` passes, every accessor of every view.
 fn exercise_everything(bytes: &[u8]) {
-    for mode in [ChecksumMode::Compute, ChecksumMode::Skip] {
+    for mode in [
+        ChecksumMode::Compute,
+        ChecksumMode::AcceptPartial,
+        ChecksumMode::Skip,
+    ] {
         if let Ok(frame) = parse_tcp_frame(bytes, mode) {
             check_reemit(&frame, bytes.len());
         }

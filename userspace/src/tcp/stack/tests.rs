@@ -1540,3 +1540,101 @@ fn no_orphans_allowed_means_every_release_aborts() {
     assert!(s.conn(id).is_none());
     assert_eq!((s.counters().orphans, s.counters().orphans_dropped), (0, 1));
 }
+
+// ---------------------------------------------------------------------- checksums
+
+fn stack_checking(mode: ChecksumMode) -> Stack {
+    Stack::new(
+        StackConfig {
+            capacity: 4,
+            listeners: &[server()],
+            tcb: tcb_config(),
+            cookie_keys: [[7; 16], [9; 16]],
+            flow_key: [3; 16],
+            rx_checksum: mode,
+            frame_size: FRAME,
+            max_orphans: 64,
+        },
+        t(0),
+    )
+    .expect("valid stack config")
+}
+
+/// `bytes` as a sender with TX checksum offload hands it over (a veth peer with its default
+/// offloads): the TCP checksum field holds only the pseudo-header sum.
+fn partial(mut bytes: Vec<u8>) -> Vec<u8> {
+    let f = parse_tcp_frame(&bytes, ChecksumMode::Compute).expect("a complete frame");
+    let (src, dst) = (f.ip.src_addr(), f.ip.dst_addr());
+    let at = 14 + f.ip.buffer_len();
+    let sum = crate::wire::tcp_pseudo_header(src, dst, bytes.len() - at);
+    bytes[at + 16..at + 18].copy_from_slice(&sum.to_be_bytes());
+    bytes
+}
+
+#[test]
+fn a_partial_checksum_is_accepted_and_counted_only_when_asked() {
+    let partial_syn = partial(frame(client(1), server(), syn(1_000, 1), &[]));
+    let mut s = stack_checking(ChecksumMode::AcceptPartial);
+    let (r, out) = deliver(&mut s, &partial_syn, t(0));
+    assert_eq!(r, Ok(()));
+    assert_eq!(out.len(), 1, "a SYN-ACK");
+    assert_eq!(s.counters().rx_partial_checksum, 1);
+    let complete_syn = frame(client(2), server(), syn(2_000, 1), &[]);
+    assert_eq!(deliver(&mut s, &complete_syn, t(0)).0, Ok(()));
+    assert_eq!(
+        s.counters().rx_partial_checksum,
+        1,
+        "a complete checksum is not counted as partial"
+    );
+    assert_eq!(s.counters().frames_received, 2);
+
+    let mut strict = stack_checking(ChecksumMode::Compute);
+    let (r, out) = deliver(&mut strict, &partial_syn, t(0));
+    assert_eq!(r, Err(RxDrop::Wire(WireError::BadChecksum)));
+    assert!(out.is_empty(), "no reply");
+    assert_eq!(strict.counters().rx_partial_checksum, 0);
+    assert_eq!(
+        strict
+            .counters()
+            .dropped(RxDrop::Wire(WireError::BadChecksum)),
+        1
+    );
+}
+
+#[test]
+fn mostly_failing_checksums_raise_the_alarm() {
+    let partial_syn = partial(frame(client(1), server(), syn(1_000, 1), &[]));
+    let mut garbage = frame(client(2), server(), syn(2_000, 1), &[]);
+    garbage[14 + 20 + 16] ^= 0x5a;
+
+    // "verify" against a veth peer with offloads: every SYN dropped, and the alarm says why.
+    let mut strict = stack_checking(ChecksumMode::Compute);
+    for i in 0..15 {
+        let _ = deliver(&mut strict, &partial_syn, t(i));
+    }
+    assert_eq!(strict.checksum_alarm(t(20)), None, "15 frames: too few");
+    let _ = deliver(&mut strict, &partial_syn, t(21));
+    let alarm = strict.checksum_alarm(t(22)).expect("16 of 16 bad");
+    assert_eq!((alarm.frames, alarm.bad), (16, 16));
+    assert!(alarm.to_string().contains("rx_checksum"), "{alarm}");
+    for i in 0..16 {
+        let _ = deliver(&mut strict, &partial_syn, t(100 + i));
+    }
+    assert_eq!(
+        strict.checksum_alarm(t(200)),
+        None,
+        "one alarm per 10 s at most"
+    );
+
+    // "auto" takes the partial SYNs: no alarm; garbage still raises it.
+    let mut auto = stack_checking(ChecksumMode::AcceptPartial);
+    for i in 0..16 {
+        let _ = deliver(&mut auto, &partial_syn, t(i));
+    }
+    assert_eq!(auto.checksum_alarm(t(20)), None);
+    for i in 0..17 {
+        let _ = deliver(&mut auto, &garbage, t(30 + i));
+    }
+    let alarm = auto.checksum_alarm(t(50)).expect("garbage is refused");
+    assert_eq!((alarm.frames, alarm.bad), (17, 17));
+}
