@@ -261,6 +261,7 @@ impl Worker {
             }
             self.now = self.epoch.elapsed().as_millis() as Millis;
             self.reap();
+            crate::fault::check(crate::fault::Site::KernelWorker(self.id))?;
             if self.now >= next_tick {
                 next_tick = self.now + self.wheel.tick_ms();
                 if self.check_shutdown() {
