@@ -272,3 +272,78 @@ pub fn stop_all(threads: Vec<Watched>, shutdown: &Shutdown) -> Vec<String> {
     }
     left.into_iter().map(|t| t.name).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A kernel-worker-like thread: runs until `stop`, then ends with `Ok`.
+    fn worker_until_stop(shutdown: &Arc<Shutdown>) -> Job {
+        let shutdown = shutdown.clone();
+        Job::Kernel(std::thread::spawn(move || {
+            // Bounded: the test stops it well before.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !shutdown.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        }))
+    }
+
+    #[test]
+    fn a_worker_error_is_reported_and_the_others_are_stopped() {
+        let shutdown = Arc::new(Shutdown::default());
+        let mut threads = vec![
+            Watched::new("w0", worker_until_stop(&shutdown)),
+            Watched::new(
+                "w1",
+                Job::Kernel(std::thread::spawn(|| Err(io::Error::other("ring broke")))),
+            ),
+            Watched::new("w2", worker_until_stop(&shutdown)),
+        ];
+        let failed = watch(&mut threads, &shutdown).expect_err("w1 failed");
+        assert_eq!(failed.thread, "w1");
+        assert_eq!(failed.reason, "ring broke");
+        assert_eq!(threads.len(), 2, "the others still run");
+        assert!(stop_all(threads, &shutdown).is_empty(), "all stopped");
+        assert!(shutdown.stop.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_panic_or_an_unasked_end_is_a_failure() {
+        let shutdown = Arc::new(Shutdown::default());
+        let mut threads = vec![Watched::new(
+            "w0",
+            Job::Kernel(std::thread::spawn(|| panic!("bad index"))),
+        )];
+        let failed = watch(&mut threads, &shutdown).expect_err("w0 panicked");
+        assert_eq!(failed.reason, "panicked: bad index");
+
+        let mut threads = vec![Watched::new(
+            "w0",
+            Job::Kernel(std::thread::spawn(|| Ok(()))),
+        )];
+        let failed = watch(&mut threads, &shutdown).expect_err("w0 ended unasked");
+        assert!(failed.reason.contains("without being asked"), "{failed}");
+    }
+
+    #[test]
+    fn a_shutdown_ends_the_watch_without_waiting_for_the_control_thread() {
+        let shutdown = Arc::new(Shutdown::default());
+        let (_keep, blocked) = std::sync::mpsc::channel::<()>();
+        // Like the control thread: blocks until the process ends (here: until the test ends).
+        let control = std::thread::spawn(move || {
+            let _ = blocked.recv_timeout(Duration::from_secs(30));
+        });
+        let mut threads = vec![
+            Watched::new("w0", worker_until_stop(&shutdown)),
+            Watched::new("control", Job::Control(control)),
+        ];
+        shutdown.stop.store(true, Ordering::Relaxed);
+        watch(&mut threads, &shutdown).expect("a clean stop");
+        assert_eq!(threads.len(), 1, "only the control thread is left");
+        // Still running, yet not among the threads left at the deadline: not waited for.
+        assert!(stop_all(threads, &shutdown).is_empty());
+    }
+}
