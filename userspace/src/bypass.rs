@@ -237,6 +237,9 @@ pub enum BypassError {
     Exited { worker: usize },
     #[error("bypass worker {worker} panicked")]
     Panicked { worker: usize },
+    /// The test-only fault hook ([`crate::fault`]).
+    #[error("bypass worker: {0}")]
+    Injected(#[from] crate::fault::Injected),
 }
 
 /// The bypass workers of one interface.
@@ -315,6 +318,11 @@ impl BypassWorker {
 
     pub fn counters(&self) -> &Arc<BypassCounters> {
         &self.counters
+    }
+
+    /// Whether the worker's thread has ended ([`join`](Self::join) will not block).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
     }
 
     /// Waits for the worker to end (after the shutdown flag; see [`stop`]).
@@ -586,6 +594,7 @@ impl<H: FrameHandler> Loop<H> {
             if self.shutdown.stop.load(Ordering::Relaxed) || self.drain_over() {
                 break;
             }
+            crate::fault::check(crate::fault::Site::BypassWorker(self.id))?;
             let mut stats = TurnStats::default();
             let handler = &mut self.handler;
             let received = self

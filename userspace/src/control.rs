@@ -106,6 +106,7 @@ pub fn serve(listener: UnixListener, state: Arc<ControlState>) {
 
 /// Reads one command line from `stream` and writes the reply.
 fn handle(stream: UnixStream, state: &ControlState) -> io::Result<()> {
+    crate::fault::check(crate::fault::Site::Control)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(&stream).take(4096).read_line(&mut line)?;

@@ -13,10 +13,12 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod driver;
+pub mod fault;
 pub mod l4;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
+pub mod supervise;
 pub mod tcp;
 #[cfg(test)]
 pub(crate) mod testnet;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tern::config::Config;
+use tern::supervise::EXIT_CONFIG;
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "A Linux-native TLS terminator")]
@@ -63,14 +64,16 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("tern: invalid configuration: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // 1: start-up failed (what had started was released); 70: a thread failed after
+            // start-up (a panic exits 70 from the panic hook directly). See docs/operations.md.
             match tern::server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tern: {e:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(tern::supervise::exit_code(&e))
                 }
             }
         }
@@ -88,7 +91,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("tern: invalid configuration: {e}");
-                ExitCode::from(2)
+                ExitCode::from(EXIT_CONFIG)
             }
         },
         Command::Ctl { socket, command } => {

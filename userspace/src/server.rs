@@ -1,17 +1,22 @@
 //! Bringing tern up and down: listening sockets, XDP attachment, worker threads, the control
-//! thread, signals and the drain on SIGTERM.
+//! thread, signals, the drain on SIGTERM, and watching the threads while tern runs.
 //!
 //! Start-up either succeeds completely (every socket bound, every worker's io_uring built,
-//! every XDP program attached) or fails with an error before anything is served. Shut-down:
-//! SIGTERM makes workers stop accepting and finish open connections until `timeouts.drain_ms`;
-//! a second SIGTERM or a SIGINT stops at once. XDP programs are attached through bpf links, so
-//! the kernel detaches them even if tern is killed.
+//! every XDP program attached) or fails with an error after releasing everything it had
+//! started: threads stopped and joined, sockets closed, the control socket removed, XDP
+//! programs detached. Shut-down: SIGTERM makes workers stop accepting and finish open
+//! connections until `timeouts.drain_ms`; a second SIGTERM or a SIGINT stops at once. While
+//! tern runs the main thread watches every thread (`supervise`): one that fails stops tern,
+//! which exits non-zero. XDP programs are attached through bpf links, so the kernel detaches
+//! them even if tern is killed or exits from a panic.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
@@ -22,10 +27,16 @@ use crate::config::ListenerMode;
 use crate::control::{self, BypassInfo, ControlState};
 use crate::counters::WorkerCounters;
 use crate::l4::{L4Proxy, L4Setup, TcpCounters};
+use crate::supervise::{self, Job, Watched};
 use crate::worker::{self, Shutdown, Worker, WorkerSetup};
+use crate::xdp::XdpProgram;
 
-/// Runs tern with `config` until it is told to stop. Returns once everything is torn down.
+/// Runs tern with `config` until it is told to stop or a thread fails (then the error is a
+/// [`supervise::ThreadFailed`]). Returns once everything is torn down; an error during
+/// start-up releases whatever had been started before it is returned.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    supervise::install_panic_hook();
+    crate::fault::init().map_err(|e| anyhow!(e))?;
     // Only listeners with `tls = true` need certificates (validation made sure they exist).
     let tls = if config.listeners.iter().any(|l| l.tls) {
         Some(
@@ -36,36 +47,37 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    // From here on, whatever is started goes into `started`, whose drop stops and releases it
+    // on every early return.
+    let mut started = Started::default();
     // XDP first: if it cannot attach, nothing else should start.
-    let mut xdp = Vec::new();
     for l in &config.listeners {
         let Some(iface) = l.interface.clone() else {
             continue;
         };
-        if xdp.iter().any(|(i, _)| *i == iface) {
+        if started.xdp.iter().any(|(i, _)| *i == iface) {
             continue;
         }
         let prog = crate::xdp::attach(&iface, l.xdp_attach)
             .with_context(|| format!("attaching the XDP program to {iface}"))?;
         tracing::info!(interface = %iface, mode = %prog.attached_mode(), "XDP program attached");
-        xdp.push((iface, prog));
+        started.xdp.push((iface, prog));
     }
 
-    let shutdown = Arc::new(Shutdown::default());
     // Before anything accepts a connection: a SIGTERM that arrives once a client could have
     // connected must drain, not kill.
-    spawn_signal_thread(shutdown.clone(), config.timeouts.drain)?;
+    let signals = spawn_signal_thread(started.shutdown.clone(), config.timeouts.drain)?;
+    started.threads.push(signals);
     // The bypass path: on every interface with `mode = "xdp"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
-    let mut bypass_workers: Vec<BypassWorker> = Vec::new();
     let mut bypass_info = Vec::new();
     // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
     // whichever worker the handshake's last ACK reaches.
     let mut secret = [0u8; 16];
     crate::l4::fill_random(&mut secret).context("reading random bytes for the SYN cookie key")?;
     let epoch = Instant::now();
-    for (iface, prog) in &xdp {
+    for (iface, prog) in &started.xdp {
         let addrs: Vec<SocketAddr> = config
             .listeners
             .iter()
@@ -77,24 +89,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         if addrs.is_empty() {
             continue;
         }
-        let started = start_bypass(
+        // On error, `start_bypass` has already stopped the workers it started.
+        let workers = start_bypass(
             &config,
             iface,
             prog,
             &addrs,
             tls.as_ref(),
-            &shutdown,
+            &started.shutdown,
             secret,
             epoch,
-        );
-        let workers = match started {
-            Ok(w) => w,
-            Err(e) => {
-                stop_bypass(&shutdown, bypass_workers);
-                return Err(e);
-            }
-        };
-        for (w, extra) in &workers {
+        )?;
+        for (w, extra) in workers {
             bypass_info.push(BypassInfo {
                 interface: iface.clone(),
                 worker: w.id(),
@@ -104,18 +110,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 proxy: Some(extra.0.clone()),
                 tcp: Some(extra.1.clone()),
             });
+            let name = format!("tern-x{} ({iface})", w.id());
+            started.threads.push(Watched::new(name, Job::Bypass(w)));
         }
-        let workers = workers.into_iter().map(|(w, _)| w);
-        bypass_workers.extend(workers);
     }
 
-    let control_listener = match control::bind(&config.control.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            stop_bypass(&shutdown, bypass_workers);
-            return Err(e.into());
-        }
-    };
+    let control_listener = control::bind(&config.control.socket)?;
+    // Ours from now on: removed when tern stops (never before, since `bind` refuses a path
+    // another tern answers on).
+    started.control_socket = Some(config.control.socket.clone());
     // Kernel-mode workers serve the kernel listeners; none are started without any.
     let kernel_listeners: Vec<(SocketAddr, bool)> = config
         .listeners
@@ -133,20 +136,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .collect();
     let state = Arc::new(ControlState {
         workers: counters.clone(),
-        xdp: Mutex::new(xdp),
+        xdp: Mutex::new(std::mem::take(&mut started.xdp)),
         bypass: bypass_info,
         started: Instant::now(),
     });
+    started.state = Some(state.clone());
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
-    let mut handles = Vec::new();
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
         for &(address, tls) in &kernel_listeners {
+            // Sockets made so far are closed (dropped) if this one fails.
             let fd = listen_socket(address)
                 .with_context(|| format!("listening on {address} (worker {i})"))?;
-            fds.push(worker::ListenSocket { fd, tls });
+            fds.push((fd, tls));
         }
         let cpu = config
             .workers
@@ -156,13 +160,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .or_else(|| cores.get(i % cores.len().max(1)).map(|c| c.id));
         let setup = WorkerSetup {
             id: i,
-            listeners: fds,
+            listeners: Vec::new(),
             tls: tls.clone(),
             backend: config.backend.clone(),
             timeouts: config.timeouts,
             limits: config.limits,
             counters: wc.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: started.shutdown.clone(),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -173,10 +177,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                         tracing::warn!(worker = i, cpu, "could not pin worker to its CPU");
                     }
                 }
+                let raw: Vec<RawFd> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+                let mut setup = setup;
+                // The worker owns its listening sockets from here on (it closes them when it
+                // stops); if it cannot be built they are closed here.
+                setup.listeners = fds
+                    .into_iter()
+                    .map(|(fd, tls)| worker::ListenSocket {
+                        fd: fd.into_raw_fd(),
+                        tls,
+                    })
+                    .collect();
                 // The ring is built on the worker's own thread: it is set up single-issuer.
                 let w = match Worker::new(setup) {
                     Ok(w) => w,
                     Err(e) => {
+                        for fd in raw {
+                            // SAFETY: the fds were ours (taken from OwnedFd above) and the
+                            // worker that was to own them was never built.
+                            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
                         let _ = ready.send((i, Err(e)));
                         return Ok(());
                     }
@@ -185,26 +205,28 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 w.run()
             })
             .context("spawning a worker thread")?;
-        handles.push(h);
+        started
+            .threads
+            .push(Watched::new(format!("tern-w{i}"), Job::Kernel(h)));
     }
     drop(ready_tx);
-    for _ in 0..handles.len() {
+    for _ in 0..kernel_workers {
         match ready_rx.recv() {
             Ok((_, Ok(()))) => {}
-            Ok((i, Err(e))) => {
-                shutdown.stop.store(true, Ordering::Relaxed);
-                return Err(anyhow!("worker {i}: setting up io_uring: {e}"));
-            }
+            Ok((i, Err(e))) => return Err(anyhow!("worker {i}: setting up io_uring: {e}")),
             Err(_) => return Err(anyhow!("a worker exited during start-up")),
         }
     }
 
     {
         let state = state.clone();
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name("tern-control".into())
             .spawn(move || control::serve(control_listener, state))
             .context("spawning the control thread")?;
+        started
+            .threads
+            .push(Watched::new("tern-control", Job::Control(h)));
     }
 
     let addrs: Vec<String> = config
@@ -219,54 +241,74 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         control = %config.control.socket.display(),
         "tern ready"
     );
+    crate::fault::arm();
 
-    let mut failed = false;
-    for (i, h) in handles.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(worker = i, error = %e, "worker failed");
-                failed = true;
-                shutdown.stop.store(true, Ordering::Relaxed);
-            }
-            Err(_) => {
-                tracing::error!(worker = i, "worker panicked");
-                failed = true;
-                shutdown.stop.store(true, Ordering::Relaxed);
-            }
-        }
+    // Until every worker has ended after SIGTERM / SIGINT, or a thread fails.
+    let watched = supervise::watch(&mut started.threads, &started.shutdown);
+    if let Err(failed) = &watched {
+        tracing::error!(
+            thread = %failed.thread,
+            error = %failed.reason,
+            exit_code = supervise::EXIT_THREAD_FAILED,
+            "thread failed; stopping tern so that the service manager restarts it"
+        );
     }
-    // Bypass workers end on the same flags (draining their own connections meanwhile); they
-    // must be joined before the programs whose XSKMAP holds their sockets are dropped.
-    for w in bypass_workers {
-        let id = w.id();
-        match w.join() {
-            Ok(exit) if exit.quiesced => {
-                tracing::debug!(worker = id, frames = ?exit.frames, "bypass worker stopped");
-            }
-            Ok(exit) => {
-                tracing::warn!(worker = id, frames = ?exit.frames, "bypass worker stopped with frames still in flight");
-            }
-            Err(e) => {
-                tracing::error!(worker = id, error = %e, "bypass worker failed");
-                failed = true;
-            }
-        }
-    }
-    let _ = std::fs::remove_file(&config.control.socket);
-    // Dropping the programs detaches them.
-    let detached = state
-        .xdp
-        .lock()
-        .map(|mut v| std::mem::take(&mut *v))
-        .unwrap_or_default();
-    drop(detached);
+    started.release();
     let total = control::stats(&state);
     tracing::info!(stats = %total["total"], "tern stopped");
-    if failed {
-        return Err(anyhow!("a worker failed; see the log above"));
+    watched.map_err(Into::into)
+}
+
+/// Everything [`run`] has started, released in reverse order by [`Started::release`] (or on
+/// drop, which covers every early return of a failed start-up).
+#[derive(Default)]
+struct Started {
+    shutdown: Arc<Shutdown>,
+    /// Every thread started so far, in start order.
+    threads: Vec<Watched>,
+    /// XDP programs attached so far (moved into `state` once it exists).
+    xdp: Vec<(String, XdpProgram)>,
+    /// Holds the XDP programs once the control state is built.
+    state: Option<Arc<ControlState>>,
+    /// The control socket's path, once `run` has bound it.
+    control_socket: Option<PathBuf>,
+}
+
+impl Started {
+    /// Stops and joins the threads (bounded: see [`supervise::stop_all`]), removes the control
+    /// socket and detaches the XDP programs. Idempotent.
+    fn release(&mut self) {
+        // Bypass workers must end before the programs whose XSKMAP holds their sockets are
+        // dropped.
+        let left = supervise::stop_all(std::mem::take(&mut self.threads), &self.shutdown);
+        if !left.is_empty() {
+            tracing::warn!(
+                threads = %left.join(", "),
+                grace_ms = supervise::STOP_GRACE.as_millis() as u64,
+                "threads did not stop in time; the process's exit ends them"
+            );
+        }
+        if let Some(path) = self.control_socket.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        let mut programs = std::mem::take(&mut self.xdp);
+        if let Some(state) = self.state.take() {
+            if let Ok(mut v) = state.xdp.lock() {
+                programs.append(&mut v);
+            }
+        }
+        for (iface, prog) in programs {
+            // Dropping the program detaches it.
+            drop(prog);
+            tracing::info!(interface = %iface, "XDP program detached");
+        }
     }
-    Ok(())
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A bypass worker, with its L4 proxy's counters.
@@ -344,20 +386,20 @@ fn start_bypass(
     Ok(workers)
 }
 
-fn stop_bypass(shutdown: &Shutdown, workers: Vec<BypassWorker>) {
-    bypass::stop(shutdown, &workers);
-    for w in workers {
-        let _ = w.join();
-    }
-}
-
-fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> anyhow::Result<()> {
+/// Starts the signal thread: SIGTERM raises the drain flag, SIGINT or a second SIGTERM the
+/// stop flag.
+fn spawn_signal_thread(
+    shutdown: Arc<Shutdown>,
+    drain: std::time::Duration,
+) -> anyhow::Result<Watched> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("installing signal handlers")?;
-    std::thread::Builder::new()
+    let handle = signals.handle();
+    let thread: JoinHandle<()> = std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
+            // Ends when `handle` is closed (tern stopping).
             for sig in signals.forever() {
                 if sig == SIGTERM && !shutdown.drain.load(Ordering::Relaxed) {
                     tracing::info!(deadline_ms = drain.as_millis() as u64, "SIGTERM: draining");
@@ -369,13 +411,16 @@ fn spawn_signal_thread(shutdown: Arc<Shutdown>, drain: std::time::Duration) -> a
             }
         })
         .context("spawning the signal thread")?;
-    Ok(())
+    Ok(Watched::new(
+        "tern-signals",
+        Job::Signals { handle, thread },
+    ))
 }
 
 /// A listening TCP socket with SO_REUSEPORT, so each worker has its own accept queue and the
-/// kernel spreads connections across workers.
-fn listen_socket(addr: SocketAddr) -> io::Result<RawFd> {
-    use std::os::fd::IntoRawFd;
+/// kernel spreads connections across workers. Closed on every error (it is owned from the
+/// start).
+fn listen_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.cloexec(),
@@ -390,5 +435,5 @@ fn listen_socket(addr: SocketAddr) -> io::Result<RawFd> {
     }
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    Ok(sock.into_raw_fd())
+    Ok(sock.into())
 }

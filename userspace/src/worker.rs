@@ -187,6 +187,7 @@ impl Worker {
             }
             self.now = Instant::from_micros(self.epoch.elapsed().as_micros() as u64);
             self.reap();
+            crate::fault::check(crate::fault::Site::KernelWorker(self.id))?;
             if self.millis() >= next_tick {
                 next_tick = self.millis() + self.wheel.tick_ms();
                 if self.check_shutdown() {
