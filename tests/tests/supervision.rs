@@ -221,17 +221,27 @@ fn a_worker_that_fails_stops_the_others_and_ends_tern_with_70() {
 fn a_control_thread_panic_ends_tern_with_70() {
     let mut t = start("supcpanic", Some("panic:control"), false, "");
     t.tern.wait_ready(t.rig.server_addr(443));
-    // The fault fires on the first command the control thread handles; the client sees the
-    // connection end without a reply.
-    let out = Command::new(tern_binary())
-        .args(["ctl", "--socket"])
-        .arg(&t.control)
-        .arg("ping")
-        .output()
-        .expect("run tern ctl");
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("pong"),
-        "no reply from a panicking control thread"
+    // The fault is armed once tern is ready, which may be a moment after the port accepts;
+    // from then on the first command the control thread handles panics it. Commands before
+    // that are answered, so ask (bounded) until tern is gone; the last one gets no reply.
+    let mut replies = Vec::new();
+    for _ in 0..100 {
+        if t.tern.try_wait().is_some() {
+            break;
+        }
+        let out = Command::new(tern_binary())
+            .args(["ctl", "--socket"])
+            .arg(&t.control)
+            .arg("ping")
+            .output()
+            .expect("run tern ctl");
+        replies.push(String::from_utf8_lossy(&out.stdout).contains("pong"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        replies.last(),
+        Some(&false),
+        "the command that met the fault got no reply: {replies:?}"
     );
     let status = t.exit_status();
     assert_eq!(status.code(), Some(70), "{status}\n{}", t.log());
