@@ -109,8 +109,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         bypass_workers.extend(workers);
     }
 
-    let control_listener = match control::bind(&config.control.socket) {
-        Ok(l) => l,
+    // `control_file` removes the socket when dropped, on every way out of this function.
+    let (control_listener, control_file) = match control::bind(&config.control) {
+        Ok(bound) => bound,
         Err(e) => {
             stop_bypass(&shutdown, bypass_workers);
             return Err(e.into());
@@ -253,7 +254,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(&config.control.socket);
+    drop(control_file);
     // Dropping the programs detaches them.
     let detached = state
         .xdp
