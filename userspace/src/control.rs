@@ -416,9 +416,11 @@ fn handle(
     let answer = match read_request(stream, accepted + READ_DEADLINE)? {
         Ok(line) => {
             tracing::info!(
-                uid = ?peer.uid,
-                gid = ?peer.gid,
-                pid = ?peer.pid,
+                // `None` (SO_PEERCRED failed, which a connected Unix socket does not do)
+                // leaves the field out.
+                uid = peer.uid,
+                gid = peer.gid,
+                pid = peer.pid,
                 command = ?line.trim(),
                 "control command"
             );
