@@ -14,6 +14,13 @@
 //! `tern ctl` exits non-zero on it. Blocklist commands need an attached XDP program (a listener
 //! with an `interface`); without one they answer an error saying so.
 //!
+//! Access and robustness: the socket file gets the configured owner, group and mode (0600 by
+//! default) before it listens; only a stale socket at its path is ever removed ([`bind`],
+//! [`SocketFile`]). Each client is served on its own short-lived thread under a read and a
+//! write deadline, a request-size bound and a bound on concurrent clients ([`serve`]), so an
+//! idle or non-reading client cannot hold up others; each command is logged with the peer's
+//! uid, gid and pid (SO_PEERCRED).
+//!
 //! Counters are read from the workers' [`WorkerCounters`] without locking them; XDP counters
 //! come from the attached programs' per-CPU maps. This module does not own the programs (see
 //! [`crate::xdp`]) nor their life cycle (`server` attaches them and empties
