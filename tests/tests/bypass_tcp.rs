@@ -502,25 +502,25 @@ fn syn_flood_creates_no_state_and_clients_are_served() {
     done.store(true, Ordering::Relaxed);
     let sent = flood.join().expect("flood thread");
     assert!(sent.frames > 0, "the flood ran");
-    wait_stats(&s, "legitimate connections closed", |st| {
+    // What the workers could not take off their RX rings during the burst the kernel dropped
+    // (xsk rx_dropped, rx_ring_full); the rest was answered, each SYN with a stateless
+    // SYN-ACK. How much of each depends on the machine's load, so only the sum is asserted:
+    // every flood SYN and each legitimate client's SYN (retransmissions count again, hence
+    // `>=`) was answered or counted dropped. Counters are published every 100 ms.
+    let kernel_dropped = |st: &serde_json::Value| {
+        n(&st["bypass"]["total"]["kernel_rx_ring_full"])
+            + n(&st["bypass"]["total"]["kernel_rx_dropped"])
+    };
+    let st = wait_stats(&s, "every SYN answered or dropped by the kernel", |st| {
         n(&st["bypass"]["proxy"]["active"]) == 0
             && n(&st["bypass"]["tcp"]["connections_created"]) >= CLIENTS as u64
+            && n(&st["bypass"]["tcp"]["syn_acks_sent"]) + kernel_dropped(st)
+                >= sent.frames + CLIENTS as u64
     });
-    // The stack's counters are published every 100 ms: let a few rounds pass, then look.
-    std::thread::sleep(Duration::from_millis(500));
-    let st = s.stats();
-    let tcp = &st["bypass"]["tcp"];
     assert_eq!(
-        n(&tcp["connections_created"]),
+        n(&st["bypass"]["tcp"]["connections_created"]),
         CLIENTS as u64,
         "only the legitimate clients made state: {st}"
-    );
-    // What the workers could not take off their RX rings during the burst the kernel dropped
-    // (xsk rx_dropped); most of the flood is still answered, each with a stateless SYN-ACK.
-    assert!(
-        n(&tcp["syn_acks_sent"]) >= CLIENTS as u64 + sent.frames / 10,
-        "the flood was answered statelessly ({} SYNs sent): {st}",
-        sent.frames
     );
 }
 
@@ -575,7 +575,8 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         .expect("connection open");
     s.tern.signal(libc::SIGTERM);
     let refused = s.rig.client.run(move || {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // A safety bound: the workers see the flag on their next loop turn.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,

@@ -49,6 +49,18 @@ fn cases() -> Vec<Case> {
             field: "listener[0].interface",
             fragment: "xdp",
         },
+        Case {
+            name: "control socket mode not octal",
+            text: "[[listener]]\naddress = \"127.0.0.1:8443\"\n[[certificate]]\ncert = \"{cert}\"\nkey = \"{key}\"\n[control]\nmode = \"0668\"\n",
+            field: "control.mode",
+            fragment: "\"0668\" is not an octal mode",
+        },
+        Case {
+            name: "control socket group unknown",
+            text: "[[listener]]\naddress = \"127.0.0.1:8443\"\n[[certificate]]\ncert = \"{cert}\"\nkey = \"{key}\"\n[control]\ngroup = \"no-such-group-tern\"\n",
+            field: "control.group",
+            fragment: "no group named \"no-such-group-tern\"",
+        },
     ]
 }
 

@@ -447,9 +447,11 @@ fn dead_backend_closes_only_the_affected_connection_promptly() {
         );
         t.elapsed()
     });
+    // A safety bound, far below `idle_ms` (300 s) that would otherwise end it; the refused
+    // connect is immediate, the connect timeout 2 s.
     assert!(
-        b_elapsed < Duration::from_secs(5),
-        "closed within the connect timeout, took {b_elapsed:?}"
+        b_elapsed < Duration::from_secs(20),
+        "closed promptly, not left to the idle timeout; took {b_elapsed:?}"
     );
 
     // A is unaffected.
@@ -574,35 +576,39 @@ fn idle_and_handshake_timeouts_close_connections() {
     );
     let cfg = s.client_config();
     let addr = s.addr();
+    // Closed by tern (EOF or a reset), not by our read timeout, which is only a safety bound
+    // (30 s against 0.5 s and 0.8 s); which timeout fired is what the counters say.
+    let closed_by_tern = |r: &std::io::Result<usize>| match r {
+        Ok(n) => *n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
     s.rig.client.run(move || {
         // Sends nothing at all: the handshake timeout closes it.
         let mut raw = std::net::TcpStream::connect(addr).expect("connect");
-        raw.set_read_timeout(Some(Duration::from_secs(10)))
+        raw.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
-        let t = Instant::now();
         let mut buf = [0u8; 16];
         let r = raw.read(&mut buf);
-        assert!(matches!(r, Ok(0) | Err(_)), "closed: {r:?}");
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "handshake timeout took {:?}",
-            t.elapsed()
-        );
+        assert!(closed_by_tern(&r), "closed by the handshake timeout: {r:?}");
 
         // Handshakes, echoes once, then idles: the idle timeout closes it.
         let mut tls = tls_connect(addr, &cfg);
         echo_round_trip(&mut tls, b"then silence\n");
-        let t = Instant::now();
         let r = tls.read(&mut buf);
-        assert!(matches!(r, Ok(0) | Err(_)), "closed: {r:?}");
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "idle timeout took {:?}",
-            t.elapsed()
-        );
+        assert!(closed_by_tern(&r), "closed by the idle timeout: {r:?}");
     });
-    assert!(s.total("handshake_timeouts") >= 1);
-    assert!(s.total("idle_timeouts") >= 1);
+    let st = wait_stats(&s, "both timeouts counted", |st| {
+        st["total"]["handshake_timeouts"].as_u64() >= Some(1)
+            && st["total"]["idle_timeouts"].as_u64() >= Some(1)
+    });
+    assert_eq!(
+        st["total"]["handshakes"].as_u64(),
+        Some(1),
+        "only the second connection handshook: {st}"
+    );
 }
 
 #[test]
@@ -751,7 +757,9 @@ fn connections_beyond_the_limit_are_refused_at_once() {
         for _ in 0..6 {
             let sock =
                 std::net::TcpStream::connect(addr).expect("TCP connect (the kernel accepts)");
-            sock.set_read_timeout(Some(Duration::from_secs(5)))
+            // A safety bound: a refused connection is reset, which the error kind tells from
+            // a handshake left waiting (a timeout).
+            sock.set_read_timeout(Some(Duration::from_secs(30)))
                 .expect("timeout");
             let conn = rustls::ClientConnection::new(
                 cfg.clone(),
@@ -759,23 +767,28 @@ fn connections_beyond_the_limit_are_refused_at_once() {
             )
             .expect("client");
             let mut tls = rustls::StreamOwned::new(conn, sock);
-            let t = Instant::now();
-            let mut ok = true;
+            let mut failed = None;
             while tls.conn.is_handshaking() {
-                if tls.conn.complete_io(&mut tls.sock).is_err() {
-                    ok = false;
+                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                    failed = Some(e);
                     break;
                 }
             }
-            if ok {
-                echo_round_trip(&mut tls, b"held\n");
-                held.push(tls);
-            } else {
-                assert!(
-                    t.elapsed() < Duration::from_secs(3),
-                    "refused promptly, not timed out"
-                );
-                refused += 1;
+            match failed {
+                None => {
+                    echo_round_trip(&mut tls, b"held\n");
+                    held.push(tls);
+                }
+                Some(e) => {
+                    assert!(
+                        !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ),
+                        "refused (reset or closed), not left waiting: {e}"
+                    );
+                    refused += 1;
+                }
             }
         }
         (held.len(), refused)

@@ -168,6 +168,14 @@ pub struct Limits {
 pub struct Control {
     /// Unix stream socket for `tern ctl`.
     pub socket: PathBuf,
+    /// Permission bits the socket file gets: at most `0o777`, always with the owner's write
+    /// bit (connecting needs it). Set before the socket listens, so no client ever connects
+    /// under looser bits.
+    pub mode: u32,
+    /// Owner (uid) to give the socket file; `None` = the user tern runs as.
+    pub owner: Option<u32>,
+    /// Group (gid) to give the socket file; `None` = tern's primary group.
+    pub group: Option<u32>,
 }
 
 /// The validated configuration tern runs with.
@@ -307,6 +315,8 @@ pub const DEFAULT_BUFFER_PER_DIRECTION: usize = 65_536;
 pub const MIN_BUFFER_PER_DIRECTION: usize = 16_384;
 /// Default `control.socket`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tern.sock";
+/// Default `control.mode`: only the owner (normally root) may connect.
+pub const DEFAULT_CONTROL_MODE: u32 = 0o600;
 
 /// `sun_path` is 108 bytes on Linux, one of which is the terminating NUL.
 const MAX_UNIX_SOCKET_PATH: usize = 107;
@@ -595,13 +605,65 @@ pub struct FileControl {
     /// `socket`: path of the Unix control socket (≤ 107 bytes once resolved); relative paths are
     /// relative to the configuration file's directory. Default `/run/tern.sock`.
     pub socket: PathBuf,
+    /// `mode`: permission bits of the socket file, an octal string (`"0600"`, `"660"`,
+    /// `"0o660"`). Default `"0600"`.
+    pub mode: String,
+    /// `owner`: the socket file's owner, a user name or a numeric uid (`"tern"`, `0`).
+    /// Default: the user tern runs as.
+    pub owner: Option<UserOrId>,
+    /// `group`: the socket file's group, a group name or a numeric gid (`"adm"`, `4`).
+    /// Default: tern's primary group.
+    pub group: Option<UserOrId>,
 }
 
 impl Default for FileControl {
     fn default() -> Self {
         FileControl {
             socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            mode: format!("{DEFAULT_CONTROL_MODE:04o}"),
+            owner: None,
+            group: None,
         }
+    }
+}
+
+/// A user or group as written in the file: a name, or a numeric id (a TOML integer, or a
+/// string of digits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserOrId {
+    Name(String),
+    Id(u32),
+}
+
+impl<'de> Deserialize<'de> for UserOrId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = UserOrId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a name or a numeric id")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<UserOrId, E> {
+                if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                    return text
+                        .parse()
+                        .map(UserOrId::Id)
+                        .map_err(|_| E::custom(format!("id {text} is out of range")));
+                }
+                Ok(UserOrId::Name(text.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, id: i64) -> Result<UserOrId, E> {
+                u32::try_from(id)
+                    .map(UserOrId::Id)
+                    .map_err(|_| E::custom(format!("id {id} is out of range")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, id: u64) -> Result<UserOrId, E> {
+                u32::try_from(id)
+                    .map(UserOrId::Id)
+                    .map_err(|_| E::custom(format!("id {id} is out of range")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -1435,5 +1497,70 @@ fn validate_control(dir: &Path, file: FileControl) -> Result<Control, Invalid> {
             ),
         ));
     }
-    Ok(Control { socket })
+    Ok(Control {
+        socket,
+        mode: parse_mode(&file.mode).map_err(|m| Invalid::new("control.mode", m))?,
+        owner: file
+            .owner
+            .map(|o| resolve_id("control.owner", o, crate::control::user_id))
+            .transpose()?,
+        group: file
+            .group
+            .map(|g| resolve_id("control.group", g, crate::control::group_id))
+            .transpose()?,
+    })
+}
+
+/// An octal permission string (`"0600"`, `"660"`, `"0o660"`) as mode bits.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let octal = !digits.is_empty()
+        && digits.len() <= 4
+        && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    let mode = match u32::from_str_radix(digits, 8) {
+        Ok(mode) if octal => mode,
+        _ => {
+            return Err(format!(
+                "{text:?} is not an octal mode (write it like \"0600\" or \"0660\")"
+            ))
+        }
+    };
+    if mode > 0o777 {
+        return Err(format!(
+            "{text:?}: only permission bits (at most 0777); setuid, setgid and sticky bits \
+             mean nothing on a socket"
+        ));
+    }
+    if mode & 0o200 == 0 {
+        return Err(format!(
+            "{text:?}: the owner must have write permission (connecting needs it), e.g. \"0600\""
+        ));
+    }
+    Ok(mode)
+}
+
+/// A user or group id: numbers as they are, names looked up (NSS, as `id` does).
+fn resolve_id(
+    field: &str,
+    value: UserOrId,
+    lookup: fn(&str) -> std::io::Result<Option<u32>>,
+) -> Result<u32, Invalid> {
+    let what = if field.ends_with("owner") {
+        "user"
+    } else {
+        "group"
+    };
+    match value {
+        // -1 means "leave unchanged" to chown(2): not an id anyone can have.
+        UserOrId::Id(u32::MAX) => Err(Invalid::new(field, "id 4294967295 is reserved")),
+        UserOrId::Id(id) => Ok(id),
+        UserOrId::Name(name) => match lookup(&name) {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(Invalid::new(field, format!("no {what} named {name:?}"))),
+            Err(e) => Err(Invalid::new(
+                field,
+                format!("cannot look up {what} {name:?}: {e}"),
+            )),
+        },
+    }
 }

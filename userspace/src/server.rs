@@ -13,7 +13,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, OwnedFd, RawFd};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -115,10 +114,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let control_listener = control::bind(&config.control.socket)?;
-    // Ours from now on: removed when tern stops (never before, since `bind` refuses a path
-    // another tern answers on).
-    started.control_socket = Some(config.control.socket.clone());
+    let (control_listener, control_file) = control::bind(&config.control)?;
+    // Ours from now on: removed when tern stops, and only if the path is still the socket we
+    // made (never before: `bind` refuses a path another tern answers on).
+    started.control_socket = Some(control_file);
     // Kernel-mode workers serve the kernel listeners; none are started without any.
     let kernel_listeners: Vec<(SocketAddr, bool)> = config
         .listeners
@@ -270,8 +269,8 @@ struct Started {
     xdp: Vec<(String, XdpProgram)>,
     /// Holds the XDP programs once the control state is built.
     state: Option<Arc<ControlState>>,
-    /// The control socket's path, once `run` has bound it.
-    control_socket: Option<PathBuf>,
+    /// The control socket, once `run` has bound it (removed when dropped).
+    control_socket: Option<control::SocketFile>,
 }
 
 impl Started {
@@ -288,9 +287,7 @@ impl Started {
                 "threads did not stop in time; the process's exit ends them"
             );
         }
-        if let Some(path) = self.control_socket.take() {
-            let _ = std::fs::remove_file(path);
-        }
+        drop(self.control_socket.take());
         let mut programs = std::mem::take(&mut self.xdp);
         if let Some(state) = self.state.take() {
             if let Ok(mut v) = state.xdp.lock() {

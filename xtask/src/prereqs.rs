@@ -8,9 +8,21 @@
 //! missing it runs `apt-get update` once and `apt-get install -y --no-install-recommends`,
 //! non-interactively (CI runs as root with no stdin). bpf-linker is not here: userspace/build.rs
 //! installs it next to the eBPF build that needs it.
+//!
+//! On a fresh machine another apt (unattended-upgrades, cloud-init) often holds apt's or
+//! dpkg's lock for a few minutes: [`run_apt`] waits for it, up to [`APT_LOCK_WAIT`], saying
+//! so, instead of failing.
 
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long an apt-get step waits for another apt or dpkg to release its locks.
+pub const APT_LOCK_WAIT: Duration = Duration::from_secs(600);
+/// Pause between attempts while a lock apt-get does not wait for itself is held.
+const APT_RETRY: Duration = Duration::from_secs(2);
+/// While waiting, how often to say so again.
+const APT_WAIT_REPORT: Duration = Duration::from_secs(30);
 
 /// Debian packages the rig, the tests and `cargo xtask run` call.
 const PACKAGES: &[&str] = &[
@@ -108,14 +120,124 @@ pub fn installed(package: &str) -> bool {
 }
 
 /// `apt-get ARGS`, non-interactive (no prompts, no list-changes pager, no restart dialogs).
-pub fn apt(args: &[&str]) -> Command {
+/// Run it with [`run_apt`], which waits for locks other apt processes hold.
+fn apt(args: &[&str]) -> Command {
     let mut cmd = Command::new("apt-get");
-    cmd.args(args)
+    // apt-get waits this long for the dpkg lock itself (apt >= 1.9.11; older ones ignore it),
+    // printing `Waiting for cache lock: ... held by process N` on stdout once a second.
+    cmd.arg("-o")
+        .arg(format!("DPkg::Lock::Timeout={}", APT_LOCK_WAIT.as_secs()))
+        .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .env("APT_LISTCHANGES_FRONTEND", "none")
         .env("NEEDRESTART_MODE", "l")
         .stdin(Stdio::null());
     cmd
+}
+
+/// Whether apt-get's stderr says it failed on a lock someone else holds. DPkg::Lock::Timeout
+/// does not cover every lock: `apt-get update` in apt 2.6 (Debian 12) fails at once on
+/// `/var/lib/apt/lists/lock`, and the download step's `/var/cache/apt/archives/lock` is the
+/// same.
+fn is_lock_failure(stderr: &str) -> bool {
+    stderr.contains("Could not get lock")
+        || stderr.contains("Unable to lock")
+        || stderr.contains("Unable to acquire the dpkg frontend lock")
+}
+
+/// Runs `apt-get ARGS` to success, waiting for locks other apt or dpkg processes hold.
+///
+/// apt-get waits for the dpkg lock itself and says so on stdout; those lines are shown (the
+/// first, then one every [`APT_WAIT_REPORT`]) also when `quiet`. A failure on a lock apt-get
+/// does not wait for is retried every [`APT_RETRY`] until [`APT_LOCK_WAIT`] has passed since
+/// the first one, with a message naming the lock and its holder (apt's own words). A lock
+/// failure happens before apt changes anything, so a retry is safe. The rest of apt-get's
+/// stdout is shown unless `quiet`; its stderr is shown when it fails for good.
+pub fn run_apt(args: &[&str], quiet: bool) -> Result<()> {
+    let mut waiting_since: Option<Instant> = None;
+    let mut reported: Option<Instant> = None;
+    loop {
+        let mut cmd = apt(args);
+        let line = crate::display(&cmd);
+        if !quiet && waiting_since.is_none() {
+            eprintln!("xtask: $ {line}");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run `{line}`"))?;
+        // Drained on a thread of its own so that neither pipe can fill and stall apt-get.
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+                text
+            })
+        });
+        // While waiting, each retry's output is held back and shown only if that attempt
+        // is not retried, so a wait prints a line per report, not per attempt.
+        let live = !quiet && waiting_since.is_none();
+        let mut held = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            for out_line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(out_line) = out_line else { break };
+                if out_line.starts_with("Waiting for cache lock") {
+                    if reported.is_none_or(|t| t.elapsed() >= APT_WAIT_REPORT) {
+                        eprintln!(
+                            "xtask: apt-get waits (at most {} s): {out_line}",
+                            APT_LOCK_WAIT.as_secs()
+                        );
+                        reported = Some(Instant::now());
+                    }
+                } else if live {
+                    println!("{out_line}");
+                } else if !quiet {
+                    held.push(out_line);
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for `{line}`"))?;
+        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+        let retry = !status.success()
+            && is_lock_failure(&stderr)
+            && waiting_since.is_none_or(|since| since.elapsed() < APT_LOCK_WAIT);
+        if !retry {
+            for out_line in held {
+                println!("{out_line}");
+            }
+        }
+        if status.success() {
+            if let Some(since) = waiting_since {
+                eprintln!(
+                    "xtask: the apt lock was released after {} s",
+                    since.elapsed().as_secs()
+                );
+            }
+            return Ok(());
+        }
+        if !retry {
+            bail!("`{line}` failed ({status}):\n{}", stderr.trim());
+        }
+        let since = *waiting_since.get_or_insert_with(Instant::now);
+        if reported.is_none_or(|t| t.elapsed() >= APT_WAIT_REPORT) {
+            let holder = stderr
+                .lines()
+                .find(|l| l.contains("Could not get lock"))
+                .unwrap_or("another apt or dpkg holds its lock")
+                .trim_start_matches("E: ");
+            eprintln!(
+                "xtask: waiting for another apt/dpkg to finish ({holder}); {} s so far, at \
+                 most {} s",
+                since.elapsed().as_secs(),
+                APT_LOCK_WAIT.as_secs()
+            );
+            reported = Some(Instant::now());
+        }
+        std::thread::sleep(APT_RETRY);
+    }
 }
 
 fn ensure_packages() -> Result<()> {
@@ -150,14 +272,39 @@ fn ensure_packages() -> Result<()> {
         );
     }
     eprintln!("xtask: installing missing packages: {}", missing.join(" "));
-    run(&mut apt(&["update", "-q"]))?;
-    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-    install.args(&missing);
-    run(&mut install)?;
+    run_apt(&["update", "-q"], false)?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    run_apt(&install, false)?;
     for package in &missing {
         if !installed(package) {
             bail!("{package} is still not installed after apt-get install");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_lock_failure;
+
+    #[test]
+    fn lock_failures_are_told_from_other_failures() {
+        // apt 2.6's words (Debian 12), for `update` and for `install`.
+        assert!(is_lock_failure(
+            "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 5277 \
+             (python3)\nE: Unable to lock directory /var/lib/apt/lists/"
+        ));
+        assert!(is_lock_failure(
+            "E: Could not get lock /var/lib/dpkg/lock-frontend - open (11: Resource \
+             temporarily unavailable)\nE: Unable to acquire the dpkg frontend lock \
+             (/var/lib/dpkg/lock-frontend), is another process using it?"
+        ));
+        assert!(!is_lock_failure(
+            "E: Unable to locate package no-such-package"
+        ));
+        assert!(!is_lock_failure(
+            "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease"
+        ));
+    }
 }

@@ -227,8 +227,10 @@ fn backends_stop_promptly_with_idle_connections_open() {
     }
     let started = std::time::Instant::now();
     drop(backend);
+    // Connection threads look at `stop` every IO_POLL (100 ms); a generous bound that still
+    // tells that from a thread blocked on its idle connection.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "stopping took {:?}",
         started.elapsed()
     );

@@ -327,6 +327,76 @@ fn defaults_are_applied() {
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern.sock"));
+    assert_eq!(
+        (
+            config.control.mode,
+            config.control.owner,
+            config.control.group
+        ),
+        (0o600, None, None),
+        "owner-only socket, owned by whoever runs tern"
+    );
+}
+
+#[test]
+fn control_socket_mode_owner_and_group() {
+    let fx = Fixture::new("control");
+    let control = |table: &str| fx.ok(&minimal_with(&format!("[control]\n{table}"))).control;
+    assert_eq!(control("mode = \"0660\"").mode, 0o660);
+    assert_eq!(control("mode = \"640\"").mode, 0o640);
+    assert_eq!(control("mode = \"0o600\"").mode, 0o600);
+    let c = control("owner = \"root\"\ngroup = \"root\"");
+    assert_eq!(
+        (c.owner, c.group),
+        (Some(0), Some(0)),
+        "names are looked up"
+    );
+    let c = control("owner = 1000\ngroup = \"1001\"");
+    assert_eq!(
+        (c.owner, c.group),
+        (Some(1000), Some(1001)),
+        "numeric ids, as integers or strings of digits, are taken as they are"
+    );
+
+    for (table, field, fragment) in [
+        (
+            "mode = \"0668\"",
+            "control.mode",
+            "\"0668\" is not an octal mode",
+        ),
+        (
+            "mode = \"rw-rw----\"",
+            "control.mode",
+            "is not an octal mode",
+        ),
+        ("mode = \"\"", "control.mode", "is not an octal mode"),
+        ("mode = \"4755\"", "control.mode", "only permission bits"),
+        (
+            "mode = \"0460\"",
+            "control.mode",
+            "owner must have write permission",
+        ),
+        ("mode = 660", "control.mode", "expected a string"),
+        (
+            "owner = \"no-such-user-tern\"",
+            "control.owner",
+            "no user named \"no-such-user-tern\"",
+        ),
+        (
+            "group = \"no-such-group-tern\"",
+            "control.group",
+            "no group named",
+        ),
+        ("owner = -1", "control.owner", "out of range"),
+        ("group = 4294967295", "control.group", "reserved"),
+        ("owner = true", "control.owner", "a name or a numeric id"),
+    ] {
+        fx.rejects(
+            &minimal_with(&format!("[control]\n{table}")),
+            field,
+            fragment,
+        );
+    }
 }
 
 #[test]

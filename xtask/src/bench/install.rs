@@ -11,8 +11,8 @@
 //! machine with an init system; the bench does not rely on or touch those (its own instances
 //! listen only inside the rig's network namespaces, on their own config files).
 
-use crate::prereqs::{apt, installed};
-use anyhow::{bail, Context, Result};
+use crate::prereqs::{installed, run_apt};
+use anyhow::{bail, Result};
 use std::process::{Command, Stdio};
 
 /// Packages every bench run needs, whatever the targets.
@@ -25,21 +25,6 @@ const ALWAYS: &[&str] = &[
 ];
 /// Installed when available, never required (`perf record` by hand on a target).
 const OPTIONAL: &[&str] = &["linux-perf"];
-
-fn run_quiet(mut cmd: Command) -> Result<()> {
-    let line = crate::display(&cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// Installs the missing ones of `required` (an error if that fails) and of [`OPTIONAL`] (a
 /// warning). Returns what was installed, for the log.
@@ -82,12 +67,12 @@ pub fn ensure(required: &[&str], log: &mut dyn FnMut(String)) -> Result<Vec<Stri
             .collect::<Vec<_>>()
             .join(" ")
     ));
-    run_quiet(apt(&["update", "-q"]))?;
+    run_apt(&["update", "-q"], true)?;
     let mut done = Vec::new();
     if !missing.is_empty() {
-        let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-        install.args(&missing);
-        run_quiet(install)?;
+        let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+        install.extend(&missing);
+        run_apt(&install, true)?;
         for p in &missing {
             if !installed(p) {
                 bail!("{p} is still not installed after apt-get install");
@@ -96,7 +81,7 @@ pub fn ensure(required: &[&str], log: &mut dyn FnMut(String)) -> Result<Vec<Stri
         }
     }
     for p in optional {
-        match run_quiet(apt(&["install", "-y", "-q", "--no-install-recommends", p])) {
+        match run_apt(&["install", "-y", "-q", "--no-install-recommends", p], true) {
             Ok(()) => done.push(p.to_owned()),
             Err(e) => log(format!("optional package {p} not installed: {e:#}")),
         }
