@@ -1,5 +1,5 @@
 //! Build script of the `tern` package: builds the XDP program in `xdp-ebpf/` and leaves the
-//! object at `$OUT_DIR/tern-xdp`, where `tern::xdp` embeds it with `aya::include_bytes_aligned!`.
+//! object at `$OUT_DIR/tern-xdp`, where `tern::bypass::xdp` embeds it with `aya::include_bytes_aligned!`.
 //!
 //! It owns the whole eBPF toolchain so that a fresh machine goes from clone to built with plain
 //! `cargo build` and no manual step:

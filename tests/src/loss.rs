@@ -1,6 +1,6 @@
 //! Test-only packet loss on one interface of the rig: [`LossInjector`] loads the test-only
 //! programs `tern_loss` (XDP, received frames) and `tern_loss_tc` (tc classifier, sent frames)
-//! from the eBPF object embedded in tern (`tern::xdp::object()`) and attaches both to one
+//! from the eBPF object embedded in tern (`tern::bypass::xdp::object()`) and attaches both to one
 //! interface inside a namespace, typically the client's veth end of a [`crate::rig::Rig`]:
 //! ingress loss there is server → client loss, egress loss is client → server loss.
 //!
@@ -293,7 +293,8 @@ fn load_and_attach(
     egress_ppm: u32,
     seed: u64,
 ) -> Result<Attached, String> {
-    let mut ebpf = Ebpf::load(tern::xdp::object()).map_err(|e| format!("loading object: {e}"))?;
+    let mut ebpf =
+        Ebpf::load(tern::bypass::xdp::object()).map_err(|e| format!("loading object: {e}"))?;
 
     let mut config: Array<MapData, LossConfig> = ebpf
         .take_map(LOSS_CONFIG_MAP)

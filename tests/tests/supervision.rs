@@ -165,7 +165,7 @@ fn a_kernel_worker_panic_ends_tern_with_70() {
         "tern ready",
         // The standard panic message: thread, location (the worker's loop), reason.
         "thread 'tern-w1'",
-        "panicked at userspace/src/worker.rs",
+        "panicked at userspace/src/kernel.rs",
         "injected fault (TERN_TEST_FAULT=panic:kernel-worker:1)",
         // The error-level log line.
         "ERROR",

@@ -3,10 +3,10 @@
 //! it owns, its range of the shared UMEM) and runs "frames in, frames out".
 //!
 //! Each turn takes back frames other workers returned, reaps and refills the queues the worker
-//! owns, and on every socket hands up to [`BATCH`](crate::xsk::BATCH) received frames one by one
+//! owns, and on every socket hands up to [`BATCH`](crate::bypass::xsk::BATCH) received frames one by one
 //! to the worker's [`FrameHandler`], whose [`Disposition`] recycles the frame or sends it back
 //! out (rewritten in place); the handler may also build new frames through the [`TxQueue`].
-//! tern's handler is the proxy over its own TCP stack ([`crate::l4::L4Proxy`], TLS and plain);
+//! tern's handler is the proxy over its own TCP stack ([`crate::bypass::proxy::Proxy`], TLS and plain);
 //! this module also has [`Classifier`] (counts SYNs to a listener, other TCP, non-TCP, and
 //! recycles: the I/O layer's tests) and [`Reflector`] (the I/O benchmark: swaps L2/L3/L4
 //! addresses and sends the frame back).
@@ -35,8 +35,11 @@
 //!
 //! Not here: the rings and frames (`xsk`), the XDP program (`xdp`).
 
+pub mod proxy;
 #[cfg(test)]
 mod tests;
+pub mod xdp;
+pub mod xsk;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -46,15 +49,15 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{HugePages, XdpSettings};
-use crate::worker::Shutdown;
-use crate::xdp::{XdpError, XdpProgram};
-use crate::xsk::{
+use crate::bypass::xdp::{XdpError, XdpProgram};
+use crate::bypass::xsk::{
     BindMode, Disposition, FrameAccount, KernelStats, PageKind, RxFrame, TurnStats, TxQueue, Xsk,
     XskError,
 };
+use crate::config::{HugePages, XdpSettings};
+use crate::server::Shutdown;
 
-pub use crate::xsk::Waker;
+pub use crate::bypass::xsk::Waker;
 
 /// Longest single sleep in `poll`: how late a worker may notice the shutdown flags when nobody
 /// wakes it.
@@ -248,7 +251,7 @@ pub struct BypassSetup {
     /// The interface (a name in the calling thread's network namespace; worker threads are
     /// created in that namespace too).
     pub interface: String,
-    /// RX queues to bind, `0..queues` ([`crate::xsk::rx_queue_count`]).
+    /// RX queues to bind, `0..queues` ([`crate::bypass::xsk::rx_queue_count`]).
     pub queues: u32,
     /// Number of workers (`workers.count`).
     pub workers: usize,
@@ -345,7 +348,7 @@ pub fn worker_cpu(cpus: &[usize], index: usize) -> Option<usize> {
 }
 
 /// Starts the bypass workers of one interface: maps the UMEM and binds one socket per (queue,
-/// worker) ([`crate::xsk::open`]), fills the fill rings, registers every socket in `program`'s
+/// worker) ([`crate::bypass::xsk::open`]), fills the fill rings, registers every socket in `program`'s
 /// XSKMAP and sets its worker count ([`register_sockets`]; steering starts here), then spawns
 /// one pinned thread per worker (`tern-x<i>`) with the handler `make(i, counters)`.
 ///
@@ -379,7 +382,7 @@ where
     M: FnOnce() -> io::Result<H> + Send + 'static,
     F: FnMut(usize, Arc<BypassCounters>) -> M,
 {
-    let mut xsks = crate::xsk::open(
+    let mut xsks = crate::bypass::xsk::open(
         &setup.interface,
         setup.queues,
         setup.workers as u32,

@@ -23,7 +23,7 @@
 //!
 //! Counters are read from the workers' [`WorkerCounters`] without locking them; XDP counters
 //! come from the attached programs' per-CPU maps. This module does not own the programs (see
-//! [`crate::xdp`]) nor their life cycle (`server` attaches them and empties
+//! [`crate::bypass::xdp`]) nor their life cycle (`server` attaches them and empties
 //! [`ControlState::xdp`] at exit).
 
 use std::fmt::Write as _;
@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
+use crate::bypass::xdp::{IpPrefix, XdpProgram};
 use crate::bypass::{BypassCounters, BypassSnapshot};
 use crate::config::Control;
 use crate::counters::{Snapshot, WorkerCounters};
-use crate::xdp::{IpPrefix, XdpProgram};
 
 /// What the control thread can see.
 pub struct ControlState {
@@ -65,7 +65,7 @@ pub struct BypassInfo {
     /// The L4 proxy's connection counters, when the worker runs one (`tls = false` listeners).
     pub proxy: Option<Arc<crate::counters::WorkerCounters>>,
     /// Its TCP stack's counters.
-    pub tcp: Option<Arc<crate::l4::TcpCounters>>,
+    pub tcp: Option<Arc<crate::bypass::proxy::TcpCounters>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -548,7 +548,7 @@ pub fn reply(state: &ControlState, line: &str) -> String {
 /// names the interface (every `XdpError` does).
 fn with_programs<T>(
     state: &ControlState,
-    mut f: impl FnMut(&XdpProgram) -> Result<T, crate::xdp::XdpError>,
+    mut f: impl FnMut(&XdpProgram) -> Result<T, crate::bypass::xdp::XdpError>,
 ) -> Result<Vec<T>, String> {
     let programs = state.xdp.lock().unwrap_or_else(PoisonError::into_inner);
     if programs.is_empty() {
@@ -629,7 +629,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         .unwrap_or_default();
     let mut bypass_total = BypassSnapshot::default();
     let mut proxy_total = crate::counters::Snapshot::default();
-    let mut tcp_total = crate::l4::TcpSnapshot::default();
+    let mut tcp_total = crate::bypass::proxy::TcpSnapshot::default();
     let bypass_workers: Vec<_> = state
         .bypass
         .iter()
@@ -711,8 +711,8 @@ mod tests {
     //! namespaces, skb mode; needs root), and over a real Unix socket through [`request`].
 
     use super::*;
+    use crate::bypass::xdp::tests::Netns;
     use crate::config::XdpAttach;
-    use crate::xdp::tests::Netns;
 
     fn state(programs: Vec<(String, XdpProgram)>) -> ControlState {
         ControlState {
@@ -725,7 +725,7 @@ mod tests {
 
     fn program_on_lo(ns: &Netns) -> (String, XdpProgram) {
         let program = ns
-            .run_in(|| crate::xdp::attach("lo", XdpAttach::Skb))
+            .run_in(|| crate::bypass::xdp::attach("lo", XdpAttach::Skb))
             .unwrap_or_else(|err| panic!("attach to lo in {}: {err}", ns.name));
         ("lo".to_string(), program)
     }
@@ -819,7 +819,7 @@ mod tests {
         // The same over the socket, through the client `tern ctl` uses.
         let dir = TempDir(std::env::temp_dir().join(format!(
             "tern-control-test-{}",
-            crate::xdp::tests::unique("c")
+            crate::bypass::xdp::tests::unique("c")
         )));
         let path = dir.0.join("ctl.sock");
         let (listener, _file) = bind(&control_at(&path)).expect("bind the control socket");
@@ -862,7 +862,7 @@ mod tests {
     fn temp_dir(tag: &str) -> TempDir {
         let dir = TempDir(std::env::temp_dir().join(format!(
             "tern-control-{tag}-{}",
-            crate::xdp::tests::unique("c")
+            crate::bypass::xdp::tests::unique("c")
         )));
         std::fs::create_dir_all(&dir.0).expect("create the test directory");
         dir

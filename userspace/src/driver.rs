@@ -10,7 +10,7 @@
 //! is over and how (FIN or RST). It is told what happened (`client_data`, `backend_connected`,
 //! `on_timeout`, ...) with the time, and asked what to do (`poll_backend`, `client_output`,
 //! `fin_due`, `poll_end`, `next_deadline`). It never performs I/O or reads a clock. The kernel
-//! worker (`crate::worker`) and the bypass proxy (`crate::l4`) each only move bytes between
+//! worker (`crate::kernel`) and the bypass proxy (`crate::bypass::proxy`) each only move bytes between
 //! their client transport (a kernel socket; a TCB of tern's stack) and the machine, and execute
 //! the operations it asks for. A rule that both paths need lives here, once.
 //!
@@ -21,6 +21,7 @@ pub mod slab;
 pub mod sock;
 #[cfg(test)]
 mod tests;
+pub mod timer;
 
 use std::net::SocketAddr;
 
@@ -620,7 +621,7 @@ pub fn backend_completion(
     backends: &mut Backends,
     counters: &WorkerCounters,
     key: Key,
-    (op, res, flags): (crate::uring::Op, i32, u32),
+    (op, res, flags): (crate::sys::uring::Op, i32, u32),
     now: Instant,
 ) {
     let done = sock.complete(io, key, op, res, flags, counters);

@@ -1,12 +1,31 @@
 //! tern: a Linux-native TLS terminator.
 //!
-//! Module map (one concept each):
-//! - [`config`]: the TOML file and its validation.
+//! Module map, by layer (docs/architecture.md draws the data flow):
+//!
+//! The shared core, the same on both data paths:
+//! - [`driver`]: the connection driver: one sans-IO machine per proxied connection, backend
+//!   choice, failover and passive health, per-source limits, the connection table, deadlines
+//!   on a timer wheel, and a socket leg on io_uring ([`driver::sock`]).
+//! - [`proxy`]: the byte rules of one connection (rustls session, plaintext both ways,
+//!   half-close, back pressure bounds).
 //! - [`tls`]: rustls server configuration (certificates by SNI, ALPN, resumption).
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers sent to backends.
-//! - [`xdp`]: loading and attaching the XDP program and reading its counters.
 //!
-//! The I/O-free proxy core, the io_uring worker and the control plane live in the other modules.
+//! The kernel path:
+//! - [`kernel`]: the io_uring worker on ordinary sockets (one per core, SO_REUSEPORT).
+//!
+//! The bypass path:
+//! - [`bypass`]: the pinned worker loop over AF_XDP sockets; [`bypass::proxy`] (tern's TCP
+//!   stack + the driver), [`bypass::xsk`] (AF_XDP sockets, UMEM, frames) and [`bypass::xdp`]
+//!   (loading and attaching the XDP program, its maps and counters).
+//! - [`tcp`] and [`wire`]: the sans-IO TCP stack and the packet views it parses and emits.
+//!
+//! The system and the control plane:
+//! - [`sys`]: io_uring buffers and `user_data`, random bytes.
+//! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
+//!   [`fault`] is the test-only fault hook.
+//! - [`control`]: the command socket (`tern ctl`); [`counters`]: per-worker counters;
+//!   [`config`]: the TOML file and its validation.
 
 pub mod bypass;
 pub mod config;
@@ -14,18 +33,14 @@ pub mod control;
 pub mod counters;
 pub mod driver;
 pub mod fault;
-pub mod l4;
+pub mod kernel;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;
 pub mod supervise;
+pub mod sys;
 pub mod tcp;
 #[cfg(test)]
 pub(crate) mod testnet;
-pub mod timer;
 pub mod tls;
-pub mod uring;
 pub mod wire;
-pub mod worker;
-pub mod xdp;
-pub mod xsk;

@@ -13,22 +13,31 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context as _};
 
+use crate::bypass::proxy::{Proxy, ProxySetup, TcpCounters};
+use crate::bypass::xdp::XdpProgram;
 use crate::bypass::{self, BypassSetup, BypassWorker};
 use crate::config::Config;
 use crate::config::ListenerMode;
 use crate::control::{self, BypassInfo, ControlState};
 use crate::counters::WorkerCounters;
-use crate::l4::{L4Proxy, L4Setup, TcpCounters};
+use crate::kernel::{self, Worker, WorkerSetup};
 use crate::supervise::{self, Job, Watched};
-use crate::worker::{self, Shutdown, Worker, WorkerSetup};
-use crate::xdp::XdpProgram;
+
+/// Flags the main thread raises; every worker polls them at least once per tick.
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    /// Stop accepting; finish open connections until the drain deadline.
+    pub drain: AtomicBool,
+    /// Stop now: close every connection and return.
+    pub stop: AtomicBool,
+}
 
 /// Runs tern with `config` until it is told to stop or a thread fails (then the error is a
 /// [`supervise::ThreadFailed`]). Returns once everything is torn down; an error during
@@ -57,7 +66,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         if started.xdp.iter().any(|(i, _)| *i == iface) {
             continue;
         }
-        let prog = crate::xdp::attach(&iface, l.xdp_attach)
+        let prog = crate::bypass::xdp::attach(&iface, l.xdp_attach)
             .with_context(|| format!("attaching the XDP program to {iface}"))?;
         tracing::info!(interface = %iface, mode = %prog.attached_mode(), "XDP program attached");
         started.xdp.push((iface, prog));
@@ -74,7 +83,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
     // whichever worker the handshake's last ACK reaches.
     let mut secret = [0u8; 16];
-    crate::l4::fill_random(&mut secret).context("reading random bytes for the SYN cookie key")?;
+    crate::sys::fill_random(&mut secret).context("reading random bytes for the SYN cookie key")?;
     let epoch = Instant::now();
     for (iface, prog) in &started.xdp {
         let addrs: Vec<SocketAddr> = config
@@ -182,7 +191,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 // stops); if it cannot be built they are closed here.
                 setup.listeners = fds
                     .into_iter()
-                    .map(|(fd, tls)| worker::ListenSocket {
+                    .map(|(fd, tls)| kernel::ListenSocket {
                         fd: fd.into_raw_fd(),
                         tls,
                     })
@@ -312,21 +321,21 @@ impl Drop for Started {
 type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 
 /// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
-/// the bypass workers. Each runs tern's TCP stack and the proxy over it ([`L4Proxy`]) for the
+/// the bypass workers. Each runs tern's TCP stack and the proxy over it ([`Proxy`]) for the
 /// `mode = "xdp"` listeners of `iface`: TLS ones through rustls (the same configuration, session
 /// cache and tickets as kernel mode), plain ones (`tls = false`) as they are.
 #[allow(clippy::too_many_arguments)]
 fn start_bypass(
     config: &Config,
     iface: &str,
-    prog: &crate::xdp::XdpProgram,
+    prog: &crate::bypass::xdp::XdpProgram,
     addrs: &[SocketAddr],
     tls: Option<&Arc<rustls::ServerConfig>>,
     shutdown: &Arc<Shutdown>,
     secret: [u8; 16],
     epoch: Instant,
 ) -> anyhow::Result<Vec<StartedBypass>> {
-    let queues = crate::xsk::rx_queue_count(iface)
+    let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
     let setup = BypassSetup {
         interface: iface.to_owned(),
@@ -349,7 +358,7 @@ fn start_bypass(
         let counters = Arc::new(WorkerCounters::default());
         let tcp_counters = Arc::new(TcpCounters::default());
         extras.push((counters.clone(), tcp_counters.clone()));
-        let l4 = L4Setup {
+        let l4 = ProxySetup {
             worker: id,
             listeners: addrs.to_vec(),
             tls_listeners: tls_listeners.clone(),
@@ -365,7 +374,7 @@ fn start_bypass(
             tcp_counters,
         };
         // Built on the worker's thread: its io_uring is single-issuer.
-        move || L4Proxy::new(l4)
+        move || Proxy::new(l4)
     })
     .with_context(|| format!("starting the bypass workers on {iface}"))?;
     let workers: Vec<StartedBypass> = workers.into_iter().zip(extras).collect();

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bypass::BypassWorker;
-use crate::worker::Shutdown;
+use crate::server::Shutdown;
 
 /// Exit status of a start-up failure (nothing was served, or what was started has been
 /// released) and of any other error `tern run` reports.

@@ -22,7 +22,7 @@ use clap::Parser;
 use serde_json::json;
 use tern::bypass::{self, BypassSetup, ReflectMode, Reflector};
 use tern::config::{FileXdp, HugePages, XdpAttach, XdpSettings};
-use tern::worker::Shutdown;
+use tern::server::Shutdown;
 
 #[derive(Parser)]
 #[command(
@@ -150,12 +150,12 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         AttachArg::Native => XdpAttach::Native,
         AttachArg::Skb => XdpAttach::Skb,
     };
-    let program = tern::xdp::attach(&args.interface, attach)
+    let program = tern::bypass::xdp::attach(&args.interface, attach)
         .with_context(|| format!("attaching the XDP program to {}", args.interface))?;
     program
         .set_listeners(&[args.listen])
         .context("setting the listen address")?;
-    let queues = tern::xsk::rx_queue_count(&args.interface)
+    let queues = tern::bypass::xsk::rx_queue_count(&args.interface)
         .with_context(|| format!("counting the RX queues of {}", args.interface))?;
 
     if args.xdp_tx {

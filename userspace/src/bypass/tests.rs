@@ -10,9 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::bypass::xdp::{self, XdpCounters};
 use crate::config::{HugePages, XdpAttach};
 use crate::testnet::{pin_current_thread, TcpFrame, VethPair, ACK, SYN};
-use crate::xdp::{self, XdpCounters};
 
 const LISTEN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 2);

@@ -3,7 +3,7 @@
 //! carries the entry's generation, so that a late completion for an earlier tenant of a slot is
 //! recognised and dropped instead of being taken for the current one.
 
-use crate::uring::GEN_MASK;
+use crate::sys::uring::GEN_MASK;
 
 /// A slot index and the generation of its tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

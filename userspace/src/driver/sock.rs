@@ -26,7 +26,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{Event, Key};
 use crate::counters::WorkerCounters;
-use crate::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE};
+use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE};
 
 /// The provided-buffer group every receive draws from.
 pub const BUF_GROUP: u16 = 0;

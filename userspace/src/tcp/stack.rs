@@ -68,7 +68,7 @@ use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig, Ti
 use super::ring::{Ring, RingArena};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
-use crate::timer::{Millis, Wheel};
+use crate::driver::timer::{Millis, Wheel};
 use crate::wire::{
     emit_tcp_frame_headers, parse_icmp_frame, parse_tcp_frame, tcp_payload_offset, ChecksumMode,
     ChecksumVerdict, EtherType, EthernetAddress, EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr,

@@ -82,8 +82,8 @@ pub fn run(args: &XskArgs) -> Result<()> {
     let iface = rig.client_if.clone();
     let sink = rig
         .client
-        .run(move || -> Result<tern::xdp::XdpProgram> {
-            let p = tern::xdp::attach(&iface, XdpAttach::Native)?;
+        .run(move || -> Result<tern::bypass::xdp::XdpProgram> {
+            let p = tern::bypass::xdp::attach(&iface, XdpAttach::Native)?;
             p.block("0.0.0.0/0".parse()?)?;
             p.block("::/0".parse()?)?;
             Ok(p)
@@ -153,7 +153,7 @@ fn measure(
     reflector: &std::path::Path,
     flags: &[&str],
     spec: &SynSpec,
-    sink: &tern::xdp::XdpProgram,
+    sink: &tern::bypass::xdp::XdpProgram,
     seconds: f64,
 ) -> Result<Sample> {
     let listen = rig.server_addr(LISTEN_PORT).to_string();

@@ -45,25 +45,25 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 use rustls::ServerConfig;
 
+use crate::bypass::xsk::{Disposition, RxFrame, TxQueue};
 use crate::bypass::{FrameHandler, Waker};
 use crate::config::{
     Backend, Congestion, Limits, ProxyProtocol, RxChecksum, TcpSettings, Timeouts,
 };
 use crate::counters::WorkerCounters;
 use crate::driver::sock::{Io, Side, Sock};
+use crate::driver::timer::Wheel;
 use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Slab, SourceLimits, Why,
 };
 use crate::proxy::Session;
+use crate::sys::uring::{Op, UserData, BUF_SIZE};
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
 use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
 use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
-use crate::timer::Wheel;
-use crate::uring::{Op, UserData, BUF_SIZE};
 use crate::wire::{ChecksumMode, WireError};
-use crate::xsk::{Disposition, RxFrame, TxQueue};
 
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
@@ -139,7 +139,7 @@ crate::counters::single_writer_counters! {
 }
 
 /// What one worker's L4 proxy is built from.
-pub struct L4Setup {
+pub struct ProxySetup {
     pub worker: usize,
     /// The `mode = "xdp"` listener addresses this worker serves, plain and TLS.
     pub listeners: Vec<SocketAddr>,
@@ -187,7 +187,7 @@ struct Proxied {
 }
 
 /// The proxy of one bypass worker. See the module documentation.
-pub struct L4Proxy {
+pub struct Proxy {
     id: usize,
     stack: Stack,
     tcp_config: TcbConfig,
@@ -225,9 +225,9 @@ pub struct L4Proxy {
     next_drain_scan: TcpInstant,
 }
 
-impl L4Proxy {
+impl Proxy {
     /// Builds the stack and the ring; allocates everything the per-packet path uses.
-    pub fn new(setup: L4Setup) -> io::Result<L4Proxy> {
+    pub fn new(setup: ProxySetup) -> io::Result<Proxy> {
         let capacity = setup.limits.max_connections_per_worker;
         if !setup.tls_listeners.is_empty() && setup.tls.is_none() {
             return Err(io::Error::other(
@@ -259,7 +259,7 @@ impl L4Proxy {
         let now = to_tcp(setup.epoch, std::time::Instant::now());
         let period = now.as_secs() / KEY_PERIOD_SECS;
         let mut flow_key = [0u8; 16];
-        fill_random(&mut flow_key)?;
+        crate::sys::fill_random(&mut flow_key)?;
         let stack = Stack::new(
             StackConfig {
                 capacity,
@@ -306,7 +306,7 @@ impl L4Proxy {
                 (slot_count as usize * BUF_SIZE + RECV_BUFFERS as usize * BUF_SIZE) >> 20,
             "bypass TCP stack ready (connection buffers are touched only as connections use them)"
         );
-        Ok(L4Proxy {
+        Ok(Proxy {
             id: setup.worker,
             stack,
             tcp_config,
@@ -720,7 +720,7 @@ impl L4Proxy {
     }
 }
 
-impl FrameHandler for L4Proxy {
+impl FrameHandler for Proxy {
     fn frame(&mut self, frame: &mut RxFrame<'_>, out: &mut TxQueue<'_>) -> Disposition {
         // One clock read per turn: the frames of one batch arrived together.
         if !self.pending {
@@ -918,25 +918,6 @@ fn cookie_key(secret: &CookieKey, period: u64) -> CookieKey {
     key[..8].copy_from_slice(&lo.to_le_bytes());
     key[8..].copy_from_slice(&hi.to_le_bytes());
     key
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: writes at most `buf.len() - filled` bytes into the live buffer.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 fn to_tcp(epoch: std::time::Instant, t: std::time::Instant) -> TcpInstant {

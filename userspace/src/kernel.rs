@@ -16,7 +16,7 @@ use std::io;
 use std::mem;
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,22 +26,14 @@ use rustls::ServerConfig;
 use crate::config::{Backend, Limits, Timeouts};
 use crate::counters::WorkerCounters;
 use crate::driver::sock::{set_linger_zero, Io, Side, Sock};
+use crate::driver::timer::{Millis, Wheel};
 use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Slab, SourceLimits, Why,
 };
 use crate::proxy::Session;
+use crate::server::Shutdown;
+use crate::sys::uring::{Op, UserData};
 use crate::tcp::time::Instant;
-use crate::timer::{Millis, Wheel};
-use crate::uring::{Op, UserData};
-
-/// Flags the main thread raises; every worker polls them at least once per tick.
-#[derive(Debug, Default)]
-pub struct Shutdown {
-    /// Stop accepting; finish open connections until the drain deadline.
-    pub drain: AtomicBool,
-    /// Stop now: close every connection and return.
-    pub stop: AtomicBool,
-}
 
 /// Everything a worker needs; built by the main thread, moved into the worker thread.
 pub struct WorkerSetup {

@@ -1,4 +1,4 @@
-//! Tests of [`crate::xdp`]. The object is loaded into a real kernel: attached to a veth end
+//! Tests of [`crate::bypass::xdp`]. The object is loaded into a real kernel: attached to a veth end
 //! inside throw-away network namespaces, fed hand-made frames from the peer end with an
 //! AF_PACKET socket (so every counter's expected delta is exact), then real traffic through the
 //! kernel's TCP stack, real AF_XDP sockets and XDP_TX reflection. Everything that attaches needs

@@ -2,7 +2,7 @@
 //! flow's worker (`XSKMAP[queue * workers + flow_hash % workers]`), emptied and closed slots
 //! send flows back to the kernel. The sockets are made with raw `libc` calls (one UMEM, its
 //! fill ring, an RX ring per socket, copy mode), just enough to receive; the bypass workers'
-//! own socket code is `crate::xsk`'s.
+//! own socket code is `crate::bypass::xsk`'s.
 
 use super::*;
 
