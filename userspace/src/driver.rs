@@ -19,6 +19,7 @@
 pub mod backends;
 pub mod slab;
 pub mod sock;
+pub mod table;
 #[cfg(test)]
 mod tests;
 pub mod timer;
@@ -32,6 +33,7 @@ use crate::tcp::time::{Duration, Instant};
 pub use backends::{Backends, SourceLimits};
 pub use slab::{Key, Slab};
 use sock::{Io, Sock};
+pub use table::{Entry, Table};
 
 /// The per-worker settings every connection's machine follows (from the configuration).
 #[derive(Debug, Clone, Copy)]
@@ -577,72 +579,71 @@ impl Conn {
 
 // ---------------------------------------------------------------------- the backend leg
 
+/// What every connection of a worker shares, on both paths: the ring and its buffers, the
+/// backend pool and its health, the per-source limits, the policy and the counters.
+pub struct Shared {
+    /// Declared first: dropped (unregistering the buffers) before anything else goes.
+    pub io: Io,
+    pub backends: Backends,
+    pub sources: SourceLimits,
+    pub policy: Policy,
+    pub counters: std::sync::Arc<WorkerCounters>,
+}
+
 /// The backend half of a connection's pump, the same on both paths: start or retry the
 /// connect the machine asks for, send its FIN, queue and send its plaintext, and keep a
 /// receive armed while it wants bytes.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
-)]
-pub fn pump_backend(
-    conn: &mut Conn,
-    sock: &mut Sock,
-    io: &mut Io,
-    backends: &mut Backends,
-    counters: &WorkerCounters,
-    policy: &Policy,
-    key: Key,
-    now: Instant,
-) {
-    if let Some(op) = conn.poll_backend(backends, counters, policy.eager, sock.flushed(), now) {
-        execute(op, conn, sock, io, backends, counters, key, now);
+pub fn pump_backend<C>(sh: &mut Shared, e: &mut Entry<C>, key: Key, now: Instant) {
+    let (conn, sock) = (&mut e.conn, &mut e.backend);
+    let counters = &*sh.counters;
+    if let Some(op) = conn.poll_backend(
+        &mut sh.backends,
+        counters,
+        sh.policy.eager,
+        sock.flushed(),
+        now,
+    ) {
+        execute(op, sh, conn, sock, key, now);
     }
+    let counters = &*sh.counters;
     if conn.backend_writable()
         && conn.has_backend_output()
-        && !sock.fill(io, |buf| conn.backend_output(buf, counters, now))
+        && !sock.fill(&mut sh.io, |buf| conn.backend_output(buf, counters, now))
     {
         // No free send slot: back pressure; pumped again once slots come back.
         counters.send_slot_waits.inc();
-        io.retry.push(key);
+        sh.io.retry.push(key);
     }
-    sock.flush(io, key);
-    sock.want_recv(io, conn.wants_backend_read(), key);
+    sock.flush(&mut sh.io, key);
+    sock.want_recv(&mut sh.io, conn.wants_backend_read(), key);
 }
 
 /// A completion of a connection's backend socket, the same on both paths.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
-)]
-pub fn backend_completion(
-    conn: &mut Conn,
-    sock: &mut Sock,
-    io: &mut Io,
-    backends: &mut Backends,
-    counters: &WorkerCounters,
+pub fn backend_completion<C>(
+    sh: &mut Shared,
+    e: &mut Entry<C>,
     key: Key,
     (op, res, flags): (crate::sys::uring::Op, i32, u32),
     now: Instant,
 ) {
-    let done = sock.complete(io, key, op, res, flags, counters);
-    if let Some(op) = io.deliver(done, |ev| conn.backend_event(ev, backends, counters, now)) {
-        execute(op, conn, sock, io, backends, counters, key, now);
+    let (conn, sock) = (&mut e.conn, &mut e.backend);
+    let done = sock.complete(&mut sh.io, key, op, res, flags, &sh.counters);
+    let (backends, counters) = (&mut sh.backends, &*sh.counters);
+    let next = sh
+        .io
+        .deliver(done, |ev| conn.backend_event(ev, backends, counters, now));
+    if let Some(op) = next {
+        execute(op, sh, conn, sock, key, now);
     }
 }
 
 /// Carries out a backend operation; a connect whose socket cannot even be created fails over
 /// at once.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the leg, its machine and the worker-wide parts it touches are separate borrows"
-)]
 fn execute(
     op: BackendOp,
+    sh: &mut Shared,
     conn: &mut Conn,
     sock: &mut Sock,
-    io: &mut Io,
-    backends: &mut Backends,
-    counters: &WorkerCounters,
     key: Key,
     now: Instant,
 ) {
@@ -650,12 +651,12 @@ fn execute(
     while let Some(op) = next.take() {
         match op {
             BackendOp::Connect(addr) => {
-                if let Err(errno) = sock.connect(io, addr, key) {
+                if let Err(errno) = sock.connect(&mut sh.io, addr, key) {
                     let failed = Event::ConnectFailed {
                         timed_out: false,
                         errno,
                     };
-                    next = conn.backend_event(failed, backends, counters, now);
+                    next = conn.backend_event(failed, &mut sh.backends, &sh.counters, now);
                 }
             }
             BackendOp::ShutdownWrite => sock.shutdown_write(),
@@ -677,13 +678,9 @@ pub struct ClientOutput {
 
 /// The output half every pump ends with: tells the machine whether bytes are queued for a
 /// peer and whether a peer took some, and asks whether the connection is over.
-pub fn settle(
-    conn: &mut Conn,
-    client: ClientOutput,
-    backend: &mut Sock,
-    now: Instant,
-) -> Option<End> {
-    let progressed = client.progressed | backend.take_progress();
-    conn.output_state(client.queued || !backend.flushed(), progressed, now);
-    conn.poll_end(client.flushed, backend.flushed())
+pub fn settle<C>(e: &mut Entry<C>, client: ClientOutput, now: Instant) -> Option<End> {
+    let progressed = client.progressed | e.backend.take_progress();
+    e.conn
+        .output_state(client.queued || !e.backend.flushed(), progressed, now);
+    e.conn.poll_end(client.flushed, e.backend.flushed())
 }

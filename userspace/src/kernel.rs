@@ -26,9 +26,9 @@ use rustls::ServerConfig;
 use crate::config::{Backend, Limits, Timeouts};
 use crate::counters::WorkerCounters;
 use crate::driver::sock::{set_linger_zero, Io, Side, Sock};
-use crate::driver::timer::{Millis, Wheel};
+use crate::driver::timer::Millis;
 use crate::driver::{
-    self, Backends, ClientOutput, Conn, End, Key, Policy, Slab, SourceLimits, Why,
+    self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
 };
 use crate::proxy::Session;
 use crate::server::Shutdown;
@@ -64,40 +64,22 @@ const RECV_BUFFERS: u16 = 1024;
 const TICK: Duration = Duration::from_millis(100);
 const LISTEN_RETRY: Millis = 1000;
 
-/// One connection: the driver's machine and the two socket legs it runs on.
-struct Entry {
-    conn: Conn,
-    client: Sock,
-    backend: Sock,
-    /// The deadline the timer wheel holds for this entry (the earliest, if several).
-    scheduled: Option<Instant>,
-    /// Torn down: both legs are closing; freed once neither has an operation in flight.
-    closing: bool,
-}
-
 pub struct Worker {
     id: usize,
-    /// Declared first so it is dropped first: the kernel must let go of the buffer memory
-    /// (registered buffers, buffer ring) before it is unmapped.
-    io: Io,
-    conns: Slab<Entry>,
+    /// What every connection shares (the ring first: dropped before the buffers it uses).
+    sh: Shared,
+    /// Connections: the driver's machine and two socket legs each (client and backend).
+    conns: Table<Sock>,
     listeners: Vec<Listener>,
     tls: Option<Arc<ServerConfig>>,
-    backends: Backends,
-    sources: SourceLimits,
-    policy: Policy,
     proxy_protocol: crate::config::ProxyProtocol,
     limits: Limits,
     drain_timeout: Duration,
-    counters: Arc<WorkerCounters>,
     shutdown: Arc<Shutdown>,
-    wheel: Wheel<Key>,
     epoch: std::time::Instant,
     now: Instant,
     draining: Option<Instant>,
     cqes: Vec<(u64, i32, u32)>,
-    /// Scratch list of expired timer entries, kept so a tick allocates nothing.
-    due: Vec<Key>,
 }
 
 struct Listener {
@@ -128,8 +110,14 @@ impl Worker {
         )?;
         Ok(Worker {
             id: setup.id,
-            io,
-            conns: Slab::with_capacity(max),
+            sh: Shared {
+                io,
+                backends: Backends::new(setup.backend.servers.clone(), setup.id),
+                sources: SourceLimits::new(setup.limits.max_connections_per_source),
+                policy: Policy::from_config(&setup.timeouts, &setup.backend),
+                counters: setup.counters,
+            },
+            conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
             listeners: setup
                 .listeners
                 .into_iter()
@@ -141,20 +129,14 @@ impl Worker {
                 })
                 .collect(),
             tls: setup.tls,
-            backends: Backends::new(setup.backend.servers.clone(), setup.id),
-            sources: SourceLimits::new(setup.limits.max_connections_per_source),
-            policy: Policy::from_config(&setup.timeouts, &setup.backend),
             proxy_protocol: setup.backend.proxy_protocol,
             limits: setup.limits,
             drain_timeout: setup.timeouts.drain,
-            counters: setup.counters,
             shutdown: setup.shutdown,
-            wheel: Wheel::new(TICK.as_millis() as u64, 1024, 0),
             epoch: std::time::Instant::now(),
             now: Instant::ZERO,
             draining: None,
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
-            due: Vec::new(),
         })
     }
 
@@ -170,7 +152,7 @@ impl Worker {
             self.arm_listeners();
             let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.io.ring.submitter().submit_with_args(1, &args) {
+            match self.sh.io.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -181,7 +163,7 @@ impl Worker {
             self.reap();
             crate::fault::check(crate::fault::Site::KernelWorker(self.id))?;
             if self.millis() >= next_tick {
-                next_tick = self.millis() + self.wheel.tick_ms();
+                next_tick = self.millis() + TICK.as_millis() as u64;
                 if self.check_shutdown() {
                     break;
                 }
@@ -206,9 +188,9 @@ impl Worker {
         }
         match self.draining {
             Some(deadline) if self.now >= deadline => {
-                let open = self.conns.values().filter(|e| !e.closing).count();
+                let open = self.conns.open();
                 if open > 0 {
-                    self.counters.drain_aborted.add(open as u64);
+                    self.sh.counters.drain_aborted.add(open as u64);
                 }
                 self.abort_all();
                 self.settle()
@@ -225,7 +207,7 @@ impl Worker {
         while !self.conns.is_empty() && std::time::Instant::now() < deadline {
             let ts = types::Timespec::new().nsec(10_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.io.ring.submitter().submit_with_args(1, &args);
+            let _ = self.sh.io.ring.submitter().submit_with_args(1, &args);
             self.reap();
         }
         true
@@ -239,11 +221,11 @@ impl Worker {
                 opcode::AsyncCancel::new(UserData::new(Op::Accept, 0, l.fd as u32).encode())
                     .build()
                     .user_data(UserData::new(Op::Cancel, 0, 0).encode());
-            self.io.push(cancel);
+            self.sh.io.push(cancel);
             // SAFETY: the fd is ours and closed once (listeners are drained).
             unsafe { libc::close(l.fd) };
         }
-        let _ = self.io.ring.submit();
+        let _ = self.sh.io.ring.submit();
     }
 
     fn arm_listeners(&mut self) {
@@ -261,7 +243,7 @@ impl Worker {
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
                 .user_data(UserData::new(Op::Accept, 0, fd as u32).encode());
-            self.io.push(e);
+            self.sh.io.push(e);
             self.listeners[i].armed = true;
         }
     }
@@ -270,7 +252,8 @@ impl Worker {
         loop {
             self.cqes.clear();
             self.cqes.extend(
-                self.io
+                self.sh
+                    .io
                     .ring
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
@@ -284,7 +267,7 @@ impl Worker {
             }
             self.cqes = batch;
             // Connections that found no free send slot: slots may have come back.
-            for key in mem::take(&mut self.io.retry) {
+            for key in mem::take(&mut self.sh.io.retry) {
                 self.pump(key);
             }
         }
@@ -308,11 +291,12 @@ impl Worker {
                     tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
                     return;
                 };
-                let done = e
-                    .client
-                    .complete(&mut self.io, key, ud.op, res, flags, &self.counters);
-                let counters = &self.counters;
-                self.io
+                let done =
+                    e.client
+                        .complete(&mut self.sh.io, key, ud.op, res, flags, &self.sh.counters);
+                let counters = &self.sh.counters;
+                self.sh
+                    .io
                     .deliver(done, |ev| e.conn.client_event(ev, counters));
                 self.pump(key);
             }
@@ -325,16 +309,7 @@ impl Worker {
                     tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
                     return;
                 };
-                driver::backend_completion(
-                    &mut e.conn,
-                    &mut e.backend,
-                    &mut self.io,
-                    &mut self.backends,
-                    &self.counters,
-                    key,
-                    (ud.op, res, flags),
-                    now,
-                );
+                driver::backend_completion(&mut self.sh, e, key, (ud.op, res, flags), now);
                 self.pump(key);
             }
         }
@@ -366,7 +341,7 @@ impl Worker {
             unsafe { libc::close(fd) };
         };
         if self.conns.is_full() || self.draining.is_some() {
-            self.counters.refused_full.inc();
+            self.sh.counters.refused_full.inc();
             refuse(fd);
             return;
         }
@@ -375,22 +350,22 @@ impl Worker {
             Err(e) => {
                 // The client is already gone (e.g. reset before we looked).
                 tracing::debug!(worker = self.id, error = %e, "accepted connection is gone");
-                self.counters.client_errors.inc();
+                self.sh.counters.client_errors.inc();
                 refuse(fd);
                 return;
             }
         };
-        if !self.sources.acquire(peer.ip()) {
-            self.counters.refused_source_limit.inc();
+        if !self.sh.sources.acquire(peer.ip()) {
+            self.sh.counters.refused_source_limit.inc();
             refuse(fd);
             return;
         }
-        self.counters.accepted.inc();
+        self.sh.counters.accepted.inc();
         match self.new_conn(fd, peer, local, self.listeners[pos].tls) {
             Ok(key) => self.pump(key),
             Err(e) => {
                 tracing::warn!(worker = self.id, error = %e, "cannot set up accepted connection");
-                self.sources.release(peer.ip());
+                self.sh.sources.release(peer.ip());
                 refuse(fd);
             }
         }
@@ -422,15 +397,13 @@ impl Worker {
         let now = self.now;
         let key = self
             .conns
-            .insert(Entry {
-                conn: Conn::new(session, peer, now),
-                client: Sock::adopt(Side::Client, fd),
-                backend: Sock::none(Side::Backend),
-                scheduled: None,
-                closing: false,
-            })
+            .insert(
+                Conn::new(session, peer, now),
+                Sock::adopt(Side::Client, fd),
+                Sock::none(Side::Backend),
+            )
             .ok_or_else(|| io::Error::other("connection table full"))?;
-        self.counters.active.inc();
+        self.sh.counters.active.inc();
         Ok(key)
     }
 
@@ -447,20 +420,10 @@ impl Worker {
             }
             return;
         }
-        let io = &mut self.io;
-        let counters = &*self.counters;
-        let c = &mut e.conn;
-        e.client.want_recv(io, c.wants_client_read(), key);
-        driver::pump_backend(
-            c,
-            &mut e.backend,
-            io,
-            &mut self.backends,
-            counters,
-            &self.policy,
-            key,
-            now,
-        );
+        e.client
+            .want_recv(&mut self.sh.io, e.conn.wants_client_read(), key);
+        driver::pump_backend(&mut self.sh, e, key, now);
+        let (io, counters, c) = (&mut self.sh.io, &*self.sh.counters, &mut e.conn);
         if c.wants_client_write() && !e.client.fill(io, |buf| c.client_output(buf, counters)) {
             counters.send_slot_waits.inc();
             io.retry.push(key);
@@ -474,25 +437,10 @@ impl Worker {
             progressed: e.client.take_progress(),
             flushed: e.client.flushed(),
         };
-        match driver::settle(c, client, &mut e.backend, now) {
+        match driver::settle(e, client, now) {
             Some(end) => self.finish(key, end),
-            None => self.schedule(key),
+            None => self.conns.schedule(key, &self.sh.policy),
         }
-    }
-
-    /// Puts the connection's next deadline on the wheel unless an earlier entry is there.
-    fn schedule(&mut self, key: Key) {
-        let Some(e) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Some(deadline) = e.conn.next_deadline(&self.policy) else {
-            return;
-        };
-        if e.scheduled.is_some_and(|s| s <= deadline) {
-            return;
-        }
-        e.scheduled = Some(deadline);
-        self.wheel.insert(deadline.as_micros().div_ceil(1000), key);
     }
 
     /// Ends a connection: closes both legs (FIN or RST) and frees the entry once every
@@ -505,11 +453,11 @@ impl Worker {
             return;
         }
         e.closing = true;
-        self.counters.closed.inc();
+        self.sh.counters.closed.inc();
         let graceful = end == End::Graceful;
-        e.client.close(&mut self.io, graceful);
-        e.backend.close(&mut self.io, graceful);
-        self.sources.release(e.conn.peer.ip());
+        e.client.close(&mut self.sh.io, graceful);
+        e.backend.close(&mut self.sh.io, graceful);
+        self.sh.sources.release(e.conn.peer.ip());
         if e.client.is_released() && e.backend.is_released() {
             self.free(key);
         }
@@ -517,7 +465,7 @@ impl Worker {
 
     fn free(&mut self, key: Key) {
         if self.conns.remove(key).is_some() {
-            self.counters.active.dec();
+            self.sh.counters.active.dec();
         }
     }
 
@@ -528,29 +476,16 @@ impl Worker {
             }
             self.finish(key, End::Abort(Why::Shutdown));
         }
-        let _ = self.io.ring.submit();
+        let _ = self.sh.io.ring.submit();
     }
 
     fn expire_timers(&mut self) {
-        let mut due = mem::take(&mut self.due);
-        self.wheel.expire(self.millis(), |_, key| due.push(key));
-        let now = self.now;
-        for &key in &due {
-            let Some(e) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if e.closing {
-                continue;
-            }
-            e.scheduled = None;
-            if e.conn.on_timeout(now, &self.policy, &self.counters) {
-                self.pump(key);
-            } else {
-                self.schedule(key);
-            }
+        for key in self
+            .conns
+            .expire(self.now, &self.sh.policy, &self.sh.counters)
+        {
+            self.pump(key);
         }
-        due.clear();
-        self.due = due;
     }
 }
 

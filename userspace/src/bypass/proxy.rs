@@ -52,9 +52,8 @@ use crate::config::{
 };
 use crate::counters::WorkerCounters;
 use crate::driver::sock::{Io, Side, Sock};
-use crate::driver::timer::Wheel;
 use crate::driver::{
-    self, Backends, ClientOutput, Conn, End, Key, Policy, Slab, SourceLimits, Why,
+    self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
 };
 use crate::proxy::Session;
 use crate::sys::uring::{Op, UserData, BUF_SIZE};
@@ -173,17 +172,12 @@ enum Owner {
     Retired(ConnId),
 }
 
-/// One proxied connection: the driver's machine, the client's TCB, the backend leg.
-struct Proxied {
-    conn: Conn,
+/// A proxied connection's client transport: its TCB in the stack.
+struct Client {
     /// The client's connection; `None` once the proxy let go of it.
     tcb: Option<ConnId>,
-    backend: Sock,
     /// The TCB's send queue after the last pump: less now means the client acknowledged bytes.
     sent_queue: usize,
-    scheduled: Option<TcpInstant>,
-    /// Torn down; freed when the backend socket has nothing in flight.
-    closing: bool,
 }
 
 /// The proxy of one bypass worker. See the module documentation.
@@ -194,22 +188,16 @@ pub struct Proxy {
     epoch: std::time::Instant,
     secret: CookieKey,
     key_period: u64,
-    /// Declared before the buffers it has registered: dropped (unregistering them) first.
-    io: Io,
-    /// The slab; entries never move (io_uring entries point into them).
-    conns: Slab<Proxied>,
+    /// What every connection shares (the ring first: dropped before the buffers it uses).
+    sh: Shared,
+    /// Proxied connections (entries never move: io_uring entries point into them).
+    conns: Table<Client>,
     /// Stack slot → owner.
     by_slot: Vec<Owner>,
     tls_listeners: Vec<SocketAddr>,
     tls: Option<Arc<ServerConfig>>,
-    backends: Backends,
-    sources: SourceLimits,
-    policy: Policy,
     proxy_protocol: ProxyProtocol,
     limit: usize,
-    wheel: Wheel<Key>,
-    due: Vec<Key>,
-    counters: Arc<WorkerCounters>,
     tcp_counters: Arc<TcpCounters>,
     last_housekeeping: u64,
     /// Something happened that `poll` must look at (frames were received).
@@ -313,21 +301,21 @@ impl Proxy {
             epoch: setup.epoch,
             secret: setup.secret,
             key_period: period,
-            io,
+            sh: Shared {
+                io,
+                backends: Backends::new(setup.backend.servers.clone(), setup.worker),
+                sources: SourceLimits::new(setup.limits.max_connections_per_source),
+                policy: Policy::from_config(&setup.timeouts, &setup.backend),
+                counters: setup.counters,
+            },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
-            conns: Slab::with_capacity(2 * capacity),
+            conns: Table::new(2 * capacity, WHEEL_TICK_MS, now),
             by_slot: vec![Owner::None; capacity],
             tls_listeners: setup.tls_listeners,
             tls: setup.tls,
-            backends: Backends::new(setup.backend.servers.clone(), setup.worker),
-            sources: SourceLimits::new(setup.limits.max_connections_per_source),
-            policy: Policy::from_config(&setup.timeouts, &setup.backend),
             proxy_protocol: setup.backend.proxy_protocol,
             limit: setup.limits.buffer_per_direction,
-            wheel: Wheel::new(WHEEL_TICK_MS, 1024, now.as_micros() / 1000),
-            due: Vec::new(),
-            counters: setup.counters,
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
             pending: false,
@@ -408,11 +396,11 @@ impl Proxy {
     fn adopt(&mut self, id: ConnId, now: TcpInstant) -> Option<Key> {
         let (local, remote) = self.stack.endpoints(id)?;
         if self.conns.is_full() {
-            self.counters.refused_full.inc();
+            self.sh.counters.refused_full.inc();
             return None;
         }
-        if !self.sources.acquire(remote.ip()) {
-            self.counters.refused_source_limit.inc();
+        if !self.sh.sources.acquire(remote.ip()) {
+            self.sh.counters.refused_source_limit.inc();
             return None;
         }
         let session = match &self.tls {
@@ -426,8 +414,8 @@ impl Proxy {
                 ) {
                     Ok(session) => session,
                     Err(e) => {
-                        self.counters.tls_errors.inc();
-                        self.sources.release(remote.ip());
+                        self.sh.counters.tls_errors.inc();
+                        self.sh.sources.release(remote.ip());
                         tracing::warn!(worker = self.id, error = %e, "cannot start a TLS session");
                         return None;
                     }
@@ -435,17 +423,18 @@ impl Proxy {
             }
             _ => Session::plain(self.proxy_protocol, remote, local, self.limit),
         };
-        let key = self.conns.insert(Proxied {
-            conn: Conn::new(session, remote, now),
+        let client = Client {
             tcb: Some(id),
-            backend: Sock::none(Side::Backend),
             sent_queue: 0,
-            scheduled: None,
-            closing: false,
-        })?;
+        };
+        let key = self.conns.insert(
+            Conn::new(session, remote, now),
+            client,
+            Sock::none(Side::Backend),
+        )?;
         self.by_slot[id.slot()] = Owner::Proxied(id, key);
-        self.counters.accepted.inc();
-        self.counters.active.inc();
+        self.sh.counters.accepted.inc();
+        self.sh.counters.active.inc();
         Some(key)
     }
 
@@ -453,7 +442,7 @@ impl Proxy {
         loop {
             let mut batch = [(0u64, 0i32, 0u32); 64];
             let mut n = 0;
-            for cqe in self.io.ring.completion() {
+            for cqe in self.sh.io.ring.completion() {
                 batch[n] = (cqe.user_data(), cqe.result(), cqe.flags());
                 n += 1;
                 if n == batch.len() {
@@ -467,7 +456,7 @@ impl Proxy {
                 self.complete(ud, res, flags, now);
             }
             // Connections that found no free send slot: slots may have come back.
-            for key in std::mem::take(&mut self.io.retry) {
+            for key in std::mem::take(&mut self.sh.io.retry) {
                 self.pump(key, now);
             }
         }
@@ -500,16 +489,7 @@ impl Proxy {
             tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
             return;
         };
-        driver::backend_completion(
-            &mut p.conn,
-            &mut p.backend,
-            &mut self.io,
-            &mut self.backends,
-            &self.counters,
-            key,
-            (ud.op, res, flags),
-            now,
-        );
+        driver::backend_completion(&mut self.sh, p, key, (ud.op, res, flags), now);
         self.pump(key, now);
     }
 
@@ -527,8 +507,8 @@ impl Proxy {
             }
             return;
         }
-        let counters = &*self.counters;
-        let Some(id) = p.tcb.filter(|&id| self.stack.conn(id).is_some()) else {
+        let counters = &*self.sh.counters;
+        let Some(id) = p.client.tcb.filter(|&id| self.stack.conn(id).is_some()) else {
             // The client's connection is gone. Both ways finished: a normal end; otherwise it
             // was reset or timed out (the stack counted which), and the backend is reset too.
             let end = if p.conn.fin_sent() && p.conn.session().client_finished() {
@@ -573,16 +553,8 @@ impl Proxy {
             }
         }
 
-        driver::pump_backend(
-            c,
-            &mut p.backend,
-            &mut self.io,
-            &mut self.backends,
-            counters,
-            &self.policy,
-            key,
-            now,
-        );
+        driver::pump_backend(&mut self.sh, p, key, now);
+        let (c, counters) = (&mut p.conn, &*self.sh.counters);
 
         // Machine → client, straight into the TCB's send ring as far as it has room.
         let mut client = ClientOutput {
@@ -591,7 +563,7 @@ impl Proxy {
             flushed: true,
         };
         if let Some(tcb) = self.stack.conn_mut(id) {
-            client.progressed = tcb.send_queue() < p.sent_queue;
+            client.progressed = tcb.send_queue() < p.client.sent_queue;
             let mut room = self.tcp_config.send_buffer.saturating_sub(tcb.send_queue());
             while room > 0 && c.wants_client_write() {
                 let n = tcb.send_in_place(|spare| {
@@ -607,50 +579,19 @@ impl Proxy {
             if c.fin_due(true) {
                 tcb.close();
             }
-            p.sent_queue = tcb.send_queue();
-            client.queued = p.sent_queue > 0;
+            p.client.sent_queue = tcb.send_queue();
+            client.queued = p.client.sent_queue > 0;
         }
-        match driver::settle(c, client, &mut p.backend, now) {
+        match driver::settle(p, client, now) {
             Some(end) => self.finish(key, end),
-            None => self.schedule(key),
+            None => self.conns.schedule(key, &self.sh.policy),
         }
-    }
-
-    /// Puts the connection's next deadline on the wheel unless an earlier entry is there.
-    fn schedule(&mut self, key: Key) {
-        let Some(p) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Some(deadline) = p.conn.next_deadline(&self.policy) else {
-            return;
-        };
-        if p.scheduled.is_some_and(|s| s <= deadline) {
-            return;
-        }
-        p.scheduled = Some(deadline);
-        self.wheel.insert(deadline.as_micros().div_ceil(1000), key);
     }
 
     fn expire_timers(&mut self, now: TcpInstant) {
-        let mut due = std::mem::take(&mut self.due);
-        self.wheel
-            .expire(now.as_micros() / 1000, |_, key| due.push(key));
-        for &key in &due {
-            let Some(p) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if p.closing {
-                continue;
-            }
-            p.scheduled = None;
-            if p.conn.on_timeout(now, &self.policy, &self.counters) {
-                self.pump(key, now);
-            } else {
-                self.schedule(key);
-            }
+        for key in self.conns.expire(now, &self.sh.policy, &self.sh.counters) {
+            self.pump(key, now);
         }
-        due.clear();
-        self.due = due;
     }
 
     /// Ends a proxied connection: closes the backend (RST unless graceful), releases the
@@ -664,11 +605,11 @@ impl Proxy {
             return;
         }
         p.closing = true;
-        self.counters.closed.inc();
+        self.sh.counters.closed.inc();
         let graceful = end == End::Graceful;
-        p.backend.close(&mut self.io, graceful);
-        self.sources.release(p.conn.peer.ip());
-        if let Some(id) = p.tcb.take() {
+        p.backend.close(&mut self.sh.io, graceful);
+        self.sh.sources.release(p.conn.peer.ip());
+        if let Some(id) = p.client.tcb.take() {
             if let Some(tcb) = self.stack.conn_mut(id) {
                 if graceful {
                     // The TCB resets the client if it sends anything more (nobody reads it now).
@@ -688,7 +629,7 @@ impl Proxy {
 
     fn release(&mut self, key: Key) {
         if self.conns.remove(key).is_some() {
-            self.counters.active.dec();
+            self.sh.counters.active.dec();
         }
     }
 
@@ -696,7 +637,7 @@ impl Proxy {
     fn run(&mut self, out: &mut TxQueue<'_>) {
         let now = self.now();
         // Task work the kernel flagged (cooperative task running) posts its completions now.
-        if self.io.ring.submission().taskrun() {
+        if self.sh.io.ring.submission().taskrun() {
             self.submit();
         }
         self.reap(now);
@@ -712,7 +653,7 @@ impl Proxy {
     }
 
     fn submit(&mut self) {
-        if let Err(e) = self.io.ring.submit() {
+        if let Err(e) = self.sh.io.ring.submit() {
             if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
                 tracing::warn!(worker = self.id, error = %e, "io_uring submit failed");
             }
@@ -738,15 +679,21 @@ impl FrameHandler for Proxy {
 
     fn attach_waker(&mut self, waker: &Waker) {
         // Completions wake the worker from its sleep in poll(2).
-        if let Err(e) = self.io.ring.submitter().register_eventfd(waker.as_raw_fd()) {
+        if let Err(e) = self
+            .sh
+            .io
+            .ring
+            .submitter()
+            .register_eventfd(waker.as_raw_fd())
+        {
             tracing::warn!(worker = self.id, error = %e, "cannot register the io_uring eventfd");
         }
     }
 
     fn wants_poll(&mut self) -> bool {
         if self.pending
-            || self.io.ring.submission().taskrun()
-            || !self.io.ring.completion().is_empty()
+            || self.sh.io.ring.submission().taskrun()
+            || !self.sh.io.ring.completion().is_empty()
         {
             return true;
         }
@@ -777,12 +724,12 @@ impl FrameHandler for Proxy {
                 .flags(libc::MSG_DONTWAIT)
                 .build()
                 .user_data(UserData::new(Op::Kick, 0, fd as u32).encode());
-            self.io.push(e);
+            self.sh.io.push(e);
             self.kicks_in_flight.push(fd);
             issued += 1;
         }
         // Nothing is submitted when there is nothing to submit: an idle turn makes no syscall.
-        if !self.io.ring.submission().is_empty() {
+        if !self.sh.io.ring.submission().is_empty() {
             self.submit();
         }
         issued
@@ -825,9 +772,9 @@ impl FrameHandler for Proxy {
     fn shutdown(&mut self, out: &mut TxQueue<'_>) {
         self.shutting_down = true;
         if self.draining {
-            let open = self.conns.values().filter(|p| !p.closing).count();
+            let open = self.conns.open();
             if open > 0 {
-                self.counters.drain_aborted.add(open as u64);
+                self.sh.counters.drain_aborted.add(open as u64);
                 tracing::info!(
                     worker = self.id,
                     open,
@@ -853,7 +800,7 @@ impl FrameHandler for Proxy {
         // Wait (bounded) for the operations still in flight, so none outlives its buffer.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while !self.conns.is_empty() && std::time::Instant::now() < deadline {
-            let _ = self.io.ring.submitter().submit_with_args(
+            let _ = self.sh.io.ring.submitter().submit_with_args(
                 1,
                 &types::SubmitArgs::new().timespec(&types::Timespec::new().nsec(10_000_000)),
             );
