@@ -112,6 +112,8 @@ struct Target {
     /// limits on the hostile clients' address do not apply to it.
     good_ip: Ipv4Addr,
     rss_start_kib: u64,
+    /// When the scenario started (after the warm-up), for the report.
+    started: Instant,
 }
 
 impl Target {
@@ -195,6 +197,7 @@ impl Target {
             _hole: hole,
             good_ip,
             rss_start_kib: 0,
+            started: Instant::now(),
         };
         t.warm_up();
         t
@@ -210,13 +213,20 @@ impl Target {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut ok = 0;
             let mut last = String::new();
-            while ok < 10 && Instant::now() < deadline {
+            let mut first: Option<Instant> = None;
+            while ok < 10
+                && Instant::now() < deadline
+                && first.is_none_or(|f| f.elapsed() < Duration::from_secs(5))
+            {
                 match open(&d, Some(ip)).and_then(|mut c| {
                     hello_round_trip(&mut c)?;
                     close_cleanly(c);
                     Ok(())
                 }) {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        first.get_or_insert_with(Instant::now);
+                    }
                     Err(e) => {
                         last = e;
                         std::thread::sleep(Duration::from_millis(100));
@@ -226,13 +236,14 @@ impl Target {
             (ok, last)
         });
         assert!(
-            served.0 == 10,
-            "the listener under test did not serve 10 warm-up connections: {}\n{}",
+            served.0 >= 1,
+            "the listener under test served no warm-up connection in 20 s: {}\n{}",
             served.1,
             self.stack.log()
         );
         self.wait_counters(Duration::from_secs(10), |c| c("active") == 0);
         self.rss_start_kib = rss_kib(self.stack.tern.pid());
+        self.started = Instant::now();
     }
 
     /// The listener under test.
@@ -379,6 +390,17 @@ impl Verdict {
         }
     }
 
+    /// The hostile client itself could not do its part (tern refused or vanished).
+    fn hostile_errors(&mut self, errors: &[String]) {
+        self.check(errors.is_empty(), || {
+            format!(
+                "{} hostile connections failed before misbehaving: {:?}",
+                errors.len(),
+                &errors[..errors.len().min(3)]
+            )
+        });
+    }
+
     /// Checks that counter `name` of the path under test is at least `min` in `st`.
     fn at_least(&mut self, t: &Target, st: &serde_json::Value, name: &str, min: u64) {
         match t.counter(st, name) {
@@ -391,7 +413,9 @@ impl Verdict {
     /// Checks that counter `name` of the path under test is exactly `want` (absent reads as 0).
     fn equals(&mut self, t: &Target, st: &serde_json::Value, name: &str, want: u64) {
         let n = t.counter(st, name).unwrap_or(0);
-        self.check(n == want, || format!("counter {name} = {n}, expected {want}"));
+        self.check(n == want, || {
+            format!("counter {name} = {n}, expected {want}")
+        });
     }
 }
 
@@ -450,14 +474,36 @@ fn conclude(
             format!("{live} backend connections still open after the scenario")
         });
     }
+    eprintln!(
+        "scenario {:?}/{:?} took {:?}",
+        t.path,
+        t.wire,
+        t.started.elapsed()
+    );
     if !v.failures.is_empty() {
         let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let mut tail: Vec<&str> = tail.into_iter().rev().collect();
+        // Warnings and errors from anywhere in the log, once each, first.
+        let mut seen = std::collections::HashSet::new();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .filter(|l| seen.insert(l.split_once('Z').map_or(*l, |(_, m)| m)))
+            .take(10)
+            .collect();
+        if !warnings.is_empty() {
+            tail.insert(0, "(warnings and errors:)");
+            for (i, w) in warnings.into_iter().enumerate() {
+                tail.insert(1 + i, w);
+            }
+        }
         panic!(
-            "{:?}/{:?}: {} failed check(s):\n  - {}\ncounters: {}\ntern log (last lines):\n{}",
+            "{:?}/{:?}: {} failed check(s) ({:?} into the scenario):\n  - {}\ncounters: \
+             {}\ntern log (last lines):\n{}",
             t.path,
             t.wire,
             v.failures.len(),
+            t.started.elapsed(),
             v.failures.join("\n  - "),
             t.counters(&st),
             tail.join("\n")
@@ -508,12 +554,12 @@ impl Scripted {
                         Ok((c, _)) => {
                             live.fetch_add(1, Ordering::Relaxed);
                             let (stop, gauge) = (stop.clone(), live.clone());
-                            let spawned = std::thread::Builder::new()
-                                .stack_size(128 * 1024)
-                                .spawn(move || {
+                            let spawned = std::thread::Builder::new().stack_size(128 * 1024).spawn(
+                                move || {
                                     scripted_connection(c, &stop, deadline);
                                     gauge.fetch_sub(1, Ordering::Relaxed);
-                                });
+                                },
+                            );
                             if spawned.is_err() {
                                 // Out of threads: the connection was dropped (closed).
                                 live.fetch_sub(1, Ordering::Relaxed);
@@ -729,6 +775,17 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 /// A TCP connection to `remote`, from `local` if given; connect bounded by 10 s (SO_SNDTIMEO
 /// applies to a blocking connect), reads and writes by 10 s.
 fn tcp_connect(local: Option<Ipv4Addr>, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    tcp_connect_with(local, remote, None)
+}
+
+/// [`tcp_connect`] with a fixed receive buffer (`SO_RCVBUF`, set before connecting so the
+/// window is small from the start and Linux does not grow it): a client that never reads then
+/// absorbs kilobytes, not megabytes, before tern sees it stall.
+fn tcp_connect_with(
+    local: Option<Ipv4Addr>,
+    remote: SocketAddr,
+    rcvbuf: Option<libc::c_int>,
+) -> std::io::Result<TcpStream> {
     let SocketAddr::V4(remote) = remote else {
         return Err(std::io::Error::other("IPv4 only"));
     };
@@ -741,6 +798,21 @@ fn tcp_connect(local: Option<Ipv4Addr>, remote: SocketAddr) -> std::io::Result<T
     let sock = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     sock.set_write_timeout(Some(Duration::from_secs(10)))?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    if let Some(bytes) = rcvbuf {
+        // SAFETY: a valid socket and a correctly sized option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     if let Some(ip) = local {
         let local = sockaddr_in(SocketAddrV4::new(ip, 0));
@@ -761,7 +833,16 @@ fn tcp_connect(local: Option<Ipv4Addr>, remote: SocketAddr) -> std::io::Result<T
 
 /// Connects (from `local` if given) and, on a TLS listener, completes the handshake.
 fn open(d: &Dial, local: Option<Ipv4Addr>) -> Result<Conn, String> {
-    let sock = tcp_connect(local, d.addr).map_err(|e| format!("connect: {e}"))?;
+    open_with(d, local, None)
+}
+
+/// [`open`] with [`tcp_connect_with`]'s receive buffer.
+fn open_with(
+    d: &Dial,
+    local: Option<Ipv4Addr>,
+    rcvbuf: Option<libc::c_int>,
+) -> Result<Conn, String> {
+    let sock = tcp_connect_with(local, d.addr, rcvbuf).map_err(|e| format!("connect: {e}"))?;
     let Some(cfg) = &d.cfg else {
         return Ok(Conn::Plain(sock));
     };
@@ -844,7 +925,8 @@ impl Good {
                             r.latencies.push(took);
                         }
                         Err(e) => {
-                            r.failures.push(format!("connection {i} after {took:?}: {e}"));
+                            r.failures
+                                .push(format!("connection {i} after {took:?}: {e}"));
                             std::thread::sleep(Duration::from_millis(100));
                         }
                     }
@@ -869,6 +951,13 @@ impl Good {
 fn reset(c: TcpStream) {
     linger_zero(&c);
     drop(c);
+}
+
+/// Runs `f` `n` times; the errors, numbered.
+fn each(n: u64, mut f: impl FnMut() -> Result<(), String>) -> Vec<String> {
+    (0..n)
+        .filter_map(|i| f().err().map(|e| format!("hostile connection {i}: {e}")))
+        .collect()
 }
 
 /// Reads until EOF or error; returns the bytes and how it ended: `Ok(())` for a clean end (TCP
@@ -1016,14 +1105,16 @@ fn reset_right_after_connect(path: Path, wire: Wire, name: &str) {
     let good = Good::start(&t);
     let d = t.dial();
     const N: u64 = 20;
-    t.client(move || {
-        for _ in 0..N {
-            let c = tcp_connect(None, d.addr).expect("connect");
+    let errors = t.client(move || {
+        each(N, || {
+            let c = tcp_connect(None, d.addr).map_err(|e| format!("connect: {e}"))?;
             std::thread::sleep(Duration::from_millis(50));
             reset(c);
-        }
+            Ok(())
+        })
     });
     let mut v = Verdict::default();
+    v.hostile_errors(&errors);
     let st = t.wait_counters(Duration::from_secs(10), |c| c("client_errors") >= N);
     v.at_least(&t, &st, "client_errors", N);
     let g = good.finish();
@@ -1037,22 +1128,25 @@ fn reset_mid_handshake(path: Path, wire: Wire, name: &str) {
     let good = Good::start(&t);
     let d = t.dial();
     const N: u64 = 10;
-    t.client(move || {
+    let errors = t.client(move || {
         let cfg = d.cfg.clone().expect("TLS");
         let hello = client_hello(&cfg);
-        for _ in 0..N {
-            let mut c = tcp_connect(None, d.addr).expect("connect");
-            c.write_all(&hello[..hello.len() / 2]).expect("half a hello");
+        each(N, || {
+            let mut c = tcp_connect(None, d.addr).map_err(|e| format!("connect: {e}"))?;
+            c.write_all(&hello[..hello.len() / 2])
+                .map_err(|e| format!("half a hello: {e}"))?;
             std::thread::sleep(Duration::from_millis(50));
             reset(c);
-            let mut c = tcp_connect(None, d.addr).expect("connect");
-            c.write_all(&hello).expect("hello");
+            let mut c = tcp_connect(None, d.addr).map_err(|e| format!("connect: {e}"))?;
+            c.write_all(&hello).map_err(|e| format!("hello: {e}"))?;
             let mut buf = [0u8; 100];
             let _ = c.read(&mut buf);
             reset(c);
-        }
+            Ok(())
+        })
     });
     let mut v = Verdict::default();
+    v.hostile_errors(&errors);
     let st = t.wait_counters(Duration::from_secs(10), |c| c("closed") >= 2 * N);
     v.at_least(&t, &st, "accepted", 2 * N);
     v.equals(&t, &st, "handshake_timeouts", 0);
@@ -1066,17 +1160,19 @@ fn reset_before_the_response(path: Path, wire: Wire, name: &str) {
     let good = Good::start(&t);
     let d = t.dial();
     const N: u64 = 10;
-    t.client(move || {
-        for _ in 0..N {
-            let mut c = open(&d, None).expect("open");
-            request(&mut c, "/delay/1000", false).expect("request");
+    let errors = t.client(move || {
+        each(N, || {
+            let mut c = open(&d, None)?;
+            request(&mut c, "/delay/1000", false).map_err(|e| format!("request: {e}"))?;
             std::thread::sleep(Duration::from_millis(200));
-            let sock = c.sock().try_clone().expect("clone");
+            let sock = c.sock().try_clone().map_err(|e| format!("clone: {e}"))?;
             drop(c);
             reset(sock);
-        }
+            Ok(())
+        })
     });
     let mut v = Verdict::default();
+    v.hostile_errors(&errors);
     let st = t.wait_counters(Duration::from_secs(10), |c| c("client_errors") >= N);
     v.at_least(&t, &st, "client_errors", N);
     v.at_least(&t, &st, "backend_connects", N);
@@ -1090,23 +1186,27 @@ fn reset_while_streaming(path: Path, wire: Wire, name: &str) {
     let good = Good::start(&t);
     let d = t.dial();
     const N: u64 = 8;
-    t.client(move || {
-        for _ in 0..N {
-            let mut c = open(&d, None).expect("open");
-            request(&mut c, "/bytes/268435456", false).expect("request");
+    let errors = t.client(move || {
+        each(N, || {
+            let mut c = open(&d, None)?;
+            request(&mut c, "/bytes/268435456", false).map_err(|e| format!("request: {e}"))?;
             let mut got = 0;
             let mut buf = vec![0u8; 64 * 1024];
             while got < 1 << 20 {
-                let n = c.read(&mut buf).expect("read the first MiB");
-                assert!(n > 0, "early EOF");
-                got += n;
+                match c.read(&mut buf) {
+                    Ok(0) => return Err(format!("EOF after {got} bytes")),
+                    Ok(n) => got += n,
+                    Err(e) => return Err(format!("read after {got} bytes: {e}")),
+                }
             }
-            let sock = c.sock().try_clone().expect("clone");
+            let sock = c.sock().try_clone().map_err(|e| format!("clone: {e}"))?;
             drop(c);
             reset(sock);
-        }
+            Ok(())
+        })
     });
     let mut v = Verdict::default();
+    v.hostile_errors(&errors);
     let st = t.wait_counters(Duration::from_secs(10), |c| c("client_errors") >= N);
     v.at_least(&t, &st, "client_errors", N);
     let g = good.finish();
@@ -1143,7 +1243,9 @@ fn half_close_after_the_request(path: Path, wire: Wire, name: &str) {
     let mut v = Verdict::default();
     for (i, (len, ok, end)) in results.into_iter().enumerate() {
         v.check(ok, || {
-            format!("connection {i}: the response did not arrive in full ({len} bytes, end {end:?})")
+            format!(
+                "connection {i}: the response did not arrive in full ({len} bytes, end {end:?})"
+            )
         });
     }
     let g = good.finish();
@@ -1227,7 +1329,10 @@ fn truncated_records_then_fin(path: Path, wire: Wire, name: &str) {
             rec.extend_from_slice(&[0x5A; 10]);
             tls.sock.write_all(&rec).expect("partial record");
             tls.sock.shutdown(Shutdown::Write).expect("FIN");
-            out.push(("record", wait_closed(&mut tls.sock, Duration::from_secs(12))));
+            out.push((
+                "record",
+                wait_closed(&mut tls.sock, Duration::from_secs(12)),
+            ));
         }
         out
     });
@@ -1356,7 +1461,9 @@ while time.monotonic() - start < secs and None in closed:
         next_send += 1.0
     time.sleep(0.1)
 done = [c for c in closed if c is not None]
-print("closed=%d first=%.2f last=%.2f" % (len(done), min(done or [0]), max(done or [0])))
+done.sort()
+deciles = ",".join("%.1f" % done[len(done) * q // 10] for q in range(10)) if done else ""
+print("closed=%d first=%.2f last=%.2f deciles=%s" % (len(done), min(done or [0]), max(done or [0]), deciles))
 "#;
 
 /// Parses the slowloris script's `closed=… first=… last=…` line.
@@ -1392,14 +1499,14 @@ fn slowloris_before_the_handshake(path: Path, wire: Wire, name: &str) {
         t.addr().ip().to_string(),
         t.addr().port().to_string(),
         N.to_string(),
-        "15".to_string(),
+        "12".to_string(),
         "tls".to_string(),
     ];
     let mut v = Verdict::default();
     if let Some(out) = t.python(SLOWLORIS, &args, &mut v) {
         let (closed, first, last) = slowloris_result(&out);
         v.check(closed == N, || {
-            format!("slowloris: {closed} of {N} connections cut within 15 s ({out})")
+            format!("slowloris: {closed} of {N} connections cut within 12 s ({out})")
         });
         v.check(first >= 1.0 && last <= 10.0, || {
             format!("slowloris connections cut between {first} s and {last} s, expected around the 2 s deadline")
@@ -1431,17 +1538,17 @@ fn slowloris_after_the_handshake(path: Path, wire: Wire, name: &str) {
         t.addr().ip().to_string(),
         t.addr().port().to_string(),
         N.to_string(),
-        "15".to_string(),
+        "12".to_string(),
         if t.tls() { "tls" } else { "plain" }.to_string(),
     ];
     let mut v = Verdict::default();
     if let Some(out) = t.python(SLOWLORIS, &args, &mut v) {
         let (closed, _, last) = slowloris_result(&out);
         v.check(closed == N, || {
-            format!("idle connections with keep-alives: {closed} of {N} cut within 15 s ({out})")
+            format!("idle connections with keep-alives: {closed} of {N} cut within 12 s ({out})")
         });
         v.check(last <= 10.0, || {
-            format!("the last idle connection was cut after {last} s, expected around the 2 s deadline")
+            format!("the last idle connection was cut after {last} s, expected around the 2 s deadline ({out})")
         });
     }
     let st = t.wait_counters(Duration::from_secs(5), |c| c("idle_timeouts") >= N);
@@ -1460,7 +1567,7 @@ fn open_slow_readers(t: &Target, n: usize) -> (Vec<Conn>, Vec<String>) {
                 let mut held = Vec::new();
                 let mut errors = Vec::new();
                 for _ in 0..n / 4 {
-                    match open(&d, None).and_then(|mut c| {
+                    match open_with(&d, None, Some(16 * 1024)).and_then(|mut c| {
                         request(&mut c, "/bytes/67108864", false)
                             .map_err(|e| format!("request: {e}"))?;
                         Ok(c)
@@ -1483,7 +1590,7 @@ fn open_slow_readers(t: &Target, n: usize) -> (Vec<Conn>, Vec<String>) {
     (held, errors)
 }
 
-/// 1,500 connections ask for a large response and never read; the good client keeps being
+/// 400 connections ask for a large response and never read; the good client keeps being
 /// served meanwhile, and the readers are eventually cut (here by `idle_ms = 4000`, or earlier by
 /// a write progress deadline) and counted.
 fn slow_readers_do_not_starve_others(path: Path, wire: Wire, name: &str) {
@@ -1497,7 +1604,7 @@ fn slow_readers_do_not_starve_others(path: Path, wire: Wire, name: &str) {
         },
     );
     let good = Good::start(&t);
-    const N: usize = 1_500;
+    const N: usize = 400;
     let (held, errors) = open_slow_readers(&t, N);
     let mut v = Verdict::default();
     v.check(errors.is_empty(), || {
@@ -1509,20 +1616,25 @@ fn slow_readers_do_not_starve_others(path: Path, wire: Wire, name: &str) {
     });
     let n = held.len() as u64;
     // Held for a while: the good client must keep being served throughout.
-    let peak = t.wait_counters(Duration::from_secs(3), |c| c("active") >= n);
-    v.at_least(&t, &peak, "active", n.saturating_sub(10));
     std::thread::sleep(Duration::from_secs(2));
-    let st = t.wait_counters(Duration::from_secs(30), |c| {
+    let st = t.wait_counters(Duration::from_secs(15), |c| {
         c("idle_timeouts") + c("send_timeouts") >= n
     });
-    let cut = t.counter(&st, "idle_timeouts").unwrap_or(0) + t.counter(&st, "send_timeouts").unwrap_or(0);
+    let cut =
+        t.counter(&st, "idle_timeouts").unwrap_or(0) + t.counter(&st, "send_timeouts").unwrap_or(0);
     v.check(cut >= n, || {
         format!("{cut} of {n} slow readers counted as idle_timeouts + send_timeouts")
     });
     let g = good.finish();
     drop(held);
     // Bounded: about 1 MiB per slow reader at most (their responses are 64 MiB each).
-    conclude(t, v, Some(g), Duration::from_secs(20), 64 * MIB + N as u64 * MIB);
+    conclude(
+        t,
+        v,
+        Some(g),
+        Duration::from_secs(20),
+        64 * MIB + N as u64 * MIB,
+    );
 }
 
 /// 300 slow readers with `timeouts.send_ms = 2000` (and a long `idle_ms`): each is reset once
@@ -1550,9 +1662,9 @@ fn slow_readers_are_cut_at_send_ms(path: Path, wire: Wire, name: &str) {
     // Each reader sees its connection end (reset) without reading everything first.
     let cut = t.client(move || {
         held.into_iter()
-            .filter_map(|c| match c {
-                Conn::Tls(t) => Some(t.sock),
-                Conn::Plain(s) => Some(s),
+            .map(|c| match c {
+                Conn::Tls(t) => t.sock,
+                Conn::Plain(s) => s,
             })
             .map(|mut s| {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -1568,9 +1680,17 @@ fn slow_readers_are_cut_at_send_ms(path: Path, wire: Wire, name: &str) {
             .filter(|&cut| cut)
             .count() as u64
     });
-    v.check(cut == n, || format!("{cut} of {n} slow readers saw their connection cut"));
+    v.check(cut == n, || {
+        format!("{cut} of {n} slow readers saw their connection cut")
+    });
     let g = good.finish();
-    conclude(t, v, Some(g), Duration::from_secs(10), 64 * MIB + N as u64 * MIB);
+    conclude(
+        t,
+        v,
+        Some(g),
+        Duration::from_secs(10),
+        64 * MIB + N as u64 * MIB,
+    );
 }
 
 /// The backend accepts and never reads (`/stall`); the client keeps writing a 4 MiB body that
@@ -1646,9 +1766,7 @@ fn backend_resets_mid_response(path: Path, wire: Wire, name: &str) {
         (0..N)
             .map(|_| {
                 let mut c = open(&d, None).expect("open");
-                let _ = c
-                    .sock()
-                    .set_read_timeout(Some(Duration::from_secs(20)));
+                let _ = c.sock().set_read_timeout(Some(Duration::from_secs(20)));
                 request(&mut c, "/reset/1048576", false).expect("request");
                 let t0 = Instant::now();
                 let (got, end) = read_to_end_or_error(&mut c);
@@ -1661,7 +1779,9 @@ fn backend_resets_mid_response(path: Path, wire: Wire, name: &str) {
         v.check(*took < Duration::from_secs(10), || {
             format!("connection {i}: ended after {took:?} ({len} bytes, {end:?})")
         });
-        v.check(*len <= (1 << 20) + 100, || format!("connection {i}: {len} bytes"));
+        v.check(*len <= (1 << 20) + 100, || {
+            format!("connection {i}: {len} bytes")
+        });
         if t.tls() {
             v.check(end.is_err(), || {
                 format!("connection {i}: a truncated response ended with a clean close_notify")
@@ -1723,11 +1843,11 @@ fn one_backend_down(path: Path, wire: Wire, name: &str) {
     );
     let good = Good::start(&t);
     // Enough sequential connections that round-robin gives the dead server several.
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(25);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
         let st = t.stats_or_null();
-        if t.counter(&st, "backend_connects").unwrap_or(0) >= 20 {
+        if t.counter(&st, "backend_connects").unwrap_or(0) >= 25 {
             break;
         }
     }
@@ -1746,7 +1866,9 @@ fn one_backend_down(path: Path, wire: Wire, name: &str) {
             &slow[..slow.len().min(5)]
         )
     });
-    v.check(g.ok >= 8, || format!("only {} good connections in 40 s", g.ok));
+    v.check(g.ok >= 5, || {
+        format!("only {} good connections in 25 s", g.ok)
+    });
     let st = t.stats_or_null();
     v.at_least(&t, &st, "backend_connect_timeouts", 1);
     conclude(t, v, Some(g), Duration::from_secs(10), 32 * MIB);
@@ -1800,7 +1922,9 @@ fn per_source_limit(path: Path, wire: Wire, name: &str) {
         format!("{served} of {N} connections from one source served (limit 4 per worker)")
     });
     v.check(slow.is_empty(), || format!("refusals took {slow:?}"));
-    let st = t.wait_counters(Duration::from_secs(5), |c| c("refused_source_limit") >= refused);
+    let st = t.wait_counters(Duration::from_secs(5), |c| {
+        c("refused_source_limit") >= refused
+    });
     v.at_least(&t, &st, "refused_source_limit", refused);
     drop(held);
     let d = t.dial();
@@ -1887,7 +2011,9 @@ fn fin_wait_2_is_cut(path: Path, wire: Wire, name: &str) {
         })
     };
     let mut v = Verdict::default();
-    v.check(got_eof == N, || format!("{got_eof} of {N} clients saw tern's close"));
+    v.check(got_eof == N, || {
+        format!("{got_eof} of {N} clients saw tern's close")
+    });
     let st = {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
