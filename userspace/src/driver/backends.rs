@@ -84,25 +84,28 @@ impl Backends {
             .unwrap_or_else(|| self.soonest_back(start))
     }
 
-    /// The server to try after `failed` for a connection that has tried `attempts` servers,
-    /// or `None` when it has tried as many as there are.
+    /// The server to try after `failed` for a connection that tried `first` first, or `None`
+    /// when none is left.
+    ///
+    /// A connection's attempts move forward in round-robin order from `first` and end before
+    /// coming back to it, so no server is tried twice: the candidates are the servers after
+    /// `failed` and before `first`. The first of them that is not down is tried; when all of
+    /// them are down, the next one is tried anyway (the client has no other chance). A down
+    /// server passed over for a later one is not come back to by this connection.
     pub fn failover(
         &mut self,
         failed: usize,
-        attempts: usize,
+        first: usize,
         now: Instant,
         counters: &WorkerCounters,
     ) -> Option<usize> {
         let n = self.servers.len();
-        if attempts >= n {
+        let start = (failed + 1) % n;
+        let left = (first % n + n - start) % n;
+        if left == 0 {
             return None;
         }
-        let start = (failed + 1) % n;
-        // Only servers this connection has not tried: the `n - attempts` after `failed`.
-        Some(
-            self.first_up(start, n - attempts, now, counters)
-                .unwrap_or(start),
-        )
+        Some(self.first_up(start, left, now, counters).unwrap_or(start))
     }
 
     /// The first server of `count` from `start` (wrapping) that is not down; the down ones
