@@ -536,4 +536,4 @@ fn stash(buf: &mut Vec<u8>, data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
