@@ -77,9 +77,14 @@ pub enum Flow {
 pub enum Leg {
     /// No backend: none needed yet (`first-byte` waits for plaintext), or none ever.
     Idle,
-    /// A connect to `Backends` server `server` is in flight; `attempts` servers tried so far
-    /// for this connection (this one included).
-    Connecting { server: usize, attempts: usize },
+    /// A connect to `Backends` server `server` is in flight; `first`: the server this
+    /// connection tried first (failover moves forward from it and never comes back to it);
+    /// `attempts` servers tried so far for this connection (this one included).
+    Connecting {
+        server: usize,
+        first: usize,
+        attempts: usize,
+    },
     /// Connected to `server`. `write`: whether our FIN (SHUT_WR) has been sent; `read`:
     /// whether the backend's EOF has been passed to the session.
     Connected {
@@ -315,6 +320,7 @@ impl Conn {
                 let server = backends.pick(now, counters);
                 self.leg = Leg::Connecting {
                     server,
+                    first: server,
                     attempts: 1,
                 };
                 Some(BackendOp::Connect(backends.addr(server)))
@@ -451,7 +457,12 @@ impl Conn {
                 None
             }
             Event::ConnectFailed { timed_out, errno } => {
-                let Leg::Connecting { server, attempts } = self.leg else {
+                let Leg::Connecting {
+                    server,
+                    first,
+                    attempts,
+                } = self.leg
+                else {
                     return None;
                 };
                 if timed_out {
@@ -463,10 +474,11 @@ impl Conn {
                 if self.end.is_some() {
                     return None;
                 }
-                match backends.failover(server, attempts, now, counters) {
+                match backends.failover(server, first, now, counters) {
                     Some(next) => {
                         self.leg = Leg::Connecting {
                             server: next,
+                            first,
                             attempts: attempts + 1,
                         };
                         Some(BackendOp::Connect(backends.addr(next)))

@@ -446,6 +446,12 @@ impl Session {
         }
     }
 
+    /// Whether our close_notify (plain sessions: the end of our stream) has been queued for the
+    /// client.
+    pub fn close_notify_queued(&self) -> bool {
+        self.close_notify_queued
+    }
+
     /// Whether the driver should be receiving from the backend now.
     pub fn wants_backend_read(&self) -> bool {
         !self.backend_eof
@@ -536,4 +542,4 @@ fn stash(buf: &mut Vec<u8>, data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

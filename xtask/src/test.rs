@@ -127,6 +127,7 @@ fn run_steps(done: &mut Vec<Outcome>, tally: &mut Tally) -> Result<()> {
 const FUZZ_SMOKE: &[(&str, u32, &str)] = &[
     ("stack_frames", 60, "fuzz smoke: stack_frames (60 s)"),
     ("wire_parse", 20, "fuzz smoke: wire_parse (20 s)"),
+    ("driver_conn", 30, "fuzz smoke: driver_conn (30 s)"),
 ];
 /// What `cargo fuzz build` passes to rustc (SanitizerCoverage for libFuzzer, `cfg(fuzzing)`),
 /// plus the debug assertions and overflow checks the stack's invariants rely on.

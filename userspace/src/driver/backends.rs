@@ -84,25 +84,28 @@ impl Backends {
             .unwrap_or_else(|| self.soonest_back(start))
     }
 
-    /// The server to try after `failed` for a connection that has tried `attempts` servers,
-    /// or `None` when it has tried as many as there are.
+    /// The server to try after `failed` for a connection that tried `first` first, or `None`
+    /// when none is left.
+    ///
+    /// A connection's attempts move forward in round-robin order from `first` and end before
+    /// coming back to it, so no server is tried twice: the candidates are the servers after
+    /// `failed` and before `first`. The first of them that is not down is tried; when all of
+    /// them are down, the next one is tried anyway (the client has no other chance). A down
+    /// server passed over for a later one is not come back to by this connection.
     pub fn failover(
         &mut self,
         failed: usize,
-        attempts: usize,
+        first: usize,
         now: Instant,
         counters: &WorkerCounters,
     ) -> Option<usize> {
         let n = self.servers.len();
-        if attempts >= n {
+        let start = (failed + 1) % n;
+        let left = (first % n + n - start) % n;
+        if left == 0 {
             return None;
         }
-        let start = (failed + 1) % n;
-        // Only servers this connection has not tried: the `n - attempts` after `failed`.
-        Some(
-            self.first_up(start, n - attempts, now, counters)
-                .unwrap_or(start),
-        )
+        Some(self.first_up(start, left, now, counters).unwrap_or(start))
     }
 
     /// The first server of `count` from `start` (wrapping) that is not down; the down ones
@@ -252,5 +255,217 @@ impl SourceLimits {
     /// Sources holding connections now.
     pub fn sources(&self) -> usize {
         self.open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    fn pool(n: u16, worker: usize) -> Backends {
+        let servers = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+            .collect();
+        Backends::new(servers, worker)
+    }
+
+    const T0: Instant = Instant::from_secs(100);
+
+    fn at_ms(ms: u64) -> Instant {
+        T0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn pick_is_round_robin_from_the_worker_s_position() {
+        let c = WorkerCounters::default();
+        let mut b = pool(3, 0);
+        let picks: Vec<usize> = (0..4).map(|_| b.pick(T0, &c)).collect();
+        assert_eq!(picks, [0, 1, 2, 0]);
+        let mut b = pool(3, 4);
+        assert_eq!(b.pick(T0, &c), 1, "worker 4 starts at 4 % 3");
+        assert_eq!(c.backend_skipped_down.get(), 0);
+    }
+
+    #[test]
+    fn a_failed_server_is_skipped_while_another_is_up_then_tried_after_its_back_off() {
+        let c = WorkerCounters::default();
+        let mut b = pool(2, 0);
+        // Each pick below starts at server 0 (its round-robin turn).
+        let pick_from_0 = |b: &mut Backends, now| {
+            b.next = 0;
+            b.pick(now, &c)
+        };
+        b.down(0, false, libc::ECONNREFUSED, T0);
+        assert_eq!(pick_from_0(&mut b, T0), 1, "0 is skipped");
+        // The first back-off is 1 s.
+        assert_eq!(pick_from_0(&mut b, at_ms(999)), 1);
+        assert_eq!(
+            pick_from_0(&mut b, at_ms(1000)),
+            0,
+            "tried after its back-off"
+        );
+        // It fails again: the back-off doubles.
+        b.down(0, true, 0, at_ms(1000));
+        assert_eq!(pick_from_0(&mut b, at_ms(2999)), 1);
+        assert_eq!(pick_from_0(&mut b, at_ms(3000)), 0, "2 s the second time");
+        // A successful connect clears it.
+        b.up(0, at_ms(3000));
+        b.down(0, false, libc::ECONNREFUSED, at_ms(3000));
+        assert_eq!(
+            pick_from_0(&mut b, at_ms(4000)),
+            0,
+            "back to 1 s after an up"
+        );
+        assert_eq!(c.backend_skipped_down.get(), 3, "each pass-over is counted");
+    }
+
+    #[test]
+    fn the_back_off_stops_growing_at_its_maximum() {
+        let c = WorkerCounters::default();
+        let mut b = pool(2, 0);
+        for _ in 0..20 {
+            b.down(0, false, libc::ECONNREFUSED, T0);
+        }
+        let max = DOWN_MAX.as_millis();
+        b.next = 0;
+        assert_eq!(b.pick(at_ms(max - 1), &c), 1);
+        b.next = 0;
+        assert_eq!(b.pick(at_ms(max), &c), 0);
+    }
+
+    #[test]
+    fn all_down_picks_the_soonest_back() {
+        let c = WorkerCounters::default();
+        let mut b = pool(3, 0);
+        b.down(0, false, libc::ECONNREFUSED, T0);
+        b.down(0, false, libc::ECONNREFUSED, T0); // 2 s
+        b.down(1, false, libc::ECONNREFUSED, at_ms(500)); // back at 1.5 s
+        b.down(2, false, libc::ECONNREFUSED, at_ms(200)); // back at 1.2 s
+        assert_eq!(b.pick(at_ms(600), &c), 2);
+        assert_eq!(b.pick(at_ms(600), &c), 2, "from any position");
+        assert_eq!(c.backend_skipped_down.get(), 6);
+    }
+
+    #[test]
+    fn failover_never_repeats_a_server_within_a_connection() {
+        let c = WorkerCounters::default();
+        // Every combination of down servers in a pool of 4, from every first server.
+        for down in 0u32..16 {
+            for first in 0..4 {
+                let mut b = pool(4, 0);
+                for s in 0..4 {
+                    if down & (1 << s) != 0 {
+                        b.down(s, false, libc::ECONNREFUSED, T0);
+                    }
+                }
+                let mut tried = vec![first];
+                let mut failed = first;
+                while let Some(next) = b.failover(failed, first, T0, &c) {
+                    assert!(
+                        !tried.contains(&next),
+                        "down {down:04b}, first {first}: {next} again after {tried:?}"
+                    );
+                    assert!(tried.len() < 4, "at most one attempt per server");
+                    tried.push(next);
+                    b.down(next, false, libc::ECONNREFUSED, T0);
+                    failed = next;
+                }
+                // Only servers passed over as down are left untried.
+                for s in 0..4 {
+                    assert!(
+                        tried.contains(&s) || down & (1 << s) != 0,
+                        "down {down:04b}, first {first}: up server {s} never tried ({tried:?})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn failover_prefers_an_up_server_and_tries_a_down_one_last() {
+        let c = WorkerCounters::default();
+        let mut b = pool(3, 0);
+        b.down(1, false, libc::ECONNREFUSED, T0);
+        b.down(0, false, libc::ECONNREFUSED, T0);
+        assert_eq!(b.failover(0, 0, T0, &c), Some(2), "1 is down, 2 is not");
+        assert_eq!(c.backend_skipped_down.get(), 1);
+        b.down(2, false, libc::ECONNREFUSED, T0);
+        let mut b2 = pool(3, 0);
+        b2.down(0, false, libc::ECONNREFUSED, T0);
+        b2.down(1, false, libc::ECONNREFUSED, T0);
+        b2.down(2, false, libc::ECONNREFUSED, T0);
+        assert_eq!(
+            b2.failover(0, 0, T0, &c),
+            Some(1),
+            "all down: the next is tried anyway"
+        );
+        assert_eq!(
+            pool(1, 0).failover(0, 0, T0, &c),
+            None,
+            "one server: none left"
+        );
+    }
+
+    #[test]
+    fn backend_warnings_are_rate_limited() {
+        let mut b = pool(1, 0);
+        b.down(0, false, libc::ECONNREFUSED, T0);
+        b.warn_failure("192.0.2.1:1".parse().expect("addr"), T0);
+        b.warn_failure("192.0.2.1:1".parse().expect("addr"), at_ms(999));
+        assert_eq!(b.warns_suppressed, 2);
+        b.warn_failure("192.0.2.1:1".parse().expect("addr"), at_ms(1000));
+        assert_eq!(
+            b.warns_suppressed, 0,
+            "logged with the count, which restarts"
+        );
+    }
+
+    #[test]
+    fn source_limits_count_places_per_address() {
+        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
+        let b = IpAddr::from(Ipv4Addr::new(192, 0, 2, 2));
+        let mut l = SourceLimits::new(2);
+        assert!(l.acquire(a) && l.acquire(a));
+        assert!(!l.acquire(a), "at its limit");
+        assert!(l.acquire(b), "another source is not affected");
+        assert_eq!(l.sources(), 2);
+        l.release(a);
+        assert!(l.acquire(a), "a place given back is taken again");
+        l.release(a);
+        l.release(a);
+        l.release(b);
+        assert_eq!(l.sources(), 0, "nothing held: nothing kept");
+        // A release without an acquire is ignored.
+        l.release(b);
+        assert_eq!(l.sources(), 0);
+    }
+
+    #[test]
+    fn source_limit_zero_is_off() {
+        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
+        let mut l = SourceLimits::new(0);
+        for _ in 0..1000 {
+            assert!(l.acquire(a));
+        }
+        assert_eq!(l.sources(), 0, "nothing is tracked");
+        l.release(a);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ipv6_source_is_the_ipv4_source() {
+        let v4 = Ipv4Addr::new(192, 0, 2, 1);
+        let mapped = IpAddr::from(v4.to_ipv6_mapped());
+        let mut l = SourceLimits::new(2);
+        assert!(l.acquire(IpAddr::from(v4)));
+        assert!(l.acquire(mapped));
+        assert!(!l.acquire(IpAddr::from(v4)), "one source, two connections");
+        assert!(!l.acquire(mapped));
+        l.release(mapped);
+        assert!(l.acquire(IpAddr::from(v4)), "released through either form");
+        assert_eq!(l.sources(), 1);
+        let v6 = IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        assert!(l.acquire(v6), "a real IPv6 source is its own");
     }
 }

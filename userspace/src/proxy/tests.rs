@@ -20,7 +20,7 @@ struct Fixture {
     client_got: Vec<u8>,
 }
 
-fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+pub(crate) fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let ck = rcgen::generate_simple_self_signed(vec!["tern.test".to_string()]).expect("rcgen");
     let cert = CertificateDer::from(ck.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
