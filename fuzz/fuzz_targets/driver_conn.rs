@@ -76,6 +76,7 @@ fn policy(eager: bool) -> Policy {
         handshake: Duration::from_secs(10),
         idle: Duration::from_secs(30),
         send: Duration::from_secs(5),
+        fin: Duration::from_secs(20),
         eager,
     }
 }
@@ -522,7 +523,7 @@ impl Rig {
         ) {
             self.execute(op);
         }
-        if self.conn.fin_due(self.to_client.is_empty()) {
+        if self.conn.fin_due(self.to_client.is_empty(), self.now) {
             assert!(!self.fin, "fin_due is true once");
             self.fin = true;
         }

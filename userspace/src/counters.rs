@@ -68,6 +68,9 @@ single_writer_counters! {
     /// Connections reset because a peer took none of the bytes queued for it for
     /// `timeouts.send_ms` (a client that never reads).
     send_timeouts,
+    /// Connections reset because the client did not finish its side (FIN or close_notify)
+    /// within `tcp.fin_timeout_ms` of tern's FIN.
+    fin_timeouts,
     /// Client connections refused because their source address held
     /// `limits.max_connections_per_source` already.
     refused_source_limit,

@@ -45,19 +45,22 @@ pub struct Policy {
     /// Output queued for a peer that makes no progress for this long ends the connection
     /// (`timeouts.send_ms`): a client (or backend) that never reads cannot hold buffers.
     pub send: Duration,
+    /// After our FIN, how long the client may take to finish its side before the connection
+    /// is reset (`tcp.fin_timeout_ms`; haproxy's `timeout client-fin`): a client that never
+    /// closes does not hold a connection for `idle` after the server side is done.
+    pub fin: Duration,
     /// `backend.connect = "eager"`: connect at accept rather than on the first plaintext byte.
     pub eager: bool,
 }
 
 impl Policy {
-    pub fn from_config(
-        timeouts: &crate::config::Timeouts,
-        backend: &crate::config::Backend,
-    ) -> Policy {
+    pub fn from_config(config: &crate::config::Config) -> Policy {
+        let (timeouts, backend) = (&config.timeouts, &config.backend);
         Policy {
             handshake: timeouts.handshake.into(),
             idle: timeouts.idle.into(),
             send: timeouts.send.into(),
+            fin: config.tcp.fin_timeout.into(),
             eager: backend.connect == crate::config::ConnectPolicy::Eager,
         }
     }
@@ -123,6 +126,10 @@ pub enum Why {
     HandshakeTimeout,
     IdleTimeout,
     SendTimeout,
+    /// After our FIN the client did not finish its side within `Policy::fin`.
+    FinTimeout,
+    /// The backend's connection broke before it finished sending.
+    Backend,
     /// The worker is stopping (drain deadline, stop).
     Shutdown,
 }
@@ -161,6 +168,9 @@ pub struct Conn {
     active: Instant,
     /// Since when output queued for a peer has made no progress; `None`: nothing queued.
     stalled_since: Option<Instant>,
+    /// When our FIN to the client was asked for: from then on the client has `Policy::fin` to
+    /// finish its side.
+    fin_at: Option<Instant>,
     end: Option<End>,
 }
 
@@ -176,6 +186,7 @@ impl Conn {
             accepted: now,
             active: now,
             stalled_since: None,
+            fin_at: None,
             end: None,
         }
     }
@@ -272,9 +283,10 @@ impl Conn {
 
     /// Whether our FIN to the client is due now, given whether the transport has written
     /// everything queued for the client (`flushed`). True once: the transport then sends FIN.
-    pub fn fin_due(&mut self, flushed: bool) -> bool {
+    pub fn fin_due(&mut self, flushed: bool, now: Instant) -> bool {
         if self.client_out == Flow::Open && flushed && self.session.server_finished() {
             self.client_out = Flow::Finished;
+            self.fin_at = Some(now);
             return true;
         }
         false
@@ -438,10 +450,30 @@ impl Conn {
                 None
             }
             Event::Failed(errno) => {
-                if matches!(self.leg, Leg::Connected { .. }) && self.end.is_none() {
-                    tracing::debug!(client = %self.peer, error = %std::io::Error::from_raw_os_error(errno), "backend connection failed");
-                    self.backend_lost(backends, counters, now);
+                let Leg::Connected { server, read, .. } = self.leg else {
+                    return None;
+                };
+                if self.end.is_some() {
+                    return None;
                 }
+                tracing::debug!(client = %self.peer, error = %std::io::Error::from_raw_os_error(errno), "backend connection failed");
+                if read == Flow::Finished {
+                    // The backend said all it had to say; only our writes to it failed (it
+                    // closed before reading everything). Its answer still goes out whole.
+                    self.leg = Leg::Connected {
+                        server,
+                        write: Flow::Finished,
+                        read,
+                    };
+                    return None;
+                }
+                // The backend's stream broke mid-way: a close_notify (or a plain FIN) would
+                // tell the client that what it got is all there is. It is reset instead, so a
+                // truncated response shows as one.
+                counters.backend_failures.inc();
+                backends.warn_failure(self.peer, now);
+                self.leg = Leg::Failed;
+                self.end = Some(End::Abort(Why::Backend));
                 None
             }
             Event::Connected => {
@@ -514,11 +546,14 @@ impl Conn {
         if self.session.stage() == Stage::Handshake {
             return Some(self.accepted + policy.handshake);
         }
-        let idle = self.active + policy.idle;
-        Some(match self.stalled_since {
-            Some(since) => idle.min(since + policy.send),
-            None => idle,
-        })
+        let mut deadline = self.active + policy.idle;
+        if let Some(since) = self.stalled_since {
+            deadline = deadline.min(since + policy.send);
+        }
+        if let Some(fin) = self.fin_at.filter(|_| !self.session.client_finished()) {
+            deadline = deadline.min(fin + policy.fin);
+        }
+        Some(deadline)
     }
 
     /// Checks the deadlines at `now`; returns true when one passed (the connection is cut,
@@ -531,6 +566,11 @@ impl Conn {
             (now >= self.accepted + policy.handshake).then_some(Why::HandshakeTimeout)
         } else if self.stalled_since.is_some_and(|s| now >= s + policy.send) {
             Some(Why::SendTimeout)
+        } else if self
+            .fin_at
+            .is_some_and(|f| now >= f + policy.fin && !self.session.client_finished())
+        {
+            Some(Why::FinTimeout)
         } else {
             (now >= self.active + policy.idle).then_some(Why::IdleTimeout)
         };
@@ -538,6 +578,7 @@ impl Conn {
         match why {
             Why::HandshakeTimeout => counters.handshake_timeouts.inc(),
             Why::SendTimeout => counters.send_timeouts.inc(),
+            Why::FinTimeout => counters.fin_timeouts.inc(),
             _ => counters.idle_timeouts.inc(),
         }
         tracing::debug!(client = %self.peer, ?why, "connection timed out");
@@ -560,7 +601,9 @@ impl Conn {
         if !(self.fin_sent() && client_flushed && backend_flushed) {
             return None;
         }
-        let client_done = self.client_in == Flow::Finished && self.session.client_finished();
+        // The client's FIN or its close_notify: either ends what it sends (after close_notify
+        // its FIN may never come, and is not waited for).
+        let client_done = self.session.client_finished();
         let done = match self.leg {
             // A failed session or backend: nothing more from the client will be used (its
             // unread plaintext has nowhere to go), so our FIN ends it.

@@ -45,6 +45,8 @@ pub struct WorkerSetup {
     pub backend: Backend,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// The connection driver's deadlines and connect policy ([`Policy::from_config`]).
+    pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
     pub shutdown: Arc<Shutdown>,
 }
@@ -114,7 +116,7 @@ impl Worker {
                 io,
                 backends: Backends::new(setup.backend.servers.clone(), setup.id),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
-                policy: Policy::from_config(&setup.timeouts, &setup.backend),
+                policy: setup.policy,
                 counters: setup.counters,
             },
             conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
@@ -285,6 +287,11 @@ impl Worker {
         let now = self.now;
         match ud.op {
             Op::Cancel | Op::Kick => {}
+            Op::Probe | Op::ProbeTimeout => {
+                self.sh
+                    .backends
+                    .probe_complete(ud.index as usize, ud.op, res, now)
+            }
             Op::Accept => self.on_accept(ud.index as RawFd, res, flags),
             Op::ClientRecv | Op::ClientSend | Op::ClientPoll => {
                 let Some(e) = self.conns.get_mut(key) else {
@@ -429,7 +436,7 @@ impl Worker {
             io.retry.push(key);
         }
         e.client.flush(io, key);
-        if c.fin_due(e.client.flushed()) {
+        if c.fin_due(e.client.flushed(), now) {
             e.client.shutdown_write();
         }
         let client = ClientOutput {
@@ -480,6 +487,7 @@ impl Worker {
     }
 
     fn expire_timers(&mut self) {
+        self.sh.backends.probe(&mut self.sh.io, self.now);
         for key in self
             .conns
             .expire(self.now, &self.sh.policy, &self.sh.counters)

@@ -168,6 +168,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .or_else(|| cores.get(i % cores.len().max(1)).map(|c| c.id));
         let setup = WorkerSetup {
             id: i,
+            policy: crate::driver::Policy::from_config(&config),
             listeners: Vec::new(),
             tls: tls.clone(),
             backend: config.backend.clone(),
@@ -360,6 +361,7 @@ fn start_bypass(
         extras.push((counters.clone(), tcp_counters.clone()));
         let l4 = ProxySetup {
             worker: id,
+            policy: crate::driver::Policy::from_config(config),
             listeners: addrs.to_vec(),
             tls_listeners: tls_listeners.clone(),
             tls: tls.cloned(),

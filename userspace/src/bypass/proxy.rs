@@ -140,6 +140,8 @@ crate::counters::single_writer_counters! {
 /// What one worker's L4 proxy is built from.
 pub struct ProxySetup {
     pub worker: usize,
+    /// The connection driver's deadlines and connect policy ([`Policy::from_config`]).
+    pub policy: Policy,
     /// The `mode = "xdp"` listener addresses this worker serves, plain and TLS.
     pub listeners: Vec<SocketAddr>,
     /// Those of `listeners` that terminate TLS (`tls = true`).
@@ -200,6 +202,8 @@ pub struct Proxy {
     limit: usize,
     tcp_counters: Arc<TcpCounters>,
     last_housekeeping: u64,
+    /// The stack's slab-full refusals already added to `refused_full`.
+    refused_seen: u64,
     /// Something happened that `poll` must look at (frames were received).
     pending: bool,
     /// The clock at the first frame of this turn.
@@ -305,7 +309,7 @@ impl Proxy {
                 io,
                 backends: Backends::new(setup.backend.servers.clone(), setup.worker),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
-                policy: Policy::from_config(&setup.timeouts, &setup.backend),
+                policy: setup.policy,
                 counters: setup.counters,
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
@@ -318,6 +322,7 @@ impl Proxy {
             limit: setup.limits.buffer_per_direction,
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
+            refused_seen: 0,
             pending: false,
             frame_now: TcpInstant::ZERO,
             kicks_in_flight: Vec::new(),
@@ -345,6 +350,13 @@ impl Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        // The stack refuses a connection beyond its slots (a valid cookie ACK gets RST) before
+        // the proxy sees it: the same refusal as kernel mode's at accept, counted the same way.
+        let full = self.stack.counters().dropped(RxDrop::SlabFull);
+        if full > self.refused_seen {
+            self.sh.counters.refused_full.add(full - self.refused_seen);
+            self.refused_seen = full;
+        }
         if let Some(alarm) = self.stack.checksum_alarm(now) {
             tracing::warn!(
                 worker = self.id,
@@ -469,6 +481,12 @@ impl Proxy {
         };
         match ud.op {
             Op::Cancel => return,
+            Op::Probe | Op::ProbeTimeout => {
+                self.sh
+                    .backends
+                    .probe_complete(ud.index as usize, ud.op, res, now);
+                return;
+            }
             Op::Kick => {
                 let fd = ud.index as RawFd;
                 self.kicks_in_flight.retain(|&k| k != fd);
@@ -576,7 +594,7 @@ impl Proxy {
                 room -= n;
             }
             // The TCB sends our FIN after what it holds.
-            if c.fin_due(true) {
+            if c.fin_due(true, now) {
                 tcb.close();
             }
             p.client.sent_queue = tcb.send_queue();
@@ -589,6 +607,7 @@ impl Proxy {
     }
 
     fn expire_timers(&mut self, now: TcpInstant) {
+        self.sh.backends.probe(&mut self.sh.io, now);
         for key in self.conns.expire(now, &self.sh.policy, &self.sh.counters) {
             self.pump(key, now);
         }

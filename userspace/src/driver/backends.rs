@@ -3,18 +3,22 @@
 //! connections one source address may hold ([`SourceLimits`]).
 //!
 //! Passive health: a server whose connect fails (refused, unreachable, timed out) is marked
-//! down for a back-off that doubles with each consecutive failure (1 s up to 30 s). New
-//! connections skip a down server while another is up, so no connection waits
-//! `backend.connect_timeout_ms` behind a server already known to be down; once its back-off
-//! has passed, the next connection that picks it tries it again (a successful connect marks it
-//! up). When every server is down, the one whose back-off ends first is tried. Each worker keeps
-//! its own view (shared nothing); a server down for one worker is learnt by the others on their
-//! own first failure.
+//! down. New connections skip a down server while another is up, so no connection waits
+//! `backend.connect_timeout_ms` behind a server already known to be down. A down server is
+//! not retried with a client's connection: once its back-off has passed (1 s, doubling with
+//! each consecutive failure up to 30 s) the worker probes it with a connect of its own
+//! ([`Backends::probe`], closed at once), and a probe or any connect that succeeds marks it up.
+//! When every server is down, a client's connection still tries the one whose back-off ends
+//! first (it has no better chance). Each worker keeps its own view (shared nothing); a server
+//! down for one worker is learnt by the others on their own first failure.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{IntoRawFd, RawFd};
 
+use super::sock::{self, Io};
 use crate::counters::WorkerCounters;
+use crate::sys::uring::Op;
 use crate::tcp::time::{Duration, Instant};
 
 /// First back-off after a failure; doubles per consecutive failure.
@@ -25,12 +29,25 @@ const DOWN_MAX: Duration = Duration::from_secs(30);
 /// not logged.
 const WARN_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 struct Health {
-    /// Consecutive failed connects.
+    /// Consecutive failed connects (probes included).
     failures: u32,
-    /// Skipped by new connections until then.
+    /// `Some`: the server is down (skipped by new connections while another is up) and may be
+    /// probed from then on.
     down_until: Option<Instant>,
+    /// A probe connect in flight.
+    probe: Option<Probe>,
+}
+
+/// A worker's own connect to a down server, to learn whether it is back.
+#[derive(Debug)]
+struct Probe {
+    fd: RawFd,
+    /// The connect's address; boxed so it stays put until the kernel has read it.
+    addr: Box<socket2::SockAddr>,
+    /// The connect and its linked timeout, until both completed.
+    in_flight: u32,
 }
 
 /// The backend servers of one worker. See the module documentation.
@@ -50,7 +67,7 @@ impl Backends {
     pub fn new(servers: Vec<SocketAddr>, worker: usize) -> Backends {
         assert!(!servers.is_empty(), "a backend pool is never empty");
         Backends {
-            health: vec![Health::default(); servers.len()],
+            health: servers.iter().map(|_| Health::default()).collect(),
             next: worker % servers.len(),
             servers,
             worker,
@@ -71,8 +88,8 @@ impl Backends {
         self.servers.is_empty()
     }
 
-    fn is_down(&self, server: usize, now: Instant) -> bool {
-        self.health[server].down_until.is_some_and(|t| now < t)
+    fn is_down(&self, server: usize, _now: Instant) -> bool {
+        self.health[server].down_until.is_some()
     }
 
     /// The server for a new connection: the next one round-robin that is not down.
@@ -144,9 +161,75 @@ impl Backends {
             if h.down_until.is_some() {
                 tracing::info!(worker = self.worker, server = %self.servers[server], "backend server is up again");
             }
-            *h = Health::default();
+            h.failures = 0;
+            h.down_until = None;
         }
         let _ = now;
+    }
+
+    /// Whether `server` is down, its back-off has passed and no probe is in flight.
+    fn probe_due(&self, server: usize, now: Instant) -> bool {
+        let h = &self.health[server];
+        h.probe.is_none() && h.down_until.is_some_and(|t| now >= t)
+    }
+
+    /// Starts a probe connect to every down server whose back-off has passed and that has none
+    /// in flight. Called by the worker with its housekeeping (every 100 ms).
+    pub fn probe(&mut self, io: &mut Io, now: Instant) {
+        for server in 0..self.servers.len() {
+            if !self.probe_due(server, now) {
+                continue;
+            }
+            let addr = self.servers[server];
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM.cloexec(),
+                None,
+            );
+            let Ok(socket) = socket else {
+                // No socket now (e.g. out of fds): counts as a failed probe, retried later.
+                self.down(server, false, libc::EMFILE, now);
+                continue;
+            };
+            let probe = self.health[server].probe.insert(Probe {
+                fd: socket.into_raw_fd(),
+                addr: Box::new(socket2::SockAddr::from(addr)),
+                in_flight: 2,
+            });
+            let key = super::Key {
+                index: server as u32,
+                gen: 0,
+            };
+            sock::connect_linked(
+                io,
+                probe.fd,
+                &probe.addr,
+                (Op::Probe, Op::ProbeTimeout),
+                key,
+            );
+        }
+    }
+
+    /// The completion of a probe's connect (`Op::Probe`) or its timeout for `server`.
+    pub fn probe_complete(&mut self, server: usize, op: Op, res: i32, now: Instant) {
+        let Some(probe) = self.health.get_mut(server).and_then(|h| h.probe.as_mut()) else {
+            return;
+        };
+        probe.in_flight -= 1;
+        let done = probe.in_flight == 0;
+        if done {
+            if let Some(p) = self.health[server].probe.take() {
+                // SAFETY: the probe's socket, closed once: both its operations completed.
+                unsafe { libc::close(p.fd) };
+            }
+        }
+        if op == Op::Probe {
+            if res == 0 {
+                self.up(server, now);
+            } else {
+                self.down(server, res == -libc::ECANCELED, -res, now);
+            }
+        }
     }
 
     /// A connect to `server` failed: it is down for a back-off.
@@ -171,7 +254,7 @@ impl Backends {
                 server = %addr,
                 %error,
                 consecutive_failures = failures,
-                skipped_for_ms = backoff.as_millis(),
+                probe_in_ms = backoff.as_millis(),
                 suppressed,
                 "backend server down"
             );
@@ -206,6 +289,18 @@ impl Backends {
 
     fn take_suppressed(&mut self) -> u64 {
         std::mem::take(&mut self.warns_suppressed)
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for h in &mut self.health {
+            if let Some(p) = h.probe.take() {
+                // SAFETY: the probe's socket, closed once. The ring is gone by now (it is
+                // dropped first), so nothing in flight names it.
+                unsafe { libc::close(p.fd) };
+            }
+        }
     }
 }
 
@@ -289,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_server_is_skipped_while_another_is_up_then_tried_after_its_back_off() {
+    fn a_failed_server_is_skipped_until_it_is_up_and_probed_after_its_back_off() {
         let c = WorkerCounters::default();
         let mut b = pool(2, 0);
         // Each pick below starts at server 0 (its round-robin turn).
@@ -299,40 +394,36 @@ mod tests {
         };
         b.down(0, false, libc::ECONNREFUSED, T0);
         assert_eq!(pick_from_0(&mut b, T0), 1, "0 is skipped");
-        // The first back-off is 1 s.
-        assert_eq!(pick_from_0(&mut b, at_ms(999)), 1);
+        // The first back-off is 1 s: then it is probed, but clients still go elsewhere.
+        assert!(!b.probe_due(0, at_ms(999)));
+        assert!(b.probe_due(0, at_ms(1000)));
+        assert!(!b.probe_due(1, at_ms(1000)), "an up server is not probed");
         assert_eq!(
-            pick_from_0(&mut b, at_ms(1000)),
-            0,
-            "tried after its back-off"
+            pick_from_0(&mut b, at_ms(5000)),
+            1,
+            "no client connection is sent to a down server while another is up"
         );
-        // It fails again: the back-off doubles.
+        // The probe fails: the back-off doubles.
         b.down(0, true, 0, at_ms(1000));
-        assert_eq!(pick_from_0(&mut b, at_ms(2999)), 1);
-        assert_eq!(pick_from_0(&mut b, at_ms(3000)), 0, "2 s the second time");
-        // A successful connect clears it.
+        assert!(!b.probe_due(0, at_ms(2999)));
+        assert!(b.probe_due(0, at_ms(3000)), "2 s the second time");
+        // A successful connect (a probe's) marks it up.
         b.up(0, at_ms(3000));
+        assert_eq!(pick_from_0(&mut b, at_ms(3000)), 0, "up again");
         b.down(0, false, libc::ECONNREFUSED, at_ms(3000));
-        assert_eq!(
-            pick_from_0(&mut b, at_ms(4000)),
-            0,
-            "back to 1 s after an up"
-        );
-        assert_eq!(c.backend_skipped_down.get(), 3, "each pass-over is counted");
+        assert!(b.probe_due(0, at_ms(4000)), "back to 1 s after an up");
+        assert_eq!(c.backend_skipped_down.get(), 2, "each pass-over is counted");
     }
 
     #[test]
     fn the_back_off_stops_growing_at_its_maximum() {
-        let c = WorkerCounters::default();
         let mut b = pool(2, 0);
         for _ in 0..20 {
             b.down(0, false, libc::ECONNREFUSED, T0);
         }
         let max = DOWN_MAX.as_millis();
-        b.next = 0;
-        assert_eq!(b.pick(at_ms(max - 1), &c), 1);
-        b.next = 0;
-        assert_eq!(b.pick(at_ms(max), &c), 0);
+        assert!(!b.probe_due(0, at_ms(max - 1)));
+        assert!(b.probe_due(0, at_ms(max)));
     }
 
     #[test]

@@ -207,6 +207,9 @@ pub struct Sock {
     in_flight: u32,
     /// [`Sock::close`] was called; the fd is closed once `in_flight` is 0.
     closing: bool,
+    /// A receive or send failed (reset, broken pipe): nothing more is sent or received; what
+    /// was queued is dropped.
+    broken: bool,
 }
 
 impl Sock {
@@ -223,6 +226,7 @@ impl Sock {
             addr: None,
             in_flight: 0,
             closing: false,
+            broken: false,
         }
     }
 
@@ -269,24 +273,20 @@ impl Sock {
         let _ = socket.set_tcp_nodelay(true);
         self.fd = socket.into_raw_fd();
         let sa = self.addr.insert(socket2::SockAddr::from(addr));
-        let (ptr, len) = (sa.as_ptr(), sa.len());
-        io.make_room(2);
-        let connect = opcode::Connect::new(types::Fd(self.fd), ptr.cast(), len)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(UserData::new(Op::BackendConnect, key.gen, key.index).encode());
-        let timeout = opcode::LinkTimeout::new(&io.connect_timeout)
-            .build()
-            .user_data(UserData::new(Op::ConnectTimeout, key.gen, key.index).encode());
+        connect_linked(
+            io,
+            self.fd,
+            sa,
+            (Op::BackendConnect, Op::ConnectTimeout),
+            key,
+        );
         self.in_flight += 2;
-        io.push(connect);
-        io.push(timeout);
         Ok(())
     }
 
     /// Arms a receive if `wanted` and none is in flight.
     pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
-        if !wanted || self.recv || self.eof || self.closing || self.fd < 0 {
+        if !wanted || self.recv || self.eof || self.closing || self.broken || self.fd < 0 {
             return;
         }
         let e = opcode::Recv::new(types::Fd(self.fd), std::ptr::null_mut(), BUF_SIZE as u32)
@@ -302,7 +302,7 @@ impl Sock {
     /// Queues bytes for the peer when nothing is queued: `f` writes into a free send slot and
     /// returns how much. Returns false when no slot was free (the caller retries later).
     pub fn fill(&mut self, io: &mut Io, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
-        if !self.tx.is_empty() || self.closing || self.fd < 0 {
+        if !self.tx.is_empty() || self.closing || self.broken || self.fd < 0 {
             return true;
         }
         let Some(slot) = io.slots.take() else {
@@ -325,7 +325,13 @@ impl Sock {
 
     /// Sends what is queued, unless a send or a wait for room is in flight.
     pub fn flush(&mut self, io: &mut Io, key: Key) {
-        if self.tx.in_flight || self.poll || self.tx.is_empty() || self.closing || self.fd < 0 {
+        if self.tx.in_flight
+            || self.poll
+            || self.tx.is_empty()
+            || self.closing
+            || self.broken
+            || self.fd < 0
+        {
             return;
         }
         let (ptr, len) = match &self.tx.slot {
@@ -461,7 +467,10 @@ impl Sock {
                 OwnedEvent::Nothing
             }
             r if r == -libc::ECANCELED || r == -libc::EINTR => OwnedEvent::Nothing,
-            r => OwnedEvent::Failed(-r),
+            r => {
+                self.break_off(io);
+                OwnedEvent::Failed(-r)
+            }
         })
     }
 
@@ -474,7 +483,10 @@ impl Sock {
         let written = match res {
             n if n >= 0 => (n as usize).min(queued),
             r if r == -libc::EAGAIN || r == -libc::EINTR => 0,
-            r => return Done::Event(OwnedEvent::Failed(-r)),
+            r => {
+                self.break_off(io);
+                return Done::Event(OwnedEvent::Failed(-r));
+            }
         };
         if written > 0 {
             self.progressed = true;
@@ -501,6 +513,13 @@ impl Sock {
         Done::Event(OwnedEvent::Nothing)
     }
 
+    /// The connection is broken: what was queued for the peer is dropped (its slot goes back)
+    /// and nothing more is sent or received.
+    fn break_off(&mut self, io: &mut Io) {
+        self.broken = true;
+        self.give_back_tx(io);
+    }
+
     fn on_connect(&mut self, res: i32) -> Done {
         self.addr = None;
         if res == 0 {
@@ -515,6 +534,21 @@ impl Sock {
             errno: -res,
         })
     }
+}
+
+/// Queues a CONNECT of `fd` to `addr` linked to the connect timeout, as operations `ops`
+/// (connect, timeout) for `key`. `addr` must stay where it is until the connect completes.
+pub fn connect_linked(io: &mut Io, fd: RawFd, addr: &socket2::SockAddr, ops: (Op, Op), key: Key) {
+    io.make_room(2);
+    let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(UserData::new(ops.0, key.gen, key.index).encode());
+    let timeout = opcode::LinkTimeout::new(&io.connect_timeout)
+        .build()
+        .user_data(UserData::new(ops.1, key.gen, key.index).encode());
+    io.push(connect);
+    io.push(timeout);
 }
 
 /// Makes the next close send RST instead of FIN (abortive close).

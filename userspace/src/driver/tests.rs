@@ -40,6 +40,9 @@ fn policy() -> Policy {
         handshake: Duration::from_secs(10),
         idle: Duration::from_secs(30),
         send: Duration::from_secs(5),
+        // Longer than `idle`, so the table's "silence" cases end on the idle deadline; the fin
+        // deadline has a test of its own.
+        fin: Duration::from_secs(60),
         eager: false,
     }
 }
@@ -259,7 +262,7 @@ impl Script {
         }
         moved |= self.client_peer();
         let c = &mut self.conn;
-        if c.fin_due(self.to_client.is_empty()) {
+        if c.fin_due(self.to_client.is_empty(), self.now) {
             moved = true;
         }
 
@@ -960,13 +963,16 @@ fn a_backend_eof_finishes_the_response_then_the_client() {
 }
 
 #[test]
-fn a_backend_reset_mid_response_closes_the_client_after_what_it_got() {
+fn a_backend_reset_mid_response_resets_the_client() {
     let mut s = reach(At::Proxying);
     s.backend_rst();
     assert_eq!(s.conn.leg(), Leg::Failed);
     assert_eq!(s.client_got, HEAD, "what was sent stays sent");
-    assert!(s.client_close_notify && s.client_saw_fin());
-    assert_eq!(s.end, Some(End::Graceful));
+    assert!(
+        !s.client_close_notify,
+        "no close_notify: it would vouch for a truncated response"
+    );
+    assert_eq!(s.end, Some(End::Abort(Why::Backend)));
     s.assert_counted(&[("backend_failures", 1)]);
     // A second failure report is not counted twice.
     let mut s = reach(At::Proxying);
@@ -1210,4 +1216,76 @@ fn plain_sessions_end_on_reset_and_silence() {
         "a plain session has no handshake deadline, only idle"
     );
     s.assert_counted(&[("idle_timeouts", 1)]);
+}
+
+#[test]
+fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
+    let mut s = Script::with(
+        1,
+        true,
+        Policy {
+            fin: Duration::from_secs(2),
+            ..policy()
+        },
+    );
+    s.handshake();
+    s.client_sends(REQUEST);
+    s.backend_connects();
+    s.backend_sends(BODY);
+    s.backend_fin();
+    assert!(
+        s.client_close_notify && s.client_saw_fin(),
+        "our side is done"
+    );
+    s.mark();
+    let fin_at = s.now;
+    assert_eq!(
+        s.conn.next_deadline(&s.policy),
+        Some(fin_at + Duration::from_secs(2)),
+        "the fin deadline comes before idle"
+    );
+    s.advance(1_999);
+    assert_eq!(s.end, None);
+    s.advance(1);
+    assert_eq!(s.end, Some(End::Abort(Why::FinTimeout)));
+    s.assert_counted(&[("fin_timeouts", 1)]);
+}
+
+#[test]
+fn a_client_that_finishes_after_our_fin_ends_gracefully() {
+    let mut s = Script::with(
+        1,
+        true,
+        Policy {
+            fin: Duration::from_secs(2),
+            ..policy()
+        },
+    );
+    s.handshake();
+    s.client_sends(REQUEST);
+    s.backend_connects();
+    s.backend_sends(BODY);
+    s.backend_fin();
+    s.mark();
+    s.advance(1_000);
+    s.client_fin();
+    assert_eq!(s.end, Some(End::Graceful));
+    s.assert_counted(&[]);
+}
+
+#[test]
+fn a_failed_write_to_a_backend_that_already_finished_keeps_its_answer() {
+    let mut s = reach(At::Proxying);
+    s.backend_sends(BODY);
+    s.backend_fin();
+    // The backend closed without reading the rest; our write to it fails.
+    s.backend_rst();
+    assert_ne!(s.conn.leg(), Leg::Failed, "not a broken response");
+    assert!(
+        s.client_close_notify,
+        "the answer ends as the backend ended it"
+    );
+    s.client_fin();
+    assert_eq!(s.end, Some(End::Graceful));
+    s.assert_counted(&[]);
 }

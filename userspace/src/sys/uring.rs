@@ -230,6 +230,10 @@ pub enum Op {
     ClientPoll,
     /// The same for a backend socket.
     BackendPoll,
+    /// A worker's probe connect to a backend server marked down; `index` is the server.
+    Probe,
+    /// The probe's linked timeout.
+    ProbeTimeout,
 }
 
 impl Op {
@@ -246,6 +250,8 @@ impl Op {
             9 => Op::Kick,
             10 => Op::ClientPoll,
             11 => Op::BackendPoll,
+            12 => Op::Probe,
+            13 => Op::ProbeTimeout,
             _ => return None,
         })
     }
