@@ -3,8 +3,10 @@
 //! file-descriptor limit, timer slack and signals to child processes.
 //!
 //! Owns: every `unsafe` block of the crate, each a thin wrapper with a `// SAFETY:` argument, so
-//! the rest of the load generator is safe code. Does not own: what the sockets carry (`conn`) or
-//! how readiness is acted on (`worker`).
+//! the rest of the load generator is safe code. Sockets, their addresses and options go through
+//! socket2; only the option neither socket2 nor rustix has (`IP_BIND_ADDRESS_NO_PORT`) is a raw
+//! setsockopt. Does not own: what the sockets carry (`conn`) or how readiness is acted on
+//! (`worker`).
 //!
 //! References: epoll(7), epoll_pwait2(2) (Linux 5.11; falls back to millisecond `epoll_wait`),
 //! ip(7) `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2: the source port is picked at `connect`, so many
@@ -15,6 +17,9 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
 /// Nanoseconds on `CLOCK_MONOTONIC`: the one time base of the crate. It is system-wide, so a
 /// parent process can hand a start time to its children as a plain number.
@@ -130,106 +135,57 @@ impl Epoll {
     }
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid (AF_UNSPEC) value.
-    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
-            size_of::<libc::sockaddr_in>()
+/// Starts a non-blocking TCP connect to `target`, optionally from `source` (any port). The
+/// returned stream is usually still connecting: wait for writability, then check
+/// `TcpStream::take_error`. Nagle is off: requests are single writes and latency matters.
+///
+/// Per connection: one socket(2) with `SOCK_NONBLOCK | SOCK_CLOEXEC`, the options, bind(2) and
+/// connect(2); the addresses are socket2 `SockAddr`s on the stack, so nothing is allocated.
+pub fn connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    // `Socket::new` adds SOCK_CLOEXEC to the type on Linux, in the same socket(2) call.
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking(),
+        None,
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        if target.is_ipv4() {
+            set_bind_address_no_port(&socket)?;
         }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            size_of::<libc::sockaddr_in6>()
+        socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    }
+    if let Err(e) = socket.connect(&SockAddr::from(target)) {
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
         }
-    };
-    (storage, len as libc::socklen_t)
+    }
+    Ok(TcpStream::from(socket))
 }
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` points to a live T of the size passed; the kernel only reads it.
+/// Sets `IP_BIND_ADDRESS_NO_PORT`: the port is chosen at connect() against the full 4-tuple
+/// instead of at bind() against the source address alone, so one source address serves ~28k
+/// connections per destination instead of ~28k in total.
+///
+/// Hand-written because neither socket2 (0.6) nor rustix (1.1) has this option.
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a live c_int of the size passed; the kernel only reads it.
     cvt(unsafe {
         libc::setsockopt(
-            fd,
-            level,
-            name,
-            value as *const T as *const libc::c_void,
-            size_of::<T>() as libc::socklen_t,
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
     Ok(())
 }
 
-/// Starts a non-blocking TCP connect to `target`, optionally from `source` (any port). The
-/// returned stream is usually still connecting: wait for writability, then check
-/// `TcpStream::take_error`. Nagle is off: requests are single writes and latency matters.
-pub fn connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let domain = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: plain syscall; the fd is owned by the OwnedFd below.
-    let raw = cvt(unsafe { libc::socket(domain, flags, 0) })?;
-    // SAFETY: `raw` was just returned by socket() and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let one: libc::c_int = 1;
-    setsockopt(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, &one)?;
-    if let Some(ip) = source {
-        if target.is_ipv4() {
-            // The port is chosen at connect() against the full 4-tuple instead of at bind()
-            // against the source address alone, so one source address serves ~28k
-            // connections per destination instead of ~28k in total.
-            setsockopt(raw, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &one)?;
-        }
-        let (addr, len) = sockaddr(SocketAddr::new(ip, 0));
-        // SAFETY: `addr` is a valid sockaddr of `len` bytes for this socket's family.
-        cvt(unsafe { libc::bind(raw, &addr as *const _ as *const libc::sockaddr, len) })?;
-    }
-    let (addr, len) = sockaddr(target);
-    // SAFETY: as for bind.
-    let rc = unsafe { libc::connect(raw, &addr as *const _ as *const libc::sockaddr, len) };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(err);
-        }
-    }
-    Ok(TcpStream::from(fd))
-}
-
 /// Makes the next `close` of this socket send RST instead of FIN (no TIME_WAIT on either side).
 pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setsockopt(
-        stream.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        &linger,
-    )
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
 /// User and system CPU time, microseconds.
