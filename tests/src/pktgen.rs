@@ -10,8 +10,11 @@
 
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use socket2::{socklen_t, Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -115,9 +118,9 @@ fn checksum(acc: u32, data: &[u8]) -> u16 {
     !(acc as u16)
 }
 
-/// An AF_PACKET socket bound to one interface, bypassing the qdisc.
+/// An AF_PACKET socket on one interface, bypassing the qdisc.
 struct PacketSocket {
-    fd: libc::c_int,
+    socket: Socket,
     ifindex: libc::c_int,
 }
 
@@ -132,59 +135,57 @@ impl PacketSocket {
                 format!("no interface {interface}"),
             ));
         }
-        let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
-        // SAFETY: plain socket(2); the result is checked.
-        let fd =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let sock = PacketSocket { fd, ifindex };
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let socket = Socket::new(
+            Domain::PACKET,
+            Type::RAW,
+            Some(Protocol::from(libc::c_int::from(proto))),
+        )?;
         let one: libc::c_int = 1;
+        // A raw setsockopt: neither socket2 nor rustix has the AF_PACKET options. Best effort
+        // (the result is ignored): without the bypass the frames still leave, through the qdisc.
         // SAFETY: valid fd and a c_int option of the right size.
         unsafe {
             libc::setsockopt(
-                fd,
+                socket.as_raw_fd(),
                 libc::SOL_PACKET,
                 libc::PACKET_QDISC_BYPASS,
                 (&one as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        Ok(sock)
+        Ok(PacketSocket { socket, ifindex })
     }
 }
 
-impl Drop for PacketSocket {
-    fn drop(&mut self) {
-        // SAFETY: our fd, closed once.
-        unsafe { libc::close(self.fd) };
+/// The link-layer address (packet(7) `sockaddr_ll`) of interface `ifindex`: `protocol` is an
+/// `ETH_P_*` value in network byte order (0 to send), `dst_mac` the destination of frames sent
+/// to it. Neither socket2 nor rustix builds one, so it is filled in here, once for the crate.
+pub(crate) fn link_addr(ifindex: libc::c_int, protocol: u16, dst_mac: Option<[u8; 6]>) -> SockAddr {
+    let mut storage = SockAddrStorage::zeroed();
+    // SAFETY: sockaddr_ll is one of this platform's sockaddr types, as `view_as` requires.
+    let ll = unsafe { storage.view_as::<libc::sockaddr_ll>() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = protocol;
+    ll.sll_ifindex = ifindex;
+    if let Some(mac) = dst_mac {
+        ll.sll_halen = 6;
+        ll.sll_addr[..6].copy_from_slice(&mac);
+    }
+    // SAFETY: the family is AF_PACKET and the storage holds a sockaddr_ll of the length given.
+    unsafe {
+        SockAddr::new(
+            storage,
+            std::mem::size_of::<libc::sockaddr_ll>() as socklen_t,
+        )
     }
 }
 
 /// Sends one prebuilt frame out of `spec.interface` (to `spec.dst_mac`).
 pub fn send_frame(spec: &SynSpec, frame: &[u8]) -> io::Result<()> {
     let sock = PacketSocket::open(&spec.interface)?;
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = sock.ifindex;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&spec.dst_mac);
-    // SAFETY: `frame` and `addr` are live for the call; the lengths are theirs.
-    let r = unsafe {
-        libc::sendto(
-            sock.fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let addr = link_addr(sock.ifindex, 0, Some(spec.dst_mac));
+    sock.socket.send_to(frame, &addr)?;
     Ok(())
 }
 
@@ -210,12 +211,7 @@ pub fn send_syns(
             syn_frame(spec, Ipv4Addr::from(ip), port, 0x1000_0000 ^ i as u32)
         })
         .collect();
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = sock.ifindex;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&spec.dst_mac);
+    let addr = link_addr(sock.ifindex, 0, Some(spec.dst_mac));
     let mut iov: Vec<libc::iovec> = vec![
         libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -246,13 +242,15 @@ pub fn send_syns(
                 iov_base: f.as_ptr() as *mut libc::c_void,
                 iov_len: FRAME_LEN,
             };
-            msgs[i].msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_ll).cast();
-            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // sendmmsg only reads the address; the field is `*mut` for recvmmsg's sake.
+            msgs[i].msg_hdr.msg_name = addr.as_ptr().cast_mut().cast();
+            msgs[i].msg_hdr.msg_namelen = addr.len();
             msgs[i].msg_hdr.msg_iov = &mut iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
+        // A raw sendmmsg: socket2 has none, and rustix's cannot take a sockaddr_ll.
         // SAFETY: `msgs[..n]` point at live iovecs, frames and the address above.
-        let r = unsafe { libc::sendmmsg(sock.fd, msgs.as_mut_ptr(), n as u32, 0) };
+        let r = unsafe { libc::sendmmsg(sock.socket.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
         if r < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {

@@ -23,7 +23,7 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use support::*;
 use tern_tests::backend::{pattern_byte, pattern_fill, Backend, ProxyExpect, ProxyVersion};
 use tern_tests::rig::{Rig, TempDir};
@@ -193,56 +194,17 @@ fn client_hello(cfg: &Arc<ClientConfig>) -> Vec<u8> {
 /// Sets TCP_CORK: partial segments wait until uncorked or until shutdown(2) pushes them out
 /// together with the FIN.
 fn set_cork(c: &TcpStream) {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
-}
-
-fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+    SockRef::from(c).set_tcp_cork(true).expect("TCP_CORK");
 }
 
 /// A TCP connection from `local` (a chosen source port) to `remote`. The connect is bounded by
 /// the socket's send timeout (Linux applies SO_SNDTIMEO to a blocking connect).
 fn connect_from(local: SocketAddrV4, remote: SocketAddrV4) -> std::io::Result<TcpStream> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns; the OwnedFd closes it on every path.
-    let sock = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     sock.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let local = sockaddr_in(local);
-    // SAFETY: a valid socket and a sockaddr_in of the size given.
-    let rc = unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), size) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let remote = sockaddr_in(remote);
-    // SAFETY: as above.
-    let rc = unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), size) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(sock)
+    sock.bind(&SockAddr::from(local))?;
+    sock.connect(&SockAddr::from(remote))?;
+    Ok(sock.into())
 }
 
 /// The bypass worker the XDP program steers the flow `client → server` to (the same hash and
@@ -441,25 +403,10 @@ fn wait_fd(sock: &TcpStream, events: libc::c_short) {
 }
 
 /// Caps a socket's receive and send buffers (before connecting, so the window scale fits).
-fn set_buffers(sock: &TcpStream, bytes: libc::c_int) {
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: a valid socket and a correctly sized option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "SO_RCVBUF/SO_SNDBUF: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+fn set_buffers(sock: &TcpStream, bytes: usize) {
+    let sock = SockRef::from(sock);
+    sock.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+    sock.set_send_buffer_size(bytes).expect("SO_SNDBUF");
 }
 
 /// The handshake on the bypass listener: TLS 1.3, ALPN, the certificate chosen by SNI; byte-exact

@@ -35,7 +35,7 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use support::*;
 use tern_tests::backend::{pattern_byte, pattern_fill};
 use tern_tests::certs::{write_self_signed, KeyKind};
@@ -761,17 +762,6 @@ impl Write for Conn {
     }
 }
 
-fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 /// A TCP connection to `remote`, from `local` if given; connect bounded by 10 s (SO_SNDTIMEO
 /// applies to a blocking connect), reads and writes by 10 s.
 fn tcp_connect(local: Option<Ipv4Addr>, remote: SocketAddr) -> std::io::Result<TcpStream> {
@@ -784,51 +774,22 @@ fn tcp_connect(local: Option<Ipv4Addr>, remote: SocketAddr) -> std::io::Result<T
 fn tcp_connect_with(
     local: Option<Ipv4Addr>,
     remote: SocketAddr,
-    rcvbuf: Option<libc::c_int>,
+    rcvbuf: Option<usize>,
 ) -> std::io::Result<TcpStream> {
     let SocketAddr::V4(remote) = remote else {
         return Err(std::io::Error::other("IPv4 only"));
     };
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns; the OwnedFd closes it on every path.
-    let sock = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     sock.set_write_timeout(Some(Duration::from_secs(10)))?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
     if let Some(bytes) = rcvbuf {
-        // SAFETY: a valid socket and a correctly sized option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        sock.set_recv_buffer_size(bytes)?;
     }
-    let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     if let Some(ip) = local {
-        let local = sockaddr_in(SocketAddrV4::new(ip, 0));
-        // SAFETY: a valid socket and a sockaddr_in of the size given.
-        let rc = unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), size) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        sock.bind(&SockAddr::from(SocketAddrV4::new(ip, 0)))?;
     }
-    let remote = sockaddr_in(remote);
-    // SAFETY: as above.
-    let rc = unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), size) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(sock)
+    sock.connect(&SockAddr::from(remote))?;
+    Ok(sock.into())
 }
 
 /// Connects (from `local` if given) and, on a TLS listener, completes the handshake.
@@ -837,11 +798,7 @@ fn open(d: &Dial, local: Option<Ipv4Addr>) -> Result<Conn, String> {
 }
 
 /// [`open`] with [`tcp_connect_with`]'s receive buffer.
-fn open_with(
-    d: &Dial,
-    local: Option<Ipv4Addr>,
-    rcvbuf: Option<libc::c_int>,
-) -> Result<Conn, String> {
+fn open_with(d: &Dial, local: Option<Ipv4Addr>, rcvbuf: Option<usize>) -> Result<Conn, String> {
     let sock = tcp_connect_with(local, d.addr, rcvbuf).map_err(|e| format!("connect: {e}"))?;
     let Some(cfg) = &d.cfg else {
         return Ok(Conn::Plain(sock));
@@ -1807,9 +1764,7 @@ struct BlackHole {
 fn black_hole(rig: &Rig) -> BlackHole {
     rig.server_run(|| {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        // SAFETY: listen(2) on our own socket; no memory is involved.
-        let rc = unsafe { libc::listen(l.as_raw_fd(), 0) };
-        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        SockRef::from(&l).listen(0).expect("listen");
         let addr = l.local_addr().expect("addr");
         let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("filler");
         // Confirm: a further connect does not complete.

@@ -191,7 +191,8 @@ fn fast_retransmit_timer(rig: &Rig) {
     }
 }
 
-/// `TCP_RTO_MAX_MS` (linux/tcp.h, Linux >= 6.15).
+/// `TCP_RTO_MAX_MS` (linux/tcp.h, Linux >= 6.15). Set with a raw setsockopt: it is too new
+/// for socket2, rustix and even the libc crate.
 const TCP_RTO_MAX_MS: libc::c_int = 44;
 
 /// Caps the socket's retransmission timeout at 1 s (the smallest `TCP_RTO_MAX_MS` allows).

@@ -513,13 +513,9 @@ fn ethtool(interface: &str, cmd: u32, data: u32) -> Result<u32, String> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(format!("interface name {interface} is too long"));
     }
-    // SAFETY: plain socket(2) call; the result is checked and owned right below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // Any socket will do for the ioctl; socket2 sets SOCK_CLOEXEC.
+    let fd = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .map_err(|e| format!("socket: {e}"))?;
     let mut value = EthtoolValue { cmd, data };
     // SAFETY: all-zero is a valid `ifreq` (a name and a union of plain data and pointers).
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -636,76 +632,41 @@ mod tests {
         assert_eq!(parse_prefix("10.1.2.3/33"), None);
     }
 
+    /// The packet type (`sll_pkttype`, e.g. `PACKET_OUTGOING`) of a link-layer source address
+    /// `recv_from` returned; `None` for any other family.
+    fn link_packet_type(addr: &socket2::SockAddr) -> Option<u8> {
+        if addr.family() != libc::AF_PACKET as libc::sa_family_t {
+            return None;
+        }
+        let mut storage = addr.clone().as_storage();
+        // SAFETY: the family says the storage holds a sockaddr_ll.
+        Some(unsafe { storage.view_as::<libc::sockaddr_ll>() }.sll_pkttype)
+    }
+
     /// An AF_PACKET socket capturing every frame an interface receives (not the ones it sends).
-    struct Capture(std::os::fd::OwnedFd);
+    struct Capture(socket2::Socket);
 
     impl Capture {
         /// Opens it on `interface` of the calling thread's namespace.
         fn open(interface: &str) -> Capture {
-            use std::os::fd::FromRawFd;
             let name = std::ffi::CString::new(interface).expect("interface name");
             // SAFETY: `name` is a valid NUL-terminated string.
             let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
             assert_ne!(ifindex, 0, "no interface {interface}");
             let protocol = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2) call; the result is checked and owned below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
-            assert!(
-                fd >= 0,
-                "socket(AF_PACKET): {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: `fd` is a fresh socket nobody else owns.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-            // SAFETY: all-zero is a valid sockaddr_ll.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = protocol;
-            addr.sll_ifindex = ifindex as i32;
-            // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    std::ptr::addr_of!(addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(
-                rc,
-                0,
-                "bind(AF_PACKET): {}",
-                std::io::Error::last_os_error()
-            );
-            let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            let buffer: libc::c_int = 4 << 20;
-            for (option, value, len) in [
-                (
-                    libc::SO_RCVTIMEO,
-                    std::ptr::addr_of!(timeout).cast::<libc::c_void>(),
-                    std::mem::size_of::<libc::timeval>(),
-                ),
-                (
-                    libc::SO_RCVBUF,
-                    std::ptr::addr_of!(buffer).cast(),
-                    std::mem::size_of::<libc::c_int>(),
-                ),
-            ] {
-                // SAFETY: `value` points to `len` readable bytes of the option's type.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        option,
-                        value,
-                        len as libc::socklen_t,
-                    )
-                };
-                assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
-            }
-            Capture(fd)
+            let socket = socket2::Socket::new(
+                socket2::Domain::PACKET,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(i32::from(protocol))),
+            )
+            .expect("socket(AF_PACKET)");
+            let addr = crate::pktgen::link_addr(ifindex as i32, protocol, None);
+            socket.bind(&addr).expect("bind(AF_PACKET)");
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .expect("SO_RCVTIMEO");
+            socket.set_recv_buffer_size(4 << 20).expect("SO_RCVBUF");
+            Capture(socket)
         }
 
         /// Every received frame queued so far (stops at the first 200 ms without one).
@@ -713,26 +674,17 @@ mod tests {
             let mut frames = Vec::new();
             loop {
                 let mut buf = vec![0u8; 65536];
-                // SAFETY: all-zero is a valid sockaddr_ll.
-                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                // SAFETY: `buf` and `from` are writable for the lengths passed.
-                let n = unsafe {
-                    libc::recvfrom(
-                        self.0.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                        std::ptr::addr_of_mut!(from).cast(),
-                        &mut len,
-                    )
+                // SAFETY: socket2 documents that `recv_from` never writes uninitialised bytes,
+                // so an initialised buffer may be passed as `MaybeUninit`.
+                let uninit = unsafe {
+                    &mut *(buf.as_mut_slice() as *mut [u8] as *mut [std::mem::MaybeUninit<u8>])
                 };
-                if n < 0 {
+                let Ok((n, from)) = self.0.recv_from(uninit) else {
                     return frames;
-                }
+                };
                 // PACKET_OUTGOING (4): a frame this side sent; only received ones count.
-                if from.sll_pkttype != 4 {
-                    buf.truncate(n as usize);
+                if link_packet_type(&from) != Some(4) {
+                    buf.truncate(n);
                     frames.push(buf);
                 }
             }

@@ -263,22 +263,9 @@ pub fn stop_loss_checking_two_percent(
 /// Sets SO_LINGER {on, 0} so that dropping the stream sends RST.
 #[track_caller]
 pub fn linger_zero(c: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    socket2::SockRef::from(c)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .expect("SO_LINGER");
 }
 
 /// Connects and completes the handshake for [`NAME`] (call inside the client namespace).
@@ -324,10 +311,9 @@ pub fn server_listener(rig: &Rig) -> TcpListener {
     // std listens with a backlog of 128: a burst of tern's backend connects (1,000 clients at
     // once) on a loaded machine would overflow it, and the dropped SYNs would turn into connect
     // timeouts that say nothing about tern. Linux takes a second listen() as a new backlog.
-    use std::os::fd::AsRawFd;
-    // SAFETY: listen(2) on our own listening socket; no memory is involved.
-    let rc = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
-    assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+    socket2::SockRef::from(&listener)
+        .listen(4096)
+        .expect("listen");
     listener
 }
 
