@@ -1,4 +1,4 @@
-//! End-to-end tests of the bypass data plane (`mode = "xdp"` listeners): the XDP program
+//! End-to-end tests of the bypass data plane (`mode = "bypass"` listeners): the XDP program
 //! steers the listener's frames into per-queue AF_XDP sockets owned by tern's workers, while
 //! everything else (ping, other ports, tern's own kernel listener) still reaches the kernel.
 //! Real traffic from the client namespace over a two-queue veth.
@@ -23,7 +23,7 @@ fn bypass_stack(tag: &str) -> Stack {
     let dir = TempDir::new(tag);
     let backend = dead_port(&rig);
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"xdp\"\ninterface = \"{iface}\"\n",
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n",
         iface = rig.server_if,
         ip = rig.server_ip,
     );

@@ -1,4 +1,4 @@
-//! End-to-end tests of tern's own TCP stack on the bypass path: a `mode = "xdp"`, `tls = false`
+//! End-to-end tests of tern's own TCP stack on the bypass path: a `mode = "bypass"`, `tls = false`
 //! listener (the L4 proxy) with Linux's TCP as the client, over the veth rig. The XDP program
 //! steers the listener's frames into AF_XDP sockets; tern's stack terminates TCP and its
 //! workers carry the bytes to an echo backend over io_uring.
@@ -24,7 +24,7 @@ fn l4_stack(tag: &str, backend: fn(TcpListener) -> Backend, toml_extra: &str) ->
     );
     let backend = backend(server_listener(&rig));
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = false\n",
         iface = rig.server_if,
         ip = rig.server_ip,
@@ -293,7 +293,7 @@ fn half_close_from_the_backend_side() {
         tx.send(got).expect("report");
     });
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = false\n",
         iface = rig.server_if,
         ip = rig.server_ip,
@@ -390,9 +390,9 @@ fn segments_of_no_connection_get_rst() {
     );
     let backend = Backend::echo(server_listener(&rig));
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = false\n\n[[listener]]\naddress = \"{ip}:4444\"\n\
-         mode = \"xdp\"\ninterface = \"{iface}\"\n",
+         mode = \"bypass\"\ninterface = \"{iface}\"\n",
         iface = rig.server_if,
         ip = rig.server_ip,
     );
@@ -646,7 +646,7 @@ fn dead_backend_stack(tag: &str, tcp_extra: &str) -> Stack {
     );
     let dead = dead_port(&rig);
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = false\n",
         iface = rig.server_if,
         ip = rig.server_ip,

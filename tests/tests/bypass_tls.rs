@@ -1,4 +1,4 @@
-//! End-to-end tests of TLS on the bypass path: a `mode = "xdp"` listener with `tls = true`
+//! End-to-end tests of TLS on the bypass path: a `mode = "bypass"` listener with `tls = true`
 //! (the default), served by the bypass workers' L4 proxy over tern's own TCP stack with a
 //! rustls `proxy::Session`, against Linux's TCP and rustls clients over the veth rig. The XDP
 //! program steers the listener's frames into AF_XDP sockets; the kernel never sees them.
@@ -70,7 +70,7 @@ impl Default for Opts<'_> {
 /// the default, and [`OTHER`], stem "other"), ALPN `http/1.1`.
 fn start(rig: Rig, dir: TempDir, opts: Opts<'_>) -> Stack {
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{bypass}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{bypass}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = true\n",
         iface = rig.server_if,
         bypass = rig.server_addr(PORT),

@@ -2,7 +2,7 @@
 //! veth`, nothing changed: the client end keeps TX checksum offload on, so every TCP segment it
 //! sends carries only the pseudo-header sum in its checksum field).
 //!
-//! What is checked: with the default `tcp.rx_checksum = "auto"`, a `mode = "xdp"` TLS listener
+//! What is checked: with the default `tcp.rx_checksum = "auto"`, a `mode = "bypass"` TLS listener
 //! serves curl through the bypass path and counts the partial checksums
 //! (`bypass.tcp.rx_partial_checksum`) without calling any frame bad and without a warning; with
 //! `"verify"`, every SYN is dropped as `rx_bad_checksum` and tern says why in its log (the
@@ -27,7 +27,7 @@ use tern_tests::rig::{ClientOffloads, Rig, TempDir};
 const PORT: u16 = 4443;
 
 /// A rig whose client veth keeps its default offloads, a demo HTTP backend on the server
-/// side's loopback, and tern in front with a `mode = "xdp"` TLS listener on [`PORT`] and
+/// side's loopback, and tern in front with a `mode = "bypass"` TLS listener on [`PORT`] and
 /// `tcp_table` appended (e.g. `[tcp]\nrx_checksum = "verify"`).
 fn start(tag: &str, tcp_table: &str) -> (Stack, Backend) {
     let rig = Rig::isolated_with(tag, 1, ClientOffloads::Default);
@@ -39,7 +39,7 @@ fn start(tag: &str, tcp_table: &str) -> (Stack, Backend) {
     let dir = TempDir::new(tag);
     let backend = Backend::demo_http(server_listener(&rig));
     let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{bypass}\"\nmode = \"xdp\"\n\
+        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{bypass}\"\nmode = \"bypass\"\n\
          interface = \"{iface}\"\ntls = true\n",
         iface = rig.server_if,
         bypass = rig.server_addr(PORT),

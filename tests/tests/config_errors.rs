@@ -44,10 +44,10 @@ fn cases() -> Vec<Case> {
             fragment: "unknown field",
         },
         Case {
-            name: "xdp without interface",
-            text: "[[listener]]\naddress = \"127.0.0.1:8443\"\nmode = \"xdp\"\n[[certificate]]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+            name: "bypass without interface",
+            text: "[[listener]]\naddress = \"127.0.0.1:8443\"\nmode = \"bypass\"\n[[certificate]]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
             field: "listener[0].interface",
-            fragment: "xdp",
+            fragment: "required when mode = \"bypass\"",
         },
         Case {
             name: "control socket mode not octal",

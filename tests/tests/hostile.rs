@@ -1,6 +1,6 @@
 //! Hostile and careless clients (and backends): one scenario table, run end to end against both
 //! of tern's paths — kernel mode (`mode = "kernel"`, the kernel's TCP through io_uring) and the
-//! bypass path (`mode = "xdp"`, tern's own TCP stack) — with TLS and, where it applies, a plain
+//! bypass path (`mode = "bypass"`, tern's own TCP stack) — with TLS and, where it applies, a plain
 //! (`tls = false`) listener.
 //!
 //! Each scenario is written once as a function of the [`Target`] it runs against; the
@@ -149,7 +149,7 @@ impl Target {
             // readiness probe; the listener under test is the bypass one.
             Path::Bypass => format!(
                 "[[listener]]\naddress = \"{k}\"\ninterface = \"{i}\"\n\n\
-                 [[listener]]\naddress = \"{b}\"\nmode = \"xdp\"\ninterface = \"{i}\"\n{tls_line}\n",
+                 [[listener]]\naddress = \"{b}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n{tls_line}\n",
                 k = rig.server_addr(KERNEL_PORT),
                 b = rig.server_addr(BYPASS_PORT),
                 i = rig.server_if,

@@ -35,7 +35,7 @@ struct Failing {
 }
 
 /// What to start: two workers, a kernel TLS listener on :443 with the XDP program attached to
-/// the rig's server veth, and with `bypass` also a `mode = "xdp"` plain listener on
+/// the rig's server veth, and with `bypass` also a `mode = "bypass"` plain listener on
 /// :[`BYPASS_PORT`]. `extra` is appended to the configuration.
 fn start(tag: &str, fault: Option<&str>, bypass: bool, extra: &str) -> Failing {
     start_on(Rig::isolated(tag, 2), tag, fault, bypass, extra)
@@ -54,7 +54,7 @@ fn start_on(rig: Rig, tag: &str, fault: Option<&str>, bypass: bool, extra: &str)
     );
     if bypass {
         config += &format!(
-            "[[listener]]\naddress = \"{addr}\"\nmode = \"xdp\"\ninterface = \"{iface}\"\n\
+            "[[listener]]\naddress = \"{addr}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n\
              tls = false\n\n",
             addr = rig.server_addr(BYPASS_PORT),
             iface = rig.server_if,

@@ -1,4 +1,4 @@
-//! End-to-end tests of `mode = "xdp"` listeners: tern attaches its XDP program to the
+//! End-to-end tests of `mode = "bypass"` listeners: tern attaches its XDP program to the
 //! server-side veth, traffic still flows (the program passes everything in this version), the
 //! program's counters appear in `tern ctl stats`, and a killed tern leaves nothing attached.
 

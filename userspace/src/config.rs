@@ -27,7 +27,7 @@ use serde::Deserialize;
 #[cfg(test)]
 mod tests;
 
-/// Where a listener's packets come from. File syntax: `"kernel"` | `"xdp"`.
+/// Where a listener's packets come from. File syntax: `"kernel"` | `"bypass"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerMode {
@@ -37,10 +37,12 @@ pub enum ListenerMode {
     Kernel,
     /// The bypass path: the XDP program on `interface` steers this address's TCP frames into
     /// per-queue AF_XDP sockets owned by tern's workers; the kernel's TCP stack never sees them.
-    Xdp,
+    /// `"xdp"`, its name before, is accepted too.
+    #[serde(alias = "xdp")]
+    Bypass,
 }
 
-/// XDP attach mode for `mode = "xdp"` listeners. File syntax: `"auto"` | `"native"` | `"skb"`.
+/// XDP attach mode for `mode = "bypass"` listeners. File syntax: `"auto"` | `"native"` | `"skb"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpAttach {
@@ -221,7 +223,7 @@ pub enum RxChecksum {
     Skip,
 }
 
-/// The bypass path's TCP settings (`[tcp]`), used by `mode = "xdp"` listeners.
+/// The bypass path's TCP settings (`[tcp]`), used by `mode = "bypass"` listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpSettings {
     pub congestion: Congestion,
@@ -257,7 +259,7 @@ pub enum HugePages {
     Off,
 }
 
-/// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "xdp"` listeners.
+/// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "bypass"` listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpSettings {
     /// Bytes per UMEM frame: 2048 or 4096. One frame holds one Ethernet frame (no multi-buffer).
@@ -450,10 +452,10 @@ impl Default for FileXdp {
 pub struct FileListener {
     /// `address`: `"IPv4:port"` or `"[IPv6]:port"`, port ≠ 0. Required; unique across listeners.
     pub address: Option<String>,
-    /// `mode`: `"kernel"` or `"xdp"`. Default `"kernel"`.
+    /// `mode`: `"kernel"` or `"bypass"`. Default `"kernel"`.
     pub mode: Option<ListenerMode>,
     /// `interface`: network interface for the XDP program (≤ 15 bytes). Required when
-    /// `mode = "xdp"`; optional for kernel listeners (XDP counters and blocklist only).
+    /// `mode = "bypass"`; optional for kernel listeners (XDP counters and blocklist only).
     pub interface: Option<String>,
     /// `xdp_attach`: `"auto"`, `"native"` or `"skb"`. Default `"auto"`. Only with an
     /// `interface`.
@@ -818,7 +820,7 @@ fn friendly_serde_message(message: &str) -> String {
         ("expected a boolean", "expected true or false"),
         ("expected a sequence", "expected an array"),
         ("invalid type: map", "invalid type: table"),
-        // toml's message for a non-string where a keyword (`mode = "xdp"`) belongs.
+        // toml's message for a non-string where a keyword (`mode = "bypass"`) belongs.
         ("wanted string or table", "expected a string"),
     ] {
         message = message.replace(rust, toml);
@@ -871,19 +873,18 @@ fn validate_listeners(file: Vec<FileListener>) -> Result<Vec<Listener>, Invalid>
             ));
         }
         let mode = l.mode.unwrap_or(ListenerMode::Kernel);
-        let interface = match (mode, l.interface) {
-            (ListenerMode::Xdp, None) => {
-                return Err(Invalid::new(
+        let interface =
+            match (mode, l.interface) {
+                (ListenerMode::Bypass, None) => return Err(Invalid::new(
                     field("interface"),
-                    "required when mode = \"xdp\" (the interface the XDP program attaches to)",
-                ))
-            }
-            (_, Some(name)) => {
-                check_interface_name(&name).map_err(|m| Invalid::new(field("interface"), m))?;
-                Some(name)
-            }
-            (ListenerMode::Kernel, None) => None,
-        };
+                    "required when mode = \"bypass\" (the interface the XDP program attaches to)",
+                )),
+                (_, Some(name)) => {
+                    check_interface_name(&name).map_err(|m| Invalid::new(field("interface"), m))?;
+                    Some(name)
+                }
+                (ListenerMode::Kernel, None) => None,
+            };
         if interface.is_none() && l.xdp_attach.is_some() {
             return Err(Invalid::new(
                 field("xdp_attach"),

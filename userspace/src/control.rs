@@ -48,7 +48,7 @@ pub struct ControlState {
     /// Attached XDP programs, with their interface names. Emptied by the main thread at exit
     /// (dropping a program detaches it).
     pub xdp: Mutex<Vec<(String, XdpProgram)>>,
-    /// The bypass workers (`mode = "xdp"` listeners), one entry per worker and interface.
+    /// The bypass workers (`mode = "bypass"` listeners), one entry per worker and interface.
     pub bypass: Vec<BypassInfo>,
     pub started: Instant,
 }

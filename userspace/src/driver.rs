@@ -365,7 +365,9 @@ impl Conn {
     }
 
     /// Whether the transport should receive from the backend now: connected, the session has
-    /// room, and it has passed on everything it had for the client.
+    /// room, and it has handed on everything it had for the client (to a send slot or the
+    /// TCB, where it is written while the next receive runs). Waiting for that lets the
+    /// backend's bytes gather in its socket: one receive takes a full buffer, not a trickle.
     pub fn wants_backend_read(&self) -> bool {
         self.end.is_none()
             && matches!(

@@ -103,7 +103,7 @@ impl Worker {
         // A slot is lent only while bytes wait to be written and never across a blocked write,
         // so the pool need not cover every connection: beyond it connections wait (back
         // pressure, never unbounded memory).
-        let slot_count = (2 * max).clamp(64, 4096) as u32;
+        let slot_count = (2 * max).clamp(64, 2048) as u32;
         let io = Io::new(
             ring,
             slot_count,

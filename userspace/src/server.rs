@@ -76,7 +76,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // connected must drain, not kill.
     let signals = spawn_signal_thread(started.shutdown.clone(), config.timeouts.drain)?;
     started.threads.push(signals);
-    // The bypass path: on every interface with `mode = "xdp"` listeners, the program steers
+    // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
     let mut bypass_info = Vec::new();
@@ -89,7 +89,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let addrs: Vec<SocketAddr> = config
             .listeners
             .iter()
-            .filter(|l| l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface))
+            .filter(|l| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
             .map(|l| l.address)
             .collect();
         prog.set_listeners(&addrs)
@@ -323,7 +323,7 @@ type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 
 /// Opens the AF_XDP sockets of `iface` for every worker, registers them with `prog` and starts
 /// the bypass workers. Each runs tern's TCP stack and the proxy over it ([`Proxy`]) for the
-/// `mode = "xdp"` listeners of `iface`: TLS ones through rustls (the same configuration, session
+/// `mode = "bypass"` listeners of `iface`: TLS ones through rustls (the same configuration, session
 /// cache and tickets as kernel mode), plain ones (`tls = false`) as they are.
 #[allow(clippy::too_many_arguments)]
 fn start_bypass(
@@ -350,7 +350,7 @@ fn start_bypass(
     let tls_listeners: Vec<SocketAddr> = config
         .listeners
         .iter()
-        .filter(|l| l.mode == ListenerMode::Xdp && l.interface.as_deref() == Some(iface))
+        .filter(|l| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
         .filter(|l| l.tls)
         .map(|l| l.address)
         .collect();

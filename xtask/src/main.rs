@@ -45,8 +45,10 @@ enum Task {
 pub enum Mode {
     /// Kernel sockets (io_uring).
     Kernel,
-    /// Kernel sockets plus the XDP program attached to the server-side veth.
-    Xdp,
+    /// The bypass path too: the XDP program on the server-side veth and bypass listeners
+    /// served by tern's own TCP stack (`xdp` is accepted as its old name).
+    #[value(alias = "xdp")]
+    Bypass,
 }
 
 impl Mode {
@@ -54,7 +56,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Kernel => "kernel",
-            Mode::Xdp => "xdp",
+            Mode::Bypass => "bypass",
         }
     }
 }

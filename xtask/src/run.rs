@@ -137,10 +137,10 @@ fn session(mode: Mode, workers: u32, binary: &Path, interrupted: &AtomicBool) ->
     // same demo backend: TLS on BYPASS_TLS_PORT, plain TCP (L4) on BYPASS_PORT.
     let interface = match mode {
         Mode::Kernel => String::new(),
-        Mode::Xdp => format!(
+        Mode::Bypass => format!(
             "interface = {iface}\n\n\
-             [[listener]]\naddress = {bypass_tls}\nmode = \"xdp\"\ninterface = {iface}\n\n\
-             [[listener]]\naddress = {bypass}\nmode = \"xdp\"\ninterface = {iface}\ntls = false\n",
+             [[listener]]\naddress = {bypass_tls}\nmode = \"bypass\"\ninterface = {iface}\n\n\
+             [[listener]]\naddress = {bypass}\nmode = \"bypass\"\ninterface = {iface}\ntls = false\n",
             iface = toml_str(&rig.server_if),
             bypass_tls = toml_str(&rig.server_addr(BYPASS_TLS_PORT).to_string()),
             bypass = toml_str(&rig.server_addr(BYPASS_PORT).to_string()),
@@ -261,7 +261,7 @@ fn print_instructions(
         config = tern.config_path().display(),
         bypass = match mode {
             Mode::Kernel => String::new(),
-            Mode::Xdp => format!(
+            Mode::Bypass => format!(
                 "The XDP program is attached to {server_if}. The bypass listeners are served by \
                  tern's own TCP stack in the AF_XDP workers\n(the kernel's TCP never sees those \
                  frames), in front of the same HTTP backend: TLS on {ip}:{BYPASS_TLS_PORT}, plain \
@@ -279,7 +279,7 @@ fn print_instructions(
     );
 }
 
-/// The plain (L4) bypass listener of `--mode xdp`.
+/// The plain (L4) bypass listener of `--mode bypass`.
 const BYPASS_PORT: u16 = 4443;
-/// The TLS bypass listener of `--mode xdp`.
+/// The TLS bypass listener of `--mode bypass`.
 const BYPASS_TLS_PORT: u16 = 8443;

@@ -56,7 +56,7 @@ use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
 };
 use crate::proxy::Session;
-use crate::sys::uring::{Op, UserData, BUF_SIZE};
+use crate::sys::uring::{Op, UserData, BUF_SIZE, SLOT_SIZE};
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
@@ -66,10 +66,10 @@ use crate::wire::{ChecksumMode, WireError};
 
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
-/// Most registered 16 KiB send slots per worker. A slot is held only while a write to a
+/// Most registered 32 KiB send slots per worker. A slot is held only while a write to a
 /// backend is in flight; connections that find none wait (back pressure), and the pool is
 /// pinned memory, so it is bounded well below one per connection.
-const MAX_SLOTS: u32 = 2048;
+const MAX_SLOTS: u32 = 1024;
 /// Provided buffers for backend receives (16 KiB each): a buffer is taken only when data
 /// arrives, so idle connections hold none.
 const RECV_BUFFERS: u16 = 1024;
@@ -142,7 +142,7 @@ pub struct ProxySetup {
     pub worker: usize,
     /// The connection driver's deadlines and connect policy ([`Policy::from_config`]).
     pub policy: Policy,
-    /// The `mode = "xdp"` listener addresses this worker serves, plain and TLS.
+    /// The `mode = "bypass"` listener addresses this worker serves, plain and TLS.
     pub listeners: Vec<SocketAddr>,
     /// Those of `listeners` that terminate TLS (`tls = true`).
     pub tls_listeners: Vec<SocketAddr>,
@@ -295,7 +295,7 @@ impl Proxy {
             connections = capacity,
             buffers_mib = (capacity * (setup.tcp.send_buffer + setup.tcp.recv_buffer)) >> 20,
             io_buffers_mib =
-                (slot_count as usize * BUF_SIZE + RECV_BUFFERS as usize * BUF_SIZE) >> 20,
+                (slot_count as usize * SLOT_SIZE + RECV_BUFFERS as usize * BUF_SIZE) >> 20,
             "bypass TCP stack ready (connection buffers are touched only as connections use them)"
         );
         Ok(Proxy {

@@ -140,7 +140,7 @@ mode = "kernel"
 
 [[listener]]
 address = "[::]:8443"
-mode = "xdp"
+mode = "bypass"
 interface = "veth0"
 xdp_attach = "skb"
 
@@ -197,7 +197,7 @@ socket = "/run/tern-test.sock"
             },
             Listener {
                 address: "[::]:8443".parse().expect("literal address"),
-                mode: ListenerMode::Xdp,
+                mode: ListenerMode::Bypass,
                 interface: Some("veth0".to_owned()),
                 xdp_attach: XdpAttach::Skb,
                 tls: true,
@@ -525,7 +525,7 @@ fn wrong_types_name_the_field() {
     fx.rejects(
         &MINIMAL.replace("127.0.0.1:8443\"", "127.0.0.1:8443\"\nmode = \"dpdk\""),
         "listener[0].mode",
-        "unknown variant `dpdk`, expected `kernel` or `xdp`",
+        "unknown variant `dpdk`, expected one of `kernel`, `bypass`",
     );
     fx.rejects(
         &MINIMAL.replace("\"127.0.0.1:8080\"]", "\"127.0.0.1:8080\", 8081]"),
@@ -714,18 +714,34 @@ fn broken_certificate_and_key_files() {
 }
 
 #[test]
-fn xdp_listeners_need_an_interface() {
+fn bypass_listeners_also_answer_to_their_old_name() {
+    let fx = Fixture::new("xdpalias");
+    for name in ["bypass", "xdp"] {
+        let text = MINIMAL.replace(
+            "address = \"127.0.0.1:8443\"",
+            &format!("address = \"127.0.0.1:8443\"\nmode = \"{name}\"\ninterface = \"lo\""),
+        );
+        assert_eq!(
+            fx.ok(&text).listeners[0].mode,
+            ListenerMode::Bypass,
+            "mode = {name:?}"
+        );
+    }
+}
+
+#[test]
+fn bypass_listeners_need_an_interface() {
     let fx = Fixture::new("xdp");
     let xdp = |extra: &str| {
         MINIMAL.replace(
             "address = \"127.0.0.1:8443\"",
-            &format!("address = \"127.0.0.1:8443\"\nmode = \"xdp\"\n{extra}"),
+            &format!("address = \"127.0.0.1:8443\"\nmode = \"bypass\"\n{extra}"),
         )
     };
     fx.rejects(
         &xdp(""),
         "listener[0].interface",
-        "required when mode = \"xdp\"",
+        "required when mode = \"bypass\"",
     );
     fx.rejects(
         &xdp("interface = \"a-very-long-name0\""),
@@ -744,7 +760,7 @@ fn xdp_listeners_need_an_interface() {
     // Two listeners on one interface share its XDP program, so one attach mode.
     let two = |second_interface: &str| {
         format!(
-            "{}\n[[listener]]\naddress = \"127.0.0.1:9443\"\nmode = \"xdp\"\ninterface = \"{second_interface}\"\n",
+            "{}\n[[listener]]\naddress = \"127.0.0.1:9443\"\nmode = \"bypass\"\ninterface = \"{second_interface}\"\n",
             xdp("interface = \"eth0\"\nxdp_attach = \"skb\"")
         )
     };
@@ -1033,7 +1049,7 @@ tls = false
 
 [[listener]]
 address = "10.0.0.1:7001"
-mode = "xdp"
+mode = "bypass"
 interface = "veth0"
 tls = false
 

@@ -2,21 +2,24 @@
 //! paths' backend sockets. [`Io`] is what a worker's sockets share (the ring, the registered
 //! send slots, the provided receive buffers); [`Sock`] is one socket's operations.
 //!
-//! Ownership is in the types. A send slot ([`SlotId`], not `Copy`) is taken from the pool when
-//! there are bytes to write and goes back when they are written; it is never held across a
-//! blocked write: every send is non-blocking (`MSG_DONTWAIT`), and when the peer's window is
-//! full the unsent rest moves to a small per-socket stash and a `POLLOUT` is armed, so a peer
-//! that never reads holds at most its stash, never a pooled slot (and the connection's send
-//! deadline ends it). The fd is owned by the `Sock`: [`Sock::close`] cancels what is in flight
-//! and the fd is closed only when the last completion is in, so an fd number is never reused
-//! while an operation that names it is queued.
+//! Ownership is in the types. A send slot ([`SlotId`], not `Copy`; 32 KiB, so a whole TLS
+//! record goes out in one send) is taken from the pool when there are bytes to write and goes
+//! back when they are written; more bytes may be appended behind a send in flight. Every send
+//! is non-blocking (`MSG_DONTWAIT`): when the peer's window is full a `POLLOUT` is armed, and
+//! the unsent rest stays in its slot only while the pool has plenty (fewer than three quarters
+//! lent); beyond that it moves to a small per-socket stash and the slot goes back, so peers that
+//! never read cannot hold the slots others need (and the connection's send deadline ends them).
+//! The fd is owned by the `Sock`: [`Sock::close`] cancels what is in flight and the fd is closed
+//! only when the last completion is in, so an fd number is never reused while an operation that
+//! names it is queued.
 //!
-//! Receives are single-shot into the provided-buffer ring, armed only while the connection's
-//! machine wants bytes from that peer (back pressure without cancels); at most one receive and
-//! one send are in flight per socket.
+//! Receives are multishot into the provided-buffer ring: armed while the connection's machine
+//! wants bytes from that peer, cancelled when it stops wanting them (the session's bound allows
+//! for the buffer the cancel may still bring). At most one receive and one send are in flight
+//! per socket.
 //!
-//! Kernel interfaces: io_uring_enter(2) with RECV (buffer select), SEND, POLL_ADD, CONNECT
-//! linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
+//! Kernel interfaces: io_uring_enter(2) with RECV (multishot, buffer select), SEND, POLL_ADD,
+//! CONNECT linked to LINK_TIMEOUT, ASYNC_CANCEL by `user_data` and by fd.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{Event, Key};
 use crate::counters::WorkerCounters;
-use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE};
+use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, SLOT_SIZE};
 
 /// The provided-buffer group every receive draws from.
 pub const BUF_GROUP: u16 = 0;
@@ -178,6 +181,8 @@ struct Tx {
     /// Unsent bytes of a send the peer's window cut short; allocated only then.
     stash: Vec<u8>,
     in_flight: bool,
+    /// Bytes of the send in flight (from `start`); bytes after them may be appended meanwhile.
+    sending: usize,
 }
 
 impl Tx {
@@ -186,13 +191,24 @@ impl Tx {
     }
 }
 
+/// The receive of a socket: one multishot RECV, armed while the machine wants bytes from the
+/// peer and cancelled when it does not (the final completion may still bring a buffer: the
+/// session's bound allows for that one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recv {
+    Idle,
+    Armed,
+    /// A cancel was asked for; the last completion (without `IORING_CQE_F_MORE`) is to come.
+    Cancelling,
+}
+
 /// One socket. See the module documentation.
 pub struct Sock {
     side: Side,
     /// -1: no socket (backend not connected yet, or closed).
     fd: RawFd,
     /// A receive is in flight.
-    recv: bool,
+    recv: Recv,
     /// The peer's EOF was seen: no receive is armed again.
     eof: bool,
     /// A POLLOUT is in flight (the peer's window was full).
@@ -218,7 +234,7 @@ impl Sock {
         Sock {
             side,
             fd: -1,
-            recv: false,
+            recv: Recv::Idle,
             eof: false,
             poll: false,
             tx: Tx::default(),
@@ -286,39 +302,69 @@ impl Sock {
 
     /// Arms a receive if `wanted` and none is in flight.
     pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
-        if !wanted || self.recv || self.eof || self.closing || self.broken || self.fd < 0 {
+        if self.eof || self.closing || self.broken || self.fd < 0 {
             return;
         }
-        let e = opcode::Recv::new(types::Fd(self.fd), std::ptr::null_mut(), BUF_SIZE as u32)
-            .buf_group(BUF_GROUP)
-            .build()
-            .flags(squeue::Flags::BUFFER_SELECT)
-            .user_data(UserData::new(self.side.recv(), key.gen, key.index).encode());
-        self.recv = true;
-        self.in_flight += 1;
-        io.push(e);
+        let ud = UserData::new(self.side.recv(), key.gen, key.index).encode();
+        match (self.recv, wanted) {
+            (Recv::Idle, true) => {
+                // Multishot: stays armed across completions (no SQE per buffer, and the poll
+                // behind it stays registered) until cancelled, EOF, an error or an empty ring.
+                let e = opcode::RecvMulti::new(types::Fd(self.fd), BUF_GROUP)
+                    .build()
+                    .user_data(ud);
+                self.recv = Recv::Armed;
+                self.in_flight += 1;
+                io.push(e);
+            }
+            (Recv::Armed, false) => {
+                let e = opcode::AsyncCancel::new(ud)
+                    .build()
+                    .user_data(UserData::new(Op::Cancel, 0, 0).encode());
+                self.recv = Recv::Cancelling;
+                io.push(e);
+            }
+            _ => {}
+        }
     }
 
     /// Queues bytes for the peer when nothing is queued: `f` writes into a free send slot and
     /// returns how much. Returns false when no slot was free (the caller retries later).
     pub fn fill(&mut self, io: &mut Io, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
-        if !self.tx.is_empty() || self.closing || self.broken || self.fd < 0 {
+        // Nothing is added while the peer's window is full (the stash waits for POLLOUT).
+        if !self.tx.stash.is_empty() || self.closing || self.broken || self.fd < 0 {
             return true;
         }
-        let Some(slot) = io.slots.take() else {
-            return false;
-        };
-        let n = f(io.slots.slot_mut(&slot));
-        if n == 0 {
-            io.slots.give_back(slot);
-        } else {
-            self.tx = Tx {
-                slot: Some(slot),
-                start: 0,
-                end: n,
-                stash: Vec::new(),
-                in_flight: false,
-            };
+        let tx = &mut self.tx;
+        match &tx.slot {
+            Some(slot) => {
+                // Appending after what is queued is fine while a send is in flight: the kernel
+                // reads only `start..start + sending`. Compacting is not: only when idle.
+                if !tx.in_flight && tx.start > 0 {
+                    io.slots.slot_mut(slot).copy_within(tx.start..tx.end, 0);
+                    tx.end -= tx.start;
+                    tx.start = 0;
+                }
+                if tx.end < SLOT_SIZE {
+                    tx.end += f(&mut io.slots.slot_mut(slot)[tx.end..]);
+                }
+            }
+            None => {
+                let Some(slot) = io.slots.take() else {
+                    return false;
+                };
+                let n = f(io.slots.slot_mut(&slot));
+                if n == 0 {
+                    io.slots.give_back(slot);
+                } else {
+                    *tx = Tx {
+                        slot: Some(slot),
+                        start: 0,
+                        end: n,
+                        ..Tx::default()
+                    };
+                }
+            }
         }
         true
     }
@@ -345,10 +391,14 @@ impl Sock {
                 self.tx.stash.len() - self.tx.start,
             ),
         };
+        if len == 0 {
+            return;
+        }
         let e = opcode::Send::new(types::Fd(self.fd), ptr, len as u32)
             .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
             .build()
             .user_data(UserData::new(self.side.send(), key.gen, key.index).encode());
+        self.tx.sending = len;
         self.tx.in_flight = true;
         self.in_flight += 1;
         io.push(e);
@@ -414,7 +464,11 @@ impl Sock {
         flags: u32,
         counters: &WorkerCounters,
     ) -> Done {
-        self.in_flight = self.in_flight.saturating_sub(1);
+        let more = io_uring::cqueue::more(flags);
+        if !more {
+            // A multishot receive's last completion, or any other operation's only one.
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
         let bid = io_uring::cqueue::buffer_select(flags);
         let done = if self.closing {
             if let Some(bid) = bid {
@@ -423,7 +477,12 @@ impl Sock {
             Done::Event(OwnedEvent::Nothing)
         } else {
             match op {
-                Op::ClientRecv | Op::BackendRecv => self.on_recv(io, res, bid, counters),
+                Op::ClientRecv | Op::BackendRecv => {
+                    if !more {
+                        self.recv = Recv::Idle;
+                    }
+                    self.on_recv(io, res, bid, counters)
+                }
                 Op::ClientSend | Op::BackendSend => self.on_send(io, res, key),
                 Op::ClientPoll | Op::BackendPoll => {
                     self.poll = false;
@@ -444,7 +503,6 @@ impl Sock {
         bid: Option<u16>,
         counters: &WorkerCounters,
     ) -> Done {
-        self.recv = false;
         if res > 0 {
             return match bid {
                 Some(bid) => Done::Data {
@@ -476,12 +534,9 @@ impl Sock {
 
     fn on_send(&mut self, io: &mut Io, res: i32, key: Key) -> Done {
         self.tx.in_flight = false;
-        let queued = match &self.tx.slot {
-            Some(_) => self.tx.end - self.tx.start,
-            None => self.tx.stash.len() - self.tx.start,
-        };
+        let sent = std::mem::take(&mut self.tx.sending);
         let written = match res {
-            n if n >= 0 => (n as usize).min(queued),
+            n if n >= 0 => (n as usize).min(sent),
             r if r == -libc::EAGAIN || r == -libc::EINTR => 0,
             r => {
                 self.break_off(io);
@@ -492,12 +547,24 @@ impl Sock {
             self.progressed = true;
         }
         self.tx.start += written;
-        if written == queued {
+        let left = match &self.tx.slot {
+            Some(_) => self.tx.end - self.tx.start,
+            None => self.tx.stash.len() - self.tx.start,
+        };
+        if left == 0 {
             self.give_back_tx(io);
             return Done::Event(OwnedEvent::Nothing);
         }
-        // The peer's window is full: keep the rest off the pool and wait for room.
-        if let Some(slot) = self.tx.slot.take() {
+        if written == sent {
+            // All of it went; what was appended meanwhile goes with the next flush.
+            return Done::Event(OwnedEvent::Nothing);
+        }
+        // The peer's window is full: wait for room. While the pool has plenty of free slots
+        // the rest stays in its slot (a bulk transfer to a client slower than us hits this all
+        // the time); once three quarters are lent, it moves off the pool into the stash, so
+        // peers that do not read can never hold the slots others need.
+        let plenty = io.slots.in_use() * 4 < io.slots.capacity() * 3;
+        if let Some(slot) = self.tx.slot.take_if(|_| !plenty) {
             let rest = &io.slots.slot_mut(&slot)[self.tx.start..self.tx.end];
             self.tx.stash = rest.to_vec();
             self.tx.start = 0;

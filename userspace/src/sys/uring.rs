@@ -23,6 +23,10 @@ use io_uring::IoUring;
 /// in a slot; ciphertext records straddling two slots are fine since TCP is a byte stream.
 pub const BUF_SIZE: usize = 16 * 1024;
 
+/// Size of one send slot: a whole TLS record as it goes out (16 KiB of plaintext plus the
+/// record's overhead) and then some, so a record does not straddle two sends.
+pub const SLOT_SIZE: usize = 32 * 1024;
+
 /// An anonymous, page-aligned, zeroed mapping that is unmapped on drop (memmap2). Populated
 /// at once: a worker's buffer memory is resident from start-up, so memory use is predictable
 /// and no receive pays a page fault. The kernel keeps raw pointers into it (registered buffers,
@@ -153,7 +157,7 @@ pub struct SlotPool {
 
 impl SlotPool {
     pub fn new(ring: &IoUring, count: u32) -> io::Result<SlotPool> {
-        let mem = Mapping::new(count as usize * BUF_SIZE)?;
+        let mem = Mapping::new(count as usize * SLOT_SIZE)?;
         let iov = libc::iovec {
             iov_base: mem.ptr.as_ptr().cast(),
             iov_len: mem.len,
@@ -193,8 +197,8 @@ impl SlotPool {
         // the caller only writes to slots it does not have a write in flight for.
         unsafe {
             std::slice::from_raw_parts_mut(
-                self.mem.ptr.as_ptr().add(id as usize * BUF_SIZE),
-                BUF_SIZE,
+                self.mem.ptr.as_ptr().add(id as usize * SLOT_SIZE),
+                SLOT_SIZE,
             )
         }
     }
@@ -203,11 +207,11 @@ impl SlotPool {
     pub fn ptr(&self, id: &SlotId, offset: usize) -> *const u8 {
         let id = id.0;
         assert!(
-            id < self.count && offset <= BUF_SIZE,
+            id < self.count && offset <= SLOT_SIZE,
             "slot id or offset out of range"
         );
         // SAFETY: in bounds (checked).
-        unsafe { self.mem.ptr.as_ptr().add(id as usize * BUF_SIZE + offset) }
+        unsafe { self.mem.ptr.as_ptr().add(id as usize * SLOT_SIZE + offset) }
     }
 }
 

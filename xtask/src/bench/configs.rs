@@ -79,7 +79,7 @@ pub fn nginx_cpu_mask(cpu: usize) -> String {
     format!("1{}", "0".repeat(cpu))
 }
 
-/// The `[xdp]` table of every bench config with a bypass (`mode = "xdp"`) listener: 4 KiB
+/// The `[xdp]` table of every bench config with a bypass (`mode = "bypass"`) listener: 4 KiB
 /// pages, because a bench must not leave hugepages reserved on the machine (`auto` would raise
 /// `vm.nr_hugepages` and keep them); the other AF_XDP settings (`frames_per_worker`, rings) stay
 /// at tern's defaults, as in `cargo xtask bench tcp`.
@@ -88,7 +88,7 @@ pub const BYPASS_XDP_TABLE: &str = "[xdp]\nhugepages = \"off\"\n";
 /// The listener lines of a bypass listener on `iface` (the rig's server-side veth: the XDP
 /// program only sees frames that cross it).
 pub fn bypass_listener_lines(iface: &str) -> String {
-    format!("mode = \"xdp\"\ninterface = \"{iface}\"\n")
+    format!("mode = \"bypass\"\ninterface = \"{iface}\"\n")
 }
 
 /// tern, kernel mode, one worker pinned to `cpu`.
@@ -97,7 +97,7 @@ pub fn tern(l: &TargetLayout) -> Result<String, UnsafePath> {
 }
 
 /// tern, bypass mode: the same certificate, TLS settings, backend and worker pinning as
-/// [`tern`], but the listener is `mode = "xdp"` on `iface` with `tls = true`, served by one
+/// [`tern`], but the listener is `mode = "bypass"` on `iface` with `tls = true`, served by one
 /// bypass worker (its own TCP stack on AF_XDP) on `cpu`. `max_connections` is the stack's slab
 /// capacity (`limits.max_connections_per_worker`): slots are preallocated, so it is sized to
 /// what the bench needs (idle connections and TIME-WAIT), not to the fd limit. `iface` comes

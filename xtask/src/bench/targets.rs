@@ -12,7 +12,7 @@
 //! the processes' lifetime (that is [`super::daemon::Daemon`]).
 //!
 //! tern-bypass is the same tern binary and config as tern-kernel except for the listener
-//! (`mode = "xdp"` on the rig's server-side veth, `tls = true`), `[xdp] hugepages = "off"` and
+//! (`mode = "bypass"` on the rig's server-side veth, `tls = true`), `[xdp] hugepages = "off"` and
 //! the slab size: its one bypass worker (pinned like the kernel worker) runs tern's own TCP
 //! stack on AF_XDP, whose connection slots (`limits.max_connections_per_worker`) are
 //! preallocated; [`bypass_slots`] sizes them to what the bench will hold.
@@ -58,7 +58,7 @@ pub fn bypass_slots(max_idle: u64) -> u64 {
 /// A column of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Target {
-    /// tern with its own TCP stack on AF_XDP (`mode = "xdp"`), TLS terminated in its bypass
+    /// tern with its own TCP stack on AF_XDP (`mode = "bypass"`), TLS terminated in its bypass
     /// worker.
     TernBypass,
     /// tern on kernel sockets with io_uring.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench tcp`: plain-TCP (L4) proxying through tern's bypass path (`mode = "xdp"`,
+//! `cargo xtask bench tcp`: plain-TCP (L4) proxying through tern's bypass path (`mode = "bypass"`,
 //! tern's own TCP stack on AF_XDP) against tern's kernel path (`mode = "kernel"`, kernel
 //! sockets), both `tls = false`, on the same rig, the same echo backend and in the same run.
 //!
@@ -433,7 +433,7 @@ fn pinned(rig: &Rig, cpu: usize, argv: &[String]) -> Command {
 fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, dir: &Path) -> String {
     let listener = match path {
         DataPath::Kernel => format!("mode = \"kernel\"\ninterface = \"{iface}\"\n"),
-        DataPath::Bypass => format!("mode = \"xdp\"\ninterface = \"{iface}\"\n"),
+        DataPath::Bypass => format!("mode = \"bypass\"\ninterface = \"{iface}\"\n"),
     };
     // 4 KiB pages: a bench must not leave hugepages reserved on the machine.
     let xdp = match path {
@@ -815,7 +815,7 @@ mod tests {
             "{k}"
         );
         assert!(
-            b.contains("mode = \"xdp\"") && b.contains("hugepages = \"off\""),
+            b.contains("mode = \"bypass\"") && b.contains("hugepages = \"off\""),
             "{b}"
         );
     }
