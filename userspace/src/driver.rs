@@ -721,6 +721,22 @@ fn execute(
     }
 }
 
+/// The part of ending a connection both paths share: marks the entry closing (once: `None`
+/// when it already was), counts it, closes the backend leg (FIN or RST) and gives back the
+/// source's place. Returns whether the end is graceful; the caller then closes its client leg
+/// the same way and frees the entry once nothing is in flight.
+pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End) -> Option<bool> {
+    if e.closing {
+        return None;
+    }
+    e.closing = true;
+    sh.counters.closed.inc();
+    let graceful = end == End::Graceful;
+    e.backend.close(&mut sh.io, graceful);
+    sh.sources.release(e.conn.peer.ip());
+    Some(graceful)
+}
+
 /// What a path's client transport reports at the end of a pump.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientOutput {

@@ -61,7 +61,7 @@ pub struct ListenSocket {
 
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16 * 1024;
-const RECV_BUFFERS: u16 = 1024;
+const RECV_BUFFERS: u16 = 512;
 /// Timer granularity; also the longest the worker sleeps without looking at its flags.
 const TICK: Duration = Duration::from_millis(100);
 const LISTEN_RETRY: Millis = 1000;
@@ -456,15 +456,10 @@ impl Worker {
         let Some(e) = self.conns.get_mut(key) else {
             return;
         };
-        if e.closing {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, e, end) else {
             return;
-        }
-        e.closing = true;
-        self.sh.counters.closed.inc();
-        let graceful = end == End::Graceful;
+        };
         e.client.close(&mut self.sh.io, graceful);
-        e.backend.close(&mut self.sh.io, graceful);
-        self.sh.sources.release(e.conn.peer.ip());
         if e.client.is_released() && e.backend.is_released() {
             self.free(key);
         }

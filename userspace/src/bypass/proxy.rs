@@ -70,9 +70,9 @@ const CQ_ENTRIES: u32 = 8192;
 /// backend is in flight; connections that find none wait (back pressure), and the pool is
 /// pinned memory, so it is bounded well below one per connection.
 const MAX_SLOTS: u32 = 1024;
-/// Provided buffers for backend receives (16 KiB each): a buffer is taken only when data
+/// Provided buffers for backend receives (32 KiB each): a buffer is taken only when data
 /// arrives, so idle connections hold none.
-const RECV_BUFFERS: u16 = 1024;
+const RECV_BUFFERS: u16 = 512;
 /// How often the stack's counters are published for `tern ctl stats`, keys checked and the
 /// driver's deadlines looked at.
 const HOUSEKEEPING_US: u64 = 100_000;
@@ -620,14 +620,9 @@ impl Proxy {
         let Some(p) = self.conns.get_mut(key) else {
             return;
         };
-        if p.closing {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, p, end) else {
             return;
-        }
-        p.closing = true;
-        self.sh.counters.closed.inc();
-        let graceful = end == End::Graceful;
-        p.backend.close(&mut self.sh.io, graceful);
-        self.sh.sources.release(p.conn.peer.ip());
+        };
         if let Some(id) = p.client.tcb.take() {
             if let Some(tcb) = self.stack.conn_mut(id) {
                 if graceful {

@@ -13,13 +13,13 @@
 //! only when the last completion is in, so an fd number is never reused while an operation that
 //! names it is queued.
 //!
-//! Receives are multishot into the provided-buffer ring: armed while the connection's machine
-//! wants bytes from that peer, cancelled when it stops wanting them (the session's bound allows
-//! for the buffer the cancel may still bring). At most one receive and one send are in flight
-//! per socket.
+//! Receives are single-shot into the provided-buffer ring (32 KiB buffers), armed only while
+//! the connection's machine wants bytes from that peer: one buffer per arm, so the session's
+//! bound holds however fast the peer sends, and back pressure needs no cancel. At most one
+//! receive and one send are in flight per socket.
 //!
-//! Kernel interfaces: io_uring_enter(2) with RECV (multishot, buffer select), SEND, POLL_ADD,
-//! CONNECT linked to LINK_TIMEOUT, ASYNC_CANCEL by `user_data` and by fd.
+//! Kernel interfaces: io_uring_enter(2) with RECV (buffer select), SEND, POLL_ADD, CONNECT
+//! linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::{Event, Key};
 use crate::counters::WorkerCounters;
-use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, SLOT_SIZE};
+use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE, SLOT_SIZE};
 
 /// The provided-buffer group every receive draws from.
 pub const BUF_GROUP: u16 = 0;
@@ -191,24 +191,13 @@ impl Tx {
     }
 }
 
-/// The receive of a socket: one multishot RECV, armed while the machine wants bytes from the
-/// peer and cancelled when it does not (the final completion may still bring a buffer: the
-/// session's bound allows for that one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recv {
-    Idle,
-    Armed,
-    /// A cancel was asked for; the last completion (without `IORING_CQE_F_MORE`) is to come.
-    Cancelling,
-}
-
 /// One socket. See the module documentation.
 pub struct Sock {
     side: Side,
     /// -1: no socket (backend not connected yet, or closed).
     fd: RawFd,
     /// A receive is in flight.
-    recv: Recv,
+    recv: bool,
     /// The peer's EOF was seen: no receive is armed again.
     eof: bool,
     /// A POLLOUT is in flight (the peer's window was full).
@@ -234,7 +223,7 @@ impl Sock {
         Sock {
             side,
             fd: -1,
-            recv: Recv::Idle,
+            recv: false,
             eof: false,
             poll: false,
             tx: Tx::default(),
@@ -305,27 +294,20 @@ impl Sock {
         if self.eof || self.closing || self.broken || self.fd < 0 {
             return;
         }
-        let ud = UserData::new(self.side.recv(), key.gen, key.index).encode();
-        match (self.recv, wanted) {
-            (Recv::Idle, true) => {
-                // Multishot: stays armed across completions (no SQE per buffer, and the poll
-                // behind it stays registered) until cancelled, EOF, an error or an empty ring.
-                let e = opcode::RecvMulti::new(types::Fd(self.fd), BUF_GROUP)
-                    .build()
-                    .user_data(ud);
-                self.recv = Recv::Armed;
-                self.in_flight += 1;
-                io.push(e);
-            }
-            (Recv::Armed, false) => {
-                let e = opcode::AsyncCancel::new(ud)
-                    .build()
-                    .user_data(UserData::new(Op::Cancel, 0, 0).encode());
-                self.recv = Recv::Cancelling;
-                io.push(e);
-            }
-            _ => {}
+        if !wanted || self.recv {
+            return;
         }
+        // Single-shot: at most one buffer arrives per arm, so the session's bound holds
+        // whatever the peer sends (a multishot receive went on filling buffers until its
+        // cancel was processed: hundreds of slow readers' backends overran their bounds).
+        let e = opcode::Recv::new(types::Fd(self.fd), std::ptr::null_mut(), BUF_SIZE as u32)
+            .buf_group(BUF_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(UserData::new(self.side.recv(), key.gen, key.index).encode());
+        self.recv = true;
+        self.in_flight += 1;
+        io.push(e);
     }
 
     /// Queues bytes for the peer when nothing is queued: `f` writes into a free send slot and
@@ -464,9 +446,8 @@ impl Sock {
         flags: u32,
         counters: &WorkerCounters,
     ) -> Done {
-        let more = io_uring::cqueue::more(flags);
-        if !more {
-            // A multishot receive's last completion, or any other operation's only one.
+        if !io_uring::cqueue::more(flags) {
+            // An operation's last completion (every operation here has only one).
             self.in_flight = self.in_flight.saturating_sub(1);
         }
         let bid = io_uring::cqueue::buffer_select(flags);
@@ -478,9 +459,7 @@ impl Sock {
         } else {
             match op {
                 Op::ClientRecv | Op::BackendRecv => {
-                    if !more {
-                        self.recv = Recv::Idle;
-                    }
+                    self.recv = false;
                     self.on_recv(io, res, bid, counters)
                 }
                 Op::ClientSend | Op::BackendSend => self.on_send(io, res, key),

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
 
-/// Size of one receive buffer and of one send slot. One TLS record (16 KiB of plaintext) fits
-/// in a slot; ciphertext records straddling two slots are fine since TCP is a byte stream.
-pub const BUF_SIZE: usize = 16 * 1024;
+/// Size of one receive buffer: a receive takes up to two TLS records' worth (fewer receives
+/// per MiB; one buffer per receive keeps the session's bound).
+pub const BUF_SIZE: usize = 32 * 1024;
 
 /// Size of one send slot: a whole TLS record as it goes out (16 KiB of plaintext plus the
 /// record's overhead) and then some, so a record does not straddle two sends.
