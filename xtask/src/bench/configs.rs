@@ -339,7 +339,7 @@ mod tests {
         let text = tern_bypass(&l, "tn-bench-s-1").expect("plain paths");
         let value: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         let listener = &value["listener"][0];
-        assert_eq!(listener["mode"].as_str(), Some("xdp"), "{text}");
+        assert_eq!(listener["mode"].as_str(), Some("bypass"), "{text}");
         assert_eq!(listener["interface"].as_str(), Some("tn-bench-s-1"));
         assert_eq!(listener["tls"].as_bool(), Some(true));
         assert_eq!(listener["address"].as_str(), Some("10.201.3.1:443"));
