@@ -1218,8 +1218,9 @@ fn plain_sessions_end_on_reset_and_silence() {
     s.assert_counted(&[("idle_timeouts", 1)]);
 }
 
-#[test]
-fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
+/// A TLS exchange in which the backend answered and finished: our close_notify and FIN are
+/// out, the client has not finished; the fin deadline is 2 s.
+fn after_our_fin() -> Script {
     let mut s = Script::with(
         1,
         true,
@@ -1233,6 +1234,12 @@ fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
     s.backend_connects();
     s.backend_sends(BODY);
     s.backend_fin();
+    s
+}
+
+#[test]
+fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
+    let mut s = after_our_fin();
     assert!(
         s.client_close_notify && s.client_saw_fin(),
         "our side is done"
@@ -1253,19 +1260,7 @@ fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
 
 #[test]
 fn a_client_that_finishes_after_our_fin_ends_gracefully() {
-    let mut s = Script::with(
-        1,
-        true,
-        Policy {
-            fin: Duration::from_secs(2),
-            ..policy()
-        },
-    );
-    s.handshake();
-    s.client_sends(REQUEST);
-    s.backend_connects();
-    s.backend_sends(BODY);
-    s.backend_fin();
+    let mut s = after_our_fin();
     s.mark();
     s.advance(1_000);
     s.client_fin();
