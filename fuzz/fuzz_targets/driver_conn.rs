@@ -182,7 +182,7 @@ impl Rig {
             .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
             .collect();
         let mut rig = Rig {
-            conn: Conn::new(session, peer, now),
+            conn: Conn::new(session, peer, 0, now),
             backends: Backends::new(servers, 0),
             counters: WorkerCounters::default(),
             policy: policy(eager),

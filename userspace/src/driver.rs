@@ -152,11 +152,41 @@ pub enum Event<'a> {
     Nothing,
 }
 
+/// When the milestones of a connection happened (the latency histograms, the access log).
+/// `None`: not reached (yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamps {
+    /// The TLS handshake finished (plain connections: at accept).
+    pub handshake_done: Option<Instant>,
+    /// The latest backend connect attempt started (failover restarts it).
+    pub connect_started: Option<Instant>,
+    /// The backend connection was established.
+    pub connected: Option<Instant>,
+    /// The backend's first byte arrived.
+    pub first_backend_byte: Option<Instant>,
+}
+
+/// One connection's byte counts: ciphertext on the client side (plain listeners: the bytes as
+/// they are), plaintext on the backend side (the PROXY header included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnBytes {
+    pub from_client: u64,
+    pub to_client: u64,
+    pub to_backend: u64,
+    pub from_backend: u64,
+}
+
 /// One proxied connection's machine. See the module documentation.
 pub struct Conn {
     session: Session,
     /// The client's address (logs, PROXY header, per-source accounting).
     pub peer: SocketAddr,
+    /// The listener that accepted it: its index in `config.listeners`.
+    pub listener: u16,
+    /// The backend server (index in [`Backends`]) this connection tried last, if any.
+    server: Option<usize>,
+    stamps: Stamps,
+    bytes: ConnBytes,
     leg: Leg,
     /// The client's FIN has been passed to the session.
     client_in: Flow,
@@ -175,10 +205,14 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(session: Session, peer: SocketAddr, now: Instant) -> Conn {
+    pub fn new(session: Session, peer: SocketAddr, listener: u16, now: Instant) -> Conn {
         Conn {
             session,
             peer,
+            listener,
+            server: None,
+            stamps: Stamps::default(),
+            bytes: ConnBytes::default(),
             leg: Leg::Idle,
             client_in: Flow::Open,
             client_out: Flow::Open,
@@ -197,6 +231,31 @@ impl Conn {
 
     pub fn leg(&self) -> Leg {
         self.leg
+    }
+
+    /// When it was accepted.
+    pub fn accepted(&self) -> Instant {
+        self.accepted
+    }
+
+    /// When its milestones happened.
+    pub fn stamps(&self) -> &Stamps {
+        &self.stamps
+    }
+
+    /// Its byte counts so far.
+    pub fn bytes(&self) -> &ConnBytes {
+        &self.bytes
+    }
+
+    /// The backend server it tried last (index in [`Backends`]), if any.
+    pub fn server(&self) -> Option<usize> {
+        self.server
+    }
+
+    /// How it ended, once it has (see [`Conn::poll_end`]).
+    pub fn end(&self) -> Option<End> {
+        self.end
     }
 
     /// Whether the machine has decided the connection is over (see [`Conn::poll_end`]).
@@ -227,6 +286,7 @@ impl Conn {
         counters: &WorkerCounters,
     ) -> Result<(), SessionError> {
         counters.client_bytes_in.add(data.len() as u64);
+        self.bytes.from_client += data.len() as u64;
         let r = self.session.client_recv(data);
         if r.is_err() {
             counters.tls_errors.inc();
@@ -278,6 +338,7 @@ impl Conn {
     pub fn client_output(&mut self, dst: &mut [u8], counters: &WorkerCounters) -> usize {
         let n = self.session.client_output(dst);
         counters.client_bytes_out.add(n as u64);
+        self.bytes.to_client += n as u64;
         n
     }
 
@@ -323,6 +384,9 @@ impl Conn {
         flushed: bool,
         now: Instant,
     ) -> Option<BackendOp> {
+        if self.stamps.handshake_done.is_none() && self.session.stage() == Stage::Proxying {
+            self.stamps.handshake_done = Some(now);
+        }
         if self.end.is_some() {
             return None;
         }
@@ -330,6 +394,8 @@ impl Conn {
         match self.leg {
             Leg::Idle if self.session.needs_backend(eager) => {
                 let server = backends.pick(now, counters);
+                self.server = Some(server);
+                self.stamps.connect_started = Some(now);
                 self.leg = Leg::Connecting {
                     server,
                     first: server,
@@ -410,6 +476,7 @@ impl Conn {
                 if n > 0 {
                     self.active = now;
                     counters.backend_bytes_out.add(n as u64);
+                    self.bytes.to_backend += n as u64;
                 }
                 n
             }
@@ -434,6 +501,8 @@ impl Conn {
         match ev {
             Event::Data(data) => {
                 counters.backend_bytes_in.add(data.len() as u64);
+                self.bytes.from_backend += data.len() as u64;
+                self.stamps.first_backend_byte.get_or_insert(now);
                 if self.end.is_none() {
                     self.active = now;
                     self.session.backend_recv(data);
@@ -481,6 +550,7 @@ impl Conn {
             Event::Connected => {
                 if let Leg::Connecting { server, .. } = self.leg {
                     counters.backend_connects.inc();
+                    self.stamps.connected = Some(now);
                     backends.up(server, now);
                     self.leg = Leg::Connected {
                         server,
@@ -510,6 +580,8 @@ impl Conn {
                 }
                 match backends.failover(server, first, now, counters) {
                     Some(next) => {
+                        self.server = Some(next);
+                        self.stamps.connect_started = Some(now);
                         self.leg = Leg::Connecting {
                             server: next,
                             first,

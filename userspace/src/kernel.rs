@@ -57,6 +57,8 @@ pub struct ListenSocket {
     pub fd: RawFd,
     /// Terminate TLS on its connections; `false`: plain TCP (L4) proxying.
     pub tls: bool,
+    /// Its listener's index in `config.listeners`.
+    pub listener: u16,
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -87,6 +89,8 @@ pub struct Worker {
 struct Listener {
     fd: RawFd,
     tls: bool,
+    /// Index in `config.listeners`.
+    index: u16,
     armed: bool,
     /// After an accept error (e.g. EMFILE), re-arm no earlier than this.
     retry_at: Millis,
@@ -126,6 +130,7 @@ impl Worker {
                 .map(|l| Listener {
                     fd: l.fd,
                     tls: l.tls,
+                    index: l.listener,
                     armed: false,
                     retry_at: 0,
                 })
@@ -368,7 +373,8 @@ impl Worker {
             return;
         }
         self.sh.counters.accepted.inc();
-        match self.new_conn(fd, peer, local, self.listeners[pos].tls) {
+        let (tls, index) = (self.listeners[pos].tls, self.listeners[pos].index);
+        match self.new_conn(fd, peer, local, tls, index) {
             Ok(key) => self.pump(key),
             Err(e) => {
                 tracing::warn!(worker = self.id, error = %e, "cannot set up accepted connection");
@@ -384,6 +390,7 @@ impl Worker {
         peer: SocketAddr,
         local: SocketAddr,
         tls: bool,
+        listener: u16,
     ) -> io::Result<Key> {
         // SAFETY: `fd` is the socket just accepted, open for the duration of this borrow.
         let _ =
@@ -405,7 +412,7 @@ impl Worker {
         let key = self
             .conns
             .insert(
-                Conn::new(session, peer, now),
+                Conn::new(session, peer, listener, now),
                 Sock::adopt(Side::Client, fd),
                 Sock::none(Side::Backend),
             )

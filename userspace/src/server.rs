@@ -128,11 +128,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // made (never before: `bind` refuses a path another tern answers on).
     started.control_socket = Some(control_file);
     // Kernel-mode workers serve the kernel listeners; none are started without any.
-    let kernel_listeners: Vec<(SocketAddr, bool)> = config
+    let kernel_listeners: Vec<(SocketAddr, bool, u16)> = config
         .listeners
         .iter()
-        .filter(|l| l.mode == ListenerMode::Kernel)
-        .map(|l| (l.address, l.tls))
+        .enumerate()
+        .filter(|(_, l)| l.mode == ListenerMode::Kernel)
+        .map(|(i, l)| (l.address, l.tls, i as u16))
         .collect();
     let kernel_workers = if kernel_listeners.is_empty() {
         0
@@ -154,11 +155,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
-        for &(address, tls) in &kernel_listeners {
+        for &(address, tls, listener) in &kernel_listeners {
             // Sockets made so far are closed (dropped) if this one fails.
             let fd = listen_socket(address)
                 .with_context(|| format!("listening on {address} (worker {i})"))?;
-            fds.push((fd, tls));
+            fds.push((fd, tls, listener));
         }
         let cpu = config
             .workers
@@ -186,15 +187,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                         tracing::warn!(worker = i, cpu, "could not pin worker to its CPU");
                     }
                 }
-                let raw: Vec<RawFd> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+                let raw: Vec<RawFd> = fds.iter().map(|(fd, _, _)| fd.as_raw_fd()).collect();
                 let mut setup = setup;
                 // The worker owns its listening sockets from here on (it closes them when it
                 // stops); if it cannot be built they are closed here.
                 setup.listeners = fds
                     .into_iter()
-                    .map(|(fd, tls)| kernel::ListenSocket {
+                    .map(|(fd, tls, listener)| kernel::ListenSocket {
                         fd: fd.into_raw_fd(),
                         tls,
+                        listener,
                     })
                     .collect();
                 // The ring is built on the worker's own thread: it is set up single-issuer.
@@ -354,6 +356,13 @@ fn start_bypass(
         .filter(|l| l.tls)
         .map(|l| l.address)
         .collect();
+    let listener_ids: Vec<(SocketAddr, u16)> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
+        .map(|(i, l)| (l.address, i as u16))
+        .collect();
     let mut extras = Vec::new();
     let workers = bypass::start_with(&setup, prog, |id, _| {
         let counters = Arc::new(WorkerCounters::default());
@@ -364,6 +373,7 @@ fn start_bypass(
             policy: crate::driver::Policy::from_config(config),
             listeners: addrs.to_vec(),
             tls_listeners: tls_listeners.clone(),
+            listener_ids: listener_ids.clone(),
             tls: tls.cloned(),
             backend: config.backend.clone(),
             timeouts: config.timeouts,

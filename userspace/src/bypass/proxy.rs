@@ -146,6 +146,8 @@ pub struct ProxySetup {
     pub listeners: Vec<SocketAddr>,
     /// Those of `listeners` that terminate TLS (`tls = true`).
     pub tls_listeners: Vec<SocketAddr>,
+    /// Each of `listeners` with its index in `config.listeners` (metrics, access log).
+    pub listener_ids: Vec<(SocketAddr, u16)>,
     /// The TLS configuration (certificates, session cache, tickets) shared with kernel mode;
     /// required when `tls_listeners` is not empty.
     pub tls: Option<Arc<ServerConfig>>,
@@ -197,6 +199,7 @@ pub struct Proxy {
     /// Stack slot → owner.
     by_slot: Vec<Owner>,
     tls_listeners: Vec<SocketAddr>,
+    listener_ids: Vec<(SocketAddr, u16)>,
     tls: Option<Arc<ServerConfig>>,
     proxy_protocol: ProxyProtocol,
     limit: usize,
@@ -317,6 +320,7 @@ impl Proxy {
             conns: Table::new(2 * capacity, WHEEL_TICK_MS, now),
             by_slot: vec![Owner::None; capacity],
             tls_listeners: setup.tls_listeners,
+            listener_ids: setup.listener_ids,
             tls: setup.tls,
             proxy_protocol: setup.backend.proxy_protocol,
             limit: setup.limits.buffer_per_direction,
@@ -439,8 +443,9 @@ impl Proxy {
             tcb: Some(id),
             sent_queue: 0,
         };
+        let listener = listener_index(&self.listener_ids, local);
         let key = self.conns.insert(
-            Conn::new(session, remote, now),
+            Conn::new(session, remote, listener, now),
             client,
             Sock::none(Side::Backend),
         )?;
@@ -872,6 +877,19 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
 }
 
 /// The cookie key of period `period`: the same on every worker of the process.
+/// The index in `config.listeners` of the listener a connection to `local` was accepted by:
+/// the exact address, else the wildcard one of its port (0 if none, which cannot happen: the
+/// stack accepts only for listeners).
+fn listener_index(ids: &[(SocketAddr, u16)], local: SocketAddr) -> u16 {
+    ids.iter()
+        .find(|(a, _)| *a == local)
+        .or_else(|| {
+            ids.iter()
+                .find(|(a, _)| a.ip().is_unspecified() && a.port() == local.port())
+        })
+        .map_or(0, |&(_, i)| i)
+}
+
 fn cookie_key(secret: &CookieKey, period: u64) -> CookieKey {
     let lo = siphash24(secret, &period.to_le_bytes());
     let hi = siphash24(secret, &(!period).to_le_bytes());

@@ -139,7 +139,7 @@ impl Script {
         };
         let now = Instant::from_secs(1000);
         Script {
-            conn: Conn::new(session, peer, now),
+            conn: Conn::new(session, peer, 0, now),
             backends: Backends::new(servers(servers_n), 0),
             counters: WorkerCounters::default(),
             policy,
@@ -1283,4 +1283,38 @@ fn a_failed_write_to_a_backend_that_already_finished_keeps_its_answer() {
     s.client_fin();
     assert_eq!(s.end, Some(End::Graceful));
     s.assert_counted(&[]);
+}
+
+#[test]
+fn milestones_and_byte_counts_are_recorded() {
+    let mut s = Script::tls(1);
+    let t0 = s.now;
+    s.handshake();
+    assert_eq!(s.conn.stamps().handshake_done, Some(t0));
+    assert_eq!(s.conn.server(), None, "no backend before the first byte");
+    s.advance(5);
+    s.client_sends(REQUEST);
+    let t1 = t0 + Duration::from_millis(5);
+    assert_eq!(s.conn.stamps().connect_started, Some(t1));
+    assert_eq!(s.conn.server(), Some(0));
+    s.advance(7);
+    s.backend_connects();
+    assert_eq!(
+        s.conn.stamps().connected,
+        Some(t1 + Duration::from_millis(7))
+    );
+    assert_eq!(s.conn.stamps().first_backend_byte, None);
+    s.advance(3);
+    s.backend_sends(BODY);
+    assert_eq!(
+        s.conn.stamps().first_backend_byte,
+        Some(t1 + Duration::from_millis(10))
+    );
+    let b = *s.conn.bytes();
+    assert_eq!(b.to_backend, REQUEST.len() as u64);
+    assert_eq!(b.from_backend, BODY.len() as u64);
+    assert!(b.from_client > REQUEST.len() as u64, "ciphertext: {b:?}");
+    assert!(b.to_client > BODY.len() as u64, "ciphertext: {b:?}");
+    assert_eq!(s.conn.accepted(), t0);
+    assert_eq!(s.conn.listener, 0);
 }
