@@ -182,7 +182,7 @@ impl Rig {
             .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
             .collect();
         let mut rig = Rig {
-            conn: Conn::new(session, peer, 0, now),
+            conn: Conn::new(session, peer, 0, policy(eager), now),
             backends: Backends::new(servers, 0),
             counters: WorkerCounters::default(),
             policy: policy(eager),
@@ -503,8 +503,8 @@ impl Rig {
 
     fn advance(&mut self, by: Duration) {
         self.now += by;
-        let due = self.conn.next_deadline(&self.policy);
-        let fired = self.conn.on_timeout(self.now, &self.policy, &self.counters);
+        let due = self.conn.next_deadline();
+        let fired = self.conn.on_timeout(self.now, &self.counters);
         match due {
             Some(d) => assert_eq!(fired, d <= self.now, "deadline {d:?} at {:?}", self.now),
             None => assert!(!fired, "no deadline, yet one fired"),
@@ -543,12 +543,12 @@ impl Rig {
         }
         match end {
             Some(_) => {
-                assert_eq!(self.conn.next_deadline(&self.policy), None);
+                assert_eq!(self.conn.next_deadline(), None);
                 assert!(!self.conn.wants_client_read() && !self.conn.wants_backend_read());
                 assert!(!self.conn.wants_client_write() && !self.conn.backend_writable());
             }
             None => assert!(
-                self.conn.next_deadline(&self.policy).is_some(),
+                self.conn.next_deadline().is_some(),
                 "a live connection has a deadline"
             ),
         }

@@ -51,6 +51,9 @@ pub struct ControlState {
     /// The bypass workers (`mode = "bypass"` listeners), one entry per worker and interface.
     pub bypass: Vec<BypassInfo>,
     pub started: Instant,
+    /// The running configuration and `reload`.
+    pub reloader: Arc<crate::reload::Reloader>,
+    pub shutdown: Arc<crate::server::Shutdown>,
 }
 
 /// What the control plane shows of one bypass worker.
@@ -531,17 +534,33 @@ pub fn reply(state: &ControlState, line: &str) -> String {
         ("block", Some(prefix), None) => block(state, prefix),
         ("unblock", Some(prefix), None) => unblock(state, prefix),
         ("blocks", None, _) => blocks(state),
+        ("reload", None, _) => reload(state),
         ("block" | "unblock", None, _) => Err(format!("usage: {command} PREFIX")),
         ("block" | "unblock", Some(_), Some(_)) => {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
-        ("ping" | "stats" | "blocks", Some(_), _) => Err(format!("{command} takes no argument")),
+        ("ping" | "stats" | "blocks" | "reload", Some(_), _) => {
+            Err(format!("{command} takes no argument"))
+        }
         _ => Err(format!(
-            "unknown command {:?} (commands: ping, stats, block PREFIX, unblock PREFIX, blocks)",
+            "unknown command {:?} (commands: ping, stats, reload, block PREFIX, unblock PREFIX, blocks)",
             line.trim()
         )),
     };
     result.unwrap_or_else(|message| format!("error: {message}\n"))
+}
+
+/// Re-reads the configuration file; the reply says what changed, or why nothing did.
+fn reload(state: &ControlState) -> Result<String, String> {
+    let draining = state.shutdown.drain.load(Ordering::Relaxed);
+    let outcome = state.reloader.reload(draining);
+    crate::reload::log_outcome("tern ctl reload", &outcome);
+    match outcome {
+        Ok(r) => Ok(format!("ok: {r}\n")),
+        Err(e) => Err(format!(
+            "reload refused, the running configuration is kept: {e}"
+        )),
+    }
 }
 
 /// Runs `f` on every attached program, in attach order; stops at the first error. The error
@@ -715,11 +734,16 @@ mod tests {
     use crate::config::XdpAttach;
 
     fn state(programs: Vec<(String, XdpProgram)>) -> ControlState {
+        let text = "[[listener]]\naddress = \"127.0.0.1:8443\"\ntls = false\n\n[backend]\nservers = [\"127.0.0.1:8080\"]\n";
+        let config = crate::config::Config::from_str(Path::new("/nonexistent/tern.toml"), text)
+            .unwrap_or_else(|e| panic!("{e}"));
         ControlState {
             workers: vec![Arc::new(WorkerCounters::default())],
             xdp: Mutex::new(programs),
             bypass: Vec::new(),
             started: Instant::now(),
+            reloader: crate::reload::Reloader::new(config, None),
+            shutdown: Arc::default(),
         }
     }
 

@@ -187,6 +187,8 @@ pub struct Conn {
     server: Option<usize>,
     stamps: Stamps,
     bytes: ConnBytes,
+    /// The deadlines it was accepted under: a reload changes them for new connections only.
+    policy: Policy,
     leg: Leg,
     /// The client's FIN has been passed to the session.
     client_in: Flow,
@@ -205,11 +207,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(session: Session, peer: SocketAddr, listener: u16, now: Instant) -> Conn {
+    pub fn new(
+        session: Session,
+        peer: SocketAddr,
+        listener: u16,
+        policy: Policy,
+        now: Instant,
+    ) -> Conn {
         Conn {
             session,
             peer,
             listener,
+            policy,
             server: None,
             stamps: Stamps::default(),
             bytes: ConnBytes::default(),
@@ -613,7 +622,8 @@ impl Conn {
     // ------------------------------------------------------------------ time and the end
 
     /// When [`Conn::on_timeout`] must be called next.
-    pub fn next_deadline(&self, policy: &Policy) -> Option<Instant> {
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let policy = &self.policy;
         if self.end.is_some() {
             return None;
         }
@@ -632,7 +642,8 @@ impl Conn {
 
     /// Checks the deadlines at `now`; returns true when one passed (the connection is cut,
     /// counted, and [`Conn::poll_end`] says so).
-    pub fn on_timeout(&mut self, now: Instant, policy: &Policy, counters: &WorkerCounters) -> bool {
+    pub fn on_timeout(&mut self, now: Instant, counters: &WorkerCounters) -> bool {
+        let policy = self.policy;
         if self.end.is_some() {
             return false;
         }
@@ -717,6 +728,19 @@ pub struct Shared {
     pub sources: SourceLimits,
     pub policy: Policy,
     pub counters: std::sync::Arc<WorkerCounters>,
+}
+
+impl Shared {
+    /// Takes a reloaded configuration for the connections accepted from now on: deadlines,
+    /// connect policy and timeout, the per-source limit and the backend servers. Open
+    /// connections keep their own deadlines and the server they use.
+    pub fn reconfigure(&mut self, config: &crate::config::Config, now: Instant) {
+        self.policy = Policy::from_config(config);
+        self.io.set_connect_timeout(config.backend.connect_timeout);
+        self.sources
+            .set_limit(config.limits.max_connections_per_source);
+        self.backends.reconfigure(&config.backend.servers, now);
+    }
 }
 
 /// The backend half of a connection's pump, the same on both paths: start or retry the

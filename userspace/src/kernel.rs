@@ -31,6 +31,7 @@ use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
 };
 use crate::proxy::Session;
+use crate::reload::Watch;
 use crate::server::Shutdown;
 use crate::sys::uring::{Op, UserData};
 use crate::tcp::time::Instant;
@@ -49,6 +50,8 @@ pub struct WorkerSetup {
     pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
     pub shutdown: Arc<Shutdown>,
+    /// Reloaded configurations ([`crate::reload`]).
+    pub watch: Watch,
 }
 
 /// One listening socket of a worker.
@@ -84,6 +87,7 @@ pub struct Worker {
     now: Instant,
     draining: Option<Instant>,
     cqes: Vec<(u64, i32, u32)>,
+    watch: Watch,
 }
 
 struct Listener {
@@ -144,6 +148,7 @@ impl Worker {
             now: Instant::ZERO,
             draining: None,
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
+            watch: setup.watch,
         })
     }
 
@@ -174,12 +179,35 @@ impl Worker {
                 if self.check_shutdown() {
                     break;
                 }
+                self.check_reload();
                 self.expire_timers();
             }
         }
         self.close_listeners();
         tracing::debug!(worker = self.id, "worker stopped");
         Ok(())
+    }
+
+    /// Takes a reloaded configuration, if there is one, for the connections accepted from now
+    /// on (open ones keep theirs).
+    fn check_reload(&mut self) {
+        let Some(live) = self.watch.poll() else {
+            return;
+        };
+        let config = &live.config;
+        self.tls.clone_from(&live.tls);
+        self.proxy_protocol = config.backend.proxy_protocol;
+        self.limits = config.limits;
+        self.drain_timeout = config.timeouts.drain;
+        self.conns
+            .set_limit(config.limits.max_connections_per_worker);
+        self.sh.reconfigure(config, self.now);
+        self.watch.applied(live.generation);
+        tracing::debug!(
+            worker = self.id,
+            generation = live.generation,
+            "configuration reloaded"
+        );
     }
 
     /// Returns true when the worker should exit now.
@@ -412,7 +440,7 @@ impl Worker {
         let key = self
             .conns
             .insert(
-                Conn::new(session, peer, listener, now),
+                Conn::new(session, peer, listener, self.sh.policy, now),
                 Sock::adopt(Side::Client, fd),
                 Sock::none(Side::Backend),
             )
@@ -453,7 +481,7 @@ impl Worker {
         };
         match driver::settle(e, client, now) {
             Some(end) => self.finish(key, end),
-            None => self.conns.schedule(key, &self.sh.policy),
+            None => self.conns.schedule(key),
         }
     }
 
@@ -490,10 +518,7 @@ impl Worker {
 
     fn expire_timers(&mut self) {
         self.sh.backends.probe(&mut self.sh.io, self.now);
-        for key in self
-            .conns
-            .expire(self.now, &self.sh.policy, &self.sh.counters)
-        {
+        for key in self.conns.expire(self.now, &self.sh.counters) {
             self.pump(key);
         }
     }

@@ -36,6 +36,7 @@ pub mod fault;
 pub mod kernel;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod supervise;
 pub mod sys;

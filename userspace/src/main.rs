@@ -41,6 +41,11 @@ enum CtlCommand {
     Stats,
     /// Check that tern answers.
     Ping,
+    /// Re-read the configuration file (as SIGHUP does): new connections get the new
+    /// certificates, backends, TLS settings, timeouts and limits; open ones keep theirs. A
+    /// file that does not validate, or a change that needs a restart, is refused (exit 1) and
+    /// the running configuration stays.
+    Reload,
     /// Drop every packet from PREFIX on every interface tern's XDP program is attached to.
     Block {
         /// An IPv4 or IPv6 prefix (10.0.0.0/8, 2001:db8::/32) or a single address.
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
             let cmd = match command {
                 CtlCommand::Stats => "stats".to_string(),
                 CtlCommand::Ping => "ping".to_string(),
+                CtlCommand::Reload => "reload".to_string(),
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),

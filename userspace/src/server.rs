@@ -28,6 +28,7 @@ use crate::config::ListenerMode;
 use crate::control::{self, BypassInfo, ControlState};
 use crate::counters::WorkerCounters;
 use crate::kernel::{self, Worker, WorkerSetup};
+use crate::reload::Reloader;
 use crate::supervise::{self, Job, Watched};
 
 /// Flags the main thread raises; every worker polls them at least once per tick.
@@ -55,6 +56,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    // Every worker takes its configuration from here, and reloads replace it here.
+    let reloader = Reloader::new(config.clone(), tls.clone());
+
     // From here on, whatever is started goes into `started`, whose drop stops and releases it
     // on every early return.
     let mut started = Started::default();
@@ -74,7 +78,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     // Before anything accepts a connection: a SIGTERM that arrives once a client could have
     // connected must drain, not kill.
-    let signals = spawn_signal_thread(started.shutdown.clone(), config.timeouts.drain)?;
+    let signals = spawn_signal_thread(
+        started.shutdown.clone(),
+        config.timeouts.drain,
+        reloader.clone(),
+    )?;
     started.threads.push(signals);
     // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
@@ -107,6 +115,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             &started.shutdown,
             secret,
             epoch,
+            &reloader,
         )?;
         for (w, extra) in workers {
             bypass_info.push(BypassInfo {
@@ -148,6 +157,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xdp: Mutex::new(std::mem::take(&mut started.xdp)),
         bypass: bypass_info,
         started: Instant::now(),
+        reloader: reloader.clone(),
+        shutdown: started.shutdown.clone(),
     });
     started.state = Some(state.clone());
 
@@ -177,6 +188,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             limits: config.limits,
             counters: wc.clone(),
             shutdown: started.shutdown.clone(),
+            watch: reloader.watch(),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -337,6 +349,7 @@ fn start_bypass(
     shutdown: &Arc<Shutdown>,
     secret: [u8; 16],
     epoch: Instant,
+    reloader: &Arc<Reloader>,
 ) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
@@ -384,6 +397,7 @@ fn start_bypass(
             epoch,
             counters,
             tcp_counters,
+            watch: reloader.watch(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)
@@ -405,13 +419,14 @@ fn start_bypass(
 }
 
 /// Starts the signal thread: SIGTERM raises the drain flag, SIGINT or a second SIGTERM the
-/// stop flag.
+/// stop flag, SIGHUP reloads the configuration (the result is logged).
 fn spawn_signal_thread(
     shutdown: Arc<Shutdown>,
     drain: std::time::Duration,
+    reloader: Arc<Reloader>,
 ) -> anyhow::Result<Watched> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     let handle = signals.handle();
     let thread: JoinHandle<()> = std::thread::Builder::new()
@@ -419,7 +434,10 @@ fn spawn_signal_thread(
         .spawn(move || {
             // Ends when `handle` is closed (tern stopping).
             for sig in signals.forever() {
-                if sig == SIGTERM && !shutdown.drain.load(Ordering::Relaxed) {
+                if sig == SIGHUP {
+                    let draining = shutdown.drain.load(Ordering::Relaxed);
+                    crate::reload::log_outcome("SIGHUP", &reloader.reload(draining));
+                } else if sig == SIGTERM && !shutdown.drain.load(Ordering::Relaxed) {
                     tracing::info!(deadline_ms = drain.as_millis() as u64, "SIGTERM: draining");
                     shutdown.drain.store(true, Ordering::Relaxed);
                 } else {

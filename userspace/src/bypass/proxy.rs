@@ -56,6 +56,7 @@ use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
 };
 use crate::proxy::Session;
+use crate::reload::Watch;
 use crate::sys::uring::{Op, UserData, BUF_SIZE, SLOT_SIZE};
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
@@ -163,6 +164,8 @@ pub struct ProxySetup {
     pub epoch: std::time::Instant,
     pub counters: Arc<WorkerCounters>,
     pub tcp_counters: Arc<TcpCounters>,
+    /// Reloaded configurations ([`crate::reload`]).
+    pub watch: Watch,
 }
 
 /// Stack slot → proxied connection.
@@ -203,6 +206,9 @@ pub struct Proxy {
     tls: Option<Arc<ServerConfig>>,
     proxy_protocol: ProxyProtocol,
     limit: usize,
+    /// `limits.max_connections_per_worker` now (a reload may lower it below the stack's slots).
+    max_conns: usize,
+    watch: Watch,
     tcp_counters: Arc<TcpCounters>,
     last_housekeeping: u64,
     /// The stack's slab-full refusals already added to `refused_full`.
@@ -324,6 +330,8 @@ impl Proxy {
             tls: setup.tls,
             proxy_protocol: setup.backend.proxy_protocol,
             limit: setup.limits.buffer_per_direction,
+            max_conns: capacity,
+            watch: setup.watch,
             tcp_counters: setup.tcp_counters,
             last_housekeeping: 0,
             refused_seen: 0,
@@ -354,6 +362,7 @@ impl Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        self.check_reload(now);
         // The stack refuses a connection beyond its slots (a valid cookie ACK gets RST) before
         // the proxy sees it: the same refusal as kernel mode's at accept, counted the same way.
         let full = self.stack.counters().dropped(RxDrop::SlabFull);
@@ -370,6 +379,26 @@ impl Proxy {
             );
         }
         self.expire_timers(now);
+    }
+
+    /// Takes a reloaded configuration, if there is one, for the connections accepted from now
+    /// on (open ones keep theirs). The stack's own settings (`[tcp]`, `[xdp]`) need a restart.
+    fn check_reload(&mut self, now: TcpInstant) {
+        let Some(live) = self.watch.poll() else {
+            return;
+        };
+        let config = &live.config;
+        self.tls.clone_from(&live.tls);
+        self.proxy_protocol = config.backend.proxy_protocol;
+        self.limit = config.limits.buffer_per_direction;
+        self.max_conns = config.limits.max_connections_per_worker;
+        self.sh.reconfigure(config, now);
+        self.watch.applied(live.generation);
+        tracing::debug!(
+            worker = self.id,
+            generation = live.generation,
+            "configuration reloaded"
+        );
     }
 
     // ------------------------------------------------------------------ events
@@ -411,7 +440,7 @@ impl Proxy {
     /// limit, or rustls refused to start a session.
     fn adopt(&mut self, id: ConnId, now: TcpInstant) -> Option<Key> {
         let (local, remote) = self.stack.endpoints(id)?;
-        if self.conns.is_full() {
+        if self.conns.is_full() || self.sh.counters.active.get() >= self.max_conns as u64 {
             self.sh.counters.refused_full.inc();
             return None;
         }
@@ -445,7 +474,7 @@ impl Proxy {
         };
         let listener = listener_index(&self.listener_ids, local);
         let key = self.conns.insert(
-            Conn::new(session, remote, listener, now),
+            Conn::new(session, remote, listener, self.sh.policy, now),
             client,
             Sock::none(Side::Backend),
         )?;
@@ -607,13 +636,13 @@ impl Proxy {
         }
         match driver::settle(p, client, now) {
             Some(end) => self.finish(key, end),
-            None => self.conns.schedule(key, &self.sh.policy),
+            None => self.conns.schedule(key),
         }
     }
 
     fn expire_timers(&mut self, now: TcpInstant) {
         self.sh.backends.probe(&mut self.sh.io, now);
-        for key in self.conns.expire(now, &self.sh.policy, &self.sh.counters) {
+        for key in self.conns.expire(now, &self.sh.counters) {
             self.pump(key, now);
         }
     }

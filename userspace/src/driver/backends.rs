@@ -38,6 +38,9 @@ struct Health {
     down_until: Option<Instant>,
     /// A probe connect in flight.
     probe: Option<Probe>,
+    /// Removed by a reload: never picked again; its index stays valid for the connections
+    /// that use it.
+    retired: bool,
 }
 
 /// A worker's own connect to a down server, to learn whether it is back.
@@ -122,7 +125,11 @@ impl Backends {
         if left == 0 {
             return None;
         }
-        Some(self.first_up(start, left, now, counters).unwrap_or(start))
+        self.first_up(start, left, now, counters).or_else(|| {
+            (0..left)
+                .map(|i| (start + i) % n)
+                .find(|&s| !self.health[s].retired)
+        })
     }
 
     /// The first server of `count` from `start` (wrapping) that is not down; the down ones
@@ -137,6 +144,9 @@ impl Backends {
         let n = self.servers.len();
         for i in 0..count {
             let s = (start + i) % n;
+            if self.health[s].retired {
+                continue;
+            }
             if !self.is_down(s, now) {
                 return Some(s);
             }
@@ -150,8 +160,24 @@ impl Backends {
         let n = self.servers.len();
         (0..n)
             .map(|i| (start + i) % n)
+            .filter(|&s| !self.health[s].retired)
             .min_by_key(|&s| self.health[s].down_until)
             .unwrap_or(start)
+    }
+
+    /// A reload's server list: servers that stay keep their index and health, removed ones
+    /// are retired (never picked again, still addressable by the connections using them),
+    /// added ones are appended, up until they fail. A retired server listed again comes back.
+    pub fn reconfigure(&mut self, servers: &[SocketAddr], _now: Instant) {
+        for (i, h) in self.health.iter_mut().enumerate() {
+            h.retired = !servers.contains(&self.servers[i]);
+        }
+        for &addr in servers {
+            if !self.servers.contains(&addr) {
+                self.servers.push(addr);
+                self.health.push(Health::default());
+            }
+        }
     }
 
     /// A connect to `server` succeeded.
@@ -170,7 +196,7 @@ impl Backends {
     /// Whether `server` is down, its back-off has passed and no probe is in flight.
     fn probe_due(&self, server: usize, now: Instant) -> bool {
         let h = &self.health[server];
-        h.probe.is_none() && h.down_until.is_some_and(|t| now >= t)
+        !h.retired && h.probe.is_none() && h.down_until.is_some_and(|t| now >= t)
     }
 
     /// Starts a probe connect to every down server whose back-off has passed and that has none
@@ -305,7 +331,8 @@ impl Drop for Backends {
 }
 
 /// Connections per source address, per worker (`limits.max_connections_per_source`; 0: no
-/// limit). A source at its limit has its next connection refused (RST) and counted.
+/// limit). A source at its limit has its next connection refused (RST) and counted. Places are
+/// counted also without a limit, so that a reload can set one that holds at once.
 pub struct SourceLimits {
     limit: u32,
     open: HashMap<IpAddr, u32>,
@@ -319,14 +346,17 @@ impl SourceLimits {
         }
     }
 
+    /// A new limit (a reload); 0: none. Connections over it are not cut; new ones from that
+    /// source are refused until it is back under.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    }
+
     /// Takes a place for a connection from `ip`; false (nothing taken) when it is at its limit.
     pub fn acquire(&mut self, ip: IpAddr) -> bool {
-        if self.limit == 0 {
-            return true;
-        }
         // An IPv4 client on a dual-stack socket is the same source as over IPv4.
         let n = self.open.entry(ip.to_canonical()).or_insert(0);
-        if *n >= self.limit {
+        if self.limit != 0 && *n >= self.limit {
             return false;
         }
         *n += 1;
@@ -335,9 +365,6 @@ impl SourceLimits {
 
     /// Gives back a place taken by [`SourceLimits::acquire`].
     pub fn release(&mut self, ip: IpAddr) {
-        if self.limit == 0 {
-            return;
-        }
         let ip = ip.to_canonical();
         if let Some(n) = self.open.get_mut(&ip) {
             *n -= 1;
@@ -367,6 +394,27 @@ mod tests {
     }
 
     const T0: Instant = Instant::from_secs(100);
+
+    #[test]
+    fn a_reload_keeps_indices_retires_removed_servers_and_appends_new_ones() {
+        let c = WorkerCounters::default();
+        let mut b = pool(3, 0);
+        let (s0, s2) = (b.addr(0), b.addr(2));
+        b.down(0, false, libc::ECONNREFUSED, T0);
+        let new = SocketAddr::from(([127, 0, 0, 1], 9100));
+        b.reconfigure(&[s2, s0, new], T0);
+        assert_eq!(b.len(), 4);
+        assert_eq!((b.addr(0), b.addr(2), b.addr(3)), (s0, s2, new));
+        // Server 1 is retired: never picked; server 0 kept its health (down).
+        let picks: Vec<usize> = (0..6).map(|_| b.pick(T0, &c)).collect();
+        assert!(picks.iter().all(|&p| p == 2 || p == 3), "{picks:?}");
+        // A connection that used server 1 fails over past it, never onto it.
+        assert_eq!(b.failover(0, 0, T0, &c), Some(2));
+        assert_eq!(b.failover(3, 1, T0, &c), Some(0), "down, but the last left");
+        // Listed again: back in the rotation.
+        b.reconfigure(&[b.addr(1)], T0);
+        assert!((0..4).all(|_| b.pick(T0, &c) == 1));
+    }
 
     fn at_ms(ms: u64) -> Instant {
         T0 + Duration::from_millis(ms)
@@ -540,8 +588,25 @@ mod tests {
         for _ in 0..1000 {
             assert!(l.acquire(a));
         }
-        assert_eq!(l.sources(), 0, "nothing is tracked");
+        assert_eq!(l.sources(), 1, "counted, not limited");
         l.release(a);
+    }
+
+    #[test]
+    fn a_limit_set_later_holds_for_places_taken_before() {
+        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
+        let mut l = SourceLimits::new(0);
+        assert!(l.acquire(a) && l.acquire(a));
+        l.set_limit(2);
+        assert!(!l.acquire(a), "two held: at the new limit");
+        l.release(a);
+        assert!(l.acquire(a));
+        l.set_limit(0);
+        assert!(l.acquire(a), "no limit again");
+        for _ in 0..3 {
+            l.release(a);
+        }
+        assert_eq!(l.sources(), 0);
     }
 
     #[test]

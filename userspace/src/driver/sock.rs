@@ -47,6 +47,13 @@ pub struct Io {
 }
 
 impl Io {
+    /// The timeout of connects submitted from now on (a reload).
+    pub fn set_connect_timeout(&mut self, timeout: std::time::Duration) {
+        self.connect_timeout = types::Timespec::new()
+            .sec(timeout.as_secs())
+            .nsec(timeout.subsec_nanos());
+    }
+
     pub fn new(
         ring: IoUring,
         slots: u32,

@@ -10,7 +10,7 @@
 use super::slab::{Key, Slab};
 use super::sock::Sock;
 use super::timer::Wheel;
-use super::{Conn, Policy};
+use super::Conn;
 use crate::counters::WorkerCounters;
 use crate::tcp::time::Instant;
 
@@ -33,6 +33,8 @@ pub struct Table<C> {
     wheel: Wheel<Key>,
     /// Scratch list of the keys a tick expired, kept so a tick allocates nothing.
     due: Vec<Key>,
+    /// Entries taken at most: the capacity, or less after a reload lowered the limit.
+    limit: usize,
 }
 
 impl<C> Table<C> {
@@ -43,10 +45,20 @@ impl<C> Table<C> {
             slab: Slab::with_capacity(capacity),
             wheel: Wheel::new(tick_ms, WHEEL_BUCKETS, millis(now)),
             due: Vec::new(),
+            limit: capacity,
         }
     }
 
+    /// Takes at most `limit` entries from now on (never more than the capacity); entries held
+    /// beyond it stay until they end.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     pub fn insert(&mut self, conn: Conn, client: C, backend: Sock) -> Option<Key> {
+        if self.is_full() {
+            return None;
+        }
         self.slab.insert(Entry {
             conn,
             client,
@@ -74,7 +86,7 @@ impl<C> Table<C> {
     }
 
     pub fn is_full(&self) -> bool {
-        self.slab.is_full()
+        self.slab.is_full() || self.slab.len() >= self.limit
     }
 
     /// Connections not yet torn down.
@@ -87,11 +99,11 @@ impl<C> Table<C> {
     }
 
     /// Puts the connection's next deadline on the wheel unless an earlier entry is there.
-    pub fn schedule(&mut self, key: Key, policy: &Policy) {
+    pub fn schedule(&mut self, key: Key) {
         let Some(e) = self.slab.get_mut(key) else {
             return;
         };
-        let Some(deadline) = e.conn.next_deadline(policy) else {
+        let Some(deadline) = e.conn.next_deadline() else {
             return;
         };
         if e.scheduled.is_some_and(|s| s <= deadline) {
@@ -103,7 +115,7 @@ impl<C> Table<C> {
 
     /// Runs the wheel to `now`: connections whose deadline passed are cut by their machine
     /// (and counted) and returned, for the caller to pump; the others are scheduled again.
-    pub fn expire(&mut self, now: Instant, policy: &Policy, counters: &WorkerCounters) -> Vec<Key> {
+    pub fn expire(&mut self, now: Instant, counters: &WorkerCounters) -> Vec<Key> {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(millis(now), |_, key| due.push(key));
         let mut timed_out = Vec::new();
@@ -115,10 +127,10 @@ impl<C> Table<C> {
                 continue;
             }
             e.scheduled = None;
-            if e.conn.on_timeout(now, policy, counters) {
+            if e.conn.on_timeout(now, counters) {
                 timed_out.push(key);
             } else {
-                self.schedule(key, policy);
+                self.schedule(key);
             }
         }
         due.clear();

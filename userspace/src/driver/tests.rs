@@ -139,7 +139,7 @@ impl Script {
         };
         let now = Instant::from_secs(1000);
         Script {
-            conn: Conn::new(session, peer, 0, now),
+            conn: Conn::new(session, peer, 0, policy, now),
             backends: Backends::new(servers(servers_n), 0),
             counters: WorkerCounters::default(),
             policy,
@@ -181,7 +181,7 @@ impl Script {
                     .conn
                     .poll_end(self.to_client.is_empty(), self.to_backend.is_empty());
                 assert_eq!(again, Some(end), "an end, once returned, stays");
-                assert_eq!(self.conn.next_deadline(&self.policy), None);
+                assert_eq!(self.conn.next_deadline(), None);
                 return;
             }
             if !self.turn() {
@@ -273,7 +273,7 @@ impl Script {
         self.end = c.poll_end(self.to_client.is_empty(), self.to_backend.is_empty());
         if self.end.is_none() {
             assert!(
-                c.next_deadline(&self.policy).is_some(),
+                c.next_deadline().is_some(),
                 "a live connection always has a deadline"
             );
         }
@@ -482,11 +482,11 @@ impl Script {
     fn advance(&mut self, ms: u64) {
         let until = self.now + Duration::from_millis(ms);
         for _ in 0..1000 {
-            match self.conn.next_deadline(&self.policy) {
+            match self.conn.next_deadline() {
                 Some(d) if d <= until => {
                     self.now = self.now.max(d);
                     assert!(
-                        self.conn.on_timeout(self.now, &self.policy, &self.counters),
+                        self.conn.on_timeout(self.now, &self.counters),
                         "a deadline that is due fires"
                     );
                     self.pump();
@@ -494,7 +494,7 @@ impl Script {
                 _ => {
                     self.now = until;
                     // Not due yet: nothing happens.
-                    assert!(!self.conn.on_timeout(self.now, &self.policy, &self.counters));
+                    assert!(!self.conn.on_timeout(self.now, &self.counters));
                     self.pump();
                     return;
                 }
@@ -1038,17 +1038,11 @@ fn the_handshake_deadline_counts_from_accept() {
     let mut s = Script::tls(1);
     s.handshake_started();
     let accepted = s.now;
-    assert_eq!(
-        s.conn.next_deadline(&s.policy),
-        Some(accepted + s.policy.handshake)
-    );
+    assert_eq!(s.conn.next_deadline(), Some(accepted + s.policy.handshake));
     // Handshake bytes do not move it.
     s.advance(9_000);
     s.client_sends_raw(b"\x14");
-    assert_eq!(
-        s.conn.next_deadline(&s.policy),
-        Some(accepted + s.policy.handshake)
-    );
+    assert_eq!(s.conn.next_deadline(), Some(accepted + s.policy.handshake));
     s.advance(999);
     assert_eq!(s.end, None);
     s.advance(1);
@@ -1061,7 +1055,7 @@ fn the_idle_deadline_moves_with_plaintext_only() {
     let mut s = reach(At::Proxying);
     let start = s.now;
     let idle = s.policy.idle;
-    assert_eq!(s.conn.next_deadline(&s.policy), Some(start + idle));
+    assert_eq!(s.conn.next_deadline(), Some(start + idle));
 
     // Ciphertext that completes no record: the first bytes of a real record.
     let Client::Tls(client) = &mut s.client else {
@@ -1074,7 +1068,7 @@ fn the_idle_deadline_moves_with_plaintext_only() {
     s.client_sends_raw(&record[..3]);
     assert_eq!(s.backend_got, REQUEST, "nothing decrypted yet");
     assert_eq!(
-        s.conn.next_deadline(&s.policy),
+        s.conn.next_deadline(),
         Some(start + idle),
         "a partial record is not activity"
     );
@@ -1084,12 +1078,12 @@ fn the_idle_deadline_moves_with_plaintext_only() {
     s.client_sends_raw(&record[3..]);
     assert_eq!(s.backend_got, [REQUEST, b"more"].concat());
     let moved = s.now;
-    assert_eq!(s.conn.next_deadline(&s.policy), Some(moved + idle));
+    assert_eq!(s.conn.next_deadline(), Some(moved + idle));
 
     // The backend's plaintext moves it too.
     s.advance(10_000);
     s.backend_sends(BODY);
-    assert_eq!(s.conn.next_deadline(&s.policy), Some(s.now + idle));
+    assert_eq!(s.conn.next_deadline(), Some(s.now + idle));
     let last = s.now;
     s.advance(idle.as_millis() - 1);
     assert_eq!(s.end, None);
@@ -1111,13 +1105,13 @@ fn the_send_deadline_fires_without_progress_and_progress_rearms_it() {
         !s.conn.wants_backend_read(),
         "back pressure reaches the backend"
     );
-    assert_eq!(s.conn.next_deadline(&s.policy), Some(stalled + send));
+    assert_eq!(s.conn.next_deadline(), Some(stalled + send));
 
     // The client takes a little at 4 s: the deadline moves to 4 s + send.
     s.advance(4_000);
     s.client_takes(1000);
     let progressed = s.now;
-    assert_eq!(s.conn.next_deadline(&s.policy), Some(progressed + send));
+    assert_eq!(s.conn.next_deadline(), Some(progressed + send));
     s.advance(send.as_millis() - 1);
     assert_eq!(s.end, None, "progress re-armed it");
     s.advance(1);
@@ -1135,7 +1129,7 @@ fn the_send_deadline_is_off_while_nothing_is_queued() {
     s.client_reads(true);
     assert!(s.to_client.is_empty());
     assert_eq!(
-        s.conn.next_deadline(&s.policy),
+        s.conn.next_deadline(),
         Some(s.now + s.policy.idle),
         "idle only"
     );
@@ -1167,7 +1161,7 @@ fn shutdown_aborts_and_the_end_stays() {
     );
     assert!(!s
         .conn
-        .on_timeout(s.now + Duration::from_secs(3600), &s.policy, &s.counters));
+        .on_timeout(s.now + Duration::from_secs(3600), &s.counters));
     assert!(!s.conn.wants_client_read() && !s.conn.wants_backend_read());
     assert!(!s.conn.wants_client_write() && !s.conn.backend_writable());
     s.assert_counted(&[]);
@@ -1247,7 +1241,7 @@ fn a_client_that_never_finishes_after_our_fin_is_cut_at_the_fin_deadline() {
     s.mark();
     let fin_at = s.now;
     assert_eq!(
-        s.conn.next_deadline(&s.policy),
+        s.conn.next_deadline(),
         Some(fin_at + Duration::from_secs(2)),
         "the fin deadline comes before idle"
     );
