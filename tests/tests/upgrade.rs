@@ -354,3 +354,46 @@ fn upgrade_refuses_an_xdp_interface() {
         "pong\n"
     );
 }
+
+#[test]
+fn upgrade_with_nothing_running_starts_afresh() {
+    let (rig, dir) = Stack::rig("upg-n");
+    let backend = Backend::echo(support::server_listener(&rig));
+    let control = dir.join("tern.sock");
+    let cert = tern_tests::certs::write_self_signed(
+        dir.path(),
+        "default",
+        &[support::NAME],
+        tern_tests::certs::KeyKind::EcdsaP256,
+    );
+    let config = format!(
+        "[[listener]]\naddress = \"{}\"\n\n[[certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+         [backend]\nservers = [\"{}\"]\n\n[control]\nsocket = \"{}\"\n",
+        rig.server_addr(443),
+        cert.cert.display(),
+        cert.key.display(),
+        backend.addr(),
+        control.display()
+    );
+    let mut t = TernProcess::start_with(
+        &config,
+        TernOptions {
+            netns: rig.server_netns(),
+            extra_args: vec!["--upgrade".into()],
+            ..Default::default()
+        },
+    );
+    t.wait_ready(rig.server_addr(443));
+    assert!(t
+        .stderr_text()
+        .contains("no tern runs there; starting afresh"));
+    assert_eq!(
+        String::from_utf8_lossy(&ctl(&control, "ping").stdout),
+        "pong\n"
+    );
+    assert!(
+        t.stop(Duration::from_secs(20)).success(),
+        "{}",
+        t.stderr_text()
+    );
+}

@@ -162,11 +162,11 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // An upgrade takes the running tern's sockets before binding anything of its own, and
     // binds its control socket beside the running one's until it serves.
     let mut takeover = if upgrade {
-        Some(crate::upgrade::Takeover::connect(&config.control.socket)?)
+        crate::upgrade::Takeover::connect(&config.control.socket)?
     } else {
         None
     };
-    let (control_listener, control_file) = if upgrade {
+    let (control_listener, control_file) = if takeover.is_some() {
         control::bind_beside(&config.control)?
     } else {
         control::bind(&config.control)?

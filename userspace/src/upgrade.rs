@@ -197,14 +197,30 @@ pub struct Takeover {
 }
 
 impl Takeover {
-    /// Connects to the running tern's control socket at `path` and takes its listening sockets.
-    pub fn connect(path: &Path) -> anyhow::Result<Takeover> {
-        let stream = UnixStream::connect(path).with_context(|| {
-            format!(
-                "upgrade: connecting to the running tern's control socket {}",
-                path.display()
-            )
-        })?;
+    /// Connects to the running tern's control socket at `path` and takes its listening
+    /// sockets. `None` when no tern runs there (no socket, or a stale one): the caller starts
+    /// as usual, so one service definition serves both a first start and an upgrade.
+    pub fn connect(path: &Path) -> anyhow::Result<Option<Takeover>> {
+        let stream = match UnixStream::connect(path) {
+            Ok(stream) => stream,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                tracing::info!(path = %path.display(), "upgrade: no tern runs there; starting afresh");
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "upgrade: connecting to the running tern's control socket {}",
+                        path.display()
+                    )
+                })
+            }
+        };
         stream.set_read_timeout(Some(RECEIVE_WAIT))?;
         stream.set_write_timeout(Some(RECEIVE_WAIT))?;
         (&stream)
@@ -215,7 +231,7 @@ impl Takeover {
             sockets = sockets.len(),
             "upgrade: listening sockets received"
         );
-        Ok(Takeover { stream, sockets })
+        Ok(Some(Takeover { stream, sockets }))
     }
 
     /// Takes the received sockets listening on `address` (for the new workers to share), in
