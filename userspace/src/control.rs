@@ -9,6 +9,9 @@
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
 //! - `blocks` → the blocked prefixes, one per line (nothing when the list is empty)
+//! - `drain` → `ok`: drain as on SIGTERM (stop accepting, finish open connections, exit 0)
+//! - `takeover` → the listening sockets, for a new tern taking over ([`crate::upgrade`]);
+//!   the connection then stays open until the new tern says `drain`
 //!
 //! Anything that fails is answered with one line starting `error: ` that says what was wrong;
 //! `tern ctl` exits non-zero on it. Blocklist commands need an attached XDP program (a listener
@@ -53,6 +56,7 @@ pub struct ControlState {
     pub started: Instant,
     /// The running configuration and `reload`.
     pub reloader: Arc<crate::reload::Reloader>,
+    /// The process's shutdown flags: `drain` and `takeover` act on them.
     pub shutdown: Arc<crate::server::Shutdown>,
 }
 
@@ -112,6 +116,27 @@ impl SocketFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Moves the socket to `to`, atomically replacing what is there (an upgrade replaces the
+    /// old tern's socket: a client connects to one or the other, never to nothing).
+    pub fn rename(&mut self, to: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+}
+
+/// For an upgrade: binds like [`bind`], at `SOCKET.upgrade-PID` beside the running tern's
+/// socket (so [`SocketFile::rename`] stays on one file system); the caller renames it over the
+/// configured path once it serves.
+pub fn bind_beside(config: &Control) -> Result<(UnixListener, SocketFile), ControlError> {
+    let mut name = config.socket.clone().into_os_string();
+    name.push(format!(".upgrade-{}", std::process::id()));
+    let temp = Control {
+        socket: PathBuf::from(name),
+        ..config.clone()
+    };
+    bind(&temp)
 }
 
 impl Drop for SocketFile {
@@ -430,6 +455,10 @@ fn handle(
     accepted: Instant,
 ) -> io::Result<()> {
     let answer = match read_request(stream, accepted + READ_DEADLINE)? {
+        Ok(line) if line.trim() == "takeover" => {
+            tracing::info!(%peer, "control command takeover: a new tern asks for the sockets");
+            return crate::upgrade::serve(stream, &state.shutdown);
+        }
         Ok(line) => {
             tracing::info!(
                 // `None` (SO_PEERCRED failed, which a connected Unix socket does not do)
@@ -535,15 +564,19 @@ pub fn reply(state: &ControlState, line: &str) -> String {
         ("unblock", Some(prefix), None) => unblock(state, prefix),
         ("blocks", None, _) => blocks(state),
         ("reload", None, _) => reload(state),
+        ("drain", None, _) => {
+            state.shutdown.begin_drain();
+            Ok("ok\n".to_string())
+        }
         ("block" | "unblock", None, _) => Err(format!("usage: {command} PREFIX")),
         ("block" | "unblock", Some(_), Some(_)) => {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
-        ("ping" | "stats" | "blocks" | "reload", Some(_), _) => {
+        ("ping" | "stats" | "blocks" | "reload" | "drain", Some(_), _) => {
             Err(format!("{command} takes no argument"))
         }
         _ => Err(format!(
-            "unknown command {:?} (commands: ping, stats, reload, block PREFIX, unblock PREFIX, blocks)",
+            "unknown command {:?} (commands: ping, stats, reload, drain, block PREFIX, unblock PREFIX, blocks, takeover)",
             line.trim()
         )),
     };

@@ -218,7 +218,7 @@ impl Worker {
         }
         if self.draining.is_none() && self.shutdown.drain.load(Ordering::Relaxed) {
             self.draining = Some(self.now + self.drain_timeout.into());
-            self.close_listeners();
+            self.stop_accepting();
             tracing::info!(worker = self.id, open = self.conns.len(), "draining");
         }
         match self.draining {
@@ -230,7 +230,9 @@ impl Worker {
                 self.abort_all();
                 self.settle()
             }
-            Some(_) => self.conns.is_empty(),
+            // Done once the last accept has completed (and was served) and the last
+            // connection ended.
+            Some(_) => self.conns.is_empty() && self.listeners.is_empty(),
             None => false,
         }
     }
@@ -246,6 +248,31 @@ impl Worker {
             self.reap();
         }
         true
+    }
+
+    /// The drain's first step: cancels the multishot accepts, and closes each socket once its
+    /// accept's last completion is in ([`Worker::on_accept`]). Until then a connection the
+    /// kernel had already accepted for us still arrives and is served: with the sockets passed
+    /// to a new tern ([`crate::upgrade`]), an accept queue is never closed under a client.
+    fn stop_accepting(&mut self) {
+        let mut i = 0;
+        while i < self.listeners.len() {
+            let l = &self.listeners[i];
+            if l.armed {
+                let cancel =
+                    opcode::AsyncCancel::new(UserData::new(Op::Accept, 0, l.fd as u32).encode())
+                        .build()
+                        .user_data(UserData::new(Op::Cancel, 0, 0).encode());
+                self.sh.io.push(cancel);
+                i += 1;
+            } else {
+                let l = self.listeners.swap_remove(i);
+                // SAFETY: the fd is ours, has no accept in flight, and is closed once (it
+                // left the list).
+                unsafe { libc::close(l.fd) };
+            }
+        }
+        let _ = self.sh.io.ring.submit();
     }
 
     fn close_listeners(&mut self) {
@@ -364,13 +391,26 @@ impl Worker {
             }
             return;
         };
+        let (tls, index) = (self.listeners[pos].tls, self.listeners[pos].index);
         if !cqueue::more(flags) {
             self.listeners[pos].armed = false;
+            if self.draining.is_some() {
+                // The cancelled accept's last completion: nothing more can arrive on it.
+                let l = self.listeners.swap_remove(pos);
+                // SAFETY: the fd is ours, its accept is over, and it is closed once.
+                unsafe { libc::close(l.fd) };
+                if res < 0 {
+                    return;
+                }
+            }
         }
         if res < 0 {
             let err = io::Error::from_raw_os_error(-res);
             tracing::warn!(worker = self.id, error = %err, "accept failed");
-            self.listeners[pos].retry_at = self.millis() + LISTEN_RETRY;
+            let retry_at = self.millis() + LISTEN_RETRY;
+            if let Some(l) = self.listeners.get_mut(pos) {
+                l.retry_at = retry_at;
+            }
             return;
         }
         let fd = res;
@@ -380,7 +420,8 @@ impl Worker {
             // SAFETY: fd is ours (just accepted) and closed once.
             unsafe { libc::close(fd) };
         };
-        if self.conns.is_full() || self.draining.is_some() {
+        // While draining, a connection the kernel accepted before the cancel is still served.
+        if self.conns.is_full() {
             self.sh.counters.refused_full.inc();
             refuse(fd);
             return;
@@ -401,7 +442,6 @@ impl Worker {
             return;
         }
         self.sh.counters.accepted.inc();
-        let (tls, index) = (self.listeners[pos].tls, self.listeners[pos].index);
         match self.new_conn(fd, peer, local, tls, index) {
             Ok(key) => self.pump(key),
             Err(e) => {

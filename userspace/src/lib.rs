@@ -24,7 +24,8 @@
 //! - [`sys`]: io_uring buffers and `user_data`, random bytes.
 //! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
 //!   [`fault`] is the test-only fault hook.
-//! - [`control`]: the command socket (`tern ctl`); [`counters`]: per-worker counters;
+//! - [`control`]: the command socket (`tern ctl`); [`upgrade`]: handing the listening
+//!   sockets to a new tern process; [`counters`]: per-worker counters;
 //!   [`config`]: the TOML file and its validation.
 
 pub mod bypass;
@@ -44,4 +45,5 @@ pub mod tcp;
 #[cfg(test)]
 pub(crate) mod testnet;
 pub mod tls;
+pub mod upgrade;
 pub mod wire;

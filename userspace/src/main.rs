@@ -23,6 +23,10 @@ enum Command {
         /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Take over from the tern running on the configuration's control socket: take its
+        /// listening sockets, start, then tell it to drain (a zero-downtime binary upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration file (certificates and keys are read too) and exit.
     CheckConfig { file: PathBuf },
@@ -58,12 +62,18 @@ enum CtlCommand {
     },
     /// List the blocked prefixes, one per line.
     Blocks,
+    /// Drain as on SIGTERM: stop accepting, finish open connections, exit 0.
+    Drain,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, log_level } => {
+        Command::Run {
+            config,
+            log_level,
+            upgrade,
+        } => {
             init_logging(&log_level);
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -74,7 +84,12 @@ fn main() -> ExitCode {
             };
             // 1: start-up failed (what had started was released); 70: a thread failed after
             // start-up (a panic exits 70 from the panic hook directly). See docs/operations.md.
-            match tern::server::run(config) {
+            let run = if upgrade {
+                tern::server::upgrade
+            } else {
+                tern::server::run
+            };
+            match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tern: {e:#}");
@@ -107,6 +122,7 @@ fn main() -> ExitCode {
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),
+                CtlCommand::Drain => "drain".to_string(),
             };
             match tern::control::request(&socket, &cmd) {
                 Ok(reply) => {

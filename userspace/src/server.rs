@@ -38,12 +38,36 @@ pub struct Shutdown {
     pub drain: AtomicBool,
     /// Stop now: close every connection and return.
     pub stop: AtomicBool,
+    /// Copies of the kernel workers' listening sockets for a new tern taking over; closed
+    /// when the drain begins ([`Shutdown::begin_drain`]).
+    pub handover: crate::upgrade::Handover,
+}
+
+impl Shutdown {
+    /// Drain (SIGTERM, `tern ctl drain`, or a new tern took over): raise the flag and close
+    /// the handover copies of the listening sockets, so that the workers' own close takes
+    /// each socket out of the SO_REUSEPORT group (or leaves it to the process holding it now).
+    pub fn begin_drain(&self) {
+        self.drain.store(true, Ordering::Relaxed);
+        self.handover.close();
+    }
 }
 
 /// Runs tern with `config` until it is told to stop or a thread fails (then the error is a
 /// [`supervise::ThreadFailed`]). Returns once everything is torn down; an error during
 /// start-up releases whatever had been started before it is returned.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    start(config, false)
+}
+
+/// Like [`run`], but takes over from the tern running with the same control socket: its
+/// listening sockets come over the control socket, and once this process serves, the old one
+/// is told to drain ([`crate::upgrade`]).
+pub fn upgrade(config: Config) -> anyhow::Result<()> {
+    start(config, true)
+}
+
+fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     supervise::install_panic_hook();
     crate::fault::init().map_err(|e| anyhow!(e))?;
     // Only listeners with `tls = true` need certificates (validation made sure they exist).
@@ -58,6 +82,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     // Every worker takes its configuration from here, and reloads replace it here.
     let reloader = Reloader::new(config.clone(), tls.clone());
+
+    if upgrade {
+        if let Some(l) = config.listeners.iter().find(|l| l.interface.is_some()) {
+            // One XDP link per interface: the running program (and its flows) would have to be
+            // handed over too, which is not done yet.
+            return Err(anyhow!(
+                "upgrade: listener {} has an XDP interface; a binary upgrade is supported only \
+                 for kernel listeners without `interface` (stop and start tern instead)",
+                l.address
+            ));
+        }
+    }
 
     // From here on, whatever is started goes into `started`, whose drop stops and releases it
     // on every early return.
@@ -132,7 +168,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let (control_listener, control_file) = control::bind(&config.control)?;
+    // An upgrade takes the running tern's sockets before binding anything of its own, and
+    // binds its control socket beside the running one's until it serves.
+    let mut takeover = if upgrade {
+        crate::upgrade::Takeover::connect(&config.control.socket)?
+    } else {
+        None
+    };
+    let (control_listener, control_file) = if takeover.is_some() {
+        control::bind_beside(&config.control)?
+    } else {
+        control::bind(&config.control)?
+    };
     // Ours from now on: removed when tern stops, and only if the path is still the socket we
     // made (never before: `bind` refuses a path another tern answers on).
     started.control_socket = Some(control_file);
@@ -163,14 +210,54 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     started.state = Some(state.clone());
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    // Upgrade: the old tern's sockets per listener, spread over this process's workers
+    // (worker i takes the j-th with j % workers == i, so all are taken whatever the counts).
+    let mut inherited: Vec<Vec<Vec<OwnedFd>>> = kernel_listeners
+        .iter()
+        .map(|&(address, _, _)| {
+            let fds = takeover
+                .as_mut()
+                .map(|t| t.take(address))
+                .unwrap_or_default();
+            let mut per_worker: Vec<Vec<OwnedFd>> =
+                (0..kernel_workers).map(|_| Vec::new()).collect();
+            for (j, fd) in fds.into_iter().enumerate() {
+                if let Some(w) = per_worker.get_mut(j % kernel_workers.max(1)) {
+                    w.push(fd);
+                }
+            }
+            per_worker
+        })
+        .collect();
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<()>)>();
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
-        for &(address, tls, listener) in &kernel_listeners {
-            // Sockets made so far are closed (dropped) if this one fails.
-            let fd = listen_socket(address)
-                .with_context(|| format!("listening on {address} (worker {i})"))?;
-            fds.push((fd, tls, listener));
+        for (k, &(address, tls, listener)) in kernel_listeners.iter().enumerate() {
+            let inherited = inherited
+                .get_mut(k)
+                .and_then(|per_worker| per_worker.get_mut(i))
+                .map(std::mem::take)
+                .unwrap_or_default();
+            let mine = if inherited.is_empty() {
+                // Sockets made so far are closed (dropped) if this one fails.
+                vec![listen_socket(address)
+                    .with_context(|| format!("listening on {address} (worker {i})"))?]
+            } else {
+                inherited
+            };
+            for fd in mine {
+                let info = crate::upgrade::SocketInfo {
+                    address,
+                    tls,
+                    worker: i,
+                };
+                started
+                    .shutdown
+                    .handover
+                    .register(&fd, info)
+                    .context("keeping a copy of a listening socket for upgrades")?;
+                fds.push((fd, tls, listener));
+            }
         }
         let cpu = config
             .workers
@@ -250,6 +337,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         started
             .threads
             .push(Watched::new("tern-control", Job::Control(h)));
+    }
+
+    if let Some(takeover) = takeover {
+        // Serving now: the control path becomes ours, then the old tern drains.
+        if let Some(file) = started.control_socket.as_mut() {
+            file.rename(&config.control.socket).with_context(|| {
+                format!(
+                    "upgrade: moving the control socket over {}",
+                    config.control.socket.display()
+                )
+            })?;
+        }
+        if let Err(e) = takeover.finish() {
+            // Both processes accept from the same sockets meanwhile; nothing is lost.
+            tracing::error!(
+                error = format!("{e:#}"),
+                "upgrade: the old tern was not told to drain; stop it with SIGTERM"
+            );
+        }
     }
 
     let addrs: Vec<String> = config
@@ -439,7 +545,7 @@ fn spawn_signal_thread(
                     crate::reload::log_outcome("SIGHUP", &reloader.reload(draining));
                 } else if sig == SIGTERM && !shutdown.drain.load(Ordering::Relaxed) {
                     tracing::info!(deadline_ms = drain.as_millis() as u64, "SIGTERM: draining");
-                    shutdown.drain.store(true, Ordering::Relaxed);
+                    shutdown.begin_drain();
                 } else {
                     tracing::info!(signal = sig, "stopping now");
                     shutdown.stop.store(true, Ordering::Relaxed);
