@@ -84,6 +84,9 @@ single_writer_counters! {
     backend_skipped_down,
     /// Client connections closed because no backend could be reached or it failed.
     backend_failures,
+    /// Of those, connections whose backend leg failed at once, without a connect, because
+    /// every backend server was down.
+    backend_all_down,
     /// Client connections ended by a socket error (reset, ...).
     client_errors,
     /// Connections closed (any reason).

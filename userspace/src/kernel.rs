@@ -49,6 +49,8 @@ pub struct WorkerSetup {
     pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
     pub shutdown: Arc<Shutdown>,
+    /// Where the worker publishes its backend servers' state (`tern ctl backends`).
+    pub board: Arc<crate::driver::board::Board>,
 }
 
 /// One listening socket of a worker.
@@ -114,7 +116,7 @@ impl Worker {
             id: setup.id,
             sh: Shared {
                 io,
-                backends: Backends::new(setup.backend.servers.clone(), setup.id),
+                backends: Backends::from_config(&setup.backend, setup.id, &setup.board),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,

@@ -41,6 +41,8 @@ enum CtlCommand {
     Stats,
     /// Check that tern answers.
     Ping,
+    /// Print each backend server's state (up, down, retired) and counters, as JSON.
+    Backends,
     /// Drop every packet from PREFIX on every interface tern's XDP program is attached to.
     Block {
         /// An IPv4 or IPv6 prefix (10.0.0.0/8, 2001:db8::/32) or a single address.
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
             let cmd = match command {
                 CtlCommand::Stats => "stats".to_string(),
                 CtlCommand::Ping => "ping".to_string(),
+                CtlCommand::Backends => "backends".to_string(),
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),

@@ -80,6 +80,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
     let mut bypass_info = Vec::new();
+    // Every worker (both paths) publishes its backend servers' state here for `tern ctl`.
+    let board = Arc::new(crate::driver::board::Board::default());
     // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
     // whichever worker the handshake's last ACK reaches.
     let mut secret = [0u8; 16];
@@ -107,6 +109,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             &started.shutdown,
             secret,
             epoch,
+            &board,
         )?;
         for (w, extra) in workers {
             bypass_info.push(BypassInfo {
@@ -147,6 +150,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xdp: Mutex::new(std::mem::take(&mut started.xdp)),
         bypass: bypass_info,
         started: Instant::now(),
+        backends: board.clone(),
     });
     started.state = Some(state.clone());
 
@@ -176,6 +180,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             limits: config.limits,
             counters: wc.clone(),
             shutdown: started.shutdown.clone(),
+            board: board.clone(),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -335,6 +340,7 @@ fn start_bypass(
     shutdown: &Arc<Shutdown>,
     secret: [u8; 16],
     epoch: Instant,
+    board: &Arc<crate::driver::board::Board>,
 ) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
@@ -374,6 +380,7 @@ fn start_bypass(
             epoch,
             counters,
             tcp_counters,
+            board: board.clone(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

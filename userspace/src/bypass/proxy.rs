@@ -161,6 +161,8 @@ pub struct ProxySetup {
     pub epoch: std::time::Instant,
     pub counters: Arc<WorkerCounters>,
     pub tcp_counters: Arc<TcpCounters>,
+    /// Where the worker publishes its backend servers' state (`tern ctl backends`).
+    pub board: Arc<crate::driver::board::Board>,
 }
 
 /// Stack slot → proxied connection.
@@ -307,7 +309,7 @@ impl Proxy {
             key_period: period,
             sh: Shared {
                 io,
-                backends: Backends::new(setup.backend.servers.clone(), setup.worker),
+                backends: Backends::from_config(&setup.backend, setup.worker, &setup.board),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
