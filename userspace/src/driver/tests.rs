@@ -945,6 +945,25 @@ fn failover_passes_over_a_down_server_and_never_repeats_one() {
 }
 
 #[test]
+fn every_server_down_fails_the_leg_at_once_without_a_connect() {
+    let mut s = Script::tls(2);
+    s.backends.down(0, false, libc::ECONNREFUSED, s.now);
+    s.backends.down(1, true, 0, s.now);
+    s.handshake();
+    s.mark();
+    s.client_sends(REQUEST);
+    assert!(s.take_ops().is_empty(), "no connect to a server known down");
+    assert_eq!(s.conn.leg(), Leg::Failed);
+    assert!(s.client_close_notify, "closed politely");
+    assert_eq!(s.end, Some(End::Graceful));
+    s.assert_counted(&[
+        ("backend_all_down", 1),
+        ("backend_failures", 1),
+        ("backend_skipped_down", 2),
+    ]);
+}
+
+#[test]
 fn a_backend_eof_finishes_the_response_then_the_client() {
     let mut s = reach(At::Proxying);
     s.backend_sends(BODY);
