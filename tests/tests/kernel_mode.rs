@@ -458,7 +458,8 @@ fn dead_backend_closes_only_the_affected_connection_promptly() {
     to_a.send(b"after\n").expect("send");
     a.join().expect("connection A still works");
     assert!(s.total("backend_failures") >= 1);
-    assert!(s.total("backend_connect_errors") >= 1);
+    // Refused by a client connect, or already known down from a health probe.
+    assert!(s.total("backend_connect_errors") + s.total("backend_all_down") >= 1);
 }
 
 #[test]

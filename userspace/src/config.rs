@@ -127,11 +127,48 @@ pub enum ProxyProtocol {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    /// Round-robin pool; never empty.
-    pub servers: Vec<SocketAddr>,
+    /// The pool; never empty, no address twice.
+    pub servers: Vec<BackendServer>,
     pub connect_timeout: Duration,
     pub connect: ConnectPolicy,
     pub proxy_protocol: ProxyProtocol,
+    pub balance: Balance,
+    pub health: HealthCheck,
+}
+
+/// One backend server of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendServer {
+    pub address: SocketAddr,
+    /// Relative share of new connections; `1..=MAX_WEIGHT`.
+    pub weight: u32,
+}
+
+/// How a new connection's server is chosen among those that are up. File syntax:
+/// `"round-robin"` | `"least-connections"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round-robin (nginx's): over a cycle of `Σ weight` picks each server gets
+    /// exactly its weight, spread out rather than in runs.
+    RoundRobin,
+    /// The server with the fewest of this worker's connections per unit of weight; ties go
+    /// round-robin.
+    LeastConnections,
+}
+
+/// `[backend.health]`: when a server is marked down and up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Active probes: a TCP connect to every server (up or down) this often; `None`: off
+    /// (passive health only: a down server is probed after its back-off).
+    pub interval: Option<Duration>,
+    /// How long a probe's connect may take.
+    pub timeout: Duration,
+    /// Consecutive failed connects (clients' and probes') that mark a server down; ≥ 1.
+    pub fall: u32,
+    /// Consecutive successful connects that mark a down server up; ≥ 1.
+    pub rise: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,6 +330,13 @@ pub struct ConfigError {
 pub const DEFAULT_SESSION_CACHE_ENTRIES: usize = 20_000;
 /// Default `backend.connect_timeout_ms`.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
+/// Default `backend.health.interval_ms`.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
+/// Largest `backend.servers[].weight`.
+pub const MAX_WEIGHT: u32 = 256;
+/// Largest `backend.health.fall` and `rise`: beyond this a server would never change state in
+/// any useful time.
+pub const MAX_FALL_RISE: u32 = 100;
 /// Default `timeouts.handshake_ms`.
 pub const DEFAULT_HANDSHAKE_MS: u64 = 10_000;
 /// Default `timeouts.idle_ms`.
@@ -513,8 +557,9 @@ impl Default for FileTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileBackend {
-    /// `servers`: `"IP:port"` addresses, used round-robin. Required, non-empty, port ≠ 0.
-    pub servers: Vec<String>,
+    /// `servers`: `"IP:port"` addresses or `{ address = "IP:port", weight = N }` tables.
+    /// Required, non-empty, port ≠ 0, no address twice; weight 1..=256, default 1.
+    pub servers: Vec<FileServer>,
     /// `connect_timeout_ms`: milliseconds allowed for the TCP connect to a backend; > 0 and at
     /// most a year. Default 3000.
     pub connect_timeout_ms: u64,
@@ -523,6 +568,10 @@ pub struct FileBackend {
     pub connect: ConnectPolicy,
     /// `proxy_protocol`: `"none"`, `"v1"` or `"v2"`. Default `"none"`.
     pub proxy_protocol: ProxyProtocol,
+    /// `balance`: `"round-robin"` (weighted) or `"least-connections"`. Default `"round-robin"`.
+    pub balance: Balance,
+    /// `[backend.health]`: probes and thresholds. Optional.
+    pub health: FileHealth,
 }
 
 impl Default for FileBackend {
@@ -532,8 +581,77 @@ impl Default for FileBackend {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             connect: ConnectPolicy::FirstByte,
             proxy_protocol: ProxyProtocol::None,
+            balance: Balance::RoundRobin,
+            health: FileHealth::default(),
         }
     }
+}
+
+/// One `backend.servers` entry as written: a string, or a table with a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileServer {
+    /// `address`: `"IP:port"`.
+    pub address: String,
+    /// `weight`: 1..=256. Default 1.
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for FileServer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The table form; its own type so unknown keys and wrong types are named by serde.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            #[serde(default = "default_weight")]
+            weight: u32,
+        }
+        fn default_weight() -> u32 {
+            1
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileServer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"IP:port\" or a table { address = \"IP:port\", weight = N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileServer, E> {
+                Ok(FileServer {
+                    address: v.to_owned(),
+                    weight: 1,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileServer, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileServer {
+                    address: t.address,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The `[backend.health]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileHealth {
+    /// `interval_ms`: active TCP connect probes of every server this often; 0 turns them off
+    /// (passive health only). Default 2000.
+    pub interval_ms: Option<u64>,
+    /// `timeout_ms`: how long a probe's connect may take; > 0. Default:
+    /// `backend.connect_timeout_ms`.
+    pub timeout_ms: Option<u64>,
+    /// `fall`: consecutive failed connects (clients' or probes') that mark a server down;
+    /// 1..=100. Default 1.
+    pub fall: Option<u32>,
+    /// `rise`: consecutive successful connects (probes', mostly) that mark a down server up;
+    /// 1..=100. Default 1.
+    pub rise: Option<u32>,
 }
 
 /// The `[workers]` table.
@@ -1237,23 +1355,58 @@ fn validate_backend(file: Option<FileBackend>) -> Result<Backend, Invalid> {
             "at least one backend server is required",
         ));
     }
-    let servers = file
-        .servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            parse_socket_addr(
-                &format!("backend.servers[{i}]"),
-                s,
-                "a backend needs a real port",
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut servers: Vec<BackendServer> = Vec::with_capacity(file.servers.len());
+    for (i, s) in file.servers.iter().enumerate() {
+        let field = format!("backend.servers[{i}]");
+        let address = parse_socket_addr(&field, &s.address, "a backend needs a real port")?;
+        if !(1..=MAX_WEIGHT).contains(&s.weight) {
+            return Err(Invalid::new(
+                format!("{field}.weight"),
+                format!("{} is out of range: 1 to {MAX_WEIGHT}", s.weight),
+            ));
+        }
+        // The pool is keyed by address (health, counters, reload): one entry per server.
+        if let Some(j) = servers.iter().position(|o| o.address == address) {
+            return Err(Invalid::new(
+                field,
+                format!("{address} is already backend.servers[{j}]"),
+            ));
+        }
+        servers.push(BackendServer {
+            address,
+            weight: s.weight,
+        });
+    }
+    let connect_timeout = positive_ms("backend.connect_timeout_ms", file.connect_timeout_ms)?;
+    let h = file.health;
+    let interval_ms = h.interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
+    let interval = match interval_ms {
+        0 => None,
+        ms => Some(positive_ms("backend.health.interval_ms", ms)?),
+    };
+    let timeout = match h.timeout_ms {
+        Some(ms) => positive_ms("backend.health.timeout_ms", ms)?,
+        None => connect_timeout,
+    };
+    let count = |field: &str, v: Option<u32>| match v.unwrap_or(1) {
+        n @ 1..=MAX_FALL_RISE => Ok(n),
+        n => Err(Invalid::new(
+            field,
+            format!("{n} is out of range: 1 to {MAX_FALL_RISE}"),
+        )),
+    };
     Ok(Backend {
         servers,
-        connect_timeout: positive_ms("backend.connect_timeout_ms", file.connect_timeout_ms)?,
+        connect_timeout,
         connect: file.connect,
         proxy_protocol: file.proxy_protocol,
+        balance: file.balance,
+        health: HealthCheck {
+            interval,
+            timeout,
+            fall: count("backend.health.fall", h.fall)?,
+            rise: count("backend.health.rise", h.rise)?,
+        },
     })
 }
 

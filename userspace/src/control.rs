@@ -4,7 +4,10 @@
 //!
 //! Commands and replies:
 //! - `ping` → `pong`
-//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters)
+//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters,
+//!   the backend servers)
+//! - `backends` → one JSON document: each backend server's state and counters, merged across
+//!   workers ([`backends_snapshot`])
 //! - `block PREFIX` → `ok`: drop packets from PREFIX (`10.0.0.0/8`, `2001:db8::/32`, or a bare
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
@@ -58,6 +61,8 @@ pub struct ControlState {
     pub reloader: Arc<crate::reload::Reloader>,
     /// The process's shutdown flags: `drain` and `takeover` act on them.
     pub shutdown: Arc<crate::server::Shutdown>,
+    /// Every worker's backend servers (both paths), for `backends` and `stats`.
+    pub backends: Arc<crate::driver::board::Board>,
 }
 
 /// What the control plane shows of one bypass worker.
@@ -560,6 +565,12 @@ pub fn reply(state: &ControlState, line: &str) -> String {
                 json
             })
             .map_err(|e| format!("cannot encode the counters: {e}")),
+        ("backends", None, _) => serde_json::to_string_pretty(&backends(state))
+            .map(|mut json| {
+                json.push('\n');
+                json
+            })
+            .map_err(|e| format!("cannot encode the backends: {e}")),
         ("block", Some(prefix), None) => block(state, prefix),
         ("unblock", Some(prefix), None) => unblock(state, prefix),
         ("blocks", None, _) => blocks(state),
@@ -572,11 +583,12 @@ pub fn reply(state: &ControlState, line: &str) -> String {
         ("block" | "unblock", Some(_), Some(_)) => {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
-        ("ping" | "stats" | "blocks" | "reload" | "drain", Some(_), _) => {
+        ("ping" | "stats" | "blocks" | "reload" | "drain" | "backends", Some(_), _) => {
             Err(format!("{command} takes no argument"))
         }
         _ => Err(format!(
-            "unknown command {:?} (commands: ping, stats, reload, drain, block PREFIX, unblock PREFIX, blocks, takeover)",
+            "unknown command {:?} (commands: ping, stats, backends, reload, drain, block PREFIX, \
+             unblock PREFIX, blocks, takeover)",
             line.trim()
         )),
     };
@@ -649,6 +661,18 @@ fn blocks(state: &ControlState) -> Result<String, String> {
     Ok(out)
 }
 
+/// Each backend server's state and counters, merged across every worker of both paths (see
+/// [`crate::driver::board::Board::snapshot`] for how). For `tern ctl backends`, the `backends`
+/// section of `stats`, and metrics.
+pub fn backends_snapshot(state: &ControlState) -> Vec<crate::driver::board::ServerSnapshot> {
+    state.backends.snapshot()
+}
+
+/// The `backends` document.
+pub fn backends(state: &ControlState) -> serde_json::Value {
+    serde_json::json!({ "servers": backends_snapshot(state) })
+}
+
 /// The `stats` document.
 pub fn stats(state: &ControlState) -> serde_json::Value {
     let mut total = Snapshot::default();
@@ -712,6 +736,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         "total": total,
         "workers": workers,
         "xdp": xdp,
+        "backends": backends_snapshot(state),
         "bypass": {
             "total": bypass_total,
             "proxy": proxy_total,
@@ -777,6 +802,7 @@ mod tests {
             started: Instant::now(),
             reloader: crate::reload::Reloader::new(config, None),
             shutdown: Arc::default(),
+            backends: Arc::default(),
         }
     }
 

@@ -80,10 +80,13 @@ single_writer_counters! {
     backend_connect_errors,
     /// Backend connection attempts that timed out.
     backend_connect_timeouts,
-    /// Times a new connection passed over a backend server marked down (passive health).
+    /// Times a new connection passed over a backend server marked down.
     backend_skipped_down,
     /// Client connections closed because no backend could be reached or it failed.
     backend_failures,
+    /// Of those, connections whose backend leg failed at once, without a connect, because
+    /// every backend server was down.
+    backend_all_down,
     /// Client connections ended by a socket error (reset, ...).
     client_errors,
     /// Connections closed (any reason).

@@ -1,6 +1,6 @@
 //! The connection driver both data paths run: one sans-IO machine per proxied connection
 //! ([`Conn`]), the rules every connection of a worker shares ([`Backends`] for choice,
-//! failover and passive health, [`SourceLimits`], [`Slab`] for the connection table), and the
+//! failover and health, [`SourceLimits`], [`Slab`] for the connection table), and the
 //! io_uring execution of a socket leg ([`sock::Sock`]) that the kernel path uses for clients
 //! and backends and the bypass path for backends.
 //!
@@ -17,6 +17,7 @@
 //! Not here: the TLS/byte rules themselves ([`crate::proxy`]), the TCP stack, rings and frames.
 
 pub mod backends;
+pub mod board;
 pub mod slab;
 pub mod sock;
 pub mod table;
@@ -204,6 +205,10 @@ pub struct Conn {
     /// finish its side.
     fin_at: Option<Instant>,
     end: Option<End>,
+    /// The `Backends` server this connection holds (counted in its active connections, for
+    /// least-connections): taken with the leg's server, given back exactly once, when a
+    /// connect fails over or the connection ends ([`Conn::release_backend`]).
+    holds: Option<usize>,
 }
 
 impl Conn {
@@ -231,6 +236,7 @@ impl Conn {
             stalled_since: None,
             fin_at: None,
             end: None,
+            holds: None,
         }
     }
 
@@ -402,7 +408,15 @@ impl Conn {
         self.count_handshake(counters);
         match self.leg {
             Leg::Idle if self.session.needs_backend(eager) => {
-                let server = backends.pick(now, counters);
+                let Some(server) = backends.pick(now, counters) else {
+                    // Every server is down: the leg fails now rather than after a connect
+                    // timeout (counted and warned about by `pick`).
+                    counters.backend_failures.inc();
+                    self.leg = Leg::Failed;
+                    self.session.close();
+                    return None;
+                };
+                self.holds = Some(server);
                 self.server = Some(server);
                 self.stamps.connect_started = Some(now);
                 self.leg = Leg::Connecting {
@@ -584,11 +598,13 @@ impl Conn {
                     counters.backend_connect_errors.inc();
                 }
                 backends.down(server, timed_out, errno, now);
+                self.release_backend(backends);
                 if self.end.is_some() {
                     return None;
                 }
                 match backends.failover(server, first, now, counters) {
                     Some(next) => {
+                        self.holds = Some(next);
                         self.server = Some(next);
                         self.stamps.connect_started = Some(now);
                         self.leg = Leg::Connecting {
@@ -605,6 +621,14 @@ impl Conn {
                 }
             }
             Event::Nothing => None,
+        }
+    }
+
+    /// Gives back the server this connection holds, if any (its connect failed over, or the
+    /// connection ends). Idempotent: the count is given back once.
+    pub fn release_backend(&mut self, backends: &mut Backends) {
+        if let Some(server) = self.holds.take() {
+            backends.release(server);
         }
     }
 
@@ -739,7 +763,7 @@ impl Shared {
         self.io.set_connect_timeout(config.backend.connect_timeout);
         self.sources
             .set_limit(config.limits.max_connections_per_source);
-        self.backends.reconfigure(&config.backend.servers, now);
+        self.backends.reconfigure(&config.backend, now);
     }
 }
 
@@ -827,6 +851,7 @@ pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End) -> Option<bo
     }
     e.closing = true;
     sh.counters.closed.inc();
+    e.conn.release_backend(&mut sh.backends);
     let graceful = end == End::Graceful;
     e.backend.close(&mut sh.io, graceful);
     sh.sources.release(e.conn.peer.ip());

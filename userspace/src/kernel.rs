@@ -52,6 +52,8 @@ pub struct WorkerSetup {
     pub shutdown: Arc<Shutdown>,
     /// Reloaded configurations ([`crate::reload`]).
     pub watch: Watch,
+    /// Where the worker publishes its backend servers' state (`tern ctl backends`).
+    pub board: Arc<crate::driver::board::Board>,
 }
 
 /// One listening socket of a worker.
@@ -122,7 +124,7 @@ impl Worker {
             id: setup.id,
             sh: Shared {
                 io,
-                backends: Backends::new(setup.backend.servers.clone(), setup.id),
+                backends: Backends::from_config(&setup.backend, setup.id, &setup.board),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,

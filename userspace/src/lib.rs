@@ -4,7 +4,7 @@
 //!
 //! The shared core, the same on both data paths:
 //! - [`driver`]: the connection driver: one sans-IO machine per proxied connection, backend
-//!   choice, failover and passive health, per-source limits, the connection table, deadlines
+//!   choice, failover and health, per-source limits, the connection table, deadlines
 //!   on a timer wheel, and a socket leg on io_uring ([`driver::sock`]).
 //! - [`proxy`]: the byte rules of one connection (rustls session, plaintext both ways,
 //!   half-close, back pressure bounds).

@@ -50,6 +50,8 @@ enum CtlCommand {
     /// file that does not validate, or a change that needs a restart, is refused (exit 1) and
     /// the running configuration stays.
     Reload,
+    /// Print each backend server's state (up, down, retired) and counters, as JSON.
+    Backends,
     /// Drop every packet from PREFIX on every interface tern's XDP program is attached to.
     Block {
         /// An IPv4 or IPv6 prefix (10.0.0.0/8, 2001:db8::/32) or a single address.
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
                 CtlCommand::Stats => "stats".to_string(),
                 CtlCommand::Ping => "ping".to_string(),
                 CtlCommand::Reload => "reload".to_string(),
+                CtlCommand::Backends => "backends".to_string(),
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),

@@ -124,6 +124,8 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
     let mut bypass_info = Vec::new();
+    // Every worker (both paths) publishes its backend servers' state here for `tern ctl`.
+    let board = Arc::new(crate::driver::board::Board::default());
     // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
     // whichever worker the handshake's last ACK reaches.
     let mut secret = [0u8; 16];
@@ -152,6 +154,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             secret,
             epoch,
             &reloader,
+            &board,
         )?;
         for (w, extra) in workers {
             bypass_info.push(BypassInfo {
@@ -206,6 +209,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         started: Instant::now(),
         reloader: reloader.clone(),
         shutdown: started.shutdown.clone(),
+        backends: board.clone(),
     });
     started.state = Some(state.clone());
 
@@ -276,6 +280,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             counters: wc.clone(),
             shutdown: started.shutdown.clone(),
             watch: reloader.watch(),
+            board: board.clone(),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -456,6 +461,7 @@ fn start_bypass(
     secret: [u8; 16],
     epoch: Instant,
     reloader: &Arc<Reloader>,
+    board: &Arc<crate::driver::board::Board>,
 ) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
@@ -504,6 +510,7 @@ fn start_bypass(
             counters,
             tcp_counters,
             watch: reloader.watch(),
+            board: board.clone(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

@@ -166,6 +166,8 @@ pub struct ProxySetup {
     pub tcp_counters: Arc<TcpCounters>,
     /// Reloaded configurations ([`crate::reload`]).
     pub watch: Watch,
+    /// Where the worker publishes its backend servers' state (`tern ctl backends`).
+    pub board: Arc<crate::driver::board::Board>,
 }
 
 /// Stack slot → proxied connection.
@@ -316,7 +318,7 @@ impl Proxy {
             key_period: period,
             sh: Shared {
                 io,
-                backends: Backends::new(setup.backend.servers.clone(), setup.worker),
+                backends: Backends::from_config(&setup.backend, setup.worker, &setup.board),
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,

@@ -157,10 +157,15 @@ session_cache_entries = 500
 tickets = false
 
 [backend]
-servers = ["127.0.0.1:8080", "[::1]:8081"]
+servers = ["127.0.0.1:8080", {{ address = "[::1]:8081", weight = 3 }}]
 connect_timeout_ms = 1500
 connect = "eager"
 proxy_protocol = "v2"
+balance = "least-connections"
+
+[backend.health]
+interval_ms = 500
+fall = 2
 
 [workers]
 count = {count}
@@ -237,12 +242,25 @@ socket = "/run/tern-test.sock"
         config.backend,
         Backend {
             servers: vec![
-                "127.0.0.1:8080".parse().expect("literal address"),
-                "[::1]:8081".parse().expect("literal address"),
+                BackendServer {
+                    address: "127.0.0.1:8080".parse().expect("literal address"),
+                    weight: 1,
+                },
+                BackendServer {
+                    address: "[::1]:8081".parse().expect("literal address"),
+                    weight: 3,
+                },
             ],
             connect_timeout: Duration::from_millis(1500),
             connect: ConnectPolicy::Eager,
             proxy_protocol: ProxyProtocol::V2,
+            balance: Balance::LeastConnections,
+            health: HealthCheck {
+                interval: Some(Duration::from_millis(500)),
+                timeout: Duration::from_millis(1500),
+                fall: 2,
+                rise: 1,
+            },
         }
     );
     assert_eq!(
@@ -298,6 +316,17 @@ fn defaults_are_applied() {
     assert_eq!(config.backend.connect_timeout, Duration::from_millis(3000));
     assert_eq!(config.backend.connect, ConnectPolicy::FirstByte);
     assert_eq!(config.backend.proxy_protocol, ProxyProtocol::None);
+    assert_eq!(config.backend.balance, Balance::RoundRobin);
+    assert_eq!(config.backend.servers[0].weight, 1);
+    assert_eq!(
+        config.backend.health,
+        HealthCheck {
+            interval: Some(Duration::from_millis(2000)),
+            timeout: Duration::from_millis(3000),
+            fall: 1,
+            rise: 1,
+        }
+    );
 
     let parallelism = std::thread::available_parallelism()
         .expect("available_parallelism works on Linux")
@@ -530,7 +559,7 @@ fn wrong_types_name_the_field() {
     fx.rejects(
         &MINIMAL.replace("\"127.0.0.1:8080\"]", "\"127.0.0.1:8080\", 8081]"),
         "backend.servers[1]",
-        "invalid type: integer `8081`, expected a string",
+        "invalid type: integer `8081`, expected \"IP:port\" or a table",
     );
     fx.rejects(
         &minimal_with("[tls]\nversions = [\"1.1\"]"),
@@ -1187,4 +1216,74 @@ fn tcp_orphan_bounds() {
         "tcp.fin_timeout_ms",
         "more than a year",
     );
+}
+
+#[test]
+fn backend_servers_weights_balance_and_health_are_checked() {
+    let fx = Fixture::new("health");
+    let servers = |list: &str| MINIMAL.replace("[\"127.0.0.1:8080\"]", list);
+    fx.rejects(
+        &servers("[{ address = \"127.0.0.1:8080\", weight = 0 }]"),
+        "backend.servers[0].weight",
+        "0 is out of range: 1 to 256",
+    );
+    fx.rejects(
+        &servers("[\"127.0.0.1:8080\", { address = \"127.0.0.1:8081\", weight = 257 }]"),
+        "backend.servers[1].weight",
+        "257 is out of range",
+    );
+    fx.rejects(
+        &servers("[{ address = \"127.0.0.1:8080\", wieght = 2 }]"),
+        "backend.servers[0].wieght",
+        "unknown field `wieght`, expected `address` or `weight`",
+    );
+    fx.rejects(
+        &servers("[{ weight = 2 }]"),
+        "backend.servers[0]",
+        "missing field `address`",
+    );
+    fx.rejects(
+        &servers("[{ address = \"127.0.0.1\" }]"),
+        "backend.servers[0]",
+        "invalid socket address",
+    );
+    fx.rejects(
+        &servers("[\"127.0.0.1:8080\", { address = \"127.0.0.1:8080\", weight = 2 }]"),
+        "backend.servers[1]",
+        "127.0.0.1:8080 is already backend.servers[0]",
+    );
+    fx.rejects(
+        &format!("{MINIMAL}balance = \"random\"\n"),
+        "backend.balance",
+        "unknown variant `random`",
+    );
+    let health = |lines: &str| format!("{MINIMAL}\n[backend.health]\n{lines}\n");
+    fx.rejects(
+        &health("fall = 0"),
+        "backend.health.fall",
+        "0 is out of range: 1 to 100",
+    );
+    fx.rejects(
+        &health("rise = 101"),
+        "backend.health.rise",
+        "101 is out of range",
+    );
+    fx.rejects(
+        &health("timeout_ms = 0"),
+        "backend.health.timeout_ms",
+        "greater than 0",
+    );
+    fx.rejects(
+        &health("interval = 5"),
+        "backend.health.interval",
+        "unknown field",
+    );
+    let off = fx.ok(&health("interval_ms = 0\ntimeout_ms = 250\nrise = 3"));
+    assert_eq!(off.backend.health.interval, None, "0: passive health only");
+    assert_eq!(off.backend.health.timeout, Duration::from_millis(250));
+    assert_eq!(off.backend.health.rise, 3);
+    let weighted = fx.ok(&servers(
+        "[\"127.0.0.1:8080\", { address = \"127.0.0.1:8081\", weight = 256 }]",
+    ));
+    assert_eq!(weighted.backend.servers[1].weight, 256);
 }

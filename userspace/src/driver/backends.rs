@@ -1,117 +1,349 @@
 //! Per-worker rules shared by every connection: which backend server a new connection goes to
-//! ([`Backends`]: round-robin, failover, passive health, rate-limited warnings) and how many
-//! connections one source address may hold ([`SourceLimits`]).
+//! ([`Backends`]: weighted round-robin or least-connections, failover, passive and active
+//! health, rate-limited warnings) and how many connections one source address may hold
+//! ([`SourceLimits`]).
 //!
-//! Passive health: a server whose connect fails (refused, unreachable, timed out) is marked
-//! down. New connections skip a down server while another is up, so no connection waits
-//! `backend.connect_timeout_ms` behind a server already known to be down. A down server is
-//! not retried with a client's connection: once its back-off has passed (1 s, doubling with
-//! each consecutive failure up to 30 s) the worker probes it with a connect of its own
-//! ([`Backends::probe`], closed at once), and a probe or any connect that succeeds marks it up.
-//! When every server is down, a client's connection still tries the one whose back-off ends
-//! first (it has no better chance). Each worker keeps its own view (shared nothing); a server
-//! down for one worker is learnt by the others on their own first failure.
+//! Health (`[backend.health]`): a server is up or down. `fall` consecutive failed connects
+//! (a client's or a probe's: refused, unreachable, timed out) mark it down; `rise` consecutive
+//! successful ones mark it up again. With active probing (`interval_ms` > 0) the worker
+//! connects to every server that is up once per interval (and closes at once) and learns of a
+//! dead server without sacrificing a client's connect. A down server is probed after a back-off
+//! that starts at the interval (1 s with active probing off) and doubles with each further
+//! failed probe up to [`DOWN_MAX`] (or the interval, if longer). A server added at start-up or
+//! by a reload starts up: probes (the first one on the next tick) or the first client connect
+//! correct that within one interval.
+//!
+//! New connections go only to servers that are up. When every server is down a connection's
+//! backend leg fails at once, without a connect (the client gets close_notify and FIN), it is
+//! counted in `backend_all_down`, and a warning says so at most once per interval. Failover
+//! within a connection moves forward from the server it tried first, to up servers only, and
+//! never comes back to one it tried.
+//!
+//! Each worker keeps its own view (shared nothing) and publishes it for the control thread
+//! through [`super::board`]. [`Backends::reconfigure`] takes a new server list (hot reload)
+//! without disturbing connections already on their way.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::Arc;
 
+use super::board::{self, Board, Published, ServerStats};
 use super::sock::{self, Io};
+use crate::config::{BackendServer, Balance, HealthCheck};
 use crate::counters::WorkerCounters;
 use crate::sys::uring::Op;
 use crate::tcp::time::{Duration, Instant};
 
-/// First back-off after a failure; doubles per consecutive failure.
-const DOWN_FIRST: Duration = Duration::from_secs(1);
-/// Longest back-off.
-const DOWN_MAX: Duration = Duration::from_secs(30);
-/// Warnings about backends: at most one per this interval per worker, with a count of those
-/// not logged.
+/// First back-off of a down server when active probing is off; doubles per failed probe.
+const PASSIVE_FIRST: Duration = Duration::from_secs(1);
+/// Longest back-off (unless the probe interval is longer).
+pub const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Warnings about backends: at most one per this interval per worker (or per probe interval,
+/// if longer), with a count of those not logged.
 const WARN_EVERY: Duration = Duration::from_secs(1);
+/// Back-off doublings stop here (2^16 intervals is far beyond any maximum).
+const MAX_SHIFT: u32 = 16;
 
-#[derive(Debug, Default)]
-struct Health {
-    /// Consecutive failed connects (probes included).
-    failures: u32,
-    /// `Some`: the server is down (skipped by new connections while another is up) and may be
-    /// probed from then on.
-    down_until: Option<Instant>,
-    /// A probe connect in flight.
-    probe: Option<Probe>,
-    /// Removed by a reload: never picked again; its index stays valid for the connections
-    /// that use it.
-    retired: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Up,
+    Down,
 }
 
-/// A worker's own connect to a down server, to learn whether it is back.
+/// One server of the pool as this worker sees it.
+#[derive(Debug)]
+struct Slot {
+    addr: SocketAddr,
+    weight: u32,
+    /// Smooth weighted round-robin's running score: raised by `weight` at every pick among
+    /// the up servers, lowered by their total weight when this one is picked. Σ over the up
+    /// servers stays 0, which is what spreads each server's picks evenly over a cycle.
+    current: i64,
+    state: State,
+    /// Removed by [`Backends::reconfigure`]: never picked or probed again; its index stays
+    /// valid for the connections that hold it, and the slot is reused by a later addition
+    /// once none does ([`Slot::reusable`]).
+    retired: bool,
+    /// Consecutive failed connects (clients' and probes'); reset by a success.
+    failures: u32,
+    /// Consecutive successful connects while down; reset by a failure.
+    successes: u32,
+    /// When the next probe is due; `None`: none planned (up with active probing off, retired,
+    /// or a probe in flight, whose completion plans the next).
+    next_probe: Option<Instant>,
+    probe: Option<Probe>,
+    /// This worker's connections that hold this server ([`Backends::pick`] and
+    /// [`Backends::failover`] take one, [`Backends::release`] gives it back).
+    active: u32,
+    /// Last time a connection gave it back (or it was retired): a late completion of a
+    /// connection's connect can arrive up to a connect timeout after that, so a retired slot
+    /// is not reused before.
+    quiet_since: Instant,
+    stats: Arc<ServerStats>,
+}
+
+impl Slot {
+    fn new(s: BackendServer, first_probe: Option<Instant>, now: Instant) -> Slot {
+        Slot {
+            addr: s.address,
+            weight: s.weight,
+            current: 0,
+            state: State::Up,
+            retired: false,
+            failures: 0,
+            successes: 0,
+            next_probe: first_probe,
+            probe: None,
+            active: 0,
+            quiet_since: now,
+            stats: Arc::new(ServerStats::new(s.address, s.weight)),
+        }
+    }
+
+    fn eligible(&self) -> bool {
+        !self.retired && self.state == State::Up
+    }
+
+    fn reusable(&self, now: Instant, connect_timeout: Duration) -> bool {
+        self.retired
+            && self.active == 0
+            && self.probe.is_none()
+            && now >= self.quiet_since + connect_timeout
+    }
+}
+
+/// A worker's own connect to a server, to learn whether it takes connections.
 #[derive(Debug)]
 struct Probe {
     fd: RawFd,
-    /// The connect's address; boxed so it stays put until the kernel has read it.
-    addr: Box<socket2::SockAddr>,
+    /// The connect's address and timeout; boxed so they stay put until the kernel has read
+    /// them (at the next submit).
+    target: Box<(socket2::SockAddr, io_uring::types::Timespec)>,
     /// The connect and its linked timeout, until both completed.
     in_flight: u32,
 }
 
+/// At most one message per period; counts the ones held back.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `Some(held back since the last one)` when a message may go out now.
+    fn allow(&mut self, now: Instant, every: Duration) -> Option<u64> {
+        match self.last {
+            Some(t) if now < t + every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
 /// The backend servers of one worker. See the module documentation.
 pub struct Backends {
-    servers: Vec<SocketAddr>,
-    health: Vec<Health>,
-    /// Round-robin position.
+    /// Never empty. Indices are stable: a connection names its server by index.
+    slots: Vec<Slot>,
+    balance: Balance,
+    health: HealthCheck,
+    /// `backend.connect_timeout_ms` (see [`Slot::quiet_since`]).
+    connect_timeout: Duration,
+    /// Where smooth weighted round-robin starts scanning for ties: workers start at different
+    /// servers, so their first connections do not all go to the first one.
+    offset: usize,
+    /// Round-robin position of least-connections' tie-break.
     next: usize,
+    /// The latest `now` any call brought (for [`Backends::release`], which has none).
+    clock: Instant,
     worker: usize,
-    last_warn: Option<Instant>,
-    warns_suppressed: u64,
+    warn: RateLimit,
+    all_down: RateLimit,
+    published: Arc<Published>,
 }
 
 impl Backends {
-    /// `servers` is never empty (validated configuration). Workers start at different
-    /// positions so that their first connections do not all go to the first server.
+    /// A pool of `servers` with weight 1, round-robin, passive health only (tests, fuzzing).
     pub fn new(servers: Vec<SocketAddr>, worker: usize) -> Backends {
-        assert!(!servers.is_empty(), "a backend pool is never empty");
-        Backends {
-            health: servers.iter().map(|_| Health::default()).collect(),
-            next: worker % servers.len(),
-            servers,
+        let config = crate::config::Backend {
+            servers: servers
+                .into_iter()
+                .map(|address| BackendServer { address, weight: 1 })
+                .collect(),
+            connect_timeout: std::time::Duration::from_secs(3),
+            connect: crate::config::ConnectPolicy::FirstByte,
+            proxy_protocol: crate::config::ProxyProtocol::None,
+            balance: Balance::RoundRobin,
+            health: HealthCheck {
+                interval: None,
+                timeout: std::time::Duration::from_secs(3),
+                fall: 1,
+                rise: 1,
+            },
+        };
+        Backends::from_config(&config, worker, &Board::default())
+    }
+
+    /// The pool of `config` (never empty: validated), published on `board`.
+    pub fn from_config(config: &crate::config::Backend, worker: usize, board: &Board) -> Backends {
+        assert!(!config.servers.is_empty(), "a backend pool is never empty");
+        let health = config.health;
+        let first_probe = health.interval.map(|_| Instant::ZERO);
+        let slots: Vec<Slot> = config
+            .servers
+            .iter()
+            .map(|&s| Slot::new(s, first_probe, Instant::ZERO))
+            .collect();
+        let b = Backends {
+            offset: worker % slots.len(),
+            next: worker % slots.len(),
+            slots,
+            balance: config.balance,
+            health,
+            connect_timeout: config.connect_timeout.into(),
+            clock: Instant::ZERO,
             worker,
-            last_warn: None,
-            warns_suppressed: 0,
-        }
+            warn: RateLimit::default(),
+            all_down: RateLimit::default(),
+            published: Arc::new(Published::default()),
+        };
+        b.publish();
+        board.register(b.published.clone());
+        b
     }
 
+    fn publish(&self) {
+        self.published
+            .publish(self.slots.iter().map(|s| s.stats.clone()).collect());
+    }
+
+    /// The address of `server` (an index a connection holds: always valid, retired or not).
     pub fn addr(&self, server: usize) -> SocketAddr {
-        self.servers[server % self.servers.len()]
+        let n = self.slots.len();
+        self.slots[server % n].addr
     }
 
+    /// Slots, retired ones included (indices run below this).
     pub fn len(&self) -> usize {
-        self.servers.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.servers.is_empty()
+        self.slots.is_empty()
     }
 
-    fn is_down(&self, server: usize, _now: Instant) -> bool {
-        self.health[server].down_until.is_some()
+    fn tick(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
     }
 
-    /// The server for a new connection: the next one round-robin that is not down.
-    pub fn pick(&mut self, now: Instant, counters: &WorkerCounters) -> usize {
-        let n = self.servers.len();
+    /// The probe interval, if active probing is on.
+    fn interval(&self) -> Option<Duration> {
+        self.health.interval.map(Duration::from)
+    }
+
+    /// The period of warnings: the probe interval, at least [`WARN_EVERY`].
+    fn warn_every(&self) -> Duration {
+        self.interval().map_or(WARN_EVERY, |i| i.max(WARN_EVERY))
+    }
+
+    /// The server for a new connection, or `None` when every server is down (counted in
+    /// `backend_all_down` and warned about; the caller fails the backend leg without a
+    /// connect). The connection holds the server until it gives it back with
+    /// [`Backends::release`].
+    pub fn pick(&mut self, now: Instant, counters: &WorkerCounters) -> Option<usize> {
+        self.tick(now);
+        let down = self
+            .slots
+            .iter()
+            .filter(|s| !s.retired && s.state == State::Down)
+            .count();
+        counters.backend_skipped_down.add(down as u64);
+        let chosen = match self.balance {
+            Balance::RoundRobin => self.pick_weighted(),
+            Balance::LeastConnections => self.pick_least(),
+        };
+        match chosen {
+            Some(s) => {
+                self.acquire(s);
+                Some(s)
+            }
+            None => {
+                counters.backend_all_down.inc();
+                if let Some(suppressed) = self.all_down.allow(now, self.warn_every()) {
+                    tracing::warn!(
+                        worker = self.worker,
+                        servers = self.slots.iter().filter(|s| !s.retired).count(),
+                        suppressed,
+                        "every backend server is down: new connections are closed at once"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Smooth weighted round-robin (nginx's `ngx_http_upstream_get_peer`) over the up servers.
+    fn pick_weighted(&mut self) -> Option<usize> {
+        let n = self.slots.len();
+        let mut total: i64 = 0;
+        let mut best: Option<(usize, i64)> = None;
+        for i in 0..n {
+            let s = (self.offset + i) % n;
+            let slot = &mut self.slots[s];
+            if !slot.eligible() {
+                continue;
+            }
+            slot.current += i64::from(slot.weight);
+            total += i64::from(slot.weight);
+            if best.is_none_or(|(_, c)| slot.current > c) {
+                best = Some((s, slot.current));
+            }
+        }
+        let (s, _) = best?;
+        self.slots[s].current -= total;
+        Some(s)
+    }
+
+    /// The up server with the fewest of this worker's connections per unit of weight; ties go
+    /// to the first from the round-robin position, which then moves past it.
+    fn pick_least(&mut self) -> Option<usize> {
+        let n = self.slots.len();
         let start = self.next % n;
-        self.next = self.next.wrapping_add(1);
-        self.first_up(start, n, now, counters)
-            .unwrap_or_else(|| self.soonest_back(start))
+        let mut best: Option<usize> = None;
+        for i in 0..n {
+            let s = (start + i) % n;
+            let slot = &self.slots[s];
+            if !slot.eligible() {
+                continue;
+            }
+            // a.active / a.weight < b.active / b.weight, without division.
+            let fewer = |b: &Slot| {
+                u64::from(slot.active) * u64::from(b.weight)
+                    < u64::from(b.active) * u64::from(slot.weight)
+            };
+            if best.is_none_or(|b| fewer(&self.slots[b])) {
+                best = Some(s);
+            }
+        }
+        let s = best?;
+        self.next = s + 1;
+        Some(s)
     }
 
     /// The server to try after `failed` for a connection that tried `first` first, or `None`
-    /// when none is left.
+    /// when no up server is left for it. The caller has given `failed` back
+    /// ([`Backends::release`]); the connection holds the one returned.
     ///
-    /// A connection's attempts move forward in round-robin order from `first` and end before
-    /// coming back to it, so no server is tried twice: the candidates are the servers after
-    /// `failed` and before `first`. The first of them that is not down is tried; when all of
-    /// them are down, the next one is tried anyway (the client has no other chance). A down
-    /// server passed over for a later one is not come back to by this connection.
+    /// A connection's attempts move forward in slot order from `first` and end before coming
+    /// back to it, so no server is tried twice: the candidates are the servers after `failed`
+    /// and before `first`, and the first of them that is up is tried. Down ones passed over
+    /// are counted and not come back to.
     pub fn failover(
         &mut self,
         failed: usize,
@@ -119,162 +351,129 @@ impl Backends {
         now: Instant,
         counters: &WorkerCounters,
     ) -> Option<usize> {
-        let n = self.servers.len();
+        self.tick(now);
+        let n = self.slots.len();
         let start = (failed + 1) % n;
         let left = (first % n + n - start) % n;
-        if left == 0 {
-            return None;
-        }
-        self.first_up(start, left, now, counters).or_else(|| {
-            (0..left)
-                .map(|i| (start + i) % n)
-                .find(|&s| !self.health[s].retired)
-        })
-    }
-
-    /// The first server of `count` from `start` (wrapping) that is not down; the down ones
-    /// passed over are counted.
-    fn first_up(
-        &self,
-        start: usize,
-        count: usize,
-        now: Instant,
-        counters: &WorkerCounters,
-    ) -> Option<usize> {
-        let n = self.servers.len();
-        for i in 0..count {
+        for i in 0..left {
             let s = (start + i) % n;
-            if self.health[s].retired {
-                continue;
-            }
-            if !self.is_down(s, now) {
+            if self.slots[s].eligible() {
+                self.acquire(s);
                 return Some(s);
             }
-            counters.backend_skipped_down.inc();
+            if !self.slots[s].retired {
+                counters.backend_skipped_down.inc();
+            }
         }
         None
     }
 
-    /// The server whose back-off ends first (every server is down), from `start` on for ties.
-    fn soonest_back(&self, start: usize) -> usize {
-        let n = self.servers.len();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|&s| !self.health[s].retired)
-            .min_by_key(|&s| self.health[s].down_until)
-            .unwrap_or(start)
+    fn acquire(&mut self, server: usize) {
+        let slot = &mut self.slots[server];
+        slot.active += 1;
+        slot.stats.active.set(u64::from(slot.active));
     }
 
-    /// A reload's server list: servers that stay keep their index and health, removed ones
-    /// are retired (never picked again, still addressable by the connections using them),
-    /// added ones are appended, up until they fail. A retired server listed again comes back.
-    pub fn reconfigure(&mut self, servers: &[SocketAddr], _now: Instant) {
-        for (i, h) in self.health.iter_mut().enumerate() {
-            h.retired = !servers.contains(&self.servers[i]);
-        }
-        for &addr in servers {
-            if !self.servers.contains(&addr) {
-                self.servers.push(addr);
-                self.health.push(Health::default());
-            }
-        }
-    }
-
-    /// A connect to `server` succeeded.
-    pub fn up(&mut self, server: usize, now: Instant) {
-        let h = &mut self.health[server];
-        if h.failures > 0 {
-            if h.down_until.is_some() {
-                tracing::info!(worker = self.worker, server = %self.servers[server], "backend server is up again");
-            }
-            h.failures = 0;
-            h.down_until = None;
-        }
-        let _ = now;
-    }
-
-    /// Whether `server` is down, its back-off has passed and no probe is in flight.
-    fn probe_due(&self, server: usize, now: Instant) -> bool {
-        let h = &self.health[server];
-        !h.retired && h.probe.is_none() && h.down_until.is_some_and(|t| now >= t)
-    }
-
-    /// Starts a probe connect to every down server whose back-off has passed and that has none
-    /// in flight. Called by the worker with its housekeeping (every 100 ms).
-    pub fn probe(&mut self, io: &mut Io, now: Instant) {
-        for server in 0..self.servers.len() {
-            if !self.probe_due(server, now) {
-                continue;
-            }
-            let addr = self.servers[server];
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM.cloexec(),
-                None,
-            );
-            let Ok(socket) = socket else {
-                // No socket now (e.g. out of fds): counts as a failed probe, retried later.
-                self.down(server, false, libc::EMFILE, now);
-                continue;
-            };
-            let probe = self.health[server].probe.insert(Probe {
-                fd: socket.into_raw_fd(),
-                addr: Box::new(socket2::SockAddr::from(addr)),
-                in_flight: 2,
-            });
-            let key = super::Key {
-                index: server as u32,
-                gen: 0,
-            };
-            sock::connect_linked(
-                io,
-                probe.fd,
-                &probe.addr,
-                (Op::Probe, Op::ProbeTimeout),
-                key,
-            );
-        }
-    }
-
-    /// The completion of a probe's connect (`Op::Probe`) or its timeout for `server`.
-    pub fn probe_complete(&mut self, server: usize, op: Op, res: i32, now: Instant) {
-        let Some(probe) = self.health.get_mut(server).and_then(|h| h.probe.as_mut()) else {
+    /// A connection no longer holds `server` (it ended, or its connect failed and it moves
+    /// on). Called exactly once per [`Backends::pick`] or successful [`Backends::failover`].
+    pub fn release(&mut self, server: usize) {
+        let clock = self.clock;
+        let Some(slot) = self.slots.get_mut(server) else {
             return;
         };
-        probe.in_flight -= 1;
-        let done = probe.in_flight == 0;
-        if done {
-            if let Some(p) = self.health[server].probe.take() {
-                // SAFETY: the probe's socket, closed once: both its operations completed.
-                unsafe { libc::close(p.fd) };
+        slot.active = slot.active.saturating_sub(1);
+        slot.stats.active.set(u64::from(slot.active));
+        slot.quiet_since = clock;
+    }
+
+    /// A client's connect to `server` succeeded.
+    pub fn up(&mut self, server: usize, now: Instant) {
+        self.tick(now);
+        if let Some(slot) = self.slots.get(server) {
+            slot.stats.connects.inc();
+        }
+        self.success(server, now);
+    }
+
+    /// A client's connect to `server` failed.
+    pub fn down(&mut self, server: usize, timed_out: bool, errno: i32, now: Instant) {
+        self.tick(now);
+        if let Some(slot) = self.slots.get(server) {
+            if timed_out {
+                slot.stats.connect_timeouts.inc();
+            } else {
+                slot.stats.connect_errors.inc();
             }
         }
-        if op == Op::Probe {
-            if res == 0 {
-                self.up(server, now);
+        self.failure(server, timed_out, errno, now);
+    }
+
+    fn success(&mut self, server: usize, now: Instant) {
+        let (rise, interval) = (self.health.rise, self.interval());
+        let Some(slot) = self.slots.get_mut(server) else {
+            return;
+        };
+        if slot.retired {
+            return;
+        }
+        slot.failures = 0;
+        slot.stats.consecutive_failures.set(0);
+        if slot.state == State::Down {
+            slot.successes = slot.successes.saturating_add(1);
+            if slot.successes >= rise {
+                slot.state = State::Up;
+                slot.current = 0;
+                slot.stats.state.set(board::STATE_UP);
+                slot.stats.last_change_unix_ms.set(board::unix_ms());
+                slot.next_probe = interval.map(|i| now + i);
+                tracing::info!(worker = self.worker, server = %slot.addr, "backend server is up again");
             } else {
-                self.down(server, res == -libc::ECANCELED, -res, now);
+                // Not yet `rise` in a row: the next probe comes soon, without back-off.
+                slot.next_probe = Some(now + interval.unwrap_or(PASSIVE_FIRST));
             }
         }
     }
 
-    /// A connect to `server` failed: it is down for a back-off.
-    pub fn down(&mut self, server: usize, timed_out: bool, errno: i32, now: Instant) {
-        let h = &mut self.health[server];
-        h.failures = h.failures.saturating_add(1);
-        let backoff = DOWN_FIRST
-            .saturating_shl(h.failures.saturating_sub(1).min(5))
-            .min(DOWN_MAX);
-        h.down_until = Some(now + backoff);
-        let failures = h.failures;
-        let addr = self.servers[server];
-        if self.may_warn(now) {
+    fn failure(&mut self, server: usize, timed_out: bool, errno: i32, now: Instant) {
+        let (fall, every) = (self.health.fall, self.warn_every());
+        let first = self.interval().unwrap_or(PASSIVE_FIRST);
+        let Some(slot) = self.slots.get_mut(server) else {
+            return;
+        };
+        if slot.retired {
+            return;
+        }
+        slot.successes = 0;
+        slot.failures = slot.failures.saturating_add(1);
+        slot.stats
+            .consecutive_failures
+            .set(u64::from(slot.failures));
+        if slot.state == State::Up && slot.failures < fall {
+            return;
+        }
+        let marked = slot.state == State::Up;
+        if marked {
+            slot.state = State::Down;
+            slot.current = 0;
+            slot.stats.state.set(board::STATE_DOWN);
+            slot.stats.last_change_unix_ms.set(board::unix_ms());
+        }
+        // The back-off doubles with each failure after the one that marked it down.
+        let backoff = first
+            .saturating_shl(slot.failures.saturating_sub(fall).min(MAX_SHIFT))
+            .min(DOWN_MAX.max(first));
+        // Planned even with a probe in flight: [`Backends::probe`] starts none while one is.
+        slot.next_probe = Some(now + backoff);
+        let (addr, failures) = (slot.addr, slot.failures);
+        if !marked {
+            return;
+        }
+        if let Some(suppressed) = self.warn.allow(now, every) {
             let error = if timed_out {
                 "connect timed out".to_owned()
             } else {
                 std::io::Error::from_raw_os_error(errno).to_string()
             };
-            let suppressed = self.take_suppressed();
             tracing::warn!(
                 worker = self.worker,
                 server = %addr,
@@ -287,10 +486,106 @@ impl Backends {
         }
     }
 
+    /// Starts a probe connect to every server whose probe is due (see the module
+    /// documentation) and that has none in flight. Called by the worker with its
+    /// housekeeping (every tick, ~100 ms).
+    pub fn probe(&mut self, io: &mut Io, now: Instant) {
+        self.tick(now);
+        let timeout = self.health.timeout;
+        for server in 0..self.slots.len() {
+            let slot = &mut self.slots[server];
+            if slot.retired || slot.probe.is_some() || slot.next_probe.is_none_or(|t| now < t) {
+                continue;
+            }
+            slot.next_probe = None;
+            let addr = slot.addr;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM.cloexec(),
+                None,
+            );
+            let Ok(socket) = socket else {
+                // No socket now (e.g. out of fds): a failed probe, retried later.
+                self.probe_done(server, Err((false, libc::EMFILE)), now);
+                continue;
+            };
+            let probe = slot.probe.insert(Probe {
+                fd: socket.into_raw_fd(),
+                target: Box::new((
+                    socket2::SockAddr::from(addr),
+                    io_uring::types::Timespec::new()
+                        .sec(timeout.as_secs())
+                        .nsec(timeout.subsec_nanos()),
+                )),
+                in_flight: 2,
+            });
+            let key = super::Key {
+                index: server as u32,
+                gen: 0,
+            };
+            sock::connect_linked_timeout(
+                io,
+                probe.fd,
+                &probe.target.0,
+                &probe.target.1,
+                (Op::Probe, Op::ProbeTimeout),
+                key,
+            );
+        }
+    }
+
+    /// The completion of a probe's connect (`Op::Probe`) or its timeout for `server`.
+    pub fn probe_complete(&mut self, server: usize, op: Op, res: i32, now: Instant) {
+        self.tick(now);
+        let Some(probe) = self.slots.get_mut(server).and_then(|h| h.probe.as_mut()) else {
+            return;
+        };
+        probe.in_flight = probe.in_flight.saturating_sub(1);
+        if probe.in_flight == 0 {
+            if let Some(p) = self.slots[server].probe.take() {
+                // SAFETY: the probe's socket, closed once: both its operations completed.
+                unsafe { libc::close(p.fd) };
+            }
+        }
+        if op == Op::Probe {
+            let result = if res == 0 {
+                Ok(())
+            } else {
+                Err((res == -libc::ECANCELED, -res))
+            };
+            self.probe_done(server, result, now);
+        }
+    }
+
+    /// A probe's result: counted, and the server's next probe planned.
+    fn probe_done(&mut self, server: usize, result: Result<(), (bool, i32)>, now: Instant) {
+        let Some(slot) = self.slots.get(server) else {
+            return;
+        };
+        if slot.retired {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                slot.stats.probes_ok.inc();
+                self.success(server, now);
+            }
+            Err((timed_out, errno)) => {
+                slot.stats.probes_failed.inc();
+                self.failure(server, timed_out, errno, now);
+            }
+        }
+        let interval = self.interval();
+        let slot = &mut self.slots[server];
+        if slot.state == State::Up && slot.next_probe.is_none() {
+            slot.next_probe = interval.map(|i| now + i);
+        }
+    }
+
     /// No server could be reached for a client, or its backend broke.
     pub fn warn_failure(&mut self, client: SocketAddr, now: Instant) {
-        if self.may_warn(now) {
-            let suppressed = self.take_suppressed();
+        let every = self.warn_every();
+        if let Some(suppressed) = self.warn.allow(now, every) {
             tracing::warn!(
                 worker = self.worker,
                 %client,
@@ -300,28 +595,82 @@ impl Backends {
         }
     }
 
-    fn may_warn(&mut self, now: Instant) -> bool {
-        match self.last_warn {
-            Some(t) if now < t + WARN_EVERY => {
-                self.warns_suppressed += 1;
-                false
+    /// Takes a new configuration of the pool (a reload): servers whose address stays keep
+    /// their index, health and counters (their weight is updated); removed ones are retired
+    /// (never picked or probed again, still addressable by the connections that hold them);
+    /// added ones start up, in a retired slot nobody holds any more or in a new one, so that
+    /// repeated reloads keep the pool bounded. The balance and health settings are taken too.
+    pub fn reconfigure(&mut self, new: &crate::config::Backend, now: Instant) {
+        self.tick(now);
+        self.balance = new.balance;
+        self.health = new.health;
+        self.connect_timeout = new.connect_timeout.into();
+        let interval = self.interval();
+        for slot in &mut self.slots {
+            let kept = new.servers.iter().find(|s| s.address == slot.addr);
+            match kept {
+                Some(s) => {
+                    // Kept (or back after a removal whose slot was still held).
+                    if slot.retired {
+                        slot.retired = false;
+                        slot.state = State::Up;
+                        slot.failures = 0;
+                        slot.successes = 0;
+                        slot.stats.state.set(board::STATE_UP);
+                        slot.stats.consecutive_failures.set(0);
+                    }
+                    slot.weight = s.weight;
+                    slot.stats.weight.set(u64::from(s.weight));
+                    if slot.probe.is_none() {
+                        slot.next_probe = match slot.state {
+                            State::Up => interval.map(|_| now),
+                            State::Down => slot.next_probe.or(Some(now)),
+                        };
+                    }
+                }
+                None if !slot.retired => {
+                    slot.retired = true;
+                    slot.next_probe = None;
+                    slot.quiet_since = now;
+                    slot.stats.state.set(board::STATE_RETIRED);
+                }
+                None => {}
             }
-            _ => {
-                self.last_warn = Some(now);
-                true
+            slot.current = 0;
+        }
+        for &s in &new.servers {
+            if self.slots.iter().any(|o| o.addr == s.address) {
+                continue;
+            }
+            let slot = Slot::new(s, interval.map(|_| now), now);
+            let connect_timeout = self.connect_timeout;
+            match self
+                .slots
+                .iter()
+                .position(|o| o.reusable(now, connect_timeout))
+            {
+                Some(i) => self.slots[i] = slot,
+                None => self.slots.push(slot),
             }
         }
-    }
-
-    fn take_suppressed(&mut self) -> u64 {
-        std::mem::take(&mut self.warns_suppressed)
+        // Trailing slots nobody can name any more go, so the pool shrinks back after removals.
+        while self.slots.len() > 1
+            && self
+                .slots
+                .last()
+                .is_some_and(|s| s.reusable(now, self.connect_timeout))
+        {
+            self.slots.pop();
+        }
+        self.offset %= self.slots.len();
+        self.publish();
     }
 }
 
 impl Drop for Backends {
     fn drop(&mut self) {
-        for h in &mut self.health {
-            if let Some(p) = h.probe.take() {
+        for s in &mut self.slots {
+            if let Some(p) = s.probe.take() {
                 // SAFETY: the probe's socket, closed once. The ring is gone by now (it is
                 // dropped first), so nothing in flight names it.
                 unsafe { libc::close(p.fd) };
@@ -381,247 +730,4 @@ impl SourceLimits {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr};
-
-    use super::*;
-
-    fn pool(n: u16, worker: usize) -> Backends {
-        let servers = (0..n)
-            .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
-            .collect();
-        Backends::new(servers, worker)
-    }
-
-    const T0: Instant = Instant::from_secs(100);
-
-    #[test]
-    fn a_reload_keeps_indices_retires_removed_servers_and_appends_new_ones() {
-        let c = WorkerCounters::default();
-        let mut b = pool(3, 0);
-        let (s0, s2) = (b.addr(0), b.addr(2));
-        b.down(0, false, libc::ECONNREFUSED, T0);
-        let new = SocketAddr::from(([127, 0, 0, 1], 9100));
-        b.reconfigure(&[s2, s0, new], T0);
-        assert_eq!(b.len(), 4);
-        assert_eq!((b.addr(0), b.addr(2), b.addr(3)), (s0, s2, new));
-        // Server 1 is retired: never picked; server 0 kept its health (down).
-        let picks: Vec<usize> = (0..6).map(|_| b.pick(T0, &c)).collect();
-        assert!(picks.iter().all(|&p| p == 2 || p == 3), "{picks:?}");
-        // A connection that used server 1 fails over past it, never onto it.
-        assert_eq!(b.failover(0, 0, T0, &c), Some(2));
-        assert_eq!(b.failover(3, 1, T0, &c), Some(0), "down, but the last left");
-        // Listed again: back in the rotation.
-        b.reconfigure(&[b.addr(1)], T0);
-        assert!((0..4).all(|_| b.pick(T0, &c) == 1));
-    }
-
-    fn at_ms(ms: u64) -> Instant {
-        T0 + Duration::from_millis(ms)
-    }
-
-    #[test]
-    fn pick_is_round_robin_from_the_worker_s_position() {
-        let c = WorkerCounters::default();
-        let mut b = pool(3, 0);
-        let picks: Vec<usize> = (0..4).map(|_| b.pick(T0, &c)).collect();
-        assert_eq!(picks, [0, 1, 2, 0]);
-        let mut b = pool(3, 4);
-        assert_eq!(b.pick(T0, &c), 1, "worker 4 starts at 4 % 3");
-        assert_eq!(c.backend_skipped_down.get(), 0);
-    }
-
-    #[test]
-    fn a_failed_server_is_skipped_until_it_is_up_and_probed_after_its_back_off() {
-        let c = WorkerCounters::default();
-        let mut b = pool(2, 0);
-        // Each pick below starts at server 0 (its round-robin turn).
-        let pick_from_0 = |b: &mut Backends, now| {
-            b.next = 0;
-            b.pick(now, &c)
-        };
-        b.down(0, false, libc::ECONNREFUSED, T0);
-        assert_eq!(pick_from_0(&mut b, T0), 1, "0 is skipped");
-        // The first back-off is 1 s: then it is probed, but clients still go elsewhere.
-        assert!(!b.probe_due(0, at_ms(999)));
-        assert!(b.probe_due(0, at_ms(1000)));
-        assert!(!b.probe_due(1, at_ms(1000)), "an up server is not probed");
-        assert_eq!(
-            pick_from_0(&mut b, at_ms(5000)),
-            1,
-            "no client connection is sent to a down server while another is up"
-        );
-        // The probe fails: the back-off doubles.
-        b.down(0, true, 0, at_ms(1000));
-        assert!(!b.probe_due(0, at_ms(2999)));
-        assert!(b.probe_due(0, at_ms(3000)), "2 s the second time");
-        // A successful connect (a probe's) marks it up.
-        b.up(0, at_ms(3000));
-        assert_eq!(pick_from_0(&mut b, at_ms(3000)), 0, "up again");
-        b.down(0, false, libc::ECONNREFUSED, at_ms(3000));
-        assert!(b.probe_due(0, at_ms(4000)), "back to 1 s after an up");
-        assert_eq!(c.backend_skipped_down.get(), 2, "each pass-over is counted");
-    }
-
-    #[test]
-    fn the_back_off_stops_growing_at_its_maximum() {
-        let mut b = pool(2, 0);
-        for _ in 0..20 {
-            b.down(0, false, libc::ECONNREFUSED, T0);
-        }
-        let max = DOWN_MAX.as_millis();
-        assert!(!b.probe_due(0, at_ms(max - 1)));
-        assert!(b.probe_due(0, at_ms(max)));
-    }
-
-    #[test]
-    fn all_down_picks_the_soonest_back() {
-        let c = WorkerCounters::default();
-        let mut b = pool(3, 0);
-        b.down(0, false, libc::ECONNREFUSED, T0);
-        b.down(0, false, libc::ECONNREFUSED, T0); // 2 s
-        b.down(1, false, libc::ECONNREFUSED, at_ms(500)); // back at 1.5 s
-        b.down(2, false, libc::ECONNREFUSED, at_ms(200)); // back at 1.2 s
-        assert_eq!(b.pick(at_ms(600), &c), 2);
-        assert_eq!(b.pick(at_ms(600), &c), 2, "from any position");
-        assert_eq!(c.backend_skipped_down.get(), 6);
-    }
-
-    #[test]
-    fn failover_never_repeats_a_server_within_a_connection() {
-        let c = WorkerCounters::default();
-        // Every combination of down servers in a pool of 4, from every first server.
-        for down in 0u32..16 {
-            for first in 0..4 {
-                let mut b = pool(4, 0);
-                for s in 0..4 {
-                    if down & (1 << s) != 0 {
-                        b.down(s, false, libc::ECONNREFUSED, T0);
-                    }
-                }
-                let mut tried = vec![first];
-                let mut failed = first;
-                while let Some(next) = b.failover(failed, first, T0, &c) {
-                    assert!(
-                        !tried.contains(&next),
-                        "down {down:04b}, first {first}: {next} again after {tried:?}"
-                    );
-                    assert!(tried.len() < 4, "at most one attempt per server");
-                    tried.push(next);
-                    b.down(next, false, libc::ECONNREFUSED, T0);
-                    failed = next;
-                }
-                // Only servers passed over as down are left untried.
-                for s in 0..4 {
-                    assert!(
-                        tried.contains(&s) || down & (1 << s) != 0,
-                        "down {down:04b}, first {first}: up server {s} never tried ({tried:?})"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn failover_prefers_an_up_server_and_tries_a_down_one_last() {
-        let c = WorkerCounters::default();
-        let mut b = pool(3, 0);
-        b.down(1, false, libc::ECONNREFUSED, T0);
-        b.down(0, false, libc::ECONNREFUSED, T0);
-        assert_eq!(b.failover(0, 0, T0, &c), Some(2), "1 is down, 2 is not");
-        assert_eq!(c.backend_skipped_down.get(), 1);
-        b.down(2, false, libc::ECONNREFUSED, T0);
-        let mut b2 = pool(3, 0);
-        b2.down(0, false, libc::ECONNREFUSED, T0);
-        b2.down(1, false, libc::ECONNREFUSED, T0);
-        b2.down(2, false, libc::ECONNREFUSED, T0);
-        assert_eq!(
-            b2.failover(0, 0, T0, &c),
-            Some(1),
-            "all down: the next is tried anyway"
-        );
-        assert_eq!(
-            pool(1, 0).failover(0, 0, T0, &c),
-            None,
-            "one server: none left"
-        );
-    }
-
-    #[test]
-    fn backend_warnings_are_rate_limited() {
-        let mut b = pool(1, 0);
-        b.down(0, false, libc::ECONNREFUSED, T0);
-        b.warn_failure("192.0.2.1:1".parse().expect("addr"), T0);
-        b.warn_failure("192.0.2.1:1".parse().expect("addr"), at_ms(999));
-        assert_eq!(b.warns_suppressed, 2);
-        b.warn_failure("192.0.2.1:1".parse().expect("addr"), at_ms(1000));
-        assert_eq!(
-            b.warns_suppressed, 0,
-            "logged with the count, which restarts"
-        );
-    }
-
-    #[test]
-    fn source_limits_count_places_per_address() {
-        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
-        let b = IpAddr::from(Ipv4Addr::new(192, 0, 2, 2));
-        let mut l = SourceLimits::new(2);
-        assert!(l.acquire(a) && l.acquire(a));
-        assert!(!l.acquire(a), "at its limit");
-        assert!(l.acquire(b), "another source is not affected");
-        assert_eq!(l.sources(), 2);
-        l.release(a);
-        assert!(l.acquire(a), "a place given back is taken again");
-        l.release(a);
-        l.release(a);
-        l.release(b);
-        assert_eq!(l.sources(), 0, "nothing held: nothing kept");
-        // A release without an acquire is ignored.
-        l.release(b);
-        assert_eq!(l.sources(), 0);
-    }
-
-    #[test]
-    fn source_limit_zero_is_off() {
-        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
-        let mut l = SourceLimits::new(0);
-        for _ in 0..1000 {
-            assert!(l.acquire(a));
-        }
-        assert_eq!(l.sources(), 1, "counted, not limited");
-        l.release(a);
-    }
-
-    #[test]
-    fn a_limit_set_later_holds_for_places_taken_before() {
-        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
-        let mut l = SourceLimits::new(0);
-        assert!(l.acquire(a) && l.acquire(a));
-        l.set_limit(2);
-        assert!(!l.acquire(a), "two held: at the new limit");
-        l.release(a);
-        assert!(l.acquire(a));
-        l.set_limit(0);
-        assert!(l.acquire(a), "no limit again");
-        for _ in 0..3 {
-            l.release(a);
-        }
-        assert_eq!(l.sources(), 0);
-    }
-
-    #[test]
-    fn an_ipv4_mapped_ipv6_source_is_the_ipv4_source() {
-        let v4 = Ipv4Addr::new(192, 0, 2, 1);
-        let mapped = IpAddr::from(v4.to_ipv6_mapped());
-        let mut l = SourceLimits::new(2);
-        assert!(l.acquire(IpAddr::from(v4)));
-        assert!(l.acquire(mapped));
-        assert!(!l.acquire(IpAddr::from(v4)), "one source, two connections");
-        assert!(!l.acquire(mapped));
-        l.release(mapped);
-        assert!(l.acquire(IpAddr::from(v4)), "released through either form");
-        assert_eq!(l.sources(), 1);
-        let v6 = IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
-        assert!(l.acquire(v6), "a real IPv6 source is its own");
-    }
-}
+mod tests;

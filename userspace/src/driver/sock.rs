@@ -604,6 +604,29 @@ pub fn connect_linked(io: &mut Io, fd: RawFd, addr: &socket2::SockAddr, ops: (Op
     io.push(timeout);
 }
 
+/// [`connect_linked`] with a timeout of its own (health probes: `backend.health.timeout_ms`).
+/// The kernel reads `timeout` when the entries are submitted, so it must stay where it is
+/// until the next submit (the caller boxes it with the probe).
+pub fn connect_linked_timeout(
+    io: &mut Io,
+    fd: RawFd,
+    addr: &socket2::SockAddr,
+    timeout: &types::Timespec,
+    ops: (Op, Op),
+    key: Key,
+) {
+    io.make_room(2);
+    let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(UserData::new(ops.0, key.gen, key.index).encode());
+    let timeout = opcode::LinkTimeout::new(timeout)
+        .build()
+        .user_data(UserData::new(ops.1, key.gen, key.index).encode());
+    io.push(connect);
+    io.push(timeout);
+}
+
 /// Makes the next close send RST instead of FIN (abortive close).
 pub fn set_linger_zero(fd: RawFd) {
     let sock = std::mem::ManuallyDrop::new(

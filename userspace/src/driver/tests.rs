@@ -937,8 +937,29 @@ fn failover_passes_over_a_down_server_and_never_repeats_one() {
     assert_eq!(s.end, Some(End::Graceful));
     s.assert_counted(&[
         ("backend_connect_errors", 2),
-        ("backend_skipped_down", 1),
+        // Once by the pick (server 1 is down when the connection chooses) and once by the
+        // failover that steps over it.
+        ("backend_skipped_down", 2),
         ("backend_failures", 1),
+    ]);
+}
+
+#[test]
+fn every_server_down_fails_the_leg_at_once_without_a_connect() {
+    let mut s = Script::tls(2);
+    s.backends.down(0, false, libc::ECONNREFUSED, s.now);
+    s.backends.down(1, true, 0, s.now);
+    s.handshake();
+    s.mark();
+    s.client_sends(REQUEST);
+    assert!(s.take_ops().is_empty(), "no connect to a server known down");
+    assert_eq!(s.conn.leg(), Leg::Failed);
+    assert!(s.client_close_notify, "closed politely");
+    assert_eq!(s.end, Some(End::Graceful));
+    s.assert_counted(&[
+        ("backend_all_down", 1),
+        ("backend_failures", 1),
+        ("backend_skipped_down", 2),
     ]);
 }
 
