@@ -24,6 +24,8 @@
 //! - [`sys`]: io_uring buffers and `user_data`, random bytes.
 //! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
 //!   [`fault`] is the test-only fault hook.
+//! - [`privileges`]: `PR_SET_NO_NEW_PRIVS` and the switch to `[process] user` after set-up;
+//!   [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`control`]: the command socket (`tern ctl`); [`counters`]: per-worker counters;
 //!   [`config`]: the TOML file and its validation.
 
@@ -34,6 +36,8 @@ pub mod counters;
 pub mod driver;
 pub mod fault;
 pub mod kernel;
+pub mod notify;
+pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;

@@ -43,6 +43,8 @@ pub struct Shutdown {
 /// [`supervise::ThreadFailed`]). Returns once everything is torn down; an error during
 /// start-up releases whatever had been started before it is returned.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // First, while this is the only thread: every thread started below inherits it.
+    crate::privileges::set_no_new_privs().context("setting PR_SET_NO_NEW_PRIVS")?;
     supervise::install_panic_hook();
     crate::fault::init().map_err(|e| anyhow!(e))?;
     // Only listeners with `tls = true` need certificates (validation made sure they exist).
@@ -238,6 +240,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .push(Watched::new("tern-control", Job::Control(h)));
     }
 
+    // Set-up is complete (sockets bound, XDP attached, AF_XDP sockets registered, UMEM mapped,
+    // every worker ready, the control socket bound and chowned): give up root. A failure is a
+    // failed start-up; `started` releases everything.
+    match &config.process.run_as {
+        Some(to) => crate::privileges::switch(to).context("switching to [process] user")?,
+        None => crate::privileges::warn_if_root(),
+    }
+
     let addrs: Vec<String> = config
         .listeners
         .iter()
@@ -250,11 +260,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         control = %config.control.socket.display(),
         "tern ready"
     );
+    crate::notify::ready();
     crate::fault::arm();
 
     // Until every worker has ended after SIGTERM / SIGINT, or a thread fails.
     let watched = supervise::watch(&mut started.threads, &started.shutdown);
     if let Err(failed) = &watched {
+        crate::notify::stopping();
         tracing::error!(
             thread = %failed.thread,
             error = %failed.reason,
