@@ -5,6 +5,8 @@
 //! the fds it opened as root). With `NOTIFY_SOCKET` set, systemd's protocol sees `READY=1`
 //! once tern serves and `STOPPING=1` when SIGTERM starts the drain (sent after the switch).
 //!
+//! tern starts as root holding only the capabilities dist/tern.service's
+//! `CapabilityBoundingSet=` allows (through `setpriv`), so set-up is checked to need no more.
 //! The files tern may re-read after the switch (configuration, certificate, key) are made
 //! readable by nobody, as docs/operations.md asks of an operator. Each test has its own rig.
 
@@ -50,6 +52,47 @@ struct Dropped {
 fn world_readable(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// The capabilities dist/tern.service allows (`CapabilityBoundingSet=`), as setpriv's
+/// `--bounding-set` argument (`-all,+net_admin,...`).
+#[track_caller]
+fn unit_bounding_set() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/tern.service");
+    let text =
+        std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("read {}: {e}", unit.display()));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("no CapabilityBoundingSet= in {}", unit.display()));
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| {
+            let name = c
+                .strip_prefix("CAP_")
+                .unwrap_or_else(|| panic!("{c}: not a capability name"));
+            format!("+{}", name.to_ascii_lowercase())
+        })
+        .collect();
+    assert!(!caps.is_empty(), "the unit allows some capability");
+    format!("-all,{}", caps.join(","))
+}
+
+/// A script in `dir` that starts tern as root holding only what the unit's bounding set
+/// allows (root's capabilities after `exec` are the bounding set, as under systemd), so the
+/// tests also check that the unit's capability list is enough for set-up. It `exec`s, so
+/// tern keeps the PID the harness knows.
+#[track_caller]
+fn capped_tern(dir: &TempDir) -> std::path::PathBuf {
+    let script = dir.join("tern-capped");
+    let text = format!(
+        "#!/bin/sh\nexec setpriv --bounding-set {caps} --inh-caps -all -- {tern} \"$@\"\n",
+        caps = unit_bounding_set(),
+        tern = tern_binary().display(),
+    );
+    std::fs::write(&script, text).expect("write the wrapper");
+    world_readable(&script, 0o755);
+    script
 }
 
 /// Checks, as nobody, that `file` can be read (what a reload after the switch needs).
@@ -130,6 +173,7 @@ impl Dropped {
             &config,
             TernOptions {
                 netns: rig.server_netns(),
+                binary: Some(capped_tern(&dir)),
                 env: vec![(
                     "NOTIFY_SOCKET".into(),
                     notify_path.to_str().expect("UTF-8 path").into(),
