@@ -78,16 +78,15 @@ fn unit_bounding_set() -> String {
     format!("-all,{}", caps.join(","))
 }
 
-/// A script in `dir` that starts tern as root holding only what the unit's bounding set
-/// allows (root's capabilities after `exec` are the bounding set, as under systemd), so the
+/// A script in `dir` that starts tern as root holding only `caps` (setpriv's syntax; the
+/// tests pass [`unit_bounding_set`]) (root's capabilities after `exec` are the bounding set, as under systemd), so the
 /// tests also check that the unit's capability list is enough for set-up. It `exec`s, so
 /// tern keeps the PID the harness knows.
 #[track_caller]
-fn capped_tern(dir: &TempDir) -> std::path::PathBuf {
+fn capped_tern(dir: &TempDir, caps: &str) -> std::path::PathBuf {
     let script = dir.join("tern-capped");
     let text = format!(
         "#!/bin/sh\nexec setpriv --bounding-set {caps} --inh-caps -all -- {tern} \"$@\"\n",
-        caps = unit_bounding_set(),
         tern = tern_binary().display(),
     );
     std::fs::write(&script, text).expect("write the wrapper");
@@ -120,8 +119,18 @@ fn readable_by_nobody(file: &Path) {
 }
 
 impl Dropped {
+    /// Starts tern with the unit's capabilities and waits until it accepts.
     #[track_caller]
     fn start(path: DataPath, tag: &str) -> Dropped {
+        let mut d = Dropped::launch(path, tag, &unit_bounding_set());
+        let addr = d.stack.rig.server_addr(443);
+        d.stack.tern.wait_ready(addr);
+        d
+    }
+
+    /// Starts tern as root holding only `caps`, without waiting for it.
+    #[track_caller]
+    fn launch(path: DataPath, tag: &str, caps: &str) -> Dropped {
         let queues = match path {
             DataPath::Kernel => 1,
             DataPath::Bypass => 2,
@@ -169,11 +178,11 @@ impl Dropped {
             backend = backend.addr(),
             control = control.display(),
         );
-        let mut tern = TernProcess::start_with(
+        let tern = TernProcess::start_with(
             &config,
             TernOptions {
                 netns: rig.server_netns(),
-                binary: Some(capped_tern(&dir)),
+                binary: Some(capped_tern(&dir, caps)),
                 env: vec![(
                     "NOTIFY_SOCKET".into(),
                     notify_path.to_str().expect("UTF-8 path").into(),
@@ -183,7 +192,6 @@ impl Dropped {
         );
         world_readable(tern.dir(), 0o755);
         world_readable(tern.config_path(), 0o644);
-        tern.wait_ready(rig.server_addr(443));
         Dropped {
             stack: Stack {
                 tern,
@@ -413,4 +421,40 @@ fn bypass_path_runs_as_nobody_without_capabilities() {
 
     assert_every_thread_dropped(&d);
     stop_and_check(d, &ready);
+}
+
+/// Without CAP_SETUID the switch fails after set-up: tern exits 1 having released everything
+/// (the control socket is gone) and never told systemd it was ready.
+#[test]
+fn a_failed_switch_is_a_failed_start_up() {
+    let caps = unit_bounding_set().replace(",+setuid", "");
+    let mut d = Dropped::launch(DataPath::Kernel, "privfail", &caps);
+    let Some(status) = d.stack.tern.wait_exit(EXIT_WITHIN) else {
+        panic!("tern still runs without CAP_SETUID\n{}", d.stack.log());
+    };
+    let log = d.stack.log();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a start-up failure: {status}\n{log}"
+    );
+    assert!(
+        log.contains("switching to [process] user") && log.contains("setresuid(65534)"),
+        "the error names the step: {log}"
+    );
+    assert!(!log.contains("tern ready"), "{log}");
+    assert!(
+        !d.stack.control.exists(),
+        "the control socket was removed: {}",
+        d.stack.control.display()
+    );
+    d.notify.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = d.notify.recv(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            !text.lines().any(|l| l == "READY=1"),
+            "no READY=1: {text:?}"
+        );
+    }
 }
