@@ -61,6 +61,12 @@ fn cases() -> Vec<Case> {
             field: "control.group",
             fragment: "no group named \"no-such-group-tern\"",
         },
+        Case {
+            name: "process user unknown",
+            text: "[[listener]]\naddress = \"127.0.0.1:8443\"\n[[certificate]]\ncert = \"{cert}\"\nkey = \"{key}\"\n[process]\nuser = \"no-such-user-tern\"\n",
+            field: "process.user",
+            fragment: "no user named \"no-such-user-tern\"",
+        },
     ]
 }
 

@@ -232,6 +232,28 @@ pub struct Config {
     pub control: Control,
     pub xdp: XdpSettings,
     pub tcp: TcpSettings,
+    pub process: Process,
+}
+
+/// `[process]`: who tern runs as once set-up is done (`privileges`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    /// The identity every thread switches to after set-up; `None`: keep running as started
+    /// (with a warning when that is root). Changing it needs a restart.
+    pub run_as: Option<RunAs>,
+}
+
+/// A resolved `[process] user`/`group`: never root (uid 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// For messages: the user's name, or its number when it has no passwd entry.
+    pub user: String,
+    pub uid: u32,
+    /// `process.group`, else the user's primary group.
+    pub gid: u32,
+    /// Supplementary groups: the user's groups in the group database (with `gid`), or just
+    /// `gid` for a numeric uid with no passwd entry.
+    pub groups: Vec<u32>,
 }
 
 /// Congestion control of the bypass stack's connections. File syntax: `"cubic"` | `"newreno"`.
@@ -407,6 +429,19 @@ pub struct FileConfig {
     pub xdp: FileXdp,
     /// `[tcp]`: tern's own TCP stack on the bypass path. Optional.
     pub tcp: FileTcp,
+    /// `[process]`: the user tern switches to after set-up. Optional.
+    pub process: FileProcess,
+}
+
+/// The `[process]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileProcess {
+    /// `user`: a user name or a numeric uid (`"tern"`, `998`); never root. Default: none (tern
+    /// keeps running as it was started).
+    pub user: Option<UserOrId>,
+    /// `group`: a group name or a numeric gid. Default: the user's primary group.
+    pub group: Option<UserOrId>,
 }
 
 /// The `[tcp]` table.
@@ -883,6 +918,7 @@ impl FileConfig {
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
             limits,
             xdp,
+            process: validate_process(self.process)?,
         })
     }
 }
@@ -1662,6 +1698,72 @@ fn validate_control(dir: &Path, file: FileControl) -> Result<Control, Invalid> {
             .group
             .map(|g| resolve_id("control.group", g, crate::control::group_id))
             .transpose()?,
+    })
+}
+
+fn validate_process(file: FileProcess) -> Result<Process, Invalid> {
+    let Some(user) = file.user else {
+        if file.group.is_some() {
+            return Err(Invalid::new(
+                "process.group",
+                "needs process.user (the group is switched together with the user)",
+            ));
+        }
+        return Ok(Process::default());
+    };
+    // A numeric uid need not have a passwd entry; a name must.
+    let (uid, entry) = match user {
+        UserOrId::Id(u32::MAX) => {
+            return Err(Invalid::new("process.user", "id 4294967295 is reserved"))
+        }
+        UserOrId::Id(uid) => (
+            uid,
+            crate::privileges::user_by_id(uid).map_err(|e| {
+                Invalid::new("process.user", format!("cannot look up user id {uid}: {e}"))
+            })?,
+        ),
+        UserOrId::Name(name) => {
+            let entry = crate::privileges::user_by_name(&name)
+                .map_err(|e| {
+                    Invalid::new("process.user", format!("cannot look up user {name:?}: {e}"))
+                })?
+                .ok_or_else(|| Invalid::new("process.user", format!("no user named {name:?}")))?;
+            (entry.uid, Some(entry))
+        }
+    };
+    if uid == 0 {
+        return Err(Invalid::new(
+            "process.user",
+            "root (uid 0) keeps every capability: name an unprivileged user, or leave \
+             [process] out to keep running as root",
+        ));
+    }
+    let gid = match (file.group, &entry) {
+        (Some(g), _) => resolve_id("process.group", g, crate::control::group_id)?,
+        (None, Some(e)) => e.gid,
+        (None, None) => {
+            return Err(Invalid::new(
+                "process.group",
+                format!("user id {uid} has no passwd entry: name its group here"),
+            ))
+        }
+    };
+    let groups = match &entry {
+        Some(e) => crate::privileges::groups_of(&e.name, gid).map_err(|err| {
+            Invalid::new(
+                "process.user",
+                format!("cannot list the groups of {:?}: {err}", e.name),
+            )
+        })?,
+        None => vec![gid],
+    };
+    Ok(Process {
+        run_as: Some(RunAs {
+            user: entry.map_or_else(|| uid.to_string(), |e| e.name),
+            uid,
+            gid,
+            groups,
+        }),
     })
 }
 

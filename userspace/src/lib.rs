@@ -24,8 +24,11 @@
 //! - [`sys`]: io_uring buffers and `user_data`, random bytes.
 //! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
 //!   [`fault`] is the test-only fault hook.
+//! - [`privileges`]: `PR_SET_NO_NEW_PRIVS` and the switch to `[process] user` after set-up;
+//!   [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`control`]: the command socket (`tern ctl`); [`upgrade`]: handing the listening
-//!   sockets to a new tern process; [`counters`]: per-worker counters;
+//!   sockets to a new tern process; [`reload`]: re-reading the configuration;
+//!   [`counters`]: per-worker counters;
 //!   [`config`]: the TOML file and its validation.
 
 pub mod bypass;
@@ -35,6 +38,8 @@ pub mod counters;
 pub mod driver;
 pub mod fault;
 pub mod kernel;
+pub mod notify;
+pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;

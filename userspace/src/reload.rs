@@ -147,6 +147,15 @@ impl Reloader {
         if draining {
             return Err(ReloadError::Draining);
         }
+        // systemd (Type=notify-reload, or an ExecReload that waits) sees the reload begin and
+        // end, whatever its outcome.
+        crate::notify::reloading();
+        let outcome = self.load_and_publish();
+        crate::notify::ready();
+        outcome
+    }
+
+    fn load_and_publish(&self) -> Result<Reloaded, ReloadError> {
         let old = self.current();
         let new = Config::load(&old.config.path)?;
         let refused = restart_needed(&old.config, &new, self.start_max_connections);
@@ -316,6 +325,9 @@ pub fn restart_needed(
     }
     if old.control != new.control {
         refused.push(restart(new, "control", "changing the control socket"));
+    }
+    if old.process != new.process {
+        refused.push(restart(new, "process", "changing the user tern runs as"));
     }
     if new.limits.max_connections_per_worker > start_max_connections {
         refused.push(restart(

@@ -68,6 +68,8 @@ pub fn upgrade(config: Config) -> anyhow::Result<()> {
 }
 
 fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
+    // First, while this is the only thread: every thread started below inherits it.
+    crate::privileges::set_no_new_privs().context("setting PR_SET_NO_NEW_PRIVS")?;
     supervise::install_panic_hook();
     crate::fault::init().map_err(|e| anyhow!(e))?;
     // Only listeners with `tls = true` need certificates (validation made sure they exist).
@@ -344,16 +346,29 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .push(Watched::new("tern-control", Job::Control(h)));
     }
 
+    // An upgrade moves the control path over while still privileged (its directory is
+    // usually root's), then this process gives up root, and only then is the old tern told to
+    // drain: a failure before that point leaves the old one serving.
+    if let Some(file) = started
+        .control_socket
+        .as_mut()
+        .filter(|_| takeover.is_some())
+    {
+        file.rename(&config.control.socket).with_context(|| {
+            format!(
+                "upgrade: moving the control socket over {}",
+                config.control.socket.display()
+            )
+        })?;
+    }
+    // Set-up is complete (sockets bound, XDP attached, AF_XDP sockets registered, UMEM mapped,
+    // every worker ready, the control socket bound and chowned): give up root. A failure is a
+    // failed start-up; `started` releases everything.
+    match &config.process.run_as {
+        Some(to) => crate::privileges::switch(to).context("switching to [process] user")?,
+        None => crate::privileges::warn_if_root(),
+    }
     if let Some(takeover) = takeover {
-        // Serving now: the control path becomes ours, then the old tern drains.
-        if let Some(file) = started.control_socket.as_mut() {
-            file.rename(&config.control.socket).with_context(|| {
-                format!(
-                    "upgrade: moving the control socket over {}",
-                    config.control.socket.display()
-                )
-            })?;
-        }
         if let Err(e) = takeover.finish() {
             // Both processes accept from the same sockets meanwhile; nothing is lost.
             tracing::error!(
@@ -375,11 +390,13 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         control = %config.control.socket.display(),
         "tern ready"
     );
+    crate::notify::ready();
     crate::fault::arm();
 
     // Until every worker has ended after SIGTERM / SIGINT, or a thread fails.
     let watched = supervise::watch(&mut started.threads, &started.shutdown);
     if let Err(failed) = &watched {
+        crate::notify::stopping();
         tracing::error!(
             thread = %failed.thread,
             error = %failed.reason,

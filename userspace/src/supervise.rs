@@ -207,7 +207,16 @@ impl Watched {
 /// it ends with an error or a panic, or ends while `shutdown` asks for nothing. Finished
 /// threads are joined and removed from `threads`.
 pub fn watch(threads: &mut Vec<Watched>, shutdown: &Shutdown) -> Result<(), ThreadFailed> {
+    // Whatever asked for the drain or the stop (a signal, a command), the service manager
+    // hears it once, as soon as the flags say so.
+    let mut told_stopping = false;
     loop {
+        if !told_stopping
+            && (shutdown.drain.load(Ordering::Relaxed) || shutdown.stop.load(Ordering::Relaxed))
+        {
+            crate::notify::stopping();
+            told_stopping = true;
+        }
         let mut i = 0;
         while i < threads.len() {
             if !threads[i].is_finished() {

@@ -1287,3 +1287,65 @@ fn backend_servers_weights_balance_and_health_are_checked() {
     ));
     assert_eq!(weighted.backend.servers[1].weight, 256);
 }
+
+#[test]
+fn process_user_and_group() {
+    let fx = Fixture::new("process");
+    assert_eq!(
+        fx.ok(MINIMAL).process,
+        Process::default(),
+        "no switch by default"
+    );
+    let process = |table: &str| {
+        fx.ok(&minimal_with(&format!("[process]\n{table}")))
+            .process
+            .run_as
+            .expect("a user to switch to")
+    };
+    let nobody = process("user = \"nobody\"");
+    assert_eq!((nobody.user.as_str(), nobody.uid), ("nobody", 65534));
+    assert_eq!(nobody.gid, 65534, "the user's primary group");
+    assert!(nobody.groups.contains(&nobody.gid), "{:?}", nobody.groups);
+    let by_id = process("user = 65534\ngroup = \"root\"");
+    assert_eq!(
+        (by_id.user.as_str(), by_id.uid, by_id.gid),
+        ("nobody", 65534, 0),
+        "a numeric uid finds its name; an explicit group wins"
+    );
+    let unnamed = process("user = 4000123\ngroup = 4000124");
+    assert_eq!(
+        (
+            unnamed.user.as_str(),
+            unnamed.uid,
+            unnamed.gid,
+            unnamed.groups
+        ),
+        ("4000123", 4000123, 4000124, vec![4000124]),
+        "a uid without a passwd entry runs in its group only"
+    );
+
+    for (table, field, fragment) in [
+        (
+            "user = \"no-such-user-tern\"",
+            "process.user",
+            "no user named \"no-such-user-tern\"",
+        ),
+        ("user = \"root\"", "process.user", "root (uid 0)"),
+        ("user = 0", "process.user", "root (uid 0)"),
+        ("user = 4294967295", "process.user", "reserved"),
+        ("user = 4000123", "process.group", "has no passwd entry"),
+        (
+            "user = \"nobody\"\ngroup = \"no-such-group-tern\"",
+            "process.group",
+            "no group named",
+        ),
+        ("group = \"nogroup\"", "process.group", "needs process.user"),
+        ("uid = 1", "process.uid", "unknown field"),
+    ] {
+        fx.rejects(
+            &minimal_with(&format!("[process]\n{table}")),
+            field,
+            fragment,
+        );
+    }
+}

@@ -148,6 +148,10 @@ fn changes_that_need_a_restart_are_refused_by_name() {
             "control",
         ),
         (
+            "[limits]\nmax_connections_per_worker = 100\n[process]\nuser = \"nobody\"",
+            "process",
+        ),
+        (
             "[limits]\nmax_connections_per_worker = 101",
             "limits.max_connections_per_worker: raising it above its value at start (100)",
         ),
