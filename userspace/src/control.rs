@@ -9,6 +9,7 @@
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
 //! - `blocks` → the blocked prefixes, one per line (nothing when the list is empty)
+//! - `reopen-log` → `ok` once the access log writer has opened its path anew (log rotation)
 //!
 //! Anything that fails is answered with one line starting `error: ` that says what was wrong;
 //! `tern ctl` exits non-zero on it. Blocklist commands need an attached XDP program (a listener
@@ -51,6 +52,9 @@ pub struct ControlState {
     /// The bypass workers (`mode = "bypass"` listeners), one entry per worker and interface.
     pub bypass: Vec<BypassInfo>,
     pub started: Instant,
+    /// The access log (`reopen-log`, its counters in `stats`), when it is on; with its
+    /// `flush_ms` (how long a reopen may take to be seen).
+    pub access_log: Option<(Arc<crate::access_log::Handle>, Duration)>,
 }
 
 /// What the control plane shows of one bypass worker.
@@ -531,13 +535,17 @@ pub fn reply(state: &ControlState, line: &str) -> String {
         ("block", Some(prefix), None) => block(state, prefix),
         ("unblock", Some(prefix), None) => unblock(state, prefix),
         ("blocks", None, _) => blocks(state),
+        ("reopen-log", None, _) => reopen_log(state),
         ("block" | "unblock", None, _) => Err(format!("usage: {command} PREFIX")),
         ("block" | "unblock", Some(_), Some(_)) => {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
-        ("ping" | "stats" | "blocks", Some(_), _) => Err(format!("{command} takes no argument")),
+        ("ping" | "stats" | "blocks" | "reopen-log", Some(_), _) => {
+            Err(format!("{command} takes no argument"))
+        }
         _ => Err(format!(
-            "unknown command {:?} (commands: ping, stats, block PREFIX, unblock PREFIX, blocks)",
+            "unknown command {:?} (commands: ping, stats, block PREFIX, unblock PREFIX, blocks, \
+             reopen-log)",
             line.trim()
         )),
     };
@@ -595,6 +603,15 @@ fn blocks(state: &ControlState) -> Result<String, String> {
         let _ = writeln!(out, "{prefix}");
     }
     Ok(out)
+}
+
+/// `reopen-log`: the access log writer opens its path anew (after logrotate moved the file).
+fn reopen_log(state: &ControlState) -> Result<String, String> {
+    let Some((log, flush)) = &state.access_log else {
+        return Err("the access log is off (no [access_log] path)".to_string());
+    };
+    log.reopen(*flush)?;
+    Ok("ok\n".to_string())
 }
 
 /// The `stats` document.
@@ -657,6 +674,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "uptime_s": state.started.elapsed().as_secs(),
+        "access_log": state.access_log.as_ref().map(|(log, _)| log.stats()),
         "total": total,
         "workers": workers,
         "xdp": xdp,
@@ -720,6 +738,7 @@ mod tests {
             xdp: Mutex::new(programs),
             bypass: Vec::new(),
             started: Instant::now(),
+            access_log: None,
         }
     }
 

@@ -717,6 +717,8 @@ pub struct Shared {
     pub sources: SourceLimits,
     pub policy: Policy,
     pub counters: std::sync::Arc<WorkerCounters>,
+    /// The worker's end of the access log; `None` when `[access_log]` is off.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 /// The backend half of a connection's pump, the same on both paths: start or retry the
@@ -803,6 +805,9 @@ pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End) -> Option<bo
     }
     e.closing = true;
     sh.counters.closed.inc();
+    if let Some(log) = &mut sh.access_log {
+        log.record(&e.conn, end, &sh.backends, &sh.counters);
+    }
     let graceful = end == End::Graceful;
     e.backend.close(&mut sh.io, graceful);
     sh.sources.release(e.conn.peer.ip());

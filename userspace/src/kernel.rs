@@ -49,6 +49,8 @@ pub struct WorkerSetup {
     pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
     pub shutdown: Arc<Shutdown>,
+    /// This worker's end of the access log, when it is on.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 /// One listening socket of a worker.
@@ -108,6 +110,7 @@ impl Worker {
         // so the pool need not cover every connection: beyond it connections wait (back
         // pressure, never unbounded memory).
         let slot_count = (2 * max).clamp(64, 2048) as u32;
+        let epoch = std::time::Instant::now();
         let io = Io::new(
             ring,
             slot_count,
@@ -122,6 +125,7 @@ impl Worker {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                access_log: setup.access_log.map(|s| s.with_epoch(epoch)),
             },
             conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
             listeners: setup
@@ -140,7 +144,7 @@ impl Worker {
             limits: setup.limits,
             drain_timeout: setup.timeouts.drain,
             shutdown: setup.shutdown,
-            epoch: std::time::Instant::now(),
+            epoch,
             now: Instant::ZERO,
             draining: None,
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),

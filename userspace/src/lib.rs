@@ -25,8 +25,10 @@
 //! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
 //!   [`fault`] is the test-only fault hook.
 //! - [`control`]: the command socket (`tern ctl`); [`counters`]: per-worker counters;
-//!   [`config`]: the TOML file and its validation.
+//!   [`config`]: the TOML file and its validation; [`access_log`]: one JSON line per
+//!   connection, written off the workers.
 
+pub mod access_log;
 pub mod bypass;
 pub mod config;
 pub mod control;

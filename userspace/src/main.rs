@@ -53,6 +53,8 @@ enum CtlCommand {
     },
     /// List the blocked prefixes, one per line.
     Blocks,
+    /// Make the access log writer open its file anew (after logrotate moved it).
+    ReopenLog,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),
+                CtlCommand::ReopenLog => "reopen-log".to_string(),
             };
             match tern::control::request(&socket, &cmd) {
                 Ok(reply) => {

@@ -178,6 +178,12 @@ impl Session {
         }
     }
 
+    /// The rustls connection, for reading what was negotiated without copying it (the access
+    /// log); `None` for a plain session.
+    pub fn tls_connection(&self) -> Option<&ServerConnection> {
+        self.tls.as_ref()
+    }
+
     /// What was negotiated (SNI, ALPN, version, cipher); all `None` for a plain session.
     pub fn negotiated(&self) -> tls::Negotiated {
         match &self.tls {

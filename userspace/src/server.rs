@@ -76,6 +76,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // connected must drain, not kill.
     let signals = spawn_signal_thread(started.shutdown.clone(), config.timeouts.drain)?;
     started.threads.push(signals);
+    // Opened before any worker: a path tern cannot write fails start-up. Each worker gets a
+    // sink; the writer starts once they all exist.
+    let mut access_log = match &config.access_log {
+        Some(settings) => {
+            let listeners = config.listeners.iter().map(|l| l.address).collect();
+            Some(crate::access_log::AccessLog::open(settings, listeners)?)
+        }
+        None => None,
+    };
     // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
@@ -100,6 +109,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         // On error, `start_bypass` has already stopped the workers it started.
         let workers = start_bypass(
             &config,
+            &mut access_log,
             iface,
             prog,
             &addrs,
@@ -148,6 +158,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xdp: Mutex::new(std::mem::take(&mut started.xdp)),
         bypass: bypass_info,
         started: Instant::now(),
+        access_log: access_log
+            .as_ref()
+            .zip(config.access_log.as_ref())
+            .map(|(log, settings)| (log.handle(), settings.flush)),
     });
     started.state = Some(state.clone());
 
@@ -177,6 +191,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             limits: config.limits,
             counters: wc.clone(),
             shutdown: started.shutdown.clone(),
+            access_log: access_log
+                .as_mut()
+                .map(|log| log.sink(crate::access_log::PathKind::Kernel)),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -227,6 +244,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Ok((i, Err(e))) => return Err(anyhow!("worker {i}: setting up io_uring: {e}")),
             Err(_) => return Err(anyhow!("a worker exited during start-up")),
         }
+    }
+
+    if let Some(log) = access_log.take() {
+        let h = log
+            .spawn(started.shutdown.clone())
+            .context("spawning the access log thread")?;
+        started
+            .threads
+            .push(Watched::new("tern-access-log", Job::AccessLog(h)));
     }
 
     {
@@ -330,6 +356,7 @@ type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 #[allow(clippy::too_many_arguments)]
 fn start_bypass(
     config: &Config,
+    access_log: &mut Option<crate::access_log::AccessLog>,
     iface: &str,
     prog: &crate::bypass::xdp::XdpProgram,
     addrs: &[SocketAddr],
@@ -384,6 +411,9 @@ fn start_bypass(
             epoch,
             counters,
             tcp_counters,
+            access_log: access_log
+                .as_mut()
+                .map(|log| log.sink(crate::access_log::PathKind::Bypass)),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

@@ -163,6 +163,8 @@ pub struct ProxySetup {
     pub epoch: std::time::Instant,
     pub counters: Arc<WorkerCounters>,
     pub tcp_counters: Arc<TcpCounters>,
+    /// This worker's end of the access log, when it is on.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 /// Stack slot → proxied connection.
@@ -314,6 +316,7 @@ impl Proxy {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                access_log: setup.access_log.map(|s| s.with_epoch(setup.epoch)),
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
