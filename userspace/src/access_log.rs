@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::config::AccessLogSettings;
 use crate::counters::WorkerCounters;
 use crate::driver::{Backends, Conn, ConnBytes, End, Leg, Why};
-use crate::proxy::Stage;
+use crate::proxy::Failure;
 use crate::server::Shutdown;
 
 /// A write error is logged at most this often (the count of errors in between is logged
@@ -72,7 +72,8 @@ pub enum Reason {
     TlsError,
     /// No backend server could be reached; the client was closed politely.
     BackendUnreachable,
-    /// The client reset the connection (or its transport failed).
+    /// The client reset the connection, its transport failed, or it closed during the TLS
+    /// handshake.
     Client,
     HandshakeTimeout,
     IdleTimeout,
@@ -87,8 +88,11 @@ pub enum Reason {
 impl Reason {
     /// The reason for a connection ending with `end`, given the machine's state then.
     pub fn of(conn: &Conn, end: End) -> Reason {
-        if conn.session().stage() == Stage::Failed {
-            return Reason::TlsError;
+        match conn.session().failure() {
+            Some(Failure::Tls) => return Reason::TlsError,
+            // Closed (FIN) mid-handshake; a reset then or later is `Why::Client` too.
+            Some(Failure::ClientLeft) => return Reason::Client,
+            None => {}
         }
         if conn.leg() == Leg::Failed && end != End::Abort(Why::Backend) {
             // `Leg::Failed` without a broken stream: every server refused or timed out.
