@@ -5,7 +5,9 @@
 //! found by the client's address and checked field by field: bytes each way as the client
 //! counted them, the TLS parameters, the backend, the close reason. The accounting: lines written = connections closed
 //! (`tern ctl stats`), none dropped. Then log rotation: the file is renamed, `tern ctl
-//! reopen-log`, and the next connection's line is the only one in the new file.
+//! reopen-log`, and the next connection's line is the only one in the new file. Last,
+//! SIGTERM with a connection still open: it is cut at the end of the drain, and its line
+//! (`shutdown`) is in the file once tern has exited.
 //!
 //! Every loop is bounded in time; nothing asserts how fast the machine is.
 
@@ -91,6 +93,7 @@ impl Target {
              [tls]\nalpn = [\"http/1.1\"]\n\n\
              [backend]\nservers = [\"{backend}\"]\n\n\
              [workers]\ncount = {WORKERS}\n\n[control]\nsocket = \"{control}\"\n\n\
+             [timeouts]\ndrain_ms = 500\n\n\
              [access_log]\npath = \"{log}\"\nflush_ms = 20\n\n{bypass_tables}",
             ready = rig.server_addr(READY_PORT),
             tls = rig.server_addr(TLS_PORT),
@@ -378,7 +381,7 @@ fn assert_times(l: &serde_json::Value) {
 }
 
 fn run(path: DataPath, tag: &str) {
-    let t = Target::start(path, tag);
+    let mut t = Target::start(path, tag);
     // The readiness probe and `wait_listeners`' two connections.
     let before = t.settle(3) as usize;
     assert_eq!(read_lines(&t.log).len(), before, "lines before the test");
@@ -500,6 +503,37 @@ fn run(path: DataPath, tag: &str) {
     assert_eq!(fresh.len(), 1, "{fresh:#?}");
     assert_eq!(fresh[0]["client"], last.local.to_string());
     assert_eq!(fresh[0]["reason"], "graceful");
+
+    // Shutdown: a connection still open when the drain ends is cut, and its line is written
+    // after the workers have stopped.
+    let held = t.rig.client.run(move || connect_guarded(plain_addr));
+    let held_addr = held.local_addr().expect("local addr");
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let st = t.stats();
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        if n(&st["total"]["active"]) + n(&st["bypass"]["proxy"]["active"]) == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held connection never opened: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.tern.signal(libc::SIGTERM);
+    let status = t.tern.wait_exit(WITHIN);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "tern exits 0 after the drain: {status:?}\n{}",
+        t.tern_log()
+    );
+    drop(held);
+    let fresh = read_lines(&t.log);
+    assert_eq!(fresh.len(), 2, "{fresh:#?}");
+    let cut = line_of(&fresh, held_addr);
+    assert_eq!(cut["reason"], "shutdown", "{cut}");
+    assert!(cut["backend"].is_null(), "no byte, no backend: {cut}");
 }
 
 #[test]
