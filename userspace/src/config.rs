@@ -1579,7 +1579,7 @@ fn resolve_id(
 pub const DEFAULT_ACCESS_LOG_BUFFER_LINES: usize = 4096;
 /// Default `access_log.flush_ms`.
 pub const DEFAULT_ACCESS_LOG_FLUSH_MS: u64 = 100;
-/// Upper bound for `access_log.buffer_lines`: each line takes about 600 bytes per worker.
+/// Upper bound for `access_log.buffer_lines`: each line takes about 700 bytes per worker.
 const MAX_ACCESS_LOG_BUFFER_LINES: usize = 1 << 20;
 /// Upper bound for `access_log.flush_ms`: the writer must drain well within the drain and
 /// stop deadlines.

@@ -238,3 +238,10 @@ fn a_reopen_that_fails_says_why_and_keeps_the_old_file() {
     shutdown.stop.store(true, Ordering::Relaxed);
     writer.join().expect("the writer ends");
 }
+
+#[test]
+fn a_record_stays_small() {
+    // docs/configuration.md (`buffer_lines`) quotes this size per buffered line.
+    let size = std::mem::size_of::<Record>();
+    assert!(size <= 700, "{size} bytes");
+}
