@@ -233,6 +233,8 @@ pub struct Config {
     pub xdp: XdpSettings,
     pub tcp: TcpSettings,
     pub process: Process,
+    /// `[access_log]`; `None`: no access log.
+    pub access_log: Option<AccessLogSettings>,
 }
 
 /// `[process]`: who tern runs as once set-up is done (`privileges`).
@@ -431,6 +433,8 @@ pub struct FileConfig {
     pub tcp: FileTcp,
     /// `[process]`: the user tern switches to after set-up. Optional.
     pub process: FileProcess,
+    /// `[access_log]`: one JSON line per connection. Optional; off without a `path`.
+    pub access_log: FileAccessLog,
 }
 
 /// The `[process]` table.
@@ -916,6 +920,7 @@ impl FileConfig {
             },
             control: validate_control(dir, self.control)?,
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
+            access_log: validate_access_log(dir, self.access_log)?,
             limits,
             xdp,
             process: validate_process(self.process)?,
@@ -1819,4 +1824,91 @@ fn resolve_id(
             )),
         },
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [access_log]
+// ---------------------------------------------------------------------------------------------
+
+/// Default `access_log.buffer_lines`.
+pub const DEFAULT_ACCESS_LOG_BUFFER_LINES: usize = 4096;
+/// Default `access_log.flush_ms`.
+pub const DEFAULT_ACCESS_LOG_FLUSH_MS: u64 = 100;
+/// Upper bound for `access_log.buffer_lines`: each line takes about 700 bytes per worker.
+const MAX_ACCESS_LOG_BUFFER_LINES: usize = 1 << 20;
+/// Upper bound for `access_log.flush_ms`: the writer must drain well within the drain and
+/// stop deadlines.
+const MAX_ACCESS_LOG_FLUSH_MS: u64 = 1_000;
+
+/// The validated `[access_log]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    /// The file lines are appended to (absolute).
+    pub path: PathBuf,
+    /// Records each worker's buffer holds until the writer takes them; beyond, records are
+    /// dropped and counted (`access_log_dropped`).
+    pub buffer_lines: usize,
+    /// How often the writer drains the buffers and writes to the file.
+    pub flush: Duration,
+}
+
+/// The `[access_log]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileAccessLog {
+    /// `path`: the file to append one JSON line per connection to; relative paths are relative
+    /// to the configuration file's directory. Default: none (no access log).
+    pub path: Option<PathBuf>,
+    /// `buffer_lines`: records each worker buffers for the writer thread. Default 4096.
+    pub buffer_lines: usize,
+    /// `flush_ms`: how often (milliseconds) the writer drains the buffers. Default 100.
+    pub flush_ms: u64,
+}
+
+impl Default for FileAccessLog {
+    fn default() -> Self {
+        FileAccessLog {
+            path: None,
+            buffer_lines: DEFAULT_ACCESS_LOG_BUFFER_LINES,
+            flush_ms: DEFAULT_ACCESS_LOG_FLUSH_MS,
+        }
+    }
+}
+
+fn validate_access_log(
+    dir: &Path,
+    file: FileAccessLog,
+) -> Result<Option<AccessLogSettings>, Invalid> {
+    let Some(path) = file.path else {
+        return Ok(None);
+    };
+    if path.as_os_str().is_empty() {
+        return Err(Invalid::new(
+            "access_log.path",
+            "must not be empty (leave it out to turn the access log off)",
+        ));
+    }
+    if !(1..=MAX_ACCESS_LOG_BUFFER_LINES).contains(&file.buffer_lines) {
+        return Err(Invalid::new(
+            "access_log.buffer_lines",
+            format!(
+                "{} is out of range (1 to {MAX_ACCESS_LOG_BUFFER_LINES})",
+                file.buffer_lines
+            ),
+        ));
+    }
+    if !(1..=MAX_ACCESS_LOG_FLUSH_MS).contains(&file.flush_ms) {
+        return Err(Invalid::new(
+            "access_log.flush_ms",
+            format!(
+                "{} is out of range (1 to {MAX_ACCESS_LOG_FLUSH_MS})",
+                file.flush_ms
+            ),
+        ));
+    }
+    Ok(Some(AccessLogSettings {
+        path: resolve(dir, &path),
+        buffer_lines: file.buffer_lines,
+        flush: Duration::from_millis(file.flush_ms),
+    }))
 }

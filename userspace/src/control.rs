@@ -15,6 +15,7 @@
 //! - `drain` → `ok`: drain as on SIGTERM (stop accepting, finish open connections, exit 0)
 //! - `takeover` → the listening sockets, for a new tern taking over ([`crate::upgrade`]);
 //!   the connection then stays open until the new tern says `drain`
+//! - `reopen-log` → `ok` once the access log writer has opened its path anew (log rotation)
 //!
 //! Anything that fails is answered with one line starting `error: ` that says what was wrong;
 //! `tern ctl` exits non-zero on it. Blocklist commands need an attached XDP program (a listener
@@ -63,6 +64,9 @@ pub struct ControlState {
     pub shutdown: Arc<crate::server::Shutdown>,
     /// Every worker's backend servers (both paths), for `backends` and `stats`.
     pub backends: Arc<crate::driver::board::Board>,
+    /// The access log (`reopen-log`, its counters in `stats`), when it is on; with its
+    /// `flush_ms` (how long a reopen may take to be seen).
+    pub access_log: Option<(Arc<crate::access_log::Handle>, Duration)>,
 }
 
 /// What the control plane shows of one bypass worker.
@@ -579,16 +583,19 @@ pub fn reply(state: &ControlState, line: &str) -> String {
             state.shutdown.begin_drain();
             Ok("ok\n".to_string())
         }
+        ("reopen-log", None, _) => reopen_log(state),
         ("block" | "unblock", None, _) => Err(format!("usage: {command} PREFIX")),
         ("block" | "unblock", Some(_), Some(_)) => {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
-        ("ping" | "stats" | "blocks" | "reload" | "drain" | "backends", Some(_), _) => {
-            Err(format!("{command} takes no argument"))
-        }
+        (
+            "ping" | "stats" | "blocks" | "reload" | "drain" | "backends" | "reopen-log",
+            Some(_),
+            _,
+        ) => Err(format!("{command} takes no argument")),
         _ => Err(format!(
             "unknown command {:?} (commands: ping, stats, backends, reload, drain, block PREFIX, \
-             unblock PREFIX, blocks, takeover)",
+             unblock PREFIX, blocks, reopen-log, takeover)",
             line.trim()
         )),
     };
@@ -673,6 +680,15 @@ pub fn backends(state: &ControlState) -> serde_json::Value {
     serde_json::json!({ "servers": backends_snapshot(state) })
 }
 
+/// `reopen-log`: the access log writer opens its path anew (after logrotate moved the file).
+fn reopen_log(state: &ControlState) -> Result<String, String> {
+    let Some((log, flush)) = &state.access_log else {
+        return Err("the access log is off (no [access_log] path)".to_string());
+    };
+    log.reopen(*flush)?;
+    Ok("ok\n".to_string())
+}
+
 /// The `stats` document.
 pub fn stats(state: &ControlState) -> serde_json::Value {
     let mut total = Snapshot::default();
@@ -733,6 +749,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "uptime_s": state.started.elapsed().as_secs(),
+        "access_log": state.access_log.as_ref().map(|(log, _)| log.stats()),
         "total": total,
         "workers": workers,
         "xdp": xdp,
@@ -803,6 +820,7 @@ mod tests {
             reloader: crate::reload::Reloader::new(config, None),
             shutdown: Arc::default(),
             backends: Arc::default(),
+            access_log: None,
         }
     }
 

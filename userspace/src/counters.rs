@@ -105,6 +105,9 @@ single_writer_counters! {
     send_slot_waits,
     /// Connections cut at the end of the drain deadline.
     drain_aborted,
+    /// Access log records dropped because the worker's buffer was full (the writer thread
+    /// fell behind by `access_log.buffer_lines`).
+    access_log_dropped,
     }
 }
 

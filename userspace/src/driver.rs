@@ -752,6 +752,8 @@ pub struct Shared {
     pub sources: SourceLimits,
     pub policy: Policy,
     pub counters: std::sync::Arc<WorkerCounters>,
+    /// The worker's end of the access log; `None` when `[access_log]` is off.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 impl Shared {
@@ -851,6 +853,9 @@ pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End) -> Option<bo
     }
     e.closing = true;
     sh.counters.closed.inc();
+    if let Some(log) = &mut sh.access_log {
+        log.record(&e.conn, end, &sh.backends, &sh.counters);
+    }
     e.conn.release_backend(&mut sh.backends);
     let graceful = end == End::Graceful;
     e.backend.close(&mut sh.io, graceful);

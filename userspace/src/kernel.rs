@@ -54,6 +54,8 @@ pub struct WorkerSetup {
     pub watch: Watch,
     /// Where the worker publishes its backend servers' state (`tern ctl backends`).
     pub board: Arc<crate::driver::board::Board>,
+    /// This worker's end of the access log, when it is on.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 /// One listening socket of a worker.
@@ -114,6 +116,7 @@ impl Worker {
         // so the pool need not cover every connection: beyond it connections wait (back
         // pressure, never unbounded memory).
         let slot_count = (2 * max).clamp(64, 2048) as u32;
+        let epoch = std::time::Instant::now();
         let io = Io::new(
             ring,
             slot_count,
@@ -128,6 +131,7 @@ impl Worker {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                access_log: setup.access_log.map(|s| s.with_epoch(epoch)),
             },
             conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
             listeners: setup
@@ -146,7 +150,7 @@ impl Worker {
             limits: setup.limits,
             drain_timeout: setup.timeouts.drain,
             shutdown: setup.shutdown,
-            epoch: std::time::Instant::now(),
+            epoch,
             now: Instant::ZERO,
             draining: None,
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),

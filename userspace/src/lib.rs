@@ -28,9 +28,10 @@
 //!   [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`control`]: the command socket (`tern ctl`); [`upgrade`]: handing the listening
 //!   sockets to a new tern process; [`reload`]: re-reading the configuration;
-//!   [`counters`]: per-worker counters;
-//!   [`config`]: the TOML file and its validation.
+//!   [`counters`]: per-worker counters; [`config`]: the TOML file and its validation;
+//!   [`access_log`]: one JSON line per connection, written off the workers.
 
+pub mod access_log;
 pub mod bypass;
 pub mod config;
 pub mod control;

@@ -66,6 +66,8 @@ enum CtlCommand {
     Blocks,
     /// Drain as on SIGTERM: stop accepting, finish open connections, exit 0.
     Drain,
+    /// Make the access log writer open its file anew (after logrotate moved it).
+    ReopenLog,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),
                 CtlCommand::Drain => "drain".to_string(),
+                CtlCommand::ReopenLog => "reopen-log".to_string(),
             };
             match tern::control::request(&socket, &cmd) {
                 Ok(reply) => {

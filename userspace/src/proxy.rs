@@ -93,6 +93,17 @@ pub struct Session {
     close_notify_queued: bool,
     /// Bound on buffered bytes per direction (see the module docs).
     limit: usize,
+    /// Why the stage became `Failed`, once it has (the access log tells them apart).
+    failure: Option<Failure>,
+}
+
+/// Why a session failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The client's TLS was invalid (an alert was queued).
+    Tls,
+    /// The client closed its side during the handshake.
+    ClientLeft,
 }
 
 impl Session {
@@ -124,6 +135,7 @@ impl Session {
             backend_eof: false,
             close_notify_queued: false,
             limit,
+            failure: None,
         })
     }
 
@@ -153,6 +165,7 @@ impl Session {
             backend_eof: false,
             close_notify_queued: false,
             limit,
+            failure: None,
         };
         session.build_header();
         session
@@ -160,6 +173,11 @@ impl Session {
 
     pub fn stage(&self) -> Stage {
         self.stage
+    }
+
+    /// Why the session failed; `None` unless the stage is `Failed`.
+    pub fn failure(&self) -> Option<Failure> {
+        self.failure
     }
 
     /// Whether this is a TLS session (not a plain one).
@@ -176,6 +194,12 @@ impl Session {
             _ if tls.is_handshaking() => None,
             _ => Some(false),
         }
+    }
+
+    /// The rustls connection, for reading what was negotiated without copying it (the access
+    /// log); `None` for a plain session.
+    pub fn tls_connection(&self) -> Option<&ServerConnection> {
+        self.tls.as_ref()
     }
 
     /// What was negotiated (SNI, ALPN, version, cipher); all `None` for a plain session.
@@ -252,6 +276,7 @@ impl Session {
             }
             Err(e) => {
                 self.stage = Stage::Failed;
+                self.failure = Some(Failure::Tls);
                 self.client_in = Vec::new();
                 self.backend_in = Vec::new();
                 Err(e.into())
@@ -290,6 +315,7 @@ impl Session {
         if self.stage == Stage::Handshake {
             // A client that leaves mid-handshake: nothing to forward, nothing to close politely.
             self.stage = Stage::Failed;
+            self.failure = Some(Failure::ClientLeft);
             return Ok(());
         }
         // rustls is not told: what it has decrypted is still forwarded, and the client side is

@@ -326,6 +326,13 @@ pub fn restart_needed(
     if old.control != new.control {
         refused.push(restart(new, "control", "changing the control socket"));
     }
+    if old.access_log != new.access_log {
+        refused.push(restart(
+            new,
+            "access_log",
+            "changing the access log (to rotate its file, use `tern ctl reopen-log`)",
+        ));
+    }
     if old.process != new.process {
         refused.push(restart(new, "process", "changing the user tern runs as"));
     }

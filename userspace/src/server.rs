@@ -122,6 +122,15 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         reloader.clone(),
     )?;
     started.threads.push(signals);
+    // Opened before any worker: a path tern cannot write fails start-up. Each worker gets a
+    // sink; the writer starts once they all exist.
+    let mut access_log = match &config.access_log {
+        Some(settings) => {
+            let listeners = config.listeners.iter().map(|l| l.address).collect();
+            Some(crate::access_log::AccessLog::open(settings, listeners)?)
+        }
+        None => None,
+    };
     // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
@@ -148,6 +157,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         // On error, `start_bypass` has already stopped the workers it started.
         let workers = start_bypass(
             &config,
+            &mut access_log,
             iface,
             prog,
             &addrs,
@@ -212,6 +222,10 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         reloader: reloader.clone(),
         shutdown: started.shutdown.clone(),
         backends: board.clone(),
+        access_log: access_log
+            .as_ref()
+            .zip(config.access_log.as_ref())
+            .map(|(log, settings)| (log.handle(), settings.flush)),
     });
     started.state = Some(state.clone());
 
@@ -283,6 +297,9 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             shutdown: started.shutdown.clone(),
             watch: reloader.watch(),
             board: board.clone(),
+            access_log: access_log
+                .as_mut()
+                .map(|log| log.sink(crate::access_log::PathKind::Kernel)),
         };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
@@ -333,6 +350,15 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             Ok((i, Err(e))) => return Err(anyhow!("worker {i}: setting up io_uring: {e}")),
             Err(_) => return Err(anyhow!("a worker exited during start-up")),
         }
+    }
+
+    if let Some(log) = access_log.take() {
+        let h = log
+            .spawn(started.shutdown.clone())
+            .context("spawning the access log thread")?;
+        started
+            .threads
+            .push(Watched::new("tern-access-log", Job::AccessLog(h)));
     }
 
     {
@@ -470,6 +496,7 @@ type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 #[allow(clippy::too_many_arguments)]
 fn start_bypass(
     config: &Config,
+    access_log: &mut Option<crate::access_log::AccessLog>,
     iface: &str,
     prog: &crate::bypass::xdp::XdpProgram,
     addrs: &[SocketAddr],
@@ -528,6 +555,9 @@ fn start_bypass(
             tcp_counters,
             watch: reloader.watch(),
             board: board.clone(),
+            access_log: access_log
+                .as_mut()
+                .map(|log| log.sink(crate::access_log::PathKind::Bypass)),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

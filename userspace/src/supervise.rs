@@ -131,6 +131,9 @@ pub enum Job {
     /// The control thread. It blocks in `accept` and has no way to be told to stop, so
     /// stopping does not wait for it: the process's exit ends it.
     Control(JoinHandle<()>),
+    /// The access log writer; it ends on its own once shutdown is asked for and every worker
+    /// has ended, after writing what they logged (`access_log`).
+    AccessLog(JoinHandle<()>),
 }
 
 /// A thread the main thread watches.
@@ -154,6 +157,7 @@ impl Watched {
             Job::Bypass(w) => w.is_finished(),
             Job::Signals { thread, .. } => thread.is_finished(),
             Job::Control(h) => h.is_finished(),
+            Job::AccessLog(h) => h.is_finished(),
         }
     }
 
@@ -169,7 +173,7 @@ impl Watched {
         match &self.job {
             Job::Bypass(w) => w.waker().wake(),
             Job::Signals { handle, .. } => handle.close(),
-            Job::Kernel(_) | Job::Control(_) => {}
+            Job::Kernel(_) | Job::Control(_) | Job::AccessLog(_) => {}
         }
     }
 
@@ -195,7 +199,7 @@ impl Watched {
                 }
                 Ok(())
             }
-            Job::Signals { thread: h, .. } | Job::Control(h) => h
+            Job::Signals { thread: h, .. } | Job::Control(h) | Job::AccessLog(h) => h
                 .join()
                 .map_err(|payload| format!("panicked: {}", payload_text(&*payload))),
         }

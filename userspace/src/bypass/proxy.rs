@@ -168,6 +168,8 @@ pub struct ProxySetup {
     pub watch: Watch,
     /// Where the worker publishes its backend servers' state (`tern ctl backends`).
     pub board: Arc<crate::driver::board::Board>,
+    /// This worker's end of the access log, when it is on.
+    pub access_log: Option<crate::access_log::Sink>,
 }
 
 /// Stack slot → proxied connection.
@@ -322,6 +324,7 @@ impl Proxy {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                access_log: setup.access_log.map(|s| s.with_epoch(setup.epoch)),
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.

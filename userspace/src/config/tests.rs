@@ -1349,3 +1349,44 @@ fn process_user_and_group() {
         );
     }
 }
+
+#[test]
+fn access_log_is_off_by_default_and_its_path_resolves_against_the_file() {
+    let f = Fixture::new("access-log");
+    assert_eq!(f.ok(MINIMAL).access_log, None);
+    let c = f.ok(&format!(
+        "{MINIMAL}\n[access_log]\npath = \"logs/access.log\"\nbuffer_lines = 8\nflush_ms = 20\n"
+    ));
+    assert_eq!(
+        c.access_log,
+        Some(AccessLogSettings {
+            path: f.path("logs/access.log"),
+            buffer_lines: 8,
+            flush: Duration::from_millis(20),
+        })
+    );
+    let c = f.ok(&format!(
+        "{MINIMAL}\n[access_log]\npath = \"/var/log/a.log\"\n"
+    ));
+    let settings = c.access_log.expect("on");
+    assert_eq!(settings.buffer_lines, DEFAULT_ACCESS_LOG_BUFFER_LINES);
+    assert_eq!(
+        settings.flush,
+        Duration::from_millis(DEFAULT_ACCESS_LOG_FLUSH_MS)
+    );
+    f.rejects(
+        &format!("{MINIMAL}\n[access_log]\npath = \"\"\n"),
+        "access_log.path",
+        "must not be empty",
+    );
+    f.rejects(
+        &format!("{MINIMAL}\n[access_log]\npath = \"a.log\"\nbuffer_lines = 0\n"),
+        "access_log.buffer_lines",
+        "out of range",
+    );
+    f.rejects(
+        &format!("{MINIMAL}\n[access_log]\npath = \"a.log\"\nflush_ms = 5000\n"),
+        "access_log.flush_ms",
+        "out of range",
+    );
+}
