@@ -195,6 +195,14 @@ pub struct Config {
     pub control: Control,
     pub xdp: XdpSettings,
     pub tcp: TcpSettings,
+    pub metrics: Metrics,
+}
+
+/// The Prometheus endpoint (`[metrics]`, the `metrics` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Metrics {
+    /// Where `/metrics` is served over HTTP; `None` (the default): not served.
+    pub address: Option<SocketAddr>,
 }
 
 /// Congestion control of the bypass stack's connections. File syntax: `"cubic"` | `"newreno"`.
@@ -363,6 +371,17 @@ pub struct FileConfig {
     pub xdp: FileXdp,
     /// `[tcp]`: tern's own TCP stack on the bypass path. Optional.
     pub tcp: FileTcp,
+    /// `[metrics]`: the Prometheus endpoint. Optional; off by default.
+    pub metrics: FileMetrics,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileMetrics {
+    /// `address`: `"IP:port"` to serve `GET /metrics` on (Prometheus text or OpenMetrics).
+    /// Default: none, nothing is served.
+    pub address: Option<String>,
 }
 
 /// The `[tcp]` table.
@@ -763,6 +782,13 @@ impl FileConfig {
             },
             control: validate_control(dir, self.control)?,
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
+            metrics: Metrics {
+                address: self
+                    .metrics
+                    .address
+                    .map(|a| parse_socket_addr("metrics.address", &a, "scrapers need a known port"))
+                    .transpose()?,
+            },
             limits,
             xdp,
         })

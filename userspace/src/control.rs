@@ -4,7 +4,8 @@
 //!
 //! Commands and replies:
 //! - `ping` → `pong`
-//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters)
+//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters, and
+//!   latency percentiles per listener, per backend server and total)
 //! - `block PREFIX` → `ok`: drop packets from PREFIX (`10.0.0.0/8`, `2001:db8::/32`, or a bare
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
@@ -51,6 +52,8 @@ pub struct ControlState {
     /// The bypass workers (`mode = "bypass"` listeners), one entry per worker and interface.
     pub bypass: Vec<BypassInfo>,
     pub started: Instant,
+    /// The workers' latency histograms (`stats` shows their percentiles; `/metrics` them).
+    pub latency: Arc<crate::metrics::Latency>,
 }
 
 /// What the control plane shows of one bypass worker.
@@ -656,6 +659,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "latency": state.latency.report().percentiles_json(),
         "uptime_s": state.started.elapsed().as_secs(),
         "total": total,
         "workers": workers,
@@ -720,6 +724,7 @@ mod tests {
             xdp: Mutex::new(programs),
             bypass: Vec::new(),
             started: Instant::now(),
+            latency: Default::default(),
         }
     }
 

@@ -48,6 +48,8 @@ pub struct WorkerSetup {
     /// The connection driver's deadlines and connect policy ([`Policy::from_config`]).
     pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
+    /// Its latency histograms (`metrics::latency`).
+    pub latency: Arc<crate::metrics::WorkerLatency>,
     pub shutdown: Arc<Shutdown>,
 }
 
@@ -122,6 +124,7 @@ impl Worker {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                latency: setup.latency,
             },
             conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
             listeners: setup
@@ -463,7 +466,7 @@ impl Worker {
         let Some(e) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(graceful) = driver::begin_finish(&mut self.sh, e, end) else {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, e, end, self.now) else {
             return;
         };
         e.client.close(&mut self.sh.io, graceful);

@@ -25,6 +25,7 @@
 //! - [`server`]: start-up, threads, signals, drain; [`supervise`] watches the threads and
 //!   [`fault`] is the test-only fault hook.
 //! - [`control`]: the command socket (`tern ctl`); [`counters`]: per-worker counters;
+//!   [`metrics`]: the Prometheus endpoint and the latency histograms;
 //!   [`config`]: the TOML file and its validation.
 
 pub mod bypass;
@@ -34,6 +35,7 @@ pub mod counters;
 pub mod driver;
 pub mod fault;
 pub mod kernel;
+pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod server;

@@ -76,6 +76,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // connected must drain, not kill.
     let signals = spawn_signal_thread(started.shutdown.clone(), config.timeouts.drain)?;
     started.threads.push(signals);
+    // Every worker's latency histograms, indexed by listener and backend server.
+    let latency = Arc::new(crate::metrics::Latency::new(
+        config.listeners.iter().map(|l| l.address).collect(),
+        config.backend.servers.clone(),
+    ));
     // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
@@ -107,6 +112,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             &started.shutdown,
             secret,
             epoch,
+            &latency,
         )?;
         for (w, extra) in workers {
             bypass_info.push(BypassInfo {
@@ -127,6 +133,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Ours from now on: removed when tern stops, and only if the path is still the socket we
     // made (never before: `bind` refuses a path another tern answers on).
     started.control_socket = Some(control_file);
+    // Bound now, so a taken address is a start-up error; served once the workers run.
+    let metrics_listener = config
+        .metrics
+        .address
+        .map(|address| crate::metrics::bind(address, &config.path))
+        .transpose()?;
     // Kernel-mode workers serve the kernel listeners; none are started without any.
     let kernel_listeners: Vec<(SocketAddr, bool, u16)> = config
         .listeners
@@ -148,6 +160,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xdp: Mutex::new(std::mem::take(&mut started.xdp)),
         bypass: bypass_info,
         started: Instant::now(),
+        latency: latency.clone(),
     });
     started.state = Some(state.clone());
 
@@ -176,6 +189,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             timeouts: config.timeouts,
             limits: config.limits,
             counters: wc.clone(),
+            latency: latency.worker(),
             shutdown: started.shutdown.clone(),
         };
         let ready = ready_tx.clone();
@@ -239,6 +253,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .threads
             .push(Watched::new("tern-control", Job::Control(h)));
     }
+    if let Some(listener) = metrics_listener {
+        let (state, shutdown) = (state.clone(), started.shutdown.clone());
+        let h = std::thread::Builder::new()
+            .name("tern-metrics".into())
+            .spawn(move || crate::metrics::serve(listener, state, shutdown))
+            .context("spawning the metrics thread")?;
+        started
+            .threads
+            .push(Watched::new("tern-metrics", Job::Metrics(h)));
+    }
 
     let addrs: Vec<String> = config
         .listeners
@@ -250,6 +274,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         workers = config.workers.count,
         backends = config.backend.servers.len(),
         control = %config.control.socket.display(),
+        metrics = %config.metrics.address.map(|a| a.to_string()).unwrap_or_default(),
         "tern ready"
     );
     crate::fault::arm();
@@ -337,6 +362,7 @@ fn start_bypass(
     shutdown: &Arc<Shutdown>,
     secret: [u8; 16],
     epoch: Instant,
+    latency: &crate::metrics::Latency,
 ) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
@@ -384,6 +410,7 @@ fn start_bypass(
             epoch,
             counters,
             tcp_counters,
+            latency: latency.worker(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

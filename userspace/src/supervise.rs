@@ -131,6 +131,8 @@ pub enum Job {
     /// The control thread. It blocks in `accept` and has no way to be told to stop, so
     /// stopping does not wait for it: the process's exit ends it.
     Control(JoinHandle<()>),
+    /// The metrics endpoint's thread (`metrics::serve`); it ends on `Shutdown::stop`.
+    Metrics(JoinHandle<()>),
 }
 
 /// A thread the main thread watches.
@@ -153,7 +155,7 @@ impl Watched {
             Job::Kernel(h) => h.is_finished(),
             Job::Bypass(w) => w.is_finished(),
             Job::Signals { thread, .. } => thread.is_finished(),
-            Job::Control(h) => h.is_finished(),
+            Job::Control(h) | Job::Metrics(h) => h.is_finished(),
         }
     }
 
@@ -169,7 +171,8 @@ impl Watched {
         match &self.job {
             Job::Bypass(w) => w.waker().wake(),
             Job::Signals { handle, .. } => handle.close(),
-            Job::Kernel(_) | Job::Control(_) => {}
+            // The metrics thread looks at the flag every `metrics::POLL_EVERY`.
+            Job::Kernel(_) | Job::Control(_) | Job::Metrics(_) => {}
         }
     }
 
@@ -195,7 +198,7 @@ impl Watched {
                 }
                 Ok(())
             }
-            Job::Signals { thread: h, .. } | Job::Control(h) => h
+            Job::Signals { thread: h, .. } | Job::Control(h) | Job::Metrics(h) => h
                 .join()
                 .map_err(|payload| format!("panicked: {}", payload_text(&*payload))),
         }

@@ -163,6 +163,8 @@ pub struct ProxySetup {
     pub epoch: std::time::Instant,
     pub counters: Arc<WorkerCounters>,
     pub tcp_counters: Arc<TcpCounters>,
+    /// Its latency histograms (`metrics::latency`).
+    pub latency: Arc<crate::metrics::WorkerLatency>,
 }
 
 /// Stack slot → proxied connection.
@@ -314,6 +316,7 @@ impl Proxy {
                 sources: SourceLimits::new(setup.limits.max_connections_per_source),
                 policy: setup.policy,
                 counters: setup.counters,
+                latency: setup.latency,
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
@@ -622,10 +625,12 @@ impl Proxy {
     /// client's TCB (graceful: our FIN is queued and the TCB finishes on its own) or aborts it,
     /// and frees the entry once nothing is in flight.
     fn finish(&mut self, key: Key, end: End) {
+        // One clock read per connection end, for its duration (`metrics::latency`).
+        let now = self.now();
         let Some(p) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(graceful) = driver::begin_finish(&mut self.sh, p, end) else {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, p, end, now) else {
             return;
         };
         if let Some(id) = p.client.tcb.take() {
