@@ -7,7 +7,9 @@
 //! scrape time, the same single-writer atomics `tern ctl stats` reads (the workers'
 //! [`WorkerCounters`], the bypass workers' AF_XDP and TCP stack counters, the XDP programs'
 //! per-CPU maps) and the workers' latency histograms ([`latency`]), and encodes them. Workers
-//! never wait for a scrape: they only store to their atomics. What is exported:
+//! never wait for a scrape: they only store to their atomics. A scrape is therefore not one
+//! instant: a connection that ends while it is encoded may show in the histograms (read last)
+//! and not yet in `tern_closed_total`. What is exported:
 //! - every counter of `tern ctl stats`, per worker (labels `worker`, `path="kernel"|"bypass"`,
 //!   and `interface` for the bypass path), as `tern_<field>_total`, or `tern_xsk_*` (AF_XDP),
 //!   `tern_tcp_*` (the bypass TCP stack), `tern_xdp_*` (the XDP program, per interface);
