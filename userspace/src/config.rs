@@ -235,6 +235,7 @@ pub struct Config {
     pub process: Process,
     /// `[access_log]`; `None`: no access log.
     pub access_log: Option<AccessLogSettings>,
+    pub metrics: Metrics,
 }
 
 /// `[process]`: who tern runs as once set-up is done (`privileges`).
@@ -256,6 +257,13 @@ pub struct RunAs {
     /// Supplementary groups: the user's groups in the group database (with `gid`), or just
     /// `gid` for a numeric uid with no passwd entry.
     pub groups: Vec<u32>,
+}
+
+/// The Prometheus endpoint (`[metrics]`, the `metrics` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Metrics {
+    /// Where `/metrics` is served over HTTP; `None` (the default): not served.
+    pub address: Option<SocketAddr>,
 }
 
 /// Congestion control of the bypass stack's connections. File syntax: `"cubic"` | `"newreno"`.
@@ -435,6 +443,8 @@ pub struct FileConfig {
     pub process: FileProcess,
     /// `[access_log]`: one JSON line per connection. Optional; off without a `path`.
     pub access_log: FileAccessLog,
+    /// `[metrics]`: the Prometheus endpoint. Optional; off by default.
+    pub metrics: FileMetrics,
 }
 
 /// The `[process]` table.
@@ -446,6 +456,15 @@ pub struct FileProcess {
     pub user: Option<UserOrId>,
     /// `group`: a group name or a numeric gid. Default: the user's primary group.
     pub group: Option<UserOrId>,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileMetrics {
+    /// `address`: `"IP:port"` to serve `GET /metrics` on (Prometheus text or OpenMetrics).
+    /// Default: none, nothing is served.
+    pub address: Option<String>,
 }
 
 /// The `[tcp]` table.
@@ -921,6 +940,13 @@ impl FileConfig {
             control: validate_control(dir, self.control)?,
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
             access_log: validate_access_log(dir, self.access_log)?,
+            metrics: Metrics {
+                address: self
+                    .metrics
+                    .address
+                    .map(|a| parse_socket_addr("metrics.address", &a, "scrapers need a known port"))
+                    .transpose()?,
+            },
             limits,
             xdp,
             process: validate_process(self.process)?,

@@ -8,6 +8,8 @@
 //!   the backend servers)
 //! - `backends` → one JSON document: each backend server's state and counters, merged across
 //!   workers ([`backends_snapshot`])
+//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters, and
+//!   latency percentiles per listener, per backend server and total)
 //! - `block PREFIX` → `ok`: drop packets from PREFIX (`10.0.0.0/8`, `2001:db8::/32`, or a bare
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
@@ -67,6 +69,34 @@ pub struct ControlState {
     /// The access log (`reopen-log`, its counters in `stats`), when it is on; with its
     /// `flush_ms` (how long a reopen may take to be seen).
     pub access_log: Option<(Arc<crate::access_log::Handle>, Duration)>,
+    /// The workers' latency histograms (`stats` shows their percentiles; `/metrics` them).
+    pub latency: Arc<crate::metrics::Latency>,
+}
+
+#[cfg(test)]
+impl ControlState {
+    /// A state for unit tests: `workers`' counters, `programs`, `latency`, a plain-listener
+    /// configuration (never reloaded from disk) and nothing else.
+    pub(crate) fn for_tests(
+        workers: Vec<Arc<WorkerCounters>>,
+        programs: Vec<(String, XdpProgram)>,
+        latency: Arc<crate::metrics::Latency>,
+    ) -> ControlState {
+        let text = "[[listener]]\naddress = \"127.0.0.1:8443\"\ntls = false\n\n[backend]\nservers = [\"127.0.0.1:8080\"]\n";
+        let config = crate::config::Config::from_str(Path::new("/nonexistent/tern.toml"), text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        ControlState {
+            workers,
+            xdp: Mutex::new(programs),
+            bypass: Vec::new(),
+            started: Instant::now(),
+            reloader: crate::reload::Reloader::new(config, None),
+            shutdown: Arc::default(),
+            backends: Arc::default(),
+            access_log: None,
+            latency,
+        }
+    }
 }
 
 /// What the control plane shows of one bypass worker.
@@ -748,6 +778,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
+        "latency": state.latency.report().percentiles_json(),
         "uptime_s": state.started.elapsed().as_secs(),
         "access_log": state.access_log.as_ref().map(|(log, _)| log.stats()),
         "total": total,
@@ -809,19 +840,11 @@ mod tests {
     use crate::config::XdpAttach;
 
     fn state(programs: Vec<(String, XdpProgram)>) -> ControlState {
-        let text = "[[listener]]\naddress = \"127.0.0.1:8443\"\ntls = false\n\n[backend]\nservers = [\"127.0.0.1:8080\"]\n";
-        let config = crate::config::Config::from_str(Path::new("/nonexistent/tern.toml"), text)
-            .unwrap_or_else(|e| panic!("{e}"));
-        ControlState {
-            workers: vec![Arc::new(WorkerCounters::default())],
-            xdp: Mutex::new(programs),
-            bypass: Vec::new(),
-            started: Instant::now(),
-            reloader: crate::reload::Reloader::new(config, None),
-            shutdown: Arc::default(),
-            backends: Arc::default(),
-            access_log: None,
-        }
+        ControlState::for_tests(
+            vec![Arc::new(WorkerCounters::default())],
+            programs,
+            Arc::default(),
+        )
     }
 
     fn program_on_lo(ns: &Netns) -> (String, XdpProgram) {

@@ -35,6 +35,15 @@ macro_rules! single_writer_counters {
             }
         }
 
+        impl $snap {
+            /// Each counter as (field name, its doc text, value), in declaration order: what
+            /// the Prometheus endpoint exports (`metrics`), so a counter added here is
+            /// exported with its own name and doc.
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($field), concat!($($doc, "\n",)*), self.$field),)*]
+            }
+        }
+
         impl std::ops::AddAssign for $snap {
             fn add_assign(&mut self, o: $snap) {
                 $(self.$field += o.$field;)*

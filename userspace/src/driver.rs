@@ -273,6 +273,33 @@ impl Conn {
         self.end
     }
 
+    /// What the latency histograms record of this connection when it ends at `now`
+    /// (`crate::metrics::latency`): the TLS handshake (accept to handshake done; TLS only), the
+    /// backend connect that succeeded (its attempt's start to established: failed attempts
+    /// before it are not included), the time to the backend's first byte, counted from the end
+    /// of the handshake (plain listeners: from accept), so that it is the backend's share of
+    /// the latency and handshake + first byte is what a client waits for at most, and the
+    /// duration (accept to end). A milestone not reached is `None`.
+    pub fn latency(&self, now: Instant) -> crate::metrics::latency::Sample {
+        let s = &self.stamps;
+        let since = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+            (Some(from), Some(to)) => Some(to.saturating_duration_since(from)),
+            _ => None,
+        };
+        let start = if self.session.is_tls() {
+            s.handshake_done
+        } else {
+            Some(self.accepted)
+        };
+        crate::metrics::latency::Sample {
+            handshake: since(Some(self.accepted), s.handshake_done)
+                .filter(|_| self.session.is_tls()),
+            connect: since(s.connect_started, s.connected),
+            first_byte: since(start, s.first_backend_byte),
+            duration: now.saturating_duration_since(self.accepted),
+        }
+    }
+
     /// Whether the machine has decided the connection is over (see [`Conn::poll_end`]).
     pub fn is_over(&self) -> bool {
         self.end.is_some()
@@ -752,6 +779,11 @@ pub struct Shared {
     pub sources: SourceLimits,
     pub policy: Policy,
     pub counters: std::sync::Arc<WorkerCounters>,
+    /// This worker's latency histograms (recorded in [`begin_finish`]).
+    pub latency: std::sync::Arc<crate::metrics::WorkerLatency>,
+    /// The backend addresses by histogram index (the worker's copy of the registry,
+    /// refreshed on reload).
+    pub latency_servers: Vec<SocketAddr>,
     /// The worker's end of the access log; `None` when `[access_log]` is off.
     pub access_log: Option<crate::access_log::Sink>,
 }
@@ -766,6 +798,9 @@ impl Shared {
         self.sources
             .set_limit(config.limits.max_connections_per_source);
         self.backends.reconfigure(&config.backend, now);
+        self.latency_servers = self
+            .latency
+            .servers(config.backend.servers.iter().map(|s| s.address));
     }
 }
 
@@ -844,15 +879,22 @@ fn execute(
 }
 
 /// The part of ending a connection both paths share: marks the entry closing (once: `None`
-/// when it already was), counts it, closes the backend leg (FIN or RST) and gives back the
-/// source's place. Returns whether the end is graceful; the caller then closes its client leg
-/// the same way and frees the entry once nothing is in flight.
-pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End) -> Option<bool> {
+/// when it already was), counts it and records its latencies ([`Conn::latency`]), closes the
+/// backend leg (FIN or RST) and gives back the source's place. Returns whether the end is
+/// graceful; the caller then closes its client leg the same way and frees the entry once
+/// nothing is in flight.
+pub fn begin_finish<C>(sh: &mut Shared, e: &mut Entry<C>, end: End, now: Instant) -> Option<bool> {
     if e.closing {
         return None;
     }
     e.closing = true;
     sh.counters.closed.inc();
+    let server = e
+        .conn
+        .server()
+        .map(|s| crate::metrics::latency::server_index(&sh.latency_servers, sh.backends.addr(s)));
+    sh.latency
+        .record(usize::from(e.conn.listener), server, &e.conn.latency(now));
     if let Some(log) = &mut sh.access_log {
         log.record(&e.conn, end, &sh.backends, &sh.counters);
     }

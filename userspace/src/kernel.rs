@@ -49,6 +49,8 @@ pub struct WorkerSetup {
     /// The connection driver's deadlines and connect policy ([`Policy::from_config`]).
     pub policy: Policy,
     pub counters: Arc<WorkerCounters>,
+    /// Its latency histograms (`metrics::latency`).
+    pub latency: Arc<crate::metrics::WorkerLatency>,
     pub shutdown: Arc<Shutdown>,
     /// Reloaded configurations ([`crate::reload`]).
     pub watch: Watch,
@@ -132,6 +134,10 @@ impl Worker {
                 policy: setup.policy,
                 counters: setup.counters,
                 access_log: setup.access_log.map(|s| s.with_epoch(epoch)),
+                latency_servers: setup
+                    .latency
+                    .servers(setup.backend.servers.iter().map(|s| s.address)),
+                latency: setup.latency,
             },
             conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
             listeners: setup
@@ -537,7 +543,7 @@ impl Worker {
         let Some(e) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(graceful) = driver::begin_finish(&mut self.sh, e, end) else {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, e, end, self.now) else {
             return;
         };
         e.client.close(&mut self.sh.io, graceful);

@@ -29,7 +29,8 @@
 //! - [`control`]: the command socket (`tern ctl`); [`upgrade`]: handing the listening
 //!   sockets to a new tern process; [`reload`]: re-reading the configuration;
 //!   [`counters`]: per-worker counters; [`config`]: the TOML file and its validation;
-//!   [`access_log`]: one JSON line per connection, written off the workers.
+//!   [`access_log`]: one JSON line per connection, written off the workers;
+//!   [`metrics`]: the Prometheus endpoint and the latency histograms.
 
 pub mod access_log;
 pub mod bypass;
@@ -39,6 +40,7 @@ pub mod counters;
 pub mod driver;
 pub mod fault;
 pub mod kernel;
+pub mod metrics;
 pub mod notify;
 pub mod privileges;
 pub mod proxy;

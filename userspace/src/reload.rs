@@ -326,6 +326,9 @@ pub fn restart_needed(
     if old.control != new.control {
         refused.push(restart(new, "control", "changing the control socket"));
     }
+    if old.metrics != new.metrics {
+        refused.push(restart(new, "metrics", "moving the metrics endpoint"));
+    }
     if old.access_log != new.access_log {
         refused.push(restart(
             new,

@@ -131,6 +131,11 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Every worker's latency histograms, indexed by listener and backend server.
+    let latency = Arc::new(crate::metrics::Latency::new(
+        config.listeners.iter().map(|l| l.address).collect(),
+        config.backend.servers.iter().map(|s| s.address).collect(),
+    ));
     // The bypass path: on every interface with `mode = "bypass"` listeners, the program steers
     // their frames to AF_XDP sockets owned by bypass workers. Interfaces with only kernel
     // listeners get an empty listen set (counters and blocklist only).
@@ -167,6 +172,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             epoch,
             &reloader,
             &board,
+            &latency,
         )?;
         for (w, extra) in workers {
             bypass_info.push(BypassInfo {
@@ -198,6 +204,12 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // Ours from now on: removed when tern stops, and only if the path is still the socket we
     // made (never before: `bind` refuses a path another tern answers on).
     started.control_socket = Some(control_file);
+    // Bound now, so a taken address is a start-up error; served once the workers run.
+    let metrics_listener = config
+        .metrics
+        .address
+        .map(|address| crate::metrics::bind(address, &config.path))
+        .transpose()?;
     // Kernel-mode workers serve the kernel listeners; none are started without any.
     let kernel_listeners: Vec<(SocketAddr, bool, u16)> = config
         .listeners
@@ -226,6 +238,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .as_ref()
             .zip(config.access_log.as_ref())
             .map(|(log, settings)| (log.handle(), settings.flush)),
+        latency: latency.clone(),
     });
     started.state = Some(state.clone());
 
@@ -294,6 +307,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             timeouts: config.timeouts,
             limits: config.limits,
             counters: wc.clone(),
+            latency: latency.worker(),
             shutdown: started.shutdown.clone(),
             watch: reloader.watch(),
             board: board.clone(),
@@ -371,6 +385,16 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .threads
             .push(Watched::new("tern-control", Job::Control(h)));
     }
+    if let Some(listener) = metrics_listener {
+        let (state, shutdown) = (state.clone(), started.shutdown.clone());
+        let h = std::thread::Builder::new()
+            .name("tern-metrics".into())
+            .spawn(move || crate::metrics::serve(listener, state, shutdown))
+            .context("spawning the metrics thread")?;
+        started
+            .threads
+            .push(Watched::new("tern-metrics", Job::Metrics(h)));
+    }
 
     // An upgrade moves the control path over while still privileged (its directory is
     // usually root's), then this process gives up root, and only then is the old tern told to
@@ -414,6 +438,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         workers = config.workers.count,
         backends = config.backend.servers.len(),
         control = %config.control.socket.display(),
+        metrics = %config.metrics.address.map(|a| a.to_string()).unwrap_or_default(),
         "tern ready"
     );
     crate::notify::ready();
@@ -506,6 +531,7 @@ fn start_bypass(
     epoch: Instant,
     reloader: &Arc<Reloader>,
     board: &Arc<crate::driver::board::Board>,
+    latency: &crate::metrics::Latency,
 ) -> anyhow::Result<Vec<StartedBypass>> {
     let queues = crate::bypass::xsk::rx_queue_count(iface)
         .with_context(|| format!("reading the RX queue count of {iface}"))?;
@@ -558,6 +584,7 @@ fn start_bypass(
             access_log: access_log
                 .as_mut()
                 .map(|log| log.sink(crate::access_log::PathKind::Bypass)),
+            latency: latency.worker(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.
         move || Proxy::new(l4)

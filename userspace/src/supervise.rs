@@ -134,6 +134,8 @@ pub enum Job {
     /// The access log writer; it ends on its own once shutdown is asked for and every worker
     /// has ended, after writing what they logged (`access_log`).
     AccessLog(JoinHandle<()>),
+    /// The metrics endpoint's thread (`metrics::serve`); it ends on `Shutdown::stop`.
+    Metrics(JoinHandle<()>),
 }
 
 /// A thread the main thread watches.
@@ -156,8 +158,7 @@ impl Watched {
             Job::Kernel(h) => h.is_finished(),
             Job::Bypass(w) => w.is_finished(),
             Job::Signals { thread, .. } => thread.is_finished(),
-            Job::Control(h) => h.is_finished(),
-            Job::AccessLog(h) => h.is_finished(),
+            Job::Control(h) | Job::Metrics(h) | Job::AccessLog(h) => h.is_finished(),
         }
     }
 
@@ -173,7 +174,8 @@ impl Watched {
         match &self.job {
             Job::Bypass(w) => w.waker().wake(),
             Job::Signals { handle, .. } => handle.close(),
-            Job::Kernel(_) | Job::Control(_) | Job::AccessLog(_) => {}
+            // The metrics thread looks at the flag every `metrics::POLL_EVERY`.
+            Job::Kernel(_) | Job::Control(_) | Job::AccessLog(_) | Job::Metrics(_) => {}
         }
     }
 
@@ -199,7 +201,10 @@ impl Watched {
                 }
                 Ok(())
             }
-            Job::Signals { thread: h, .. } | Job::Control(h) | Job::AccessLog(h) => h
+            Job::Signals { thread: h, .. }
+            | Job::Control(h)
+            | Job::AccessLog(h)
+            | Job::Metrics(h) => h
                 .join()
                 .map_err(|payload| format!("panicked: {}", payload_text(&*payload))),
         }

@@ -3,7 +3,7 @@
 //! Owns: rustup components (`rustfmt` and `clippy` on stable; `rust-src`, `rustfmt` and
 //! `clippy` on nightly, which the eBPF crate is built, formatted and linted with) and the
 //! Debian packages the rig and the end-to-end tests call (`ip`, `ping`, `curl`, `openssl`, CA certificates, procps) and
-//! `g++` for libFuzzer.
+//! `g++` for libFuzzer, plus `promtool` for `cargo xtask test` only.
 //! Idempotent and quick when everything is there: only queries, no network. When something is
 //! missing it runs `apt-get update` once and `apt-get install -y --no-install-recommends`,
 //! non-interactively (CI runs as root with no stdin). bpf-linker is not here: userspace/build.rs
@@ -36,6 +36,12 @@ const PACKAGES: &[&str] = &[
     "g++",
 ];
 
+/// Debian packages only the tests call, installed by `cargo xtask test` and not by `run`:
+/// `prometheus` for `promtool check metrics` (tests/tests/metrics.rs). Debian ships promtool
+/// only in it; the Prometheus server it also brings is started by systemd where systemd runs
+/// (a CI container has none), which is why `run` does not install it.
+const TEST_PACKAGES: &[&str] = &["prometheus"];
+
 /// (toolchain, component) pairs rustup must have.
 const COMPONENTS: &[(&str, &str)] = &[
     ("stable", "rustfmt"),
@@ -48,7 +54,14 @@ const COMPONENTS: &[(&str, &str)] = &[
 /// Installs whatever is missing; prints one line when all is in place.
 pub fn ensure() -> Result<()> {
     ensure_components()?;
-    ensure_packages()?;
+    ensure_packages(PACKAGES)?;
+    Ok(())
+}
+
+/// [`ensure`], plus what only the tests need ([`TEST_PACKAGES`]).
+pub fn ensure_for_tests() -> Result<()> {
+    ensure_components()?;
+    ensure_packages(&[PACKAGES, TEST_PACKAGES].concat())?;
     Ok(())
 }
 
@@ -240,7 +253,7 @@ pub fn run_apt(args: &[&str], quiet: bool) -> Result<()> {
     }
 }
 
-fn ensure_packages() -> Result<()> {
+fn ensure_packages(packages: &[&str]) -> Result<()> {
     if Command::new("dpkg-query")
         .arg("--version")
         .stdout(Stdio::null())
@@ -249,12 +262,12 @@ fn ensure_packages() -> Result<()> {
     {
         eprintln!(
             "xtask: not a Debian-based system; make sure these are installed: {}",
-            PACKAGES.join(" ")
+            packages.join(" ")
         );
         return Ok(());
     }
     let mut missing = Vec::new();
-    for package in PACKAGES {
+    for package in packages {
         if !installed(package) {
             missing.push(*package);
         }

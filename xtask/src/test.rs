@@ -57,7 +57,7 @@ pub fn test() -> Result<()> {
 }
 
 fn run_steps(done: &mut Vec<Outcome>, tally: &mut Tally) -> Result<()> {
-    step(done, "prerequisites", None, prereqs::ensure)?;
+    step(done, "prerequisites", None, prereqs::ensure_for_tests)?;
 
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);

@@ -170,6 +170,8 @@ pub struct ProxySetup {
     pub board: Arc<crate::driver::board::Board>,
     /// This worker's end of the access log, when it is on.
     pub access_log: Option<crate::access_log::Sink>,
+    /// Its latency histograms (`metrics::latency`).
+    pub latency: Arc<crate::metrics::WorkerLatency>,
 }
 
 /// Stack slot → proxied connection.
@@ -325,6 +327,10 @@ impl Proxy {
                 policy: setup.policy,
                 counters: setup.counters,
                 access_log: setup.access_log.map(|s| s.with_epoch(setup.epoch)),
+                latency_servers: setup
+                    .latency
+                    .servers(setup.backend.servers.iter().map(|s| s.address)),
+                latency: setup.latency,
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
@@ -656,10 +662,12 @@ impl Proxy {
     /// client's TCB (graceful: our FIN is queued and the TCB finishes on its own) or aborts it,
     /// and frees the entry once nothing is in flight.
     fn finish(&mut self, key: Key, end: End) {
+        // One clock read per connection end, for its duration (`metrics::latency`).
+        let now = self.now();
         let Some(p) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(graceful) = driver::begin_finish(&mut self.sh, p, end) else {
+        let Some(graceful) = driver::begin_finish(&mut self.sh, p, end, now) else {
             return;
         };
         if let Some(id) = p.client.tcb.take() {

@@ -429,6 +429,36 @@ fn control_socket_mode_owner_and_group() {
 }
 
 #[test]
+fn metrics_address_is_off_by_default_and_validated() {
+    let fx = Fixture::new("metrics");
+    assert_eq!(fx.ok(MINIMAL).metrics.address, None, "off by default");
+    let config = fx.ok(&minimal_with("[metrics]\naddress = \"[::1]:9100\""));
+    assert_eq!(
+        config.metrics.address,
+        Some("[::1]:9100".parse().expect("addr"))
+    );
+    for (table, field, fragment) in [
+        (
+            "address = \"localhost:9100\"",
+            "metrics.address",
+            "invalid socket address",
+        ),
+        (
+            "address = \"127.0.0.1:0\"",
+            "metrics.address",
+            "port 0 is not allowed",
+        ),
+        ("port = 9100", "metrics.port", "unknown field"),
+    ] {
+        fx.rejects(
+            &minimal_with(&format!("[metrics]\n{table}")),
+            field,
+            fragment,
+        );
+    }
+}
+
+#[test]
 fn relative_paths_resolve_against_the_config_directory() {
     let fx = Fixture::new("relative");
     let config = fx.ok(&minimal_with("[control]\nsocket = \"run/ctl.sock\""));

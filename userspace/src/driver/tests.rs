@@ -1333,3 +1333,55 @@ fn milestones_and_byte_counts_are_recorded() {
     assert_eq!(s.conn.accepted(), t0);
     assert_eq!(s.conn.listener, 0);
 }
+
+/// What the latency histograms get from a connection (`Conn::latency`): each span from its
+/// own milestones, under explicit time; the connect that succeeded, not the failed one before.
+#[test]
+fn latency_spans_come_from_the_milestones() {
+    let mut s = Script::tls(2);
+    s.advance(3);
+    s.handshake();
+    s.advance(10);
+    s.client_sends(REQUEST);
+    s.advance(100);
+    s.backend_refuses();
+    s.advance(7);
+    s.backend_connects();
+    s.advance(20);
+    s.backend_sends(HEAD);
+    s.advance(50);
+    let ms = |n| Some(Duration::from_millis(n));
+    let sample = s.conn.latency(s.now);
+    assert_eq!(sample.handshake, ms(3), "accept to handshake done");
+    assert_eq!(sample.connect, ms(7), "the second server's connect only");
+    assert_eq!(
+        sample.first_byte,
+        ms(137),
+        "handshake done to the first byte"
+    );
+    assert_eq!(sample.duration, Duration::from_millis(190));
+    assert_eq!(s.conn.server(), Some(1));
+
+    // Plain: no handshake, and the first byte counts from accept.
+    let mut p = Script::plain(1);
+    p.advance(4);
+    p.client_sends(REQUEST);
+    p.backend_connects();
+    p.advance(6);
+    p.backend_sends(HEAD);
+    let sample = p.conn.latency(p.now);
+    assert_eq!(sample.handshake, None);
+    assert_eq!(sample.connect, Some(Duration::ZERO));
+    assert_eq!(sample.first_byte, ms(10));
+
+    // Nothing reached (the client stalls mid-handshake): only the duration.
+    let mut q = Script::tls(1);
+    q.handshake_started();
+    q.advance(9);
+    let sample = q.conn.latency(q.now);
+    assert_eq!(
+        (sample.handshake, sample.connect, sample.first_byte),
+        (None, None, None)
+    );
+    assert_eq!(sample.duration, Duration::from_millis(9));
+}
