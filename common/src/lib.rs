@@ -235,9 +235,22 @@ pub struct XdpConfig {
     /// (Ethernet, IP addresses and TCP ports swapped, sent back with `XDP_TX`) and counted as
     /// `steered`. The benchmark's ceiling; 0 (off) by default.
     pub reflect: u32,
+    /// Binary upgrade of the bypass path ([`HANDOVER_KERNEL_KEEPS`], [`HANDOVER_KERNEL_NEW`]);
+    /// 0 outside an upgrade, so the per-packet path pays nothing for it then.
+    pub handover: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 12);
+
+/// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
+/// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
+/// the kernel. Set while the new tern serves the flows it accepted during an upgrade on kernel
+/// sockets; costs one socket lookup per listener segment while set.
+pub const HANDOVER_KERNEL_KEEPS: u32 = 1;
+/// [`XdpConfig::handover`] flag: a SYN (without ACK) to a listener is passed to the kernel,
+/// where the new tern listens, instead of going to an AF_XDP socket (the old tern's, which
+/// keeps the flows it has).
+pub const HANDOVER_KERNEL_NEW: u32 = 2;
 
 // SAFETY (all three impls): `#[repr(C)]`, `Copy`, made only of integer fields and byte arrays
 // (every bit pattern is valid), and without padding (checked by the size assertions above), so

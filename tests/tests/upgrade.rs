@@ -4,8 +4,11 @@
 //! `run --upgrade` on the same configuration, takes A's listening sockets over the control
 //! socket and tells A to drain. No client may see a failure or a reset; the connections opened
 //! before the upgrade finish on A, new ones are served by B, A exits 0 once its last connection
-//! has ended, and B goes on serving. The bypass path is not covered: `--upgrade` refuses
-//! listeners with an XDP interface (tested below).
+//! has ended, and B goes on serving.
+//!
+//! The bypass path (`bypass_upgrade_under_load_loses_nothing`): B takes A's XDP program over;
+//! new flows go to B on kernel sockets while A's flows stay on A's AF_XDP sockets, and once A
+//! has exited B's bypass workers take new flows (docs/architecture.md, "Binary upgrade").
 
 mod support;
 
@@ -34,10 +37,24 @@ struct Load {
 
 /// New TLS connections, one echo round trip each, until `stop` (bounded in count and time).
 fn load(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, stop: Arc<AtomicBool>) -> Load {
+    load_until(addr, cfg, stop, 20_000)
+}
+
+/// At most `count` connections.
+fn load_n(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, count: u32) -> Load {
+    load_until(addr, cfg, Arc::new(AtomicBool::new(false)), count)
+}
+
+fn load_until(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    stop: Arc<AtomicBool>,
+    count: u32,
+) -> Load {
     use std::io::{Read as _, Write as _};
     let mut seen = Load::default();
     let deadline = Instant::now() + Duration::from_secs(120);
-    for i in 0..20_000u32 {
+    for i in 0..count {
         if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
             break;
         }
@@ -67,7 +84,13 @@ fn load(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, stop: Arc<At
         };
         match attempt() {
             Ok(()) => seen.ok += 1,
-            Err(e) => seen.failures.push(e),
+            Err(e) => seen.failures.push(format!(
+                "{e} (at {:.3} s since the epoch)",
+                std::time::SystemTime::UNIX_EPOCH
+                    .elapsed()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            )),
         }
     }
     seen
@@ -323,36 +346,232 @@ fn ctl_drain_stops_accepting_and_finishes_open_connections() {
     s.expect_clean_exit(Duration::from_secs(20), "tern after drain");
 }
 
-#[test]
-fn upgrade_refuses_an_xdp_interface() {
-    let (s, _backend) = Stack::with_backend("upg-x", Backend::echo, StackOptions::default());
-    let config = std::fs::read_to_string(s.tern.config_path()).expect("read config");
-    let with_iface = config.replacen(
-        "[[listener]]\n",
-        &format!("[[listener]]\ninterface = \"{}\"\n", s.rig.server_if),
-        1,
+/// The bypass listener's port (the kernel listener on :443 answers the readiness probe and
+/// shares the interface, so both kinds of listener are upgraded together).
+const BYPASS_PORT: u16 = 8443;
+
+/// `tern ctl stats` of whichever tern answers on `control`.
+#[track_caller]
+fn stats_at(control: &std::path::Path) -> serde_json::Value {
+    let out = ctl(control, "stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
+}
+
+#[test]
+fn bypass_upgrade_under_load_loses_nothing() {
+    let (rig, dir) = Stack::rig("upg-b");
+    let backend = Backend::echo(support::server_listener(&rig));
+    let bypass = rig.server_addr(BYPASS_PORT);
+    let extra = format!(
+        "{TIMEOUTS}\n[[listener]]\naddress = \"{bypass}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n\n\
+         [xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n",
+        i = rig.server_if
+    );
+    let listener_extra = format!("interface = \"{}\"", rig.server_if);
+    let mut s = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            listener_extra: &listener_extra,
+            toml_extra: &extra,
+            ..Default::default()
+        },
+    );
+    let cfg = s.client_config();
+
+    // A serves the bypass listener once its workers run (after the readiness probe).
+    let served = {
+        let cfg = cfg.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        s.rig.client.run(move || {
+            while Instant::now() < deadline {
+                if load_once(bypass, &cfg, &stop) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+    };
+    assert!(served, "A's bypass listener serves:\n{}", s.log());
+
+    let mut kept = {
+        let cfg = cfg.clone();
+        s.rig.client.run(move || {
+            (0..KEEP_ALIVE)
+                .map(|i| {
+                    let mut t = tls_connect(bypass, &cfg);
+                    echo_round_trip(&mut t, format!("kept {i} before\n").as_bytes());
+                    t
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let a = stats_at(&s.control);
+    assert_eq!(
+        a["bypass"]["proxy"]["active"].as_u64(),
+        Some(KEEP_ALIVE as u64),
+        "{a}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaders: Vec<_> = (0..LOADERS)
+        .map(|_| {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            s.rig.client.spawn(move || load(bypass, cfg, stop))
+        })
+        .collect();
+    let before = Instant::now();
+    while stats_at(&s.control)["bypass"]["proxy"]["accepted"]
+        .as_u64()
+        .unwrap_or(0)
+        < KEEP_ALIVE as u64 + 50
+        && before.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let config = std::fs::read_to_string(s.tern.config_path()).expect("read A's config");
     let mut b = TernProcess::start_with(
-        &with_iface,
+        &config,
         TernOptions {
             netns: s.rig.server_netns(),
             extra_args: vec!["--upgrade".into()],
             ..Default::default()
         },
     );
-    let status = b
-        .wait_exit(Duration::from_secs(30))
-        .expect("B refuses at once");
-    assert_eq!(status.code(), Some(1), "{}", b.stderr_text());
+    wait_log(
+        &b,
+        "upgrade: the old tern is draining",
+        Duration::from_secs(60),
+    );
+    wait_log(
+        &s.tern,
+        "the new tern took over; draining",
+        Duration::from_secs(10),
+    );
+
+    // Phase 1: B serves new flows on kernel sockets while A keeps its own.
+    let b_start = Instant::now();
+    while stats_at(&s.control)["total"]["accepted"]
+        .as_u64()
+        .unwrap_or(0)
+        < 50
+    {
+        assert!(
+            b_start.elapsed() < Duration::from_secs(60),
+            "B serves no new connections:\n{}",
+            b.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connections opened before the upgrade still work, on A.
+    for (i, t) in kept.iter_mut().enumerate() {
+        echo_round_trip(t, format!("kept {i} after\n").as_bytes());
+    }
     assert!(
-        b.stderr_text().contains("has an XDP interface"),
-        "{}",
+        s.tern.try_wait().is_none(),
+        "A exited with connections open:\n{}",
+        s.log()
+    );
+    let a_log_before = s.log();
+    // A ends once its last connection has ended, with 0; B then runs its bypass workers.
+    drop(kept);
+    s.expect_clean_exit(Duration::from_secs(30), "A after its last connection");
+    let a_log = s.log();
+    assert!(
+        a_log.contains("\"drain_aborted\":0"),
+        "A aborted none: {a_log}"
+    );
+    assert!(a_log_before.len() <= a_log.len());
+    wait_log(
+        &b,
+        "upgrade: bypass path serving new flows",
+        Duration::from_secs(30),
+    );
+
+    // Phase 2: new flows reach B's bypass workers.
+    let b_start = Instant::now();
+    while stats_at(&s.control)["bypass"]["proxy"]["accepted"]
+        .as_u64()
+        .unwrap_or(0)
+        < 30
+    {
+        assert!(
+            b_start.elapsed() < Duration::from_secs(60),
+            "B's bypass path serves no new connections:\n{}",
+            b.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for l in loaders {
+        let seen = l.join().expect("load thread");
+        ok += seen.ok;
+        failures.extend(seen.failures);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed across the upgrade, e.g. {:?}\nA:\n{}\nB:\n{}",
+        failures.len(),
+        ok as usize + failures.len(),
+        &failures[..failures.len().min(5)],
+        s.log(),
         b.stderr_text()
     );
-    assert_eq!(
-        String::from_utf8_lossy(&ctl(&s.control, "ping").stdout),
-        "pong\n"
+    let b_stats = stats_at(&s.control);
+    eprintln!(
+        "{ok} connections across the upgrade; B: {} on kernel sockets, {} on its bypass path",
+        b_stats["total"]["accepted"], b_stats["bypass"]["proxy"]["accepted"]
     );
+
+    // B holds the XDP program now: the blocklist works through it.
+    let out = Command::new(tern_binary())
+        .args(["ctl", "--socket"])
+        .arg(&s.control)
+        .args(["block", "192.0.2.0/24"])
+        .output()
+        .expect("run tern ctl block");
+    assert!(
+        out.status.success(),
+        "block through B: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocks = String::from_utf8_lossy(&ctl(&s.control, "blocks").stdout).to_string();
+    assert!(blocks.contains("192.0.2.0/24"), "blocks: {blocks}");
+
+    // B goes on serving on the bypass listener.
+    let cfg2 = cfg.clone();
+    s.rig.client.run(move || {
+        let mut t = tls_connect(bypass, &cfg2);
+        echo_round_trip(&mut t, b"after A\n");
+    });
+    assert!(b.try_wait().is_none(), "B still runs");
+    assert!(
+        b.stop(Duration::from_secs(20)).success(),
+        "B drains and exits 0:\n{}",
+        b.stderr_text()
+    );
+}
+
+/// One TLS connection and echo round trip; whether it worked.
+fn load_once(
+    addr: std::net::SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+    stop: &Arc<AtomicBool>,
+) -> bool {
+    let _ = stop;
+    let seen = load_n(addr, cfg.clone(), 1);
+    seen.failures.is_empty() && seen.ok == 1
 }
 
 #[test]

@@ -300,6 +300,10 @@ pub struct Handle {
     pub write_errors: AtomicU64,
     /// Lines lost to failed writes.
     pub lines_lost: AtomicU64,
+    /// Rings of workers started after the writer (a binary upgrade's late bypass workers),
+    /// taken by the writer at its next pass.
+    late: Mutex<Vec<rtrb::Consumer<Record>>>,
+    buffer_lines: usize,
 }
 
 /// `reopen-log` requests and their outcome. Invariant: `done <= requested`; `error` is the
@@ -312,6 +316,20 @@ struct Reopen {
 }
 
 impl Handle {
+    /// A sink for a worker started after the writer thread (as [`AccessLog::sink`]).
+    pub fn late_sink(&self, path: PathKind) -> Sink {
+        let (ring, consumer) = rtrb::RingBuffer::new(self.buffer_lines);
+        self.late
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(consumer);
+        Sink {
+            ring,
+            path,
+            epoch: std::time::Instant::now(),
+        }
+    }
+
     /// Asks the writer to open the path anew (after logrotate moved the file) and waits until
     /// it has. The error says why the new file could not be opened (the old one stays in use).
     pub fn reopen(&self, flush: Duration) -> Result<(), String> {
@@ -384,6 +402,8 @@ impl AccessLog {
                 lines: AtomicU64::new(0),
                 write_errors: AtomicU64::new(0),
                 lines_lost: AtomicU64::new(0),
+                late: Mutex::default(),
+                buffer_lines: settings.buffer_lines,
             }),
         })
     }
@@ -416,6 +436,13 @@ impl AccessLog {
         let mut writer = Writer::new(self.file, self.handle.clone());
         let flush = self.settings.flush;
         loop {
+            self.rings.append(
+                &mut self
+                    .handle
+                    .late
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
             let stopping =
                 shutdown.drain.load(Ordering::Relaxed) || shutdown.stop.load(Ordering::Relaxed);
             let finished = stopping && self.rings.iter().all(rtrb::Consumer::is_abandoned);

@@ -58,7 +58,8 @@ pub struct ControlState {
     /// (dropping a program detaches it).
     pub xdp: Mutex<Vec<(String, XdpProgram)>>,
     /// The bypass workers (`mode = "bypass"` listeners), one entry per worker and interface.
-    pub bypass: Vec<BypassInfo>,
+    /// A mutex because after a binary upgrade they start once the old tern has exited.
+    pub bypass: Mutex<Vec<BypassInfo>>,
     pub started: Instant,
     /// The running configuration and `reload`.
     pub reloader: Arc<crate::reload::Reloader>,
@@ -88,7 +89,7 @@ impl ControlState {
         ControlState {
             workers,
             xdp: Mutex::new(programs),
-            bypass: Vec::new(),
+            bypass: Mutex::new(Vec::new()),
             started: Instant::now(),
             reloader: crate::reload::Reloader::new(config, None),
             shutdown: Arc::default(),
@@ -496,7 +497,21 @@ fn handle(
     let answer = match read_request(stream, accepted + READ_DEADLINE)? {
         Ok(line) if line.trim() == "takeover" => {
             tracing::info!(%peer, "control command takeover: a new tern asks for the sockets");
-            return crate::upgrade::serve(stream, &state.shutdown);
+            // The XDP programs go to the successor too (bypass path and XDP interfaces).
+            let xdp: Vec<crate::upgrade::XdpInfo> = state
+                .xdp
+                .lock()
+                .map(|programs| {
+                    programs
+                        .iter()
+                        .map(|(interface, p)| crate::upgrade::XdpInfo {
+                            interface: interface.clone(),
+                            xdp: p.handover_ids().clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            return crate::upgrade::serve(stream, &state.shutdown, &xdp);
         }
         Ok(line) => {
             tracing::info!(
@@ -752,8 +767,8 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
     let mut bypass_total = BypassSnapshot::default();
     let mut proxy_total = crate::counters::Snapshot::default();
     let mut tcp_total = crate::bypass::proxy::TcpSnapshot::default();
-    let bypass_workers: Vec<_> = state
-        .bypass
+    let bypass = state.bypass.lock().unwrap_or_else(|e| e.into_inner());
+    let bypass_workers: Vec<_> = bypass
         .iter()
         .map(|b| {
             let s = b.counters.snapshot();

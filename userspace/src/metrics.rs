@@ -346,7 +346,12 @@ impl Collector for Exporter {
             let labels = vec![("worker", i.to_string()), ("path", "kernel".to_string())];
             (labels, w.snapshot().fields())
         });
-        let bypass = state.bypass.iter().filter_map(|b| {
+        // Late bypass workers (a binary upgrade) join the list while tern runs.
+        let bypass_list = state
+            .bypass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bypass = bypass_list.iter().filter_map(|b| {
             b.proxy
                 .as_ref()
                 .map(|p| (bypass_labels(b), p.snapshot().fields()))
@@ -354,14 +359,12 @@ impl Collector for Exporter {
         let rows: Rows = kernel.chain(bypass).collect();
         encode_rows(&mut encoder, "tern", &rows)?;
 
-        let rows: Rows = state
-            .bypass
+        let rows: Rows = bypass_list
             .iter()
             .map(|b| (bypass_labels(b), b.counters.snapshot().fields()))
             .collect();
         encode_rows(&mut encoder, "tern_xsk", &rows)?;
-        let rows: Rows = state
-            .bypass
+        let rows: Rows = bypass_list
             .iter()
             .filter_map(|b| {
                 b.tcp

@@ -85,21 +85,20 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // Every worker takes its configuration from here, and reloads replace it here.
     let reloader = Reloader::new(config.clone(), tls.clone());
 
-    if upgrade {
-        if let Some(l) = config.listeners.iter().find(|l| l.interface.is_some()) {
-            // One XDP link per interface: the running program (and its flows) would have to be
-            // handed over too, which is not done yet.
-            return Err(anyhow!(
-                "upgrade: listener {} has an XDP interface; a binary upgrade is supported only \
-                 for kernel listeners without `interface` (stop and start tern instead)",
-                l.address
-            ));
-        }
-    }
+    // An upgrade takes the running tern's sockets (and its XDP programs' ids) before binding or
+    // attaching anything of its own.
+    let mut takeover = if upgrade {
+        crate::upgrade::Takeover::connect(&config.control.socket)?
+    } else {
+        None
+    };
 
     // From here on, whatever is started goes into `started`, whose drop stops and releases it
     // on every early return.
     let mut started = Started::default();
+    // Interfaces whose program was taken over from the old tern (one XDP link per interface:
+    // its program, maps and flows stay in place; see docs/architecture.md, "Binary upgrade").
+    let mut adopted: Vec<String> = Vec::new();
     // XDP first: if it cannot attach, nothing else should start.
     for l in &config.listeners {
         let Some(iface) = l.interface.clone() else {
@@ -108,9 +107,19 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         if started.xdp.iter().any(|(i, _)| *i == iface) {
             continue;
         }
-        let prog = crate::bypass::xdp::attach(&iface, l.xdp_attach)
-            .with_context(|| format!("attaching the XDP program to {iface}"))?;
-        tracing::info!(interface = %iface, mode = %prog.attached_mode(), "XDP program attached");
+        let old = takeover.as_ref().and_then(|t| t.xdp(&iface));
+        let prog = if let Some(ids) = old {
+            let prog = crate::bypass::xdp::adopt(&iface, ids)
+                .with_context(|| format!("upgrade: taking over the XDP program on {iface}"))?;
+            tracing::info!(interface = %iface, link = ids.link, "upgrade: XDP program taken over");
+            adopted.push(iface.clone());
+            prog
+        } else {
+            let prog = crate::bypass::xdp::attach(&iface, l.xdp_attach)
+                .with_context(|| format!("attaching the XDP program to {iface}"))?;
+            tracing::info!(interface = %iface, mode = %prog.attached_mode(), "XDP program attached");
+            prog
+        };
         started.xdp.push((iface, prog));
     }
 
@@ -142,6 +151,9 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let mut bypass_info = Vec::new();
     // Every worker (both paths) publishes its backend servers' state here for `tern ctl`.
     let board = Arc::new(crate::driver::board::Board::default());
+    // Upgrade: bypass listeners whose AF_XDP queues the old tern still holds. Until it exits
+    // they are served on kernel sockets; then `LateBypass` starts their workers.
+    let mut deferred: Vec<(String, Vec<SocketAddr>)> = Vec::new();
     // One secret and one clock epoch for every bypass worker: SYN cookies must validate on
     // whichever worker the handshake's last ACK reaches.
     let mut secret = [0u8; 16];
@@ -159,10 +171,18 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         if addrs.is_empty() {
             continue;
         }
+        if adopted.contains(iface) {
+            deferred.push((iface.clone(), addrs));
+            continue;
+        }
         // On error, `start_bypass` has already stopped the workers it started.
         let workers = start_bypass(
             &config,
-            &mut access_log,
+            &mut || {
+                access_log
+                    .as_mut()
+                    .map(|log| log.sink(crate::access_log::PathKind::Bypass))
+            },
             iface,
             prog,
             &addrs,
@@ -189,13 +209,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         }
     }
 
-    // An upgrade takes the running tern's sockets before binding anything of its own, and
-    // binds its control socket beside the running one's until it serves.
-    let mut takeover = if upgrade {
-        crate::upgrade::Takeover::connect(&config.control.socket)?
-    } else {
-        None
-    };
+    // An upgrade binds its control socket beside the running one's until it serves.
     let (control_listener, control_file) = if takeover.is_some() {
         control::bind_beside(&config.control)?
     } else {
@@ -211,13 +225,21 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         .map(|address| crate::metrics::bind(address, &config.path))
         .transpose()?;
     // Kernel-mode workers serve the kernel listeners; none are started without any.
-    let kernel_listeners: Vec<(SocketAddr, bool, u16)> = config
+    let mut kernel_listeners: Vec<(SocketAddr, bool, u16)> = config
         .listeners
         .iter()
         .enumerate()
         .filter(|(_, l)| l.mode == ListenerMode::Kernel)
         .map(|(i, l)| (l.address, l.tls, i as u16))
         .collect();
+    let own_kernel_listeners = kernel_listeners.len();
+    // Upgrade: the deferred bypass listeners on kernel sockets meanwhile (not kept for a later
+    // takeover: they are this process's interim, not its configuration).
+    for (i, l) in config.listeners.iter().enumerate() {
+        if deferred.iter().any(|(_, addrs)| addrs.contains(&l.address)) {
+            kernel_listeners.push((l.address, l.tls, i as u16));
+        }
+    }
     let kernel_workers = if kernel_listeners.is_empty() {
         0
     } else {
@@ -229,7 +251,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let state = Arc::new(ControlState {
         workers: counters.clone(),
         xdp: Mutex::new(std::mem::take(&mut started.xdp)),
-        bypass: bypass_info,
+        bypass: Mutex::new(bypass_info),
         started: Instant::now(),
         reloader: reloader.clone(),
         shutdown: started.shutdown.clone(),
@@ -266,6 +288,7 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     for (i, wc) in counters.iter().enumerate() {
         let mut fds = Vec::new();
         for (k, &(address, tls, listener)) in kernel_listeners.iter().enumerate() {
+            let interim = k >= own_kernel_listeners;
             let inherited = inherited
                 .get_mut(k)
                 .and_then(|per_worker| per_worker.get_mut(i))
@@ -279,6 +302,10 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
                 inherited
             };
             for fd in mine {
+                if interim {
+                    fds.push((fd, tls, listener));
+                    continue;
+                }
                 let info = crate::upgrade::SocketInfo {
                     address,
                     tls,
@@ -396,6 +423,14 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .push(Watched::new("tern-metrics", Job::Metrics(h)));
     }
 
+    // Upgrade, bypass: the kernel sockets listen, so new flows go to them; the old tern's flows
+    // (no kernel socket holds them) stay on its AF_XDP sockets.
+    for (iface, _) in &deferred {
+        with_program(&state, iface, |p| {
+            p.set_handover(tern_common::HANDOVER_KERNEL_NEW | tern_common::HANDOVER_KERNEL_KEEPS)
+        })
+        .with_context(|| format!("upgrade: steering new flows on {iface} to the kernel"))?;
+    }
     // An upgrade moves the control path over while still privileged (its directory is
     // usually root's), then this process gives up root, and only then is the old tern told to
     // drain: a failure before that point leaves the old one serving.
@@ -413,18 +448,45 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     }
     // Set-up is complete (sockets bound, XDP attached, AF_XDP sockets registered, UMEM mapped,
     // every worker ready, the control socket bound and chowned): give up root. A failure is a
-    // failed start-up; `started` releases everything.
-    match &config.process.run_as {
-        Some(to) => crate::privileges::switch(to).context("switching to [process] user")?,
-        None => crate::privileges::warn_if_root(),
+    // failed start-up; `started` releases everything. Bypass workers that start only once the
+    // old tern has exited (a bypass upgrade) still need root to bind their AF_XDP sockets:
+    // then the switch waits for them (`LateBypass`).
+    let switch_late = takeover.is_some() && !deferred.is_empty();
+    if !switch_late {
+        match &config.process.run_as {
+            Some(to) => crate::privileges::switch(to).context("switching to [process] user")?,
+            None => crate::privileges::warn_if_root(),
+        }
     }
+    let mut old_process = None;
     if let Some(takeover) = takeover {
-        if let Err(e) = takeover.finish() {
-            // Both processes accept from the same sockets meanwhile; nothing is lost.
-            tracing::error!(
-                error = format!("{e:#}"),
-                "upgrade: the old tern was not told to drain; stop it with SIGTERM"
-            );
+        match takeover.finish() {
+            Ok(old) => old_process = Some(old),
+            Err(e) => {
+                // Both processes accept from the same sockets meanwhile; nothing is lost.
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "upgrade: the old tern was not told to drain; stop it with SIGTERM"
+                );
+            }
+        }
+    }
+    let mut late = LateBypass {
+        phase: match old_process {
+            Some(old) if !deferred.is_empty() => LatePhase::OldDraining { old },
+            _ => LatePhase::Done,
+        },
+        deferred,
+        own_kernel_listeners,
+        secret,
+        epoch,
+        run_as: config.process.run_as.clone().filter(|_| switch_late),
+    };
+    if matches!(late.phase, LatePhase::Done) {
+        // The old tern was not told to drain: its queues stay its own, no bypass worker
+        // starts late, and root is given up now.
+        if let Some(to) = late.run_as.take() {
+            crate::privileges::switch(&to).context("switching to [process] user")?;
         }
     }
 
@@ -445,7 +507,12 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     crate::fault::arm();
 
     // Until every worker has ended after SIGTERM / SIGINT, or a thread fails.
-    let watched = supervise::watch(&mut started.threads, &started.shutdown);
+    let watched = {
+        let shutdown = started.shutdown.clone();
+        supervise::watch_with(&mut started.threads, &shutdown, |threads| {
+            late.tick(threads, &config, tls.as_ref(), &state, &counters, &reloader)
+        })
+    };
     if let Err(failed) = &watched {
         crate::notify::stopping();
         tracing::error!(
@@ -459,6 +526,193 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let total = control::stats(&state);
     tracing::info!(stats = %total["total"], "tern stopped");
     watched.map_err(Into::into)
+}
+
+/// Runs `f` on the program attached to `iface`.
+fn with_program<T>(
+    state: &ControlState,
+    iface: &str,
+    f: impl FnOnce(&XdpProgram) -> Result<T, crate::bypass::xdp::XdpError>,
+) -> anyhow::Result<T> {
+    let programs = state
+        .xdp
+        .lock()
+        .map_err(|_| anyhow!("the XDP program list is poisoned"))?;
+    let (_, prog) = programs
+        .iter()
+        .find(|(i, _)| i == iface)
+        .ok_or_else(|| anyhow!("no XDP program on {iface}"))?;
+    Ok(f(prog)?)
+}
+
+/// How long the new tern tries to bind the AF_XDP sockets once the old one has exited (its
+/// sockets are released as its process ends, a little after its control connection closes).
+const LATE_BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long after its bypass workers start the new tern still expects handshakes that began
+/// on the kernel path (a SYN passed just before the switch) before it stops asking the XDP
+/// program to look for kernel-held flows.
+const KERNEL_HANDSHAKE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binary upgrade on the bypass path, after the takeover: the steps that wait for the old
+/// tern, run from the main thread's watch loop (docs/architecture.md, "Binary upgrade").
+struct LateBypass {
+    phase: LatePhase,
+    /// Interfaces whose bypass workers wait for the old tern's AF_XDP sockets to close.
+    deferred: Vec<(String, Vec<SocketAddr>)>,
+    /// Kernel listeners of the configuration; the kernel workers' listeners after these are
+    /// the deferred bypass listeners' interim ones.
+    own_kernel_listeners: usize,
+    secret: [u8; 16],
+    epoch: Instant,
+    /// `[process]` user to switch to once the late bypass workers have bound their AF_XDP
+    /// sockets (which needs root); `None`: switched already, or no switch configured.
+    run_as: Option<crate::config::RunAs>,
+}
+
+enum LatePhase {
+    /// Phase 1: new flows on kernel sockets, the old tern's flows on its AF_XDP sockets.
+    OldDraining { old: crate::upgrade::OldProcess },
+    /// The old tern has exited; binding the AF_XDP sockets until `deadline`.
+    Binding { deadline: Instant },
+    /// Phase 2: new flows on this process's AF_XDP sockets; flows the kernel holds stay there.
+    KernelFlows { since: Instant },
+    /// Steering is back to normal (or there was no bypass upgrade).
+    Done,
+}
+
+impl LateBypass {
+    fn tick(
+        &mut self,
+        threads: &mut Vec<Watched>,
+        config: &Config,
+        tls: Option<&Arc<rustls::ServerConfig>>,
+        state: &Arc<ControlState>,
+        kernel: &[Arc<WorkerCounters>],
+        reloader: &Arc<Reloader>,
+    ) -> Result<(), supervise::ThreadFailed> {
+        let failed = |e: anyhow::Error| supervise::ThreadFailed {
+            thread: "tern-main (upgrade)".into(),
+            reason: format!("{e:#}"),
+        };
+        let shutdown = &state.shutdown;
+        if matches!(self.phase, LatePhase::Done)
+            || shutdown.drain.load(Ordering::Relaxed)
+            || shutdown.stop.load(Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        match &self.phase {
+            LatePhase::OldDraining { old } => {
+                if old.exited() {
+                    tracing::info!("upgrade: the old tern has exited; starting the bypass workers");
+                    self.phase = LatePhase::Binding {
+                        deadline: Instant::now() + LATE_BIND_WAIT,
+                    };
+                    return self.tick(threads, config, tls, state, kernel, reloader);
+                }
+            }
+            LatePhase::Binding { deadline } => {
+                let deadline = *deadline;
+                let mut rest = Vec::new();
+                for (iface, addrs) in std::mem::take(&mut self.deferred) {
+                    let result = with_program(state, &iface, |prog| {
+                        let late_log = state.access_log.as_ref().map(|(h, _)| h.clone());
+                        Ok(start_bypass(
+                            config,
+                            &mut || {
+                                late_log
+                                    .as_ref()
+                                    .map(|h| h.late_sink(crate::access_log::PathKind::Bypass))
+                            },
+                            &iface,
+                            prog,
+                            &addrs,
+                            tls,
+                            shutdown,
+                            self.secret,
+                            self.epoch,
+                            reloader,
+                            &state.backends,
+                            &state.latency,
+                        ))
+                    })
+                    .and_then(|r| r);
+                    match result {
+                        Ok(workers) => {
+                            let mut info = state.bypass.lock().unwrap_or_else(|e| e.into_inner());
+                            for (w, extra) in workers {
+                                info.push(bypass_info_of(&iface, &w, &extra));
+                                let name = format!("tern-x{} ({iface})", w.id());
+                                threads.push(Watched::new(name, Job::Bypass(w)));
+                            }
+                            drop(info);
+                            // New flows to the AF_XDP sockets; the kernel keeps what it holds.
+                            with_program(state, &iface, |p| {
+                                p.set_handover(tern_common::HANDOVER_KERNEL_KEEPS)
+                            })
+                            .map_err(failed)?;
+                            tracing::info!(interface = %iface, "upgrade: bypass path serving new flows");
+                        }
+                        Err(e) if Instant::now() < deadline => {
+                            tracing::debug!(interface = %iface, error = format!("{e:#}"), "upgrade: AF_XDP queues not free yet");
+                            rest.push((iface, addrs));
+                        }
+                        Err(e) => return Err(failed(e.context(format!(
+                            "upgrade: starting the bypass workers on {iface} after the old tern exited"
+                        )))),
+                    }
+                }
+                self.deferred = rest;
+                if self.deferred.is_empty() {
+                    // Set-up is complete now: give up root.
+                    if let Some(to) = self.run_as.take() {
+                        crate::privileges::switch(&to)
+                            .context("switching to [process] user after the bypass workers started")
+                            .map_err(failed)?;
+                    }
+                    self.phase = LatePhase::KernelFlows {
+                        since: Instant::now(),
+                    };
+                }
+            }
+            LatePhase::KernelFlows { since } => {
+                // Only when the kernel workers serve nothing but the interim listeners can
+                // their connection count tell that the kernel holds no more of these flows;
+                // with kernel listeners of its own the flag stays (one socket lookup per
+                // listener segment) until the next restart.
+                let open: u64 = kernel.iter().map(|c| c.snapshot().active).sum();
+                if since.elapsed() >= KERNEL_HANDSHAKE_GRACE
+                    && self.own_kernel_listeners == 0
+                    && open == 0
+                {
+                    let programs = state.xdp.lock().map_err(|_| failed(anyhow!("poisoned")))?;
+                    for (iface, prog) in programs.iter() {
+                        prog.set_handover(0).map_err(|e| failed(e.into()))?;
+                        tracing::info!(interface = %iface, "upgrade: done; steering is back to normal");
+                    }
+                    self.phase = LatePhase::Done;
+                }
+            }
+            LatePhase::Done => {}
+        }
+        Ok(())
+    }
+}
+
+fn bypass_info_of(
+    iface: &str,
+    w: &BypassWorker,
+    extra: &(Arc<WorkerCounters>, Arc<TcpCounters>),
+) -> BypassInfo {
+    BypassInfo {
+        interface: iface.to_owned(),
+        worker: w.id(),
+        bind_mode: w.bind_mode().to_string(),
+        page_kind: w.page_kind().to_string(),
+        counters: w.counters().clone(),
+        proxy: Some(extra.0.clone()),
+        tcp: Some(extra.1.clone()),
+    }
 }
 
 /// Everything [`run`] has started, released in reverse order by [`Started::release`] (or on
@@ -521,7 +775,7 @@ type StartedBypass = (BypassWorker, (Arc<WorkerCounters>, Arc<TcpCounters>));
 #[allow(clippy::too_many_arguments)]
 fn start_bypass(
     config: &Config,
-    access_log: &mut Option<crate::access_log::AccessLog>,
+    access_log: &mut dyn FnMut() -> Option<crate::access_log::Sink>,
     iface: &str,
     prog: &crate::bypass::xdp::XdpProgram,
     addrs: &[SocketAddr],
@@ -581,9 +835,7 @@ fn start_bypass(
             tcp_counters,
             watch: reloader.watch(),
             board: board.clone(),
-            access_log: access_log
-                .as_mut()
-                .map(|log| log.sink(crate::access_log::PathKind::Bypass)),
+            access_log: access_log(),
             latency: latency.worker(),
         };
         // Built on the worker's thread: its io_uring is single-issuer.

@@ -216,6 +216,17 @@ impl Watched {
 /// it ends with an error or a panic, or ends while `shutdown` asks for nothing. Finished
 /// threads are joined and removed from `threads`.
 pub fn watch(threads: &mut Vec<Watched>, shutdown: &Shutdown) -> Result<(), ThreadFailed> {
+    watch_with(threads, shutdown, |_| Ok(()))
+}
+
+/// [`watch`], calling `tick` once per look at the threads: it may start threads of its own
+/// (pushed to the list, watched from then on), and its error ends the watch like a failed
+/// thread's (a binary upgrade's late start of the bypass workers, `server`).
+pub fn watch_with(
+    threads: &mut Vec<Watched>,
+    shutdown: &Shutdown,
+    mut tick: impl FnMut(&mut Vec<Watched>) -> Result<(), ThreadFailed>,
+) -> Result<(), ThreadFailed> {
     // Whatever asked for the drain or the stop (a signal, a command), the service manager
     // hears it once, as soon as the flags say so.
     let mut told_stopping = false;
@@ -226,6 +237,7 @@ pub fn watch(threads: &mut Vec<Watched>, shutdown: &Shutdown) -> Result<(), Thre
             crate::notify::stopping();
             told_stopping = true;
         }
+        tick(threads)?;
         let mut i = 0;
         while i < threads.len() {
             if !threads[i].is_finished() {

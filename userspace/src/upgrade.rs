@@ -20,7 +20,7 @@
 //! This module owns the registry of the process's own listening sockets ([`Handover`], kept in
 //! [`Shutdown`] so that every drain closes them) and both ends of the exchange. It does not own
 //! the workers (`server`, `kernel`) nor the bypass path, whose flows live in the XDP program and
-//! are not handed over yet (`server::run` refuses `--upgrade` with an XDP interface).
+//! are handed over by program (see `crate::bypass::xdp::adopt` and docs/architecture.md).
 
 use std::io::{self, IoSlice, IoSliceMut, Read as _, Write as _};
 use std::mem::MaybeUninit;
@@ -63,6 +63,14 @@ pub struct SocketInfo {
     pub worker: usize,
 }
 
+/// One XDP program a successor takes over (bypass path): sent as a line of its own, without
+/// a descriptor (the successor opens the link and maps by id, [`crate::bypass::xdp::adopt`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct XdpInfo {
+    pub interface: String,
+    pub xdp: crate::bypass::xdp::HandoverIds,
+}
+
 /// One listening socket: in the registry, a duplicate of a worker's descriptor; received, the
 /// new process's own.
 #[derive(Debug)]
@@ -83,6 +91,10 @@ pub struct Handover {
     sockets: Mutex<Vec<Passed>>,
     /// Set while a successor holds the sockets and has not yet said `drain` or gone away.
     busy: AtomicBool,
+    /// The connection of the successor that made this process drain, kept open until this
+    /// process exits: its end tells the successor that this process's AF_XDP sockets are
+    /// closed and their queues free (bypass path).
+    successor: Mutex<Option<UnixStream>>,
 }
 
 impl Handover {
@@ -103,10 +115,20 @@ impl Handover {
     }
 }
 
+/// Set once a successor has taken over and this process drains for it. Process-wide because
+/// the bypass workers' frame handlers read it when their drain begins (they have no handle on
+/// [`Shutdown`]): they then keep their listeners for the flows already on their way to them.
+static TAKEN_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Whether a successor took over from this process ([`TAKEN_OVER`]).
+pub fn taken_over() -> bool {
+    TAKEN_OVER.load(Ordering::Acquire)
+}
+
 /// The old process's side, on the control connection that asked `takeover`: sends the
 /// sockets, then waits for `drain` (and drains) or for the successor to go away (and carries
 /// on). Errors are the connection's; what they mean is logged here.
-pub fn serve(stream: &UnixStream, shutdown: &Shutdown) -> io::Result<()> {
+pub fn serve(stream: &UnixStream, shutdown: &Shutdown, xdp: &[XdpInfo]) -> io::Result<()> {
     let handover = &shutdown.handover;
     if shutdown.drain.load(Ordering::Relaxed) || shutdown.stop.load(Ordering::Relaxed) {
         return write_line(stream, "error: tern is draining; nothing to take over");
@@ -114,13 +136,17 @@ pub fn serve(stream: &UnixStream, shutdown: &Shutdown) -> io::Result<()> {
     if handover.busy.swap(true, Ordering::AcqRel) {
         return write_line(stream, "error: another process is taking over");
     }
-    let result = send_and_wait(stream, shutdown);
+    let result = send_and_wait(stream, shutdown, xdp);
     handover.busy.store(false, Ordering::Release);
     result
 }
 
-fn send_and_wait(stream: &UnixStream, shutdown: &Shutdown) -> io::Result<()> {
+fn send_and_wait(stream: &UnixStream, shutdown: &Shutdown, xdp: &[XdpInfo]) -> io::Result<()> {
     stream.set_write_timeout(Some(RECEIVE_WAIT))?;
+    for program in xdp {
+        let line = serde_json::to_string(program).map_err(io::Error::other)?;
+        write_line(stream, &line)?;
+    }
     let count = {
         let sockets = shutdown.handover.lock();
         for s in sockets.iter() {
@@ -154,8 +180,17 @@ fn send_and_wait(stream: &UnixStream, shutdown: &Shutdown) -> io::Result<()> {
     }
     if line == b"drain" {
         tracing::info!("the new tern took over; draining");
+        TAKEN_OVER.store(true, Ordering::Release);
         shutdown.begin_drain();
-        return write_line(stream, "ok");
+        write_line(stream, "ok")?;
+        if let Ok(copy) = stream.try_clone() {
+            *shutdown
+                .handover
+                .successor
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(copy);
+        }
+        return Ok(());
     }
     tracing::warn!("the new tern went away before taking over; still serving");
     Ok(())
@@ -194,6 +229,8 @@ pub struct Takeover {
     stream: UnixStream,
     /// Received and not yet given to a worker.
     sockets: Vec<Passed>,
+    /// The old process's XDP programs, by interface (bypass path).
+    xdp: Vec<XdpInfo>,
 }
 
 impl Takeover {
@@ -226,12 +263,26 @@ impl Takeover {
         (&stream)
             .write_all(b"takeover\n")
             .context("upgrade: asking for the sockets")?;
-        let sockets = receive(&stream).context("upgrade: receiving the listening sockets")?;
+        let (sockets, xdp) =
+            receive(&stream).context("upgrade: receiving the listening sockets")?;
         tracing::info!(
             sockets = sockets.len(),
+            xdp_programs = xdp.len(),
             "upgrade: listening sockets received"
         );
-        Ok(Some(Takeover { stream, sockets }))
+        Ok(Some(Takeover {
+            stream,
+            sockets,
+            xdp,
+        }))
+    }
+
+    /// The ids of the old process's XDP program on `interface`, if it had one.
+    pub fn xdp(&self, interface: &str) -> Option<&crate::bypass::xdp::HandoverIds> {
+        self.xdp
+            .iter()
+            .find(|x| x.interface == interface)
+            .map(|x| &x.xdp)
     }
 
     /// Takes the received sockets listening on `address` (for the new workers to share), in
@@ -246,8 +297,9 @@ impl Takeover {
     }
 
     /// Tells the old process to drain, once this one serves. Received sockets no listener
-    /// took (their listener is gone from the configuration) are closed.
-    pub fn finish(mut self) -> anyhow::Result<()> {
+    /// took (their listener is gone from the configuration) are closed. Returns the connection,
+    /// which the old process keeps open until it exits ([`OldProcess`]).
+    pub fn finish(mut self) -> anyhow::Result<OldProcess> {
         for s in self.sockets.drain(..) {
             tracing::warn!(
                 address = %s.info.address,
@@ -257,11 +309,18 @@ impl Takeover {
         (&self.stream)
             .write_all(b"drain\n")
             .context("upgrade: telling the old tern to drain")?;
-        let mut answer = String::new();
-        (&self.stream)
-            .take(MAX_LINE as u64)
-            .read_to_string(&mut answer)
-            .context("upgrade: reading the old tern's answer to drain")?;
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while answer.len() < MAX_LINE {
+            match (&self.stream).read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => answer.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("upgrade: reading the old tern's answer to drain"),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
         if answer.trim() != "ok" {
             bail!(
                 "upgrade: the old tern answered drain with {:?}",
@@ -269,14 +328,41 @@ impl Takeover {
             );
         }
         tracing::info!("upgrade: the old tern is draining");
-        Ok(())
+        self.stream.set_nonblocking(true)?;
+        Ok(OldProcess {
+            stream: self.stream,
+        })
+    }
+}
+
+/// The old process, draining after a takeover: its control connection stays open until it
+/// exits.
+#[derive(Debug)]
+pub struct OldProcess {
+    /// Non-blocking; EOF (or an error) once the old process has exited.
+    stream: UnixStream,
+}
+
+impl OldProcess {
+    /// Whether the old process has exited (its end of the connection closed). Never blocks.
+    pub fn exited(&self) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return true,
+            }
+        }
     }
 }
 
 /// Reads description lines and their descriptors up to `end`. Descriptors arrive in the order
 /// they were sent, each with the first byte of its line, so the k-th descriptor belongs to the
 /// k-th line whatever way the kernel splits the reads.
-fn receive(stream: &UnixStream) -> anyhow::Result<Vec<Passed>> {
+fn receive(stream: &UnixStream) -> anyhow::Result<(Vec<Passed>, Vec<XdpInfo>)> {
     let mut bytes: Vec<u8> = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let deadline = Instant::now() + RECEIVE_WAIT;
@@ -323,7 +409,15 @@ fn receive(stream: &UnixStream) -> anyhow::Result<Vec<Passed>> {
         bytes.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
     }
     let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("the answer is not UTF-8"))?;
-    let lines: Vec<&str> = text.lines().filter(|l| *l != "end").collect();
+    let mut xdp = Vec::new();
+    let mut lines = Vec::new();
+    for line in text.lines().filter(|l| *l != "end") {
+        // XDP programs come without a descriptor; every other line carries one.
+        match serde_json::from_str::<XdpInfo>(line) {
+            Ok(info) => xdp.push(info),
+            Err(_) => lines.push(line),
+        }
+    }
     if lines.len() != fds.len() {
         bail!(
             "{} socket descriptions but {} descriptors",
@@ -331,7 +425,7 @@ fn receive(stream: &UnixStream) -> anyhow::Result<Vec<Passed>> {
             fds.len()
         );
     }
-    lines
+    let sockets = lines
         .into_iter()
         .zip(fds)
         .map(|(line, fd)| {
@@ -340,7 +434,8 @@ fn receive(stream: &UnixStream) -> anyhow::Result<Vec<Passed>> {
             check_socket(&fd, &info)?;
             Ok(Passed { fd, info })
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((sockets, xdp))
 }
 
 /// The descriptor must be a listening TCP socket bound to the address it is described with.
@@ -394,10 +489,10 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let old = {
             let shutdown = shutdown.clone();
-            std::thread::spawn(move || serve(&theirs, &shutdown))
+            std::thread::spawn(move || serve(&theirs, &shutdown, &[]))
         };
         ours.set_read_timeout(Some(RECEIVE_WAIT)).unwrap();
-        let sockets = receive(&ours).unwrap();
+        let (sockets, _) = receive(&ours).unwrap();
         assert_eq!(sockets.len(), 3);
         assert_eq!(
             sockets[2].info,
@@ -410,6 +505,7 @@ mod tests {
         let mut t = Takeover {
             stream: ours,
             sockets,
+            xdp: Vec::new(),
         };
         assert_eq!(t.take(addr_a).len(), 2);
         // A received socket accepts what connects to the original.
@@ -419,9 +515,15 @@ mod tests {
         let (accepted, _) = l.accept().unwrap();
         assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
         assert!(!shutdown.drain.load(Ordering::Relaxed));
-        t.finish().unwrap();
+        let old_process = t.finish().unwrap();
         old.join().unwrap().unwrap();
         assert!(shutdown.drain.load(Ordering::Relaxed));
+        assert!(
+            !old_process.exited(),
+            "the old process keeps the connection until it exits"
+        );
+        shutdown.handover.successor.lock().unwrap().take();
+        assert!(old_process.exited());
         assert!(
             shutdown.handover.lock().is_empty(),
             "the copies close with the drain"
@@ -446,9 +548,9 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let old = {
             let shutdown = shutdown.clone();
-            std::thread::spawn(move || serve(&theirs, &shutdown))
+            std::thread::spawn(move || serve(&theirs, &shutdown, &[]))
         };
-        let sockets = receive(&ours).unwrap();
+        let (sockets, _) = receive(&ours).unwrap();
         assert_eq!(sockets.len(), 1);
         drop(ours);
         old.join().unwrap().unwrap();

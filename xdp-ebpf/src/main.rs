@@ -58,13 +58,15 @@ mod loss;
 use core::mem::{size_of, swap};
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple, xdp_action},
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap, lpm_trie::Key},
     programs::XdpContext,
 };
 use tern_common::{
-    BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES,
+    BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES,
     ListenKey, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
     ipv4_mapped, xsk_index,
 };
@@ -103,6 +105,12 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+/// TCP flags byte: SYN and ACK (RFC 9293 §3.1).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// `TCP_LISTEN` in the kernel's socket states (include/net/tcp_states.h): what a socket
+/// lookup finds when no connection of the kernel's own matches the 4-tuple.
+const TCP_LISTEN: u32 = 10;
 /// ICMPv4 destination unreachable / fragmentation needed and DF set (RFC 792, RFC 1191).
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
@@ -207,6 +215,8 @@ struct Flow {
     dst_port: u16,
     ip: Ip,
     tcp_offset: usize,
+    /// SYN set and ACK clear: the first segment of a new flow.
+    syn: bool,
 }
 
 /// The flow an ICMP PMTU message is about, in the client's order (the quoted segment's
@@ -337,8 +347,94 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
             }
         };
     }
+    // During a binary upgrade (docs/architecture.md, "Binary upgrade on the bypass path"): the
+    // new tern serves new flows on kernel sockets, and later the flows it accepted there.
+    if config.handover != 0 {
+        let to_kernel = (config.handover & HANDOVER_KERNEL_NEW != 0 && flow.syn)
+            || (config.handover & HANDOVER_KERNEL_KEEPS != 0 && kernel_holds(ctx, flow));
+        if to_kernel {
+            stats.passed += 1;
+            return xdp_action::XDP_PASS;
+        }
+    }
     let hash = flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port);
     redirect(ctx, config.workers, hash, stats)
+}
+
+/// The 4-tuple as `bpf_sock_tuple.ipv4` lays it out: addresses and ports in network order,
+/// packet's source first.
+#[repr(C)]
+struct SockTupleV4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// `bpf_sock_tuple.ipv6`.
+#[repr(C)]
+struct SockTupleV6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// Whether the kernel holds `flow` as a connection of its own: a request (SYN-RECV),
+/// established or time-wait socket. A lookup that finds only the listener (the new tern's
+/// kernel socket on the same port) or nothing means the flow is an AF_XDP socket's.
+#[inline(always)]
+fn kernel_holds(ctx: &XdpContext, flow: &Flow) -> bool {
+    let (v4, v6);
+    let (tuple, size) = match flow.ip {
+        Ip::V4 { .. } => {
+            let s = &flow.src;
+            let d = &flow.dst;
+            v4 = SockTupleV4 {
+                saddr: [s[12], s[13], s[14], s[15]],
+                daddr: [d[12], d[13], d[14], d[15]],
+                sport: flow.src_port.to_be_bytes(),
+                dport: flow.dst_port.to_be_bytes(),
+            };
+            (
+                &v4 as *const SockTupleV4 as *mut bpf_sock_tuple,
+                size_of::<SockTupleV4>(),
+            )
+        }
+        Ip::V6 { .. } => {
+            v6 = SockTupleV6 {
+                saddr: flow.src,
+                daddr: flow.dst,
+                sport: flow.src_port.to_be_bytes(),
+                dport: flow.dst_port.to_be_bytes(),
+            };
+            (
+                &v6 as *const SockTupleV6 as *mut bpf_sock_tuple,
+                size_of::<SockTupleV6>(),
+            )
+        }
+    };
+    // SAFETY: `tuple` points to a live stack value of `size` bytes laid out as the helper's
+    // `bpf_sock_tuple` member for the family; the helper only reads it. The socket it returns
+    // is released below on the only path that got one.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.ctx.cast(),
+            tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null result is a referenced socket; `state` is readable from any socket
+    // the helper returns (sock_common included).
+    let state = unsafe { (*sk).state };
+    // SAFETY: releases the reference the lookup took, exactly once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    state != TCP_LISTEN
 }
 
 /// Redirects the frame to the AF_XDP socket of the worker owning the flow with hash `hash` on
@@ -547,6 +643,7 @@ fn parse_tcp(
         dst_port: u16::from_be_bytes(dst_port),
         ip,
         tcp_offset: offset,
+        syn: offset_flags[1] & (TCP_SYN | TCP_ACK) == TCP_SYN,
     }))
 }
 

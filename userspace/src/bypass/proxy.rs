@@ -809,9 +809,15 @@ impl FrameHandler for Proxy {
 
     fn drain(&mut self, _deadline: std::time::Instant) {
         // New SYNs and cookie ACKs get RST from now on; open connections go on until they end
-        // (or the worker's drain deadline passes and `shutdown` resets them).
+        // (or the worker's drain deadline passes and `shutdown` resets them). After a binary
+        // upgrade the listeners stay: the XDP program already sends new flows to the successor,
+        // so only SYNs queued in the RX rings before that switch and the final ACKs of
+        // handshakes answered before it still reach this worker, and each is a client that
+        // must not be refused.
         self.draining = true;
-        self.stack.close_listeners();
+        if !crate::upgrade::taken_over() {
+            self.stack.close_listeners();
+        }
         let open = self.conns.len();
         tracing::info!(worker = self.id, open, "bypass worker draining");
     }

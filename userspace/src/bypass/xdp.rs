@@ -28,13 +28,13 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
-use aya::programs::links::Link as _;
+use aya::programs::links::{FdLink, Link as _};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::sys::SyscallError;
@@ -384,16 +384,32 @@ impl fmt::Display for IpPrefix {
 /// control thread and start-up code can share the program; reading the counters takes no lock.
 pub struct XdpProgram {
     /// The attachment. Declared first and taken in `Drop`, so the program is detached before
-    /// its maps and the program itself are released; `None` only while dropping.
-    link: Option<XdpLink>,
+    /// its maps and the program itself are released; `None` only while dropping. A bpf link
+    /// detaches when its last descriptor closes: a successor holding one keeps it attached.
+    link: Option<HeldLink>,
     /// The per-CPU counters; reading needs no `&mut`.
     stats: PerCpuArray<MapData, XdpStats>,
     /// The maps userspace writes.
     maps: Mutex<ControlMaps>,
-    /// Owns the loaded programs (their maps were moved into the fields above).
-    _ebpf: Ebpf,
+    /// Owns the loaded programs (their maps were moved into the fields above); `None` for a
+    /// program adopted from the tern this one took over from ([`adopt`]).
+    _ebpf: Option<Ebpf>,
     interface: String,
     mode: AttachedMode,
+    /// Kernel ids of the link and maps, for a successor ([`XdpProgram::handover_ids`]).
+    ids: HandoverIds,
+}
+
+/// The bpf link that keeps `tern_xdp` attached.
+#[expect(
+    dead_code,
+    reason = "held for its Drop: closing the last descriptor detaches"
+)]
+enum HeldLink {
+    /// Made by this process's [`attach`].
+    Own(FdLink),
+    /// Taken over from the previous tern by its kernel id ([`adopt`]).
+    Adopted(OwnedFd),
 }
 
 /// The maps userspace writes, with the config as last written.
@@ -444,13 +460,22 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
         block_v6: take_map(&mut ebpf, interface, BLOCK_V6_MAP)?,
     };
     let (link, mode) = attach_program(&mut ebpf, interface, XDP_PROGRAM, mode)?;
-    Ok(XdpProgram {
-        link: Some(link),
-        stats,
-        maps: Mutex::new(maps),
-        _ebpf: ebpf,
+    // A bpf link (kernel >= 5.9) rather than a netlink attachment: a successor can take it over
+    // by id during a binary upgrade, and it detaches by itself when the last holder exits.
+    let link = FdLink::try_from(link).map_err(|_| XdpError::Attach {
         interface: interface.to_owned(),
         mode,
+        source: Box::new(ProgramError::UnexpectedProgramType),
+    })?;
+    let ids = own_ids(&ebpf, &link, interface)?;
+    Ok(XdpProgram {
+        link: Some(HeldLink::Own(link)),
+        stats,
+        maps: Mutex::new(maps),
+        _ebpf: Some(ebpf),
+        interface: interface.to_owned(),
+        mode,
+        ids,
     })
 }
 
@@ -653,6 +678,16 @@ impl XdpProgram {
     /// The mode the program runs in (for `Auto`, the one that worked).
     pub fn attached_mode(&self) -> AttachedMode {
         self.mode
+    }
+
+    /// What a successor passes to [`adopt`].
+    pub fn handover_ids(&self) -> &HandoverIds {
+        &self.ids
+    }
+
+    /// Sets [`XdpConfig::handover`] (`tern_common::HANDOVER_*` flags; 0 ends the upgrade).
+    pub fn set_handover(&self, flags: u32) -> Result<(), XdpError> {
+        self.update_config(|config| config.handover = flags)
     }
 
     /// The interface the program is attached to.
@@ -872,8 +907,140 @@ impl XdpProgram {
 
 impl Drop for XdpProgram {
     fn drop(&mut self) {
-        detach(self.link.take(), &self.interface);
+        // Closing the link's descriptor detaches the program unless a successor holds the
+        // link too (binary upgrade).
+        drop(self.link.take());
     }
+}
+
+/// The kernel ids of a freshly attached program's link and maps.
+fn own_ids(ebpf: &Ebpf, link: &FdLink, interface: &str) -> Result<HandoverIds, XdpError> {
+    let error = |what: String| XdpError::Map {
+        interface: interface.to_owned(),
+        map: "(ids)",
+        source: Box::new(MapError::IoError(std::io::Error::other(what))),
+    };
+    let link = link
+        .info()
+        .map_err(|e| error(format!("reading the bpf link's id: {e}")))?
+        .id();
+    let maps = ebpf
+        .program(XDP_PROGRAM)
+        .and_then(|p| p.info().ok())
+        .and_then(|i| i.map_ids().ok().flatten())
+        .ok_or_else(|| error("reading the program's map ids".to_owned()))?;
+    Ok(HandoverIds { link, maps })
+}
+
+/// `bpf(2)` command number of `BPF_LINK_GET_FD_BY_ID` (include/uapi/linux/bpf.h); aya 0.14
+/// keeps its wrapper private.
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// A descriptor for the bpf link with kernel id `id` (needs CAP_SYS_ADMIN, as at start-up).
+fn link_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    // `union bpf_attr` for this command: `link_id` (u32) first; the rest must be zero.
+    let mut attr = [0u32; 8];
+    attr[0] = id;
+    // SAFETY: the attribute buffer is valid, zeroed beyond `link_id`, and outlives the call;
+    // the kernel reads `size` bytes of it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the call returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What a successor needs to take over an attached `tern_xdp` ([`adopt`]): kernel ids of the
+/// bpf link and of the program's maps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandoverIds {
+    pub link: u32,
+    pub maps: Vec<u32>,
+}
+
+/// Takes over the `tern_xdp` program that another tern attached to `interface`, from the ids
+/// it sent over the control socket during a binary upgrade: this process holds the link from
+/// now on, so the program and its maps (listen set, XSKMAP, blocklist, counters) stay in place
+/// when the other one exits, and its flows keep their steering meanwhile. The program keeps
+/// running the previous binary's code; the map layouts must match this binary's (each map's
+/// key and value sizes are checked).
+pub fn adopt(interface: &str, ids: &HandoverIds) -> Result<XdpProgram, XdpError> {
+    let link = link_fd_by_id(ids.link).map_err(|e| XdpError::Map {
+        interface: interface.to_owned(),
+        map: "bpf link",
+        source: Box::new(MapError::IoError(e)),
+    })?;
+    let mut found: std::collections::HashMap<String, MapData> = std::collections::HashMap::new();
+    for &id in &ids.maps {
+        let data = MapData::from_id(id).map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: "(by id)",
+            source: Box::new(source),
+        })?;
+        let name = data
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned))
+            .unwrap_or_default();
+        found.insert(name, data);
+    }
+    let stats = adopted_map(&mut found, interface, XDP_STATS_MAP)?;
+    let mut maps = ControlMaps {
+        listen: adopted_map(&mut found, interface, LISTEN_MAP)?,
+        xsks: adopted_map(&mut found, interface, XSK_MAP)?,
+        config: adopted_map(&mut found, interface, CONFIG_MAP)?,
+        config_value: XdpConfig::default(),
+        block_v4: adopted_map(&mut found, interface, BLOCK_V4_MAP)?,
+        block_v6: adopted_map(&mut found, interface, BLOCK_V6_MAP)?,
+    };
+    maps.config_value = maps
+        .config
+        .get(&CONFIG_INDEX, 0)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: CONFIG_MAP,
+            source: Box::new(source),
+        })?;
+    Ok(XdpProgram {
+        link: Some(HeldLink::Adopted(link)),
+        stats,
+        maps: Mutex::new(maps),
+        _ebpf: None,
+        interface: interface.to_owned(),
+        // Whatever the previous tern attached with; shown in stats only.
+        mode: AttachedMode::Native,
+        ids: ids.clone(),
+    })
+}
+
+/// Map `name` among the maps found by id, as a typed map (key and value sizes checked).
+fn adopted_map<M>(
+    found: &mut std::collections::HashMap<String, MapData>,
+    interface: &str,
+    name: &'static str,
+) -> Result<M, XdpError>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let data = found.remove(name).ok_or_else(|| XdpError::MissingMap {
+        interface: interface.to_owned(),
+        map: name,
+    })?;
+    Map::from_map_data(data)
+        .and_then(M::try_from)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: name,
+            source: Box::new(source),
+        })
 }
 
 #[cfg(test)]
