@@ -449,6 +449,9 @@ impl fmt::Debug for XdpProgram {
 /// reflection off: it counts and passes everything until told otherwise.
 pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> {
     let mut ebpf = load_object(interface)?;
+    // Their kernel ids, for a successor (binary upgrade): read from the maps' own fds, which
+    // needs no privilege (the program's map list would need CAP_SYS_ADMIN).
+    let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     // The maps are taken before attaching, so a broken object never gets attached.
     let stats = take_map(&mut ebpf, interface, XDP_STATS_MAP)?;
     let maps = ControlMaps {
@@ -467,7 +470,7 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
         mode,
         source: Box::new(ProgramError::UnexpectedProgramType),
     })?;
-    let ids = own_ids(&ebpf, &link, interface)?;
+    let ids = own_ids(map_ids, &link, interface)?;
     Ok(XdpProgram {
         link: Some(HeldLink::Own(link)),
         stats,
@@ -913,8 +916,22 @@ impl Drop for XdpProgram {
     }
 }
 
-/// The kernel ids of a freshly attached program's link and maps.
-fn own_ids(ebpf: &Ebpf, link: &FdLink, interface: &str) -> Result<HandoverIds, XdpError> {
+/// The kernel id of a map of the kinds `tern_xdp` uses.
+fn map_id(map: &aya::maps::Map) -> Option<u32> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::XskMap(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.id())
+}
+
+/// The kernel ids of a freshly attached program's link and maps (`maps`).
+fn own_ids(maps: Vec<u32>, link: &FdLink, interface: &str) -> Result<HandoverIds, XdpError> {
     let error = |what: String| XdpError::Map {
         interface: interface.to_owned(),
         map: "(ids)",
@@ -924,11 +941,9 @@ fn own_ids(ebpf: &Ebpf, link: &FdLink, interface: &str) -> Result<HandoverIds, X
         .info()
         .map_err(|e| error(format!("reading the bpf link's id: {e}")))?
         .id();
-    let maps = ebpf
-        .program(XDP_PROGRAM)
-        .and_then(|p| p.info().ok())
-        .and_then(|i| i.map_ids().ok().flatten())
-        .ok_or_else(|| error("reading the program's map ids".to_owned()))?;
+    if maps.is_empty() {
+        return Err(error("reading the maps' ids".to_owned()));
+    }
     Ok(HandoverIds { link, maps })
 }
 
