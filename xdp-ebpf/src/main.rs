@@ -66,9 +66,8 @@ use aya_ebpf::{
 };
 use tern_common::{
     BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
-    IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES,
-    ListenKey, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
-    ipv4_mapped, xsk_index,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES, ListenKey, XDP_STATS_ENTRIES, XDP_STATS_INDEX,
+    XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash, ipv4_mapped, xsk_index,
 };
 
 // Every map's static name must equal its `tern_common` constant (the `#[map]` macro takes the
