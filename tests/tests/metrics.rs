@@ -3,7 +3,8 @@
 //! `/metrics` from the client namespace, checked with `promtool check metrics` (Debian's
 //! `prometheus` package) and against the requests made: the latency histograms of the listener
 //! and the backend server count each connection once, and the connection counters summed over
-//! the workers agree; `tern ctl stats` shows the same counts with percentiles. Also: the
+//! the workers agree, as do the backend server's own counters and state
+//! (`tern_backend_server_*`); `tern ctl stats` shows the same counts with percentiles. Also: the
 //! OpenMetrics encoding for scrapers that ask for it, a bind failure at start-up that names
 //! `metrics.address`, and a clean exit with the endpoint running.
 //!
@@ -268,6 +269,27 @@ fn requests_are_counted_once(path: Path, tag: &str) {
         assert_eq!(delta(name, &[("path", path_label)]), n, "{name}:\n{after}");
         assert_eq!(delta(name, &[]), n, "{name} over both paths:\n{after}");
     }
+    // The backend server's merged state and counters (`tern_backend_server_*`).
+    assert_eq!(
+        delta("tern_backend_server_connects_total", &on_server),
+        n,
+        "{after}"
+    );
+    for (name, want) in [
+        ("tern_backend_server_up", 1.0),
+        ("tern_backend_server_retired", 0.0),
+        ("tern_backend_server_weight", 1.0),
+        ("tern_backend_server_active", 0.0),
+        ("tern_backend_server_consecutive_failures", 0.0),
+        ("tern_backend_server_connect_errors_total", 0.0),
+        ("tern_backend_server_connect_timeouts_total", 0.0),
+    ] {
+        assert_eq!(value(&after, name, &on_server), want, "{name}:\n{after}");
+    }
+    assert!(
+        value(&after, "tern_backend_server_workers_up", &on_server) >= 1.0,
+        "{after}"
+    );
     assert!(
         value(&after, "tern_tls_handshake_seconds_sum", &on_listener) > 0.0,
         "{after}"

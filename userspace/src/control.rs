@@ -5,11 +5,12 @@
 //! Commands and replies:
 //! - `ping` → `pong`
 //! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters,
-//!   the backend servers)
+//!   the backend servers, latency percentiles per listener, per backend server and total)
 //! - `backends` → one JSON document: each backend server's state and counters, merged across
 //!   workers ([`backends_snapshot`])
-//! - `stats` → one JSON document (workers' counters, totals, each XDP program's counters, and
-//!   latency percentiles per listener, per backend server and total)
+//! - `conns` → one JSON document: each worker's open connections counted per state (handshake,
+//!   waiting, connecting, proxying, half_closed, closing), the sums per path and the total
+//!   ([`crate::driver::census`]; answered within a worker tick)
 //! - `block PREFIX` → `ok`: drop packets from PREFIX (`10.0.0.0/8`, `2001:db8::/32`, or a bare
 //!   address for one host) on every interface tern's XDP program is attached to
 //! - `unblock PREFIX` → `ok`: remove exactly that prefix again
@@ -33,7 +34,10 @@
 //! Counters are read from the workers' [`WorkerCounters`] without locking them; XDP counters
 //! come from the attached programs' per-CPU maps. This module does not own the programs (see
 //! [`crate::bypass::xdp`]) nor their life cycle (`server` attaches them and empties
-//! [`ControlState::xdp`] at exit).
+//! [`ControlState::xdp`] at exit). How `tern ctl` prints the replies (`--format`) is the
+//! client's business ([`text`]).
+
+pub mod text;
 
 use std::fmt::Write as _;
 use std::io::{self, Read as _, Write};
@@ -620,6 +624,7 @@ pub fn reply(state: &ControlState, line: &str) -> String {
                 json
             })
             .map_err(|e| format!("cannot encode the backends: {e}")),
+        ("conns", None, _) => conns(state),
         ("block", Some(prefix), None) => block(state, prefix),
         ("unblock", Some(prefix), None) => unblock(state, prefix),
         ("blocks", None, _) => blocks(state),
@@ -634,13 +639,13 @@ pub fn reply(state: &ControlState, line: &str) -> String {
             Err(format!("usage: {command} PREFIX (one prefix per command)"))
         }
         (
-            "ping" | "stats" | "blocks" | "reload" | "drain" | "backends" | "reopen-log",
+            "ping" | "stats" | "blocks" | "reload" | "drain" | "backends" | "reopen-log" | "conns",
             Some(_),
             _,
         ) => Err(format!("{command} takes no argument")),
         _ => Err(format!(
-            "unknown command {:?} (commands: ping, stats, backends, reload, drain, block PREFIX, \
-             unblock PREFIX, blocks, reopen-log, takeover)",
+            "unknown command {:?} (commands: ping, stats, backends, conns, reload, drain, \
+             block PREFIX, unblock PREFIX, blocks, reopen-log, takeover)",
             line.trim()
         )),
     };
@@ -723,6 +728,21 @@ pub fn backends_snapshot(state: &ControlState) -> Vec<crate::driver::board::Serv
 /// The `backends` document.
 pub fn backends(state: &ControlState) -> serde_json::Value {
     serde_json::json!({ "servers": backends_snapshot(state) })
+}
+
+/// `conns`: asks every worker for its connections per state and waits (bounded) for the
+/// answers; a worker that does not answer in time is listed with `"counts": null`.
+fn conns(state: &ControlState) -> Result<String, String> {
+    let answers = state
+        .backends
+        .census
+        .count(crate::driver::census::ANSWER_WITHIN);
+    serde_json::to_string_pretty(&crate::driver::census::document(&answers))
+        .map(|mut json| {
+            json.push('\n');
+            json
+        })
+        .map_err(|e| format!("cannot encode the connection counts: {e}"))
 }
 
 /// `reopen-log`: the access log writer opens its path anew (after logrotate moved the file).

@@ -18,6 +18,7 @@
 
 pub mod backends;
 pub mod board;
+pub mod census;
 pub mod slab;
 pub mod sock;
 pub mod table;

@@ -139,7 +139,8 @@ impl Worker {
                     .servers(setup.backend.servers.iter().map(|s| s.address)),
                 latency: setup.latency,
             },
-            conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO),
+            conns: Table::new(max, TICK.as_millis() as u64, Instant::ZERO)
+                .reporting_to(setup.board.census.register("kernel", setup.id)),
             listeners: setup
                 .listeners
                 .into_iter()

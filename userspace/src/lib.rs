@@ -26,7 +26,8 @@
 //!   [`fault`] is the test-only fault hook.
 //! - [`privileges`]: `PR_SET_NO_NEW_PRIVS` and the switch to `[process] user` after set-up;
 //!   [`notify`]: systemd's readiness protocol (`Type=notify`).
-//! - [`control`]: the command socket (`tern ctl`); [`upgrade`]: handing the listening
+//! - [`control`]: the command socket (`tern ctl`, its `--format` in [`control::text`]);
+//!   [`upgrade`]: handing the listening
 //!   sockets to a new tern process; [`reload`]: re-reading the configuration;
 //!   [`counters`]: per-worker counters; [`config`]: the TOML file and its validation;
 //!   [`access_log`]: one JSON line per connection, written off the workers;

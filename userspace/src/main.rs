@@ -34,6 +34,11 @@ enum Command {
     Ctl {
         #[arg(long, short, default_value = "/run/tern.sock")]
         socket: PathBuf,
+        /// Output format. Default: what each command always printed (JSON for stats, backends
+        /// and conns; plain lines for the others). `text`: aligned tables; `json`: one JSON
+        /// document for every command. Errors are `error: ...` (exit 1) in every format.
+        #[arg(long, global = true, value_enum)]
+        format: Option<tern::control::text::Format>,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -41,7 +46,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CtlCommand {
-    /// Print every worker's counters and the totals, as JSON.
+    /// Print every worker's counters and the totals, latency percentiles and the backend
+    /// servers (JSON by default; `--format text`: tables).
     Stats,
     /// Check that tern answers.
     Ping,
@@ -50,8 +56,13 @@ enum CtlCommand {
     /// file that does not validate, or a change that needs a restart, is refused (exit 1) and
     /// the running configuration stays.
     Reload,
-    /// Print each backend server's state (up, down, retired) and counters, as JSON.
+    /// Print each backend server's state (up, down, retired) and counters (JSON by default;
+    /// `--format text`: one line per server).
     Backends,
+    /// Print the open connections counted per state (handshake, waiting, connecting,
+    /// proxying, half_closed, closing) per worker, per path and in total (JSON by default;
+    /// `--format text`: a table).
+    Conns,
     /// Drop every packet from PREFIX on every interface tern's XDP program is attached to.
     Block {
         /// An IPv4 or IPv6 prefix (10.0.0.0/8, 2001:db8::/32) or a single address.
@@ -118,12 +129,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Ctl { socket, command } => {
+        Command::Ctl {
+            socket,
+            format,
+            command,
+        } => {
             let cmd = match command {
                 CtlCommand::Stats => "stats".to_string(),
                 CtlCommand::Ping => "ping".to_string(),
                 CtlCommand::Reload => "reload".to_string(),
                 CtlCommand::Backends => "backends".to_string(),
+                CtlCommand::Conns => "conns".to_string(),
                 CtlCommand::Block { prefix } => format!("block {prefix}"),
                 CtlCommand::Unblock { prefix } => format!("unblock {prefix}"),
                 CtlCommand::Blocks => "blocks".to_string(),
@@ -132,7 +148,14 @@ fn main() -> ExitCode {
             };
             match tern::control::request(&socket, &cmd) {
                 Ok(reply) => {
-                    print!("{reply}");
+                    let name = cmd.split_whitespace().next().unwrap_or_default();
+                    match tern::control::text::render(name, &reply, format) {
+                        Ok(out) => print!("{out}"),
+                        Err(e) => {
+                            eprintln!("tern ctl: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
                     if reply.starts_with("error:") {
                         ExitCode::FAILURE
                     } else {

@@ -16,6 +16,10 @@
 //!   byte counts as `..._bytes_total`, gauges (open connections, UMEM frames) without
 //!   `_total`. No totals: they are a `sum()` away and would double a sum over the family;
 //! - `tern_build_info{version}` and `tern_start_time_seconds`;
+//! - each backend server's state and counters, merged across workers, as
+//!   `tern_backend_server_*{server}` (up, retired, workers_up, weight, active,
+//!   consecutive_failures; connects, connect_errors, connect_timeouts, probes_ok,
+//!   probes_failed as `_total` counters);
 //! - the latency histograms in seconds, per listener (`tern_<kind>_seconds{listener}`) and per
 //!   backend server (`tern_server_<kind>_seconds{server}`).
 //!
@@ -375,8 +379,7 @@ impl Collector for Exporter {
         encode_rows(&mut encoder, "tern_tcp", &rows)?;
         encode_rows(&mut encoder, "tern_xdp", &xdp_rows(state))?;
 
-        // Per-server counters and state (backend health, `driver/backends.rs`) belong here,
-        // as `tern_server_*{server}` families next to the histograms below.
+        encode_backend_servers(&mut encoder, state)?;
 
         let report = state.latency.report();
         for kind in latency::Kind::ALL {
@@ -407,6 +410,94 @@ impl Collector for Exporter {
         }
         Ok(())
     }
+}
+
+/// Each backend server's state and counters, merged across the workers of both paths
+/// ([`crate::control::backends_snapshot`]), as `tern_backend_server_*{server}`. (Not
+/// `tern_backend_*`: `tern_backend_connects_total` and its kin are the workers' own counters,
+/// per worker.)
+fn encode_backend_servers(
+    encoder: &mut DescriptorEncoder,
+    state: &ControlState,
+) -> Result<(), std::fmt::Error> {
+    use crate::driver::board::ServerSnapshot;
+    let servers = crate::control::backends_snapshot(state);
+    if servers.is_empty() {
+        return Ok(());
+    }
+    type Field = fn(&ServerSnapshot) -> u64;
+    let gauges: [(&str, &str, Field); 6] = [
+        (
+            "up",
+            "1 while the server takes new connections (up for at least one worker), else 0.",
+            |s| u64::from(s.state == "up"),
+        ),
+        (
+            "retired",
+            "1 while the server is only kept for connections that still use it after a reload \
+             removed it, else 0.",
+            |s| u64::from(s.state == "retired"),
+        ),
+        ("workers_up", "Workers that hold the server up.", |s| {
+            s.workers_up
+        }),
+        ("weight", "The server's weight (backend.servers).", |s| {
+            s.weight
+        }),
+        (
+            "active",
+            "Connections assigned to the server now (connecting or connected).",
+            |s| s.active,
+        ),
+        (
+            "consecutive_failures",
+            "Failed connects (clients' and probes') since the last success; the largest any \
+             worker saw.",
+            |s| s.consecutive_failures,
+        ),
+    ];
+    let counters: [(&str, &str, Field); 5] = [
+        (
+            "connects",
+            "Client connections established to the server.",
+            |s| s.connects,
+        ),
+        (
+            "connect_errors",
+            "Client connects to the server refused or failed.",
+            |s| s.connect_errors,
+        ),
+        (
+            "connect_timeouts",
+            "Client connects to the server that timed out.",
+            |s| s.connect_timeouts,
+        ),
+        ("probes_ok", "Health probes that connected.", |s| {
+            s.probes_ok
+        }),
+        (
+            "probes_failed",
+            "Health probes that failed or timed out.",
+            |s| s.probes_failed,
+        ),
+    ];
+    let labels = |s: &ServerSnapshot| -> Labels { vec![("server", s.address.to_string())] };
+    for (field, help, get) in gauges {
+        let name = format!("tern_backend_server_{field}");
+        let mut m = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+        for s in &servers {
+            m.encode_family(&labels(s))?.encode_gauge(&get(s))?;
+        }
+    }
+    for (field, help, get) in counters {
+        let name = format!("tern_backend_server_{field}");
+        let mut m = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+        for s in &servers {
+            m.encode_family(&labels(s))?
+                .encode_counter::<NoLabelSet, _, u64>(&get(s), None)?;
+        }
+    }
+    Ok(())
 }
 
 fn bypass_labels(b: &crate::control::BypassInfo) -> Labels {

@@ -334,7 +334,8 @@ impl Proxy {
             },
             // Twice the stack's slots: a proxied connection can outlive its TCB while its
             // backend operations finish.
-            conns: Table::new(2 * capacity, WHEEL_TICK_MS, now),
+            conns: Table::new(2 * capacity, WHEEL_TICK_MS, now)
+                .reporting_to(setup.board.census.register("bypass", setup.worker)),
             by_slot: vec![Owner::None; capacity],
             tls_listeners: setup.tls_listeners,
             listener_ids: setup.listener_ids,

@@ -89,6 +89,9 @@ impl Published {
 #[derive(Debug, Default)]
 pub struct Board {
     workers: Mutex<Vec<Arc<Published>>>,
+    /// Every worker's connection census (`tern ctl conns`): published on the same board
+    /// because every worker of both paths already reaches it, as does the control thread.
+    pub census: super::census::Census,
 }
 
 impl Board {

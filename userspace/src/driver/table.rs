@@ -6,7 +6,11 @@
 //! deadline; when it comes up the machine is asked ([`Conn::on_timeout`]) and, if nothing was
 //! due yet (activity moved the deadline later), the entry goes back on the wheel at the new
 //! deadline. Activity therefore costs nothing but the timestamps the machine keeps.
+//!
+//! The tick is also when the table answers the connection census (`tern ctl conns`,
+//! [`super::census`]) if the control thread asked for one.
 
+use super::census::{Counts, Tally};
 use super::slab::{Key, Slab};
 use super::sock::Sock;
 use super::timer::Wheel;
@@ -35,6 +39,8 @@ pub struct Table<C> {
     due: Vec<Key>,
     /// Entries taken at most: the capacity, or less after a reload lowered the limit.
     limit: usize,
+    /// Where the census is asked for and answered (`None`: nobody asks, e.g. in unit tests).
+    census: Option<std::sync::Arc<Tally>>,
 }
 
 impl<C> Table<C> {
@@ -46,7 +52,23 @@ impl<C> Table<C> {
             wheel: Wheel::new(tick_ms, WHEEL_BUCKETS, millis(now)),
             due: Vec::new(),
             limit: capacity,
+            census: None,
         }
+    }
+
+    /// Answers the census asked on `tally` (once per [`Table::expire`], when asked).
+    pub fn reporting_to(mut self, tally: std::sync::Arc<Tally>) -> Table<C> {
+        self.census = Some(tally);
+        self
+    }
+
+    /// How many entries are in each state now: one walk of the table.
+    pub fn census(&self) -> Counts {
+        let mut counts = Counts::default();
+        for e in self.slab.values() {
+            counts.add(e.conn.state(e.closing));
+        }
+        counts
     }
 
     /// Takes at most `limit` entries from now on (never more than the capacity); entries held
@@ -116,6 +138,9 @@ impl<C> Table<C> {
     /// Runs the wheel to `now`: connections whose deadline passed are cut by their machine
     /// (and counted) and returned, for the caller to pump; the others are scheduled again.
     pub fn expire(&mut self, now: Instant, counters: &WorkerCounters) -> Vec<Key> {
+        if let Some(tally) = &self.census {
+            tally.answer(|| self.census());
+        }
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(millis(now), |_, key| due.push(key));
         let mut timed_out = Vec::new();

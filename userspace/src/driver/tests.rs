@@ -1385,3 +1385,104 @@ fn latency_spans_come_from_the_milestones() {
     );
     assert_eq!(sample.duration, Duration::from_millis(9));
 }
+
+// ---------------------------------------------------------------------- the census
+
+/// `tern ctl conns` sees each stage of the table above as the operator would name it, and a
+/// connection that ended (any way) as closing.
+#[test]
+fn the_census_names_every_stage_and_every_end() {
+    use super::census::ConnState;
+    let stages = [
+        (At::Handshake, ConnState::Handshake),
+        (At::Connecting, ConnState::Connecting),
+        (At::Proxying, ConnState::Proxying),
+        (At::ClientHalfClosed, ConnState::HalfClosed),
+        (At::BackendHalfClosed, ConnState::HalfClosed),
+        (At::Closing, ConnState::HalfClosed),
+    ];
+    for (at, state) in stages {
+        let s = reach(at);
+        assert_eq!(s.conn.state(false), state, "{at:?}");
+        assert_eq!(s.conn.state(true), ConnState::Closing, "{at:?}: torn down");
+        for how in [How::Rst, How::Fin, How::Silence, How::Garbage] {
+            if expected(at, how).is_none() {
+                continue;
+            }
+            let mut s = reach(at);
+            play(&mut s, at, how);
+            assert_eq!(s.conn.state(false), ConnState::Closing, "{at:?} × {how:?}");
+        }
+    }
+    let mut s = Script::tls(1);
+    s.handshake();
+    assert_eq!(
+        s.conn.state(false),
+        ConnState::Waiting,
+        "first-byte: no backend yet"
+    );
+    let s = Script::plain(1);
+    assert_eq!(
+        s.conn.state(false),
+        ConnState::Waiting,
+        "plain: no handshake"
+    );
+    let mut s = requested(1);
+    // A client that does not read yet: close_notify and our FIN wait for it.
+    s.client_reads(false);
+    s.backend_refuses();
+    assert_eq!(
+        s.conn.state(false),
+        ConnState::HalfClosed,
+        "no backend: the client's side is closed politely"
+    );
+}
+
+/// The table's census counts what it holds, and nothing once the entries are gone.
+#[test]
+fn the_table_census_counts_its_entries_and_returns_to_zero() {
+    use super::census::{Census, ConnState};
+    let census = Census::default();
+    let tally = census.register("kernel", 0);
+    let mut table: Table<()> = Table::new(8, 100, Instant::from_secs(1000)).reporting_to(tally);
+    let mut keys = Vec::new();
+    for at in [At::Handshake, At::Handshake, At::Proxying, At::Connecting] {
+        let Script { conn, .. } = reach(at);
+        keys.push(
+            table
+                .insert(conn, (), Sock::none(sock::Side::Backend))
+                .expect("room"),
+        );
+    }
+    if let Some(e) = keys.last().and_then(|&k| table.get_mut(k)) {
+        e.closing = true;
+    }
+    let counts = table.census();
+    assert_eq!(counts.get(ConnState::Handshake), 2);
+    assert_eq!(counts.get(ConnState::Proxying), 1);
+    assert_eq!(counts.get(ConnState::Connecting), 0, "torn down: closing");
+    assert_eq!(counts.get(ConnState::Closing), 1);
+    assert_eq!(counts.total, 4);
+
+    // Asked: the next tick answers; then every entry goes and the next answer is all zero.
+    let counters = WorkerCounters::default();
+    let worker = census.count(std::time::Duration::ZERO);
+    assert!(worker[0].counts.is_none(), "no tick yet");
+    let now = Instant::from_secs(1000);
+    let _ = table.expire(now, &counters);
+    assert_eq!(census.count(std::time::Duration::ZERO)[0].counts, None);
+    std::thread::scope(|scope| {
+        let asking = scope.spawn(|| census.count(std::time::Duration::from_secs(5)));
+        // Ticks until the reader has its answer (bounded: the reader gives up in 5 s).
+        while !asking.is_finished() {
+            let _ = table.expire(now, &counters);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let answers = asking.join().expect("reader");
+        assert_eq!(answers[0].counts, Some(counts));
+    });
+    for key in keys {
+        assert!(table.remove(key).is_some());
+    }
+    assert_eq!(table.census(), super::census::Counts::default());
+}

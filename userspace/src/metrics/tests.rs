@@ -188,3 +188,80 @@ fn the_gauge_list_matches_the_counters_docs() {
         );
     }
 }
+
+/// Each backend server's merged state and counters, as `tern_backend_server_*{server}`.
+#[test]
+fn backend_servers_are_exported_with_their_state_and_counters() {
+    use crate::driver::board::{Published, ServerStats, STATE_DOWN, STATE_RETIRED, STATE_UP};
+    let state = state();
+    let (a, b) = (
+        "127.0.0.1:8080".parse().expect("addr"),
+        "127.0.0.1:8081".parse().expect("addr"),
+    );
+    let server = |addr, state, weight| {
+        let s = Arc::new(ServerStats::new(addr, weight));
+        s.state.set(state);
+        s
+    };
+    let (w0, w1) = (
+        Arc::new(Published::default()),
+        Arc::new(Published::default()),
+    );
+    state.backends.register(w0.clone());
+    state.backends.register(w1.clone());
+    let (a0, b0) = (server(a, STATE_UP, 3), server(b, STATE_DOWN, 1));
+    a0.connects.add(5);
+    a0.active.add(2);
+    a0.probes_ok.add(4);
+    b0.connect_errors.add(6);
+    b0.connect_timeouts.add(1);
+    b0.consecutive_failures.add(7);
+    b0.probes_failed.add(9);
+    let a1 = server(a, STATE_DOWN, 3);
+    a1.connects.add(1);
+    w0.publish(vec![a0, b0]);
+    w1.publish(vec![a1, server(b, STATE_RETIRED, 1)]);
+
+    let reply = get("GET /metrics HTTP/1.1\r\n\r\n", &state);
+    let (_, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
+    let on = |name: &str| samples(body, name).join("\n");
+    assert_eq!(
+        on("tern_backend_server_up"),
+        "tern_backend_server_up{server=\"127.0.0.1:8080\"} 1\n\
+         tern_backend_server_up{server=\"127.0.0.1:8081\"} 0"
+    );
+    assert_eq!(
+        on("tern_backend_server_retired"),
+        "tern_backend_server_retired{server=\"127.0.0.1:8080\"} 0\n\
+         tern_backend_server_retired{server=\"127.0.0.1:8081\"} 0",
+        "down for the worker that has it live: not retired"
+    );
+    assert!(
+        body.contains("# TYPE tern_backend_server_up gauge\n"),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE tern_backend_server_connects_total counter\n"));
+    for (name, want) in [
+        ("tern_backend_server_connects_total", ["6", "0"]),
+        ("tern_backend_server_active", ["2", "0"]),
+        ("tern_backend_server_weight", ["3", "1"]),
+        ("tern_backend_server_workers_up", ["1", "0"]),
+        ("tern_backend_server_connect_errors_total", ["0", "6"]),
+        ("tern_backend_server_connect_timeouts_total", ["0", "1"]),
+        ("tern_backend_server_consecutive_failures", ["0", "7"]),
+        ("tern_backend_server_probes_ok_total", ["4", "0"]),
+        ("tern_backend_server_probes_failed_total", ["0", "9"]),
+    ] {
+        let values: Vec<&str> = samples(body, name)
+            .iter()
+            .filter_map(|l| l.rsplit_once(' ').map(|(_, v)| v))
+            .collect();
+        assert_eq!(values, want, "{name}:\n{body}");
+    }
+    // No family collides with the workers' own `tern_backend_*` counters.
+    let mut types: Vec<&str> = body.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let n = types.len();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(types.len(), n, "a family described twice");
+}
