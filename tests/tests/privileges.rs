@@ -2,8 +2,10 @@
 //! every thread as nobody with no capability and `NoNewPrivs` once it is ready — on the kernel
 //! path and on the bypass path (XDP, AF_XDP, tern's TCP stack) — and still proxies TLS,
 //! answers `tern ctl stats`, reads its XDP counters and updates its blocklist (BPF maps through
-//! the fds it opened as root). With `NOTIFY_SOCKET` set, systemd's protocol sees `READY=1`
-//! once tern serves and `STOPPING=1` when SIGTERM starts the drain (sent after the switch).
+//! the fds it opened as root), and reloads its configuration (re-reading the key as nobody).
+//! With `NOTIFY_SOCKET` set, systemd's protocol sees `READY=1` once tern serves,
+//! `RELOADING=1`/`READY=1` around the reload and `STOPPING=1` when SIGTERM starts the drain
+//! (sent after the switch).
 //!
 //! tern starts as root holding only the capabilities dist/tern.service's
 //! `CapabilityBoundingSet=` allows (through `setpriv`), so set-up is checked to need no more.
@@ -327,6 +329,31 @@ fn assert_every_thread_dropped(d: &Dropped) {
 /// READY=1 came first; SIGTERM gives STOPPING=1 and a clean exit, with nothing that needed
 /// root failing on the way out (XDP detach).
 #[track_caller]
+/// A reload after the switch: tern, now nobody, re-reads the configuration and the key (which
+/// nobody can read, as operations.md advises), tells systemd RELOADING=1 then READY=1, and
+/// serves on.
+fn reload_as_nobody(d: &Dropped) {
+    let out = d.ctl(&["reload"]);
+    assert_ok(&out, "tern ctl reload as nobody", &d.stack.log());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("ok: generation 2 (nothing changed)"),
+        "{text}"
+    );
+    let reloading = d.notification();
+    assert!(
+        reloading.lines().any(|l| l == "RELOADING=1")
+            && reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "RELOADING=1 with MONOTONIC_USEC: {reloading:?}"
+    );
+    let ready = d.notification();
+    assert!(
+        ready.lines().any(|l| l == "READY=1"),
+        "READY=1 after the reload: {ready:?}"
+    );
+    d.curl_ok();
+}
+
 fn stop_and_check(mut d: Dropped, ready: &str) {
     assert!(
         ready.lines().any(|l| l == "READY=1"),
@@ -358,6 +385,7 @@ fn kernel_path_runs_as_nobody_without_capabilities() {
     assert!(total >= 3, "three handshakes counted: {total}");
     // Still nobody after serving (no thread was started as root later).
     assert_every_thread_dropped(&d);
+    reload_as_nobody(&d);
     stop_and_check(d, &ready);
 }
 
@@ -420,6 +448,7 @@ fn bypass_path_runs_as_nobody_without_capabilities() {
     d.curl_ok();
 
     assert_every_thread_dropped(&d);
+    reload_as_nobody(&d);
     stop_and_check(d, &ready);
 }
 

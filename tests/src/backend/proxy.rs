@@ -226,7 +226,8 @@ impl fmt::Display for ProxyVersion {
 /// is acceptable) on every connection, sends a [`ProxyRecord`] per connection, and then serves
 /// HTTP/1.1 exactly like `demo_http` (its `GET /` body adds a `proxied-client:` line); a
 /// rejected header closes the connection. A connection closed before a complete header is
-/// reported as [`ProxyError::Truncated`]. Runs until `stop` is set.
+/// reported as [`ProxyError::Truncated`], except one closed before its first byte (a TCP
+/// health probe), which is not reported. Runs until `stop` is set.
 pub fn proxy_aware(
     listener: TcpListener,
     expect: ProxyExpect,
@@ -267,6 +268,9 @@ fn proxy_connection(
         match parse_proxy_header(&io.buf) {
             Ok(Some(found)) => break Ok(found),
             Ok(None) => match io.fill() {
+                // Closed without a byte: a TCP health probe (tern's active backend health),
+                // not a proxied connection; it leaves no record.
+                Ok(0) if io.buf.is_empty() => return,
                 Ok(0) => break Err(ProxyError::Truncated(io.buf.len())),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => return,
