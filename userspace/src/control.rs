@@ -579,29 +579,9 @@ fn read_request(mut stream: &UnixStream, deadline: Instant) -> io::Result<Result
     }
 }
 
-/// Writes all of `bytes` by `deadline`, or fails with [`io::ErrorKind::TimedOut`].
-fn write_reply(mut stream: &UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client did not take its reply before the deadline",
-            ));
-        }
-        stream.set_write_timeout(Some(left))?;
-        match stream.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Writes all of `bytes` by `deadline` ([`crate::sys::write_all_before`]).
+fn write_reply(stream: &UnixStream, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    crate::sys::write_all_before(stream, bytes, deadline, "client")
 }
 
 /// The reply to one command line: what [`serve`] writes back, newline-terminated.

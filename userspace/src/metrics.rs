@@ -33,7 +33,7 @@
 
 pub mod latency;
 
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -276,29 +276,9 @@ fn reply(
     out
 }
 
-/// Writes all of `bytes` by `deadline`, or fails with [`io::ErrorKind::TimedOut`].
-fn write_all(mut stream: &TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the scraper did not take its reply before the deadline",
-            ));
-        }
-        stream.set_write_timeout(Some(left))?;
-        match stream.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Writes all of `bytes` by `deadline` ([`crate::sys::write_all_before`]).
+fn write_all(stream: &TcpStream, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    crate::sys::write_all_before(stream, bytes, deadline, "scraper")
 }
 
 // ---------------------------------------------------------------------- the collector
