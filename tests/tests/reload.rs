@@ -14,7 +14,7 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
 use std::process::{Command, Output};
@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
-use support::{assert_ok, echo_round_trip, server_listener, tls_connect, Tls, NAME};
+use support::{
+    assert_ok, echo_request, echo_round_trip, load, server_listener, tls_connect, Tls, NAME,
+};
 use tern_tests::backend::Backend;
 use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
 use tern_tests::rig::{tern_binary, Rig, TempDir, TernProcess};
@@ -194,7 +196,7 @@ impl Reloadable {
             if self
                 .rig
                 .client
-                .run(move || one_request(addr, &cfg, 0).is_ok())
+                .run(move || echo_request(addr, &cfg, 0).is_ok())
             {
                 return;
             }
@@ -276,45 +278,6 @@ fn replace(path: &FsPath, text: &str) {
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename over {path:?}: {e}"));
 }
 
-/// One TLS connection, one echo round trip, close_notify.
-fn one_request(addr: SocketAddr, cfg: &Arc<ClientConfig>, i: u64) -> Result<(), String> {
-    let sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connect: {e}"))?;
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(cfg.clone(), NAME.try_into().map_err(|_| "name")?)
-        .map_err(|e| e.to_string())?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    let msg = format!("request {i}\n");
-    tls.write_all(msg.as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut back = vec![0u8; msg.len()];
-    tls.read_exact(&mut back)
-        .map_err(|e| format!("read: {e}"))?;
-    if back != msg.as_bytes() {
-        return Err("echo mismatch".into());
-    }
-    tls.conn.send_close_notify();
-    tls.flush().map_err(|e| format!("close_notify: {e}"))?;
-    Ok(())
-}
-
-/// New connections until `stop` (bounded in count and time): (successes, failures).
-fn load(addr: SocketAddr, cfg: Arc<ClientConfig>, stop: Arc<AtomicBool>) -> (u64, Vec<String>) {
-    let (mut ok, mut failures) = (0, Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for i in 0..20_000u64 {
-        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
-            break;
-        }
-        match one_request(addr, &cfg, i) {
-            Ok(()) => ok += 1,
-            Err(e) => failures.push(e),
-        }
-    }
-    (ok, failures)
-}
-
 /// The leaf certificate a connection was served.
 fn served_cert(tls: &Tls) -> Vec<u8> {
     tls.conn
@@ -364,7 +327,7 @@ fn reload_under_load_loses_nothing(path: Path, tag: &str) {
         let cfg = cfg.clone();
         let failures: Vec<String> = r.rig.client.run(move || {
             (0..50)
-                .filter_map(|i| one_request(addr, &cfg, i).err())
+                .filter_map(|i| echo_request(addr, &cfg, i).err())
                 .collect()
         });
         assert!(failures.is_empty(), "warm-up: {failures:?}");
@@ -432,9 +395,9 @@ fn reload_under_load_loses_nothing(path: Path, tag: &str) {
     let mut served = 0;
     let mut failures = Vec::new();
     for l in loaders {
-        let (ok, mut failed) = l.join().expect("load thread");
-        served += ok;
-        failures.append(&mut failed);
+        let seen = l.join().expect("load thread");
+        served += seen.ok;
+        failures.extend(seen.failures);
     }
     assert!(refused.is_empty(), "reloads refused: {refused:?}");
     assert!(
@@ -573,7 +536,7 @@ fn refusals_keep_the_running_configuration(path: Path, tag: &str) {
     );
     {
         let cfg = cfg.clone();
-        let ok = r.rig.client.run(move || one_request(addr, &cfg, 1));
+        let ok = r.rig.client.run(move || echo_request(addr, &cfg, 1));
         assert_eq!(ok, Ok(()), "still serving on the running configuration");
     }
 

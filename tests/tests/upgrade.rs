@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{echo_round_trip, tls_connect, Stack, StackOptions};
+use support::{echo_round_trip, load, load_n, tls_connect, Stack, StackOptions};
 use tern_tests::backend::Backend;
 use tern_tests::rig::{tern_binary, TernOptions, TernProcess};
 
@@ -27,74 +27,6 @@ const TIMEOUTS: &str = "[timeouts]\nidle_ms = 120000\ndrain_ms = 30000\n";
 const KEEP_ALIVE: usize = 20;
 /// Client threads opening new connections in a loop across the upgrade.
 const LOADERS: usize = 4;
-
-/// What one load thread saw: connections that completed a round trip, and every failure.
-#[derive(Default)]
-struct Load {
-    ok: u64,
-    failures: Vec<String>,
-}
-
-/// New TLS connections, one echo round trip each, until `stop` (bounded in count and time).
-fn load(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, stop: Arc<AtomicBool>) -> Load {
-    load_until(addr, cfg, stop, 20_000)
-}
-
-/// At most `count` connections.
-fn load_n(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, count: u32) -> Load {
-    load_until(addr, cfg, Arc::new(AtomicBool::new(false)), count)
-}
-
-fn load_until(
-    addr: std::net::SocketAddr,
-    cfg: Arc<rustls::ClientConfig>,
-    stop: Arc<AtomicBool>,
-    count: u32,
-) -> Load {
-    use std::io::{Read as _, Write as _};
-    let mut seen = Load::default();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for i in 0..count {
-        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
-            break;
-        }
-        let attempt = || -> Result<(), String> {
-            let sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                .map_err(|e| format!("connect: {e}"))?;
-            sock.set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| e.to_string())?;
-            let conn = rustls::ClientConnection::new(
-                cfg.clone(),
-                support::NAME.try_into().map_err(|_| "name")?,
-            )
-            .map_err(|e| e.to_string())?;
-            let mut tls = rustls::StreamOwned::new(conn, sock);
-            let msg = format!("request {i}\n");
-            tls.write_all(msg.as_bytes())
-                .map_err(|e| format!("write: {e}"))?;
-            let mut back = vec![0u8; msg.len()];
-            tls.read_exact(&mut back)
-                .map_err(|e| format!("read: {e}"))?;
-            if back != msg.as_bytes() {
-                return Err("echo mismatch".into());
-            }
-            tls.conn.send_close_notify();
-            tls.flush().map_err(|e| format!("close_notify: {e}"))?;
-            Ok(())
-        };
-        match attempt() {
-            Ok(()) => seen.ok += 1,
-            Err(e) => seen.failures.push(format!(
-                "{e} (at {:.3} s since the epoch)",
-                std::time::SystemTime::UNIX_EPOCH
-                    .elapsed()
-                    .unwrap_or_default()
-                    .as_secs_f64()
-            )),
-        }
-    }
-    seen
-}
 
 fn ctl(control: &std::path::Path, command: &str) -> std::process::Output {
     Command::new(tern_binary())

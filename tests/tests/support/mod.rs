@@ -375,3 +375,80 @@ pub fn wait_stats(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// What one load thread saw: connections that completed a round trip, and every failure.
+#[derive(Default)]
+pub struct Load {
+    pub ok: u64,
+    pub failures: Vec<String>,
+}
+
+/// One TLS connection for [`NAME`], one echo round trip (`request {i}`), close_notify.
+pub fn echo_request(addr: SocketAddr, cfg: &Arc<ClientConfig>, i: u32) -> Result<(), String> {
+    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let conn = ClientConnection::new(cfg.clone(), NAME.try_into().map_err(|_| "name")?)
+        .map_err(|e| e.to_string())?;
+    let mut tls = StreamOwned::new(conn, sock);
+    let msg = format!("request {i}\n");
+    tls.write_all(msg.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; msg.len()];
+    tls.read_exact(&mut back)
+        .map_err(|e| format!("read: {e}"))?;
+    if back != msg.as_bytes() {
+        return Err("echo mismatch".into());
+    }
+    tls.conn.send_close_notify();
+    tls.flush().map_err(|e| format!("close_notify: {e}"))?;
+    Ok(())
+}
+
+/// New TLS connections through an echo backend, one round trip each ([`echo_request`]), until
+/// `stop` (bounded: 20,000 connections, 120 s). Call inside the client namespace.
+pub fn load(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Load {
+    load_until(addr, cfg, stop, 20_000)
+}
+
+/// At most `count` connections.
+pub fn load_n(addr: SocketAddr, cfg: Arc<ClientConfig>, count: u32) -> Load {
+    load_until(
+        addr,
+        cfg,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        count,
+    )
+}
+
+fn load_until(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    count: u32,
+) -> Load {
+    let mut seen = Load::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for i in 0..count {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || std::time::Instant::now() >= deadline
+        {
+            break;
+        }
+        match echo_request(addr, &cfg, i) {
+            Ok(()) => seen.ok += 1,
+            Err(e) => seen.failures.push(format!(
+                "{e} (at {:.3} s since the epoch)",
+                std::time::SystemTime::UNIX_EPOCH
+                    .elapsed()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            )),
+        }
+    }
+    seen
+}
