@@ -246,7 +246,10 @@ fn print_instructions(
          \x20 ip netns exec {ns} curl -sk --resolve tern.test:443:{ip} https://tern.test/echo --data-binary 'hello tern'\n\
          \x20 ip netns exec {ns} curl -sk --resolve other.test:443:{ip} https://other.test/bytes/1048576 | sha256sum\n\
          \x20 ip netns exec {ns} openssl s_client -connect {ip}:443 -servername tern.test\n\
-         \x20 {bin} ctl --socket {socket} stats\n\n\
+         \x20 {bin} ctl --socket {socket} stats\n\
+         \x20 {bin} ctl --socket {socket} --format text conns   # open connections per state\n\
+         \x20 {bin} ctl --socket {socket} backends\n\
+         \x20 {bin} ctl --socket {socket} reload   # after editing the config below (or kill -HUP)\n\n\
          {bypass}\
          tern's log: {log}\n\
          config:     {config}\n\n\
