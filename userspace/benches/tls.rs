@@ -60,6 +60,7 @@ fn setup() -> Setup {
         versions: vec![TlsVersion::Tls13],
         session_cache_entries: 20_000,
         tickets: true,
+        ticket_keys: None,
     };
     let server = tern::tls::server_config(&[certificate], &settings)
         .unwrap_or_else(|e| panic!("tern's server_config refused the bench setup: {e}"));

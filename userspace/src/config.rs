@@ -101,6 +101,9 @@ pub struct TlsSettings {
     pub session_cache_entries: usize,
     /// Issue stateless TLS 1.3 (and 1.2) session tickets.
     pub tickets: bool,
+    /// `[tls] ticket_keys`: the ticket keys shared through a file, read at validation;
+    /// `None`: random keys per process. Only set when `tickets` is.
+    pub ticket_keys: Option<crate::tls::ticket_keys::TicketKeys>,
 }
 
 /// When the backend connection is opened. File syntax: `"first-byte"` | `"eager"`.
@@ -598,6 +601,10 @@ pub struct FileTls {
     pub session_cache_entries: usize,
     /// `tickets`: issue stateless session tickets (TLS 1.3 and 1.2). Default true.
     pub tickets: bool,
+    /// `ticket_keys`: a file of ticket keys shared by a fleet (`tls::ticket_keys`: one base64
+    /// key of 80 bytes per line; the first encrypts, all decrypt), relative to the
+    /// configuration's directory. Default: none (random keys per process).
+    pub ticket_keys: Option<PathBuf>,
 }
 
 impl Default for FileTls {
@@ -607,6 +614,7 @@ impl Default for FileTls {
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
             tickets: true,
+            ticket_keys: None,
         }
     }
 }
@@ -928,7 +936,7 @@ impl FileConfig {
             path: path.to_path_buf(),
             certificates: validate_certificates(dir, self.certificate, needs_certificates)?,
             listeners,
-            tls: validate_tls(self.tls)?,
+            tls: validate_tls(dir, self.tls)?,
             backend: validate_backend(self.backend)?,
             workers: validate_workers(self.workers, &available_cpus())?,
             timeouts: Timeouts {
@@ -1375,7 +1383,7 @@ fn names_from_certificate(
         .collect())
 }
 
-fn validate_tls(file: FileTls) -> Result<TlsSettings, Invalid> {
+fn validate_tls(dir: &Path, file: FileTls) -> Result<TlsSettings, Invalid> {
     let mut alpn: Vec<Vec<u8>> = Vec::with_capacity(file.alpn.len());
     for (i, id) in file.alpn.into_iter().enumerate() {
         let field = format!("tls.alpn[{i}]");
@@ -1411,7 +1419,30 @@ fn validate_tls(file: FileTls) -> Result<TlsSettings, Invalid> {
             MAX_TABLE_ENTRIES,
         )?,
         tickets: file.tickets,
+        ticket_keys: validate_ticket_keys(dir, file.ticket_keys.as_deref(), file.tickets)?,
     })
+}
+
+/// `tls.ticket_keys`: the file read and its keys checked now, so a bad file fails start-up
+/// and reload as a certificate does (`FILE: tls.ticket_keys: KEYFILE: line N: reason`).
+fn validate_ticket_keys(
+    dir: &Path,
+    file: Option<&Path>,
+    tickets: bool,
+) -> Result<Option<crate::tls::ticket_keys::TicketKeys>, Invalid> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    if !tickets {
+        return Err(Invalid::new(
+            "tls.ticket_keys",
+            "set, but tls.tickets is false: no ticket would use the keys",
+        ));
+    }
+    let path = resolve(dir, file);
+    let keys = crate::tls::ticket_keys::read(&path)
+        .map_err(|e| Invalid::new("tls.ticket_keys", format!("{}: {e}", path.display())))?;
+    Ok(Some(crate::tls::ticket_keys::TicketKeys { path, keys }))
 }
 
 fn validate_backend(file: Option<FileBackend>) -> Result<Backend, Invalid> {

@@ -796,6 +796,10 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         "latency": state.latency.report().percentiles_json(),
         "uptime_s": state.started.elapsed().as_secs(),
         "access_log": state.access_log.as_ref().map(|(log, _)| log.stats()),
+        "ticket_keys": crate::tls::ticket_keys::stats()
+            .into_iter()
+            .map(|(file, s)| serde_json::json!({ "file": file, "counters": s }))
+            .collect::<Vec<_>>(),
         "total": total,
         "workers": workers,
         "xdp": xdp,

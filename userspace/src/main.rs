@@ -1,4 +1,5 @@
-//! The `tern` command: `run` the terminator, `check-config` a file, `ctl` a running tern.
+//! The `tern` command: `run` the terminator, `check-config` a file, `ctl` a running tern,
+//! `ticket-keys` to make and rotate a `[tls] ticket_keys` file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,32 @@ enum Command {
         format: Option<tern::control::text::Format>,
         #[command(subcommand)]
         command: CtlCommand,
+    },
+    /// Make and rotate a `[tls] ticket_keys` file (docs/operations.md: rotating across a fleet).
+    TicketKeys {
+        #[command(subcommand)]
+        command: TicketKeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TicketKeysCommand {
+    /// Print a new key line (base64 of 80 random bytes).
+    New,
+    /// Add a new key in second place: every host learns to decrypt it before any encrypts.
+    Stage { file: PathBuf },
+    /// Make the second key the first (it encrypts from now on); keep KEEP keys after it.
+    Promote {
+        file: PathBuf,
+        #[arg(long, default_value_t = tern::tls::ticket_keys::DEFAULT_KEEP)]
+        keep: usize,
+    },
+    /// Put a new key first and keep KEEP keys after it (stage and promote at once, for a
+    /// single host); creates FILE when missing. The file is replaced atomically.
+    Rotate {
+        file: PathBuf,
+        #[arg(long, default_value_t = tern::tls::ticket_keys::DEFAULT_KEEP)]
+        keep: usize,
     },
 }
 
@@ -129,6 +156,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::TicketKeys { command } => ticket_keys(command),
         Command::Ctl {
             socket,
             format,
@@ -167,6 +195,53 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn ticket_keys(command: TicketKeysCommand) -> ExitCode {
+    use tern::tls::ticket_keys as tk;
+    let (file, outcome) = match command {
+        TicketKeysCommand::New => {
+            return match tk::generate() {
+                Ok(k) => {
+                    println!("{}", k.to_line());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tern ticket-keys: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        TicketKeysCommand::Stage { file } => {
+            let r = tk::stage(&file);
+            (file, r)
+        }
+        TicketKeysCommand::Promote { file, keep } => {
+            let r = tk::promote(&file, keep);
+            (file, r)
+        }
+        TicketKeysCommand::Rotate { file, keep } => {
+            let r = tk::rotate(&file, keep);
+            (file, r)
+        }
+    };
+    match outcome {
+        Ok(keys) => {
+            // Key names only: the secrets stay in the file.
+            let names: Vec<String> = keys.iter().map(|k| k.name_hex()).collect();
+            println!(
+                "{}: {} key(s), by name: {} (the first encrypts)",
+                file.display(),
+                keys.len(),
+                names.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern ticket-keys: {}: {e}", file.display());
+            ExitCode::FAILURE
         }
     }
 }

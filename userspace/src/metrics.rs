@@ -358,6 +358,12 @@ impl Collector for Exporter {
             .collect();
         encode_rows(&mut encoder, "tern_tcp", &rows)?;
         encode_rows(&mut encoder, "tern_xdp", &xdp_rows(state))?;
+        // `[tls] ticket_keys`: per key file (normally one), summed over the workers.
+        let rows: Rows = crate::tls::ticket_keys::stats()
+            .into_iter()
+            .map(|(file, s)| (vec![("file", file.display().to_string())], s.fields()))
+            .collect();
+        encode_rows(&mut encoder, "tern_ticket", &rows)?;
 
         encode_backend_servers(&mut encoder, state)?;
 

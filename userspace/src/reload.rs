@@ -20,6 +20,8 @@
 //!
 //! Resumption survives a reload: when the session cache size and the ticket switch are
 //! unchanged, the new TLS configuration keeps the old one's session cache and ticket keys.
+//! With `[tls] ticket_keys` the keys are those the file holds at the reload (re-read by
+//! [`Config::load`]), so a reload also takes a rotated key file at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -272,7 +274,9 @@ fn keep_resumption(
     if old_config.tls.session_cache_entries == new_config.tls.session_cache_entries {
         cfg.session_storage = old.session_storage.clone();
     }
-    if old_config.tls.tickets == new_config.tls.tickets {
+    // With `ticket_keys` the new configuration's ticketer holds the keys just re-read from the
+    // file (the same ticketer object when the file is the same: `tls::ticket_keys::ticketer`).
+    if old_config.tls.tickets == new_config.tls.tickets && new_config.tls.ticket_keys.is_none() {
         cfg.ticketer = old.ticketer.clone();
     }
     built

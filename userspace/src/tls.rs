@@ -36,6 +36,7 @@ use crate::proxy_protocol::TlsInfo;
 
 #[cfg(test)]
 mod tests;
+pub mod ticket_keys;
 
 /// Why the TLS configuration could not be built. Certificate-specific variants name the
 /// certificate by the path it was read from, since that is what the operator can act on.
@@ -151,8 +152,13 @@ pub fn server_config(
         Arc::new(NoServerSessionStorage {})
     };
     if settings.tickets {
-        // Random keys per process, rotated every 6 hours by rustls (RFC 5077 §4 construction).
-        cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?;
+        cfg.ticketer = match &settings.ticket_keys {
+            // Keys from `[tls] ticket_keys`, shared with every process that reads the file.
+            Some(keys) => ticket_keys::ticketer(keys)
+                .map_err(|e| TlsError::Ticketer(rustls::Error::General(e.to_string())))?,
+            // Random keys per process, rotated every 6 hours by rustls (RFC 5077 §4 construction).
+            None => rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?,
+        };
     }
 
     // TLS 1.3 tickets are single-use (RFC 8446 Appendix C.4: clients SHOULD NOT reuse one), so

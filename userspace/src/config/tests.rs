@@ -236,6 +236,7 @@ socket = "/run/tern-test.sock"
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: 500,
             tickets: false,
+            ticket_keys: None,
         }
     );
     assert_eq!(
@@ -311,6 +312,7 @@ fn defaults_are_applied() {
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: 20_000,
             tickets: true,
+            ticket_keys: None,
         }
     );
     assert_eq!(config.backend.connect_timeout, Duration::from_millis(3000));
@@ -1418,5 +1420,44 @@ fn access_log_is_off_by_default_and_its_path_resolves_against_the_file() {
         &format!("{MINIMAL}\n[access_log]\npath = \"a.log\"\nflush_ms = 5000\n"),
         "access_log.flush_ms",
         "out of range",
+    );
+}
+
+#[test]
+fn ticket_keys_file_is_read_and_checked() {
+    use crate::tls::ticket_keys::{generate, KEY_LEN};
+    let fx = Fixture::new("ticket-keys");
+    let (a, b) = (
+        generate().expect("key").to_line(),
+        generate().expect("key").to_line(),
+    );
+    write(&fx.path("keys"), &format!("# fleet\n{a}\n\n{b}\n"));
+    let config = fx.ok(&minimal_with("[tls]\nticket_keys = \"keys\""));
+    let keys = config.tls.ticket_keys.expect("ticket_keys");
+    assert_eq!(keys.path, fx.path("keys"), "relative to the configuration");
+    assert_eq!(keys.keys.len(), 2);
+    assert_eq!(keys.keys[0].to_line(), a, "the first line encrypts");
+
+    write(&fx.path("short"), &format!("{a}\n{}\n", "QUJD"));
+    fx.rejects(
+        &minimal_with("[tls]\nticket_keys = \"short\""),
+        "tls.ticket_keys",
+        &format!("short: line 2: a key is {KEY_LEN} bytes"),
+    );
+    write(&fx.path("empty"), "# nothing yet\n");
+    fx.rejects(
+        &minimal_with("[tls]\nticket_keys = \"empty\""),
+        "tls.ticket_keys",
+        "empty: no key in the file",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\nticket_keys = \"missing\""),
+        "tls.ticket_keys",
+        "missing: cannot read",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\ntickets = false\nticket_keys = \"keys\""),
+        "tls.ticket_keys",
+        "tls.tickets is false",
     );
 }

@@ -177,6 +177,7 @@ fn settings() -> TlsSettings {
         versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
         session_cache_entries: 64,
         tickets: true,
+        ticket_keys: None,
     }
 }
 
@@ -1041,4 +1042,62 @@ fn errors_name_the_certificate_and_the_reason() {
         let e = build_err(std::slice::from_ref(&good), &bad_alpn);
         assert!(matches!(e, TlsError::Alpn(_)), "{e:?}");
     }
+}
+
+#[test]
+fn a_shared_ticket_key_file_resumes_across_processes_until_the_key_leaves() {
+    use super::ticket_keys::{self, TicketKeys};
+    // Two "processes": the same keys in two files (one ticketer per file and process, so one
+    // file would give both configurations the same ticketer).
+    let dir = std::env::temp_dir().join(format!("tern-tls-shared-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let ca = Ca::new();
+    let certs = [ca.issue("site", &["site.example"], Key::P256, true)];
+    let key = ticket_keys::generate().expect("key");
+    for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+        let server = |name: &str, keys: Vec<ticket_keys::KeyMaterial>| {
+            let path = dir.join(format!("{name}-{version:?}"));
+            build(
+                &certs,
+                &TlsSettings {
+                    versions: vec![version],
+                    // Tickets only: a session-id hit must not pass for a ticket resumption.
+                    session_cache_entries: 0,
+                    ticket_keys: Some(TicketKeys { path, keys }),
+                    ..settings()
+                },
+            )
+        };
+        let a = server("a", vec![key.clone()]);
+        let b = server("b", vec![key.clone()]);
+        let cl = client(BOTH);
+        let (_, s) = handshake(&a, &cl, Some("site.example"));
+        assert_eq!(s.handshake_kind(), Some(HandshakeKind::Full), "{version:?}");
+        let (c, s) = handshake(&b, &cl, Some("site.example"));
+        assert_eq!(
+            s.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{version:?}: A's ticket on B"
+        );
+        assert_eq!(
+            c.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{version:?}"
+        );
+
+        // B's file rotated twice with keep 0: A's key is gone (a reload rebuilds B's
+        // configuration; the same ticketer takes the new keys).
+        let fresh = ticket_keys::generate().expect("key");
+        let b = server("b", vec![fresh]);
+        let cl = client(BOTH);
+        handshake(&a, &cl, Some("site.example"));
+        let (c, s) = handshake(&b, &cl, Some("site.example"));
+        assert_eq!(
+            s.handshake_kind(),
+            Some(HandshakeKind::Full),
+            "{version:?}: key gone"
+        );
+        assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full), "{version:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
