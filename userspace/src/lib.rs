@@ -8,7 +8,8 @@
 //!   on a timer wheel, and a socket leg on io_uring ([`driver::sock`]).
 //! - [`proxy`]: the byte rules of one connection (rustls session, plaintext both ways,
 //!   half-close, back pressure bounds).
-//! - [`tls`]: rustls server configuration (certificates by SNI, ALPN, resumption).
+//! - [`tls`]: rustls server configuration (certificates by SNI, ALPN, resumption);
+//!   [`tls::ticket_keys`]: ticket keys shared by a fleet through a file.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers sent to backends.
 //!
 //! The kernel path:
