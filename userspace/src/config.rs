@@ -80,6 +80,9 @@ pub struct Certificate {
     pub names: Vec<String>,
     /// Served when SNI is absent or matches no certificate. Exactly one certificate has it.
     pub default: bool,
+    /// The OCSP response to staple (`ocsp`), parsed; stapled only while
+    /// [`crate::ocsp::Response::usable_at`] says so.
+    pub ocsp: Option<crate::ocsp::Response>,
 }
 
 /// A TLS protocol version. File syntax: `"1.2"` | `"1.3"`.
@@ -101,6 +104,31 @@ pub struct TlsSettings {
     pub session_cache_entries: usize,
     /// Issue stateless TLS 1.3 (and 1.2) session tickets.
     pub tickets: bool,
+    /// Ask clients for a certificate (`client_auth`, `client_ca`). `None`: never ask.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificate verification (mTLS): the CAs a client certificate must chain to, and
+/// whether a client without one is let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// Where the CA bundle was read from (re-read on reload).
+    pub ca_path: PathBuf,
+    /// The CA certificates, DER. Never empty.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// `client_auth = "required"`: a client without a valid certificate fails the handshake.
+    /// `false` (`"optional"`): a client may send none, but one it sends must verify.
+    pub required: bool,
+}
+
+/// `[tls] client_auth`. File syntax: `"off"` | `"optional"` | `"required"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    #[default]
+    Off,
+    Optional,
+    Required,
 }
 
 /// When the backend connection is opened. File syntax: `"first-byte"` | `"eager"`.
@@ -582,6 +610,9 @@ pub struct FileCertificate {
     /// `default`: serve this certificate when SNI is absent or matches nothing. At most one
     /// certificate may set it; if none does, the first certificate is the default. Default false.
     pub default: bool,
+    /// `ocsp`: a DER OCSP response (RFC 6960 `OCSPResponse`) for this certificate, stapled to
+    /// handshakes while it is valid. Re-read on reload. Optional.
+    pub ocsp: Option<PathBuf>,
 }
 
 /// The `[tls]` table.
@@ -598,6 +629,11 @@ pub struct FileTls {
     pub session_cache_entries: usize,
     /// `tickets`: issue stateless session tickets (TLS 1.3 and 1.2). Default true.
     pub tickets: bool,
+    /// `client_ca`: PEM bundle of the CAs client certificates must chain to. Required when
+    /// `client_auth` is not `"off"`; relative to the configuration file's directory.
+    pub client_ca: Option<PathBuf>,
+    /// `client_auth`: `"off"` (default), `"optional"` or `"required"`.
+    pub client_auth: ClientAuthMode,
 }
 
 impl Default for FileTls {
@@ -607,6 +643,8 @@ impl Default for FileTls {
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
             tickets: true,
+            client_ca: None,
+            client_auth: ClientAuthMode::Off,
         }
     }
 }
@@ -928,7 +966,10 @@ impl FileConfig {
             path: path.to_path_buf(),
             certificates: validate_certificates(dir, self.certificate, needs_certificates)?,
             listeners,
-            tls: validate_tls(self.tls)?,
+            tls: TlsSettings {
+                client_auth: validate_client_auth(dir, &self.tls)?,
+                ..validate_tls(self.tls)?
+            },
             backend: validate_backend(self.backend)?,
             workers: validate_workers(self.workers, &available_cpus())?,
             timeouts: Timeouts {
@@ -1302,6 +1343,18 @@ fn load_certificate(
         .filter(|n| seen.insert(n.clone()))
         .collect();
 
+    let ocsp = match c.ocsp {
+        None => None,
+        Some(file) => {
+            let field = format!("certificate[{i}].ocsp");
+            let path = resolve(dir, &file);
+            let der = read_file(&field, &path)?;
+            let response = crate::ocsp::Response::parse(path, der, parsed_leaf.raw_serial())
+                .map_err(|m| Invalid::new(&field, format!("{file:?}: {m}")))?;
+            Some(response)
+        }
+    };
+
     Ok(Certificate {
         cert_path,
         key_path,
@@ -1309,6 +1362,7 @@ fn load_certificate(
         key: Arc::new(key),
         names,
         default: false,
+        ocsp,
     })
 }
 
@@ -1411,7 +1465,60 @@ fn validate_tls(file: FileTls) -> Result<TlsSettings, Invalid> {
             MAX_TABLE_ENTRIES,
         )?,
         tickets: file.tickets,
+        client_auth: None, // validate_client_auth, which needs the configuration's directory
     })
+}
+
+/// `[tls] client_auth` and `client_ca`: reads the CA bundle when client certificates are asked
+/// for.
+fn validate_client_auth(dir: &Path, file: &FileTls) -> Result<Option<ClientAuth>, Invalid> {
+    let (required, ca) = match (file.client_auth, &file.client_ca) {
+        (ClientAuthMode::Off, None) => return Ok(None),
+        (ClientAuthMode::Off, Some(_)) => {
+            return Err(Invalid::new(
+                "tls.client_ca",
+                "set, but tls.client_auth is \"off\": set client_auth to \"optional\" or                  \"required\", or remove client_ca",
+            ))
+        }
+        (_, None) => {
+            return Err(Invalid::new(
+                "tls.client_ca",
+                "required when tls.client_auth is \"optional\" or \"required\" (the CAs client                  certificates must chain to)",
+            ))
+        }
+        (mode, Some(ca)) => (mode == ClientAuthMode::Required, ca),
+    };
+    let field = "tls.client_ca";
+    let ca_path = resolve(dir, ca);
+    let pem = read_file(field, &ca_path)?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Invalid::new(field, format!("{ca_path:?}: bad PEM: {e}")))?;
+    if roots.is_empty() {
+        return Err(Invalid::new(
+            field,
+            format!("no certificate (\"BEGIN CERTIFICATE\" block) in {ca_path:?}"),
+        ));
+    }
+    // The same check rustls's verifier builder makes later, here so that the error names the
+    // file and field.
+    let mut store = rustls::RootCertStore::empty();
+    for (j, root) in roots.iter().enumerate() {
+        store.add(root.clone()).map_err(|e| {
+            Invalid::new(
+                field,
+                format!(
+                    "certificate {} in {ca_path:?} is not a usable CA: {e}",
+                    j + 1
+                ),
+            )
+        })?;
+    }
+    Ok(Some(ClientAuth {
+        ca_path,
+        roots,
+        required,
+    }))
 }
 
 fn validate_backend(file: Option<FileBackend>) -> Result<Backend, Invalid> {

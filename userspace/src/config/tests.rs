@@ -236,6 +236,7 @@ socket = "/run/tern-test.sock"
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: 500,
             tickets: false,
+            client_auth: None,
         }
     );
     assert_eq!(
@@ -311,6 +312,7 @@ fn defaults_are_applied() {
             versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
             session_cache_entries: 20_000,
             tickets: true,
+            client_auth: None,
         }
     );
     assert_eq!(config.backend.connect_timeout, Duration::from_millis(3000));

@@ -159,6 +159,7 @@ impl Ca {
             key: Arc::new(kind.der(&key)),
             names,
             default,
+            ocsp: None,
         }
     }
 
@@ -177,6 +178,7 @@ fn settings() -> TlsSettings {
         versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
         session_cache_entries: 64,
         tickets: true,
+        client_auth: None,
     }
 }
 
@@ -731,7 +733,8 @@ fn negotiated_reports_the_handshake_and_its_proxy_tls_info() {
             version: None,
             sni: None,
             alpn: None,
-            cipher: None
+            cipher: None,
+            client_cert: None,
         }
     );
     assert_eq!(
@@ -756,6 +759,7 @@ fn negotiated_reports_the_handshake_and_its_proxy_tls_info() {
             sni: Some("a.example"),
             alpn: Some(b"h2"),
             cipher: Some("TLS_AES_256_GCM_SHA384"),
+            client_cert: None,
         })
     );
 
