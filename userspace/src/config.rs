@@ -1472,22 +1472,23 @@ fn validate_tls(file: FileTls) -> Result<TlsSettings, Invalid> {
 /// `[tls] client_auth` and `client_ca`: reads the CA bundle when client certificates are asked
 /// for.
 fn validate_client_auth(dir: &Path, file: &FileTls) -> Result<Option<ClientAuth>, Invalid> {
-    let (required, ca) = match (file.client_auth, &file.client_ca) {
-        (ClientAuthMode::Off, None) => return Ok(None),
-        (ClientAuthMode::Off, Some(_)) => {
-            return Err(Invalid::new(
+    let (required, ca) =
+        match (file.client_auth, &file.client_ca) {
+            (ClientAuthMode::Off, None) => return Ok(None),
+            (ClientAuthMode::Off, Some(_)) => {
+                return Err(Invalid::new(
+                    "tls.client_ca",
+                    "set, but tls.client_auth is \"off\": set client_auth to \"optional\" or \
+                 \"required\", or remove client_ca",
+                ))
+            }
+            (_, None) => return Err(Invalid::new(
                 "tls.client_ca",
-                "set, but tls.client_auth is \"off\": set client_auth to \"optional\" or                  \"required\", or remove client_ca",
-            ))
-        }
-        (_, None) => {
-            return Err(Invalid::new(
-                "tls.client_ca",
-                "required when tls.client_auth is \"optional\" or \"required\" (the CAs client                  certificates must chain to)",
-            ))
-        }
-        (mode, Some(ca)) => (mode == ClientAuthMode::Required, ca),
-    };
+                "required when tls.client_auth is \"optional\" or \"required\" (the CAs client \
+                 certificates must chain to)",
+            )),
+            (mode, Some(ca)) => (mode == ClientAuthMode::Required, ca),
+        };
     let field = "tls.client_ca";
     let ca_path = resolve(dir, ca);
     let pem = read_file(field, &ca_path)?;
