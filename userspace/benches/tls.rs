@@ -54,6 +54,7 @@ fn setup() -> Setup {
         ))),
         names: vec![SNI.to_owned()],
         default: true,
+        ocsp: None,
     };
     let settings = TlsSettings {
         alpn: vec![b"http/1.1".to_vec()],
@@ -61,6 +62,7 @@ fn setup() -> Setup {
         session_cache_entries: 20_000,
         tickets: true,
         ticket_keys: None,
+        client_auth: None,
     };
     let server = tern::tls::server_config(&[certificate], &settings)
         .unwrap_or_else(|e| panic!("tern's server_config refused the bench setup: {e}"));

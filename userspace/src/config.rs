@@ -80,6 +80,9 @@ pub struct Certificate {
     pub names: Vec<String>,
     /// Served when SNI is absent or matches no certificate. Exactly one certificate has it.
     pub default: bool,
+    /// The OCSP response to staple (`ocsp`), parsed; stapled only while
+    /// [`crate::ocsp::Response::usable_at`] says so.
+    pub ocsp: Option<crate::ocsp::Response>,
 }
 
 /// A TLS protocol version. File syntax: `"1.2"` | `"1.3"`.
@@ -104,6 +107,31 @@ pub struct TlsSettings {
     /// `[tls] ticket_keys`: the ticket keys shared through a file, read at validation;
     /// `None`: random keys per process. Only set when `tickets` is.
     pub ticket_keys: Option<crate::tls::ticket_keys::TicketKeys>,
+    /// Ask clients for a certificate (`client_auth`, `client_ca`). `None`: never ask.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificate verification (mTLS): the CAs a client certificate must chain to, and
+/// whether a client without one is let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// Where the CA bundle was read from (re-read on reload).
+    pub ca_path: PathBuf,
+    /// The CA certificates, DER. Never empty.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// `client_auth = "required"`: a client without a valid certificate fails the handshake.
+    /// `false` (`"optional"`): a client may send none, but one it sends must verify.
+    pub required: bool,
+}
+
+/// `[tls] client_auth`. File syntax: `"off"` | `"optional"` | `"required"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    #[default]
+    Off,
+    Optional,
+    Required,
 }
 
 /// When the backend connection is opened. File syntax: `"first-byte"` | `"eager"`.
@@ -585,6 +613,9 @@ pub struct FileCertificate {
     /// `default`: serve this certificate when SNI is absent or matches nothing. At most one
     /// certificate may set it; if none does, the first certificate is the default. Default false.
     pub default: bool,
+    /// `ocsp`: a DER OCSP response (RFC 6960 `OCSPResponse`) for this certificate, stapled to
+    /// handshakes while it is valid. Re-read on reload. Optional.
+    pub ocsp: Option<PathBuf>,
 }
 
 /// The `[tls]` table.
@@ -605,6 +636,11 @@ pub struct FileTls {
     /// key of 80 bytes per line; the first encrypts, all decrypt), relative to the
     /// configuration's directory. Default: none (random keys per process).
     pub ticket_keys: Option<PathBuf>,
+    /// `client_ca`: PEM bundle of the CAs client certificates must chain to. Required when
+    /// `client_auth` is not `"off"`; relative to the configuration file's directory.
+    pub client_ca: Option<PathBuf>,
+    /// `client_auth`: `"off"` (default), `"optional"` or `"required"`.
+    pub client_auth: ClientAuthMode,
 }
 
 impl Default for FileTls {
@@ -615,6 +651,8 @@ impl Default for FileTls {
             session_cache_entries: DEFAULT_SESSION_CACHE_ENTRIES,
             tickets: true,
             ticket_keys: None,
+            client_ca: None,
+            client_auth: ClientAuthMode::Off,
         }
     }
 }
@@ -1310,6 +1348,18 @@ fn load_certificate(
         .filter(|n| seen.insert(n.clone()))
         .collect();
 
+    let ocsp = match c.ocsp {
+        None => None,
+        Some(file) => {
+            let field = format!("certificate[{i}].ocsp");
+            let path = resolve(dir, &file);
+            let der = read_file(&field, &path)?;
+            let response = crate::ocsp::Response::parse(path, der, parsed_leaf.raw_serial())
+                .map_err(|m| Invalid::new(&field, format!("{file:?}: {m}")))?;
+            Some(response)
+        }
+    };
+
     Ok(Certificate {
         cert_path,
         key_path,
@@ -1317,6 +1367,7 @@ fn load_certificate(
         key: Arc::new(key),
         names,
         default: false,
+        ocsp,
     })
 }
 
@@ -1384,6 +1435,7 @@ fn names_from_certificate(
 }
 
 fn validate_tls(dir: &Path, file: FileTls) -> Result<TlsSettings, Invalid> {
+    let client_auth = validate_client_auth(dir, &file)?;
     let mut alpn: Vec<Vec<u8>> = Vec::with_capacity(file.alpn.len());
     for (i, id) in file.alpn.into_iter().enumerate() {
         let field = format!("tls.alpn[{i}]");
@@ -1420,6 +1472,7 @@ fn validate_tls(dir: &Path, file: FileTls) -> Result<TlsSettings, Invalid> {
         )?,
         tickets: file.tickets,
         ticket_keys: validate_ticket_keys(dir, file.ticket_keys.as_deref(), file.tickets)?,
+        client_auth,
     })
 }
 
@@ -1443,6 +1496,59 @@ fn validate_ticket_keys(
     let keys = crate::tls::ticket_keys::read(&path)
         .map_err(|e| Invalid::new("tls.ticket_keys", format!("{}: {e}", path.display())))?;
     Ok(Some(crate::tls::ticket_keys::TicketKeys { path, keys }))
+}
+
+/// `[tls] client_auth` and `client_ca`: reads the CA bundle when client certificates are asked
+/// for.
+fn validate_client_auth(dir: &Path, file: &FileTls) -> Result<Option<ClientAuth>, Invalid> {
+    let (required, ca) =
+        match (file.client_auth, &file.client_ca) {
+            (ClientAuthMode::Off, None) => return Ok(None),
+            (ClientAuthMode::Off, Some(_)) => {
+                return Err(Invalid::new(
+                    "tls.client_ca",
+                    "set, but tls.client_auth is \"off\": set client_auth to \"optional\" or \
+                 \"required\", or remove client_ca",
+                ))
+            }
+            (_, None) => return Err(Invalid::new(
+                "tls.client_ca",
+                "required when tls.client_auth is \"optional\" or \"required\" (the CAs client \
+                 certificates must chain to)",
+            )),
+            (mode, Some(ca)) => (mode == ClientAuthMode::Required, ca),
+        };
+    let field = "tls.client_ca";
+    let ca_path = resolve(dir, ca);
+    let pem = read_file(field, &ca_path)?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Invalid::new(field, format!("{ca_path:?}: bad PEM: {e}")))?;
+    if roots.is_empty() {
+        return Err(Invalid::new(
+            field,
+            format!("no certificate (\"BEGIN CERTIFICATE\" block) in {ca_path:?}"),
+        ));
+    }
+    // The same check rustls's verifier builder makes later, here so that the error names the
+    // file and field.
+    let mut store = rustls::RootCertStore::empty();
+    for (j, root) in roots.iter().enumerate() {
+        store.add(root.clone()).map_err(|e| {
+            Invalid::new(
+                field,
+                format!(
+                    "certificate {} in {ca_path:?} is not a usable CA: {e}",
+                    j + 1
+                ),
+            )
+        })?;
+    }
+    Ok(Some(ClientAuth {
+        ca_path,
+        roots,
+        required,
+    }))
 }
 
 fn validate_backend(file: Option<FileBackend>) -> Result<Backend, Invalid> {

@@ -8,8 +8,9 @@
 //!   on a timer wheel, and a socket leg on io_uring ([`driver::sock`]).
 //! - [`proxy`]: the byte rules of one connection (rustls session, plaintext both ways,
 //!   half-close, back pressure bounds).
-//! - [`tls`]: rustls server configuration (certificates by SNI, ALPN, resumption);
-//!   [`tls::ticket_keys`]: ticket keys shared by a fleet through a file.
+//! - [`tls`]: rustls server configuration (certificates by SNI, ALPN, resumption, client
+//!   certificates); [`tls::ticket_keys`]: ticket keys shared by a fleet through a file;
+//!   [`ocsp`]: the OCSP responses it staples.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers sent to backends.
 //!
 //! The kernel path:
@@ -44,6 +45,7 @@ pub mod fault;
 pub mod kernel;
 pub mod metrics;
 pub mod notify;
+pub mod ocsp;
 pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -211,6 +211,7 @@ impl Session {
                 sni: None,
                 alpn: None,
                 cipher: None,
+                client_cert: None,
             },
         }
     }
@@ -294,6 +295,7 @@ impl Session {
             sni: n.sni.as_deref(),
             alpn: n.alpn.as_deref(),
             cipher: n.cipher.as_ref().and_then(|c| c.suite().as_str()),
+            client_cert: n.client_cert.as_ref().map(tls::ClientCert::tls_info),
         });
         let header = ProxyHeader {
             source: self.client_addr,

@@ -4,7 +4,8 @@
 //!
 //! Owns: the byte-exact encoding of version 1 (text) and version 2 (binary) headers for TCP over
 //! IPv4/IPv6, and the v2 TLVs PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY and PP2_TYPE_SSL with the
-//! PP2_SUBTYPE_SSL_VERSION / PP2_SUBTYPE_SSL_CIPHER sub-TLVs. Does not own: sending the bytes
+//! PP2_SUBTYPE_SSL_VERSION / PP2_SUBTYPE_SSL_CN / PP2_SUBTYPE_SSL_CIPHER sub-TLVs and the
+//! client-certificate bits (§2.2.6). Does not own: sending the bytes
 //! (the proxy core puts them in front of the first plaintext), parsing headers (tern only sends
 //! them), the LOCAL command and UNKNOWN/AF_UNSPEC forms (tern always relays a real TCP
 //! connection), PP2_TYPE_CRC32C (optional in the spec; TCP already checksums the header, and
@@ -49,19 +50,27 @@ pub const PP2_TYPE_ALPN: u8 = 0x01;
 pub const PP2_TYPE_AUTHORITY: u8 = 0x02;
 pub const PP2_TYPE_SSL: u8 = 0x20;
 pub const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+pub const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
 pub const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
 /// `client` bit: the client connected over TLS (§2.2.6).
 pub const PP2_CLIENT_SSL: u8 = 0x01;
+/// `client` bit: the client presented a certificate over this connection.
+pub const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+/// `client` bit: the client presented a certificate at least once over this TLS session (this
+/// connection's handshake, or the one that established a resumed session).
+pub const PP2_CLIENT_CERT_SESS: u8 = 0x04;
 /// The `verify` field of PP2_TYPE_SSL. §2.2.6: "zero if the client presented a certificate and
-/// it was successfully verified, and non-zero otherwise". tern asks for no client certificate,
-/// so it is always non-zero. (haproxy leaves it 0 in that case and expects receivers to check
-/// the PP2_CLIENT_CERT_* bits first; following the spec's wording means a receiver that reads
-/// only `verify` can never mistake a tern connection for a verified client.)
+/// it was successfully verified, and non-zero otherwise". tern reports only certificates rustls
+/// verified (an unverifiable one fails the handshake), so `verify` is 0 exactly when a client
+/// certificate is reported, and this value otherwise. (haproxy leaves it 0 without a client
+/// certificate and expects receivers to check the PP2_CLIENT_CERT_* bits first; following the
+/// spec's wording means a receiver that reads only `verify` can never mistake an
+/// unauthenticated tern connection for a verified client.)
 pub const PP2_VERIFY_NO_CLIENT_CERT: u32 = 1;
 /// Longest value tern puts in a TLV. Every value comes from a TLS handshake, where each is
 /// bounded by this (RFC 7301 protocol names, RFC 6066/1035 host names) or far below it (version
 /// and cipher names); a longer one cannot have come from a handshake and is left out rather
-/// than sent. This bound keeps a whole header under 1,100 bytes, so its u16 length cannot wrap.
+/// than sent. This bound keeps a whole header under 1,400 bytes, so its u16 length cannot wrap.
 pub const MAX_TLV_VALUE: usize = 255;
 
 /// What a PROXY header describes: the client's connection to tern.
@@ -86,6 +95,18 @@ pub struct TlsInfo<'a> {
     pub alpn: Option<&'a [u8]>,
     /// OpenSSL spelling, e.g. "TLS_AES_128_GCM_SHA256" (see `tls::cipher_name`).
     pub cipher: Option<&'a str>,
+    /// The verified client certificate; `None` when the client sent none.
+    pub client_cert: Option<ClientCertInfo<'a>>,
+}
+
+/// A verified client certificate in PP2_TYPE_SSL: the PP2_CLIENT_CERT_* bits, `verify` = 0 and
+/// PP2_SUBTYPE_SSL_CN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertInfo<'a> {
+    /// Sent in this connection's handshake (PP2_CLIENT_CERT_CONN as well as _SESS).
+    pub this_connection: bool,
+    /// The subject's commonName, sent as PP2_SUBTYPE_SSL_CN.
+    pub cn: Option<&'a str>,
 }
 
 /// Appends the header `version` asks for to `out`; [`config::ProxyProtocol::None`] writes
@@ -126,8 +147,9 @@ pub fn write_v1(h: &ProxyHeader<'_>, out: &mut Vec<u8>) {
 
 /// Appends a version 2 header (§2.2): signature, PROXY command, TCP4/TCP6, addresses and ports
 /// in network byte order, then — when `h.tls` is set — PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY and
-/// PP2_TYPE_SSL (client = PP2_CLIENT_SSL, verify = [`PP2_VERIFY_NO_CLIENT_CERT`], sub-TLVs
-/// PP2_SUBTYPE_SSL_VERSION and PP2_SUBTYPE_SSL_CIPHER), in that order.
+/// PP2_TYPE_SSL (client = PP2_CLIENT_SSL plus the PP2_CLIENT_CERT_* bits, verify = 0 with a
+/// client certificate and [`PP2_VERIFY_NO_CLIENT_CERT`] without, sub-TLVs
+/// PP2_SUBTYPE_SSL_VERSION, PP2_SUBTYPE_SSL_CN and PP2_SUBTYPE_SSL_CIPHER), in that order.
 pub fn write_v2(h: &ProxyHeader<'_>, out: &mut Vec<u8>) {
     let start = out.len();
     out.reserve(V2_HEADER_LEN + 36 + h.tls.as_ref().map_or(0, tls_tlvs_len));
@@ -287,6 +309,10 @@ fn tls_tlvs_len(tls: &TlsInfo<'_>) -> usize {
         + 1
         + 4
         + tlv(tls.version.as_bytes())
+        + tls
+            .client_cert
+            .and_then(|c| c.cn)
+            .map_or(0, |cn| tlv(cn.as_bytes()))
         + tls.cipher.map_or(0, |c| tlv(c.as_bytes()))
 }
 
@@ -303,10 +329,26 @@ fn push_tls_tlvs(out: &mut Vec<u8>, tls: &TlsInfo<'_>) {
     out.push(PP2_TYPE_SSL);
     let len_at = out.len();
     out.extend_from_slice(&[0, 0]);
-    out.push(PP2_CLIENT_SSL);
-    out.extend_from_slice(&PP2_VERIFY_NO_CLIENT_CERT.to_be_bytes());
+    let (client, verify) = match &tls.client_cert {
+        None => (PP2_CLIENT_SSL, PP2_VERIFY_NO_CLIENT_CERT),
+        Some(c) if c.this_connection => (
+            PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS,
+            0,
+        ),
+        Some(_) => (PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS, 0),
+    };
+    out.push(client);
+    out.extend_from_slice(&verify.to_be_bytes());
     if sendable(tls.version.as_bytes()) {
         push_tlv(out, PP2_SUBTYPE_SSL_VERSION, tls.version.as_bytes());
+    }
+    // haproxy's order: version, CN, cipher (the sub-type numbers' order too).
+    if let Some(cn) = tls
+        .client_cert
+        .and_then(|c| c.cn)
+        .filter(|cn| sendable(cn.as_bytes()))
+    {
+        push_tlv(out, PP2_SUBTYPE_SSL_CN, cn.as_bytes());
     }
     if let Some(cipher) = tls.cipher.filter(|c| sendable(c.as_bytes())) {
         push_tlv(out, PP2_SUBTYPE_SSL_CIPHER, cipher.as_bytes());
@@ -324,7 +366,7 @@ fn push_tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
 
 /// Writes, big-endian at `at`, the number of bytes after the two length bytes.
 fn patch_len(out: &mut [u8], at: usize) {
-    // Bounded by construction: 36 address bytes plus at most four TLVs of MAX_TLV_VALUE bytes
+    // Bounded by construction: 36 address bytes plus at most five TLVs of MAX_TLV_VALUE bytes
     // and their headers, far below u16::MAX.
     let len = (out.len() - at - 2) as u16;
     out[at..at + 2].copy_from_slice(&len.to_be_bytes());

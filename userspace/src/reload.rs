@@ -398,6 +398,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<&'static str> {
                     && a.names == b.names
                     && a.default == b.default
                     && a.key.secret_der() == b.key.secret_der()
+                    && a.ocsp.as_ref().map(|o| &o.der) == b.ocsp.as_ref().map(|o| &o.der)
             });
     if !same_certs {
         changed.push("certificates");

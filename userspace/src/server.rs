@@ -509,7 +509,11 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // Until every worker has ended after SIGTERM / SIGINT, or a thread fails.
     let watched = {
         let shutdown = started.shutdown.clone();
+        // Logs OCSP responses that go stale while tern runs (the resolver stops stapling them
+        // by itself); the main thread is not a worker, so this costs the data path nothing.
+        let mut ocsp_watch = crate::ocsp::StaleWatch::default();
         supervise::watch_with(&mut started.threads, &shutdown, |threads| {
+            ocsp_watch.tick(&reloader);
             late.tick(threads, &config, tls.as_ref(), &state, &counters, &reloader)
         })
     };

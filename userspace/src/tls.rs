@@ -5,25 +5,31 @@
 //! `ServerConfig` (aws-lc-rs provider; TLS 1.2 and/or 1.3; ALPN; session-id cache and stateless
 //! tickets; no 0-RTT), choosing a certificate by SNI ([`SniResolver`]), and naming the negotiated
 //! parameters the way OpenSSL does ([`version_name`], [`cipher_name`]) so that PROXY-protocol
-//! consumers see the strings they already know. Does not own: reading PEM files (that is
-//! `config`), record I/O and the per-connection state machine (the proxy core), or client
-//! certificates (tern does not ask for them).
+//! consumers see the strings they already know. Also: stapling each certificate's OCSP response
+//! while it is valid ([`SniResolver`], with [`crate::ocsp`] deciding validity), and asking for
+//! and verifying client certificates when `[tls] client_auth` says so (rustls's
+//! `WebPkiClientVerifier`; [`Negotiated::client_cert`] reports the outcome). Does not own:
+//! reading PEM/DER files (that is `config`), record I/O and the per-connection state machine
+//! (the proxy core).
 //!
 //! Specs: RFC 8446 (TLS 1.3; §4.6.1 NewSessionTicket, §8 and Appendix C.4 on single-use
 //! tickets), RFC 5246 (TLS 1.2), RFC 5077 (stateless tickets), RFC 6066 §3 (server_name: ASCII,
 //! no trailing dot), RFC 6125 §6.4.3 (a wildcard stands for exactly one left-most label),
-//! RFC 7301 (ALPN).
+//! RFC 7301 (ALPN), RFC 6066 §8 and RFC 8446 §4.4.2.1 (OCSP stapling), RFC 8446 §4.3.2 and
+//! RFC 5280 §6 (client certificates, path validation).
 
 #![forbid(unsafe_code)]
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::DnsName;
 use rustls::server::{
     ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
+    WebPkiClientVerifier,
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
@@ -87,6 +93,12 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
     #[error("cannot create the session ticket keys: {0}")]
     Ticketer(#[source] rustls::Error),
+    #[error("{}: cannot verify client certificates with these CAs: {source}", ca_path.display())]
+    ClientVerifier {
+        ca_path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
 }
 
 /// The provider every tern TLS object is built from. One function so that the server config, the
@@ -107,6 +119,7 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(provider());
     let resolver = SniResolver::new(certs, &provider)?;
+    let verifier = client_verifier(settings.client_auth.as_ref(), &provider)?;
 
     let versions: Vec<&'static SupportedProtocolVersion> = settings
         .versions
@@ -132,7 +145,7 @@ pub fn server_config(
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
         .map_err(TlsError::Config)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(resolver));
 
     cfg.alpn_protocols.clone_from(&settings.alpn);
@@ -179,6 +192,75 @@ pub fn server_config(
     cfg.max_early_data_size = 0;
 
     Ok(Arc::new(cfg))
+}
+
+/// The client certificate verifier for `[tls] client_auth`: none, or WebPKI path validation to
+/// the configured CAs (RFC 5280 §6; the client certificate must carry the clientAuth extended
+/// key usage if it has any). "optional" lets a client without a certificate in
+/// (`allow_unauthenticated`), but a certificate a client does send must still verify. No CRLs:
+/// revocation of client certificates is out of tern's scope (documented in configuration.md).
+fn client_verifier(
+    auth: Option<&config::ClientAuth>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let Some(auth) = auth else {
+        return Ok(WebPkiClientVerifier::no_client_auth());
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    // config validated each one; a failure here would be reported by `build` below.
+    let (_added, _ignored) = roots.add_parsable_certificates(auth.roots.iter().cloned());
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let builder = if auth.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|source| TlsError::ClientVerifier {
+        ca_path: auth.ca_path.clone(),
+        source,
+    })
+}
+
+/// The stapled variant of a certificate and when its OCSP response may be served.
+#[derive(Debug)]
+struct Staple {
+    /// The same certificate and key with `ocsp` set.
+    stapled: Arc<CertifiedKey>,
+    /// The response's validity (only its times are read, per handshake).
+    response: crate::ocsp::Response,
+}
+
+/// The staple for `cert`, whose unstapled key is `key`; `None` when it has no OCSP response or
+/// one for another certificate. Logs why a configured response is not stapled right now: this
+/// runs at start-up and on every reload.
+fn staple(cert: &config::Certificate, key: &CertifiedKey) -> Option<Staple> {
+    let response = cert.ocsp.as_ref()?;
+    if let Some(why) = response.staple_problem(SystemTime::now()) {
+        tracing::warn!(
+            file = %response.path.display(),
+            certificate = %cert.cert_path.display(),
+            "OCSP response not stapled: {why}"
+        );
+    }
+    if !response.for_certificate {
+        return None;
+    }
+    if response.status != crate::ocsp::CertStatus::Good {
+        tracing::warn!(
+            file = %response.path.display(),
+            certificate = %cert.cert_path.display(),
+            status = ?response.status,
+            "OCSP response says the certificate is not good; stapling it anyway (clients will \
+             reject the certificate)"
+        );
+    }
+    let mut stapled = key.clone();
+    stapled.ocsp = Some(response.der.clone());
+    Some(Staple {
+        stapled: Arc::new(stapled),
+        response: response.clone(),
+    })
 }
 
 /// Loads one certificate's key through the provider's key provider (ECDSA P-256/P-384, RSA,
@@ -265,6 +347,12 @@ pub struct SniResolver {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// Served without SNI and when no name matches. Always one of the configured certificates.
     default: Arc<CertifiedKey>,
+    /// OCSP staples, keyed by the address of the unstapled `CertifiedKey` the maps above hold
+    /// (those `Arc`s live as long as the resolver, so an address names one certificate). The
+    /// maps always hold the unstapled key; `resolve` swaps in the stapled one while its
+    /// response is valid, so a response going stale stops being stapled at that moment
+    /// without a reload.
+    staples: HashMap<usize, Staple>,
 }
 
 impl SniResolver {
@@ -279,8 +367,12 @@ impl SniResolver {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
 
+        let mut staples = HashMap::new();
         for (index, cert) in certs.iter().enumerate() {
             let key = certified_key(cert, provider)?;
+            if let Some(s) = staple(cert, &key) {
+                staples.insert(Arc::as_ptr(&key) as usize, s);
+            }
             if cert.default {
                 if let Some((earlier, _)) = &default {
                     return Err(TlsError::MultipleDefaults {
@@ -323,6 +415,7 @@ impl SniResolver {
             exact,
             wildcard,
             default,
+            staples,
         })
     }
 
@@ -372,7 +465,17 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(self.lookup(client_hello.server_name())))
+        let key = self.lookup(client_hello.server_name());
+        if !self.staples.is_empty() {
+            if let Some(s) = self.staples.get(&(Arc::as_ptr(key) as usize)) {
+                // One clock read per handshake, and only with staples configured: the
+                // handshake's own signature costs far more.
+                if s.response.usable_at(SystemTime::now()) {
+                    return Some(Arc::clone(&s.stapled));
+                }
+            }
+        }
+        Some(Arc::clone(key))
     }
 }
 
@@ -384,6 +487,20 @@ pub struct Negotiated {
     pub sni: Option<String>,
     pub alpn: Option<Vec<u8>>,
     pub cipher: Option<SupportedCipherSuite>,
+    /// The client certificate rustls verified, if the client sent one (only possible with
+    /// `[tls] client_auth`).
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A verified client certificate, as the PROXY v2 SSL TLV reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// Presented in this connection's handshake (PP2_CLIENT_CERT_CONN); `false`: the session
+    /// was resumed and the certificate was presented when it was established (only
+    /// PP2_CLIENT_CERT_SESS).
+    pub this_connection: bool,
+    /// The first commonName of the certificate's subject, if it has one in a string form.
+    pub cn: Option<String>,
 }
 
 /// Reads the negotiated parameters off a server connection (normally once, after the handshake).
@@ -393,7 +510,24 @@ pub fn negotiated(conn: &ServerConnection) -> Negotiated {
         sni: conn.server_name().map(str::to_owned),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         cipher: conn.negotiated_cipher_suite(),
+        client_cert: client_cert(conn),
     }
+}
+
+/// The client certificate of `conn`. rustls only reports certificates it verified (a failed
+/// verification fails the handshake), including those of a resumed session.
+fn client_cert(conn: &ServerConnection) -> Option<ClientCert> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let cn = x509_parser::parse_x509_certificate(leaf)
+        .ok()
+        .and_then(|(_, cert)| {
+            let cn = cert.subject().iter_common_name().next()?;
+            cn.as_str().ok().map(str::to_owned)
+        });
+    Some(ClientCert {
+        this_connection: conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed),
+        cn,
+    })
 }
 
 impl Negotiated {
@@ -405,7 +539,18 @@ impl Negotiated {
             sni: self.sni.as_deref(),
             alpn: self.alpn.as_deref(),
             cipher: self.cipher.map(|c| cipher_name(c.suite())),
+            client_cert: self.client_cert.as_ref().map(ClientCert::tls_info),
         })
+    }
+}
+
+impl ClientCert {
+    /// Its part of [`TlsInfo`].
+    pub fn tls_info(&self) -> crate::proxy_protocol::ClientCertInfo<'_> {
+        crate::proxy_protocol::ClientCertInfo {
+            this_connection: self.this_connection,
+            cn: self.cn.as_deref(),
+        }
     }
 }
 

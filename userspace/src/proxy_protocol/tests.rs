@@ -122,6 +122,7 @@ fn v2_with_tls_tlvs_exact_bytes() {
             sni: Some("example.com"),
             alpn: Some(b"h2"),
             cipher: Some("TLS_AES_128_GCM_SHA256"),
+            client_cert: None,
         }),
     };
     let mut expected = SIG.to_vec();
@@ -151,6 +152,7 @@ fn v2_tls_without_optional_fields_has_only_the_ssl_tlv() {
             sni: None,
             alpn: None,
             cipher: None,
+            client_cert: None,
         }),
         ..header("[2001:db8::1]:1", "[2001:db8::2]:2")
     };
@@ -179,6 +181,7 @@ fn oversized_tlv_values_are_left_out() {
             sni: Some(&long),
             alpn: Some(long.as_bytes()),
             cipher: Some(&long),
+            client_cert: None,
         }),
         ..header("10.0.0.1:1", "10.0.0.2:2")
     };
@@ -199,6 +202,7 @@ fn oversized_tlv_values_are_left_out() {
             sni: Some(&max),
             alpn: Some(max.as_bytes()),
             cipher: Some(&max),
+            client_cert: None,
         }),
         ..header("[::1]:1", "[::2]:2")
     };
@@ -261,6 +265,7 @@ struct ParsedSsl {
     client: u8,
     verify: u32,
     version: Option<String>,
+    cn: Option<String>,
     cipher: Option<String>,
 }
 
@@ -351,11 +356,13 @@ fn parse_v2(bytes: &[u8]) -> ParsedV2 {
                     client: value[0],
                     verify: u32::from_be_bytes([value[1], value[2], value[3], value[4]]),
                     version: None,
+                    cn: None,
                     cipher: None,
                 };
                 for (sub, sub_value) in tlvs(&value[5..]) {
                     match sub {
                         0x21 => ssl.version = Some(utf8(sub_value)),
+                        0x22 => ssl.cn = Some(utf8(sub_value)),
                         0x23 => ssl.cipher = Some(utf8(sub_value)),
                         other => panic!("unexpected SSL sub-TLV {other:#x}"),
                     }
@@ -560,6 +567,7 @@ fn round_trip_over_many_address_pairs() {
             sni: *rng.pick(&snis),
             alpn: *rng.pick(&alpns),
             cipher: *rng.pick(&ciphers),
+            client_cert: None,
         };
         h.tls = Some(tls);
         let parsed = parse_v2(&v2(&h));
@@ -574,6 +582,7 @@ fn round_trip_over_many_address_pairs() {
                     client: PP2_CLIENT_SSL,
                     verify: PP2_VERIFY_NO_CLIENT_CERT,
                     version: Some(tls.version.to_owned()),
+                    cn: None,
                     cipher: tls.cipher.map(str::to_owned),
                 }),
             },
@@ -581,5 +590,94 @@ fn round_trip_over_many_address_pairs() {
         );
         // v1 cannot carry TLS facts; the line must not change.
         assert_eq!(v1(&h), line);
+    }
+}
+
+#[test]
+fn v2_client_certificate_bits_verify_and_cn() {
+    let base = TlsInfo {
+        version: "TLSv1.3",
+        sni: None,
+        alpn: None,
+        cipher: None,
+        client_cert: None,
+    };
+    let ssl_of = |tls: TlsInfo<'_>| {
+        let h = ProxyHeader {
+            tls: Some(tls),
+            ..header("10.0.0.1:1", "10.0.0.2:2")
+        };
+        parse_v2(&v2(&h)).ssl.expect("SSL TLV")
+    };
+
+    // No certificate: only PP2_CLIENT_SSL, verify non-zero, no CN.
+    let none = ssl_of(base);
+    assert_eq!(
+        (none.client, none.verify, none.cn),
+        (PP2_CLIENT_SSL, PP2_VERIFY_NO_CLIENT_CERT, None)
+    );
+
+    // Presented in this handshake: CONN and SESS, verify 0, CN between version and cipher.
+    let h = ProxyHeader {
+        tls: Some(TlsInfo {
+            cipher: Some("C"),
+            client_cert: Some(ClientCertInfo {
+                this_connection: true,
+                cn: Some("alice"),
+            }),
+            ..base
+        }),
+        ..header("10.0.0.1:1", "10.0.0.2:2")
+    };
+    let bytes = v2(&h);
+    let ssl = &bytes[16 + 12..];
+    assert_eq!(
+        ssl,
+        [
+            &[0x20, 0x00, 5 + 10 + 8 + 4][..],
+            &[0x07, 0, 0, 0, 0],
+            &[0x21, 0x00, 7],
+            b"TLSv1.3",
+            &[0x22, 0x00, 5],
+            b"alice",
+            &[0x23, 0x00, 1],
+            b"C",
+        ]
+        .concat(),
+        "SSL TLV with client bits 0x07, verify 0, version, CN, cipher"
+    );
+
+    // A resumed session whose certificate was presented earlier: SESS only, still verified.
+    let resumed = ssl_of(TlsInfo {
+        client_cert: Some(ClientCertInfo {
+            this_connection: false,
+            cn: Some("alice"),
+        }),
+        ..base
+    });
+    assert_eq!(
+        (resumed.client, resumed.verify, resumed.cn.as_deref()),
+        (PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS, 0, Some("alice"))
+    );
+
+    // A certificate without a (string) CN: bits and verify, no CN sub-TLV; an oversized CN is
+    // left out like any other value.
+    let long = "c".repeat(MAX_TLV_VALUE + 1);
+    for cn in [None, Some(long.as_str())] {
+        let ssl = ssl_of(TlsInfo {
+            client_cert: Some(ClientCertInfo {
+                this_connection: true,
+                cn,
+            }),
+            ..base
+        });
+        assert_eq!(
+            (ssl.client, ssl.verify, ssl.cn),
+            (
+                PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS,
+                0,
+                None
+            )
+        );
     }
 }

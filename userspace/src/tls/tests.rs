@@ -159,6 +159,7 @@ impl Ca {
             key: Arc::new(kind.der(&key)),
             names,
             default,
+            ocsp: None,
         }
     }
 
@@ -178,6 +179,7 @@ fn settings() -> TlsSettings {
         session_cache_entries: 64,
         tickets: true,
         ticket_keys: None,
+        client_auth: None,
     }
 }
 
@@ -732,7 +734,8 @@ fn negotiated_reports_the_handshake_and_its_proxy_tls_info() {
             version: None,
             sni: None,
             alpn: None,
-            cipher: None
+            cipher: None,
+            client_cert: None,
         }
     );
     assert_eq!(
@@ -757,6 +760,7 @@ fn negotiated_reports_the_handshake_and_its_proxy_tls_info() {
             sni: Some("a.example"),
             alpn: Some(b"h2"),
             cipher: Some("TLS_AES_256_GCM_SHA384"),
+            client_cert: None,
         })
     );
 
