@@ -60,6 +60,9 @@ fn setup() -> Setup {
         versions: vec![TlsVersion::Tls13],
         session_cache_entries: 20_000,
         tickets: true,
+        cipher_suites: None,
+        groups: None,
+        strict_sni: false,
     };
     let server = tern::tls::server_config(&[certificate], &settings)
         .unwrap_or_else(|e| panic!("tern's server_config refused the bench setup: {e}"));

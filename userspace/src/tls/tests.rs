@@ -22,6 +22,8 @@ use rustls::{
 use super::*;
 use crate::config::{TlsSettings, TlsVersion};
 
+mod options;
+
 /// A 2048-bit RSA key in PKCS#8, made with `openssl genpkey` for these tests only.
 const TEST_RSA_KEY: &str = "\
 -----BEGIN PRIVATE KEY-----\n\
@@ -177,6 +179,9 @@ fn settings() -> TlsSettings {
         versions: vec![TlsVersion::Tls12, TlsVersion::Tls13],
         session_cache_entries: 64,
         tickets: true,
+        cipher_suites: None,
+        groups: None,
+        strict_sni: false,
     }
 }
 
