@@ -63,6 +63,9 @@ fn setup() -> Setup {
         tickets: true,
         ticket_keys: None,
         client_auth: None,
+        cipher_suites: None,
+        groups: None,
+        strict_sni: false,
     };
     let server = tern::tls::server_config(&[certificate], &settings)
         .unwrap_or_else(|e| panic!("tern's server_config refused the bench setup: {e}"));

@@ -89,7 +89,7 @@ impl Reason {
     /// The reason for a connection ending with `end`, given the machine's state then.
     pub fn of(conn: &Conn, end: End) -> Reason {
         match conn.session().failure() {
-            Some(Failure::Tls) => return Reason::TlsError,
+            Some(Failure::Tls | Failure::SniRefused) => return Reason::TlsError,
             // Closed (FIN) mid-handshake; a reset then or later is `Why::Client` too.
             Some(Failure::ClientLeft) => return Reason::Client,
             None => {}

@@ -104,6 +104,15 @@ pub struct TlsSettings {
     pub session_cache_entries: usize,
     /// Issue stateless TLS 1.3 (and 1.2) session tickets.
     pub tickets: bool,
+    /// Enabled cipher suites in server preference order, each for an enabled version and every
+    /// enabled version covered; `None`: the aws-lc-rs provider's defaults in its order.
+    pub cipher_suites: Option<Vec<rustls::CipherSuite>>,
+    /// Enabled key-exchange groups (each enabled version has a usable one); `None`: the
+    /// provider's defaults, X25519MLKEM768 included.
+    pub groups: Option<Vec<rustls::NamedGroup>>,
+    /// Refuse (alert unrecognized_name) a handshake whose SNI is absent or matches no
+    /// certificate instead of serving the default certificate.
+    pub strict_sni: bool,
     /// `[tls] ticket_keys`: the ticket keys shared through a file, read at validation;
     /// `None`: random keys per process. Only set when `tickets` is.
     pub ticket_keys: Option<crate::tls::ticket_keys::TicketKeys>,
@@ -641,6 +650,14 @@ pub struct FileTls {
     pub client_ca: Option<PathBuf>,
     /// `client_auth`: `"off"` (default), `"optional"` or `"required"`.
     pub client_auth: ClientAuthMode,
+    /// `cipher_suites`: enabled suites by IANA/rustls or OpenSSL name, in server preference
+    /// order. Default: the provider's list.
+    pub cipher_suites: Option<Vec<String>>,
+    /// `groups`: enabled key-exchange groups (`"X25519MLKEM768"`, `"X25519"`, `"secp256r1"`,
+    /// ...). Default: the provider's list.
+    pub groups: Option<Vec<String>>,
+    /// `strict_sni`: refuse handshakes whose SNI matches no certificate. Default false.
+    pub strict_sni: bool,
 }
 
 impl Default for FileTls {
@@ -653,6 +670,9 @@ impl Default for FileTls {
             ticket_keys: None,
             client_ca: None,
             client_auth: ClientAuthMode::Off,
+            cipher_suites: None,
+            groups: None,
+            strict_sni: false,
         }
     }
 }
@@ -1196,6 +1216,7 @@ fn validate_certificates(
     }
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let mut certificates: Vec<Certificate> = Vec::with_capacity(file.len());
+    let mut algorithms = Vec::with_capacity(file.len());
     let mut default_index = None;
     for (i, c) in file.into_iter().enumerate() {
         if c.default {
@@ -1209,14 +1230,18 @@ fn validate_certificates(
             }
             default_index = Some(i);
         }
-        certificates.push(load_certificate(dir, i, c, &provider)?);
+        let (certificate, algorithm) = load_certificate(dir, i, c, &provider)?;
+        certificates.push(certificate);
+        algorithms.push(algorithm);
     }
     let default_index = default_index.unwrap_or(0);
     certificates[default_index].default = true;
 
-    // SNI picks one certificate per name, so a name claimed twice would silently shadow one of
-    // them; a certificate without names could only ever be served as the default.
-    let mut owner: HashMap<&str, usize> = HashMap::new();
+    // SNI picks one certificate per name and key type (the client's signature algorithms choose
+    // between the types), so a name claimed twice with one key type would silently shadow one
+    // of them; a certificate without names could only ever be served as the default.
+    // Keyed by the algorithm's wire code: `SignatureAlgorithm` is not `Hash`.
+    let mut owner: HashMap<(&str, u8), usize> = HashMap::new();
     for (i, c) in certificates.iter().enumerate() {
         let field = format!("certificate[{i}].names");
         if c.names.is_empty() && i != default_index {
@@ -1228,10 +1253,14 @@ fn validate_certificates(
             ));
         }
         for name in &c.names {
-            if let Some(j) = owner.insert(name, i) {
+            if let Some(j) = owner.insert((name, u8::from(algorithms[i])), i) {
                 return Err(Invalid::new(
                     field,
-                    format!("{name:?} is also a name of certificate[{j}]"),
+                    format!(
+                        "{name:?} is also a name of certificate[{j}] with the same key type \
+                         ({:?}): {:?} and {:?}; one name may have one certificate per key type",
+                        algorithms[i], certificates[j].cert_path, c.cert_path
+                    ),
                 ));
             }
         }
@@ -1239,13 +1268,14 @@ fn validate_certificates(
     Ok(certificates)
 }
 
-/// Reads and checks one `[[certificate]]`. The returned certificate is not yet marked default.
+/// Reads and checks one `[[certificate]]`. The returned certificate is not yet marked default;
+/// beside it, its key's signature algorithm (SNI may pick between key types for one name).
 fn load_certificate(
     dir: &Path,
     i: usize,
     c: FileCertificate,
     provider: &CryptoProvider,
-) -> Result<Certificate, Invalid> {
+) -> Result<(Certificate, rustls::SignatureAlgorithm), Invalid> {
     let cert_field = format!("certificate[{i}].cert");
     let key_field = format!("certificate[{i}].key");
     let cert_path = resolve(
@@ -1307,6 +1337,7 @@ fn load_certificate(
                 format!("unusable private key in {key_path:?}: {e}"),
             )
         })?;
+    let algorithm = signing_key.algorithm();
     match rustls::sign::CertifiedKey::new(chain.clone(), signing_key).keys_match() {
         // `Unknown`: the key type cannot report its public key, so there is nothing to compare
         // (rustls' own `CertifiedKey::from_der` accepts this case too).
@@ -1360,15 +1391,18 @@ fn load_certificate(
         }
     };
 
-    Ok(Certificate {
-        cert_path,
-        key_path,
-        chain,
-        key: Arc::new(key),
-        names,
-        default: false,
-        ocsp,
-    })
+    Ok((
+        Certificate {
+            cert_path,
+            key_path,
+            chain,
+            key: Arc::new(key),
+            names,
+            default: false,
+            ocsp,
+        },
+        algorithm,
+    ))
 }
 
 fn read_file(field: &str, path: &Path) -> Result<Vec<u8>, Invalid> {
@@ -1462,7 +1496,24 @@ fn validate_tls(dir: &Path, file: FileTls) -> Result<TlsSettings, Invalid> {
     }
     versions.sort();
     versions.dedup();
+    let option = |list: &str, e: crate::tls::options::OptionError| match e.index {
+        Some(i) => Invalid::new(format!("tls.{list}[{i}]"), e.message),
+        None => Invalid::new(format!("tls.{list}"), e.message),
+    };
+    let cipher_suites = file
+        .cipher_suites
+        .map(|names| crate::tls::options::cipher_suites(&names, &versions))
+        .transpose()
+        .map_err(|e| option("cipher_suites", e))?;
+    let groups = file
+        .groups
+        .map(|names| crate::tls::options::groups(&names, &versions))
+        .transpose()
+        .map_err(|e| option("groups", e))?;
     Ok(TlsSettings {
+        cipher_suites,
+        groups,
+        strict_sni: file.strict_sni,
         alpn,
         versions,
         session_cache_entries: at_most(

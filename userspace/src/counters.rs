@@ -70,6 +70,8 @@ single_writer_counters! {
     resumed,
     /// Handshakes or records that failed (an alert was sent).
     tls_errors,
+    /// Of those, handshakes refused by `strict_sni` (no certificate for the SNI).
+    sni_refused,
     /// Connections closed because the handshake took longer than `timeouts.handshake_ms`.
     handshake_timeouts,
     /// Connections closed after `timeouts.idle_ms` without plaintext moving.

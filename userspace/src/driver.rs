@@ -333,6 +333,9 @@ impl Conn {
         let r = self.session.client_recv(data);
         if r.is_err() {
             counters.tls_errors.inc();
+            if self.session.failure() == Some(crate::proxy::Failure::SniRefused) {
+                counters.sni_refused.inc();
+            }
         }
         self.count_handshake(counters);
         r

@@ -104,6 +104,9 @@ pub enum Failure {
     Tls,
     /// The client closed its side during the handshake.
     ClientLeft,
+    /// `strict_sni`: the client's SNI matched no certificate (an unrecognized_name alert was
+    /// queued).
+    SniRefused,
 }
 
 impl Session {
@@ -180,7 +183,8 @@ impl Session {
         self.failure
     }
 
-    /// Whether this is a TLS session (not a plain one).
+    /// Whether this is a TLS session (not a plain one). False also after a refused SNI
+    /// ([`Failure::SniRefused`]): no TLS state is left then.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
@@ -280,9 +284,23 @@ impl Session {
                 self.failure = Some(Failure::Tls);
                 self.client_in = Vec::new();
                 self.backend_in = Vec::new();
+                if tls::is_sni_refusal(&e) {
+                    self.refuse_sni();
+                }
                 Err(e.into())
             }
         }
+    }
+
+    /// Replaces the access_denied alert rustls queued for a refused SNI with unrecognized_name
+    /// (rustls cannot be told which alert to send). Nothing else was sent yet (the refusal
+    /// comes at the ClientHello), so dropping rustls' output loses nothing; the alert leaves
+    /// the way a plain session's bytes do, and the failed session ends once it is out.
+    fn refuse_sni(&mut self) {
+        self.failure = Some(Failure::SniRefused);
+        self.tls = None;
+        self.backend_in = tls::UNRECOGNIZED_NAME_ALERT.to_vec();
+        self.backend_in_read = 0;
     }
 
     fn build_header(&mut self) {

@@ -20,7 +20,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -34,12 +34,13 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::{
     CipherSuite, InconsistentKeys, ProtocolVersion, ServerConfig, ServerConnection,
-    SupportedCipherSuite, SupportedProtocolVersion,
+    SignatureAlgorithm, SupportedCipherSuite, SupportedProtocolVersion,
 };
 
 use crate::config;
 use crate::proxy_protocol::TlsInfo;
 
+pub mod options;
 #[cfg(test)]
 mod tests;
 pub mod ticket_keys;
@@ -101,10 +102,11 @@ pub enum TlsError {
     },
 }
 
-/// The provider every tern TLS object is built from. One function so that the server config, the
-/// key loading and the tests cannot drift apart.
+/// The default provider, for the tests' clients and resolvers: the server configuration's
+/// provider comes from [`options::provider`] with the configured suites and groups.
+#[cfg(test)]
 fn provider() -> CryptoProvider {
-    rustls::crypto::aws_lc_rs::default_provider()
+    options::provider(None, None)
 }
 
 /// Builds the server configuration for `certs` and `settings`.
@@ -117,8 +119,11 @@ pub fn server_config(
     certs: &[config::Certificate],
     settings: &config::TlsSettings,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(provider());
-    let resolver = SniResolver::new(certs, &provider)?;
+    let provider = Arc::new(options::provider(
+        settings.cipher_suites.as_deref(),
+        settings.groups.as_deref(),
+    ));
+    let resolver = SniResolver::new(certs, &provider)?.strict(settings.strict_sni);
     let verifier = client_verifier(settings.client_auth.as_ref(), &provider)?;
 
     let versions: Vec<&'static SupportedProtocolVersion> = settings
@@ -332,40 +337,98 @@ fn parse_name(name: &str) -> Option<NamePattern> {
 /// the wire). Configured names are validated `DnsName`s, so a longer SNI cannot match anything.
 const MAX_DNS_NAME: usize = 253;
 
-/// Chooses the certificate for a handshake from the client's SNI.
+/// The certificates one name can be served with: never empty, one per key type, in the order
+/// they are tried (ECDSA first: smaller and cheaper to sign with than RSA).
+type Candidates = Vec<Arc<CertifiedKey>>;
+
+/// How much a key type is preferred when a client supports several (lower first).
+fn key_rank(key: &CertifiedKey) -> u8 {
+    match key.key.algorithm() {
+        SignatureAlgorithm::ECDSA => 0,
+        SignatureAlgorithm::ED25519 => 1,
+        SignatureAlgorithm::RSA => 2,
+        _ => 3,
+    }
+}
+
+/// Adds `key` to a name's candidates unless one of the same key type is there already (config
+/// validation refuses that; this keeps the earlier one should a caller skip validation).
+fn add_candidate(list: &mut Candidates, key: &Arc<CertifiedKey>, cert: &config::Certificate) {
+    if list
+        .iter()
+        .any(|k| k.key.algorithm() == key.key.algorithm())
+    {
+        tracing::warn!(
+            cert = %cert.cert_path.display(),
+            "name already served by an earlier certificate with the same key type; keeping the \
+             earlier one"
+        );
+        return;
+    }
+    list.push(Arc::clone(key));
+    // Stable: among equal ranks the configuration's order stays.
+    list.sort_by_key(|k| key_rank(k));
+}
+
+/// The error rustls reports when a resolver returns no certificate, which [`SniResolver`] does
+/// only under `strict_sni`: how the connection core tells a refused SNI from other failures.
+const NO_CERTIFICATE: &str = "no server certificate chain resolved";
+
+/// Whether a handshake failed because [`SniResolver`] refused its SNI (`strict_sni`).
+pub fn is_sni_refusal(error: &rustls::Error) -> bool {
+    matches!(error, rustls::Error::General(m) if m == NO_CERTIFICATE)
+}
+
+/// A fatal unrecognized_name(112) alert in a plaintext TLS record (RFC 6066 §3, RFC 8446 §6),
+/// sent instead of the access_denied rustls queues when a resolver has no certificate: it is
+/// the alert RFC 6066 names for this case and the one clients report as "unrecognized name".
+/// The record version is the 0x0303 every TLS 1.2/1.3 record carries.
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// Chooses the certificate for a handshake from the client's SNI and signature algorithms.
 ///
 /// Every `CertifiedKey` is parsed and checked when the resolver is built; `resolve` only looks
 /// names up. Exact names win over wildcards; without SNI, or when nothing matches, the default
-/// certificate is served (the client decides whether it accepts it). When two certificates
-/// claim the same name, the first one in the configuration keeps it.
+/// certificate is served (the client decides whether it accepts it), or under `strict` the
+/// handshake is refused. A name may have one certificate per key type (an ECDSA and an RSA
+/// one): the first, ECDSA before RSA, whose key the client can verify with one of its
+/// `signature_algorithms` and one of its cipher suites is served.
 #[derive(Debug)]
 pub struct SniResolver {
     /// Exact names, lower-case, no trailing dot.
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// `*.suffix` patterns keyed by `suffix` (lower-case, no trailing dot): a name matches when
-    /// removing its first, non-empty label leaves exactly the key.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    /// Served without SNI and when no name matches. Always one of the configured certificates.
-    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Candidates>,
     /// OCSP staples, keyed by the address of the unstapled `CertifiedKey` the maps above hold
     /// (those `Arc`s live as long as the resolver, so an address names one certificate). The
     /// maps always hold the unstapled key; `resolve` swaps in the stapled one while its
     /// response is valid, so a response going stale stops being stapled at that moment
     /// without a reload.
     staples: HashMap<usize, Staple>,
+    /// `*.suffix` patterns keyed by `suffix` (lower-case, no trailing dot): a name matches when
+    /// removing its first, non-empty label leaves exactly the key.
+    wildcard: HashMap<String, Candidates>,
+    /// Served without SNI and when no name matches: the default certificate, and beside it the
+    /// certificates of other key types for its first name.
+    default: Candidates,
+    /// The default certificate itself (what [`SniResolver::lookup`] falls back to).
+    fallback: Arc<CertifiedKey>,
+    /// `strict_sni`: no default; a handshake that matches no name gets no certificate.
+    strict: bool,
+    /// The suites the server configuration enables: a TLS 1.2 client must share one with the
+    /// chosen key's type (ECDHE_ECDSA or ECDHE_RSA).
+    suites: Vec<SupportedCipherSuite>,
 }
 
 impl SniResolver {
     /// Loads every certificate's key with `provider` and indexes the certificates by name.
-    /// The default is the certificate marked `default`, else the first one.
+    /// The default is the certificate marked `default`, else the first one. Not strict.
     pub fn new(
         certs: &[config::Certificate],
         provider: &CryptoProvider,
     ) -> Result<SniResolver, TlsError> {
         let mut default: Option<(usize, Arc<CertifiedKey>)> = None;
-        let mut first: Option<Arc<CertifiedKey>> = None;
-        let mut exact = HashMap::new();
-        let mut wildcard = HashMap::new();
+        let mut first: Option<(usize, Arc<CertifiedKey>)> = None;
+        let mut exact: HashMap<String, Candidates> = HashMap::new();
+        let mut wildcard: HashMap<String, Candidates> = HashMap::new();
 
         let mut staples = HashMap::new();
         for (index, cert) in certs.iter().enumerate() {
@@ -393,81 +456,118 @@ impl SniResolver {
                         })
                     }
                 };
-                match map.entry(host) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(Arc::clone(&key));
-                    }
-                    Entry::Occupied(_) => tracing::warn!(
-                        cert = %cert.cert_path.display(),
-                        name = %name,
-                        "name already served by an earlier certificate; keeping the earlier one"
-                    ),
-                }
+                add_candidate(map.entry(host).or_default(), &key, cert);
             }
-            first.get_or_insert(key);
+            first.get_or_insert((index, key));
         }
 
-        let default = match (default, first) {
-            (Some((_, key)), _) | (None, Some(key)) => key,
-            (None, None) => return Err(TlsError::NoCertificates),
+        let Some((index, key)) = default.or(first) else {
+            return Err(TlsError::NoCertificates);
+        };
+        // The default's siblings: the candidates of its first name, if it is one of them.
+        let siblings = certs
+            .get(index)
+            .and_then(|c| c.names.first())
+            .and_then(|n| match parse_name(n)? {
+                NamePattern::Exact(host) => exact.get(&host),
+                NamePattern::Wildcard(suffix) => wildcard.get(&suffix),
+            })
+            .filter(|list| list.iter().any(|k| Arc::ptr_eq(k, &key)));
+        let default = match siblings {
+            Some(list) => list.clone(),
+            None => vec![Arc::clone(&key)],
         };
         Ok(SniResolver {
             exact,
             wildcard,
             default,
             staples,
+            fallback: key,
+            strict: false,
+            suites: provider.cipher_suites.clone(),
         })
     }
 
-    /// The certificate for `server_name` (the SNI as the client sent it, or `None`).
+    /// Under `strict`, a handshake whose SNI matches no name (or that has none) gets no
+    /// certificate, and rustls fails it (see [`is_sni_refusal`]).
+    pub fn strict(mut self, strict: bool) -> SniResolver {
+        self.strict = strict;
+        self
+    }
+
+    /// The preferred certificate for `server_name` (the SNI as the client sent it, or `None`),
+    /// ignoring what the client supports and `strict`: the default when nothing matches.
+    pub fn lookup(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
+        let list = self.matching(server_name).unwrap_or(&self.default);
+        list.first().unwrap_or(&self.fallback)
+    }
+
+    /// The candidates configured for `server_name`, or `None` when no name matches.
     ///
     /// Case-insensitive and tolerant of one trailing dot. rustls already lower-cases the SNI
     /// before calling a resolver (`server::hs`, `to_lowercase_owned`) but keeps a trailing dot
     /// (its own client strips it, other clients need not), so the dot is removed here and the
     /// lower-casing is repeated only when an upper-case byte is present — into a stack buffer,
     /// never the heap.
-    pub fn lookup(&self, server_name: Option<&str>) -> &Arc<CertifiedKey> {
-        let Some(name) = server_name else {
-            return &self.default;
-        };
+    fn matching(&self, server_name: Option<&str>) -> Option<&Candidates> {
+        let name = server_name?;
         let name = name.strip_suffix('.').unwrap_or(name);
         if name.is_empty() || name.len() > MAX_DNS_NAME || !name.is_ascii() {
             // Non-ASCII cannot be a DNS name on the wire (IDNs travel as A-labels).
-            return &self.default;
+            return None;
         }
         let mut buf = [0u8; MAX_DNS_NAME];
         let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            let lower = &mut buf[..name.len()];
+            let lower = buf.get_mut(..name.len())?;
             lower.copy_from_slice(name.as_bytes());
             lower.make_ascii_lowercase();
-            match std::str::from_utf8(lower) {
-                Ok(lower) => lower,
-                // Unreachable: ASCII lower-casing of ASCII stays ASCII.
-                Err(_) => return &self.default,
-            }
+            // Cannot fail: ASCII lower-casing of ASCII stays ASCII.
+            std::str::from_utf8(lower).ok()?
         } else {
             name
         };
 
-        if let Some(key) = self.exact.get(name) {
-            return key;
+        if let Some(list) = self.exact.get(name) {
+            return Some(list);
         }
-        if let Some((label, suffix)) = name.split_once('.') {
-            if !label.is_empty() {
-                if let Some(key) = self.wildcard.get(suffix) {
-                    return key;
-                }
-            }
+        let (label, suffix) = name.split_once('.')?;
+        if label.is_empty() {
+            return None;
         }
-        &self.default
+        self.wildcard.get(suffix)
+    }
+
+    /// Whether the client can verify a signature by `key` (one of its signature schemes fits
+    /// the key) and, for TLS 1.2, shares a cipher suite made for the key's type.
+    fn client_supports(&self, key: &CertifiedKey, hello: &ClientHello<'_>) -> bool {
+        let algorithm = key.key.algorithm();
+        key.key.choose_scheme(hello.signature_schemes()).is_some()
+            && hello.cipher_suites().iter().any(|offered| {
+                self.suites
+                    .iter()
+                    .any(|s| s.suite() == *offered && s.usable_for_signature_algorithm(algorithm))
+            })
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let key = self.lookup(client_hello.server_name());
+        let list = match self.matching(client_hello.server_name()) {
+            Some(list) => list,
+            None if self.strict => return None,
+            None => &self.default,
+        };
+        let chosen = match list.as_slice() {
+            [only] => only,
+            // No candidate fits: serve the preferred one and let rustls fail the handshake
+            // with the alert it chooses for this.
+            _ => list
+                .iter()
+                .find(|k| self.client_supports(k, &client_hello))
+                .or(list.first())?,
+        };
         if !self.staples.is_empty() {
-            if let Some(s) = self.staples.get(&(Arc::as_ptr(key) as usize)) {
+            if let Some(s) = self.staples.get(&(Arc::as_ptr(chosen) as usize)) {
                 // One clock read per handshake, and only with staples configured: the
                 // handshake's own signature costs far more.
                 if s.response.usable_at(SystemTime::now()) {
@@ -475,7 +575,7 @@ impl ResolvesServerCert for SniResolver {
                 }
             }
         }
-        Some(Arc::clone(key))
+        Some(Arc::clone(chosen))
     }
 }
 

@@ -238,6 +238,9 @@ socket = "/run/tern-test.sock"
             tickets: false,
             ticket_keys: None,
             client_auth: None,
+            cipher_suites: None,
+            groups: None,
+            strict_sni: false,
         }
     );
     assert_eq!(
@@ -315,6 +318,9 @@ fn defaults_are_applied() {
             tickets: true,
             ticket_keys: None,
             client_auth: None,
+            cipher_suites: None,
+            groups: None,
+            strict_sni: false,
         }
     );
     assert_eq!(config.backend.connect_timeout, Duration::from_millis(3000));
@@ -506,8 +512,11 @@ fn sni_defaults_and_names_across_certificates() {
     fx.rejects(
         &shadowed,
         "certificate[1].names",
-        "\"example.com\" is also a name of certificate[0]",
+        "\"example.com\" is also a name of certificate[0] with the same key type",
     );
+    // Both files are named, so the operator can find the pair.
+    let error = fx.rejects(&shadowed, "certificate[1].names", "site.pem");
+    assert!(error.message.contains("other.pem"), "{error}");
     fx.rejects(
         &format!("{two}names = [\"www.*.example.com\"]\n"),
         "certificate[1].names[0]",
@@ -996,6 +1005,35 @@ fn tls_settings_are_checked() {
     ));
     assert_eq!(config.tls.versions, [TlsVersion::Tls13]);
     assert_eq!(config.tls.session_cache_entries, 0);
+
+    fx.rejects(
+        &minimal_with("[tls]\ncipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"RC4\"]"),
+        "tls.cipher_suites[1]",
+        "\"RC4\" is not a cipher suite tern supports",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\ncipher_suites = [\"TLS13_AES_128_GCM_SHA256\"]"),
+        "tls.cipher_suites",
+        "no suite for TLS 1.2",
+    );
+    fx.rejects(
+        &minimal_with("[tls]\ngroups = [\"X25519\", \"ffdhe2048\"]"),
+        "tls.groups[1]",
+        "not a key-exchange group tern supports",
+    );
+    let config = fx.ok(&minimal_with(
+        "[tls]\nversions = [\"1.3\"]\ncipher_suites = [\"TLS13_CHACHA20_POLY1305_SHA256\"]\n\
+         groups = [\"X25519MLKEM768\"]\nstrict_sni = true",
+    ));
+    assert_eq!(
+        config.tls.cipher_suites,
+        Some(vec![rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256])
+    );
+    assert_eq!(
+        config.tls.groups,
+        Some(vec![rustls::NamedGroup::X25519MLKEM768])
+    );
+    assert!(config.tls.strict_sni);
 }
 
 #[test]

@@ -22,6 +22,8 @@ use rustls::{
 use super::*;
 use crate::config::{TlsSettings, TlsVersion};
 
+mod options;
+
 /// A 2048-bit RSA key in PKCS#8, made with `openssl genpkey` for these tests only.
 const TEST_RSA_KEY: &str = "\
 -----BEGIN PRIVATE KEY-----\n\
@@ -180,6 +182,9 @@ fn settings() -> TlsSettings {
         tickets: true,
         ticket_keys: None,
         client_auth: None,
+        cipher_suites: None,
+        groups: None,
+        strict_sni: false,
     }
 }
 
