@@ -236,6 +236,8 @@ pub struct Config {
     /// `[access_log]`; `None`: no access log.
     pub access_log: Option<AccessLogSettings>,
     pub metrics: Metrics,
+    /// `[session_cache]`: per-worker L1 size and the fleet sync.
+    pub session_cache: crate::session_cache::Settings,
 }
 
 /// `[process]`: who tern runs as once set-up is done (`privileges`).
@@ -445,6 +447,8 @@ pub struct FileConfig {
     pub access_log: FileAccessLog,
     /// `[metrics]`: the Prometheus endpoint. Optional; off by default.
     pub metrics: FileMetrics,
+    /// `[session_cache]`: the session cache's L1 and fleet sync. Optional.
+    pub session_cache: FileSessionCache,
 }
 
 /// The `[process]` table.
@@ -940,6 +944,7 @@ impl FileConfig {
             control: validate_control(dir, self.control)?,
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
             access_log: validate_access_log(dir, self.access_log)?,
+            session_cache: validate_session_cache(dir, self.session_cache)?,
             metrics: Metrics {
                 address: self
                     .metrics
@@ -1937,4 +1942,123 @@ fn validate_access_log(
         buffer_lines: file.buffer_lines,
         flush: Duration::from_millis(file.flush_ms),
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// [session_cache]
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound for `session_cache.entries_per_worker` (each entry is a few hundred bytes).
+const MAX_SESSION_CACHE_ENTRIES_PER_WORKER: usize = 1 << 20;
+/// Upper bound for `session_cache.peers`: every session is sent to each of them.
+const MAX_SESSION_CACHE_PEERS: usize = 64;
+
+/// The `[session_cache]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSessionCache {
+    /// `entries_per_worker`: each worker's L1 capacity; 0 turns L1 off. Default 1024.
+    pub entries_per_worker: usize,
+    /// `listen`: the UDP address peers send session updates to. Default: no sync.
+    pub listen: Option<String>,
+    /// `peers`: the other hosts' `listen` addresses.
+    pub peers: Vec<String>,
+    /// `key`: file holding the shared HMAC secret (relative to the configuration's directory).
+    pub key: Option<PathBuf>,
+}
+
+impl Default for FileSessionCache {
+    fn default() -> Self {
+        FileSessionCache {
+            entries_per_worker: crate::session_cache::DEFAULT_ENTRIES_PER_WORKER,
+            listen: None,
+            peers: Vec::new(),
+            key: None,
+        }
+    }
+}
+
+fn validate_session_cache(
+    dir: &Path,
+    file: FileSessionCache,
+) -> Result<crate::session_cache::Settings, Invalid> {
+    let entries_per_worker = at_most(
+        "session_cache.entries_per_worker",
+        file.entries_per_worker,
+        MAX_SESSION_CACHE_ENTRIES_PER_WORKER,
+    )?;
+    let Some(listen) = file.listen else {
+        if !file.peers.is_empty() || file.key.is_some() {
+            return Err(Invalid::new(
+                "session_cache.listen",
+                "is required with `peers` or `key` (the address peers send updates to)",
+            ));
+        }
+        return Ok(crate::session_cache::Settings {
+            entries_per_worker,
+            sync: None,
+        });
+    };
+    let listen = parse_socket_addr("session_cache.listen", &listen, "peers need a known port")?;
+    if file.peers.is_empty() {
+        return Err(Invalid::new(
+            "session_cache.peers",
+            "must list at least one peer when `listen` is set",
+        ));
+    }
+    if file.peers.len() > MAX_SESSION_CACHE_PEERS {
+        return Err(Invalid::new(
+            "session_cache.peers",
+            format!(
+                "{} peers is too many; at most {MAX_SESSION_CACHE_PEERS}",
+                file.peers.len()
+            ),
+        ));
+    }
+    let peers = file
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            parse_socket_addr(
+                &format!("session_cache.peers[{i}]"),
+                p,
+                "updates need a known port",
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(key) = file.key else {
+        return Err(Invalid::new(
+            "session_cache.key",
+            "is required with `listen`: updates are authenticated with a shared secret",
+        ));
+    };
+    let key_path = resolve(dir, &key);
+    let secret = std::fs::read(&key_path).map_err(|e| {
+        Invalid::new(
+            "session_cache.key",
+            format!("cannot read {}: {e}", key_path.display()),
+        )
+    })?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < crate::session_cache::sync::MIN_KEY_LEN {
+        return Err(Invalid::new(
+            "session_cache.key",
+            format!(
+                "{}: the secret is {} bytes; at least {} are needed",
+                key_path.display(),
+                secret.len(),
+                crate::session_cache::sync::MIN_KEY_LEN
+            ),
+        ));
+    }
+    Ok(crate::session_cache::Settings {
+        entries_per_worker,
+        sync: Some(crate::session_cache::SyncSettings {
+            listen,
+            peers,
+            key_path,
+            key: secret,
+        }),
+    })
 }

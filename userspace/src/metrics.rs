@@ -359,6 +359,10 @@ impl Collector for Exporter {
         encode_rows(&mut encoder, "tern_tcp", &rows)?;
         encode_rows(&mut encoder, "tern_xdp", &xdp_rows(state))?;
 
+        // Process-wide: one series without labels.
+        let rows: Rows = vec![(Vec::new(), crate::session_cache::stats().fields())];
+        encode_rows(&mut encoder, "tern_session_cache", &rows)?;
+
         encode_backend_servers(&mut encoder, state)?;
 
         let report = state.latency.report();

@@ -22,9 +22,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::DnsName;
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
-};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CipherSuite, InconsistentKeys, ProtocolVersion, ServerConfig, ServerConnection,
@@ -145,11 +143,8 @@ pub fn server_config(
     // "equal-preference" groups to honour that selectively).
     cfg.ignore_client_order = true;
 
-    cfg.session_storage = if settings.session_cache_entries > 0 {
-        ServerSessionMemoryCache::new(settings.session_cache_entries)
-    } else {
-        Arc::new(NoServerSessionStorage {})
-    };
+    // Per-worker L1 over a per-process L2, fed by the fleet sync (`session_cache`).
+    cfg.session_storage = crate::session_cache::storage(settings.session_cache_entries);
     if settings.tickets {
         // Random keys per process, rotated every 6 hours by rustls (RFC 5077 §4 construction).
         cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Ticketer)?;
