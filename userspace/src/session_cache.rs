@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, StoresServerSessions};
 
@@ -149,16 +149,17 @@ struct Global {
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
 
-/// The most recently built store's L2: where the sync's receiver puts what peers send. A
-/// reload builds a new `ServerConfig` and so a new store; the old one serves its last
-/// handshakes and is dropped.
-static CURRENT_L2: Mutex<Option<Arc<ServerSessionMemoryCache>>> = Mutex::new(None);
+/// The L2s of the live stores: where the sync's receiver puts what peers send. Weak, so a store
+/// dropped after a reload (or one built and discarded when a reload keeps the old cache,
+/// `reload::keep_resumption`) leaves by itself; usually one is live, two during a reload.
+static LIVE_L2: Mutex<Vec<Weak<ServerSessionMemoryCache>>> = Mutex::new(Vec::new());
 
-fn current_l2() -> Option<Arc<ServerSessionMemoryCache>> {
-    CURRENT_L2
+fn live_l2() -> Vec<Arc<ServerSessionMemoryCache>> {
+    let mut live = LIVE_L2
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    live.retain(|w| w.strong_count() > 0);
+    live.iter().filter_map(Weak::upgrade).collect()
 }
 
 /// Fixes `[session_cache]` for this process and, with `listen`, binds the sync socket and starts
@@ -190,9 +191,12 @@ pub fn storage(entries: usize) -> Arc<dyn StoresServerSessions> {
         None => (DEFAULT_ENTRIES_PER_WORKER, None),
     };
     let store = Store::new(entries, per_worker, sync);
-    *CURRENT_L2
+    let mut live = LIVE_L2
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(store.l2.clone());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(&store.l2));
+    drop(live);
     Arc::new(store)
 }
 
@@ -357,15 +361,14 @@ impl L1Cache {
 
 /// Called by the sync receiver with an authenticated update from a peer.
 fn apply_remote(kind: sync::Kind, key: Vec<u8>, value: Vec<u8>) {
-    let Some(l2) = current_l2() else {
-        return;
-    };
-    match kind {
-        sync::Kind::New => {
-            l2.put(key, value);
-        }
-        sync::Kind::Del => {
-            l2.take(&key);
+    for l2 in live_l2() {
+        match kind {
+            sync::Kind::New => {
+                l2.put(key.clone(), value.clone());
+            }
+            sync::Kind::Del => {
+                l2.take(&key);
+            }
         }
     }
 }

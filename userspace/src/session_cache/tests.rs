@@ -133,3 +133,14 @@ fn replay_window_refuses_repeats_stale_and_skewed() {
     };
     assert!(w.accept(&other, now));
 }
+
+#[test]
+fn remote_updates_reach_the_live_stores_only() {
+    let kept = storage(100);
+    let discarded = storage(100);
+    drop(discarded);
+    apply_remote(Kind::New, b"remote-key".to_vec(), b"v".to_vec());
+    assert_eq!(kept.get(b"remote-key"), Some(b"v".to_vec()));
+    apply_remote(Kind::Del, b"remote-key".to_vec(), Vec::new());
+    assert_eq!(kept.take(b"remote-key"), None);
+}
