@@ -3,6 +3,8 @@
 //! so that a session made on one can only resume on the other through the sync. Then datagrams
 //! a peer must refuse: a forged one (bad MAC) and a replayed one, counted in `tern ctl stats`.
 //! On the kernel path (both terns), and with the first tern's listener on the bypass path.
+//! Then the same pair sharing sessions through a Redis server instead (`[session_cache] redis`),
+//! which is stopped halfway: handshakes go on in full, and the counters say why.
 
 mod support;
 
@@ -27,6 +29,71 @@ const PORT_B: u16 = 8443;
 const BYPASS_PORT: u16 = 4443;
 /// Bounds every wait for a datagram or a counter.
 const WITHIN: Duration = Duration::from_secs(20);
+/// The test's Redis, on the server namespace's loopback.
+const REDIS_PORT: u16 = 6390;
+
+/// How the pair shares sessions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Share {
+    /// Each lists the other (A also the spy) as a UDP sync peer.
+    Peers,
+    /// Both use one Redis server the test starts.
+    Redis,
+}
+
+/// A `redis-server` the test started in the server namespace; killed (by PID) on drop.
+struct RedisServer {
+    child: Option<std::process::Child>,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts it and waits (bounded) until it accepts connections.
+    fn start(rig: &Rig, tag: &str) -> RedisServer {
+        let dir = TempDir::new(&format!("{tag}-redis"));
+        let child = rig
+            .server_command("redis-server")
+            .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask prereqs installs it)");
+        let server = RedisServer {
+            child: Some(child),
+            _dir: dir,
+        };
+        let up = rig.server_run(|| {
+            let deadline = Instant::now() + WITHIN;
+            while Instant::now() < deadline {
+                let addr = SocketAddr::from(([127, 0, 0, 1], REDIS_PORT));
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        });
+        assert!(up, "redis-server did not listen within {WITHIN:?}");
+        server
+    }
+
+    /// Kills it (SIGKILL, by PID) and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
 
 /// One tern of the pair.
 struct Host {
@@ -95,6 +162,7 @@ struct Pair {
     spy: UdpSocket,
     dir: TempDir,
     _backend: Backend,
+    redis: Option<RedisServer>,
     /// Declared last: dropped after the terns have been killed.
     rig: Rig,
 }
@@ -106,23 +174,35 @@ fn config(
     listeners: &str,
     extra: &str,
     backend: SocketAddr,
+    share: Share,
     sync: (&str, &[&str]),
     key: &Path,
 ) -> String {
-    let peers: Vec<String> = sync.1.iter().map(|p| format!("\"{p}\"")).collect();
+    let session_cache = match share {
+        Share::Peers => {
+            let peers: Vec<String> = sync.1.iter().map(|p| format!("\"{p}\"")).collect();
+            format!(
+                "listen = \"{}\"\npeers = [{}]\nkey = \"{}\"\n",
+                sync.0,
+                peers.join(", "),
+                key.display()
+            )
+        }
+        // A generous timeout: the machine running the tests may be loaded.
+        Share::Redis => {
+            format!("redis = \"redis://127.0.0.1:{REDIS_PORT}\"\ntimeout_ms = 2000\n")
+        }
+    };
     format!(
         "{listeners}\n\
          [[certificate]]\ncert = \"{cert}\"\nkey = \"{certkey}\"\ndefault = true\n\n\
          [tls]\nalpn = [\"http/1.1\"]\ntickets = false\n\n\
          [backend]\nservers = [\"{backend}\"]\nconnect_timeout_ms = 2000\n\n\
          [workers]\ncount = 2\n\n[control]\nsocket = \"{control}\"\n\n\
-         [session_cache]\nlisten = \"{listen}\"\npeers = [{peers}]\nkey = \"{key}\"\n\n{extra}",
+         [session_cache]\n{session_cache}\n{extra}",
         cert = cert.cert.display(),
         certkey = cert.key.display(),
         control = control.display(),
-        listen = sync.0,
-        peers = peers.join(", "),
-        key = key.display(),
     )
 }
 
@@ -130,7 +210,7 @@ impl Pair {
     /// `path` is where A's listener under test runs: "kernel" or "bypass"; B is on the kernel
     /// path (a second XDP program on the same interface is not possible, and B's traffic passes
     /// A's program to the kernel).
-    fn start(path: &str, tag: &str) -> Pair {
+    fn start(path: &str, tag: &str, share: Share) -> Pair {
         let rig = Rig::isolated(tag, if path == "bypass" { 2 } else { 1 });
         let dir = TempDir::new(tag);
         let backend = Backend::demo_http(server_listener(&rig));
@@ -139,6 +219,7 @@ impl Pair {
         std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").expect("write key");
         let spy = rig.server_run(|| UdpSocket::bind(SYNC_SPY).expect("bind spy socket"));
         spy.set_read_timeout(Some(WITHIN)).expect("timeout");
+        let redis = (share == Share::Redis).then(|| RedisServer::start(&rig, tag));
 
         let (a_listeners, a_extra, a_addr) = if path == "bypass" {
             (
@@ -168,6 +249,7 @@ impl Pair {
             &a_listeners,
             a_extra,
             backend.addr(),
+            share,
             (SYNC_A, &[SYNC_B, SYNC_SPY]),
             &key,
         );
@@ -177,6 +259,7 @@ impl Pair {
             &format!("[[listener]]\naddress = \"{}\"\n", rig.server_addr(PORT_B)),
             "",
             backend.addr(),
+            share,
             (SYNC_B, &[SYNC_A]),
             &key,
         );
@@ -198,6 +281,7 @@ impl Pair {
             spy,
             dir,
             _backend: backend,
+            redis,
             rig,
         }
     }
@@ -231,10 +315,15 @@ impl Pair {
     /// A full handshake on `from`, then the same session offered to `to`: it must resume
     /// there, which only the sync can make happen (no tickets, separate processes).
     fn resumes_across(&self, from: &Host, to: &Host, tls_flag: &str, name: &str) {
+        let received_counter = if self.redis.is_some() {
+            "redis_received"
+        } else {
+            "sync_received"
+        };
         let sess = self.dir.join(format!("{name}.pem"));
         let sess = sess.to_str().expect("path");
         let stored = from.counter("stored");
-        let received = to.counter("sync_received");
+        let received = to.counter(received_counter);
         let first = self.openssl(from.addr, tls_flag, &["-sess_out", sess]);
         assert!(
             first.contains("New,"),
@@ -244,7 +333,7 @@ impl Pair {
         // Every session `from` stored has reached `to` before the client tries it there.
         let made = from.counter("stored") - stored;
         assert!(made >= 1, "{name}: the first handshake stored a session");
-        to.wait_counter("sync_received", received + made);
+        to.wait_counter(received_counter, received + made);
         let hits = to.counter("hits_l2");
         let second = self.openssl(to.addr, tls_flag, &["-sess_in", sess]);
         assert!(
@@ -272,7 +361,7 @@ impl Pair {
 /// Both directions, TLS 1.2 session ids and TLS 1.3 stateful resumption; then a forged and a
 /// replayed datagram sent to B are refused and counted.
 fn sync_case(path: &str, tag: &str) {
-    let p = Pair::start(path, tag);
+    let p = Pair::start(path, tag, Share::Peers);
     p.resumes_across(&p.a, &p.b, "-tls1_2", "tls12-a-to-b");
     // The spy got A's datagram for that session (and maybe others): keep the first.
     let datagram = p.captured();
@@ -322,4 +411,61 @@ fn kernel_sessions_resume_on_the_peer_and_bad_datagrams_are_refused() {
 #[test]
 fn bypass_sessions_resume_on_the_peer_and_bad_datagrams_are_refused() {
     sync_case("bypass", "scacheb");
+}
+
+/// Two terns sharing sessions through Redis: a TLS 1.2 session made on A resumes on B. Then
+/// Redis is killed: new handshakes on both still succeed (in full), a session already mirrored
+/// still resumes (lookups are local), and the failures are counted, not shown to clients.
+#[test]
+fn redis_shares_sessions_and_its_loss_costs_only_full_handshakes() {
+    let mut p = Pair::start("kernel", "scacher", Share::Redis);
+    for h in [&p.a, &p.b] {
+        h.wait_counter("redis_subscriptions", 1);
+    }
+    p.resumes_across(&p.a, &p.b, "-tls1_2", "redis-tls12-a-to-b");
+    p.resumes_across(&p.b, &p.a, "-tls1_2", "redis-tls12-b-to-a");
+    assert!(p.a.counter("redis_sent") >= 1 && p.b.counter("redis_sent") >= 1);
+
+    // A session B mirrored before Redis goes away.
+    let kept = p.dir.join("kept.pem");
+    let kept = kept.to_str().expect("path");
+    let received = p.b.counter("redis_received");
+    let first = p.openssl(p.a.addr, "-tls1_2", &["-sess_out", kept]);
+    assert!(
+        first.contains("New,") && first.contains("HTTP/1.1 200"),
+        "{first}"
+    );
+    p.b.wait_counter("redis_received", received + 1);
+
+    let failures = |h: &Host| {
+        let c = h.cache();
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        n("redis_errors") + n("redis_timeouts")
+    };
+    let before = [failures(&p.a), failures(&p.b)];
+    p.redis.as_mut().expect("redis").stop();
+
+    for (i, h) in [&p.a, &p.b].into_iter().enumerate() {
+        let out = p.openssl(h.addr, "-tls1_2", &[]);
+        assert!(
+            out.contains("New,") && out.contains("HTTP/1.1 200"),
+            "host {i}: a full handshake without Redis: {out}\n{}",
+            h.tern.stderr_text()
+        );
+        // The subscriber sees the connection close; the writer fails on its next update.
+        let deadline = Instant::now() + WITHIN;
+        while failures(h) <= before[i] {
+            assert!(
+                Instant::now() < deadline,
+                "host {i}: Redis's loss is counted: {}",
+                h.cache()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let again = p.openssl(p.b.addr, "-tls1_2", &["-sess_in", kept]);
+    assert!(
+        again.contains("Reused,"),
+        "a mirrored session resumes without Redis: {again}"
+    );
 }

@@ -1965,6 +1965,10 @@ pub struct FileSessionCache {
     pub peers: Vec<String>,
     /// `key`: file holding the shared HMAC secret (relative to the configuration's directory).
     pub key: Option<PathBuf>,
+    /// `redis`: `redis://HOST:PORT` of the fleet's shared store. Default: no Redis.
+    pub redis: Option<String>,
+    /// `timeout_ms`: the bound on each Redis command (background threads only). Default 5.
+    pub timeout_ms: Option<u64>,
 }
 
 impl Default for FileSessionCache {
@@ -1974,6 +1978,8 @@ impl Default for FileSessionCache {
             listen: None,
             peers: Vec::new(),
             key: None,
+            redis: None,
+            timeout_ms: None,
         }
     }
 }
@@ -1987,6 +1993,7 @@ fn validate_session_cache(
         file.entries_per_worker,
         MAX_SESSION_CACHE_ENTRIES_PER_WORKER,
     )?;
+    let redis = validate_session_cache_redis(file.redis.as_deref(), file.timeout_ms)?;
     let Some(listen) = file.listen else {
         if !file.peers.is_empty() || file.key.is_some() {
             return Err(Invalid::new(
@@ -1997,6 +2004,7 @@ fn validate_session_cache(
         return Ok(crate::session_cache::Settings {
             entries_per_worker,
             sync: None,
+            redis,
         });
     };
     let listen = parse_socket_addr("session_cache.listen", &listen, "peers need a known port")?;
@@ -2060,5 +2068,56 @@ fn validate_session_cache(
             key_path,
             key: secret,
         }),
+        redis,
     })
+}
+
+/// Upper bound for `session_cache.timeout_ms`: a Redis command slower than this is a Redis
+/// that is down, for a cache.
+const MAX_SESSION_CACHE_REDIS_TIMEOUT_MS: u64 = 10_000;
+
+/// `session_cache.redis` and `timeout_ms`: the URL must parse (the redis crate's syntax); the
+/// server need not be up (the backend connects in the background).
+fn validate_session_cache_redis(
+    url: Option<&str>,
+    timeout_ms: Option<u64>,
+) -> Result<Option<crate::session_cache::RedisSettings>, Invalid> {
+    let Some(url) = url else {
+        if timeout_ms.is_some() {
+            return Err(Invalid::new(
+                "session_cache.timeout_ms",
+                "applies to Redis only: set `redis` too, or remove it",
+            ));
+        }
+        return Ok(None);
+    };
+    let settings = crate::session_cache::RedisSettings {
+        url: url.to_string(),
+        timeout: crate::session_cache::DEFAULT_REDIS_TIMEOUT,
+    };
+    if let Err(e) = redis::Client::open(url) {
+        return Err(Invalid::new(
+            "session_cache.redis",
+            format!(
+                "{} is not a Redis URL (redis://HOST:PORT): {e}",
+                settings.display()
+            ),
+        ));
+    }
+    let timeout = match timeout_ms {
+        None => settings.timeout,
+        Some(ms) if (1..=MAX_SESSION_CACHE_REDIS_TIMEOUT_MS).contains(&ms) => {
+            std::time::Duration::from_millis(ms)
+        }
+        Some(ms) => {
+            return Err(Invalid::new(
+                "session_cache.timeout_ms",
+                format!("{ms} is out of range: 1 to {MAX_SESSION_CACHE_REDIS_TIMEOUT_MS}"),
+            ))
+        }
+    };
+    Ok(Some(crate::session_cache::RedisSettings {
+        timeout,
+        ..settings
+    }))
 }

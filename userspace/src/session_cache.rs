@@ -14,8 +14,12 @@
 //! full handshake, which costs far more than the lock) and queues a New update for the peers;
 //! a successful `take` queues a Del.
 //!
-//! Not here: stateless tickets (`tls`), the Redis L2 (not built yet; see docs/architecture.md).
+//! With `[session_cache] redis`, the same updates also go to Redis ([`redis_l2`]), and what
+//! other hosts publish there is mirrored into L2 like the sync's.
+//!
+//! Not here: stateless tickets (`tls`).
 
+pub mod redis_l2;
 pub mod sync;
 
 use std::cell::RefCell;
@@ -24,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, StoresServerSessions};
 
@@ -37,6 +42,40 @@ pub struct Settings {
     pub entries_per_worker: usize,
     /// The UDP fleet sync; `None`: this process shares sessions with no one.
     pub sync: Option<SyncSettings>,
+    /// The Redis backend; `None`: no Redis.
+    pub redis: Option<RedisSettings>,
+}
+
+/// Default `session_cache.timeout_ms`.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(5);
+
+/// `[session_cache]`'s `redis` and `timeout_ms`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (or `rediss://`), checked by the redis crate.
+    pub url: String,
+    /// The bound on each Redis command (connect, write, read), all on background threads.
+    pub timeout: Duration,
+}
+
+impl RedisSettings {
+    /// The URL without its credentials, for logs and messages.
+    pub fn display(&self) -> String {
+        match (self.url.split_once("://"), self.url.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://<credentials>@{host}"),
+            _ => self.url.clone(),
+        }
+    }
+}
+
+// By hand: the URL may hold a password.
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.display())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// `[session_cache]`'s `listen`, `peers` and `key`.
@@ -58,6 +97,7 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("entries_per_worker", &self.entries_per_worker)
             .field("sync", &self.sync)
+            .field("redis", &self.redis)
             .finish()
     }
 }
@@ -127,6 +167,20 @@ shared_counters! {
     sync_dropped,
     /// Sync sends that failed at the socket.
     sync_send_errors,
+    /// Updates written to Redis (SET or DEL, and PUBLISH).
+    redis_sent,
+    /// Updates from other hosts received from Redis and mirrored into L2.
+    redis_received,
+    /// Updates not written to Redis: the queue was full, or Redis was down (a session is only
+    /// worth sharing while it is fresh, so they are not retried).
+    redis_dropped,
+    /// Redis connections or commands that failed (refused, reset, an error reply), and
+    /// malformed messages on the channel.
+    redis_errors,
+    /// Redis connections or commands that took longer than `timeout_ms`.
+    redis_timeouts,
+    /// Successful SUBSCRIBEs to the Redis channel: 1 once connected, one more per reconnection.
+    redis_subscriptions,
     }
 }
 
@@ -145,6 +199,7 @@ pub(crate) fn counters() -> &'static Stats {
 struct Global {
     entries_per_worker: usize,
     sync: Option<sync::Handle>,
+    redis: Option<redis_l2::Handle>,
 }
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
@@ -173,9 +228,14 @@ pub fn install(settings: &Settings) -> std::io::Result<()> {
         Some(s) => Some(sync::start(s)?),
         None => None,
     };
+    let redis = match &settings.redis {
+        Some(r) => Some(redis_l2::start(r)?),
+        None => None,
+    };
     let _ = GLOBAL.set(Global {
         entries_per_worker: settings.entries_per_worker,
         sync,
+        redis,
     });
     Ok(())
 }
@@ -186,11 +246,12 @@ pub fn storage(entries: usize) -> Arc<dyn StoresServerSessions> {
     if entries == 0 {
         return Arc::new(NoServerSessionStorage {});
     }
-    let (per_worker, sync) = match GLOBAL.get() {
-        Some(g) => (g.entries_per_worker, g.sync.clone()),
-        None => (DEFAULT_ENTRIES_PER_WORKER, None),
+    let (per_worker, sync, redis) = match GLOBAL.get() {
+        Some(g) => (g.entries_per_worker, g.sync.clone(), g.redis.clone()),
+        None => (DEFAULT_ENTRIES_PER_WORKER, None, None),
     };
-    let store = Store::new(entries, per_worker, sync);
+    let mut store = Store::new(entries, per_worker, sync);
+    store.redis = redis;
     let mut live = LIVE_L2
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -211,6 +272,7 @@ pub struct Store {
     per_worker: usize,
     l2: Arc<ServerSessionMemoryCache>,
     sync: Option<sync::Handle>,
+    redis: Option<redis_l2::Handle>,
 }
 
 impl std::fmt::Debug for Store {
@@ -219,6 +281,7 @@ impl std::fmt::Debug for Store {
             .field("id", &self.id)
             .field("per_worker", &self.per_worker)
             .field("sync", &self.sync.is_some())
+            .field("redis", &self.redis.is_some())
             .finish()
     }
 }
@@ -235,6 +298,7 @@ impl Store {
             per_worker,
             l2: ServerSessionMemoryCache::new(entries),
             sync,
+            redis: None,
         }
     }
 
@@ -261,6 +325,9 @@ impl StoresServerSessions for Store {
         STATS.stored.fetch_add(1, Ordering::Relaxed);
         if let Some(sync) = &self.sync {
             sync.send(sync::Kind::New, &key, &value);
+        }
+        if let Some(redis) = &self.redis {
+            redis.send(sync::Kind::New, &key, &value);
         }
         self.with_l1(|l1| l1.put(key.clone(), value.clone()));
         self.l2.put(key, value)
@@ -291,6 +358,9 @@ impl StoresServerSessions for Store {
                 STATS.hits_l2.fetch_add(1, Ordering::Relaxed);
                 if let Some(sync) = &self.sync {
                     sync.send(sync::Kind::Del, key, &[]);
+                }
+                if let Some(redis) = &self.redis {
+                    redis.send(sync::Kind::Del, key, &[]);
                 }
                 Some(v)
             }
@@ -359,7 +429,8 @@ impl L1Cache {
     }
 }
 
-/// Called by the sync receiver with an authenticated update from a peer.
+/// Called by the sync receiver with an authenticated update from a peer, and by the Redis
+/// subscriber with another host's update.
 fn apply_remote(kind: sync::Kind, key: Vec<u8>, value: Vec<u8>) {
     for l2 in live_l2() {
         match kind {

@@ -144,3 +144,39 @@ fn remote_updates_reach_the_live_stores_only() {
     apply_remote(Kind::Del, b"remote-key".to_vec(), Vec::new());
     assert_eq!(kept.take(b"remote-key"), None);
 }
+
+#[test]
+fn redis_messages_round_trip_and_malformed_ones_are_refused() {
+    use super::redis_l2::{decode, encode};
+    let msg = encode(9, Kind::New, &[1; 32], &[2; 100]).expect("encodes");
+    assert_eq!(
+        decode(&msg),
+        Some((9, Kind::New, &[1u8; 32][..], &[2u8; 100][..]))
+    );
+    let del = encode(9, Kind::Del, &[3; 32], &[]).expect("encodes");
+    assert_eq!(decode(&del), Some((9, Kind::Del, &[3u8; 32][..], &[][..])));
+    assert!(
+        encode(9, Kind::New, &[0; 256], &[]).is_none(),
+        "key too long"
+    );
+    assert_eq!(decode(&msg[..9]), None, "truncated header");
+    assert_eq!(decode(&msg[..20]), None, "truncated key");
+    let mut bad_kind = msg.clone();
+    bad_kind[8] = 7;
+    assert_eq!(decode(&bad_kind), None);
+}
+
+#[test]
+fn redis_url_credentials_are_hidden() {
+    let s = RedisSettings {
+        url: "redis://user:secret@cache.internal:6379/1".into(),
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
+    assert_eq!(s.display(), "redis://<credentials>@cache.internal:6379/1");
+    assert!(!format!("{s:?}").contains("secret"));
+    let plain = RedisSettings {
+        url: "redis://127.0.0.1:6379".into(),
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
+    assert_eq!(plain.display(), "redis://127.0.0.1:6379");
+}
