@@ -276,6 +276,8 @@ pub struct Config {
     /// `[access_log]`; `None`: no access log.
     pub access_log: Option<AccessLogSettings>,
     pub metrics: Metrics,
+    /// `[session_cache]`: per-worker L1 size and the fleet sync.
+    pub session_cache: crate::session_cache::Settings,
 }
 
 /// `[process]`: who tern runs as once set-up is done (`privileges`).
@@ -485,6 +487,8 @@ pub struct FileConfig {
     pub access_log: FileAccessLog,
     /// `[metrics]`: the Prometheus endpoint. Optional; off by default.
     pub metrics: FileMetrics,
+    /// `[session_cache]`: the session cache's L1 and fleet sync. Optional.
+    pub session_cache: FileSessionCache,
 }
 
 /// The `[process]` table.
@@ -1006,6 +1010,7 @@ impl FileConfig {
             control: validate_control(dir, self.control)?,
             tcp: validate_tcp(self.tcp, &xdp, &limits)?,
             access_log: validate_access_log(dir, self.access_log)?,
+            session_cache: validate_session_cache(dir, self.session_cache)?,
             metrics: Metrics {
                 address: self
                     .metrics
@@ -2124,5 +2129,183 @@ fn validate_access_log(
         path: resolve(dir, &path),
         buffer_lines: file.buffer_lines,
         flush: Duration::from_millis(file.flush_ms),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// [session_cache]
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bound for `session_cache.entries_per_worker` (each entry is a few hundred bytes).
+const MAX_SESSION_CACHE_ENTRIES_PER_WORKER: usize = 1 << 20;
+/// Upper bound for `session_cache.peers`: every session is sent to each of them.
+const MAX_SESSION_CACHE_PEERS: usize = 64;
+
+/// The `[session_cache]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSessionCache {
+    /// `entries_per_worker`: each worker's L1 capacity; 0 turns L1 off. Default 1024.
+    pub entries_per_worker: usize,
+    /// `listen`: the UDP address peers send session updates to. Default: no sync.
+    pub listen: Option<String>,
+    /// `peers`: the other hosts' `listen` addresses.
+    pub peers: Vec<String>,
+    /// `key`: file holding the shared HMAC secret (relative to the configuration's directory).
+    pub key: Option<PathBuf>,
+    /// `redis`: `redis://HOST:PORT` of the fleet's shared store. Default: no Redis.
+    pub redis: Option<String>,
+    /// `timeout_ms`: the bound on each Redis command (background threads only). Default 5.
+    pub timeout_ms: Option<u64>,
+}
+
+impl Default for FileSessionCache {
+    fn default() -> Self {
+        FileSessionCache {
+            entries_per_worker: crate::session_cache::DEFAULT_ENTRIES_PER_WORKER,
+            listen: None,
+            peers: Vec::new(),
+            key: None,
+            redis: None,
+            timeout_ms: None,
+        }
+    }
+}
+
+fn validate_session_cache(
+    dir: &Path,
+    file: FileSessionCache,
+) -> Result<crate::session_cache::Settings, Invalid> {
+    let entries_per_worker = at_most(
+        "session_cache.entries_per_worker",
+        file.entries_per_worker,
+        MAX_SESSION_CACHE_ENTRIES_PER_WORKER,
+    )?;
+    let redis = validate_session_cache_redis(file.redis.as_deref(), file.timeout_ms)?;
+    let Some(listen) = file.listen else {
+        if !file.peers.is_empty() || file.key.is_some() {
+            return Err(Invalid::new(
+                "session_cache.listen",
+                "is required with `peers` or `key` (the address peers send updates to)",
+            ));
+        }
+        return Ok(crate::session_cache::Settings {
+            entries_per_worker,
+            sync: None,
+            redis,
+        });
+    };
+    let listen = parse_socket_addr("session_cache.listen", &listen, "peers need a known port")?;
+    if file.peers.is_empty() {
+        return Err(Invalid::new(
+            "session_cache.peers",
+            "must list at least one peer when `listen` is set",
+        ));
+    }
+    if file.peers.len() > MAX_SESSION_CACHE_PEERS {
+        return Err(Invalid::new(
+            "session_cache.peers",
+            format!(
+                "{} peers is too many; at most {MAX_SESSION_CACHE_PEERS}",
+                file.peers.len()
+            ),
+        ));
+    }
+    let peers = file
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            parse_socket_addr(
+                &format!("session_cache.peers[{i}]"),
+                p,
+                "updates need a known port",
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(key) = file.key else {
+        return Err(Invalid::new(
+            "session_cache.key",
+            "is required with `listen`: updates are authenticated with a shared secret",
+        ));
+    };
+    let key_path = resolve(dir, &key);
+    let secret = std::fs::read(&key_path).map_err(|e| {
+        Invalid::new(
+            "session_cache.key",
+            format!("cannot read {}: {e}", key_path.display()),
+        )
+    })?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < crate::session_cache::sync::MIN_KEY_LEN {
+        return Err(Invalid::new(
+            "session_cache.key",
+            format!(
+                "{}: the secret is {} bytes; at least {} are needed",
+                key_path.display(),
+                secret.len(),
+                crate::session_cache::sync::MIN_KEY_LEN
+            ),
+        ));
+    }
+    Ok(crate::session_cache::Settings {
+        entries_per_worker,
+        sync: Some(crate::session_cache::SyncSettings {
+            listen,
+            peers,
+            key_path,
+            key: secret,
+        }),
+        redis,
+    })
+}
+
+/// Upper bound for `session_cache.timeout_ms`: a Redis command slower than this is a Redis
+/// that is down, for a cache.
+const MAX_SESSION_CACHE_REDIS_TIMEOUT_MS: u64 = 10_000;
+
+/// `session_cache.redis` and `timeout_ms`: the URL must parse (the redis crate's syntax); the
+/// server need not be up (the backend connects in the background).
+fn validate_session_cache_redis(
+    url: Option<&str>,
+    timeout_ms: Option<u64>,
+) -> Result<Option<crate::session_cache::RedisSettings>, Invalid> {
+    let Some(url) = url else {
+        if timeout_ms.is_some() {
+            return Err(Invalid::new(
+                "session_cache.timeout_ms",
+                "applies to Redis only: set `redis` too, or remove it",
+            ));
+        }
+        return Ok(None);
+    };
+    let settings = crate::session_cache::RedisSettings {
+        url: url.to_string(),
+        timeout: crate::session_cache::DEFAULT_REDIS_TIMEOUT,
+    };
+    if let Err(e) = redis::Client::open(url) {
+        return Err(Invalid::new(
+            "session_cache.redis",
+            format!(
+                "{} is not a Redis URL (redis://HOST:PORT): {e}",
+                settings.display()
+            ),
+        ));
+    }
+    let timeout = match timeout_ms {
+        None => settings.timeout,
+        Some(ms) if (1..=MAX_SESSION_CACHE_REDIS_TIMEOUT_MS).contains(&ms) => {
+            std::time::Duration::from_millis(ms)
+        }
+        Some(ms) => {
+            return Err(Invalid::new(
+                "session_cache.timeout_ms",
+                format!("{ms} is out of range: 1 to {MAX_SESSION_CACHE_REDIS_TIMEOUT_MS}"),
+            ))
+        }
+    };
+    Ok(Some(crate::session_cache::RedisSettings {
+        timeout,
+        ..settings
     }))
 }

@@ -804,6 +804,7 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
         "workers": workers,
         "xdp": xdp,
         "backends": backends_snapshot(state),
+        "session_cache": crate::session_cache::stats(),
         "bypass": {
             "total": bypass_total,
             "proxy": proxy_total,

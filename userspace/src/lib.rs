@@ -51,6 +51,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
+pub mod session_cache;
 pub mod supervise;
 pub mod sys;
 pub mod tcp;

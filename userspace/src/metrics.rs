@@ -365,6 +365,10 @@ impl Collector for Exporter {
             .collect();
         encode_rows(&mut encoder, "tern_ticket", &rows)?;
 
+        // Process-wide: one series without labels.
+        let rows: Rows = vec![(Vec::new(), crate::session_cache::stats().fields())];
+        encode_rows(&mut encoder, "tern_session_cache", &rows)?;
+
         encode_backend_servers(&mut encoder, state)?;
 
         let report = state.latency.report();

@@ -330,6 +330,13 @@ pub fn restart_needed(
     if old.control != new.control {
         refused.push(restart(new, "control", "changing the control socket"));
     }
+    if old.session_cache != new.session_cache {
+        refused.push(restart(
+            new,
+            "session_cache",
+            "changing [session_cache] (its sync socket and L1s are set up at start)",
+        ));
+    }
     if old.metrics != new.metrics {
         refused.push(restart(new, "metrics", "moving the metrics endpoint"));
     }

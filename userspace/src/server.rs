@@ -72,6 +72,9 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
     crate::privileges::set_no_new_privs().context("setting PR_SET_NO_NEW_PRIVS")?;
     supervise::install_panic_hook();
     crate::fault::init().map_err(|e| anyhow!(e))?;
+    // Before the first TLS configuration: its session store takes the L1 size and the sync.
+    crate::session_cache::install(&config.session_cache)
+        .context("starting the session cache sync")?;
     // Only listeners with `tls = true` need certificates (validation made sure they exist).
     let tls = if config.listeners.iter().any(|l| l.tls) {
         Some(

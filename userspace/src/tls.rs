@@ -27,10 +27,7 @@ use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::DnsName;
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
-    WebPkiClientVerifier,
-};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CipherSuite, InconsistentKeys, ProtocolVersion, ServerConfig, ServerConnection,
@@ -164,11 +161,8 @@ pub fn server_config(
     // "equal-preference" groups to honour that selectively).
     cfg.ignore_client_order = true;
 
-    cfg.session_storage = if settings.session_cache_entries > 0 {
-        ServerSessionMemoryCache::new(settings.session_cache_entries)
-    } else {
-        Arc::new(NoServerSessionStorage {})
-    };
+    // Per-worker L1 over a per-process L2, fed by the fleet sync (`session_cache`).
+    cfg.session_storage = crate::session_cache::storage(settings.session_cache_entries);
     if settings.tickets {
         cfg.ticketer = match &settings.ticket_keys {
             // Keys from `[tls] ticket_keys`, shared with every process that reads the file.

@@ -39,8 +39,10 @@ const PACKAGES: &[&str] = &[
 /// Debian packages only the tests call, installed by `cargo xtask test` and not by `run`:
 /// `prometheus` for `promtool check metrics` (tests/tests/metrics.rs). Debian ships promtool
 /// only in it; the Prometheus server it also brings is started by systemd where systemd runs
-/// (a CI container has none), which is why `run` does not install it.
-const TEST_PACKAGES: &[&str] = &["prometheus"];
+/// (a CI container has none), which is why `run` does not install it. `redis-server` for the
+/// session cache's Redis backend (tests/tests/session_cache.rs starts its own, in the test's
+/// namespace; the packaged service is not used).
+const TEST_PACKAGES: &[&str] = &["prometheus", "redis-server"];
 
 /// (toolchain, component) pairs rustup must have.
 const COMPONENTS: &[(&str, &str)] = &[

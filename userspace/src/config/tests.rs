@@ -1501,3 +1501,37 @@ fn ticket_keys_file_is_read_and_checked() {
         "tls.tickets is false",
     );
 }
+
+#[test]
+fn session_cache_redis_is_checked_and_needs_no_running_server() {
+    let fx = Fixture::new("scache-redis");
+    let c = fx.ok(&minimal_with(
+        "[session_cache]\nredis = \"redis://127.0.0.1:1\"\ntimeout_ms = 50",
+    ));
+    let redis = c.session_cache.redis.expect("redis settings");
+    assert_eq!(redis.timeout, std::time::Duration::from_millis(50));
+    let c = fx.ok(&minimal_with(
+        "[session_cache]\nredis = \"redis://:hunter2@10.0.0.9:6379/2\"",
+    ));
+    let redis = c.session_cache.redis.as_ref().expect("redis settings");
+    assert_eq!(redis.timeout, crate::session_cache::DEFAULT_REDIS_TIMEOUT);
+    assert!(
+        !format!("{:?}", c.session_cache).contains("hunter2"),
+        "the password never reaches Debug"
+    );
+    fx.rejects(
+        &minimal_with("[session_cache]\nredis = \"http://example.test\""),
+        "session_cache.redis",
+        "is not a Redis URL",
+    );
+    fx.rejects(
+        &minimal_with("[session_cache]\nredis = \"redis://127.0.0.1:6379\"\ntimeout_ms = 0"),
+        "session_cache.timeout_ms",
+        "out of range",
+    );
+    fx.rejects(
+        &minimal_with("[session_cache]\ntimeout_ms = 5"),
+        "session_cache.timeout_ms",
+        "applies to Redis only",
+    );
+}
