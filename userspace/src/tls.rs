@@ -532,7 +532,11 @@ impl SniResolver {
     }
 
     /// Whether the client can verify a signature by `key` (one of its signature schemes fits
-    /// the key) and, for TLS 1.2, shares a cipher suite made for the key's type.
+    /// the key), shares a cipher suite usable with the key's type, and — for an ECDSA key —
+    /// lists its curve among its groups. The last is RFC 8422 §5.1's rule for TLS 1.2 (where
+    /// `ecdsa_secp256r1_sha256` does not name a curve); rustls's `ClientHello` does not say
+    /// which version will be negotiated, so it applies to TLS 1.3 clients too: one whose
+    /// groups leave the curve out gets another key type when there is one, which it can use.
     fn client_supports(&self, key: &CertifiedKey, hello: &ClientHello<'_>) -> bool {
         let algorithm = key.key.algorithm();
         key.key.choose_scheme(hello.signature_schemes()).is_some()
@@ -541,6 +545,40 @@ impl SniResolver {
                     .iter()
                     .any(|s| s.suite() == *offered && s.usable_for_signature_algorithm(algorithm))
             })
+            && curve_offered(key, hello)
+    }
+}
+
+/// Whether an ECDSA `key`'s curve is among the client's supported groups (any other key, or a
+/// client that sent no groups, passes).
+fn curve_offered(key: &CertifiedKey, hello: &ClientHello<'_>) -> bool {
+    use rustls::{NamedGroup, SignatureScheme};
+    if key.key.algorithm() != SignatureAlgorithm::ECDSA {
+        return true;
+    }
+    let Some(groups) = hello.named_groups() else {
+        return true;
+    };
+    // A signing key offers exactly the scheme of its own curve.
+    let curve = [
+        (
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            NamedGroup::secp256r1,
+        ),
+        (
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            NamedGroup::secp384r1,
+        ),
+        (
+            SignatureScheme::ECDSA_NISTP521_SHA512,
+            NamedGroup::secp521r1,
+        ),
+    ]
+    .into_iter()
+    .find(|(scheme, _)| key.key.choose_scheme(&[*scheme]).is_some());
+    match curve {
+        Some((_, group)) => groups.contains(&group),
+        None => true,
     }
 }
 

@@ -255,6 +255,24 @@ fn ecdsa_and_rsa_certificates_for_one_name_are_chosen_by_the_client() {
     let client = Arc::new(client_with(rsa_suites, TLS12_ONLY));
     let (c, _) = handshake(&server, &client, Some("site.example"));
     assert_eq!(leaf(&c), leaf_of(0));
+    // Groups that leave out the ECDSA certificate's curve (P-256): RFC 8422 §5.1 rules that
+    // certificate out for TLS 1.2, so the RSA one is served; tern cannot tell the version at
+    // that point, so a TLS 1.3 client gets RSA too (which it can use).
+    let p384_only = || CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::SECP384R1],
+        ..provider()
+    };
+    let client = Arc::new(client_with(p384_only(), TLS12_ONLY));
+    let (c, _) = handshake(&server, &client, Some("site.example"));
+    assert_eq!(leaf(&c), leaf_of(0), "TLS 1.2 without P-256 gets RSA");
+    let client = Arc::new(client_with(p384_only(), TLS13_ONLY));
+    let (c, _) = handshake(&server, &client, Some("site.example"));
+    assert_eq!(leaf(&c), leaf_of(0), "TLS 1.3 as well");
+    // With only the ECDSA certificate, it is still served (the one there is).
+    let only_ecdsa = build(&certs[1..], &settings());
+    let client = Arc::new(client_with(p384_only(), TLS13_ONLY));
+    let (c, _) = handshake(&only_ecdsa, &client, Some("site.example"));
+    assert_eq!(leaf(&c), leaf_of(1), "no other choice");
 }
 
 #[test]
