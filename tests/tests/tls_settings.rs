@@ -504,18 +504,30 @@ fn strict_sni_suites_and_groups(path: Path, tag: &str) {
     s.expect_counter("sni_refused", 3);
 
     // The known name works; the suite is tern's choice, the group the only one enabled
-    // (the client's X25519 key share is answered with a HelloRetryRequest).
+    // (the client's X25519 key share is answered with a HelloRetryRequest). The client's
+    // groups leave out P-256, the ECDSA certificate's curve: tern serves the RSA one (RFC 8422
+    // §5.1 for TLS 1.2; tern cannot tell the version when it chooses).
     let c = s.s_client_ok(&["-groups", "X25519:secp384r1"]);
     assert!(
-        c.served_is(&s.ecdsa)
+        c.served_is(&s.rsa)
             && c.text.contains("Cipher is TLS_CHACHA20_POLY1305_SHA256")
             && c.line("Server Temp Key").contains("secp384r1"),
         "ChaCha20 and secp384r1 ({}):\n{}",
         c.line("Server Temp Key"),
         c.text
     );
-    // TLS 1.2 clients (openssl) also hold the certificate's curve to their group list (RFC 8422
-    // §5.1), so this one offers P-256 too; tern still picks the only group it enables.
+    // TLS 1.2 clients (openssl) hold the certificate's curve to their group list (RFC 8422
+    // §5.1): without P-256 they get the RSA certificate, with it the ECDSA one; tern still
+    // picks the only group it enables.
+    let c12 = s.s_client_ok(&["-tls1_2", "-groups", "X25519:secp384r1"]);
+    assert!(
+        c12.served_is(&s.rsa)
+            && c12.text.contains("ECDHE-RSA-CHACHA20-POLY1305")
+            && c12.line("Server Temp Key").contains("secp384r1"),
+        "TLS 1.2 without P-256: RSA, ChaCha20 and secp384r1 ({}):\n{}",
+        c12.line("Server Temp Key"),
+        c12.text
+    );
     let c12 = s.s_client_ok(&["-tls1_2", "-groups", "X25519:prime256v1:secp384r1"]);
     assert!(
         c12.text.contains("ECDHE-ECDSA-CHACHA20-POLY1305")
