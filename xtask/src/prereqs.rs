@@ -39,8 +39,9 @@ const PACKAGES: &[&str] = &[
 /// Debian packages only the tests call, installed by `cargo xtask test` and not by `run`:
 /// `prometheus` for `promtool check metrics` (tests/tests/metrics.rs). Debian ships promtool
 /// only in it; the Prometheus server it also brings is started by systemd where systemd runs
-/// (a CI container has none), which is why `run` does not install it.
-const TEST_PACKAGES: &[&str] = &["prometheus"];
+/// (a CI container has none), which is why `run` does not install it. `testssl.sh` for the
+/// external TLS audit (tests/tests/audit.rs).
+const TEST_PACKAGES: &[&str] = &["prometheus", "testssl.sh"];
 
 /// (toolchain, component) pairs rustup must have.
 const COMPONENTS: &[(&str, &str)] = &[
