@@ -41,8 +41,9 @@ const PACKAGES: &[&str] = &[
 /// only in it; the Prometheus server it also brings is started by systemd where systemd runs
 /// (a CI container has none), which is why `run` does not install it. `redis-server` for the
 /// session cache's Redis backend (tests/tests/session_cache.rs starts its own, in the test's
-/// namespace; the packaged service is not used).
-const TEST_PACKAGES: &[&str] = &["prometheus", "redis-server"];
+/// namespace; the packaged service is not used); `testssl.sh` for the external TLS audit
+/// (tests/tests/audit.rs).
+const TEST_PACKAGES: &[&str] = &["prometheus", "redis-server", "testssl.sh"];
 
 /// (toolchain, component) pairs rustup must have.
 const COMPONENTS: &[(&str, &str)] = &[

@@ -3,8 +3,14 @@
 //! Owns: what each peer is told so that the comparison is like for like — TLS 1.3 only, X25519
 //! only, TLS_AES_128_GCM_SHA256 only, the same ECDSA P-256 certificate, ALPN `http/1.1`, one
 //! worker (process or thread) on the target core, a listen backlog of [`BACKLOG`], session
-//! tickets left at each server's default (all of them issue TLS 1.3 tickets; the load generators
-//! never use them in new-connection mode), and the same plain HTTP/1.1 backend. Does not own:
+//! resumption by each server's own mechanism at its defaults, and the same plain HTTP/1.1
+//! backend. Resumption, used only by the resumed figure (new-connection mode never offers a
+//! session): every peer issues stateless TLS 1.3 tickets with a key of its own process —
+//! tern through rustls's ticketer; hitch and nginx through OpenSSL's default (tickets on,
+//! `SSL_OP_NO_TICKET` never set; nginx's `ssl_session_tickets` defaults to on); haproxy with
+//! `tls-tickets` on by default (no `no-tls-tickets` on the bind line) plus its shared session
+//! cache (`tune.ssl.cachesize`, 20,000 by default). The bench's tern-load counts every
+//! connection that did not resume, and the report prints that count. Does not own:
 //! starting the processes or checking the files (the bench runs each peer's own checker —
 //! `hitch --test`, `haproxy -c`, `nginx -t`, `tern check-config` — inside the server namespace
 //! before measuring, see [`super::targets`]).

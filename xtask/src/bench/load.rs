@@ -46,6 +46,11 @@ pub struct LoadReport {
     pub latency: Option<Latency>,
     /// Idle mode: connections whose handshake completed.
     pub idle_established: Option<u64>,
+    /// Handshakes in the window that resumed a session (tern-load only; 0 from h2load).
+    pub resumed: u64,
+    /// Handshakes in the window that were full ones: in resumed mode, the connections that
+    /// offered a session the server did not take (tern-load only; 0 from h2load).
+    pub full: u64,
 }
 
 /// What a run asks for.
@@ -57,6 +62,9 @@ pub enum Workload {
     KeepAlive,
     /// Large GETs on long-lived connections.
     Bulk,
+    /// As [`Workload::NewConn`], but every connection resumes a TLS 1.3 session (a ticket
+    /// from an earlier connection; tern-load counts the handshakes that did not resume).
+    Resumed,
 }
 
 impl Workload {
@@ -65,6 +73,7 @@ impl Workload {
             Workload::NewConn => "new-conn",
             Workload::KeepAlive => "keepalive",
             Workload::Bulk => "bulk",
+            Workload::Resumed => "resumed",
         }
     }
 }
@@ -188,6 +197,13 @@ struct TernLoadJson {
     bytes: TlBytes,
     latency_us: Option<TlLatency>,
     idle: Option<TlIdle>,
+    handshakes: Option<TlHandshakes>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TlHandshakes {
+    full: u64,
+    resumed: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +266,8 @@ pub fn parse_tern_load(text: &str) -> Result<LoadReport> {
             max_us: l.max,
         }),
         idle_established: j.idle.map(|i| i.established),
+        resumed: j.handshakes.as_ref().map_or(0, |h| h.resumed),
+        full: j.handshakes.as_ref().map_or(0, |h| h.full),
     })
 }
 
@@ -305,7 +323,7 @@ impl TernLoad {
     ) -> Vec<String> {
         let mut args = self.common(workload.name(), path);
         let count_flag = match workload {
-            Workload::NewConn => "--concurrency",
+            Workload::NewConn | Workload::Resumed => "--concurrency",
             Workload::KeepAlive | Workload::Bulk => "--connections",
         };
         args.extend([

@@ -252,6 +252,34 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
     );
 
     out.push_str(
+        "\n### Resumed connections\n\nThe same transaction, but each connection resumes a TLS 1.3 \
+         session (PSK with (EC)DHE: X25519 again, no certificate, no signature) from a ticket an \
+         earlier connection got, each target with its own ticket mechanism at its defaults; \
+         sessions are primed before the window. The last row counts the connections in the \
+         window that did not resume (a full handshake instead).\n\n",
+    );
+    out.push_str(&header("", &targets));
+    figure_rows(
+        &mut out,
+        &targets,
+        |t| &t.resumed,
+        Unit::PerOp,
+        ("transactions/s", "µs/transaction"),
+        None,
+    );
+    let mut not_resumed = vec!["not resumed / resumed".to_owned()];
+    not_resumed.extend(targets.iter().map(|t| {
+        let (full, resumed) = t.resumed.iter().fold((0, 0), |(f, r), m| {
+            (f + m.report.full, r + m.report.resumed)
+        });
+        if t.resumed.is_empty() {
+            "—".to_owned()
+        } else {
+            format!("{} / {}", fmt_num(full as f64), fmt_num(resumed as f64))
+        }
+    }));
+    out.push_str(&row(&not_resumed));
+    out.push_str(
         "\n### Keep-alive requests\n\n`GET /bytes/1024` on open connections, closed loop.\n\n",
     );
     out.push_str(&header("", &targets));

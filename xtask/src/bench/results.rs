@@ -182,6 +182,8 @@ pub struct TargetResult {
     pub new_conn: Vec<Measurement>,
     pub keepalive: Vec<Measurement>,
     pub bulk: Vec<Measurement>,
+    /// New connections that resume a TLS 1.3 session (each target's own ticket mechanism).
+    pub resumed: Vec<Measurement>,
     pub latency: Vec<LatencyPoint>,
     pub idle: IdleResult,
 }
@@ -198,6 +200,7 @@ impl TargetResult {
             new_conn: Vec::new(),
             keepalive: Vec::new(),
             bulk: Vec::new(),
+            resumed: Vec::new(),
             latency: Vec::new(),
             idle: IdleResult::default(),
         }
