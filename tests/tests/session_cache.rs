@@ -4,7 +4,8 @@
 //! a peer must refuse: a forged one (bad MAC) and a replayed one, counted in `tern ctl stats`.
 //! On the kernel path (both terns), and with the first tern's listener on the bypass path.
 //! Then the same pair sharing sessions through a Redis server instead (`[session_cache] redis`),
-//! which is stopped halfway: handshakes go on in full, and the counters say why.
+//! TLS 1.2 and 1.3, on the kernel path and with A on the bypass path; on the kernel path Redis
+//! is then stopped: handshakes go on in full, and the counters say why.
 
 mod support;
 
@@ -413,18 +414,26 @@ fn bypass_sessions_resume_on_the_peer_and_bad_datagrams_are_refused() {
     sync_case("bypass", "scacheb");
 }
 
-/// Two terns sharing sessions through Redis: a TLS 1.2 session made on A resumes on B. Then
-/// Redis is killed: new handshakes on both still succeed (in full), a session already mirrored
-/// still resumes (lookups are local), and the failures are counted, not shown to clients.
-#[test]
-fn redis_shares_sessions_and_its_loss_costs_only_full_handshakes() {
-    let mut p = Pair::start("kernel", "scacher", Share::Redis);
+/// Through Redis, both directions: TLS 1.2 session ids and TLS 1.3 stateful resumption (the
+/// pair issues no tickets, so a TLS 1.3 "ticket" is an id into the cache Redis fed).
+fn redis_resumes(p: &Pair) {
     for h in [&p.a, &p.b] {
         h.wait_counter("redis_subscriptions", 1);
     }
     p.resumes_across(&p.a, &p.b, "-tls1_2", "redis-tls12-a-to-b");
     p.resumes_across(&p.b, &p.a, "-tls1_2", "redis-tls12-b-to-a");
-    assert!(p.a.counter("redis_sent") >= 1 && p.b.counter("redis_sent") >= 1);
+    p.resumes_across(&p.a, &p.b, "-tls1_3", "redis-tls13-a-to-b");
+    p.resumes_across(&p.b, &p.a, "-tls1_3", "redis-tls13-b-to-a");
+    assert!(p.a.counter("redis_sent") >= 2 && p.b.counter("redis_sent") >= 2);
+}
+
+/// Two terns sharing sessions through Redis: sessions made on one resume on the other. Then
+/// Redis is killed: new handshakes on both still succeed (in full), a session already mirrored
+/// still resumes (lookups are local), and the failures are counted, not shown to clients.
+#[test]
+fn redis_shares_sessions_and_its_loss_costs_only_full_handshakes() {
+    let mut p = Pair::start("kernel", "scacher", Share::Redis);
+    redis_resumes(&p);
 
     // A session B mirrored before Redis goes away.
     let kept = p.dir.join("kept.pem");
@@ -468,4 +477,16 @@ fn redis_shares_sessions_and_its_loss_costs_only_full_handshakes() {
         again.contains("Reused,"),
         "a mirrored session resumes without Redis: {again}"
     );
+}
+
+/// As above with A's listener on the bypass path (B on the kernel path): the bypass path's
+/// sessions reach Redis and the kernel path's come back from it.
+#[test]
+fn bypass_sessions_resume_on_the_peer_through_redis() {
+    let p = Pair::start("bypass", "scacherb", Share::Redis);
+    redis_resumes(&p);
+    // A's connections above were the bypass path's, not the kernel listener's.
+    let st = p.a.stats();
+    let closed = st["bypass"]["proxy"]["closed"].as_u64().unwrap_or(0);
+    assert!(closed >= 4, "A served on the bypass path: {st}");
 }
