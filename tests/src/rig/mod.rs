@@ -1,5 +1,6 @@
 //! The veth/netns rig: network namespaces ([`Netns`]) and a client namespace joined to a server
-//! side by one veth pair ([`Rig`]), plus the [`TernProcess`] and [`TempDir`] guards.
+//! side by one veth pair ([`Rig`]), a veth pair between any two namespaces ([`NsLink`], e.g.
+//! two rigs' server namespaces as two hosts), plus the [`TernProcess`] and [`TempDir`] guards.
 //!
 //! Owns: creating and deleting namespaces, veth pairs and their IPv4 addresses with `ip`
 //! (iproute2), and entering a namespace from a thread with `setns(2)`. It does not own what runs
@@ -218,6 +219,96 @@ impl Drop for Netns {
             // Never panic in drop (it may run while unwinding); say what was left behind.
             eprintln!("rig: could not delete namespace {}: {e}", self.name);
         }
+    }
+}
+
+/// A veth pair joining two namespaces ([`Netns::link_to`]), each end with an address of a /24
+/// of its own (`.1` in the first namespace, `.2` in the other): two "hosts" on one wire.
+///
+/// Drop deletes the pair (deleting one end deletes both); declare it before the namespaces it
+/// joins so that it goes first.
+#[derive(Debug)]
+pub struct NsLink {
+    /// The namespace of [`NsLink::local_if`] (the one `link_to` was called on).
+    local_ns: String,
+    /// The end in the namespace `link_to` was called on. ≤ 15 bytes.
+    pub local_if: String,
+    /// The end in the other namespace. ≤ 15 bytes.
+    pub remote_if: String,
+    /// `<subnet>.1/24` on `local_if`.
+    pub local_ip: Ipv4Addr,
+    /// `<subnet>.2/24` on `remote_if`.
+    pub remote_ip: Ipv4Addr,
+}
+
+impl NsLink {
+    /// `(local_ip, remote_ip)`.
+    pub fn addrs(&self) -> (Ipv4Addr, Ipv4Addr) {
+        (self.local_ip, self.remote_ip)
+    }
+}
+
+impl Drop for NsLink {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["-n", &self.local_ns, "link", "del", &self.local_if]) {
+            eprintln!("rig: could not delete veth {}: {e}", self.local_if);
+        }
+    }
+}
+
+impl Netns {
+    /// Joins this namespace to `other` by a new veth pair (MTU [`RIG_MTU`], both ends up) with
+    /// a /24 of its own, so that processes in the two reach each other over a link rather than
+    /// a shared loopback. Panics if `ip` fails (the pair, once made, is deleted on unwind).
+    #[track_caller]
+    pub fn link_to(&self, other: &Netns) -> NsLink {
+        let id = next_id();
+        let pid = std::process::id();
+        // Same scheme as the rig's veths, with "a"/"b" ends: unique per process and call.
+        let base = format!("t{pid:x}-{id:x}");
+        let (local_if, remote_if) = (format!("{base}a"), format!("{base}b"));
+        assert!(
+            local_if.len() <= 15,
+            "rig: interface name {local_if} is longer than IFNAMSIZ - 1"
+        );
+        // Both ends live in namespaces of ours, so no host route can clash with the subnet.
+        let subnet = pick_subnet(pid, id, false);
+        let mtu = RIG_MTU.to_string();
+        ip_ok(&[
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            &local_if,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &remote_if,
+            "mtu",
+            &mtu,
+            "netns",
+            &other.name,
+        ]);
+        // From here on Drop deletes the pair, also if an address or `up` below fails.
+        let link = NsLink {
+            local_ns: self.name.clone(),
+            local_if,
+            remote_if,
+            local_ip: Ipv4Addr::new(10, subnet[0], subnet[1], 1),
+            remote_ip: Ipv4Addr::new(10, subnet[0], subnet[1], 2),
+        };
+        for (ns, interface, addr) in [
+            (self, &link.local_if, link.local_ip),
+            (other, &link.remote_if, link.remote_ip),
+        ] {
+            let cidr = format!("{addr}/24");
+            ip_ok(&["-n", &ns.name, "addr", "add", &cidr, "dev", interface]);
+            ip_ok(&["-n", &ns.name, "link", "set", interface, "up"]);
+        }
+        link
     }
 }
 
