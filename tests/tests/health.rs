@@ -51,24 +51,9 @@ impl Health {
     fn start(path: Path, tag: &str, backends: &[SocketAddr], rig: Rig, dir: TempDir) -> Health {
         let cert = write_self_signed(dir.path(), "default", &[NAME], KeyKind::EcdsaP256);
         let control = dir.join("tern.sock");
-        let listeners = match path {
-            Path::Kernel => format!(
-                "[[listener]]\naddress = \"{}\"\n",
-                rig.server_addr(KERNEL_PORT)
-            ),
-            // The kernel listener attaches XDP and answers the readiness probe.
-            Path::Bypass => format!(
-                "[[listener]]\naddress = \"{k}\"\ninterface = \"{i}\"\n\n\
-                 [[listener]]\naddress = \"{b}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n",
-                k = rig.server_addr(KERNEL_PORT),
-                b = rig.server_addr(BYPASS_PORT),
-                i = rig.server_if,
-            ),
-        };
-        let bypass = match path {
-            Path::Kernel => "",
-            Path::Bypass => "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n",
-        };
+        // The bypass path's kernel listener attaches XDP and answers the readiness probe.
+        let (listeners, bypass) =
+            path_listeners(path == Path::Bypass, &rig, KERNEL_PORT, BYPASS_PORT);
         // One server as a plain string, one as a table: both forms in use.
         let servers = format!(
             "\"{}\", {{ address = \"{}\", weight = 1 }}",

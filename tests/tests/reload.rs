@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 use support::{
-    assert_ok, echo_request, echo_round_trip, load, server_listener, tls_connect, Tls, NAME,
+    assert_ok, echo_request, echo_round_trip, load, path_listeners, server_listener, tls_connect,
+    Tls, NAME,
 };
 use tern_tests::backend::Backend;
 use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
@@ -230,24 +231,8 @@ impl Reloadable {
 
 /// The configuration file for `path` (kernel or bypass listener) in version `v`.
 fn config(path: Path, rig: &Rig, site: &CertFiles, control: &FsPath, v: Version<'_>) -> String {
-    let listeners = match path {
-        Path::Kernel => format!(
-            "[[listener]]\naddress = \"{}\"\n",
-            rig.server_addr(KERNEL_PORT)
-        ),
-        // The kernel listener attaches XDP and answers the readiness probe.
-        Path::Bypass => format!(
-            "[[listener]]\naddress = \"{k}\"\ninterface = \"{i}\"\n\n\
-             [[listener]]\naddress = \"{b}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n",
-            k = rig.server_addr(KERNEL_PORT),
-            b = rig.server_addr(BYPASS_PORT),
-            i = rig.server_if,
-        ),
-    };
-    let bypass = match path {
-        Path::Kernel => "",
-        Path::Bypass => "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n",
-    };
+    // The bypass path's kernel listener attaches XDP and answers the readiness probe.
+    let (listeners, bypass) = path_listeners(path == Path::Bypass, rig, KERNEL_PORT, BYPASS_PORT);
     let servers: Vec<String> = v.backends.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         "{listeners}\n\

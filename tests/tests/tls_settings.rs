@@ -23,7 +23,8 @@ use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, NamedGroup, RootCertStore};
 use support::{
-    assert_ok, client_config, echo_request, echo_round_trip, server_listener, tls_connect, NAME,
+    assert_ok, client_config, echo_request, echo_round_trip, path_listeners, server_listener,
+    tls_connect, NAME,
 };
 use tern_tests::backend::Backend;
 use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
@@ -326,24 +327,8 @@ fn config(
     backend: SocketAddr,
     tls: &str,
 ) -> String {
-    let listeners = match path {
-        Path::Kernel => format!(
-            "[[listener]]\naddress = \"{}\"\n",
-            rig.server_addr(KERNEL_PORT)
-        ),
-        // The kernel listener attaches XDP and answers the readiness probe.
-        Path::Bypass => format!(
-            "[[listener]]\naddress = \"{k}\"\ninterface = \"{i}\"\n\n\
-             [[listener]]\naddress = \"{b}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n",
-            k = rig.server_addr(KERNEL_PORT),
-            b = rig.server_addr(BYPASS_PORT),
-            i = rig.server_if,
-        ),
-    };
-    let bypass = match path {
-        Path::Kernel => "",
-        Path::Bypass => "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n",
-    };
+    // The bypass path's kernel listener attaches XDP and answers the readiness probe.
+    let (listeners, bypass) = path_listeners(path == Path::Bypass, rig, KERNEL_PORT, BYPASS_PORT);
     format!(
         "{listeners}\n\
          [[certificate]]\ncert = \"{ec}\"\nkey = \"{eck}\"\ndefault = true\n\n\

@@ -452,3 +452,30 @@ fn load_until(
     }
     seen
 }
+
+/// The listeners of a test on one data path: kernel, one listener on `kernel_port`; bypass, a
+/// kernel listener on `kernel_port` that attaches XDP to the rig's server interface and answers
+/// the readiness probe, plus a `mode = "bypass"` listener on `bypass_port`. With it, the `[xdp]`
+/// table the bypass path needs on the rig (no hugepages, a small UMEM); empty for kernel.
+pub fn path_listeners(
+    bypass: bool,
+    rig: &Rig,
+    kernel_port: u16,
+    bypass_port: u16,
+) -> (String, &'static str) {
+    if !bypass {
+        let l = format!(
+            "[[listener]]\naddress = \"{}\"\n",
+            rig.server_addr(kernel_port)
+        );
+        return (l, "");
+    }
+    let l = format!(
+        "[[listener]]\naddress = \"{k}\"\ninterface = \"{i}\"\n\n\
+         [[listener]]\naddress = \"{b}\"\nmode = \"bypass\"\ninterface = \"{i}\"\n",
+        k = rig.server_addr(kernel_port),
+        b = rig.server_addr(bypass_port),
+        i = rig.server_if,
+    );
+    (l, "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n")
+}
