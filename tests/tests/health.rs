@@ -253,6 +253,14 @@ fn dead_backend_is_skipped_then_comes_back(path: Path, tag: &str) {
         n(&after["connects"]) > n(&before["connects"]),
         "A takes connections again: {before} -> {after}"
     );
+    // The clients have closed; tern ends each connection (and gives its hold back) when it
+    // sees the close, which may be just after the client returned: wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = after;
+    while n(&after["active"]) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = h.server(a_addr);
+    }
     assert_eq!(n(&after["active"]), 0, "every hold given back: {after}");
     let c = h.counters();
     assert_eq!(n(&c["backend_all_down"]), 0, "{c}");
