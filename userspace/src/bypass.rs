@@ -18,12 +18,16 @@
 //! flow's one worker. Packets never move between workers; only frame indices go home when a
 //! frame that another worker's fill ring supplied is done with (see `xsk`).
 //!
-//! Adaptive polling: a worker busy-polls while frames flow. After `xdp.idle_spin` without a
+//! Adaptive polling: a worker busy-polls while frames flow. After the spin the polling policy
+//! allows ([`spin::SpinPolicy`]: none while the gaps between bursts are longer than a sleep and
+//! wake-up cost, at most that cost otherwise, never more than `xdp.idle_spin_us`) without a
 //! frame (and with nothing left for the kernel to transmit and no returned frames to take back)
 //! it sleeps in `poll(2)` on all its AF_XDP sockets plus its eventfd ([`Waker`]: other workers
 //! handing it work, shutdown, and the handler's io_uring), at most [`SLEEP`] at a time so
 //! it also sees the shutdown flags on its own. A wakeup that brings no frame puts it back to
 //! sleep after one turn, so an idle worker costs one turn per [`SLEEP`] and nothing else.
+//! Each turn's time (the one clock read per turn, end to end) is counted as work or spin, and
+//! each sleep's wall time and thread CPU (`work_ns`, `spin_ns`, `sleep_ns`, `sleep_cpu_ns`).
 //!
 //! Shutdown: `Shutdown::stop` ends the loop at once. `Shutdown::drain` first asks the handler
 //! to drain ([`FrameHandler::drain`]: no new connections, open ones finish) until it has
@@ -36,6 +40,7 @@
 //! Not here: the rings and frames (`xsk`), the XDP program (`xdp`).
 
 pub mod proxy;
+pub mod spin;
 #[cfg(test)]
 mod tests;
 pub mod xdp;
@@ -49,12 +54,13 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::bypass::spin::SpinPolicy;
 use crate::bypass::xdp::{XdpError, XdpProgram};
 use crate::bypass::xsk::{
     BindMode, Disposition, FrameAccount, KernelStats, PageKind, RxFrame, TurnStats, TxQueue, Xsk,
     XskError,
 };
-use crate::config::{HugePages, XdpSettings};
+use crate::config::{HugePages, SpinMode, XdpSettings};
 use crate::server::Shutdown;
 
 pub use crate::bypass::xsk::Waker;
@@ -167,6 +173,18 @@ crate::counters::single_writer_counters! {
     sleeps,
     /// Loop turns (each visits every socket once).
     busy_turns,
+    /// Nanoseconds of turns that did work (received frames, or the handler worked: completions,
+    /// timers, the stack's news), by the loop's one clock read per turn: wall time, which is
+    /// the worker's CPU time unless it was preempted.
+    work_ns,
+    /// Nanoseconds of turns that found nothing: busy-polling after the last frame, and the one
+    /// turn after a wake-up that brought no work.
+    spin_ns,
+    /// Nanoseconds asleep in `poll` (wall time, from before the call to after its return).
+    sleep_ns,
+    /// Thread CPU nanoseconds spent in those `poll` calls: what sleeping and waking cost the
+    /// worker (the adaptive polling policy weighs spinning against it).
+    sleep_cpu_ns,
     /// 1 if this worker's UMEM fell back to 4 KiB pages under `hugepages = "auto"`.
     hugepage_fallback,
     /// Gauge: UMEM frames on the free list (updated every turn).
@@ -407,6 +425,7 @@ where
             WorkerConfig {
                 cpu: worker_cpu(&setup.cpus, id),
                 idle_spin: setup.settings.idle_spin,
+                spin: setup.settings.spin,
                 hugepages: setup.settings.hugepages,
                 counters,
                 shutdown: setup.shutdown.clone(),
@@ -463,6 +482,7 @@ pub fn stop(shutdown: &Shutdown, workers: &[BypassWorker]) {
 struct WorkerConfig {
     cpu: Option<usize>,
     idle_spin: Duration,
+    spin: SpinMode,
     hugepages: HugePages,
     counters: Arc<BypassCounters>,
     shutdown: Arc<Shutdown>,
@@ -546,7 +566,8 @@ struct Loop<H> {
     handler: H,
     counters: Arc<BypassCounters>,
     shutdown: Arc<Shutdown>,
-    idle_spin: Duration,
+    /// When to stop busy-polling after the last frame (`xdp.idle_spin_us`, `xdp.spin`).
+    policy: SpinPolicy,
     drain_timeout: Duration,
     drain: Arc<DrainBarrier>,
     /// The drain deadline, once a drain began.
@@ -568,7 +589,7 @@ impl<H: FrameHandler> Loop<H> {
             handler,
             counters: config.counters,
             shutdown: config.shutdown,
-            idle_spin: config.idle_spin,
+            policy: SpinPolicy::new(config.spin, config.idle_spin),
             drain_timeout: config.drain_timeout,
             drain: config.drain,
             draining: None,
@@ -590,6 +611,11 @@ impl<H: FrameHandler> Loop<H> {
             .collect();
         let mut last_frame = Instant::now();
         let mut last_kernel_stats = last_frame;
+        // The end of the previous turn (or of the last sleep): where this turn's time starts.
+        let mut turn_start = last_frame;
+        // A turn found nothing since the last one that did work: the next one that does ends
+        // a quiet gap, which the polling policy learns from.
+        let mut quiet = false;
         let deferred_kicks = self.handler.takes_kicks();
         let tx = self.xsk.tx_index();
         let mut kicks = Vec::with_capacity(pollfds.len());
@@ -614,8 +640,21 @@ impl<H: FrameHandler> Loop<H> {
             self.counters.add_turn(&stats);
             let now = Instant::now();
             let active = received > 0 || worked;
-            let spinning =
-                !active && (now.duration_since(last_frame) < self.idle_spin || self.xsk.busy());
+            let turn_ns = now.saturating_duration_since(turn_start).as_nanos() as u64;
+            if active {
+                self.counters.work_ns.add(turn_ns);
+                if quiet {
+                    quiet = false;
+                    self.policy
+                        .arrived_after(turn_start.saturating_duration_since(last_frame));
+                }
+            } else {
+                self.counters.spin_ns.add(turn_ns);
+                quiet = true;
+            }
+            turn_start = now;
+            let spinning = !active
+                && (now.duration_since(last_frame) < self.policy.spin_for() || self.xsk.busy());
             if !spinning {
                 // Busy or about to sleep (an idle worker wakes at least every SLEEP), at most
                 // every KERNEL_STATS_EVERY: one getsockopt per socket, never per frame.
@@ -633,7 +672,7 @@ impl<H: FrameHandler> Loop<H> {
                 std::hint::spin_loop();
                 continue;
             }
-            self.sleep(&mut pollfds)?;
+            turn_start = self.sleep(&mut pollfds, now)?;
         }
         let mut stats = TurnStats::default();
         let handler = &mut self.handler;
@@ -671,12 +710,20 @@ impl<H: FrameHandler> Loop<H> {
         }
     }
 
-    /// Sleeps in `poll` until a socket has frames, the waker fires or [`SLEEP`] passes.
-    fn sleep(&mut self, pollfds: &mut [libc::pollfd]) -> Result<(), BypassError> {
+    /// Sleeps in `poll` until a socket has frames, the waker fires or [`SLEEP`] passes;
+    /// `now` is the end of the last turn. Returns when the sleep ended (`now` if it did not
+    /// sleep), having counted its wall time and thread CPU and told the polling policy.
+    fn sleep(
+        &mut self,
+        pollfds: &mut [libc::pollfd],
+        now: Instant,
+    ) -> Result<Instant, BypassError> {
         if !self.xsk.prepare_sleep() {
-            return Ok(());
+            return Ok(now);
         }
         self.counters.sleeps.inc();
+        // Two clock reads per sleep, none per turn: what a sleep round costs this thread.
+        let cpu_before = thread_cpu_now();
         let mut timeout = SLEEP;
         if let Some(deadline) = self.handler.next_deadline() {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
@@ -694,13 +741,20 @@ impl<H: FrameHandler> Loop<H> {
         };
         let err = (rc < 0).then(io::Error::last_os_error);
         self.xsk.woke();
+        let cpu = thread_cpu_now().saturating_sub(cpu_before);
+        let woke = Instant::now();
+        self.counters
+            .sleep_ns
+            .add(woke.saturating_duration_since(now).as_nanos() as u64);
+        self.counters.sleep_cpu_ns.add(cpu.as_nanos() as u64);
+        self.policy.slept(cpu);
         match err {
             Some(err) if err.raw_os_error() != Some(libc::EINTR) => Err(BypassError::Io {
                 worker: self.id,
                 what: "poll",
                 source: err,
             }),
-            _ => Ok(()),
+            _ => Ok(woke),
         }
     }
 
@@ -724,6 +778,20 @@ impl<H: FrameHandler> Loop<H> {
             page_kind: self.xsk.page_kind(),
         }
     }
+}
+
+/// The calling thread's CPU clock (`CLOCK_THREAD_CPUTIME_ID`, ns resolution); zero if it
+/// cannot be read.
+fn thread_cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a live timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// User + system CPU time of the calling thread.

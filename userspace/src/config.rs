@@ -370,6 +370,18 @@ pub enum HugePages {
     Off,
 }
 
+/// How a bypass worker decides to busy-poll after its last frame (`xdp.spin`; the policy is
+/// `bypass::spin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpinMode {
+    /// Spin only while the observed gaps between bursts are shorter than a measured sleep and
+    /// wake-up, and then at most that long (never longer than `idle_spin_us`).
+    Adaptive,
+    /// Always spin `idle_spin_us` after the last frame (burns the core between arrivals).
+    Fixed,
+}
+
 /// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "bypass"` listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpSettings {
@@ -382,8 +394,10 @@ pub struct XdpSettings {
     pub tx_ring: u32,
     pub fill_ring: u32,
     pub completion_ring: u32,
-    /// How long a worker keeps busy-polling after the last frame before it sleeps in poll().
+    /// How long a worker keeps busy-polling after the last frame before it sleeps in poll():
+    /// the cap of the adaptive policy, and 0 = never spin.
     pub idle_spin: Duration,
+    pub spin: SpinMode,
     pub hugepages: HugePages,
 }
 
@@ -573,6 +587,8 @@ pub struct FileXdp {
     /// `idle_spin_us`: microseconds of busy polling after the last frame before sleeping;
     /// 0 ..= 1000000. Default 200.
     pub idle_spin_us: u64,
+    /// `spin`: `"adaptive"` or `"fixed"`. Default `"adaptive"`.
+    pub spin: SpinMode,
     /// `hugepages`: `"auto"`, `"require"` or `"off"`. Default `"auto"`.
     pub hugepages: HugePages,
 }
@@ -587,6 +603,7 @@ impl Default for FileXdp {
             fill_ring: 2048,
             completion_ring: 2048,
             idle_spin_us: 200,
+            spin: SpinMode::Adaptive,
             hugepages: HugePages::Auto,
         }
     }
@@ -1829,6 +1846,7 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
         fill_ring: file.fill_ring,
         completion_ring: file.completion_ring,
         idle_spin: Duration::from_micros(file.idle_spin_us),
+        spin: file.spin,
         hugepages: file.hugepages,
     })
 }

@@ -114,6 +114,7 @@ fn settings(args: &Args) -> XdpSettings {
         fill_ring: defaults.fill_ring,
         completion_ring: defaults.completion_ring,
         idle_spin: Duration::from_micros(args.idle_spin_us.unwrap_or(defaults.idle_spin_us)),
+        spin: defaults.spin,
         hugepages: match args.hugepages {
             HugePagesArg::Auto => HugePages::Auto,
             HugePagesArg::Require => HugePages::Require,

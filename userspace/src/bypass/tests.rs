@@ -28,6 +28,7 @@ fn settings() -> XdpSettings {
         fill_ring: 1024,
         completion_ring: 1024,
         idle_spin: Duration::from_micros(200),
+        spin: crate::config::SpinMode::Adaptive,
         hugepages: HugePages::Off,
     }
 }

@@ -863,7 +863,11 @@ fn xdp_table_defaults_and_bounds() {
     assert_eq!(c.xdp.rx_ring, 2048);
     assert_eq!(c.xdp.idle_spin, Duration::from_micros(200));
     assert_eq!(c.xdp.hugepages, HugePages::Auto);
+    assert_eq!(c.xdp.spin, crate::config::SpinMode::Adaptive);
     let with = |t: &str| format!("{MINIMAL}\n[xdp]\n{t}\n");
+    let c = fx.ok(&with("spin = \"fixed\""));
+    assert_eq!(c.xdp.spin, crate::config::SpinMode::Fixed);
+    fx.rejects(&with("spin = \"sometimes\""), "xdp.spin", "unknown variant");
     let c = fx.ok(&with(
         "frame_size = 4096\nhugepages = \"off\"\nidle_spin_us = 0",
     ));

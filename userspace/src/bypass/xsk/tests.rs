@@ -25,6 +25,7 @@ pub(crate) fn settings(hugepages: HugePages) -> XdpSettings {
         fill_ring: 1024,
         completion_ring: 1024,
         idle_spin: Duration::from_micros(200),
+        spin: crate::config::SpinMode::Adaptive,
         hugepages,
     }
 }
