@@ -999,15 +999,17 @@ fn throughput(
     for (workload, path, n) in figures {
         for run in 0..plan.runs {
             let argv = tern_load.closed(workload, path, n, Duration::ZERO, plan.run_time);
-            let m = run_once(
-                ctx,
-                &probe,
-                &mut daemon,
-                &label(t, workload.name(), run),
-                &argv,
-                plan.run_time,
-                Tool::TernLoad,
-            )?;
+            let m = with_bypass_work(p, || {
+                run_once(
+                    ctx,
+                    &probe,
+                    &mut daemon,
+                    &label(t, workload.name(), run),
+                    &argv,
+                    plan.run_time,
+                    Tool::TernLoad,
+                )
+            })?;
             note_errors(ctx, r, workload.name(), &m);
             if workload == Workload::Resumed {
                 note_not_resumed(ctx, r, &m);
@@ -1034,6 +1036,25 @@ fn bypass_stats(p: &Prepared) -> Result<Option<serde_json::Value>> {
         (Some(socket), Target::TernBypass) => targets::tern_stats(socket).map(Some),
         _ => Ok(None),
     }
+}
+
+/// Runs one measured window (`run`) and, on tern-bypass, adds its workers' work time over it
+/// (`Measurement::work_us`: `bypass.total.work_ns` read just before and just after, outside
+/// the CPU window so the control thread's answer is not charged to it).
+pub fn with_bypass_work(
+    p: &Prepared,
+    run: impl FnOnce() -> Result<Measurement>,
+) -> Result<Measurement> {
+    let work = |s: &serde_json::Value| targets::bypass_counter(s, "total", "work_ns");
+    let before = bypass_stats(p)?;
+    let mut m = run()?;
+    if let (Some(a), Some(b)) = (
+        before.as_ref().and_then(work),
+        bypass_stats(p)?.as_ref().and_then(work),
+    ) {
+        m.work_us = Some(b.saturating_sub(a) as f64 / 1000.0);
+    }
+    Ok(m)
 }
 
 /// Adds a warning to tern-bypass's figures for every counter that says they were distorted
@@ -1169,15 +1190,17 @@ fn latency(
         };
         for run in 0..plan.runs {
             let argv = tern_load.open(&small, offered, plan.warmup, plan.latency_time);
-            let m = run_once(
-                ctx,
-                &probe,
-                &mut daemon,
-                &label(t, &format!("open loop {offered}/s"), run),
-                &argv,
-                plan.warmup + plan.latency_time,
-                Tool::TernLoad,
-            )?;
+            let m = with_bypass_work(p, || {
+                run_once(
+                    ctx,
+                    &probe,
+                    &mut daemon,
+                    &label(t, &format!("open loop {offered}/s"), run),
+                    &argv,
+                    plan.warmup + plan.latency_time,
+                    Tool::TernLoad,
+                )
+            })?;
             note_errors(ctx, r, &format!("open loop {offered}/s"), &m);
             point.runs.push(m);
         }

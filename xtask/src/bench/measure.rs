@@ -237,6 +237,7 @@ pub fn run_once(
     Ok(Measurement {
         report,
         window: probe.window(&start, &end, exit.wall, exit.cpu_us),
+        work_us: None,
     })
 }
 
@@ -290,6 +291,7 @@ pub fn run_batches(
     Ok(Measurement {
         report: total,
         window: probe.window(&start, &end, t0.elapsed(), load_us),
+        work_us: None,
     })
 }
 

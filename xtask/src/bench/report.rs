@@ -103,6 +103,19 @@ fn figure_rows(
         .chain((0..targets.len()).map(|i| cell(i, &|s| s.irq.display())))
         .collect(),
     );
+    if sums.iter().any(|s| s.is_some_and(|s| s.work.is_some())) {
+        lines.push(
+            std::iter::once(format!(
+                "work CPU {cpu_unit}: turns that did work, not spin or sleep (tern-bypass)"
+            ))
+            .chain((0..targets.len()).map(|i| {
+                cell(i, &|s| {
+                    s.work.map_or_else(|| "—".to_owned(), |w| w.display())
+                })
+            }))
+            .collect(),
+        );
+    }
     if let Some(r) = reference_index.and_then(|r| sums[r].map(|s| (r, s))) {
         let (_, reference) = r;
         lines.push(
@@ -151,6 +164,16 @@ fn latency_cell(runs: &[Measurement]) -> Option<String> {
         fmt_num(p(|l| l.p999_us)?),
         fmt_num(p(|l| l.max_us)?)
     ))
+}
+
+/// An open-loop point's server CPU per operation: (a) / (b), and tern-bypass's work CPU.
+fn latency_cpu_cell(runs: &[Measurement]) -> Option<String> {
+    let s = summarize(runs, Unit::PerOp)?;
+    let mut cell = format!("{} / {}", fmt_num(s.cpu_a.median), fmt_num(s.cpu_b.median));
+    if let Some(w) = s.work {
+        let _ = write!(cell, " (work {})", fmt_num(w.median));
+    }
+    Some(cell)
 }
 
 fn mib(bytes: f64) -> String {
@@ -327,6 +350,24 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
                 .iter()
                 .find(|p| (p.fraction - fraction).abs() < 1e-9)
                 .and_then(|p| latency_cell(&p.runs));
+            cells.push(cell.unwrap_or_else(|| missing(t)));
+        }
+        out.push_str(&row(&cells));
+    }
+    out.push_str("\nServer CPU per new connection in the same open-loop runs, µs: (a) target processes / (b) machine − load − backend − others, medians over runs; for tern-bypass also its work CPU (turns that did work, not spin or sleep).\n\n");
+    out.push_str(&header("offered", &targets));
+    for (fraction, offered) in &fractions {
+        let mut cells = vec![format!(
+            "{:.0} % ({}/s)",
+            fraction * 100.0,
+            fmt_num(*offered)
+        )];
+        for t in &targets {
+            let cell = t
+                .latency
+                .iter()
+                .find(|p| (p.fraction - fraction).abs() < 1e-9)
+                .and_then(|p| latency_cpu_cell(&p.runs));
             cells.push(cell.unwrap_or_else(|| missing(t)));
         }
         out.push_str(&row(&cells));

@@ -18,6 +18,10 @@ pub const MIB: f64 = (1u64 << 20) as f64;
 pub struct Measurement {
     pub report: LoadReport,
     pub window: Window,
+    /// tern-bypass only: its workers' `work_ns` over the window, µs (turns that did work, not
+    /// spin or sleep; `tern ctl stats` read just before and after the window). `None` for the
+    /// other targets.
+    pub work_us: Option<f64>,
 }
 
 impl Measurement {
@@ -44,6 +48,20 @@ impl Measurement {
         self.window.per_op(self.report.completed as f64)
     }
 
+    /// tern-bypass's work CPU per completed operation, µs (or per MiB of body for `PerMib`).
+    pub fn work_per(&self, unit: Unit) -> Option<f64> {
+        let ops = match unit {
+            Unit::PerOp => self.report.completed as f64,
+            Unit::PerMib if self.report.ops > 0 => {
+                self.report.completed as f64 * self.report.body_bytes as f64
+                    / self.report.ops as f64
+                    / MIB
+            }
+            Unit::PerMib => 0.0,
+        };
+        self.work_us.filter(|_| ops > 0.0).map(|w| w / ops)
+    }
+
     /// Server CPU per MiB of response body: completed responses times the mean body size.
     pub fn per_mib(&self) -> Option<PerOp> {
         if self.report.ops == 0 {
@@ -66,6 +84,8 @@ pub struct FigureSummary {
     pub cpu_b: Summary,
     /// The machine's irq + softirq time per operation (informative).
     pub irq: Summary,
+    /// tern-bypass's work CPU per operation (its workers' `work_ns`); `None` for others.
+    pub work: Option<Summary>,
 }
 
 /// How a figure counts: per operation, or per MiB of body (bulk).
@@ -96,6 +116,12 @@ pub fn summarize(runs: &[Measurement], unit: Unit) -> Option<FigureSummary> {
         cpu_a: Summary::of(&per.iter().map(|p| p.a_us).collect::<Vec<_>>())?,
         cpu_b: Summary::of(&per.iter().map(|p| p.b_us).collect::<Vec<_>>())?,
         irq: Summary::of(&per.iter().map(|p| p.irq_us).collect::<Vec<_>>())?,
+        work: Summary::of(
+            &runs
+                .iter()
+                .filter_map(|m| m.work_per(unit))
+                .collect::<Vec<_>>(),
+        ),
     })
 }
 
@@ -287,6 +313,7 @@ mod tests {
                 load_us,
                 ..Window::default()
             },
+            work_us: None,
         }
     }
 
@@ -308,6 +335,11 @@ mod tests {
         // (b): (500,000 − 300,000) / 1000 = 200; (540,000 − 300,000)/1200 = 200; 180,000/900 = 200
         assert_eq!((s.cpu_b.min, s.cpu_b.max), (200.0, 200.0));
         assert!(summarize(&[], Unit::PerOp).is_none());
+        assert!(s.work.is_none(), "no work counters: not tern-bypass");
+        let mut bypass = runs[0].clone();
+        bypass.work_us = Some(40_000.0);
+        let s = summarize(&[bypass], Unit::PerOp).expect("one run");
+        assert_eq!(s.work.map(|w| w.median), Some(40.0));
     }
 
     #[test]
