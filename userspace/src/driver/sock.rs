@@ -18,8 +18,8 @@
 //! bound holds however fast the peer sends, and back pressure needs no cancel. At most one
 //! receive and one send are in flight per socket.
 //!
-//! Kernel interfaces: io_uring_enter(2) with RECV (buffer select), SEND, POLL_ADD, CONNECT
-//! linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
+//! Kernel interfaces: io_uring_enter(2) with RECV (buffer select; poll first once a receive
+//! drained the socket), SEND, POLL_ADD, CONNECT linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
 
 use std::io;
 use std::net::SocketAddr;
@@ -33,6 +33,10 @@ use crate::sys::uring::{BufRing, Op, SlotId, SlotPool, UserData, BUF_SIZE, SLOT_
 
 /// The provided-buffer group every receive draws from.
 pub const BUF_GROUP: u16 = 0;
+
+/// `IORING_RECVSEND_POLL_FIRST` (io_uring_prep_recv(3), Linux 5.19): arm the poll before
+/// trying the receive. The io-uring crate keeps its `sys` constants private.
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// What a worker's sockets share. Field order is drop order: the ring lets go of the
 /// registered memory before the pools unmap it.
@@ -207,6 +211,9 @@ pub struct Sock {
     recv: bool,
     /// The peer's EOF was seen: no receive is armed again.
     eof: bool,
+    /// The last receive returned less than a buffer: the socket is most likely empty, so the
+    /// next receive waits for readiness before trying ([`Sock::want_recv`]).
+    drained: bool,
     /// A POLLOUT is in flight (the peer's window was full).
     poll: bool,
     tx: Tx,
@@ -232,6 +239,7 @@ impl Sock {
             fd: -1,
             recv: false,
             eof: false,
+            drained: false,
             poll: false,
             tx: Tx::default(),
             progressed: false,
@@ -307,8 +315,19 @@ impl Sock {
         // Single-shot: at most one buffer arrives per arm, so the session's bound holds
         // whatever the peer sends (a multishot receive went on filling buffers until its
         // cancel was processed: hundreds of slow readers' backends overran their bounds).
+        // Poll first once the last receive drained the socket (it returned less than a
+        // buffer): the next bytes are then almost never there yet, and without the flag
+        // io_uring first tries the receive, fails with EAGAIN and only then arms the poll — a
+        // wasted tcp_recvmsg per receive, two per keep-alive request. After a full buffer
+        // (bulk) more bytes are likely waiting, and the receive is tried at once as before.
+        let ioprio = if self.drained {
+            IORING_RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
         let e = opcode::Recv::new(types::Fd(self.fd), std::ptr::null_mut(), BUF_SIZE as u32)
             .buf_group(BUF_GROUP)
+            .ioprio(ioprio)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
             .user_data(UserData::new(self.side.recv(), key.gen, key.index).encode());
@@ -490,6 +509,7 @@ impl Sock {
         counters: &WorkerCounters,
     ) -> Done {
         if res > 0 {
+            self.drained = (res as usize) < BUF_SIZE;
             return match bid {
                 Some(bid) => Done::Data {
                     bid,

@@ -10,7 +10,9 @@
 //! 4. per target, freshly started on CPU 0: the idle machine's noise, a warm-up, then new
 //!    connections, keep-alive and bulk, `runs` times each; on tern-kernel also the h2load
 //!    cross-check;
-//! 5. per target again: open-loop latency at fractions of the slowest target's maximum;
+//! 5. per target again: open-loop latency at fractions of the slowest target's maximum; then
+//!    keep-alive request latency at fractions of the slowest keep-alive rate and at a fixed
+//!    2,000 requests/s on 10 connections ([`super::keepalive_latency`]);
 //! 6. per target, `runs` times from a fresh start: resident memory with idle connections held,
 //!    stepped up to the headline counts the file-descriptor limit allows;
 //! 7. the summary (stdout and `target/bench/summary.md`), the SVG plots, and with
@@ -514,10 +516,10 @@ fn criterion_floor(
 }
 
 /// What every pass needs from the set-up: the rig, each target's checked files, the backend.
-struct Setup<'a> {
-    rig: &'a Rig,
+pub(super) struct Setup<'a> {
+    pub(super) rig: &'a Rig,
     prepared: Vec<Prepared>,
-    backend_pgid: i32,
+    pub(super) backend_pgid: i32,
     /// Extra addresses on the client veth, for idle connections beyond one client process.
     client_sources: Vec<Ipv4Addr>,
 }
@@ -820,6 +822,37 @@ fn session(
         }
     }
 
+    // 5b. Keep-alive request latency at fixed offered rates (its own fresh start per target).
+    let slowest_keepalive = results
+        .iter()
+        .filter_map(|r| summarize(&r.keepalive, Unit::PerOp).map(|s| s.rate.median))
+        .fold(f64::INFINITY, f64::min);
+    let ka_offers = super::keepalive_latency::offers(plan, slowest_keepalive);
+    for r in results.iter_mut().filter(|r| r.skipped.is_none()) {
+        progress.step(format!(
+            "{}: keep-alive latency at fixed offered rates",
+            r.target.name()
+        ));
+        if !slowest_keepalive.is_finite() {
+            r.errors.push(
+                "no keep-alive maximum to base offered rates on (only the fixed point runs)"
+                    .to_owned(),
+            );
+        }
+        let Some(p) = setup.get(r.target) else {
+            continue;
+        };
+        if let Err(e) =
+            super::keepalive_latency::pass(&ctx, plan, &setup, p, &tern_load, &ka_offers, r)
+        {
+            if interrupted.load(Ordering::Relaxed) {
+                return Err(e);
+            }
+            progress.log(format!("{}: keep-alive latency: {e:#}", r.target.name()));
+            r.errors.push(format!("keep-alive latency: {e:#}"));
+        }
+    }
+
     // 6. Idle memory.
     for r in results.iter_mut().filter(|r| r.skipped.is_none()) {
         progress.step(format!(
@@ -943,11 +976,11 @@ fn utc_now() -> String {
     )
 }
 
-fn start_target(ctx: &Ctx<'_>, setup: &Setup<'_>, p: &Prepared) -> Result<Daemon> {
+pub(super) fn start_target(ctx: &Ctx<'_>, setup: &Setup<'_>, p: &Prepared) -> Result<Daemon> {
     targets::start(p, setup.rig, TARGET_CPU, ctx.interrupted)
 }
 
-fn label(t: Target, what: &str, run: u32) -> String {
+pub(super) fn label(t: Target, what: &str, run: u32) -> String {
     format!("{} {what} #{}", t.name(), run + 1)
 }
 
@@ -1031,7 +1064,7 @@ fn throughput(
 }
 
 /// tern-bypass's stats document, or `None` for the other targets.
-fn bypass_stats(p: &Prepared) -> Result<Option<serde_json::Value>> {
+pub(super) fn bypass_stats(p: &Prepared) -> Result<Option<serde_json::Value>> {
     match (&p.control_socket, p.target) {
         (Some(socket), Target::TernBypass) => targets::tern_stats(socket).map(Some),
         _ => Ok(None),
@@ -1059,7 +1092,7 @@ pub fn with_bypass_work(
 
 /// Adds a warning to tern-bypass's figures for every counter that says they were distorted
 /// (refused handshakes, dropped frames, TLS errors) since `before`.
-fn note_bypass_trouble(
+pub(super) fn note_bypass_trouble(
     ctx: &Ctx<'_>,
     p: &Prepared,
     before: Option<&serde_json::Value>,
@@ -1077,7 +1110,7 @@ fn note_bypass_trouble(
 }
 
 /// Errors in a run are reported, not hidden: more than 0.1 % of operations failing is noted.
-fn note_errors(ctx: &Ctx<'_>, r: &mut TargetResult, what: &str, m: &Measurement) {
+pub(super) fn note_errors(ctx: &Ctx<'_>, r: &mut TargetResult, what: &str, m: &Measurement) {
     let e = m.report.errors;
     if e > 0 && (e as f64) > 0.001 * (m.report.ops + e) as f64 {
         let msg = format!(
@@ -1378,7 +1411,12 @@ fn write_outputs(results: &BenchResults, out_dir: &Path, update_docs: bool) -> R
         let docs = workspace_root().join("docs");
         let plots = docs.join("bench");
         std::fs::create_dir_all(&plots)?;
-        for f in [report::PLOT_LATENCY, report::PLOT_MEMORY, report::PLOT_CPU] {
+        for f in [
+            report::PLOT_LATENCY,
+            super::keepalive_latency::PLOT,
+            report::PLOT_MEMORY,
+            report::PLOT_CPU,
+        ] {
             std::fs::copy(out_dir.join(f), plots.join(f))
                 .with_context(|| format!("cannot copy {f} to {}", plots.display()))?;
         }
@@ -1421,6 +1459,7 @@ fn write_plots(results: &BenchResults, out_dir: &Path) -> Result<()> {
         "offered new connections/s",
         &[("p50 latency, ms", &p50), ("p99 latency, ms", &p99)],
     )?;
+    super::keepalive_latency::plot(&measured, out_dir)?;
     // Growth over each run's own baseline: baselines differ by two orders of magnitude (a
     // preallocated bypass slab against a few MiB of a peer) and would flatten every other line.
     let memory: Vec<Series> = measured

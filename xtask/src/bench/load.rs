@@ -21,6 +21,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Latency {
     pub p50_us: f64,
+    pub p90_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
@@ -225,6 +226,7 @@ struct TlBytes {
 #[derive(Debug, Deserialize)]
 struct TlLatency {
     p50: f64,
+    p90: f64,
     p99: f64,
     p99_9: f64,
     max: f64,
@@ -261,6 +263,7 @@ pub fn parse_tern_load(text: &str) -> Result<LoadReport> {
         errors: j.errors.total,
         latency: j.latency_us.map(|l| Latency {
             p50_us: l.p50,
+            p90_us: l.p90,
             p99_us: l.p99,
             p999_us: l.p99_9,
             max_us: l.max,

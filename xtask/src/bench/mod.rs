@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod daemon;
 pub mod floors;
 pub mod install;
+pub mod keepalive_latency;
 pub mod load;
 pub mod measure;
 pub mod plots;

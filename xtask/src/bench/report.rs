@@ -30,11 +30,11 @@ pub const PLOT_LATENCY: &str = "latency.svg";
 pub const PLOT_MEMORY: &str = "memory.svg";
 pub const PLOT_CPU: &str = "cpu.svg";
 
-fn row(cells: &[String]) -> String {
+pub(super) fn row(cells: &[String]) -> String {
     format!("| {} |\n", cells.join(" | "))
 }
 
-fn header(first: &str, targets: &[&TargetResult]) -> String {
+pub(super) fn header(first: &str, targets: &[&TargetResult]) -> String {
     let mut cells = vec![first.to_owned()];
     cells.extend(targets.iter().map(|t| t.target.name().to_owned()));
     let mut s = row(&cells);
@@ -43,7 +43,7 @@ fn header(first: &str, targets: &[&TargetResult]) -> String {
 }
 
 /// The cell text of a target with no figures: its reason, shortened.
-fn missing(t: &TargetResult) -> String {
+pub(super) fn missing(t: &TargetResult) -> String {
     match &t.skipped {
         Some(reason) => reason.lines().next().unwrap_or("n/a").to_owned(),
         None => "–".to_owned(),
@@ -373,6 +373,8 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
         out.push_str(&row(&cells));
     }
 
+    super::keepalive_latency::section(&mut out, &targets);
+
     // Idle memory.
     let _ = writeln!(
         out,
@@ -506,8 +508,10 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
     let _ = writeln!(
         out,
         "\n### Plots\n\n![latency vs offered load]({plot_dir}/{PLOT_LATENCY})\n\n\
+         ![keep-alive latency vs offered load]({plot_dir}/{ka_plot})\n\n\
          ![resident memory vs idle connections]({plot_dir}/{PLOT_MEMORY})\n\n\
-         ![server CPU per operation]({plot_dir}/{PLOT_CPU})\n"
+         ![server CPU per operation]({plot_dir}/{PLOT_CPU})\n",
+        ka_plot = super::keepalive_latency::PLOT
     );
 
     out.push_str("### Commands\n\nOne of each kind, as run (`ip netns exec` puts the command in the rig's client or server namespace; paths are the run's temporary directory).\n\n```sh\n");

@@ -211,6 +211,8 @@ pub struct TargetResult {
     /// New connections that resume a TLS 1.3 session (each target's own ticket mechanism).
     pub resumed: Vec<Measurement>,
     pub latency: Vec<LatencyPoint>,
+    /// Keep-alive requests at fixed offered rates ([`super::keepalive_latency`]).
+    pub keepalive_latency: Vec<super::keepalive_latency::KeepalivePoint>,
     pub idle: IdleResult,
 }
 
@@ -228,6 +230,7 @@ impl TargetResult {
             bulk: Vec::new(),
             resumed: Vec::new(),
             latency: Vec::new(),
+            keepalive_latency: Vec::new(),
             idle: IdleResult::default(),
         }
     }
