@@ -158,7 +158,10 @@ fn idle_session_heap() {
     for (size, c) in BY_SIZE.iter().enumerate() {
         let d = c.load(Relaxed) - sizes_before[size];
         if d.unsigned_abs() >= N / 2 {
-            println!("  {:.2} live blocks of {size} B per session", d as f64 / N as f64);
+            println!(
+                "  {:.2} live blocks of {size} B per session",
+                d as f64 / N as f64
+            );
         }
     }
     let per = (after - before) as f64 / N as f64;
