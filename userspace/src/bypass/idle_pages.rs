@@ -32,7 +32,7 @@ const PAGE: usize = crate::tcp::ring::RingArena::ALIGN;
 pub struct IdlePages {
     /// (connection, when it was queued in µs), oldest first.
     queue: VecDeque<(Key, u64)>,
-    /// Pages given back so far.
+    /// Buffers (rings) whose pages were given back so far (`idle_buffers_released`).
     pub released: u64,
 }
 

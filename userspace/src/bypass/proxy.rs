@@ -136,6 +136,9 @@ crate::counters::single_writer_counters! {
     tx_no_frame,
     /// TX wakeups (SEND on an AF_XDP socket through the ring) that failed unexpectedly.
     tx_kick_errors,
+    /// TCP buffers (a connection's send or receive ring) whose pages went back to the kernel
+    /// because the connection moved no byte for 100 ms (`bypass::idle_pages`).
+    idle_buffers_released,
     }
 }
 
@@ -384,6 +387,9 @@ impl Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        self.tcp_counters
+            .idle_buffers_released
+            .set(self.idle_pages.released);
         self.check_reload(now);
         // The stack refuses a connection beyond its slots (a valid cookie ACK gets RST) before
         // the proxy sees it: the same refusal as kernel mode's at accept, counted the same way.
@@ -419,7 +425,8 @@ impl Proxy {
             };
             if idle_pages::is_quiet(p.client.moved_at, now_us) {
                 for storage in tcb.idle_buffers().into_iter().flatten() {
-                    self.idle_pages.released += idle_pages::release(storage);
+                    idle_pages::release(storage);
+                    self.idle_pages.released += 1;
                 }
             }
             if tcb.buffers_touched() {
