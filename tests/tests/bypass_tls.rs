@@ -1102,3 +1102,44 @@ fn client_fin_and_rst_free_the_connection() {
         settled(st) && proxy(st, "handshakes") == 2
     });
 }
+
+/// An idle connection's TCP buffers go back to the kernel (`idle_buffers_released`: its send
+/// and receive ring, once it moved no byte for 100 ms), and the connection works exactly as
+/// before afterwards: byte-exact echoes of every size, idle again, a clean close.
+#[test]
+fn an_idle_connection_gives_its_buffers_back_and_works_again() {
+    let (s, _backend) = echo_stack("tlsidle", "");
+    let (addr, cfg) = (tls_addr(&s), s.client_config());
+    let tls = s.rig.client.run(move || {
+        let mut tls = tls_handshake(connect_guarded(addr), &cfg, NAME);
+        echo_round_trip(&mut tls, b"before the pause");
+        tls
+    });
+    let before = wait_stats(&s, "both rings given back", |st| {
+        tcp(st, "idle_buffers_released") >= 2
+    });
+    assert_eq!(tcp(&before, "connections"), 1, "{before}");
+    let tls = s.rig.client.run(move || {
+        let mut tls = tls;
+        for (round, size) in [1usize, 4096, 16385, 300_000].into_iter().enumerate() {
+            let msg: Vec<u8> = (0..size as u64)
+                .map(|i| pattern_byte(i + round as u64))
+                .collect();
+            echo_round_trip(&mut tls, &msg);
+        }
+        tls
+    });
+    let released = tcp(&before, "idle_buffers_released");
+    wait_stats(&s, "given back again after the second pause", |st| {
+        tcp(st, "idle_buffers_released") >= released + 2
+    });
+    s.rig.client.run(move || {
+        let mut tls = tls;
+        echo_round_trip(&mut tls, b"after the second pause");
+        assert!(close_and_drain(&mut tls).is_empty());
+    });
+    let st = wait_stats(&s, "the connection closed", settled);
+    assert_eq!(proxy(&st, "tls_errors"), 0, "{st}");
+    assert_eq!(proxy(&st, "closed"), 1, "{st}");
+    assert_eq!(tcp(&st, "rsts_sent"), 0, "a clean close: {st}");
+}

@@ -45,6 +45,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 use rustls::ServerConfig;
 
+use crate::bypass::idle_pages::{self, IdlePages};
 use crate::bypass::xsk::{Disposition, RxFrame, TxQueue};
 use crate::bypass::{FrameHandler, Waker};
 use crate::config::{
@@ -135,6 +136,9 @@ crate::counters::single_writer_counters! {
     tx_no_frame,
     /// TX wakeups (SEND on an AF_XDP socket through the ring) that failed unexpectedly.
     tx_kick_errors,
+    /// TCP buffers (a connection's send or receive ring) whose pages went back to the kernel
+    /// because the connection moved no byte for 100 ms (`bypass::idle_pages`).
+    idle_buffers_released,
     }
 }
 
@@ -191,6 +195,12 @@ struct Client {
     tcb: Option<ConnId>,
     /// The TCB's send queue after the last pump: less now means the client acknowledged bytes.
     sent_queue: usize,
+    /// Queued in `Proxy::idle_pages` (at most once).
+    watched: bool,
+    /// Bytes moved either way ([`moved`]) at the last pump, and since when (µs): the
+    /// connection is quiet once `idle_pages::QUIET_US` passed without a change.
+    moved: u64,
+    moved_at: u64,
 }
 
 /// The proxy of one bypass worker. See the module documentation.
@@ -230,6 +240,8 @@ pub struct Proxy {
     draining: bool,
     /// During a drain, the next time the stack may be scanned for closing handshakes.
     next_drain_scan: TcpInstant,
+    /// Connections whose TCP buffer pages go back to the kernel once they are quiet.
+    idle_pages: IdlePages,
 }
 
 impl Proxy {
@@ -353,6 +365,7 @@ impl Proxy {
             shutting_down: false,
             draining: false,
             next_drain_scan: TcpInstant::ZERO,
+            idle_pages: IdlePages::default(),
         })
     }
 
@@ -374,6 +387,9 @@ impl Proxy {
                 .rotate_cookie_key(cookie_key(&self.secret, period));
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
+        self.tcp_counters
+            .idle_buffers_released
+            .set(self.idle_pages.released);
         self.check_reload(now);
         // The stack refuses a connection beyond its slots (a valid cookie ACK gets RST) before
         // the proxy sees it: the same refusal as kernel mode's at accept, counted the same way.
@@ -391,6 +407,34 @@ impl Proxy {
             );
         }
         self.expire_timers(now);
+        self.trim_idle(now);
+    }
+
+    /// Gives back the buffer pages of connections that moved no byte for
+    /// [`idle_pages::QUIET_US`] (see [`idle_pages`]).
+    fn trim_idle(&mut self, now: TcpInstant) {
+        let now_us = now.as_micros();
+        while let Some(key) = self.idle_pages.next_due(now_us) {
+            let Some(p) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let tcb = p.client.tcb.and_then(|id| self.stack.conn_mut(id));
+            let (Some(tcb), false) = (tcb, p.closing) else {
+                p.client.watched = false;
+                continue;
+            };
+            if idle_pages::is_quiet(p.client.moved_at, now_us) {
+                for storage in tcb.idle_buffers().into_iter().flatten() {
+                    idle_pages::release(storage);
+                    self.idle_pages.released += 1;
+                }
+            }
+            if tcb.buffers_touched() {
+                self.idle_pages.watch(key, now_us);
+            } else {
+                p.client.watched = false;
+            }
+        }
     }
 
     /// Takes a reloaded configuration, if there is one, for the connections accepted from now
@@ -483,6 +527,9 @@ impl Proxy {
         let client = Client {
             tcb: Some(id),
             sent_queue: 0,
+            watched: false,
+            moved: 0,
+            moved_at: now.as_micros(),
         };
         let listener = listener_index(&self.listener_ids, local);
         let key = self.conns.insert(
@@ -645,6 +692,15 @@ impl Proxy {
             }
             p.client.sent_queue = tcb.send_queue();
             client.queued = p.client.sent_queue > 0;
+            let bytes = moved(c.bytes());
+            if bytes != p.client.moved {
+                p.client.moved = bytes;
+                p.client.moved_at = now.as_micros();
+            }
+            if !p.client.watched && tcb.buffers_touched() {
+                p.client.watched = true;
+                self.idle_pages.watch(key, now.as_micros());
+            }
         }
         match driver::settle(p, client, now) {
             Some(end) => self.finish(key, end),
@@ -876,6 +932,11 @@ impl FrameHandler for Proxy {
         }
         publish(&self.tcp_counters, self.stack.counters(), self.stack.len());
     }
+}
+
+/// Bytes a connection moved either way: unchanged over a period means it was quiet.
+fn moved(b: &driver::ConnBytes) -> u64 {
+    b.from_client + b.to_client
 }
 
 /// Copies one frame the stack emitted into a UMEM frame and queues it.

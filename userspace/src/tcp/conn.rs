@@ -770,6 +770,24 @@ impl Tcb {
         self.tx.capacity() + self.rx.capacity()
     }
 
+    /// The storage of each buffer that holds nothing (send: no byte unsent or unacknowledged;
+    /// receive: no byte unread and none out of order) but was written since it was last handed
+    /// out: the caller may give those pages back to the kernel while the connection is idle.
+    /// The next bytes are written from the start of the storage.
+    pub fn idle_buffers(&mut self) -> [Option<&mut [u8]>; 2] {
+        let rx = match self.reasm.is_empty() {
+            true => self.rx.idle_storage(),
+            false => None,
+        };
+        [self.tx.idle_storage(), rx]
+    }
+
+    /// Whether either buffer was written since [`idle_buffers`](Self::idle_buffers) last
+    /// handed it out (its pages may be resident).
+    pub fn buffers_touched(&self) -> bool {
+        self.tx.is_touched() || self.rx.is_touched()
+    }
+
     /// Addresses of the two buffers' storage (tests: a reused slot keeps its buffers).
     #[cfg(test)]
     pub(crate) fn buffer_ptrs(&self) -> (*const u8, *const u8) {

@@ -10,6 +10,12 @@
 //! text"). [`Ring::clear`] makes a ring reusable by the slot's next connection without
 //! touching the allocator. Which bytes are in flight, acknowledged or in order is the
 //! connection's business.
+//!
+//! An empty ring that was written to can hand its storage out ([`Ring::idle_storage`]) so that
+//! the worker gives its pages back to the kernel while the connection is idle (the bypass
+//! path's `idle_pages`): an idle connection then holds no resident buffer page. The arena
+//! starts every chunk on a page boundary so that rings whose sizes are page multiples (the
+//! defaults) own whole pages and share none with a neighbour.
 
 use bytes::BytesMut;
 
@@ -33,6 +39,9 @@ pub struct RingArena {
 impl RingArena {
     /// Largest single allocation.
     pub const CHUNK: usize = 1 << 30;
+    /// Alignment of every chunk's first ring (the page size of the machines tern runs on;
+    /// a larger page only means an idle ring gives back fewer pages).
+    pub const ALIGN: usize = 4096;
 
     /// An arena for `pairs` pairs of (`send`, `recv`)-byte rings.
     pub fn new(pairs: usize, send: usize, recv: usize) -> RingArena {
@@ -54,7 +63,14 @@ impl RingArena {
             let per_chunk = (Self::CHUNK / pair.max(1)).max(1);
             #[cfg(test)]
             RING_ALLOCS.with(|c| c.set(c.get() + 1));
-            self.chunk = BytesMut::zeroed(per_chunk.min(self.left) * pair);
+            let len = per_chunk.min(self.left) * pair;
+            let mut chunk = BytesMut::zeroed(len + Self::ALIGN);
+            // The allocator's header puts the storage a few bytes past a page boundary: skip
+            // to the next one, so rings start on page boundaries.
+            let skip = chunk.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
+            let _ = chunk.split_to(skip);
+            chunk.truncate(len);
+            self.chunk = chunk;
         }
         self.left -= 1;
         let tx = self.chunk.split_to(self.send);
@@ -71,6 +87,9 @@ pub struct Ring {
     head: usize,
     /// Readable bytes, `<= buf.len()`.
     len: usize,
+    /// Written to since the storage was last handed out by [`Ring::idle_storage`] (or since
+    /// it was made): only then may its pages be resident.
+    touched: bool,
 }
 
 impl core::fmt::Debug for Ring {
@@ -98,6 +117,7 @@ impl Ring {
             buf: storage,
             head: 0,
             len: 0,
+            touched: false,
         }
     }
 
@@ -106,6 +126,26 @@ impl Ring {
     pub fn clear(&mut self) {
         self.head = 0;
         self.len = 0;
+    }
+
+    /// The whole storage, when nothing is readable and bytes were written since the last call:
+    /// the caller may give its pages back to the kernel (they read as zeros afterwards; the
+    /// ring never reads a byte it did not write). The head goes back to the start, so the next
+    /// bytes land on the first pages again. The caller must know that nothing was written past
+    /// the readable bytes either (out-of-order data: the connection's reassembly is empty).
+    pub fn idle_storage(&mut self) -> Option<&mut [u8]> {
+        if self.len != 0 || !self.touched {
+            return None;
+        }
+        self.head = 0;
+        self.touched = false;
+        Some(&mut self.buf[..])
+    }
+
+    /// Whether bytes were written since the storage was last handed out (its pages may be
+    /// resident).
+    pub fn is_touched(&self) -> bool {
+        self.touched
     }
 
     /// Address of the storage, so tests can tell that a reused ring kept its buffer.
@@ -159,6 +199,7 @@ impl Ring {
             return 0;
         }
         let n = data.len().min(cap - off);
+        self.touched |= n > 0;
         let start = self.index(off);
         let first = n.min(cap - start);
         self.buf[start..start + first].copy_from_slice(&data[..first]);
@@ -176,6 +217,7 @@ impl Ring {
         }
         let start = self.index(self.len);
         let end = if start < self.head { self.head } else { cap };
+        self.touched = true;
         &mut self.buf[start..end]
     }
 

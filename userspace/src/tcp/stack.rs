@@ -647,7 +647,15 @@ pub struct Stack {
     our_wscale: u8,
     listeners: Vec<SocketAddr>,
     jar: CookieJar,
+    /// The slots made so far: made on first use (up to `capacity`, into reserved space: no
+    /// allocation), so that a stack sized for a million connections holds about 1 KiB less
+    /// per slot it never used.
     slots: Vec<Slot>,
+    /// The most slots there will be.
+    capacity: usize,
+    /// Buffers for the slots not made yet, the next one last (cut from the arena at setup:
+    /// their pages are not resident until written).
+    rings: Vec<(Ring, Ring)>,
     /// Free slots; `free.len() + live connections == slots.len()`.
     free: Vec<u32>,
     flows: FlowTable,
@@ -669,7 +677,7 @@ pub struct Stack {
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stack")
-            .field("capacity", &self.slots.len())
+            .field("capacity", &self.capacity)
             .field("connections", &self.flows.len)
             .field("listeners", &self.listeners)
             .field("counters", &self.counters)
@@ -700,7 +708,9 @@ impl Stack {
             our_wscale,
             listeners: config.listeners.to_vec(),
             jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
-            slots: {
+            slots: Vec::with_capacity(config.capacity),
+            capacity: config.capacity,
+            rings: {
                 // One arena for every slot's buffers: no allocation per slot, and no page of a
                 // buffer is resident before bytes are written to it.
                 let mut arena = RingArena::new(
@@ -708,13 +718,14 @@ impl Stack {
                     config.tcb.send_buffer,
                     config.tcb.recv_buffer,
                 );
-                (0..config.capacity)
+                let mut rings: Vec<(Ring, Ring)> = (0..config.capacity)
                     .map_while(|_| arena.next_pair())
-                    .map(|(tx, rx)| Slot::vacant(config.tcb, tx, rx))
-                    .collect()
+                    .collect();
+                // Popped from the end: slot 0's first.
+                rings.reverse();
+                rings
             },
-            // Popped from the end: slot 0 first.
-            free: (0..config.capacity as u32).rev().collect(),
+            free: Vec::with_capacity(config.capacity),
             flows: FlowTable::new(config.capacity, config.flow_key),
             closed: ClosedFlows::new(config.capacity),
             wheel: Wheel::new(WHEEL_TICK_MS, WHEEL_BUCKETS, to_ms_floor(now)),
@@ -729,6 +740,23 @@ impl Stack {
 
     /// Slab capacity.
     pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// A free slot: a freed one (the most recently freed first), else a new one while fewer
+    /// than `capacity` were made.
+    fn take_slot(&mut self) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        let (tx, rx) = self.rings.pop()?;
+        let slot = self.slots.len() as u32;
+        self.slots.push(Slot::vacant(self.tcb_config, tx, rx));
+        Some(slot)
+    }
+
+    /// Slots made so far (each holds its TCB, about 1 KiB, from its first connection on).
+    pub fn slots_made(&self) -> usize {
         self.slots.len()
     }
 
@@ -1160,7 +1188,7 @@ impl Stack {
             self.send_reset(rx, out);
             return Err(RxDrop::BadCookie);
         };
-        let Some(slot) = self.free.pop() else {
+        let Some(slot) = self.take_slot() else {
             self.send_reset(rx, out);
             return Err(RxDrop::SlabFull);
         };

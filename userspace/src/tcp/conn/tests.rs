@@ -2376,3 +2376,74 @@ fn orphan_timeout_only_applies_to_released_connections_and_can_be_off() {
     );
     assert_eq!(s.next_timer(), None, "off");
 }
+
+// ---------------------------------------------------------------------- idle buffers
+
+#[test]
+fn idle_buffers_are_handed_out_only_when_empty_and_written_to() {
+    let mut s = established_sack();
+    assert!(!s.buffers_touched(), "a new connection has written nothing");
+    assert!(s.idle_buffers().iter().all(Option::is_none));
+    // Out-of-order bytes sit past the readable ones: the receive ring is "empty" but holds
+    // them, so it is not handed out.
+    let data = pattern(1500, 3);
+    deliver(
+        &mut s,
+        0,
+        TcpRepr {
+            seq: REMOTE_SEQ + 1000,
+            ..send_templ()
+        },
+        &data[1000..],
+    )
+    .expect("out of order accepted");
+    assert_eq!(s.recv_queue(), 0);
+    assert!(s.buffers_touched());
+    assert!(s.idle_buffers()[1].is_none(), "reassembly holds bytes");
+    // The gap fills and the application reads everything: now it is idle.
+    deliver(&mut s, 1, send_templ(), &data[..1000]).expect("in order");
+    let mut out = vec![0; 2000];
+    assert_eq!(s.recv(&mut out), 1500);
+    assert_eq!(&out[..1500], &data[..]);
+    // Unacknowledged bytes keep the send ring.
+    assert_eq!(s.send(b"response"), 8);
+    let [tx, rx] = s.idle_buffers();
+    assert!(tx.is_none(), "8 bytes not acknowledged");
+    assert_eq!(
+        rx.map(|b| b.len()),
+        Some(RX_BUF),
+        "the whole receive storage"
+    );
+    let _ = poll(&mut s, 2);
+    deliver(
+        &mut s,
+        3,
+        TcpRepr {
+            seq: REMOTE_SEQ + 1500,
+            ack: Some(LOCAL_SEQ + 8),
+            ..send_templ()
+        },
+        &[],
+    )
+    .expect("ack");
+    assert_eq!(s.send_queue(), 0);
+    let [tx, rx] = s.idle_buffers();
+    assert!(tx.is_some(), "all acknowledged");
+    assert!(rx.is_none(), "handed out already, not written since");
+    assert!(!s.buffers_touched());
+    // Used again afterwards: the bytes round-trip as before.
+    let more = pattern(700, 9);
+    deliver(
+        &mut s,
+        4,
+        TcpRepr {
+            seq: REMOTE_SEQ + 1500,
+            ack: Some(LOCAL_SEQ + 8),
+            ..send_templ()
+        },
+        &more,
+    )
+    .expect("more data");
+    assert_eq!(s.recv(&mut out), 700);
+    assert_eq!(&out[..700], &more[..]);
+}

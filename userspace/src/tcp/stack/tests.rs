@@ -994,6 +994,8 @@ fn connections_reuse_their_slots_buffers_without_allocating() {
         "Stack::new allocates the storage of every slot's rings at once (the counter works)"
     );
     let after_new = allocs();
+    assert_eq!(s.slots_made(), 0, "a slot is made on its first connection");
+    assert_eq!(s.capacity(), 3);
     let mut seen: HashMap<usize, (*const u8, *const u8)> = HashMap::new();
     for round in 0..60u16 {
         let now = t(u64::from(round) * 10);
@@ -1016,6 +1018,11 @@ fn connections_reuse_their_slots_buffers_without_allocating() {
         assert!(s.is_empty(), "round {round}: both aborted and freed");
     }
     assert_eq!(s.counters().connections_created, 120, "all created");
+    assert_eq!(
+        s.slots_made(),
+        2,
+        "two at a time: freed slots are reused, no third is made"
+    );
     assert_eq!(
         allocs(),
         after_new,
