@@ -35,6 +35,7 @@
 //!
 //! Not here: the rings and frames (`xsk`), the XDP program (`xdp`).
 
+pub mod mss;
 pub mod proxy;
 #[cfg(test)]
 mod tests;

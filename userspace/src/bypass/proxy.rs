@@ -245,7 +245,8 @@ impl Proxy {
         let tcp_config = TcbConfig {
             send_buffer: setup.tcp.send_buffer,
             recv_buffer: setup.tcp.recv_buffer,
-            mss: setup.tcp.mss,
+            // Resolved per interface at start (`bypass::mss`); the fallback is never used there.
+            mss: setup.tcp.mss.unwrap_or(1460),
             nagle: setup.tcp.nagle,
             // Idleness is the driver's (payload moving, not segments): a bare ACK must not keep
             // a connection alive.

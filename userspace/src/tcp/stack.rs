@@ -701,7 +701,7 @@ impl Stack {
             checksum_watch: ChecksumWatch::default(),
             our_wscale,
             listeners: config.listeners.to_vec(),
-            jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
+            jar: CookieJar::with_mss(config.cookie_keys[0], config.cookie_keys[1], config.tcb.mss),
             slots: {
                 // One arena for every slot's buffers: no allocation per slot, and no page of a
                 // buffer is resident before bytes are written to it.
