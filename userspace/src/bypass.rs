@@ -40,6 +40,7 @@
 //! Not here: the rings and frames (`xsk`), the XDP program (`xdp`).
 
 pub mod idle_pages;
+pub mod mss;
 pub mod proxy;
 pub mod spin;
 #[cfg(test)]

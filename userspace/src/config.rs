@@ -338,8 +338,9 @@ pub enum RxChecksum {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpSettings {
     pub congestion: Congestion,
-    /// MSS our SYN-ACKs offer (and the most we send per segment).
-    pub mss: u16,
+    /// MSS our SYN-ACKs offer (and the most we send per segment), when set (`tcp.mss`);
+    /// `None`: each bypass interface's MTU decides at start ([`crate::bypass::mss`]).
+    pub mss: Option<u16>,
     /// Receive buffer per connection (bytes): the most the window advertises.
     pub recv_buffer: usize,
     /// Send buffer per connection (bytes).
@@ -532,8 +533,8 @@ pub struct FileTcp {
     /// `congestion`: `"cubic"` or `"newreno"`. Default `"cubic"`.
     pub congestion: Congestion,
     /// `mss`: 536 ..= 9000, and the frame (`xdp.frame_size`) must hold it plus headers.
-    /// Default 1460.
-    pub mss: u16,
+    /// Default: from the bypass interface's MTU at start ([`crate::bypass::mss`]).
+    pub mss: Option<u16>,
     /// `recv_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 131072.
     pub recv_buffer: usize,
     /// `send_buffer`: bytes per connection, 4096 ..= 16 MiB. Default 131072.
@@ -557,7 +558,7 @@ impl Default for FileTcp {
     fn default() -> Self {
         FileTcp {
             congestion: Congestion::Cubic,
-            mss: 1460,
+            mss: None,
             recv_buffer: 128 * 1024,
             send_buffer: 128 * 1024,
             nagle: false,
@@ -1853,19 +1854,21 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
 
 /// Ethernet + IPv6 + TCP with the largest options we send (timestamps): what a frame must hold
 /// besides one MSS of payload.
-const TCP_FRAME_OVERHEAD: usize = 14 + 40 + 60;
+pub const TCP_FRAME_OVERHEAD: usize = 14 + 40 + 60;
 
 fn validate_tcp(file: FileTcp, xdp: &XdpSettings, limits: &Limits) -> Result<TcpSettings, Invalid> {
     let room = xdp.frame_size as usize - TCP_FRAME_OVERHEAD;
-    if !(536..=9000).contains(&file.mss) || usize::from(file.mss) > room {
-        return Err(Invalid::new(
-            "tcp.mss",
-            format!(
-                "{} bytes: must be from 536 to 9000 and fit a {}-byte frame with its headers \
-                 (at most {room})",
-                file.mss, xdp.frame_size
-            ),
-        ));
+    if let Some(mss) = file.mss {
+        if !(536..=9000).contains(&mss) || usize::from(mss) > room {
+            return Err(Invalid::new(
+                "tcp.mss",
+                format!(
+                    "{mss} bytes: must be from 536 to 9000 and fit a {}-byte frame with its \
+                     headers (at most {room})",
+                    xdp.frame_size
+                ),
+            ));
+        }
     }
     for (name, v) in [
         ("tcp.recv_buffer", file.recv_buffer),

@@ -819,6 +819,15 @@ fn start_bypass(
         .filter(|(_, l)| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
         .map(|(i, l)| (l.address, i as u16))
         .collect();
+    // The MSS follows this interface's MTU unless `tcp.mss` sets it (`bypass::mss`).
+    let mtu = crate::bypass::mss::interface_mtu(iface)
+        .with_context(|| format!("reading the MTU of {iface}"))?;
+    let mss =
+        crate::bypass::mss::resolve(config.tcp.mss, mtu, addrs, config.xdp.frame_size as usize);
+    let tcp = crate::config::TcpSettings {
+        mss: Some(mss),
+        ..config.tcp
+    };
     let mut extras = Vec::new();
     let workers = bypass::start_with(&setup, prog, |id, _| {
         let counters = Arc::new(WorkerCounters::default());
@@ -834,7 +843,7 @@ fn start_bypass(
             backend: config.backend.clone(),
             timeouts: config.timeouts,
             limits: config.limits,
-            tcp: config.tcp,
+            tcp,
             frame_size: config.xdp.frame_size as usize,
             secret,
             epoch,
@@ -858,6 +867,8 @@ fn start_bypass(
             bind = %w.bind_mode(),
             pages = %w.page_kind(),
             tls_listeners = tls_listeners.len(),
+            mtu,
+            mss,
             "bypass path ready"
         );
     }

@@ -61,6 +61,7 @@ use crate::reload::Watch;
 use crate::sys::uring::{Op, UserData, BUF_SIZE, SLOT_SIZE};
 use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
+use crate::tcp::frame_out::FrameOut;
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
 use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
 use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
@@ -256,7 +257,8 @@ impl Proxy {
         let tcp_config = TcbConfig {
             send_buffer: setup.tcp.send_buffer,
             recv_buffer: setup.tcp.recv_buffer,
-            mss: setup.tcp.mss,
+            // Resolved per interface at start (`bypass::mss`); the fallback is never used there.
+            mss: setup.tcp.mss.unwrap_or(1460),
             nagle: setup.tcp.nagle,
             // Idleness is the driver's (payload moving, not segments): a bare ACK must not keep
             // a connection alive.
@@ -761,12 +763,24 @@ impl Proxy {
         self.reap(now);
         self.drain_ready(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        self.stack.poll_into(
+            now,
+            &mut Umem {
+                out: &mut *out,
+                no_frame: tx_no_frame,
+            },
+        );
         // Timers and flushed sends may have ended connections or freed space.
         self.drain_ready(now);
         self.housekeeping(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        self.stack.poll_into(
+            now,
+            &mut Umem {
+                out: &mut *out,
+                no_frame: tx_no_frame,
+            },
+        );
         // The submit happens in `end_turn`, together with the turn's TX kicks.
     }
 
@@ -788,9 +802,14 @@ impl FrameHandler for Proxy {
         let now = self.frame_now;
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
         // Drops are counted by the stack (published in `TcpCounters`).
-        let _ = self
-            .stack
-            .receive(frame.data(), now, &mut |f| transmit(out, f, tx_no_frame));
+        let _ = self.stack.receive_into(
+            frame.data(),
+            now,
+            &mut Umem {
+                out: &mut *out,
+                no_frame: tx_no_frame,
+            },
+        );
         self.pending = true;
         Disposition::Recycle
     }
@@ -920,7 +939,13 @@ impl FrameHandler for Proxy {
         }
         let now = self.now();
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll(now, &mut |f| transmit(out, f, tx_no_frame));
+        self.stack.poll_into(
+            now,
+            &mut Umem {
+                out: &mut *out,
+                no_frame: tx_no_frame,
+            },
+        );
         // Wait (bounded) for the operations still in flight, so none outlives its buffer.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while !self.conns.is_empty() && std::time::Instant::now() < deadline {
@@ -939,21 +964,48 @@ fn moved(b: &driver::ConnBytes) -> u64 {
     b.from_client + b.to_client
 }
 
-/// Copies one frame the stack emitted into a UMEM frame and queues it.
-fn transmit(out: &mut TxQueue<'_>, frame: &[u8], no_frame: &crate::counters::Counter) {
-    let Some(mut f) = out.alloc() else {
-        no_frame.inc();
-        return;
-    };
-    let buf = out.buffer(&mut f);
-    if frame.len() > buf.len() {
-        // The stack is configured with the UMEM frame size; cannot happen.
-        out.recycle(f);
-        no_frame.inc();
-        return;
+/// The stack's frames go straight into UMEM frames of this worker, queued on its TX ring
+/// (flushed in batches by [`TxQueue`]). Without a free frame the segment is dropped and counted
+/// (`tx_no_frame`); the TCB retransmits it as it would a lost one.
+struct Umem<'q, 'a, 'c> {
+    out: &'q mut TxQueue<'a>,
+    no_frame: &'c crate::counters::Counter,
+}
+
+impl FrameOut for Umem<'_, '_, '_> {
+    fn send(&mut self, frame: &[u8]) {
+        let _ = self.build(&mut [], |buf| {
+            let dst = buf
+                .get_mut(..frame.len())
+                .ok_or(WireError::BufferTooSmall)?;
+            dst.copy_from_slice(frame);
+            Ok::<usize, WireError>(frame.len())
+        });
     }
-    buf[..frame.len()].copy_from_slice(frame);
-    out.send(f, frame.len());
+
+    fn build<E>(
+        &mut self,
+        _scratch: &mut [u8],
+        build: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), E> {
+        let Some(mut f) = self.out.alloc() else {
+            self.no_frame.inc();
+            return Ok(());
+        };
+        match build(self.out.buffer(&mut f)) {
+            Ok(n) => {
+                self.out.send(f, n);
+                Ok(())
+            }
+            Err(e) => {
+                // The stack is configured with the UMEM frame size: a frame that does not fit
+                // cannot happen.
+                self.out.recycle(f);
+                self.no_frame.inc();
+                Err(e)
+            }
+        }
+    }
 }
 
 fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {

@@ -1195,7 +1195,7 @@ fn tcp_table_defaults_and_bounds() {
         tcp,
         TcpSettings {
             congestion: Congestion::Cubic,
-            mss: 1460,
+            mss: None,
             recv_buffer: 128 * 1024,
             send_buffer: 128 * 1024,
             nagle: false,
@@ -1226,7 +1226,7 @@ fn tcp_table_defaults_and_bounds() {
         ))
         .tcp;
     assert_eq!(tcp.congestion, Congestion::NewReno);
-    assert_eq!(tcp.mss, 1400);
+    assert_eq!(tcp.mss, Some(1400));
     assert_eq!(tcp.keepalive, Some(Duration::from_secs(60)));
     assert_eq!(tcp.rx_checksum, RxChecksum::Skip);
     assert!(tcp.nagle);

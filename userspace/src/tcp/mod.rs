@@ -19,6 +19,7 @@
 //!   SYN cookie validates): segment arrival, RFC 5961 challenge ACKs, retransmission, SACK,
 //!   delayed ACK, zero-window probes, keep-alive, the per-connection half of path-MTU
 //!   discovery, half-close, TIME-WAIT; re-initialised in place for each new connection.
+//! - [`frame_out`]: where outgoing frames are built and sent (the bypass worker's UMEM frames).
 //! - [`stack`]: per-worker flow table, a slab whose slots own their TCB and buffers (no
 //!   allocation per connection), SYN-cookie passive open (per-connection TSval offsets), RSTs,
 //!   ICMP packet-too-big for live flows, timer wheel.
@@ -30,6 +31,7 @@
 pub mod cc;
 pub mod checksum_alarm;
 pub mod conn;
+pub mod frame_out;
 pub mod reassembly;
 pub mod ring;
 pub mod rtt;

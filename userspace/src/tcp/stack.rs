@@ -65,14 +65,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::checksum_alarm::{ChecksumAlarm, ChecksumWatch};
 use super::conn::{CloseReason, Handshake, PmtuIgnored, State, Tcb, TcbConfig, TimeWaitState};
+use super::frame_out::{Copying, FrameOut};
 use super::ring::{Ring, RingArena};
 use super::syncookie::{siphash24, CookieJar, CookieKey, CookieTuple};
 use super::time::Instant;
 use crate::driver::timer::{Millis, Wheel};
 use crate::wire::{
-    emit_tcp_frame_headers, parse_icmp_frame, parse_tcp_frame, tcp_payload_offset, ChecksumMode,
-    ChecksumVerdict, EtherType, EthernetAddress, EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr,
-    SeqNumber, TcpFlags, TcpFrame, TcpOptions, TcpRepr, Timestamps, WireError, IP_PROTO_TCP,
+    checksum, emit_tcp_frame_headers, emit_tcp_frame_headers_summed, parse_icmp_frame,
+    parse_tcp_frame, tcp_payload_offset, ChecksumMode, ChecksumVerdict, EtherType, EthernetAddress,
+    EthernetRepr, IpRepr, Ipv4Repr, Ipv6Repr, SeqNumber, TcpFlags, TcpFrame, TcpOptions, TcpRepr,
+    Timestamps, WireError, IP_PROTO_TCP,
 };
 
 /// Timer-wheel resolution. Finer than any TCP timer we run (the smallest is the delayed ACK).
@@ -707,7 +709,7 @@ impl Stack {
             checksum_watch: ChecksumWatch::default(),
             our_wscale,
             listeners: config.listeners.to_vec(),
-            jar: CookieJar::new(config.cookie_keys[0], config.cookie_keys[1]),
+            jar: CookieJar::with_mss(config.cookie_keys[0], config.cookie_keys[1], config.tcb.mss),
             slots: Vec::with_capacity(config.capacity),
             capacity: config.capacity,
             rings: {
@@ -869,6 +871,16 @@ impl Stack {
         now: Instant,
         out: &mut impl FnMut(&[u8]),
     ) -> Result<(), RxDrop> {
+        self.receive_into(frame, now, &mut Copying(out))
+    }
+
+    /// [`receive`](Self::receive) with frames built in `out`'s buffers.
+    pub fn receive_into(
+        &mut self,
+        frame: &[u8],
+        now: Instant,
+        out: &mut impl FrameOut,
+    ) -> Result<(), RxDrop> {
         self.counters.frames_received += 1;
         let result = self.receive_inner(frame, now, out);
         if let Err(reason) = result {
@@ -881,7 +893,7 @@ impl Stack {
         &mut self,
         frame: &[u8],
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) -> Result<(), RxDrop> {
         let rx = match parse_tcp_frame(frame, self.rx_checksum) {
             Ok(rx) => rx,
@@ -940,12 +952,7 @@ impl Stack {
     /// An ICMP frame: path-MTU discovery (RFC 1191 / RFC 8201) for the connection whose segment
     /// it quotes, if that segment is in flight (RFC 5927 §4.1); everything else is dropped by
     /// reason. The flow is found by the quoted 4-tuple, which is ours as sent (source = local).
-    fn icmp(
-        &mut self,
-        frame: &[u8],
-        now: Instant,
-        out: &mut impl FnMut(&[u8]),
-    ) -> Result<(), RxDrop> {
+    fn icmp(&mut self, frame: &[u8], now: Instant, out: &mut impl FrameOut) -> Result<(), RxDrop> {
         let f = parse_icmp_frame(frame, self.rx_checksum).map_err(RxDrop::Wire)?;
         if !f.icmp.is_packet_too_big() {
             return Err(RxDrop::IcmpIgnored);
@@ -994,7 +1001,7 @@ impl Stack {
         slot: u32,
         rx: &TcpFrame<'_>,
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) {
         let Some(conn) = self.slots[slot as usize].conn_mut() else {
             debug_assert!(false, "flow table points at an empty slot");
@@ -1012,7 +1019,7 @@ impl Stack {
         slot: u32,
         before: Snapshot,
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) {
         let s = &mut self.slots[slot as usize];
         let generation = s.generation;
@@ -1119,7 +1126,7 @@ impl Stack {
         rx: &TcpFrame<'_>,
         tuple: &CookieTuple,
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) {
         let syn = &rx.tcp;
         let peer = syn.options;
@@ -1178,7 +1185,7 @@ impl Stack {
         ack: SeqNumber,
         (key, hash): (FlowKey, u32),
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) -> Result<(), RxDrop> {
         let seg = &rx.tcp;
         let tsecr = seg.options.timestamps.map(|t| t.tsecr);
@@ -1235,7 +1242,7 @@ impl Stack {
     /// RST for a segment that belongs to no connection (RFC 9293 §3.10.7.1): if it had an ACK,
     /// `<SEQ=SEG.ACK><CTL=RST>`, else `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`. Callers have
     /// already excluded RSTs and group addresses.
-    fn send_reset(&mut self, rx: &TcpFrame<'_>, out: &mut impl FnMut(&[u8])) {
+    fn send_reset(&mut self, rx: &TcpFrame<'_>, out: &mut impl FrameOut) {
         let seg = &rx.tcp;
         let (seq, ack) = match seg.ack {
             Some(ack) => (ack, None),
@@ -1264,7 +1271,7 @@ impl Stack {
         key: &FlowKey,
         hash: u32,
         now: Instant,
-        out: &mut impl FnMut(&[u8]),
+        out: &mut impl FrameOut,
     ) -> Option<Result<(), RxDrop>> {
         let now_ms = to_ms_floor(now);
         let entry = self.closed.lookup(hash, key, now_ms)?;
@@ -1306,18 +1313,13 @@ impl Stack {
     }
 
     /// Emits a payload-less segment back along the path `rx` came on.
-    fn emit_reply(
-        &mut self,
-        rx: &TcpFrame<'_>,
-        repr: &TcpRepr,
-        out: &mut impl FnMut(&[u8]),
-    ) -> bool {
+    fn emit_reply(&mut self, rx: &TcpFrame<'_>, repr: &TcpRepr, out: &mut impl FrameOut) -> bool {
         let eth = reply_eth(&rx.eth);
         let ip = reply_ip(&rx.ip);
         match emit_tcp_frame_headers(&mut self.tx, &eth, &ip, repr, ChecksumMode::Compute) {
             Ok(n) => {
                 self.counters.frames_sent += 1;
-                out(&self.tx[..n]);
+                out.send(&self.tx[..n]);
                 true
             }
             Err(_) => {
@@ -1347,6 +1349,11 @@ impl Stack {
     /// [`conn_mut`](Self::conn_mut) since the last poll; frees connections that reached CLOSED.
     /// Cost: the connections touched or due, not the connections held.
     pub fn poll(&mut self, now: Instant, out: &mut impl FnMut(&[u8])) {
+        self.poll_into(now, &mut Copying(out))
+    }
+
+    /// [`poll`](Self::poll) with frames built in `out`'s buffers.
+    pub fn poll_into(&mut self, now: Instant, out: &mut impl FrameOut) {
         // Application-side changes first: a `close` or `send` wants its segments out now.
         let mut i = 0;
         while i < self.dirty.len() {
@@ -1455,28 +1462,35 @@ impl Snapshot {
     }
 }
 
-/// Sends what `conn` has due into `out`, one frame at a time through the scratch buffer.
+/// Sends what `conn` has due into `out`, each frame built in a buffer `out` lends (`buf` is the
+/// scratch for destinations without buffers of their own): the payload is copied from the send
+/// ring once, its checksum summed in the same pass ([`checksum::copy_and_sum`]).
 fn transmit(
     conn: &mut Conn,
     buf: &mut [u8],
     now: Instant,
     counters: &mut StackCounters,
-    out: &mut impl FnMut(&[u8]),
+    out: &mut impl FrameOut,
 ) {
     let eth = conn.eth;
     let ip = conn.ip;
     let result = conn.tcb.poll_transmit(now, |repr, payload| {
-        let start = tcp_payload_offset(&eth, &ip, repr);
-        let dst = buf
-            .get_mut(start..start + payload.len())
-            .ok_or(WireError::BufferTooSmall)?;
-        payload.copy_to(dst);
-        let n = emit_tcp_frame_headers(buf, &eth, &ip, repr, ChecksumMode::Compute)?;
+        out.build(buf, |frame| {
+            let start = tcp_payload_offset(&eth, &ip, repr);
+            let dst = frame
+                .get_mut(start..start + payload.len())
+                .ok_or(WireError::BufferTooSmall)?;
+            let (a, b) = dst.split_at_mut(payload.first.len().min(dst.len()));
+            let sum = checksum::combine(&[
+                checksum::copy_and_sum(a, payload.first),
+                checksum::at_offset(checksum::copy_and_sum(b, payload.second), a.len()),
+            ]);
+            emit_tcp_frame_headers_summed(frame, &eth, &ip, repr, sum)
+        })?;
         counters.frames_sent += 1;
         if repr.flags.contains(TcpFlags::RST) {
             counters.rsts_sent += 1;
         }
-        out(&buf[..n]);
         Ok::<(), WireError>(())
     });
     if result.is_err() {

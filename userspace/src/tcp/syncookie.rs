@@ -28,7 +28,8 @@
 //!   [`CookieJar::check`] recomputes it under whichever key validated the cookie, so the
 //!   SYN-ACK's TSval and the connection's later TSvals stay one clock across a rotation. The
 //!   offset is added before the option bits are put in the low bits, so decoding is unchanged.
-//! - The MSS is rounded down to an entry of [`MSS_TABLE`]; a peer that offers less than 536 gets
+//! - The MSS is rounded down to an entry of [`MSS_TABLE`] (with the stack's own MSS in place of
+//!   the first entry above it, [`CookieJar::with_mss`]); a peer that offers less than 536 gets
 //!   536, the IPv4 default (RFC 9293 §3.7.1), as on Linux.
 
 use std::net::{IpAddr, SocketAddr};
@@ -107,6 +108,8 @@ pub enum CookieError {
 pub struct CookieJar {
     /// `keys[0]` signs new cookies; `keys[1]` (the previous key) still validates.
     keys: [CookieKey; 2],
+    /// [`MSS_TABLE`] with our own MSS in it ([`CookieJar::with_mss`]).
+    table: [u16; 8],
 }
 
 impl std::fmt::Debug for CookieJar {
@@ -122,6 +125,23 @@ impl CookieJar {
     pub fn new(key_now: CookieKey, key_prev: CookieKey) -> CookieJar {
         CookieJar {
             keys: [key_now, key_prev],
+            table: MSS_TABLE,
+        }
+    }
+
+    /// As [`new`](Self::new), for a stack whose own MSS is `ours`: it takes the place of the
+    /// first [`MSS_TABLE`] entry above it, so a peer on the same MTU (the MSS follows the
+    /// interface's, `bypass::mss`) keeps the full segment size through the cookie instead of
+    /// the entry below (3,466 would otherwise become 1,460). Entries above `ours` gain nothing:
+    /// the connection takes the minimum with its own MSS anyway.
+    pub fn with_mss(key_now: CookieKey, key_prev: CookieKey, ours: u16) -> CookieJar {
+        let mut table = MSS_TABLE;
+        if let Some(slot) = table.iter_mut().find(|m| **m > ours) {
+            *slot = ours.max(MSS_TABLE[0]);
+        }
+        CookieJar {
+            keys: [key_now, key_prev],
+            table,
         }
     }
 
@@ -162,7 +182,7 @@ impl CookieJar {
         ts_now: Option<u32>,
         now: Instant,
     ) -> (u32, Option<u32>) {
-        let index = mss_index(mss);
+        let index = mss_index(&self.table, mss);
         let (opts_code, tsval) = match ts_now {
             Some(clock) => {
                 let bits = ts_bits(ws, sack_perm);
@@ -217,7 +237,7 @@ impl CookieJar {
             if word & MAC_MASK == mac(key, tuple, client_isn, counter, index, opts_code) & MAC_MASK
             {
                 return Ok(Negotiated {
-                    mss: MSS_TABLE[usize::from(index)],
+                    mss: self.table[usize::from(index)],
                     ws,
                     sack_perm,
                     ts_offset: ts_offset_under(key, tuple),
@@ -234,8 +254,8 @@ fn counter(now: Instant) -> u64 {
 }
 
 /// The largest table entry not above `mss`, or index 0.
-fn mss_index(mss: u16) -> u8 {
-    MSS_TABLE.iter().rposition(|&m| m <= mss).unwrap_or(0) as u8
+fn mss_index(table: &[u16; 8], mss: u16) -> u8 {
+    table.iter().rposition(|&m| m <= mss).unwrap_or(0) as u8
 }
 
 fn ts_bits(ws: Option<u8>, sack_perm: bool) -> u32 {
@@ -696,6 +716,24 @@ mod tests {
             let got = jar.check(&tuple(), isn, 1, None, at(5)).map(|n| n.mss);
             assert_eq!(got, Ok(want), "peer offered {offered}");
         }
+    }
+
+    #[test]
+    fn our_own_mss_survives_the_cookie() {
+        // A stack on a 3,506-byte MTU (MSS 3,466) talking to a peer on the same link.
+        let jar = CookieJar::with_mss(K1, K2, 3466);
+        for (offered, want) in [(3466, 3466), (9000, 8960), (3465, 1460), (1460, 1460)] {
+            let (isn, _) = jar.make(&tuple(), 1, offered, None, false, None, at(5));
+            let got = jar.check(&tuple(), isn, 1, None, at(5)).map(|n| n.mss);
+            assert_eq!(got, Ok(want), "peer offered {offered}");
+        }
+        // The usual MSS changes nothing a peer could tell.
+        let jar = CookieJar::with_mss(K1, K2, 1460);
+        let (isn, _) = jar.make(&tuple(), 1, 1460, None, false, None, at(5));
+        assert_eq!(
+            jar.check(&tuple(), isn, 1, None, at(5)).map(|n| n.mss),
+            Ok(1460)
+        );
     }
 
     #[test]

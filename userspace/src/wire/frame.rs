@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 
 use super::ethernet::EtherType;
+use super::{checksum, tcp};
 use super::{
     ChecksumMode, ChecksumVerdict, EthernetFrame, EthernetRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet,
     Ipv6Repr, TcpPacket, TcpRepr, WireError, IP_PROTO_TCP,
@@ -173,6 +174,34 @@ pub fn emit_tcp_frame_headers(
     }
     let mut packet = TcpPacket::new_unchecked(&mut buf[tcp_off..total]);
     tcp.emit(&mut packet, ip.src_addr(), ip.dst_addr(), checksum);
+    Ok(total)
+}
+
+/// [`emit_tcp_frame_headers`] for a payload already in place whose one's-complement sum is
+/// known (`payload_sum`, from [`checksum::copy_and_sum`] while it was copied there): the TCP
+/// checksum then covers the pseudo-header and the header only, and the payload is not read
+/// again. The IPv4 header checksum is computed as usual.
+pub fn emit_tcp_frame_headers_summed(
+    buf: &mut [u8],
+    eth: &EthernetRepr,
+    ip: &IpRepr,
+    tcp: &TcpRepr,
+    payload_sum: u16,
+) -> Result<usize, WireError> {
+    let total = emit_tcp_frame_headers(buf, eth, ip, tcp, ChecksumMode::Skip)?;
+    let ip_off = eth.buffer_len();
+    let tcp_off = ip_off + ip.buffer_len();
+    if let IpRepr::V4(_) = ip {
+        Ipv4Packet::new_unchecked(&mut buf[ip_off..tcp_off]).fill_checksum();
+    }
+    let header_end = tcp_off + tcp.header_len();
+    TcpPacket::new_unchecked(&mut buf[tcp_off..header_end]).set_checksum(0);
+    let sum = checksum::combine(&[
+        tcp::pseudo_header(ip.src_addr(), ip.dst_addr(), tcp.buffer_len()),
+        checksum::data(&buf[tcp_off..header_end]),
+        payload_sum,
+    ]);
+    TcpPacket::new_unchecked(&mut buf[tcp_off..header_end]).set_checksum(checksum::finish(sum));
     Ok(total)
 }
 

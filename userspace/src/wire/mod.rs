@@ -43,7 +43,8 @@ mod tests;
 
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, EthernetRepr, VlanTag};
 pub use frame::{
-    emit_tcp_frame, emit_tcp_frame_headers, parse_tcp_frame, tcp_payload_offset, IpRepr, TcpFrame,
+    emit_tcp_frame, emit_tcp_frame_headers, emit_tcp_frame_headers_summed, parse_tcp_frame,
+    tcp_payload_offset, IpRepr, TcpFrame,
 };
 pub use icmp::{
     emit_icmp_frame, parse_icmp_frame, IcmpFrame, IcmpRepr, QuotedTcp, ICMPV4_DEST_UNREACHABLE,

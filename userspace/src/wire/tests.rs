@@ -486,6 +486,49 @@ fn emit_refuses_small_buffers() {
 }
 
 #[test]
+fn summed_headers_match_a_full_checksum() {
+    // The bulk send path copies the payload with `copy_and_sum` (in two parts when the send
+    // ring wraps, the second at any offset) and then writes the headers with that sum: the
+    // frame must be byte for byte what a full checksum pass gives.
+    let payload: Vec<u8> = (0..1461u32).map(|i| (i * 131 + 7) as u8).collect();
+    for (frame, len) in [LINUX_V4_DATA, LINUX_V6_DATA]
+        .into_iter()
+        .flat_map(|h| [0usize, 1, 2, 3, 517, 1448, 1460, 1461].map(|l| (h, l)))
+    {
+        let bytes = hex(frame);
+        let f = parse_ok(&bytes);
+        let tcp = TcpRepr {
+            payload_len: len,
+            ..f.tcp
+        };
+        let mut full = vec![0u8; 2048];
+        let n = emit_tcp_frame(
+            &mut full,
+            &f.eth,
+            &f.ip,
+            &tcp,
+            &payload[..len],
+            ChecksumMode::Compute,
+        )
+        .expect("fits");
+        for split in [0, 1, len / 2, len.saturating_sub(1), len].map(|s| s.min(len)) {
+            let mut folded = vec![0xa5u8; 2048];
+            let start = tcp_payload_offset(&f.eth, &f.ip, &tcp);
+            let (a, b) = folded[start..start + len].split_at_mut(split);
+            let sum = checksum::combine(&[
+                checksum::copy_and_sum(a, &payload[..split]),
+                checksum::at_offset(checksum::copy_and_sum(b, &payload[split..len]), split),
+            ]);
+            let m =
+                emit_tcp_frame_headers_summed(&mut folded, &f.eth, &f.ip, &tcp, sum).expect("fits");
+            assert_eq!(m, n);
+            assert_eq!(folded[..m], full[..n], "len {len} split {split}");
+            assert!(parse_tcp_frame(&folded[..m], ChecksumMode::Compute).is_ok());
+        }
+    }
+}
+
+#[test]
 fn error_indices_are_dense() {
     for (i, e) in WireError::ALL.iter().enumerate() {
         assert_eq!(e.index(), i, "{e:?}");

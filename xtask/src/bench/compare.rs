@@ -795,6 +795,33 @@ fn session(
         }
     }
 
+    // 4b. Bulk at the rig's largest native-XDP MTU (tern's two paths; `bulk_mtu`).
+    for r in results
+        .iter_mut()
+        .filter(|r| r.skipped.is_none() && super::bulk_mtu::measured(r.target))
+    {
+        let Some(p) = setup.get(r.target) else {
+            continue;
+        };
+        if let Err(e) = super::bulk_mtu::pass(
+            &ctx,
+            &rig,
+            TARGET_CPU,
+            setup.backend_pgid,
+            p,
+            &tern_load,
+            plan.bulk_connections,
+            (plan.runs, plan.run_time),
+            r,
+        ) {
+            if interrupted.load(Ordering::Relaxed) {
+                return Err(e);
+            }
+            progress.log(format!("{}: bulk at a large MTU: {e:#}", r.target.name()));
+            r.errors.push(format!("bulk at a large MTU: {e:#}"));
+        }
+    }
+
     // 5. Latency at fractions of the slowest target's maximum.
     let slowest = results
         .iter()
@@ -1579,6 +1606,8 @@ mod tests {
             let run = |d: Duration| d.as_secs_f64() + p.warmup.as_secs_f64() + 0.5;
             let slots = p.bypass_slots();
             let mut total = 2.0 * p.runs as f64 * run(p.run_time) + 30.0;
+            // Bulk at a large MTU: tern's two paths, a start and a warm-up each (`bulk_mtu`).
+            total += 2.0 * (p.runs as f64 * run(p.run_time) + 1.5);
             for t in Target::ALL {
                 let (steps, _) = idle_plan(t, &p.idle_steps, nofile, slots);
                 total += p.noise_time.as_secs_f64()

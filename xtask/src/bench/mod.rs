@@ -15,6 +15,7 @@
 //! `openssl speed` and the criterion benches; [`install`] gets Debian packages; [`results`],
 //! [`report`] and [`plots`] present. Nothing here is used by `cargo xtask test`.
 
+pub mod bulk_mtu;
 pub mod compare;
 pub mod configs;
 pub mod cpu;

@@ -325,6 +325,23 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
         ("MB/s (body)", "µs/MiB"),
         bulk_floor.map(|f| (f, "rustls sealing 1 MiB")),
     );
+    let large: Vec<&TargetResult> = targets
+        .iter()
+        .copied()
+        .filter(|t| super::bulk_mtu::measured(t.target))
+        .collect();
+    if !large.is_empty() {
+        out.push_str(&super::bulk_mtu::heading());
+        out.push_str(&header("", &large));
+        figure_rows(
+            &mut out,
+            &large,
+            super::bulk_mtu::runs,
+            Unit::PerMib,
+            ("MB/s (body)", "µs/MiB"),
+            bulk_floor.map(|f| (f, "rustls sealing 1 MiB")),
+        );
+    }
 
     // Latency: one row per offered fraction; cell = p50 / p99 / p99.9 / max in ms.
     out.push_str("\n### Latency at a fixed offered rate\n\nNew connections offered open-loop at a fraction of the slowest target's closed-loop maximum; latency from the scheduled send time (corrected for coordinated omission) to the last response byte. Cells: p50 / p99 / p99.9 / max, ms, medians over runs.\n\n");

@@ -208,6 +208,8 @@ pub struct TargetResult {
     pub new_conn: Vec<Measurement>,
     pub keepalive: Vec<Measurement>,
     pub bulk: Vec<Measurement>,
+    /// Bulk again at the rig's largest native-XDP MTU (tern's two paths; `bulk_mtu`).
+    pub bulk_large_mtu: Vec<Measurement>,
     /// New connections that resume a TLS 1.3 session (each target's own ticket mechanism).
     pub resumed: Vec<Measurement>,
     pub latency: Vec<LatencyPoint>,
@@ -228,6 +230,7 @@ impl TargetResult {
             new_conn: Vec::new(),
             keepalive: Vec::new(),
             bulk: Vec::new(),
+            bulk_large_mtu: Vec::new(),
             resumed: Vec::new(),
             latency: Vec::new(),
             keepalive_latency: Vec::new(),
