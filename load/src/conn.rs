@@ -86,8 +86,8 @@ pub enum Stage {
     AwaitClose,
     /// Held: established; parks once the last handshake flight has been written.
     Parking,
-    /// Held: the TLS state is dropped, only the socket remains (watched for the server
-    /// closing it).
+    /// Held: the TLS state and the response buffer are dropped, only the socket remains
+    /// (watched for the server closing it).
     Parked,
 }
 
@@ -323,6 +323,7 @@ impl Conn {
                 out.ready = true;
             }
             Role::Held => {
+                self.resp.release();
                 self.stage = Stage::Parked;
                 self.deadline = u64::MAX;
                 out.parked = true;
@@ -712,6 +713,7 @@ impl Conn {
             // Everything is written, including the client Finished: the TLS state is no
             // longer needed to keep the connection up.
             self.tls = None;
+            self.resp.release();
             self.stage = Stage::Parked;
             self.deadline = u64::MAX;
             out.parked = true;
