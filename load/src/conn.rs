@@ -137,9 +137,20 @@ pub struct Ctx {
     pub message_bytes: u64,
     /// Plain: pattern bytes writes are taken from ([`plain_chunk`]).
     pub plain_chunk: Vec<u8>,
+    /// No connection's deadline is earlier than this (a lower bound, lowered by every
+    /// [`Ctx::arm`]): the worker's timeout scan, a walk of every connection, runs only once it
+    /// has passed, so held connections without a deadline cost nothing per scan period.
+    pub next_deadline: u64,
 }
 
 impl Ctx {
+    /// `deadline`, noted as a lower bound for the timeout scan: every finite deadline a
+    /// connection takes goes through here.
+    pub fn arm(&mut self, deadline: u64) -> u64 {
+        self.next_deadline = self.next_deadline.min(deadline);
+        deadline
+    }
+
     /// Inside the measurement window now.
     pub fn counting(&self) -> bool {
         self.now >= self.window_start && self.now < self.window_end
@@ -442,7 +453,7 @@ impl Conn {
             self.op_active = true;
             self.measured = ctx.measured(op_start);
             self.stage = Stage::Request;
-            self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+            self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
             return Ok(());
         }
         let tls = self.tls.as_mut().ok_or(ErrorKind::Io)?;
@@ -458,7 +469,7 @@ impl Conn {
             self.measured = ctx.measured(op_start);
         }
         self.stage = Stage::Request;
-        self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+        self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
         Ok(())
     }
 
@@ -597,7 +608,7 @@ impl Conn {
             self.begin_request(ctx, now)
         } else {
             self.stage = Stage::Parking;
-            self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+            self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
             Ok(())
         }
     }
@@ -624,7 +635,8 @@ impl Conn {
             Role::Transaction | Role::Prime => match ctx.close {
                 ClosePolicy::Server => {
                     self.stage = Stage::AwaitClose;
-                    self.deadline = ctx.now.saturating_add(ctx.timeout_ns.min(AWAIT_CLOSE_MAX));
+                    self.deadline =
+                        ctx.arm(ctx.now.saturating_add(ctx.timeout_ns.min(AWAIT_CLOSE_MAX)));
                 }
                 ClosePolicy::Client => {
                     if let Some(tls) = self.tls.as_mut() {
