@@ -21,7 +21,9 @@
 //!
 //! Figures per step: tern's RSS (its process group), growth over the baseline per connection and
 //! since the previous step, the clients' RSS, and MemAvailable's fall per connection (tern, the
-//! clients, and the client namespace's kernel sockets together). At the top step:
+//! clients, and the client namespace's kernel sockets together). At the top step: tern's CPU over
+//! `--idle-seconds` with everything held and no traffic (near zero unless some per-turn or
+//! per-tick work grows with the connections held), then
 //! `tern-load --mode new-conn --rate R` open loop (coordinated-omission corrected), p50/p99, and
 //! tern's `bypass.tcp.connections` gauge before and after, which must still count every held
 //! connection; the clients' own reports must show every handshake completed and none closed.
@@ -75,6 +77,10 @@ pub struct MillionArgs {
     /// Seconds of the latency run (after 2 s of warm-up).
     #[arg(long, default_value_t = 10.0)]
     latency_seconds: f64,
+    /// Seconds tern's CPU is measured with every connection held and no traffic, before the
+    /// latency run (a worker holding idle connections should use next to none).
+    #[arg(long, default_value_t = 5.0)]
+    idle_seconds: f64,
     /// Rewrite the million section of docs/benchmarks.md and docs/bench/million.svg.
     #[arg(long)]
     update_docs: bool,
@@ -132,6 +138,8 @@ struct Results {
     /// Why the ramp ended below the last step (`None`: every step was reached).
     stopped: Option<String>,
     latency: Option<LatencyRun>,
+    /// tern's CPU over the idle window at the top step: (CPU µs, window µs).
+    idle_cpu: Option<(u64, u64)>,
     /// Clients' own accounting at the end: (established, asked, closed during the hold).
     clients: (u64, u64, u64),
     notes: Vec<String>,
@@ -287,6 +295,7 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
     let latency_room = Duration::from_secs_f64(args.latency_seconds.max(1.0))
         + LATENCY_WARMUP
         + RUN_SLACK
+        + Duration::from_secs_f64(args.idle_seconds.max(0.0))
         + Duration::from_secs(30);
 
     progress.step("rig, certificate, backend, client addresses");
@@ -536,6 +545,27 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
         });
     }
 
+    // tern's CPU with everything held and nothing sent: what holding costs per second.
+    if held > 0 && args.idle_seconds > 0.0 {
+        progress.step(format!(
+            "tern's CPU with {} held, idle",
+            fmt_num(held as f64)
+        ));
+        let window = Duration::from_secs_f64(args.idle_seconds);
+        let before = proc::group_usage(pgid)?.cpu_us;
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let cpu = proc::group_usage(pgid)?.cpu_us.saturating_sub(before);
+        let wall = t0.elapsed().as_micros() as u64;
+        progress.log(format!(
+            "tern's CPU with {} held and idle: {:.2}% of a core over {:.1} s",
+            fmt_num(held as f64),
+            100.0 * cpu as f64 / wall.max(1) as f64,
+            wall as f64 / 1e6
+        ));
+        r.idle_cpu = Some((cpu, wall));
+    }
+
     // The latency run with everything held.
     progress.step(format!(
         "new-connection latency with {} held",
@@ -761,6 +791,16 @@ fn report(r: &Results, args: &MillionArgs, held: u64) -> String {
             fmt_num(l.live_after as f64)
         )),
         None => s.push_str("No latency run.\n\n"),
+    }
+    if let Some((cpu, wall)) = r.idle_cpu {
+        s.push_str(&format!(
+            "tern's CPU with {} held and no traffic: {:.2}% of a core ({} ms over {:.1} s; \
+             process group utime + stime).\n\n",
+            fmt_num(held as f64),
+            100.0 * cpu as f64 / wall.max(1) as f64,
+            cpu / 1000,
+            wall as f64 / 1e6
+        ));
     }
     s.push_str(&format!(
         "Clients at the end: {} of {} handshakes completed, {} connections closed by tern during the hold.\n\n",
