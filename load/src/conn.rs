@@ -86,8 +86,8 @@ pub enum Stage {
     AwaitClose,
     /// Held: established; parks once the last handshake flight has been written.
     Parking,
-    /// Held: the TLS state is dropped, only the socket remains (watched for the server
-    /// closing it).
+    /// Held: the TLS state and the response buffer are dropped, only the socket remains
+    /// (watched for the server closing it).
     Parked,
 }
 
@@ -137,9 +137,20 @@ pub struct Ctx {
     pub message_bytes: u64,
     /// Plain: pattern bytes writes are taken from ([`plain_chunk`]).
     pub plain_chunk: Vec<u8>,
+    /// No connection's deadline is earlier than this (a lower bound, lowered by every
+    /// [`Ctx::arm`]): the worker's timeout scan, a walk of every connection, runs only once it
+    /// has passed, so held connections without a deadline cost nothing per scan period.
+    pub next_deadline: u64,
 }
 
 impl Ctx {
+    /// `deadline`, noted as a lower bound for the timeout scan: every finite deadline a
+    /// connection takes goes through here.
+    pub fn arm(&mut self, deadline: u64) -> u64 {
+        self.next_deadline = self.next_deadline.min(deadline);
+        deadline
+    }
+
     /// Inside the measurement window now.
     pub fn counting(&self) -> bool {
         self.now >= self.window_start && self.now < self.window_end
@@ -323,6 +334,7 @@ impl Conn {
                 out.ready = true;
             }
             Role::Held => {
+                self.resp.release();
                 self.stage = Stage::Parked;
                 self.deadline = u64::MAX;
                 out.parked = true;
@@ -441,7 +453,7 @@ impl Conn {
             self.op_active = true;
             self.measured = ctx.measured(op_start);
             self.stage = Stage::Request;
-            self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+            self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
             return Ok(());
         }
         let tls = self.tls.as_mut().ok_or(ErrorKind::Io)?;
@@ -457,7 +469,7 @@ impl Conn {
             self.measured = ctx.measured(op_start);
         }
         self.stage = Stage::Request;
-        self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+        self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
         Ok(())
     }
 
@@ -596,7 +608,7 @@ impl Conn {
             self.begin_request(ctx, now)
         } else {
             self.stage = Stage::Parking;
-            self.deadline = ctx.now.saturating_add(ctx.timeout_ns);
+            self.deadline = ctx.arm(ctx.now.saturating_add(ctx.timeout_ns));
             Ok(())
         }
     }
@@ -623,7 +635,8 @@ impl Conn {
             Role::Transaction | Role::Prime => match ctx.close {
                 ClosePolicy::Server => {
                     self.stage = Stage::AwaitClose;
-                    self.deadline = ctx.now.saturating_add(ctx.timeout_ns.min(AWAIT_CLOSE_MAX));
+                    self.deadline =
+                        ctx.arm(ctx.now.saturating_add(ctx.timeout_ns.min(AWAIT_CLOSE_MAX)));
                 }
                 ClosePolicy::Client => {
                     if let Some(tls) = self.tls.as_mut() {
@@ -712,6 +725,7 @@ impl Conn {
             // Everything is written, including the client Finished: the TLS state is no
             // longer needed to keep the connection up.
             self.tls = None;
+            self.resp.release();
             self.stage = Stage::Parked;
             self.deadline = u64::MAX;
             out.parked = true;

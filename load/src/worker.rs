@@ -258,6 +258,7 @@ impl Worker {
             timeout_ns: plan.timeout_ns,
             plain: plan.plain,
             message_bytes: plan.message_bytes,
+            next_deadline: u64::MAX,
             plain_chunk: if plan.plain {
                 plain_chunk()
             } else {
@@ -560,14 +561,19 @@ impl Worker {
         }
     }
 
+    /// Ends the connections whose deadline passed. The walk is over every connection, so it
+    /// only happens once the earliest deadline ([`Ctx::next_deadline`]) has passed: holding
+    /// idle connections (no deadline) costs no walk at all.
     fn scan_timeouts(&mut self) {
         let now = self.ctx.now;
-        self.scratch.clear();
-        for (idx, (_, conn)) in self.slab.entries.iter().enumerate() {
-            if conn.as_ref().is_some_and(|c| c.deadline <= now) {
-                self.scratch.push(idx);
-            }
-        }
+        // Connections ended below may re-arm (through `Ctx::arm`), lowering the bound again.
+        expired(
+            &self.slab.entries,
+            |c| c.deadline,
+            now,
+            &mut self.ctx.next_deadline,
+            &mut self.scratch,
+        );
         for idx in std::mem::take(&mut self.scratch) {
             let lingering = self
                 .slab
@@ -615,6 +621,7 @@ impl Worker {
         let measured = role != Role::Prime && self.ctx.measured(start);
         match Conn::open(role, &dial, start, &self.ctx, gets) {
             Ok(conn) => {
+                self.ctx.arm(conn.deadline);
                 let fd = conn.stream.as_raw_fd();
                 let (idx, token) = self.slab.insert(conn);
                 if self.ctx.counting() {
@@ -767,5 +774,76 @@ impl Worker {
         if closed_loop_slot || persistent {
             self.retry.push_back(self.ctx.now + RETRY_DELAY);
         }
+    }
+}
+
+/// Puts the indices of the `entries` whose deadline is at or before `now` into `out` (cleared
+/// first). A walk of every entry, so it happens only once `*next` (a lower bound of every
+/// deadline) has passed, and then sets `*next` to the earliest deadline left. Returns the
+/// entries walked (0 when skipped).
+fn expired<T>(
+    entries: &[(u32, Option<T>)],
+    deadline: impl Fn(&T) -> u64,
+    now: u64,
+    next: &mut u64,
+    out: &mut Vec<usize>,
+) -> usize {
+    out.clear();
+    if now < *next {
+        return 0;
+    }
+    let mut earliest = u64::MAX;
+    for (idx, (_, entry)) in entries.iter().enumerate() {
+        match entry.as_ref().map(&deadline) {
+            Some(d) if d <= now => out.push(idx),
+            Some(d) => earliest = earliest.min(d),
+            None => {}
+        }
+    }
+    *next = earliest;
+    entries.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expired;
+
+    /// A million held entries without a deadline: one walk finds none due, and from then on
+    /// no scan walks anything until an entry is armed.
+    #[test]
+    fn held_entries_without_deadline_are_not_walked() {
+        let mut entries: Vec<(u32, Option<u64>)> = vec![(0, Some(u64::MAX)); 1_000_000];
+        entries.push((0, None));
+        let mut next = 0;
+        let mut out = Vec::new();
+        assert_eq!(
+            expired(&entries, |d| *d, 10, &mut next, &mut out),
+            entries.len()
+        );
+        assert!(out.is_empty());
+        assert_eq!(next, u64::MAX);
+        for now in (60..10_000).step_by(50) {
+            assert_eq!(expired(&entries, |d| *d, now, &mut next, &mut out), 0);
+        }
+        // One entry armed (as `Ctx::arm` lowers the bound): walked only once it is due.
+        entries[7].1 = Some(20_000);
+        next = next.min(20_000);
+        assert_eq!(expired(&entries, |d| *d, 19_999, &mut next, &mut out), 0);
+        assert_eq!(
+            expired(&entries, |d| *d, 20_000, &mut next, &mut out),
+            entries.len()
+        );
+        assert_eq!(out, vec![7]);
+    }
+
+    /// Entries not yet due set the bound to the earliest of them.
+    #[test]
+    fn the_bound_is_the_earliest_deadline_left() {
+        let entries = vec![(0, Some(300)), (0, None), (0, Some(100)), (0, Some(200))];
+        let mut next = 0;
+        let mut out = Vec::new();
+        expired(&entries, |d: &u64| *d, 150, &mut next, &mut out);
+        assert_eq!(out, vec![2]);
+        assert_eq!(next, 200);
     }
 }

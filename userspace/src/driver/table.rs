@@ -18,7 +18,7 @@ use super::Conn;
 use crate::counters::WorkerCounters;
 use crate::tcp::time::Instant;
 
-/// Wheel buckets: with 100 ms ticks one turn is about 100 s; later deadlines go round again.
+/// Wheel buckets per level: with 100 ms ticks a span is about 100 s and level two reaches 29 h.
 const WHEEL_BUCKETS: usize = 1024;
 
 /// One proxied connection.

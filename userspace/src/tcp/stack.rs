@@ -79,7 +79,7 @@ use crate::wire::{
 
 /// Timer-wheel resolution. Finer than any TCP timer we run (the smallest is the delayed ACK).
 const WHEEL_TICK_MS: u64 = 1;
-/// Wheel buckets: a 4 s span at 1 ms; longer deadlines go round (lazy re-scheduling).
+/// Wheel buckets per level: a 4 s span at 1 ms; later deadlines wait in level two (4.6 h).
 const WHEEL_BUCKETS: usize = 4096;
 /// TTL / hop limit of what we send (Linux's default).
 const DEFAULT_TTL: u8 = 64;

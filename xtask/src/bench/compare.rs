@@ -440,7 +440,7 @@ fn lock_version(name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn nofile_limit() -> u64 {
+pub(super) fn nofile_limit() -> u64 {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -525,7 +525,7 @@ pub(super) struct Setup<'a> {
 }
 
 /// Connections one idle client process (and one source address) holds: its fd limit.
-fn idle_per_process(nofile: u64) -> u64 {
+pub(super) fn idle_per_process(nofile: u64) -> u64 {
     nofile.saturating_sub(targets::FD_OVERHEAD).max(1)
 }
 
@@ -573,7 +573,7 @@ fn extra_sources_needed(targets: &[Target], steps: &[u64], nofile: u64, slots: u
 
 /// Adds `count` addresses to the client veth (.3, .4, … of the rig's /24; the namespace and
 /// its addresses go with the rig) and returns them with the command that added the first.
-fn add_client_sources(rig: &Rig, count: u64) -> Result<(Vec<Ipv4Addr>, Option<String>)> {
+pub(super) fn add_client_sources(rig: &Rig, count: u64) -> Result<(Vec<Ipv4Addr>, Option<String>)> {
     let [a, b, c, _] = rig.client_ip.octets();
     let mut added = Vec::new();
     let mut example = None;

@@ -255,6 +255,11 @@ impl Job {
         })
     }
 
+    /// The job's PID, which is also its process group (it runs in a group of its own).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Has the job exited? Reaps it if so (then [`Job::wait`] returns at once).
     pub fn poll(&mut self, started: Instant) -> Result<Option<JobExit>> {
         if self.done {

@@ -25,6 +25,7 @@ pub mod install;
 pub mod keepalive_latency;
 pub mod load;
 pub mod measure;
+pub mod million;
 pub mod plots;
 pub mod proc;
 pub mod progress;
@@ -57,6 +58,9 @@ enum BenchCommand {
     /// Plain-TCP (L4) proxying: tern's bypass path (its own TCP stack on AF_XDP) against its
     /// kernel path, same echo backend, same run; plus the TCP stack's criterion benches.
     Tcp(tcp::TcpArgs),
+    /// Up to a million idle TLS connections held by one tern-bypass process: resident memory
+    /// at each step, then new-connection latency with all of them held (opt-in, ≤ 25 min).
+    Million(million::MillionArgs),
 }
 
 /// Runs the selected benchmark.
@@ -66,5 +70,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Some(BenchCommand::Tls(a)) => compare::run(a),
         Some(BenchCommand::Xsk(a)) => xsk::run(a),
         Some(BenchCommand::Tcp(a)) => tcp::run(a),
+        Some(BenchCommand::Million(a)) => million::run(a),
     }
 }
