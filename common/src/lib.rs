@@ -238,9 +238,13 @@ pub struct XdpConfig {
     /// Binary upgrade of the bypass path ([`HANDOVER_KERNEL_KEEPS`], [`HANDOVER_KERNEL_NEW`]);
     /// 0 outside an upgrade, so the per-packet path pays nothing for it then.
     pub handover: u32,
+    /// The [`flow_hash`] key: random, drawn when userspace attaches the program and written
+    /// before any worker count, so no flow is ever steered under another key. Kept by a
+    /// binary upgrade that adopts the running program (its flows keep their workers).
+    pub steer_key: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 12);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 28);
 
 /// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
 /// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
@@ -376,57 +380,131 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 /// Hash of a TCP flow as the receiver sees it: `src`/`sport` are the packet's source (the
 /// client), `dst`/`dport` its destination (the listener). Addresses in network byte order,
 /// IPv4 as `::ffff:a.b.c.d`; ports in host order. The program and userspace compute the same
-/// value, so userspace knows which worker a flow belongs to (see [`flow_worker`]).
+/// value under the same `key` ([`XdpConfig::steer_key`]), so userspace knows which worker a flow
+/// belongs to (see [`flow_worker`]).
 ///
-/// MurmurHash3's 32-bit block mix over the nine 32-bit words of the 4-tuple, then its
-/// finaliser (so low bits, which `% workers` uses, depend on every input bit). Straight-line
-/// code: nine calls to an inlined mix, no loop for the verifier to bound. Not keyed: a client
-/// that picks its ports can choose its worker, which costs it nothing it could not do by opening
-/// more connections.
+/// [`siphash24`] under `key` over the 36 bytes `src ‖ dst ‖ sport ‖ dport` (ports big-endian),
+/// low 32 bits. Keyed with a secret drawn at each start (`tern::bypass::xdp::attach`), so a
+/// client cannot choose source ports or addresses that all land on one worker: without the key
+/// the worker of a flow is a coin toss. A keyed PRF rather than a seeded non-cryptographic hash
+/// (MurmurHash3 has seed-independent multicollisions, which would make a seed useless against
+/// an attacker who controls many source addresses).
 #[inline(always)]
-pub const fn flow_hash(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
-    let mut h = FLOW_HASH_SEED;
-    h = murmur_round(h, word(src, 0));
-    h = murmur_round(h, word(src, 4));
-    h = murmur_round(h, word(src, 8));
-    h = murmur_round(h, word(src, 12));
-    h = murmur_round(h, word(dst, 0));
-    h = murmur_round(h, word(dst, 4));
-    h = murmur_round(h, word(dst, 8));
-    h = murmur_round(h, word(dst, 12));
-    h = murmur_round(h, ((sport as u32) << 16) | dport as u32);
-    // Input length in bytes, as MurmurHash3 mixes it in before finalising.
-    h ^= 36;
-    fmix32(h)
-}
-
-/// An arbitrary odd constant; changing it moves every flow to another worker.
-const FLOW_HASH_SEED: u32 = 0x7465_726e; // "tern"
-
-#[inline(always)]
-const fn word(bytes: &[u8; 16], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+pub fn flow_hash(key: &[u8; 16], src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
+    // The 36 bytes as SipHash reads them, built from whole words: no byte array on the eBPF
+    // stack for the compiler to leave partly uninitialised (which the verifier rejects).
+    let [s0, s1] = sport.to_be_bytes();
+    let [d0, d1] = dport.to_be_bytes();
+    let mut sip = Sip::new(key);
+    sip.word(le_word(src, 0));
+    sip.word(le_word(src, 8));
+    sip.word(le_word(dst, 0));
+    sip.word(le_word(dst, 8));
+    sip.finish(u64::from_le_bytes([s0, s1, d0, d1, 0, 0, 0, 36])) as u32
 }
 
 #[inline(always)]
-const fn murmur_round(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+const fn le_word(bytes: &[u8; 16], at: usize) -> u64 {
+    u64::from_le_bytes([
+        bytes[at],
+        bytes[at + 1],
+        bytes[at + 2],
+        bytes[at + 3],
+        bytes[at + 4],
+        bytes[at + 5],
+        bytes[at + 6],
+        bytes[at + 7],
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// SipHash-2-4
+
+/// SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast short-input PRF", 2012): 2 compression
+/// rounds per 8-byte word, 4 finalisation rounds, 64-bit output. The one implementation in
+/// tern: the XDP program's steering hash and the TCP stack's SYN cookies both use it.
+///
+/// Never panics (`rest.len() < 8`). The eBPF program uses the word-level core through
+/// [`flow_hash`], which needs no loop and no byte buffer.
+pub fn siphash24(key: &[u8; 16], data: &[u8]) -> u64 {
+    let mut sip = Sip::new(key);
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        sip.word(u64::from_le_bytes(w));
+    }
+    // Last block: the remaining bytes, little-endian, with the length (mod 256) in the top byte.
+    let mut last = [0u8; 8];
+    let rest = chunks.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    last[7] = data.len() as u8;
+    sip.finish(u64::from_le_bytes(last))
+}
+
+/// SipHash-2-4's state between words; [`siphash24`] and [`flow_hash`] feed it.
+struct Sip {
+    v: [u64; 4],
+}
+
+impl Sip {
+    #[inline(always)]
+    fn new(key: &[u8; 16]) -> Sip {
+        let k0 = u64::from_le_bytes([
+            key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+        ]);
+        let k1 = u64::from_le_bytes([
+            key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
+        ]);
+        Sip {
+            v: [
+                k0 ^ 0x736f_6d65_7073_6575,
+                k1 ^ 0x646f_7261_6e64_6f6d,
+                k0 ^ 0x6c79_6765_6e65_7261,
+                k1 ^ 0x7465_6462_7974_6573,
+            ],
+        }
+    }
+
+    /// One 8-byte message word, little-endian: two compression rounds.
+    #[inline(always)]
+    fn word(&mut self, m: u64) {
+        self.v[3] ^= m;
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        self.v[0] ^= m;
+    }
+
+    /// The last word (remaining bytes with the length in the top byte), then four
+    /// finalisation rounds.
+    #[inline(always)]
+    fn finish(mut self, last: u64) -> u64 {
+        self.word(last);
+        self.v[2] ^= 0xff;
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        self.v[0] ^ self.v[1] ^ self.v[2] ^ self.v[3]
+    }
 }
 
 #[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
 }
 
 /// The worker (`0..workers`) that owns the flow with hash `hash`; 0 when `workers` is 0.
@@ -504,69 +582,83 @@ mod tests {
         assert_eq!(sum.terminal(), 18 + 20 + 22 + 24, "terminal sums the four");
     }
 
-    /// The reference values pin the function: the eBPF program and userspace must agree, and a
-    /// silent change would move every live flow to another worker.
+    /// The reference implementation's vectors (key 00..0f, message 00..(len-1); vectors.h and
+    /// the paper's Appendix A example at 15 bytes).
     #[test]
-    fn flow_hash_is_stable_and_uses_every_input() {
+    fn siphash_reference_vectors() {
+        let key: [u8; 16] = core::array::from_fn(|i| i as u8);
+        let msg: [u8; 64] = core::array::from_fn(|i| i as u8);
+        let expect = [
+            (0, 0x726f_db47_dd0e_0e31),
+            (1, 0x74f8_39c5_93dc_67fd),
+            (2, 0x0d6c_8009_d9a9_4f5a),
+            (3, 0x8567_6696_d7fb_7e2d),
+            (4, 0xcf27_94e0_2771_87b7),
+            (8, 0x93f5_f579_9a93_2462),
+            (15, 0xa129_ca61_49be_45e5),
+            (63, 0x958a_324c_eb06_4572),
+        ];
+        for (len, want) in expect {
+            assert_eq!(
+                siphash24(&key, &msg[..len]),
+                want,
+                "SipHash-2-4 vector, {len} bytes"
+            );
+        }
+    }
+
+    /// The eBPF program and userspace must agree, so the function is pinned to its definition:
+    /// SipHash-2-4 of the 36-byte tuple. Every input and the key change the value.
+    #[test]
+    fn flow_hash_is_keyed_siphash_and_uses_every_input() {
+        let key = *b"steering key 16b";
         let client = ipv4_mapped([198, 18, 0, 2]);
         let server = ipv4_mapped([198, 18, 0, 1]);
-        let base = flow_hash(&client, &server, 40000, 443);
-        assert_eq!(
-            base,
-            flow_hash(&client, &server, 40000, 443),
-            "deterministic"
-        );
-        // Pinned: computed by an independent (Python) MurmurHash3 over the same 36 bytes.
-        assert_eq!(
-            base, 0x166d_357a,
-            "flow_hash changed: every flow would move worker"
-        );
-        assert_eq!(
-            base,
-            reference_murmur3(&client, &server, 40000, 443),
-            "flow_hash must be MurmurHash3_x86_32 over the 36-byte big-endian word sequence"
-        );
+        let base = flow_hash(&key, &client, &server, 40000, 443);
+        let mut m = [0u8; 36];
+        m[..16].copy_from_slice(&client);
+        m[16..32].copy_from_slice(&server);
+        m[32..34].copy_from_slice(&40000u16.to_be_bytes());
+        m[34..].copy_from_slice(&443u16.to_be_bytes());
+        assert_eq!(base, siphash24(&key, &m) as u32, "definition");
         let mut other_client = client;
         other_client[15] ^= 1;
         let mut other_server = server;
         other_server[0] ^= 0x80;
+        let mut other_key = key;
+        other_key[5] ^= 1;
         let variants = [
-            flow_hash(&other_client, &server, 40000, 443),
-            flow_hash(&client, &other_server, 40000, 443),
-            flow_hash(&client, &server, 40001, 443),
-            flow_hash(&client, &server, 40000, 444),
-            flow_hash(&server, &client, 443, 40000),
+            flow_hash(&key, &other_client, &server, 40000, 443),
+            flow_hash(&key, &client, &other_server, 40000, 443),
+            flow_hash(&key, &client, &server, 40001, 443),
+            flow_hash(&key, &client, &server, 40000, 444),
+            flow_hash(&key, &server, &client, 443, 40000),
+            flow_hash(&other_key, &client, &server, 40000, 443),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i} hashed like the base tuple");
         }
     }
 
-    /// An independent, loop-based MurmurHash3_x86_32 over a byte string (big-endian word reads
-    /// to match `flow_hash`), used to check the unrolled version.
-    fn reference_murmur3(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
-        let mut bytes = [0u8; 36];
-        bytes[..16].copy_from_slice(src);
-        bytes[16..32].copy_from_slice(dst);
-        bytes[32..34].copy_from_slice(&sport.to_be_bytes());
-        bytes[34..].copy_from_slice(&dport.to_be_bytes());
-        let mut h: u32 = FLOW_HASH_SEED;
-        for chunk in bytes.chunks_exact(4) {
-            let mut k = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            k = k.wrapping_mul(0xcc9e2d51);
-            k = k.rotate_left(15);
-            k = k.wrapping_mul(0x1b873593);
-            h ^= k;
-            h = h.rotate_left(13);
-            h = h.wrapping_mul(5).wrapping_add(0xe6546b64);
-        }
-        h ^= bytes.len() as u32;
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85ebca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2ae35);
-        h ^ (h >> 16)
+    /// With a different key the same flows land on different workers: what an attacker who
+    /// aimed its ports at one worker under one key gets under the next start's key.
+    #[test]
+    fn another_key_moves_flows() {
+        let client = ipv4_mapped([10, 0, 0, 2]);
+        let server = ipv4_mapped([10, 0, 0, 1]);
+        let a = [1u8; 16];
+        let b = [2u8; 16];
+        let moved = (0..1000u16)
+            .filter(|i| {
+                flow_worker(flow_hash(&a, &client, &server, 32768 + i, 443), 4)
+                    != flow_worker(flow_hash(&b, &client, &server, 32768 + i, 443), 4)
+            })
+            .count();
+        // About 3/4 of the flows move with 4 workers.
+        assert!((650..=850).contains(&moved), "{moved} of 1000 flows moved");
     }
+
+    const TEST_KEY: [u8; 16] = *b"an arbitrary key";
 
     /// Counts per worker for `tuples`, then checks each is within `tolerance` of even.
     #[track_caller]
@@ -574,7 +666,7 @@ mod tests {
         for workers in 2..=8u32 {
             let mut counts = [0u32; 8];
             for (src, dst, sport, dport) in tuples {
-                let w = flow_worker(flow_hash(src, dst, *sport, *dport), workers);
+                let w = flow_worker(flow_hash(&TEST_KEY, src, dst, *sport, *dport), workers);
                 assert!(w < workers, "worker {w} out of range for {workers}");
                 counts[w as usize] += 1;
             }

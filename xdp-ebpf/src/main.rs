@@ -47,8 +47,9 @@
 //!
 //! Verifier notes: every packet access goes through [`ptr_at`], [`ptr_at_mut`] or
 //! [`check_range`], which compare against `data_end` right before the access; variable offsets
-//! come from 4-bit fields times four, so the verifier can bound them. No loops (the flow hash is
-//! straight-line code), no logging, and no panicking operation on this path.
+//! come from 4-bit fields times four, so the verifier can bound them. No loops (the flow hash,
+//! SipHash over a fixed 36 bytes, unrolls to straight-line code), no logging, and no panicking
+//! operation on this path.
 
 #![no_std]
 #![no_main]
@@ -321,6 +322,7 @@ fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let hash = flow_hash(
+        &config.steer_key,
         &quoted.client,
         &quoted.server,
         quoted.client_port,
@@ -356,7 +358,13 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    let hash = flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port);
+    let hash = flow_hash(
+        &config.steer_key,
+        &flow.src,
+        &flow.dst,
+        flow.src_port,
+        flow.dst_port,
+    );
     redirect(ctx, config.workers, hash, stats)
 }
 

@@ -373,10 +373,12 @@ fn a_flow_on_two_queues_reaches_one_worker() {
         }
     });
     bench.wait_rx(u64::from(2 * PER_CPU));
+    let key = bench.program.steer_key();
     let exits = bench.finish();
     assert_home(&exits);
 
     let hash = tern_common::flow_hash(
+        &key,
         &tern_common::ipv4_mapped(CLIENT_IP.octets()),
         &tern_common::ipv4_mapped(LISTEN_IP.octets()),
         sport,

@@ -454,7 +454,7 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     // The maps are taken before attaching, so a broken object never gets attached.
     let stats = take_map(&mut ebpf, interface, XDP_STATS_MAP)?;
-    let maps = ControlMaps {
+    let mut maps = ControlMaps {
         listen: take_map(&mut ebpf, interface, LISTEN_MAP)?,
         xsks: take_map(&mut ebpf, interface, XSK_MAP)?,
         config: take_map(&mut ebpf, interface, CONFIG_MAP)?,
@@ -462,6 +462,23 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
         block_v4: take_map(&mut ebpf, interface, BLOCK_V4_MAP)?,
         block_v6: take_map(&mut ebpf, interface, BLOCK_V6_MAP)?,
     };
+    // The steering key goes in before the program can run: no flow is ever hashed under
+    // another key (and a fresh key per start means no one can aim flows at a worker).
+    let mut steer_key = [0u8; 16];
+    crate::sys::fill_random(&mut steer_key).map_err(|e| XdpError::Map {
+        interface: interface.to_owned(),
+        map: CONFIG_MAP,
+        source: Box::new(MapError::IoError(e)),
+    })?;
+    maps.config_value.steer_key = steer_key;
+    let config_value = maps.config_value;
+    maps.config
+        .set(CONFIG_INDEX, config_value, 0)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: CONFIG_MAP,
+            source: Box::new(source),
+        })?;
     let (link, mode) = attach_program(&mut ebpf, interface, XDP_PROGRAM, mode)?;
     // A bpf link (kernel >= 5.9) rather than a netlink attachment: a successor can take it over
     // by id during a binary upgrade, and it detaches by itself when the last holder exits.
@@ -722,6 +739,12 @@ impl XdpProgram {
     /// On veth the peer needs an XDP program of its own to receive them ([`attach_pass`]).
     pub fn set_reflect(&self, on: bool) -> Result<(), XdpError> {
         self.update_config(|config| config.reflect = u32::from(on))
+    }
+
+    /// The key of the steering hash (`tern_common::flow_hash`): drawn at [`attach`], kept by
+    /// [`adopt`]. Whoever computes a flow's worker in userspace must hash under it.
+    pub fn steer_key(&self) -> [u8; 16] {
+        self.lock().config_value.steer_key
     }
 
     /// Whether reflect mode is on.

@@ -1,10 +1,10 @@
 //! SYN cookies (RFC 4987 §3.6): a passive open that keeps no state until the handshake's final
 //! ACK proves the peer can receive at its claimed address.
 //!
-//! Owns the cookie format, its keyed MAC (SipHash-2-4, implemented here from Aumasson and
-//! Bernstein's paper so that no crate is added and the key is ours, unlike `std`'s
-//! `DefaultHasher`) and the two-key rotation. Does not own key generation (the worker draws keys
-//! from the OS at start-up and on each rotation) or the SYN-ACK/ACK segments themselves.
+//! Owns the cookie format, its keyed MAC (SipHash-2-4, `tern_common::siphash24`: no crate
+//! added, the key is ours unlike `std`'s `DefaultHasher`, and the XDP program can run the same
+//! code) and the two-key rotation. Does not own key generation (the worker draws keys from the
+//! OS at start-up and on each rotation) or the SYN-ACK/ACK segments themselves.
 //!
 //! Design, after Linux's `net/ipv4/syncookies.c` but not its layout:
 //! - The ISN we send is `pad ⊕ (slot:2 | mss_index:3 | mac:27)`. `pad` is a keyed hash of the
@@ -306,64 +306,9 @@ fn mac(
     (h ^ (h >> 32)) as u32
 }
 
-/// SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast short-input PRF", 2012): 2 compression
-/// rounds per 8-byte word, 4 finalisation rounds, 64-bit output.
-pub fn siphash24(key: &CookieKey, data: &[u8]) -> u64 {
-    let k0 = u64::from_le_bytes([
-        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
-    ]);
-    let k1 = u64::from_le_bytes([
-        key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
-    ]);
-    let mut v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let mut chunks = data.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        let m = u64::from_le_bytes(w);
-        v[3] ^= m;
-        sip_round(&mut v);
-        sip_round(&mut v);
-        v[0] ^= m;
-    }
-    // Last block: the remaining bytes, little-endian, with the length (mod 256) in the top byte.
-    let mut last = [0u8; 8];
-    let rest = chunks.remainder();
-    last[..rest.len()].copy_from_slice(rest);
-    last[7] = data.len() as u8;
-    let b = u64::from_le_bytes(last);
-    v[3] ^= b;
-    sip_round(&mut v);
-    sip_round(&mut v);
-    v[0] ^= b;
-    v[2] ^= 0xff;
-    for _ in 0..4 {
-        sip_round(&mut v);
-    }
-    v[0] ^ v[1] ^ v[2] ^ v[3]
-}
-
-fn sip_round(v: &mut [u64; 4]) {
-    v[0] = v[0].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(13);
-    v[1] ^= v[0];
-    v[0] = v[0].rotate_left(32);
-    v[2] = v[2].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(16);
-    v[3] ^= v[2];
-    v[0] = v[0].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(21);
-    v[3] ^= v[0];
-    v[2] = v[2].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(17);
-    v[1] ^= v[2];
-    v[2] = v[2].rotate_left(32);
-}
+/// SipHash-2-4, the one implementation shared with the XDP program (`tern_common`), so the
+/// cookie rule can run on either side.
+pub use tern_common::siphash24;
 
 #[cfg(test)]
 mod tests {
@@ -384,31 +329,6 @@ mod tests {
 
     fn at(secs: u64) -> Instant {
         Instant::from_secs(secs)
-    }
-
-    #[test]
-    fn siphash_reference_vectors() {
-        // Key 00..0f, message 00..(len-1): the reference implementation's vectors.h, and the
-        // paper's Appendix A example (15 bytes).
-        let key: CookieKey = core::array::from_fn(|i| i as u8);
-        let msg: [u8; 64] = core::array::from_fn(|i| i as u8);
-        let expect = [
-            (0, 0x726f_db47_dd0e_0e31),
-            (1, 0x74f8_39c5_93dc_67fd),
-            (2, 0x0d6c_8009_d9a9_4f5a),
-            (3, 0x8567_6696_d7fb_7e2d),
-            (4, 0xcf27_94e0_2771_87b7),
-            (8, 0x93f5_f579_9a93_2462),
-            (15, 0xa129_ca61_49be_45e5),
-            (63, 0x958a_324c_eb06_4572),
-        ];
-        for (len, want) in expect {
-            assert_eq!(
-                siphash24(&key, &msg[..len]),
-                want,
-                "SipHash-2-4 vector, {len} bytes"
-            );
-        }
     }
 
     #[test]

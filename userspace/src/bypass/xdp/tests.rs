@@ -869,6 +869,18 @@ fn listen_set_steers_by_address_and_port_and_blocklist_drops_first() {
     assert_terminal_invariant(&program);
 }
 
+/// Each attach draws its own steering key, written before the program runs; a successor that
+/// adopts the program reads the key it finds (its flows keep their workers).
+#[test]
+fn steering_key_is_random_per_attach_and_kept_by_adopt() {
+    let (_ns_a, a) = program_on_lo();
+    let (_ns_b, b) = program_on_lo();
+    assert_ne!(a.steer_key(), [0; 16], "a key was drawn");
+    assert_ne!(a.steer_key(), b.steer_key(), "two starts, two keys");
+    let adopted = adopt("lo", a.handover_ids()).unwrap_or_else(|err| panic!("adopt: {err}"));
+    assert_eq!(adopted.steer_key(), a.steer_key(), "adopt keeps the key");
+}
+
 #[test]
 fn map_setters_reject_out_of_range_values() {
     let (_ns, program) = program_on_lo();
