@@ -41,7 +41,8 @@ pub const XDP_PASS_PROGRAM: &str = "tern_pass";
 /// [`XDP_STATS_INDEX`].
 pub const XDP_STATS_MAP: &str = "TERN_XDP_STATS";
 /// The listen set: `HashMap<ListenKey, u32>`, [`LISTEN_MAP_ENTRIES`] entries. The value is a
-/// flags word, reserved: userspace writes [`LISTEN_VALUE`], the program only tests presence.
+/// flags word: [`LISTEN_STEER`] (bypass listener) or [`LISTEN_LIMIT`] (kernel listener, limits
+/// only).
 pub const LISTEN_MAP: &str = "TERN_LISTEN";
 /// The AF_XDP sockets: `XskMap`, [`XSK_MAP_ENTRIES`] slots, indexed by [`xsk_index`].
 pub const XSK_MAP: &str = "TERN_XSKS";
@@ -56,6 +57,12 @@ pub const BLOCK_V4_MAP: &str = "TERN_BLOCK_V4";
 /// [`BLOCK_VALUE`].
 pub const BLOCK_V6_MAP: &str = "TERN_BLOCK_V6";
 
+/// Per-source rate state: `LruHashMap<[u8; 16], SourceRate>`, [`SOURCE_RATE_ENTRIES`] entries,
+/// keyed by the source address (network order, IPv4 as `::ffff:a.b.c.d`). Written only by the
+/// program; an evicted source starts again with a full burst.
+pub const SOURCE_RATE_MAP: &str = "TERN_SRC_RATE";
+
+const _: () = assert!(SOURCE_RATE_MAP.len() <= 15);
 const _: () = assert!(XDP_STATS_MAP.len() <= 15);
 const _: () = assert!(LISTEN_MAP.len() <= 15);
 const _: () = assert!(XSK_MAP.len() <= 15);
@@ -80,9 +87,14 @@ pub const CONFIG_INDEX: u32 = 0;
 /// is what the map costs whether used or not (about 256 × 64 bytes).
 pub const LISTEN_MAP_ENTRIES: u32 = 256;
 
-/// The value userspace stores for every listen-map key. The program looks only at whether a
-/// key is present; the word is kept for flags a later version may need.
-pub const LISTEN_VALUE: u32 = 1;
+/// Listen-map value flag: the address is a bypass listener; its segments are steered to
+/// AF_XDP sockets (and the per-source limits apply).
+pub const LISTEN_STEER: u32 = 1;
+/// Listen-map value flag: the address is a kernel listener on this interface; its segments go
+/// to the kernel, but the per-source limits apply first.
+pub const LISTEN_LIMIT: u32 = 2;
+/// The value for a bypass listener (kept under its old name).
+pub const LISTEN_VALUE: u32 = LISTEN_STEER;
 
 /// Prefixes per blocklist trie (each family has its own). LPM tries are created with
 /// `BPF_F_NO_PREALLOC`, so only inserted prefixes cost memory.
@@ -90,6 +102,12 @@ pub const BLOCK_MAP_ENTRIES: u32 = 65_536;
 
 /// The value stored for every blocklist prefix; the program only tests for a match.
 pub const BLOCK_VALUE: u32 = 1;
+
+/// Sources tracked by the per-source rate limits at once (LRU: the least recently seen source
+/// is forgotten first). 64 Ki × (16 + 16 bytes + overhead) ≈ 6 MiB, preallocated; a flood from
+/// more distinct sources than this still meets the limit for every source it repeats within
+/// the window the map remembers.
+pub const SOURCE_RATE_ENTRIES: u32 = 65_536;
 
 /// Highest RX queue index + 1 that can be steered. A frame that arrives on a higher queue is
 /// passed to the kernel and counted as `no_socket`.
@@ -110,7 +128,7 @@ pub const XSK_MAP_ENTRIES: u32 = MAX_QUEUES * MAX_WORKERS;
 /// atomics needed); userspace sums the copies on read.
 ///
 /// **Terminal counters.** Every frame increments `packets` and then exactly one of `steered`,
-/// `passed`, `no_socket`, `blocked`, so `steered + passed + no_socket + blocked == packets`
+/// `passed`, `no_socket`, `blocked`, `rate_limited`, so their sum equals `packets`
 /// (summed over CPUs, once no frame is in flight). Malformed frames, non-IP frames and IPv4
 /// fragments are all `passed`.
 ///
@@ -162,6 +180,10 @@ pub struct XdpStats {
     /// Terminal: IPv4/IPv6 packets dropped (`XDP_DROP`) because the source address matches a
     /// blocklist prefix. Checked before anything else above the IP header.
     pub blocked: u64,
+    /// Terminal: TCP segments to a listener dropped (`XDP_DROP`) by a per-source rate limit:
+    /// a SYN beyond [`XdpConfig::syn_interval_ns`]'s rate and burst for its source address
+    /// (bypass and kernel listeners alike).
+    pub rate_limited: u64,
 }
 
 impl XdpStats {
@@ -179,19 +201,22 @@ impl XdpStats {
         self.passed = self.passed.wrapping_add(other.passed);
         self.no_socket = self.no_socket.wrapping_add(other.no_socket);
         self.blocked = self.blocked.wrapping_add(other.blocked);
+        self.rate_limited = self.rate_limited.wrapping_add(other.rate_limited);
     }
 
-    /// `steered + passed + no_socket + blocked`: equal to `packets` when no frame is in flight.
+    /// `steered + passed + no_socket + blocked + rate_limited`: equal to `packets` when no
+    /// frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
             .wrapping_add(self.passed)
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
+            .wrapping_add(self.rate_limited)
     }
 }
 
-// Twelve u64 fields and nothing else: no padding, 8-byte alignment on every target.
-const _: () = assert!(core::mem::size_of::<XdpStats>() == 12 * 8);
+// Thirteen u64 fields and nothing else: no padding, 8-byte alignment on every target.
+const _: () = assert!(core::mem::size_of::<XdpStats>() == 13 * 8);
 const _: () = assert!(core::mem::align_of::<XdpStats>() == 8);
 
 /// Key of [`LISTEN_MAP`]: a destination (address, port) whose TCP segments are steered.
@@ -242,9 +267,20 @@ pub struct XdpConfig {
     /// before any worker count, so no flow is ever steered under another key. Kept by a
     /// binary upgrade that adopts the running program (its flows keep their workers).
     pub steer_key: [u8; 16],
+    /// Always zero: keeps the u64 fields below 8-byte aligned without implicit padding.
+    pub _pad: u32,
+    /// Per-source SYN limit as the interval between SYNs one source address may send in the
+    /// long run, nanoseconds (`1e9 / rate`); 0 = no limit. A SYN (without ACK) to a listener
+    /// ([`LISTEN_STEER`] or [`LISTEN_LIMIT`]) is dropped and counted `rate_limited` when its
+    /// source is more than [`XdpConfig::syn_burst_ns`] ahead of schedule (GCRA, RFC 2697's
+    /// token bucket in its virtual-scheduling form: no division on the eBPF side).
+    pub syn_interval_ns: u64,
+    /// Burst tolerance of the SYN limit, nanoseconds (`burst * interval`): how far ahead of its
+    /// schedule a source may run before its SYNs are dropped.
+    pub syn_burst_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 48);
 
 /// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
 /// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
@@ -256,6 +292,31 @@ pub const HANDOVER_KERNEL_KEEPS: u32 = 1;
 /// keeps the flows it has).
 pub const HANDOVER_KERNEL_NEW: u32 = 2;
 
+/// Value of [`SOURCE_RATE_MAP`]: one source address's schedule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRate {
+    /// Theoretical arrival time of the source's next SYN, in `bpf_ktime_get_ns` nanoseconds:
+    /// the GCRA state of the SYN limit.
+    pub syn_tat: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SourceRate>() == 8);
+
+/// One GCRA step (the virtual-scheduling form of a token bucket, ITU-T I.371): a segment at
+/// `now` against schedule `tat`, emission interval `interval` and burst tolerance `burst`
+/// (nanoseconds). `Some(new_tat)` if it conforms, `None` if it must be dropped (the schedule
+/// is then unchanged, so a source that keeps flooding gets nothing more through than its
+/// rate). Straight-line, no division.
+#[inline(always)]
+pub const fn gcra(tat: u64, now: u64, interval: u64, burst: u64) -> Option<u64> {
+    let start = if tat > now { tat } else { now };
+    if start - now > burst {
+        return None;
+    }
+    Some(start.saturating_add(interval))
+}
+
 // SAFETY (all three impls): `#[repr(C)]`, `Copy`, made only of integer fields and byte arrays
 // (every bit pattern is valid), and without padding (checked by the size assertions above), so
 // they may be read from and written to a map as raw bytes.
@@ -265,6 +326,8 @@ unsafe impl aya::Pod for XdpStats {}
 unsafe impl aya::Pod for ListenKey {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for XdpConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceRate {}
 
 // ---------------------------------------------------------------------------------------------
 // Test-only loss injection (`tern_tests::loss`). The programs live in the same object as
@@ -557,6 +620,7 @@ mod tests {
             passed: 10,
             no_socket: 11,
             blocked: 12,
+            rate_limited: 13,
         };
         let mut sum = XdpStats::default();
         sum.accumulate(&one);
@@ -576,10 +640,15 @@ mod tests {
                 passed: 20,
                 no_socket: 22,
                 blocked: 24,
+                rate_limited: 26,
             },
             "accumulate must add each field to itself"
         );
-        assert_eq!(sum.terminal(), 18 + 20 + 22 + 24, "terminal sums the four");
+        assert_eq!(
+            sum.terminal(),
+            18 + 20 + 22 + 24 + 26,
+            "terminal sums the five"
+        );
     }
 
     /// The reference implementation's vectors (key 00..0f, message 00..(len-1); vectors.h and
@@ -713,6 +782,31 @@ mod tests {
             })
             .collect();
         assert_even("many clients", &tuples, 0.15);
+    }
+
+    /// A source sending back to back gets `burst / interval + 1` through, then one per
+    /// interval; one that waits gets its burst back.
+    #[test]
+    fn gcra_allows_the_burst_then_the_rate() {
+        let (interval, burst) = (1_000u64, 3_000u64);
+        let mut tat = 0;
+        let mut passed = 0;
+        for _ in 0..10 {
+            if let Some(t) = gcra(tat, 5_000, interval, burst) {
+                tat = t;
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 4, "burst of 4 at one instant");
+        assert_eq!(gcra(tat, 5_500, interval, burst), None, "still ahead");
+        assert!(
+            gcra(tat, 6_000, interval, burst).is_some(),
+            "one interval later"
+        );
+        assert!(
+            gcra(tat, 1_000_000, interval, burst).is_some(),
+            "idle source"
+        );
     }
 
     #[test]

@@ -385,6 +385,11 @@ pub struct XdpSettings {
     /// How long a worker keeps busy-polling after the last frame before it sleeps in poll().
     pub idle_spin: Duration,
     pub hugepages: HugePages,
+    /// Per-source SYN limit in the XDP program, SYNs per second per source address; 0 = off.
+    /// Applies to bypass listeners and to kernel listeners with an `interface`.
+    pub syn_rate_per_source: u32,
+    /// How many SYNs one source may send back to back before the rate applies (>= 1).
+    pub syn_burst_per_source: u32,
 }
 
 /// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
@@ -575,6 +580,13 @@ pub struct FileXdp {
     pub idle_spin_us: u64,
     /// `hugepages`: `"auto"`, `"require"` or `"off"`. Default `"auto"`.
     pub hugepages: HugePages,
+    /// `syn_rate_per_source`: SYNs per second one source address may send to a listener on an
+    /// interface with tern's XDP program, 0 ..= 10000000; beyond it (and its burst) the program
+    /// drops them. Default 0 (off).
+    pub syn_rate_per_source: u32,
+    /// `syn_burst_per_source`: SYNs one source may send back to back, 1 ..= 1000000.
+    /// Default 32.
+    pub syn_burst_per_source: u32,
 }
 
 impl Default for FileXdp {
@@ -588,6 +600,8 @@ impl Default for FileXdp {
             completion_ring: 2048,
             idle_spin_us: 200,
             hugepages: HugePages::Auto,
+            syn_rate_per_source: 0,
+            syn_burst_per_source: 32,
         }
     }
 }
@@ -1821,7 +1835,24 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
             format!("{} µs: at most 1000000 (1 s)", file.idle_spin_us),
         ));
     }
+    if file.syn_rate_per_source > 10_000_000 {
+        return Err(Invalid::new(
+            "xdp.syn_rate_per_source",
+            format!(
+                "{} SYNs/s: at most 10000000 (0 turns the limit off)",
+                file.syn_rate_per_source
+            ),
+        ));
+    }
+    if !(1..=1_000_000).contains(&file.syn_burst_per_source) {
+        return Err(Invalid::new(
+            "xdp.syn_burst_per_source",
+            format!("{}: must be 1 to 1000000", file.syn_burst_per_source),
+        ));
+    }
     Ok(XdpSettings {
+        syn_rate_per_source: file.syn_rate_per_source,
+        syn_burst_per_source: file.syn_burst_per_source,
         frame_size: file.frame_size,
         frames_per_worker: file.frames_per_worker,
         rx_ring: file.rx_ring,

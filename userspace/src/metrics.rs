@@ -538,6 +538,7 @@ const XDP_FIELDS: &[&str] = &[
     "passed",
     "no_socket",
     "blocked",
+    "rate_limited",
 ];
 
 /// Encodes one family per field of `rows` (named `<prefix>_<field>`), each with one sample per

@@ -169,8 +169,25 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .filter(|l| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
             .map(|l| l.address)
             .collect();
-        prog.set_listeners(&addrs)
+        // Kernel listeners on this interface join the listen set only for the per-source
+        // limits (opt-in), so without them the program behaves exactly as before.
+        let limited: Vec<SocketAddr> = if config.xdp.syn_rate_per_source == 0 {
+            Vec::new()
+        } else {
+            config
+                .listeners
+                .iter()
+                .filter(|l| l.mode == ListenerMode::Kernel && l.interface.as_deref() == Some(iface))
+                .map(|l| l.address)
+                .collect()
+        };
+        prog.set_listen_set(&addrs, &limited)
             .with_context(|| format!("setting the listen set on {iface}"))?;
+        prog.set_source_limits(
+            config.xdp.syn_rate_per_source,
+            config.xdp.syn_burst_per_source,
+        )
+        .with_context(|| format!("setting the per-source limits on {iface}"))?;
         if addrs.is_empty() {
             continue;
         }

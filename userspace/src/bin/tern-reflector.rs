@@ -119,6 +119,8 @@ fn settings(args: &Args) -> XdpSettings {
             HugePagesArg::Require => HugePages::Require,
             HugePagesArg::Off => HugePages::Off,
         },
+        syn_rate_per_source: defaults.syn_rate_per_source,
+        syn_burst_per_source: defaults.syn_burst_per_source,
     }
 }
 

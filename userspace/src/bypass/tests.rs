@@ -29,6 +29,8 @@ fn settings() -> XdpSettings {
         completion_ring: 1024,
         idle_spin: Duration::from_micros(200),
         hugepages: HugePages::Off,
+        syn_rate_per_source: 0,
+        syn_burst_per_source: 32,
     }
 }
 

@@ -25,7 +25,7 @@
 //! RLIMIT_MEMLOCK, so no rlimit is raised here (checked on 6.18 with `ulimit -l 0`; aya itself
 //! raises the limit on older kernels when map creation fails with EPERM).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -41,8 +41,9 @@ use aya::sys::SyscallError;
 use aya::Ebpf;
 use tern_common::{
     ipv4_mapped, ListenKey, XdpConfig, XdpStats, BLOCK_V4_MAP, BLOCK_V6_MAP, BLOCK_VALUE,
-    CONFIG_INDEX, CONFIG_MAP, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_VALUE, MAX_WORKERS,
-    XDP_PASS_PROGRAM, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP, XSK_MAP_ENTRIES,
+    CONFIG_INDEX, CONFIG_MAP, LISTEN_LIMIT, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_STEER,
+    MAX_WORKERS, XDP_PASS_PROGRAM, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP,
+    XSK_MAP_ENTRIES,
 };
 
 use crate::config::XdpAttach;
@@ -154,7 +155,8 @@ pub enum XdpError {
 }
 
 /// The XDP program's counters, summed over all CPUs. Field meanings and the counting rule are
-/// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked == packets`.
+/// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked +
+/// rate_limited == packets`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct XdpCounters {
     pub packets: u64,
@@ -173,6 +175,8 @@ pub struct XdpCounters {
     pub no_socket: u64,
     /// Packets dropped because their source is on the blocklist.
     pub blocked: u64,
+    /// SYNs to a listener dropped by the per-source rate limit.
+    pub rate_limited: u64,
 }
 
 impl XdpCounters {
@@ -185,12 +189,14 @@ impl XdpCounters {
         XdpCounters::from(total)
     }
 
-    /// `steered + passed + no_socket + blocked`; equals `packets` once no frame is in flight.
+    /// `steered + passed + no_socket + blocked + rate_limited`; equals `packets` once no
+    /// frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
             .wrapping_add(self.passed)
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
+            .wrapping_add(self.rate_limited)
     }
 }
 
@@ -209,6 +215,7 @@ impl From<XdpStats> for XdpCounters {
             passed,
             no_socket,
             blocked,
+            rate_limited,
         } = stats;
         XdpCounters {
             packets,
@@ -223,6 +230,7 @@ impl From<XdpStats> for XdpCounters {
             passed,
             no_socket,
             blocked,
+            rate_limited,
         }
     }
 }
@@ -767,7 +775,22 @@ impl XdpProgram {
     /// others pass. An unspecified address (`0.0.0.0:443`, `[::]:443`) matches every
     /// destination address of its family. New entries are added before stale ones are removed.
     pub fn set_listeners(&self, listeners: &[SocketAddr]) -> Result<(), XdpError> {
-        let wanted: BTreeSet<ListenKey> = listeners.iter().copied().map(listen_key).collect();
+        self.set_listen_set(listeners, &[])
+    }
+
+    /// Replaces the listen set with bypass listeners `steered` (as [`Self::set_listeners`]) and
+    /// kernel listeners `limited`: segments to those still go to the kernel, but the per-source
+    /// limits ([`Self::set_source_limits`]) apply to them first. An address in both is steered.
+    pub fn set_listen_set(
+        &self,
+        steered: &[SocketAddr],
+        limited: &[SocketAddr],
+    ) -> Result<(), XdpError> {
+        let mut wanted: BTreeMap<ListenKey, u32> = limited
+            .iter()
+            .map(|a| (listen_key(*a), LISTEN_LIMIT))
+            .collect();
+        wanted.extend(steered.iter().map(|a| (listen_key(*a), LISTEN_STEER)));
         if wanted.len() > LISTEN_MAP_ENTRIES as usize {
             return Err(XdpError::TooManyListeners {
                 interface: self.interface.clone(),
@@ -777,15 +800,17 @@ impl XdpProgram {
         let mut maps = self.lock();
         let present = maps
             .listen
-            .keys()
-            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .iter()
+            .collect::<Result<BTreeMap<ListenKey, u32>, _>>()
             .map_err(|source| self.map_error(LISTEN_MAP, source))?;
-        for key in wanted.difference(&present) {
-            maps.listen
-                .insert(key, LISTEN_VALUE, 0)
-                .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+        for (key, flags) in &wanted {
+            if present.get(key) != Some(flags) {
+                maps.listen
+                    .insert(key, flags, 0)
+                    .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+            }
         }
-        for key in present.difference(&wanted) {
+        for key in present.keys().filter(|k| !wanted.contains_key(k)) {
             match maps.listen.remove(key) {
                 Ok(()) => {}
                 Err(err) if is_not_found(&err) => {}
@@ -795,15 +820,36 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// The listen set, sorted (IPv4 listeners as IPv4 addresses).
+    /// Sets the per-source SYN limit: at most `rate` SYNs per second from one source address
+    /// in the long run, `burst` back to back; `rate == 0` turns it off. Applies to every
+    /// listener in the listen set, bypass and kernel. Drops count as `rate_limited`.
+    pub fn set_source_limits(&self, rate: u32, burst: u32) -> Result<(), XdpError> {
+        let interval = if rate == 0 {
+            0
+        } else {
+            (1_000_000_000 / u64::from(rate)).max(1)
+        };
+        // A burst of 1 means no SYN may run ahead of the schedule at all.
+        let burst_ns = interval.saturating_mul(u64::from(burst.saturating_sub(1)));
+        self.update_config(|config| {
+            config.syn_interval_ns = interval;
+            config.syn_burst_ns = burst_ns;
+        })
+    }
+
+    /// The bypass listen set (steered addresses), sorted (IPv4 listeners as IPv4 addresses).
     pub fn listeners(&self) -> Result<Vec<SocketAddr>, XdpError> {
         let maps = self.lock();
-        let keys = maps
+        let entries = maps
             .listen
-            .keys()
-            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .iter()
+            .collect::<Result<Vec<(ListenKey, u32)>, _>>()
             .map_err(|source| self.map_error(LISTEN_MAP, source))?;
-        let mut addrs: Vec<SocketAddr> = keys.iter().map(listen_addr).collect();
+        let mut addrs: Vec<SocketAddr> = entries
+            .iter()
+            .filter(|(_, flags)| flags & LISTEN_STEER != 0)
+            .map(|(key, _)| listen_addr(key))
+            .collect();
         addrs.sort();
         Ok(addrs)
     }

@@ -690,7 +690,7 @@ fn unknown_interface_is_named() {
 #[test]
 fn counters_sum_over_cpus_and_serialize() {
     let cpu = XdpStats {
-        packets: 3,
+        packets: 4,
         ipv4: 2,
         ipv6: 1,
         tcp: 1,
@@ -702,12 +702,13 @@ fn counters_sum_over_cpus_and_serialize() {
         passed: 1,
         no_socket: 0,
         blocked: 1,
+        rate_limited: 1,
     };
     let total = XdpCounters::sum([cpu, cpu, XdpStats::default()].iter());
     assert_eq!(
         total,
         XdpCounters {
-            packets: 6,
+            packets: 8,
             ipv4: 4,
             ipv6: 2,
             tcp: 2,
@@ -719,6 +720,7 @@ fn counters_sum_over_cpus_and_serialize() {
             passed: 2,
             no_socket: 0,
             blocked: 2,
+            rate_limited: 2,
         }
     );
     assert_eq!(total.terminal(), total.packets);
@@ -866,6 +868,59 @@ fn listen_set_steers_by_address_and_port_and_blocklist_drops_first() {
     );
     program.set_listeners(&[]).expect("empty listen set");
     assert!(program.listeners().expect("listeners").is_empty());
+    assert_terminal_invariant(&program);
+}
+
+/// The per-source SYN limit: a source gets its burst, then nothing more at 1 SYN/s; another
+/// source has its own schedule; kernel listeners in the listen set are limited but passed, not
+/// steered; turning the limit off lets everything through again. Every drop is counted.
+#[test]
+fn per_source_syn_limit_drops_beyond_the_burst_for_both_listener_kinds() {
+    let pair = Pair::new();
+    let program = pair
+        .attach(XdpAttach::Native)
+        .unwrap_or_else(|err| panic!("attach: {err}"));
+    let bypass = SocketAddr::new(TARGET_IP.into(), 443);
+    let kernel = SocketAddr::new(TARGET_IP.into(), 8443);
+    program
+        .set_listen_set(&[bypass], &[kernel])
+        .expect("listen set");
+    assert_eq!(
+        program.listeners().expect("listeners"),
+        vec![bypass],
+        "only bypass is steered"
+    );
+    program.set_source_limits(1, 5).expect("limits");
+
+    let syns = |src: Ipv4Addr, dport: u16| -> Vec<Vec<u8>> {
+        (0..10)
+            .map(|i| syn4(src, TARGET_IP, 41000 + i, dport))
+            .collect()
+    };
+    // At 1 SYN/s, a second-long stall of this test would let one more through: hence ranges.
+    pair.inject(&syns(CLIENT_IP, 443));
+    let c = wait_for(&program, |c| c.packets >= 10);
+    assert_eq!(c.no_socket + c.rate_limited, 10, "{c:?}");
+    assert!(
+        (4..=5).contains(&c.rate_limited),
+        "burst of 5, then dropped: {c:?}"
+    );
+
+    // Another source, to the kernel listener: its own burst; what passes goes to the kernel.
+    pair.inject(&syns(CLIENT_IP2, 8443));
+    let c = wait_for(&program, |c| c.packets >= 20);
+    assert!((8..=10).contains(&c.rate_limited), "{c:?}");
+    assert_eq!(c.steered, 0, "{c:?}");
+    assert!(
+        c.passed >= 5,
+        "kernel listener's SYNs within the burst are passed: {c:?}"
+    );
+
+    program.set_source_limits(0, 1).expect("limits off");
+    let limited = c.rate_limited;
+    pair.inject(&syns(CLIENT_IP, 443));
+    let c = wait_for(&program, |c| c.packets >= 30);
+    assert_eq!(c.rate_limited, limited, "no limit, no drop: {c:?}");
     assert_terminal_invariant(&program);
 }
 

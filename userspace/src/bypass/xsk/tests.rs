@@ -26,6 +26,8 @@ pub(crate) fn settings(hugepages: HugePages) -> XdpSettings {
         completion_ring: 1024,
         idle_spin: Duration::from_micros(200),
         hugepages,
+        syn_rate_per_source: 0,
+        syn_burst_per_source: 32,
     }
 }
 
