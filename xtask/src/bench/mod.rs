@@ -19,6 +19,7 @@ pub mod compare;
 pub mod configs;
 pub mod cpu;
 pub mod daemon;
+pub mod flood;
 pub mod floors;
 pub mod install;
 pub mod load;
@@ -55,6 +56,9 @@ enum BenchCommand {
     /// Plain-TCP (L4) proxying: tern's bypass path (its own TCP stack on AF_XDP) against its
     /// kernel path, same echo backend, same run; plus the TCP stack's criterion benches.
     Tcp(tcp::TcpArgs),
+    /// New connections (rate, latency) under a spoofed SYN flood at the rig's maximum rate, on
+    /// tern's kernel and bypass paths, with the XDP program's counters. Opt-in.
+    Flood(flood::FloodArgs),
 }
 
 /// Runs the selected benchmark.
@@ -64,5 +68,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Some(BenchCommand::Tls(a)) => compare::run(a),
         Some(BenchCommand::Xsk(a)) => xsk::run(a),
         Some(BenchCommand::Tcp(a)) => tcp::run(a),
+        Some(BenchCommand::Flood(a)) => flood::run(a),
     }
 }
