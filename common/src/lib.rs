@@ -182,7 +182,8 @@ pub struct XdpStats {
     pub blocked: u64,
     /// Terminal: TCP segments to a listener dropped (`XDP_DROP`) by a per-source rate limit:
     /// a SYN beyond [`XdpConfig::syn_interval_ns`]'s rate and burst for its source address
-    /// (bypass and kernel listeners alike).
+    /// (bypass and kernel listeners alike), or a segment of an unknown flow to a kernel
+    /// listener beyond [`XdpConfig::unknown_interval_ns`]'s.
     pub rate_limited: u64,
 }
 
@@ -275,12 +276,19 @@ pub struct XdpConfig {
     /// source is more than [`XdpConfig::syn_burst_ns`] ahead of schedule (GCRA, RFC 2697's
     /// token bucket in its virtual-scheduling form: no division on the eBPF side).
     pub syn_interval_ns: u64,
-    /// Burst tolerance of the SYN limit, nanoseconds (`burst * interval`): how far ahead of its
-    /// schedule a source may run before its SYNs are dropped.
+    /// Burst tolerance of the SYN limit, nanoseconds (`(burst - 1) * interval`): how far ahead
+    /// of its schedule a source may run before its SYNs are dropped.
     pub syn_burst_ns: u64,
+    /// Per-source limit on segments of unknown flows, as [`XdpConfig::syn_interval_ns`]; 0 = no
+    /// limit. Kernel listeners ([`LISTEN_LIMIT`]) only: a non-SYN segment whose 4-tuple the
+    /// kernel holds no connection for (socket lookup finds the listener or nothing) counts
+    /// against its source's schedule. The bypass stack's flows are not visible to XDP.
+    pub unknown_interval_ns: u64,
+    /// Burst tolerance of the unknown-flow limit, nanoseconds.
+    pub unknown_burst_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 64);
 
 /// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
 /// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
@@ -299,9 +307,11 @@ pub struct SourceRate {
     /// Theoretical arrival time of the source's next SYN, in `bpf_ktime_get_ns` nanoseconds:
     /// the GCRA state of the SYN limit.
     pub syn_tat: u64,
+    /// The same for segments of unknown flows ([`XdpConfig::unknown_interval_ns`]).
+    pub unknown_tat: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SourceRate>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
 
 /// One GCRA step (the virtual-scheduling form of a token bucket, ITU-T I.371): a segment at
 /// `now` against schedule `tat`, emission interval `interval` and burst tolerance `burst`

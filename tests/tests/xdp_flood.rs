@@ -127,6 +127,10 @@ fn a_one_source_syn_flood_is_cut_at_xdp_on_both_paths() {
         let connected = s.rig.client.run(move || {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map(|_| ())
         });
-        assert!(connected.is_ok(), "connect to {addr}: {connected:?}\n{}", s.log());
+        assert!(
+            connected.is_ok(),
+            "connect to {addr}: {connected:?}\n{}",
+            s.log()
+        );
     }
 }

@@ -390,6 +390,11 @@ pub struct XdpSettings {
     pub syn_rate_per_source: u32,
     /// How many SYNs one source may send back to back before the rate applies (>= 1).
     pub syn_burst_per_source: u32,
+    /// Per-source limit on segments of flows the kernel does not hold, to kernel listeners with
+    /// an `interface`, per second; 0 = off.
+    pub unknown_rate_per_source: u32,
+    /// Burst of the unknown-flow limit (>= 1).
+    pub unknown_burst_per_source: u32,
 }
 
 /// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
@@ -587,6 +592,12 @@ pub struct FileXdp {
     /// `syn_burst_per_source`: SYNs one source may send back to back, 1 ..= 1000000.
     /// Default 32.
     pub syn_burst_per_source: u32,
+    /// `unknown_rate_per_source`: segments per second one source address may send to a kernel
+    /// listener (with an `interface`) for flows the kernel holds no connection for (ACK, RST
+    /// and data floods), 0 ..= 10000000. Default 0 (off).
+    pub unknown_rate_per_source: u32,
+    /// `unknown_burst_per_source`: such segments back to back, 1 ..= 1000000. Default 64.
+    pub unknown_burst_per_source: u32,
 }
 
 impl Default for FileXdp {
@@ -602,6 +613,8 @@ impl Default for FileXdp {
             hugepages: HugePages::Auto,
             syn_rate_per_source: 0,
             syn_burst_per_source: 32,
+            unknown_rate_per_source: 0,
+            unknown_burst_per_source: 64,
         }
     }
 }
@@ -1835,24 +1848,38 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
             format!("{} µs: at most 1000000 (1 s)", file.idle_spin_us),
         ));
     }
-    if file.syn_rate_per_source > 10_000_000 {
-        return Err(Invalid::new(
+    for (field, rate, burst_field, burst) in [
+        (
             "xdp.syn_rate_per_source",
-            format!(
-                "{} SYNs/s: at most 10000000 (0 turns the limit off)",
-                file.syn_rate_per_source
-            ),
-        ));
-    }
-    if !(1..=1_000_000).contains(&file.syn_burst_per_source) {
-        return Err(Invalid::new(
+            file.syn_rate_per_source,
             "xdp.syn_burst_per_source",
-            format!("{}: must be 1 to 1000000", file.syn_burst_per_source),
-        ));
+            file.syn_burst_per_source,
+        ),
+        (
+            "xdp.unknown_rate_per_source",
+            file.unknown_rate_per_source,
+            "xdp.unknown_burst_per_source",
+            file.unknown_burst_per_source,
+        ),
+    ] {
+        if rate > 10_000_000 {
+            return Err(Invalid::new(
+                field,
+                format!("{rate} per second: at most 10000000 (0 turns the limit off)"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&burst) {
+            return Err(Invalid::new(
+                burst_field,
+                format!("{burst}: must be 1 to 1000000"),
+            ));
+        }
     }
     Ok(XdpSettings {
         syn_rate_per_source: file.syn_rate_per_source,
         syn_burst_per_source: file.syn_burst_per_source,
+        unknown_rate_per_source: file.unknown_rate_per_source,
+        unknown_burst_per_source: file.unknown_burst_per_source,
         frame_size: file.frame_size,
         frames_per_worker: file.frames_per_worker,
         rx_ring: file.rx_ring,

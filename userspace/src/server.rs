@@ -171,7 +171,9 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .collect();
         // Kernel listeners on this interface join the listen set only for the per-source
         // limits (opt-in), so without them the program behaves exactly as before.
-        let limited: Vec<SocketAddr> = if config.xdp.syn_rate_per_source == 0 {
+        let limited: Vec<SocketAddr> = if config.xdp.syn_rate_per_source == 0
+            && config.xdp.unknown_rate_per_source == 0
+        {
             Vec::new()
         } else {
             config
@@ -184,8 +186,14 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         prog.set_listen_set(&addrs, &limited)
             .with_context(|| format!("setting the listen set on {iface}"))?;
         prog.set_source_limits(
-            config.xdp.syn_rate_per_source,
-            config.xdp.syn_burst_per_source,
+            crate::bypass::xdp::RateLimit {
+                rate: config.xdp.syn_rate_per_source,
+                burst: config.xdp.syn_burst_per_source,
+            },
+            crate::bypass::xdp::RateLimit {
+                rate: config.xdp.unknown_rate_per_source,
+                burst: config.xdp.unknown_burst_per_source,
+            },
         )
         .with_context(|| format!("setting the per-source limits on {iface}"))?;
         if addrs.is_empty() {

@@ -8,7 +8,9 @@
 //!    anything above it, so a blocked source cannot reach a listener, the kernel or tern.
 //! 2. **Per-source SYN limit** (when `XdpConfig::syn_interval_ns` is set): a SYN to a listener
 //!    (bypass or kernel, see below) whose source address is ahead of its GCRA schedule in the
-//!    LRU map is dropped (`XDP_DROP`, `rate_limited`).
+//!    LRU map is dropped (`XDP_DROP`, `rate_limited`). Likewise, with
+//!    `XdpConfig::unknown_interval_ns` set, a non-SYN segment to a *kernel* listener whose
+//!    4-tuple the kernel holds no connection for (`bpf_skc_lookup_tcp`): ACK/RST floods.
 //! 3. **Listen set**: a complete TCP header whose destination (address, port) is in the listen
 //!    map with `LISTEN_STEER`, exactly or through the wildcard address of its family, is
 //!    steered (a `LISTEN_LIMIT` entry, a kernel listener, is passed after step 2): redirected
@@ -73,7 +75,7 @@ use aya_ebpf::{
 };
 use tern_common::{
     BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
-    IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
     SourceRate, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
     gcra, ipv4_mapped, xsk_index,
 };
@@ -297,7 +299,15 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             if flags == 0 {
                 stats.passed += 1;
                 xdp_action::XDP_PASS
-            } else if flow.syn && !syn_conforms(&flow.src) {
+            } else if flow.syn && !conforms(&flow.src, Limit::Syn) {
+                stats.rate_limited += 1;
+                xdp_action::XDP_DROP
+            } else if !flow.syn
+                && flags & LISTEN_LIMIT != 0
+                && unknown_limited()
+                && !kernel_holds(ctx, &flow)
+                && !conforms(&flow.src, Limit::Unknown)
+            {
                 stats.rate_limited += 1;
                 xdp_action::XDP_DROP
             } else if flags & LISTEN_STEER != 0 {
@@ -349,15 +359,35 @@ fn listening_flags(addr: [u8; 16], port: u16, v4: bool) -> u32 {
     }
 }
 
-/// Whether a SYN from `src` fits its source's rate (`XdpConfig::syn_interval_ns`, burst
-/// `syn_burst_ns`); always true when no limit is set. Updates the source's schedule when it
-/// does. A source the map cannot take (full of sources seen more recently: the LRU evicts for
-/// us, so only a failed insert) is let through: the limit must never drop a legitimate client
-/// because of memory.
+/// Which per-source schedule a segment counts against.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// SYNs (without ACK) to any listener.
+    Syn,
+    /// Non-SYN segments of flows the kernel does not hold, to kernel listeners.
+    Unknown,
+}
+
+/// Whether the unknown-flow limit is on (checked before the socket lookup it needs).
 #[inline(always)]
-fn syn_conforms(src: &[u8; 16]) -> bool {
+fn unknown_limited() -> bool {
+    TERN_CONFIG
+        .get(CONFIG_INDEX)
+        .is_some_and(|config| config.unknown_interval_ns != 0)
+}
+
+/// Whether a segment from `src` fits its source's `limit` schedule (`XdpConfig`'s interval and
+/// burst for that limit); always true when that limit is off. Updates the schedule when it
+/// does. A source the map cannot take (the LRU evicts for us, so only a failed insert) is let
+/// through: the limit must never drop a legitimate client because of memory.
+#[inline(always)]
+fn conforms(src: &[u8; 16], limit: Limit) -> bool {
     let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
-    if config.syn_interval_ns == 0 {
+    let (interval, burst) = match limit {
+        Limit::Syn => (config.syn_interval_ns, config.syn_burst_ns),
+        Limit::Unknown => (config.unknown_interval_ns, config.unknown_burst_ns),
+    };
+    if interval == 0 {
         return true;
     }
     // SAFETY: a helper without arguments or side effects.
@@ -366,20 +396,26 @@ fn syn_conforms(src: &[u8; 16]) -> bool {
         Some(rate) => {
             // SAFETY: a successful lookup's pointer is valid for the value and aligned; a
             // concurrent update from another CPU can at worst lose one step (see the map).
-            let tat = unsafe { (*rate).syn_tat };
-            match gcra(tat, now, config.syn_interval_ns, config.syn_burst_ns) {
+            let rate = unsafe { &mut *rate };
+            let tat = match limit {
+                Limit::Syn => &mut rate.syn_tat,
+                Limit::Unknown => &mut rate.unknown_tat,
+            };
+            match gcra(*tat, now, interval, burst) {
                 Some(next) => {
-                    // SAFETY: as above.
-                    unsafe { (*rate).syn_tat = next };
+                    *tat = next;
                     true
                 }
                 None => false,
             }
         }
         None => {
-            let first = SourceRate {
-                syn_tat: now.saturating_add(config.syn_interval_ns),
-            };
+            let mut first = SourceRate::default();
+            let tat = now.saturating_add(interval);
+            match limit {
+                Limit::Syn => first.syn_tat = tat,
+                Limit::Unknown => first.unknown_tat = tat,
+            }
             let _ = TERN_SRC_RATE.insert(src, &first, 0);
             true
         }

@@ -31,6 +31,8 @@ fn settings() -> XdpSettings {
         hugepages: HugePages::Off,
         syn_rate_per_source: 0,
         syn_burst_per_source: 32,
+        unknown_rate_per_source: 0,
+        unknown_burst_per_source: 64,
     }
 }
 

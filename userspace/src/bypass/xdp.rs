@@ -154,6 +154,28 @@ pub enum XdpError {
     TooManyListeners { interface: String, count: usize },
 }
 
+/// One per-source limit: `rate` per second in the long run (0 = off), `burst` back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The GCRA interval and burst tolerance in nanoseconds (`tern_common::gcra`).
+    fn schedule(self) -> (u64, u64) {
+        if self.rate == 0 {
+            return (0, 0);
+        }
+        let interval = (1_000_000_000 / u64::from(self.rate)).max(1);
+        // A burst of 1 means no segment may run ahead of the schedule at all.
+        (
+            interval,
+            interval.saturating_mul(u64::from(self.burst.saturating_sub(1))),
+        )
+    }
+}
+
 /// The XDP program's counters, summed over all CPUs. Field meanings and the counting rule are
 /// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked +
 /// rate_limited == packets`.
@@ -820,20 +842,18 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// Sets the per-source SYN limit: at most `rate` SYNs per second from one source address
-    /// in the long run, `burst` back to back; `rate == 0` turns it off. Applies to every
-    /// listener in the listen set, bypass and kernel. Drops count as `rate_limited`.
-    pub fn set_source_limits(&self, rate: u32, burst: u32) -> Result<(), XdpError> {
-        let interval = if rate == 0 {
-            0
-        } else {
-            (1_000_000_000 / u64::from(rate)).max(1)
-        };
-        // A burst of 1 means no SYN may run ahead of the schedule at all.
-        let burst_ns = interval.saturating_mul(u64::from(burst.saturating_sub(1)));
+    /// Sets the per-source limits: at most `syn.rate` SYNs per second from one source address
+    /// in the long run, `syn.burst` back to back, to any listener; and `unknown` likewise for
+    /// segments of flows the kernel holds no connection for, to kernel listeners. A rate of 0
+    /// turns that limit off. Drops count as `rate_limited`.
+    pub fn set_source_limits(&self, syn: RateLimit, unknown: RateLimit) -> Result<(), XdpError> {
+        let (syn_interval, syn_burst) = syn.schedule();
+        let (unknown_interval, unknown_burst) = unknown.schedule();
         self.update_config(|config| {
-            config.syn_interval_ns = interval;
-            config.syn_burst_ns = burst_ns;
+            config.syn_interval_ns = syn_interval;
+            config.syn_burst_ns = syn_burst;
+            config.unknown_interval_ns = unknown_interval;
+            config.unknown_burst_ns = unknown_burst;
         })
     }
 

@@ -396,10 +396,21 @@ fn pseudo_header(src: IpAddr, dst: IpAddr, length: usize) -> Vec<u8> {
 
 /// A SYN with no options (data offset 5) and a correct checksum.
 fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp_segment(src, dst, sport, dport, 0x02)
+}
+
+/// An Ethernet frame carrying an IPv4 bare ACK from `src:sport` to `dst:dport`.
+fn ack4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let segment = tcp_segment(src.into(), dst.into(), sport, dport, 0x10);
+    ethernet(0x0800, &ipv4(src, dst, TCP, 0, 0, &segment))
+}
+
+/// A segment with flags byte `flags`, no options and a correct checksum.
+fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut segment = sport.to_be_bytes().to_vec();
     segment.extend_from_slice(&dport.to_be_bytes());
     segment.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
-    segment.extend_from_slice(&[5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
     let mut summed = pseudo_header(src, dst, segment.len());
     summed.extend_from_slice(&segment);
     let checksum = !ones_complement_sum(&summed);
@@ -890,7 +901,9 @@ fn per_source_syn_limit_drops_beyond_the_burst_for_both_listener_kinds() {
         vec![bypass],
         "only bypass is steered"
     );
-    program.set_source_limits(1, 5).expect("limits");
+    program
+        .set_source_limits(RateLimit { rate: 1, burst: 5 }, RateLimit::default())
+        .expect("limits");
 
     let syns = |src: Ipv4Addr, dport: u16| -> Vec<Vec<u8>> {
         (0..10)
@@ -916,11 +929,60 @@ fn per_source_syn_limit_drops_beyond_the_burst_for_both_listener_kinds() {
         "kernel listener's SYNs within the burst are passed: {c:?}"
     );
 
-    program.set_source_limits(0, 1).expect("limits off");
+    program
+        .set_source_limits(RateLimit::default(), RateLimit::default())
+        .expect("limits off");
     let limited = c.rate_limited;
     pair.inject(&syns(CLIENT_IP, 443));
     let c = wait_for(&program, |c| c.packets >= 30);
     assert_eq!(c.rate_limited, limited, "no limit, no drop: {c:?}");
+    assert_terminal_invariant(&program);
+}
+
+/// The unknown-flow limit: bare ACKs to a kernel listener for flows the kernel does not hold
+/// get the burst, then are dropped and counted; to a bypass listener they are never limited
+/// (XDP cannot see the stack's flows); SYNs are not affected by it.
+#[test]
+fn unknown_flow_limit_drops_stray_acks_to_kernel_listeners_only() {
+    let pair = Pair::new();
+    let program = pair
+        .attach(XdpAttach::Native)
+        .unwrap_or_else(|err| panic!("attach: {err}"));
+    let bypass = SocketAddr::new(TARGET_IP.into(), 443);
+    let kernel = SocketAddr::new(TARGET_IP.into(), 8443);
+    program
+        .set_listen_set(&[bypass], &[kernel])
+        .expect("listen set");
+    program
+        .set_source_limits(RateLimit::default(), RateLimit { rate: 1, burst: 5 })
+        .expect("limits");
+    let acks = |dport: u16| -> Vec<Vec<u8>> {
+        (0..10)
+            .map(|i| ack4(CLIENT_IP, TARGET_IP, 42000 + i, dport))
+            .collect()
+    };
+    pair.inject(&acks(8443));
+    let c = wait_for(&program, |c| c.packets >= 10);
+    assert_eq!(c.passed + c.rate_limited, 10, "{c:?}");
+    assert!(
+        (4..=5).contains(&c.rate_limited),
+        "burst of 5, then dropped: {c:?}"
+    );
+
+    pair.inject(&acks(443));
+    let syns: Vec<Vec<u8>> = (0..10)
+        .map(|i| syn4(CLIENT_IP, TARGET_IP, 43000 + i, 8443))
+        .collect();
+    pair.inject(&syns);
+    let c2 = wait_for(&program, |c| c.packets >= 30);
+    assert_eq!(
+        c2.rate_limited, c.rate_limited,
+        "bypass ACKs and SYNs are not limited: {c2:?}"
+    );
+    assert_eq!(
+        c2.no_socket, 10,
+        "the bypass ACKs were steered (no socket): {c2:?}"
+    );
     assert_terminal_invariant(&program);
 }
 

@@ -28,6 +28,8 @@ pub(crate) fn settings(hugepages: HugePages) -> XdpSettings {
         hugepages,
         syn_rate_per_source: 0,
         syn_burst_per_source: 32,
+        unknown_rate_per_source: 0,
+        unknown_burst_per_source: 64,
     }
 }
 
