@@ -302,7 +302,7 @@ fn stats(ctx: &Ctx<'_>, bins: &Bins, socket: &Path) -> Result<serde_json::Value>
 }
 
 /// The counters reported over the flood window: path to each in `tern ctl stats`.
-const COUNTERS: [(&str, &[&str]); 6] = [
+const COUNTERS: [(&str, &[&str]); 7] = [
     ("xdp packets", &["xdp", "0", "counters", "packets"]),
     ("xdp steered", &["xdp", "0", "counters", "steered"]),
     ("xdp passed", &["xdp", "0", "counters", "passed"]),
@@ -311,7 +311,11 @@ const COUNTERS: [(&str, &[&str]); 6] = [
         &["xdp", "0", "counters", "rate_limited"],
     ),
     ("bypass SYN-ACKs", &["bypass", "tcp", "syn_acks_sent"]),
-    ("accepted", &["total", "accepted"]),
+    (
+        "bypass connections",
+        &["bypass", "tcp", "connections_created"],
+    ),
+    ("kernel accepted", &["total", "accepted"]),
 ];
 
 fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
