@@ -21,6 +21,8 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod syncookie;
+
 // ---------------------------------------------------------------------------------------------
 // Programs
 
@@ -477,7 +479,7 @@ pub fn flow_hash(key: &[u8; 16], src: &[u8; 16], dst: &[u8; 16], sport: u16, dpo
 }
 
 #[inline(always)]
-const fn le_word(bytes: &[u8; 16], at: usize) -> u64 {
+pub(crate) const fn le_word(bytes: &[u8; 16], at: usize) -> u64 {
     u64::from_le_bytes([
         bytes[at],
         bytes[at + 1],
@@ -516,13 +518,13 @@ pub fn siphash24(key: &[u8; 16], data: &[u8]) -> u64 {
 }
 
 /// SipHash-2-4's state between words; [`siphash24`] and [`flow_hash`] feed it.
-struct Sip {
+pub(crate) struct Sip {
     v: [u64; 4],
 }
 
 impl Sip {
     #[inline(always)]
-    fn new(key: &[u8; 16]) -> Sip {
+    pub(crate) fn new(key: &[u8; 16]) -> Sip {
         let k0 = u64::from_le_bytes([
             key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
         ]);
@@ -541,7 +543,7 @@ impl Sip {
 
     /// One 8-byte message word, little-endian: two compression rounds.
     #[inline(always)]
-    fn word(&mut self, m: u64) {
+    pub(crate) fn word(&mut self, m: u64) {
         self.v[3] ^= m;
         sip_round(&mut self.v);
         sip_round(&mut self.v);
@@ -551,7 +553,7 @@ impl Sip {
     /// The last word (remaining bytes with the length in the top byte), then four
     /// finalisation rounds.
     #[inline(always)]
-    fn finish(mut self, last: u64) -> u64 {
+    pub(crate) fn finish(mut self, last: u64) -> u64 {
         self.word(last);
         self.v[2] ^= 0xff;
         sip_round(&mut self.v);
