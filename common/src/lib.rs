@@ -59,12 +59,25 @@ pub const BLOCK_V4_MAP: &str = "TERN_BLOCK_V4";
 /// [`BLOCK_VALUE`].
 pub const BLOCK_V6_MAP: &str = "TERN_BLOCK_V6";
 
+/// Programs the main program tail-calls: `ProgramArray`, [`PROG_MAP_ENTRIES`] slots. Slot
+/// [`PROG_SYN_COOKIE`] holds [`SYN_COOKIE_PROGRAM`] (a tail call gets a fresh 512-byte stack,
+/// which the cookie's hashes need beside the main program's).
+pub const PROG_MAP: &str = "TERN_PROGS";
+/// Slots in [`PROG_MAP`].
+pub const PROG_MAP_ENTRIES: u32 = 1;
+/// The [`PROG_MAP`] slot of [`SYN_COOKIE_PROGRAM`].
+pub const PROG_SYN_COOKIE: u32 = 0;
+/// The program that answers a SYN with a cookie SYN-ACK (`XdpConfig::syn_cookies`), reached
+/// only by tail call from [`XDP_PROGRAM`].
+pub const SYN_COOKIE_PROGRAM: &str = "tern_syn_cookie";
+
 /// Per-source rate state: `LruHashMap<[u8; 16], SourceRate>`, [`SOURCE_RATE_ENTRIES`] entries,
 /// keyed by the source address (network order, IPv4 as `::ffff:a.b.c.d`). Written only by the
 /// program; an evicted source starts again with a full burst.
 pub const SOURCE_RATE_MAP: &str = "TERN_SRC_RATE";
 
 const _: () = assert!(SOURCE_RATE_MAP.len() <= 15);
+const _: () = assert!(PROG_MAP.len() <= 15);
 const _: () = assert!(XDP_STATS_MAP.len() <= 15);
 const _: () = assert!(LISTEN_MAP.len() <= 15);
 const _: () = assert!(XSK_MAP.len() <= 15);
@@ -130,7 +143,7 @@ pub const XSK_MAP_ENTRIES: u32 = MAX_QUEUES * MAX_WORKERS;
 /// atomics needed); userspace sums the copies on read.
 ///
 /// **Terminal counters.** Every frame increments `packets` and then exactly one of `steered`,
-/// `passed`, `no_socket`, `blocked`, `rate_limited`, so their sum equals `packets`
+/// `passed`, `no_socket`, `blocked`, `rate_limited`, `syn_cookies`, so their sum equals `packets`
 /// (summed over CPUs, once no frame is in flight). Malformed frames, non-IP frames and IPv4
 /// fragments are all `passed`.
 ///
@@ -187,6 +200,11 @@ pub struct XdpStats {
     /// (bypass and kernel listeners alike), or a segment of an unknown flow to a kernel
     /// listener beyond [`XdpConfig::unknown_interval_ns`]'s.
     pub rate_limited: u64,
+    /// Terminal: SYNs to a bypass listener answered by the program itself with a SYN-ACK
+    /// carrying a SYN cookie (`XDP_TX`, [`XdpConfig::syn_cookies`]); the handshake's final ACK
+    /// is steered to a worker, whose stack validates the cookie. Also counts the (never seen)
+    /// SYN dropped because its frame, once resized, no longer held the reply.
+    pub syn_cookies: u64,
 }
 
 impl XdpStats {
@@ -205,9 +223,10 @@ impl XdpStats {
         self.no_socket = self.no_socket.wrapping_add(other.no_socket);
         self.blocked = self.blocked.wrapping_add(other.blocked);
         self.rate_limited = self.rate_limited.wrapping_add(other.rate_limited);
+        self.syn_cookies = self.syn_cookies.wrapping_add(other.syn_cookies);
     }
 
-    /// `steered + passed + no_socket + blocked + rate_limited`: equal to `packets` when no
+    /// `steered + passed + no_socket + blocked + rate_limited + syn_cookies`: equal to `packets` when no
     /// frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
@@ -215,11 +234,12 @@ impl XdpStats {
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
             .wrapping_add(self.rate_limited)
+            .wrapping_add(self.syn_cookies)
     }
 }
 
-// Thirteen u64 fields and nothing else: no padding, 8-byte alignment on every target.
-const _: () = assert!(core::mem::size_of::<XdpStats>() == 13 * 8);
+// Fourteen u64 fields and nothing else: no padding, 8-byte alignment on every target.
+const _: () = assert!(core::mem::size_of::<XdpStats>() == 14 * 8);
 const _: () = assert!(core::mem::align_of::<XdpStats>() == 8);
 
 /// Key of [`LISTEN_MAP`]: a destination (address, port) whose TCP segments are steered.
@@ -288,9 +308,24 @@ pub struct XdpConfig {
     pub unknown_interval_ns: u64,
     /// Burst tolerance of the unknown-flow limit, nanoseconds.
     pub unknown_burst_ns: u64,
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) at the bypass workers' clock epoch, nanoseconds:
+    /// the SYN-cookie counter and key period are counted from it, as the workers count them.
+    pub cookie_epoch_ns: u64,
+    /// The process-wide secret the workers derive each period's cookie key from
+    /// ([`syncookie::period_key`]).
+    pub cookie_secret: [u8; 16],
+    /// Non-zero: SYNs (IPv4, untagged, no IP options) to a bypass listener are answered here
+    /// with a cookie SYN-ACK (`XDP_TX`, counted `syn_cookies`) instead of reaching a worker.
+    pub syn_cookies: u32,
+    /// The SYN-ACK's window field (the stack's receive buffer, at most 65535: never scaled).
+    pub cookie_window: u32,
+    /// The MSS option the SYN-ACK offers (the stack's MSS).
+    pub cookie_mss: u32,
+    /// The window-scale shift the SYN-ACK offers when the SYN offered one with timestamps.
+    pub cookie_wscale: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 104);
 
 /// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
 /// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
@@ -633,6 +668,7 @@ mod tests {
             no_socket: 11,
             blocked: 12,
             rate_limited: 13,
+            syn_cookies: 14,
         };
         let mut sum = XdpStats::default();
         sum.accumulate(&one);
@@ -653,13 +689,14 @@ mod tests {
                 no_socket: 22,
                 blocked: 24,
                 rate_limited: 26,
+                syn_cookies: 28,
             },
             "accumulate must add each field to itself"
         );
         assert_eq!(
             sum.terminal(),
-            18 + 20 + 22 + 24 + 26,
-            "terminal sums the five"
+            18 + 20 + 22 + 24 + 26 + 28,
+            "terminal sums the six"
         );
     }
 

@@ -1,7 +1,9 @@
 //! End-to-end tests of the XDP flood defences (`[xdp] syn_rate_per_source`): a SYN flood from
 //! one source is cut at the XDP program, on a bypass listener and on a kernel listener with an
 //! `interface`, every drop is counted (`rate_limited`), and other sources still connect. Real
-//! frames from the client namespace over a two-queue veth (`tern_tests::pktgen`).
+//! frames from the client namespace over a two-queue veth (`tern_tests::pktgen`). And with
+//! `[xdp] syn_cookies = "xdp"`, real clients complete TLS handshakes whose SYN-ACK the XDP
+//! program made, with and without TCP timestamps, while the workers never see a SYN.
 
 mod support;
 
@@ -86,10 +88,17 @@ fn unassigned(s: &Stack, offset: u32) -> Ipv4Addr {
 }
 
 fn assert_terminal_invariant(st: &serde_json::Value) {
-    let sum: u64 = ["steered", "passed", "no_socket", "blocked", "rate_limited"]
-        .iter()
-        .map(|k| xdp(st, k))
-        .sum();
+    let sum: u64 = [
+        "steered",
+        "passed",
+        "no_socket",
+        "blocked",
+        "rate_limited",
+        "syn_cookies",
+    ]
+    .iter()
+    .map(|k| xdp(st, k))
+    .sum();
     assert_eq!(sum, xdp(st, "packets"), "every frame has one fate: {st}");
 }
 
@@ -132,5 +141,90 @@ fn a_one_source_syn_flood_is_cut_at_xdp_on_both_paths() {
             "connect to {addr}: {connected:?}\n{}",
             s.log()
         );
+    }
+}
+
+/// tern with an echo backend and a bypass listener on :4443 whose SYNs the XDP program answers
+/// (`syn_cookies = "xdp"`); the client's veth end runs `tern_pass`, since veth delivers
+/// `XDP_TX` frames only to a peer in NAPI mode.
+fn cookie_stack(
+    tag: &str,
+) -> (
+    Stack,
+    tern_tests::backend::Backend,
+    tern::bypass::xdp::PassProgram,
+) {
+    let (rig, dir) = Stack::rig(tag);
+    let backend = tern_tests::backend::Backend::echo(server_listener(&rig));
+    let listener_extra = format!(
+        "\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n",
+        iface = rig.server_if,
+        ip = rig.server_ip,
+    );
+    let client_if = rig.client_if.clone();
+    let pass = rig
+        .client
+        .run(move || tern::bypass::xdp::attach_pass(&client_if, tern::config::XdpAttach::Native))
+        .expect("tern_pass on the client's veth end");
+    let stack = Stack::start(
+        rig,
+        dir,
+        StackOptions {
+            backends: vec![backend.addr()],
+            listener_extra: Box::leak(listener_extra.into_boxed_str()),
+            toml_extra:
+                "[xdp]\nhugepages = \"off\"\nframes_per_worker = 4096\nsyn_cookies = \"xdp\"\n",
+            ..Default::default()
+        },
+    );
+    (stack, backend, pass)
+}
+
+#[test]
+fn xdp_made_syn_acks_complete_real_handshakes_with_and_without_timestamps() {
+    let (s, _backend, _pass) = cookie_stack("xdpcookie");
+    let addr = SocketAddr::from((s.rig.server_ip, BYPASS_PORT));
+    const PER_ROUND: u64 = 8;
+    for timestamps in [true, false] {
+        let sysctl = format!("net.ipv4.tcp_timestamps={}", u8::from(timestamps));
+        let out = s
+            .rig
+            .client_command("sysctl")
+            .args(["-q", "-w", &sysctl])
+            .output()
+            .expect("run sysctl");
+        assert_ok(&out, &sysctl, &s.log());
+        let before = s.stats();
+        let cfg = s.client_config();
+        for i in 0..PER_ROUND {
+            let cfg = cfg.clone();
+            let done = s.rig.client.run(move || echo_request(addr, &cfg, i as u32));
+            assert!(
+                done.is_ok(),
+                "timestamps {timestamps}, request {i}: {done:?}\n{}",
+                s.log()
+            );
+        }
+        let st = wait_stats(&s, "the connections counted", |st| {
+            counter(st, &["bypass", "tcp", "connections_created"])
+                - counter(&before, &["bypass", "tcp", "connections_created"])
+                >= PER_ROUND
+        });
+        let made = xdp(&st, "syn_cookies") - xdp(&before, "syn_cookies");
+        assert!(
+            made >= PER_ROUND,
+            "timestamps {timestamps}: every SYN answered at XDP ({made}): {st}"
+        );
+        assert_eq!(
+            syns_handled(&st),
+            syns_handled(&before),
+            "timestamps {timestamps}: the workers sent no SYN-ACK: {st}"
+        );
+        assert_eq!(
+            counter(&st, &["bypass", "tcp", "rx_bad_cookie"]),
+            counter(&before, &["bypass", "tcp", "rx_bad_cookie"]),
+            "timestamps {timestamps}: every XDP cookie validated: {st}"
+        );
+        assert_terminal_invariant(&st);
     }
 }

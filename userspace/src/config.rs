@@ -370,6 +370,21 @@ pub enum HugePages {
     Off,
 }
 
+/// Who answers SYNs to bypass listeners (`[xdp] syn_cookies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynCookies {
+    /// The XDP program answers IPv4 SYNs itself with the stack's cookie SYN-ACK (`XDP_TX`), so
+    /// a SYN flood never reaches a worker; the final ACK goes to the worker, which validates
+    /// the cookie. Other SYNs (IPv6, VLAN-tagged, IP options) still go to the worker. On veth,
+    /// `XDP_TX` frames reach the peer only if it runs in NAPI mode (an XDP program or GRO on
+    /// it), hence not the default.
+    Xdp,
+    /// Every SYN goes to its worker, whose stack answers it.
+    #[default]
+    Worker,
+}
+
 /// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "bypass"` listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpSettings {
@@ -395,6 +410,8 @@ pub struct XdpSettings {
     pub unknown_rate_per_source: u32,
     /// Burst of the unknown-flow limit (>= 1).
     pub unknown_burst_per_source: u32,
+    /// Who answers SYNs to bypass listeners.
+    pub syn_cookies: SynCookies,
 }
 
 /// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
@@ -598,6 +615,9 @@ pub struct FileXdp {
     pub unknown_rate_per_source: u32,
     /// `unknown_burst_per_source`: such segments back to back, 1 ..= 1000000. Default 64.
     pub unknown_burst_per_source: u32,
+    /// `syn_cookies`: `"xdp"` (the XDP program answers SYNs to bypass listeners with cookie
+    /// SYN-ACKs) or `"worker"` (the worker's stack does). Default `"worker"`. Restart only.
+    pub syn_cookies: SynCookies,
 }
 
 impl Default for FileXdp {
@@ -615,6 +635,7 @@ impl Default for FileXdp {
             syn_burst_per_source: 32,
             unknown_rate_per_source: 0,
             unknown_burst_per_source: 64,
+            syn_cookies: SynCookies::default(),
         }
     }
 }
@@ -1880,6 +1901,7 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
         syn_burst_per_source: file.syn_burst_per_source,
         unknown_rate_per_source: file.unknown_rate_per_source,
         unknown_burst_per_source: file.unknown_burst_per_source,
+        syn_cookies: file.syn_cookies,
         frame_size: file.frame_size,
         frames_per_worker: file.frames_per_worker,
         rx_ring: file.rx_ring,

@@ -539,6 +539,7 @@ const XDP_FIELDS: &[&str] = &[
     "no_socket",
     "blocked",
     "rate_limited",
+    "syn_cookies",
 ];
 
 /// Encodes one family per field of `rows` (named `<prefix>_<field>`), each with one sample per

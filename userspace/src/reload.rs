@@ -313,7 +313,7 @@ pub fn restart_needed(
         refused.push(restart(
             new,
             "xdp",
-            "changing [xdp] (AF_XDP sizing, per-source limits)",
+            "changing [xdp] (AF_XDP sizing, per-source limits, syn_cookies)",
         ));
     }
     // The bypass stack's settings are fixed when its tables and timers are built (the FIN

@@ -61,6 +61,7 @@
 #![no_std]
 #![no_main]
 
+mod cookie;
 mod loss;
 
 use core::mem::{size_of, swap};
@@ -70,12 +71,14 @@ use aya_ebpf::{
     helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, XskMap, lpm_trie::Key,
+    },
     programs::XdpContext,
 };
 use tern_common::{
     BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
-    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, PROG_MAP_ENTRIES, PROG_SYN_COOKIE, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
     SourceRate, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
     gcra, ipv4_mapped, xsk_index,
 };
@@ -114,6 +117,10 @@ static TERN_BLOCK_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(BLOCK_M
 #[map]
 static TERN_SRC_RATE: LruHashMap<[u8; 16], SourceRate> =
     LruHashMap::with_max_entries(SOURCE_RATE_ENTRIES, 0);
+
+/// Tail-call targets (`tern_common::PROG_MAP`): the SYN-cookie program in `PROG_SYN_COOKIE`.
+#[map]
+static TERN_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_MAP_ENTRIES, 0);
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -382,7 +389,10 @@ fn unknown_limited() -> bool {
 /// through: the limit must never drop a legitimate client because of memory.
 #[inline(always)]
 fn conforms(src: &[u8; 16], limit: Limit) -> bool {
-    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // No copy of the config: stack room (see `steer`).
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        return true;
+    };
     let (interval, burst) = match limit {
         Limit::Syn => (config.syn_interval_ns, config.syn_burst_ns),
         Limit::Unknown => (config.unknown_interval_ns, config.unknown_burst_ns),
@@ -426,7 +436,12 @@ fn conforms(src: &[u8; 16], limit: Limit) -> bool {
 /// `no_socket`. In reflect mode there is no worker to tell, so the kernel gets it (`passed`).
 #[inline(always)]
 fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
-    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // By reference, not a copy: the program's stack (512 bytes) is shared with the SYN-cookie
+    // call. An array's only index always exists; were it missing, nothing could be steered.
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    };
     if config.reflect != 0 {
         stats.passed += 1;
         return xdp_action::XDP_PASS;
@@ -444,7 +459,12 @@ fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
 /// Hands a listener's segment on; counts `steered` or `no_socket` (exactly one).
 #[inline(always)]
 fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
-    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // By reference, not a copy: the program's stack (512 bytes) is shared with the SYN-cookie
+    // call. An array's only index always exists; were it missing, nothing could be steered.
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    };
     if config.reflect != 0 {
         return match reflect(ctx, flow) {
             Ok(()) => {
@@ -467,6 +487,17 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
             stats.passed += 1;
             return xdp_action::XDP_PASS;
         }
+    }
+    // A SYN answered here never costs a worker anything (`[xdp] syn_cookies = "xdp"`).
+    if flow.syn
+        && config.syn_cookies != 0
+        && matches!(flow.ip, Ip::V4 { offset: 14 })
+        && flow.tcp_offset == 34
+    {
+        // SAFETY: the slot holds an XDP program of this object (or nothing); on success the
+        // call does not return and `tern_syn_cookie` counts the frame's fate.
+        let _ = unsafe { TERN_PROGS.tail_call(ctx, PROG_SYN_COOKIE) };
+        // Only reached if the slot is empty: the worker answers.
     }
     let hash = flow_hash(
         &config.steer_key,

@@ -123,6 +123,7 @@ fn settings(args: &Args) -> XdpSettings {
         syn_burst_per_source: defaults.syn_burst_per_source,
         unknown_rate_per_source: defaults.unknown_rate_per_source,
         unknown_burst_per_source: defaults.unknown_burst_per_source,
+        syn_cookies: defaults.syn_cookies,
     }
 }
 

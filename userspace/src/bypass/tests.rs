@@ -33,6 +33,7 @@ fn settings() -> XdpSettings {
         syn_burst_per_source: 32,
         unknown_rate_per_source: 0,
         unknown_burst_per_source: 64,
+        syn_cookies: crate::config::SynCookies::Worker,
     }
 }
 

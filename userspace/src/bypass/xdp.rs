@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray, XskMap};
 use aya::programs::links::{FdLink, Link as _};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, Xdp, XdpMode};
@@ -42,8 +42,8 @@ use aya::Ebpf;
 use tern_common::{
     ipv4_mapped, ListenKey, XdpConfig, XdpStats, BLOCK_V4_MAP, BLOCK_V6_MAP, BLOCK_VALUE,
     CONFIG_INDEX, CONFIG_MAP, LISTEN_LIMIT, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_STEER,
-    MAX_WORKERS, XDP_PASS_PROGRAM, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP,
-    XSK_MAP_ENTRIES,
+    MAX_WORKERS, PROG_MAP, PROG_SYN_COOKIE, SYN_COOKIE_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP, XSK_MAP_ENTRIES,
 };
 
 use crate::config::XdpAttach;
@@ -199,6 +199,8 @@ pub struct XdpCounters {
     pub blocked: u64,
     /// SYNs to a listener dropped by the per-source rate limit.
     pub rate_limited: u64,
+    /// SYNs to a bypass listener answered by the program with a cookie SYN-ACK (`XDP_TX`).
+    pub syn_cookies: u64,
 }
 
 impl XdpCounters {
@@ -211,14 +213,15 @@ impl XdpCounters {
         XdpCounters::from(total)
     }
 
-    /// `steered + passed + no_socket + blocked + rate_limited`; equals `packets` once no
-    /// frame is in flight.
+    /// `steered + passed + no_socket + blocked + rate_limited + syn_cookies`; equals
+    /// `packets` once no frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
             .wrapping_add(self.passed)
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
             .wrapping_add(self.rate_limited)
+            .wrapping_add(self.syn_cookies)
     }
 }
 
@@ -238,6 +241,7 @@ impl From<XdpStats> for XdpCounters {
             no_socket,
             blocked,
             rate_limited,
+            syn_cookies,
         } = stats;
         XdpCounters {
             packets,
@@ -253,6 +257,7 @@ impl From<XdpStats> for XdpCounters {
             no_socket,
             blocked,
             rate_limited,
+            syn_cookies,
         }
     }
 }
@@ -451,6 +456,10 @@ struct ControlMaps {
     config_value: XdpConfig,
     block_v4: LpmTrie<MapData, [u8; 4], u32>,
     block_v6: LpmTrie<MapData, [u8; 16], u32>,
+    /// The tail-call table holding `tern_syn_cookie`. Held open for the program's lifetime:
+    /// the kernel empties a program array when its last user-space reference closes. `None`
+    /// for an adopted program whose object had none.
+    _progs: Option<ProgramArray<MapData>>,
 }
 
 // The control thread and the workers' start-up share programs across threads.
@@ -467,6 +476,31 @@ impl fmt::Debug for XdpProgram {
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
+}
+
+/// What the program needs to answer SYNs as the bypass workers would ([`XdpProgram::set_syn_cookies`]).
+#[derive(Clone, Copy)]
+pub struct SynCookieParams {
+    /// The workers' cookie secret (each period's key derives from it).
+    pub secret: [u8; 16],
+    /// `CLOCK_MONOTONIC` at the workers' clock epoch, nanoseconds ([`monotonic_ns_at`]).
+    pub epoch_ns: u64,
+    /// The stack's MSS.
+    pub mss: u16,
+    /// The SYN-ACK's (unscaled) window: the stack's receive buffer, capped at 65535.
+    pub window: u16,
+    /// The stack's window-scale shift.
+    pub wscale: u8,
+}
+
+/// `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` reads, and what `std::time::Instant` is on Linux)
+/// at `instant`, nanoseconds.
+pub fn monotonic_ns_at(instant: std::time::Instant) -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let elapsed = std::time::Instant::now().saturating_duration_since(instant);
+    let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0);
+    now_ns.saturating_sub(elapsed.as_nanos() as u64)
 }
 
 /// Loads the embedded program and attaches it to `interface` (a name in the calling thread's
@@ -491,6 +525,7 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
         config_value: XdpConfig::default(),
         block_v4: take_map(&mut ebpf, interface, BLOCK_V4_MAP)?,
         block_v6: take_map(&mut ebpf, interface, BLOCK_V6_MAP)?,
+        _progs: Some(load_cookie_program(&mut ebpf, interface)?),
     };
     // The steering key goes in before the program can run: no flow is ever hashed under
     // another key (and a fresh key per start means no one can aim flows at a worker).
@@ -603,6 +638,38 @@ where
         map: name,
         source: Box::new(source),
     })
+}
+
+/// Loads `tern_syn_cookie` and puts it in the tail-call table, from which `tern_xdp` calls it
+/// for SYNs when `XdpConfig::syn_cookies` is on.
+fn load_cookie_program(
+    ebpf: &mut Ebpf,
+    interface: &str,
+) -> Result<ProgramArray<MapData>, XdpError> {
+    let mut progs: ProgramArray<MapData> = take_map(ebpf, interface, PROG_MAP)?;
+    let load_error = |source: ProgramError| XdpError::Load {
+        interface: interface.to_owned(),
+        program: SYN_COOKIE_PROGRAM,
+        source: Box::new(source),
+    };
+    let program: &mut Xdp = ebpf
+        .program_mut(SYN_COOKIE_PROGRAM)
+        .ok_or_else(|| XdpError::MissingProgram {
+            interface: interface.to_owned(),
+            program: SYN_COOKIE_PROGRAM,
+        })?
+        .try_into()
+        .map_err(load_error)?;
+    program.load().map_err(load_error)?;
+    let fd = program.fd().map_err(load_error)?;
+    progs
+        .set(PROG_SYN_COOKIE, fd, 0)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: PROG_MAP,
+            source: Box::new(source),
+        })?;
+    Ok(progs)
 }
 
 /// Loads `program` from `ebpf` into the kernel and attaches it in `mode` (see [`attach`]).
@@ -857,6 +924,24 @@ impl XdpProgram {
         })
     }
 
+    /// Turns the program's SYN cookies on (`Some`) or off: SYNs to bypass listeners (IPv4,
+    /// untagged, no IP options) are answered in the program with the SYN-ACK the workers'
+    /// stack would send, made with the same cookie rule (`tern_common::syncookie`), secret and
+    /// clock epoch, and counted `syn_cookies`.
+    pub fn set_syn_cookies(&self, cookies: Option<&SynCookieParams>) -> Result<(), XdpError> {
+        self.update_config(|config| match cookies {
+            Some(p) => {
+                config.cookie_secret = p.secret;
+                config.cookie_epoch_ns = p.epoch_ns;
+                config.cookie_mss = u32::from(p.mss);
+                config.cookie_window = p.window.into();
+                config.cookie_wscale = u32::from(p.wscale);
+                config.syn_cookies = 1;
+            }
+            None => config.syn_cookies = 0,
+        })
+    }
+
     /// The bypass listen set (steered addresses), sorted (IPv4 listeners as IPv4 addresses).
     pub fn listeners(&self) -> Result<Vec<SocketAddr>, XdpError> {
         let maps = self.lock();
@@ -1104,6 +1189,8 @@ pub fn adopt(interface: &str, ids: &HandoverIds) -> Result<XdpProgram, XdpError>
         config_value: XdpConfig::default(),
         block_v4: adopted_map(&mut found, interface, BLOCK_V4_MAP)?,
         block_v6: adopted_map(&mut found, interface, BLOCK_V6_MAP)?,
+        // Holding it keeps the predecessor's cookie program in its slot once it exits.
+        _progs: adopted_map(&mut found, interface, PROG_MAP).ok(),
     };
     maps.config_value = maps
         .config

@@ -714,6 +714,7 @@ fn counters_sum_over_cpus_and_serialize() {
         no_socket: 0,
         blocked: 1,
         rate_limited: 1,
+        syn_cookies: 0,
     };
     let total = XdpCounters::sum([cpu, cpu, XdpStats::default()].iter());
     assert_eq!(
@@ -732,6 +733,7 @@ fn counters_sum_over_cpus_and_serialize() {
             no_socket: 0,
             blocked: 2,
             rate_limited: 2,
+            syn_cookies: 0,
         }
     );
     assert_eq!(total.terminal(), total.packets);
