@@ -199,17 +199,6 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
         if addrs.is_empty() {
             continue;
         }
-        if !adopted.contains(iface) && config.xdp.syn_cookies == crate::config::SynCookies::Xdp {
-            // The program answers SYNs as the workers would: same secret, epoch and SYN-ACK.
-            prog.set_syn_cookies(Some(&crate::bypass::xdp::SynCookieParams {
-                secret,
-                epoch_ns: crate::bypass::xdp::monotonic_ns_at(epoch),
-                mss: config.tcp.mss,
-                window: u16::try_from(config.tcp.recv_buffer).unwrap_or(u16::MAX),
-                wscale: crate::tcp::stack::window_scale_for(config.tcp.recv_buffer),
-            }))
-            .with_context(|| format!("turning on XDP SYN cookies on {iface}"))?;
-        }
         if adopted.contains(iface) {
             deferred.push((iface.clone(), addrs));
             continue;
@@ -886,6 +875,19 @@ fn start_bypass(
     })
     .with_context(|| format!("starting the bypass workers on {iface}"))?;
     let workers: Vec<StartedBypass> = workers.into_iter().zip(extras).collect();
+    // Once the workers run (a binary upgrade's late start too, replacing the predecessor's
+    // secret): the program answers SYNs as these workers would, with their secret and epoch.
+    let cookies = (config.xdp.syn_cookies == crate::config::SynCookies::Xdp).then(|| {
+        crate::bypass::xdp::SynCookieParams {
+            secret,
+            epoch_ns: crate::bypass::xdp::monotonic_ns_at(epoch),
+            mss: config.tcp.mss,
+            window: u16::try_from(config.tcp.recv_buffer).unwrap_or(u16::MAX),
+            wscale: crate::tcp::stack::window_scale_for(config.tcp.recv_buffer),
+        }
+    });
+    prog.set_syn_cookies(cookies.as_ref())
+        .with_context(|| format!("setting [xdp] syn_cookies on {iface}"))?;
     if let Some((w, _)) = workers.first() {
         tracing::info!(
             interface = %iface,

@@ -11,12 +11,17 @@
 //! program runs, in softirq on the sender's CPU) share the machine's two cores with tern and
 //! the client: the figure is "what is left for real clients", not a capacity.
 //!
+//! Three paths: the kernel path, the bypass path with its worker answering SYNs (`bypass`,
+//! `[xdp] syn_cookies = "worker"`) and with the XDP program answering them
+//! (`bypass-xdp-cookies`, `syn_cookies = "xdp"`). The client's veth end runs `tern_pass` for
+//! every path (veth delivers the program's `XDP_TX` SYN-ACKs only to a peer in NAPI mode).
+//!
 //! Each (run, path) starts a fresh tern with that path's listener only and measures twice:
 //! without the flood, then with it. Reported, per path: connections/s and connect-to-echo
 //! latency p50/p99 (tern-load's), failed connections, the flood's SYN rate, and the XDP
 //! program's and the workers' counters over the flood window (`tern ctl stats`).
 //!
-//! Opt-in (not part of `cargo xtask bench`): about `runs × 2 × 2 × seconds` plus start-up.
+//! Opt-in (not part of `cargo xtask bench`): about `runs × 3 × 2 × seconds` plus start-up.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -65,7 +70,10 @@ const FLOOD_BASE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 0);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DataPath {
     Kernel,
+    /// The bypass path with its workers answering SYNs (`[xdp] syn_cookies = "worker"`).
     Bypass,
+    /// The bypass path with the XDP program answering SYNs (`[xdp] syn_cookies = "xdp"`).
+    BypassXdp,
 }
 
 impl DataPath {
@@ -73,6 +81,23 @@ impl DataPath {
         match self {
             DataPath::Kernel => "kernel",
             DataPath::Bypass => "bypass",
+            DataPath::BypassXdp => "bypass-xdp-cookies",
+        }
+    }
+
+    /// The listener's `mode`.
+    fn mode(self) -> &'static str {
+        match self {
+            DataPath::Kernel => "kernel",
+            DataPath::Bypass | DataPath::BypassXdp => "bypass",
+        }
+    }
+
+    /// `[xdp] syn_cookies`.
+    fn syn_cookies(self) -> &'static str {
+        match self {
+            DataPath::BypassXdp => "xdp",
+            DataPath::Kernel | DataPath::Bypass => "worker",
         }
     }
 }
@@ -156,7 +181,7 @@ fn build(progress: &Progress) -> Result<Bins> {
 }
 
 fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
-    let progress = Progress::new(2 + u64::from(runs) * 2);
+    let progress = Progress::new(2 + u64::from(runs) * 3);
     let out_dir = target_dir()?.join("bench");
     let logs = out_dir.join("flood-logs");
     if logs.is_dir() {
@@ -170,6 +195,14 @@ fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
 
     progress.step("rig and echo backend");
     let rig = Rig::isolated("flood", 1);
+    // veth hands the XDP program's `XDP_TX` frames (the SYN-ACKs of `syn_cookies = "xdp"`) only
+    // to a peer in NAPI mode, which an XDP program on it turns on: `tern_pass` on the client's
+    // end, for every path alike.
+    let client_if = rig.client_if.clone();
+    let _pass = rig
+        .client
+        .run(move || tern::bypass::xdp::attach_pass(&client_if, tern::config::XdpAttach::Native))
+        .context("attaching tern_pass to the client's veth end")?;
     let mut sysctl = rig.client_command("sysctl");
     sysctl.args([
         "-q",
@@ -215,9 +248,9 @@ fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     let mut notes = Vec::new();
     for run in 0..runs {
         let order = if run % 2 == 0 {
-            [DataPath::Kernel, DataPath::Bypass]
+            [DataPath::Kernel, DataPath::Bypass, DataPath::BypassXdp]
         } else {
-            [DataPath::Bypass, DataPath::Kernel]
+            [DataPath::BypassXdp, DataPath::Bypass, DataPath::Kernel]
         };
         for path in order {
             progress.step(format!("run {}/{runs}: {} path", run + 1, path.name()));
@@ -262,7 +295,8 @@ fn pinned(rig: &Rig, cpu: usize, argv: &[String]) -> Command {
 /// tern's config for one path: one `tls = false` listener on the rig's interface (so the
 /// kernel path has the XDP program too, for its counters), the echo backend, one worker.
 fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, socket: &Path) -> String {
-    let mode = path.name();
+    let mode = path.mode();
+    let syn_cookies = path.syn_cookies();
     format!(
         "# Written by `cargo xtask bench flood`.\n\
          [[listener]]\n\
@@ -282,7 +316,8 @@ fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, socket: &Path) -
          [control]\n\
          socket = \"{socket}\"\n\n\
          [xdp]\n\
-         hugepages = \"off\"\n",
+         hugepages = \"off\"\n\
+         syn_cookies = \"{syn_cookies}\"\n",
         socket = socket.display(),
     )
 }
@@ -302,7 +337,7 @@ fn stats(ctx: &Ctx<'_>, bins: &Bins, socket: &Path) -> Result<serde_json::Value>
 }
 
 /// The counters reported over the flood window: path to each in `tern ctl stats`.
-const COUNTERS: [(&str, &[&str]); 7] = [
+const COUNTERS: [(&str, &[&str]); 8] = [
     ("xdp packets", &["xdp", "0", "counters", "packets"]),
     ("xdp steered", &["xdp", "0", "counters", "steered"]),
     ("xdp passed", &["xdp", "0", "counters", "passed"]),
@@ -310,6 +345,7 @@ const COUNTERS: [(&str, &[&str]); 7] = [
         "xdp rate_limited",
         &["xdp", "0", "counters", "rate_limited"],
     ),
+    ("xdp syn_cookies", &["xdp", "0", "counters", "syn_cookies"]),
     ("bypass SYN-ACKs", &["bypass", "tcp", "syn_acks_sent"]),
     (
         "bypass connections",
