@@ -3,7 +3,8 @@
 //! `interface`, every drop is counted (`rate_limited`), and other sources still connect. Real
 //! frames from the client namespace over a two-queue veth (`tern_tests::pktgen`). And with
 //! `[xdp] syn_cookies = "xdp"`, real clients complete TLS handshakes whose SYN-ACK the XDP
-//! program made, with and without TCP timestamps, while the workers never see a SYN.
+//! program made (rustls TLS clients and `tern-load --plain`), with and without TCP timestamps,
+//! while the workers never see a SYN. Needs `cargo build -p tern -p tern-load`.
 
 mod support;
 
@@ -144,7 +145,16 @@ fn a_one_source_syn_flood_is_cut_at_xdp_on_both_paths() {
     }
 }
 
-/// tern with an echo backend and a bypass listener on :4443 whose SYNs the XDP program answers
+/// The plain (`tls = false`) bypass listener `tern-load --plain` connects to.
+const PLAIN_PORT: u16 = 4444;
+
+/// `tern-load` beside the test binaries (`cargo build -p tern-load`).
+fn tern_load_binary() -> std::path::PathBuf {
+    let tern = tern_tests::rig::tern_binary();
+    tern.with_file_name("tern-load")
+}
+
+/// tern with an echo backend and bypass listeners on :4443 (TLS) and :4444 (plain) whose SYNs the XDP program answers
 /// (`syn_cookies = "xdp"`); the client's veth end runs `tern_pass`, since veth delivers
 /// `XDP_TX` frames only to a peer in NAPI mode.
 fn cookie_stack(
@@ -157,7 +167,7 @@ fn cookie_stack(
     let (rig, dir) = Stack::rig(tag);
     let backend = tern_tests::backend::Backend::echo(server_listener(&rig));
     let listener_extra = format!(
-        "\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n",
+        "\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PLAIN_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\ntls = false\n",
         iface = rig.server_if,
         ip = rig.server_ip,
     );
@@ -205,14 +215,34 @@ fn xdp_made_syn_acks_complete_real_handshakes_with_and_without_timestamps() {
                 s.log()
             );
         }
+        // tern-load's new connections (bounded: one second, four at a time).
+        let plain = format!("{}:{PLAIN_PORT}", s.rig.server_ip);
+        let out = s
+            .rig
+            .client_command(&tern_load_binary().display().to_string())
+            .args(["--plain", "--connect", &plain, "--mode", "new-conn"])
+            .args(["--close", "reset", "--duration", "1s", "--concurrency", "4"])
+            .args(["--timeout", "5s", "--json", "--quiet"])
+            .output()
+            .expect("run tern-load (cargo build -p tern-load)");
+        assert_ok(&out, "tern-load", &s.log());
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("tern-load --json");
+        let loaded = counter(&report, &["requests", "completed"]);
+        assert!(loaded > 0, "tern-load completed connections: {report}");
+        assert_eq!(
+            counter(&report, &["errors", "total"]),
+            0,
+            "timestamps {timestamps}: tern-load without errors: {report}"
+        );
         let st = wait_stats(&s, "the connections counted", |st| {
             counter(st, &["bypass", "tcp", "connections_created"])
                 - counter(&before, &["bypass", "tcp", "connections_created"])
-                >= PER_ROUND
+                >= PER_ROUND + loaded
         });
         let made = xdp(&st, "syn_cookies") - xdp(&before, "syn_cookies");
         assert!(
-            made >= PER_ROUND,
+            made >= PER_ROUND + loaded,
             "timestamps {timestamps}: every SYN answered at XDP ({made}): {st}"
         );
         assert_eq!(
