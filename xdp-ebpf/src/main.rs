@@ -16,7 +16,10 @@
 //!    steered (a `LISTEN_LIMIT` entry, a kernel listener, is passed after step 2): redirected
 //!    to the AF_XDP socket in `XSKMAP[queue * workers + flow_hash % workers]` (`steered`), or passed to
 //!    the kernel when that slot holds no socket for this queue (`no_socket`). With the config's
-//!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`).
+//!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`). With
+//!    `syn_cookies` set, a SYN (IPv4, untagged) is first handed by tail call to
+//!    `tern_syn_cookie` ([`cookie`]), which answers it with the stack's cookie SYN-ACK
+//!    (`XDP_TX`, `syn_cookies`) or, if it cannot, steers it as above.
 //! 4. **PMTU signals for a listener's flows**: an ICMPv4 "fragmentation needed" (type 3 code 4,
 //!    RFC 792 / RFC 1191) or ICMPv6 "packet too big" (type 2, RFC 4443 §3.2) whose quoted packet
 //!    is a TCP segment *from* a listener (quoted source (address, port) in the listen map, exact
@@ -34,7 +37,7 @@
 //!    garbage itself, and passing keeps whatever the parser does not understand working.
 //!
 //! Each frame lands in exactly one of `steered`, `passed`, `no_socket`, `blocked`,
-//! `rate_limited`; see
+//! `rate_limited`, `syn_cookies`; see
 //! `tern_common::XdpStats` for every counter.
 //!
 //! `tern_pass` passes every frame untouched. It exists for the peer end of a veth pair in tests
