@@ -275,13 +275,18 @@ fn build_object(rustup: &Path, layout: &Layout) -> Result<()> {
         .join("release")
         .join(EBPF_OBJECT);
     let dest = layout.out_dir.join(EBPF_OBJECT);
-    fs::copy(&built, &dest).map_err(|err| {
-        BuildError(format!(
-            "cannot copy {} to {}: {err}",
-            built.display(),
-            dest.display()
-        ))
-    })?;
+    // Copy beside, then rename over: a target dir seeded with hard links (several worktrees
+    // sharing one inode) must never see its other names rewritten by this build.
+    let partial = layout.out_dir.join(format!("{EBPF_OBJECT}.partial"));
+    fs::copy(&built, &partial)
+        .and_then(|_| fs::rename(&partial, &dest))
+        .map_err(|err| {
+            BuildError(format!(
+                "cannot copy {} to {}: {err}",
+                built.display(),
+                dest.display()
+            ))
+        })?;
     Ok(())
 }
 

@@ -21,6 +21,8 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod syncookie;
+
 // ---------------------------------------------------------------------------------------------
 // Programs
 
@@ -41,7 +43,8 @@ pub const XDP_PASS_PROGRAM: &str = "tern_pass";
 /// [`XDP_STATS_INDEX`].
 pub const XDP_STATS_MAP: &str = "TERN_XDP_STATS";
 /// The listen set: `HashMap<ListenKey, u32>`, [`LISTEN_MAP_ENTRIES`] entries. The value is a
-/// flags word, reserved: userspace writes [`LISTEN_VALUE`], the program only tests presence.
+/// flags word: [`LISTEN_STEER`] (bypass listener) or [`LISTEN_LIMIT`] (kernel listener, limits
+/// only).
 pub const LISTEN_MAP: &str = "TERN_LISTEN";
 /// The AF_XDP sockets: `XskMap`, [`XSK_MAP_ENTRIES`] slots, indexed by [`xsk_index`].
 pub const XSK_MAP: &str = "TERN_XSKS";
@@ -56,6 +59,25 @@ pub const BLOCK_V4_MAP: &str = "TERN_BLOCK_V4";
 /// [`BLOCK_VALUE`].
 pub const BLOCK_V6_MAP: &str = "TERN_BLOCK_V6";
 
+/// Programs the main program tail-calls: `ProgramArray`, [`PROG_MAP_ENTRIES`] slots. Slot
+/// [`PROG_SYN_COOKIE`] holds [`SYN_COOKIE_PROGRAM`] (a tail call gets a fresh 512-byte stack,
+/// which the cookie's hashes need beside the main program's).
+pub const PROG_MAP: &str = "TERN_PROGS";
+/// Slots in [`PROG_MAP`].
+pub const PROG_MAP_ENTRIES: u32 = 1;
+/// The [`PROG_MAP`] slot of [`SYN_COOKIE_PROGRAM`].
+pub const PROG_SYN_COOKIE: u32 = 0;
+/// The program that answers a SYN with a cookie SYN-ACK (`XdpConfig::syn_cookies`), reached
+/// only by tail call from [`XDP_PROGRAM`].
+pub const SYN_COOKIE_PROGRAM: &str = "tern_syn_cookie";
+
+/// Per-source rate state: `LruHashMap<[u8; 16], SourceRate>`, [`SOURCE_RATE_ENTRIES`] entries,
+/// keyed by the source address (network order, IPv4 as `::ffff:a.b.c.d`). Written only by the
+/// program; an evicted source starts again with a full burst.
+pub const SOURCE_RATE_MAP: &str = "TERN_SRC_RATE";
+
+const _: () = assert!(SOURCE_RATE_MAP.len() <= 15);
+const _: () = assert!(PROG_MAP.len() <= 15);
 const _: () = assert!(XDP_STATS_MAP.len() <= 15);
 const _: () = assert!(LISTEN_MAP.len() <= 15);
 const _: () = assert!(XSK_MAP.len() <= 15);
@@ -80,9 +102,14 @@ pub const CONFIG_INDEX: u32 = 0;
 /// is what the map costs whether used or not (about 256 × 64 bytes).
 pub const LISTEN_MAP_ENTRIES: u32 = 256;
 
-/// The value userspace stores for every listen-map key. The program looks only at whether a
-/// key is present; the word is kept for flags a later version may need.
-pub const LISTEN_VALUE: u32 = 1;
+/// Listen-map value flag: the address is a bypass listener; its segments are steered to
+/// AF_XDP sockets (and the per-source limits apply).
+pub const LISTEN_STEER: u32 = 1;
+/// Listen-map value flag: the address is a kernel listener on this interface; its segments go
+/// to the kernel, but the per-source limits apply first.
+pub const LISTEN_LIMIT: u32 = 2;
+/// The value for a bypass listener (kept under its old name).
+pub const LISTEN_VALUE: u32 = LISTEN_STEER;
 
 /// Prefixes per blocklist trie (each family has its own). LPM tries are created with
 /// `BPF_F_NO_PREALLOC`, so only inserted prefixes cost memory.
@@ -90,6 +117,12 @@ pub const BLOCK_MAP_ENTRIES: u32 = 65_536;
 
 /// The value stored for every blocklist prefix; the program only tests for a match.
 pub const BLOCK_VALUE: u32 = 1;
+
+/// Sources tracked by the per-source rate limits at once (LRU: the least recently seen source
+/// is forgotten first). 64 Ki × (16 + 16 bytes + overhead) ≈ 6 MiB, preallocated; a flood from
+/// more distinct sources than this still meets the limit for every source it repeats within
+/// the window the map remembers.
+pub const SOURCE_RATE_ENTRIES: u32 = 65_536;
 
 /// Highest RX queue index + 1 that can be steered. A frame that arrives on a higher queue is
 /// passed to the kernel and counted as `no_socket`.
@@ -110,7 +143,7 @@ pub const XSK_MAP_ENTRIES: u32 = MAX_QUEUES * MAX_WORKERS;
 /// atomics needed); userspace sums the copies on read.
 ///
 /// **Terminal counters.** Every frame increments `packets` and then exactly one of `steered`,
-/// `passed`, `no_socket`, `blocked`, so `steered + passed + no_socket + blocked == packets`
+/// `passed`, `no_socket`, `blocked`, `rate_limited`, `syn_cookies`, so their sum equals `packets`
 /// (summed over CPUs, once no frame is in flight). Malformed frames, non-IP frames and IPv4
 /// fragments are all `passed`.
 ///
@@ -162,6 +195,16 @@ pub struct XdpStats {
     /// Terminal: IPv4/IPv6 packets dropped (`XDP_DROP`) because the source address matches a
     /// blocklist prefix. Checked before anything else above the IP header.
     pub blocked: u64,
+    /// Terminal: TCP segments to a listener dropped (`XDP_DROP`) by a per-source rate limit:
+    /// a SYN beyond [`XdpConfig::syn_interval_ns`]'s rate and burst for its source address
+    /// (bypass and kernel listeners alike), or a segment of an unknown flow to a kernel
+    /// listener beyond [`XdpConfig::unknown_interval_ns`]'s.
+    pub rate_limited: u64,
+    /// Terminal: SYNs to a bypass listener answered by the program itself with a SYN-ACK
+    /// carrying a SYN cookie (`XDP_TX`, [`XdpConfig::syn_cookies`]); the handshake's final ACK
+    /// is steered to a worker, whose stack validates the cookie. Also counts the (never seen)
+    /// SYN dropped because its frame, once resized, no longer held the reply.
+    pub syn_cookies: u64,
 }
 
 impl XdpStats {
@@ -179,19 +222,24 @@ impl XdpStats {
         self.passed = self.passed.wrapping_add(other.passed);
         self.no_socket = self.no_socket.wrapping_add(other.no_socket);
         self.blocked = self.blocked.wrapping_add(other.blocked);
+        self.rate_limited = self.rate_limited.wrapping_add(other.rate_limited);
+        self.syn_cookies = self.syn_cookies.wrapping_add(other.syn_cookies);
     }
 
-    /// `steered + passed + no_socket + blocked`: equal to `packets` when no frame is in flight.
+    /// `steered + passed + no_socket + blocked + rate_limited + syn_cookies`: equal to `packets` when no
+    /// frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
             .wrapping_add(self.passed)
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
+            .wrapping_add(self.rate_limited)
+            .wrapping_add(self.syn_cookies)
     }
 }
 
-// Twelve u64 fields and nothing else: no padding, 8-byte alignment on every target.
-const _: () = assert!(core::mem::size_of::<XdpStats>() == 12 * 8);
+// Fourteen u64 fields and nothing else: no padding, 8-byte alignment on every target.
+const _: () = assert!(core::mem::size_of::<XdpStats>() == 14 * 8);
 const _: () = assert!(core::mem::align_of::<XdpStats>() == 8);
 
 /// Key of [`LISTEN_MAP`]: a destination (address, port) whose TCP segments are steered.
@@ -238,9 +286,46 @@ pub struct XdpConfig {
     /// Binary upgrade of the bypass path ([`HANDOVER_KERNEL_KEEPS`], [`HANDOVER_KERNEL_NEW`]);
     /// 0 outside an upgrade, so the per-packet path pays nothing for it then.
     pub handover: u32,
+    /// The [`flow_hash`] key: random, drawn when userspace attaches the program and written
+    /// before any worker count, so no flow is ever steered under another key. Kept by a
+    /// binary upgrade that adopts the running program (its flows keep their workers).
+    pub steer_key: [u8; 16],
+    /// Always zero: keeps the u64 fields below 8-byte aligned without implicit padding.
+    pub _pad: u32,
+    /// Per-source SYN limit as the interval between SYNs one source address may send in the
+    /// long run, nanoseconds (`1e9 / rate`); 0 = no limit. A SYN (without ACK) to a listener
+    /// ([`LISTEN_STEER`] or [`LISTEN_LIMIT`]) is dropped and counted `rate_limited` when its
+    /// source is more than [`XdpConfig::syn_burst_ns`] ahead of schedule (GCRA, RFC 2697's
+    /// token bucket in its virtual-scheduling form: no division on the eBPF side).
+    pub syn_interval_ns: u64,
+    /// Burst tolerance of the SYN limit, nanoseconds (`(burst - 1) * interval`): how far ahead
+    /// of its schedule a source may run before its SYNs are dropped.
+    pub syn_burst_ns: u64,
+    /// Per-source limit on segments of unknown flows, as [`XdpConfig::syn_interval_ns`]; 0 = no
+    /// limit. Kernel listeners ([`LISTEN_LIMIT`]) only: a non-SYN segment whose 4-tuple the
+    /// kernel holds no connection for (socket lookup finds the listener or nothing) counts
+    /// against its source's schedule. The bypass stack's flows are not visible to XDP.
+    pub unknown_interval_ns: u64,
+    /// Burst tolerance of the unknown-flow limit, nanoseconds.
+    pub unknown_burst_ns: u64,
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`) at the bypass workers' clock epoch, nanoseconds:
+    /// the SYN-cookie counter and key period are counted from it, as the workers count them.
+    pub cookie_epoch_ns: u64,
+    /// The process-wide secret the workers derive each period's cookie key from
+    /// ([`syncookie::period_key`]).
+    pub cookie_secret: [u8; 16],
+    /// Non-zero: SYNs (IPv4, untagged, no IP options) to a bypass listener are answered here
+    /// with a cookie SYN-ACK (`XDP_TX`, counted `syn_cookies`) instead of reaching a worker.
+    pub syn_cookies: u32,
+    /// The SYN-ACK's window field (the stack's receive buffer, at most 65535: never scaled).
+    pub cookie_window: u32,
+    /// The MSS option the SYN-ACK offers (the stack's MSS).
+    pub cookie_mss: u32,
+    /// The window-scale shift the SYN-ACK offers when the SYN offered one with timestamps.
+    pub cookie_wscale: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<XdpConfig>() == 12);
+const _: () = assert!(core::mem::size_of::<XdpConfig>() == 104);
 
 /// [`XdpConfig::handover`] flag: a listener's segment whose 4-tuple the kernel holds as a
 /// connection (request, established or time-wait socket; `bpf_skc_lookup_tcp`) is passed to
@@ -252,6 +337,33 @@ pub const HANDOVER_KERNEL_KEEPS: u32 = 1;
 /// keeps the flows it has).
 pub const HANDOVER_KERNEL_NEW: u32 = 2;
 
+/// Value of [`SOURCE_RATE_MAP`]: one source address's schedule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRate {
+    /// Theoretical arrival time of the source's next SYN, in `bpf_ktime_get_ns` nanoseconds:
+    /// the GCRA state of the SYN limit.
+    pub syn_tat: u64,
+    /// The same for segments of unknown flows ([`XdpConfig::unknown_interval_ns`]).
+    pub unknown_tat: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SourceRate>() == 16);
+
+/// One GCRA step (the virtual-scheduling form of a token bucket, ITU-T I.371): a segment at
+/// `now` against schedule `tat`, emission interval `interval` and burst tolerance `burst`
+/// (nanoseconds). `Some(new_tat)` if it conforms, `None` if it must be dropped (the schedule
+/// is then unchanged, so a source that keeps flooding gets nothing more through than its
+/// rate). Straight-line, no division.
+#[inline(always)]
+pub const fn gcra(tat: u64, now: u64, interval: u64, burst: u64) -> Option<u64> {
+    let start = if tat > now { tat } else { now };
+    if start - now > burst {
+        return None;
+    }
+    Some(start.saturating_add(interval))
+}
+
 // SAFETY (all three impls): `#[repr(C)]`, `Copy`, made only of integer fields and byte arrays
 // (every bit pattern is valid), and without padding (checked by the size assertions above), so
 // they may be read from and written to a map as raw bytes.
@@ -261,6 +373,8 @@ unsafe impl aya::Pod for XdpStats {}
 unsafe impl aya::Pod for ListenKey {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for XdpConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceRate {}
 
 // ---------------------------------------------------------------------------------------------
 // Test-only loss injection (`tern_tests::loss`). The programs live in the same object as
@@ -376,57 +490,131 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 /// Hash of a TCP flow as the receiver sees it: `src`/`sport` are the packet's source (the
 /// client), `dst`/`dport` its destination (the listener). Addresses in network byte order,
 /// IPv4 as `::ffff:a.b.c.d`; ports in host order. The program and userspace compute the same
-/// value, so userspace knows which worker a flow belongs to (see [`flow_worker`]).
+/// value under the same `key` ([`XdpConfig::steer_key`]), so userspace knows which worker a flow
+/// belongs to (see [`flow_worker`]).
 ///
-/// MurmurHash3's 32-bit block mix over the nine 32-bit words of the 4-tuple, then its
-/// finaliser (so low bits, which `% workers` uses, depend on every input bit). Straight-line
-/// code: nine calls to an inlined mix, no loop for the verifier to bound. Not keyed: a client
-/// that picks its ports can choose its worker, which costs it nothing it could not do by opening
-/// more connections.
+/// [`siphash24`] under `key` over the 36 bytes `src ‖ dst ‖ sport ‖ dport` (ports big-endian),
+/// low 32 bits. Keyed with a secret drawn at each start (`tern::bypass::xdp::attach`), so a
+/// client cannot choose source ports or addresses that all land on one worker: without the key
+/// the worker of a flow is a coin toss. A keyed PRF rather than a seeded non-cryptographic hash
+/// (MurmurHash3 has seed-independent multicollisions, which would make a seed useless against
+/// an attacker who controls many source addresses).
 #[inline(always)]
-pub const fn flow_hash(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
-    let mut h = FLOW_HASH_SEED;
-    h = murmur_round(h, word(src, 0));
-    h = murmur_round(h, word(src, 4));
-    h = murmur_round(h, word(src, 8));
-    h = murmur_round(h, word(src, 12));
-    h = murmur_round(h, word(dst, 0));
-    h = murmur_round(h, word(dst, 4));
-    h = murmur_round(h, word(dst, 8));
-    h = murmur_round(h, word(dst, 12));
-    h = murmur_round(h, ((sport as u32) << 16) | dport as u32);
-    // Input length in bytes, as MurmurHash3 mixes it in before finalising.
-    h ^= 36;
-    fmix32(h)
-}
-
-/// An arbitrary odd constant; changing it moves every flow to another worker.
-const FLOW_HASH_SEED: u32 = 0x7465_726e; // "tern"
-
-#[inline(always)]
-const fn word(bytes: &[u8; 16], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+pub fn flow_hash(key: &[u8; 16], src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
+    // The 36 bytes as SipHash reads them, built from whole words: no byte array on the eBPF
+    // stack for the compiler to leave partly uninitialised (which the verifier rejects).
+    let [s0, s1] = sport.to_be_bytes();
+    let [d0, d1] = dport.to_be_bytes();
+    let mut sip = Sip::new(key);
+    sip.word(le_word(src, 0));
+    sip.word(le_word(src, 8));
+    sip.word(le_word(dst, 0));
+    sip.word(le_word(dst, 8));
+    sip.finish(u64::from_le_bytes([s0, s1, d0, d1, 0, 0, 0, 36])) as u32
 }
 
 #[inline(always)]
-const fn murmur_round(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+pub(crate) const fn le_word(bytes: &[u8; 16], at: usize) -> u64 {
+    u64::from_le_bytes([
+        bytes[at],
+        bytes[at + 1],
+        bytes[at + 2],
+        bytes[at + 3],
+        bytes[at + 4],
+        bytes[at + 5],
+        bytes[at + 6],
+        bytes[at + 7],
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// SipHash-2-4
+
+/// SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast short-input PRF", 2012): 2 compression
+/// rounds per 8-byte word, 4 finalisation rounds, 64-bit output. The one implementation in
+/// tern: the XDP program's steering hash and the TCP stack's SYN cookies both use it.
+///
+/// Never panics (`rest.len() < 8`). The eBPF program uses the word-level core through
+/// [`flow_hash`], which needs no loop and no byte buffer.
+pub fn siphash24(key: &[u8; 16], data: &[u8]) -> u64 {
+    let mut sip = Sip::new(key);
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        sip.word(u64::from_le_bytes(w));
+    }
+    // Last block: the remaining bytes, little-endian, with the length (mod 256) in the top byte.
+    let mut last = [0u8; 8];
+    let rest = chunks.remainder();
+    last[..rest.len()].copy_from_slice(rest);
+    last[7] = data.len() as u8;
+    sip.finish(u64::from_le_bytes(last))
+}
+
+/// SipHash-2-4's state between words; [`siphash24`] and [`flow_hash`] feed it.
+pub(crate) struct Sip {
+    v: [u64; 4],
+}
+
+impl Sip {
+    #[inline(always)]
+    pub(crate) fn new(key: &[u8; 16]) -> Sip {
+        let k0 = u64::from_le_bytes([
+            key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+        ]);
+        let k1 = u64::from_le_bytes([
+            key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
+        ]);
+        Sip {
+            v: [
+                k0 ^ 0x736f_6d65_7073_6575,
+                k1 ^ 0x646f_7261_6e64_6f6d,
+                k0 ^ 0x6c79_6765_6e65_7261,
+                k1 ^ 0x7465_6462_7974_6573,
+            ],
+        }
+    }
+
+    /// One 8-byte message word, little-endian: two compression rounds.
+    #[inline(always)]
+    pub(crate) fn word(&mut self, m: u64) {
+        self.v[3] ^= m;
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        self.v[0] ^= m;
+    }
+
+    /// The last word (remaining bytes with the length in the top byte), then four
+    /// finalisation rounds.
+    #[inline(always)]
+    pub(crate) fn finish(mut self, last: u64) -> u64 {
+        self.word(last);
+        self.v[2] ^= 0xff;
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        sip_round(&mut self.v);
+        self.v[0] ^ self.v[1] ^ self.v[2] ^ self.v[3]
+    }
 }
 
 #[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
 }
 
 /// The worker (`0..workers`) that owns the flow with hash `hash`; 0 when `workers` is 0.
@@ -479,6 +667,8 @@ mod tests {
             passed: 10,
             no_socket: 11,
             blocked: 12,
+            rate_limited: 13,
+            syn_cookies: 14,
         };
         let mut sum = XdpStats::default();
         sum.accumulate(&one);
@@ -498,75 +688,95 @@ mod tests {
                 passed: 20,
                 no_socket: 22,
                 blocked: 24,
+                rate_limited: 26,
+                syn_cookies: 28,
             },
             "accumulate must add each field to itself"
         );
-        assert_eq!(sum.terminal(), 18 + 20 + 22 + 24, "terminal sums the four");
+        assert_eq!(
+            sum.terminal(),
+            18 + 20 + 22 + 24 + 26 + 28,
+            "terminal sums the six"
+        );
     }
 
-    /// The reference values pin the function: the eBPF program and userspace must agree, and a
-    /// silent change would move every live flow to another worker.
+    /// The reference implementation's vectors (key 00..0f, message 00..(len-1); vectors.h and
+    /// the paper's Appendix A example at 15 bytes).
     #[test]
-    fn flow_hash_is_stable_and_uses_every_input() {
+    fn siphash_reference_vectors() {
+        let key: [u8; 16] = core::array::from_fn(|i| i as u8);
+        let msg: [u8; 64] = core::array::from_fn(|i| i as u8);
+        let expect = [
+            (0, 0x726f_db47_dd0e_0e31),
+            (1, 0x74f8_39c5_93dc_67fd),
+            (2, 0x0d6c_8009_d9a9_4f5a),
+            (3, 0x8567_6696_d7fb_7e2d),
+            (4, 0xcf27_94e0_2771_87b7),
+            (8, 0x93f5_f579_9a93_2462),
+            (15, 0xa129_ca61_49be_45e5),
+            (63, 0x958a_324c_eb06_4572),
+        ];
+        for (len, want) in expect {
+            assert_eq!(
+                siphash24(&key, &msg[..len]),
+                want,
+                "SipHash-2-4 vector, {len} bytes"
+            );
+        }
+    }
+
+    /// The eBPF program and userspace must agree, so the function is pinned to its definition:
+    /// SipHash-2-4 of the 36-byte tuple. Every input and the key change the value.
+    #[test]
+    fn flow_hash_is_keyed_siphash_and_uses_every_input() {
+        let key = *b"steering key 16b";
         let client = ipv4_mapped([198, 18, 0, 2]);
         let server = ipv4_mapped([198, 18, 0, 1]);
-        let base = flow_hash(&client, &server, 40000, 443);
-        assert_eq!(
-            base,
-            flow_hash(&client, &server, 40000, 443),
-            "deterministic"
-        );
-        // Pinned: computed by an independent (Python) MurmurHash3 over the same 36 bytes.
-        assert_eq!(
-            base, 0x166d_357a,
-            "flow_hash changed: every flow would move worker"
-        );
-        assert_eq!(
-            base,
-            reference_murmur3(&client, &server, 40000, 443),
-            "flow_hash must be MurmurHash3_x86_32 over the 36-byte big-endian word sequence"
-        );
+        let base = flow_hash(&key, &client, &server, 40000, 443);
+        let mut m = [0u8; 36];
+        m[..16].copy_from_slice(&client);
+        m[16..32].copy_from_slice(&server);
+        m[32..34].copy_from_slice(&40000u16.to_be_bytes());
+        m[34..].copy_from_slice(&443u16.to_be_bytes());
+        assert_eq!(base, siphash24(&key, &m) as u32, "definition");
         let mut other_client = client;
         other_client[15] ^= 1;
         let mut other_server = server;
         other_server[0] ^= 0x80;
+        let mut other_key = key;
+        other_key[5] ^= 1;
         let variants = [
-            flow_hash(&other_client, &server, 40000, 443),
-            flow_hash(&client, &other_server, 40000, 443),
-            flow_hash(&client, &server, 40001, 443),
-            flow_hash(&client, &server, 40000, 444),
-            flow_hash(&server, &client, 443, 40000),
+            flow_hash(&key, &other_client, &server, 40000, 443),
+            flow_hash(&key, &client, &other_server, 40000, 443),
+            flow_hash(&key, &client, &server, 40001, 443),
+            flow_hash(&key, &client, &server, 40000, 444),
+            flow_hash(&key, &server, &client, 443, 40000),
+            flow_hash(&other_key, &client, &server, 40000, 443),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i} hashed like the base tuple");
         }
     }
 
-    /// An independent, loop-based MurmurHash3_x86_32 over a byte string (big-endian word reads
-    /// to match `flow_hash`), used to check the unrolled version.
-    fn reference_murmur3(src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> u32 {
-        let mut bytes = [0u8; 36];
-        bytes[..16].copy_from_slice(src);
-        bytes[16..32].copy_from_slice(dst);
-        bytes[32..34].copy_from_slice(&sport.to_be_bytes());
-        bytes[34..].copy_from_slice(&dport.to_be_bytes());
-        let mut h: u32 = FLOW_HASH_SEED;
-        for chunk in bytes.chunks_exact(4) {
-            let mut k = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            k = k.wrapping_mul(0xcc9e2d51);
-            k = k.rotate_left(15);
-            k = k.wrapping_mul(0x1b873593);
-            h ^= k;
-            h = h.rotate_left(13);
-            h = h.wrapping_mul(5).wrapping_add(0xe6546b64);
-        }
-        h ^= bytes.len() as u32;
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85ebca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2ae35);
-        h ^ (h >> 16)
+    /// With a different key the same flows land on different workers: what an attacker who
+    /// aimed its ports at one worker under one key gets under the next start's key.
+    #[test]
+    fn another_key_moves_flows() {
+        let client = ipv4_mapped([10, 0, 0, 2]);
+        let server = ipv4_mapped([10, 0, 0, 1]);
+        let a = [1u8; 16];
+        let b = [2u8; 16];
+        let moved = (0..1000u16)
+            .filter(|i| {
+                flow_worker(flow_hash(&a, &client, &server, 32768 + i, 443), 4)
+                    != flow_worker(flow_hash(&b, &client, &server, 32768 + i, 443), 4)
+            })
+            .count();
+        // About 3/4 of the flows move with 4 workers.
+        assert!((650..=850).contains(&moved), "{moved} of 1000 flows moved");
     }
+
+    const TEST_KEY: [u8; 16] = *b"an arbitrary key";
 
     /// Counts per worker for `tuples`, then checks each is within `tolerance` of even.
     #[track_caller]
@@ -574,7 +784,7 @@ mod tests {
         for workers in 2..=8u32 {
             let mut counts = [0u32; 8];
             for (src, dst, sport, dport) in tuples {
-                let w = flow_worker(flow_hash(src, dst, *sport, *dport), workers);
+                let w = flow_worker(flow_hash(&TEST_KEY, src, dst, *sport, *dport), workers);
                 assert!(w < workers, "worker {w} out of range for {workers}");
                 counts[w as usize] += 1;
             }
@@ -621,6 +831,31 @@ mod tests {
             })
             .collect();
         assert_even("many clients", &tuples, 0.15);
+    }
+
+    /// A source sending back to back gets `burst / interval + 1` through, then one per
+    /// interval; one that waits gets its burst back.
+    #[test]
+    fn gcra_allows_the_burst_then_the_rate() {
+        let (interval, burst) = (1_000u64, 3_000u64);
+        let mut tat = 0;
+        let mut passed = 0;
+        for _ in 0..10 {
+            if let Some(t) = gcra(tat, 5_000, interval, burst) {
+                tat = t;
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 4, "burst of 4 at one instant");
+        assert_eq!(gcra(tat, 5_500, interval, burst), None, "still ahead");
+        assert!(
+            gcra(tat, 6_000, interval, burst).is_some(),
+            "one interval later"
+        );
+        assert!(
+            gcra(tat, 1_000_000, interval, burst).is_some(),
+            "idle source"
+        );
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
 
 fn assert_terminal_invariant(st: &serde_json::Value) {
     let c = &st["xdp"][0]["counters"];
-    let sum: u64 = ["steered", "passed", "no_socket", "blocked"]
+    let sum: u64 = ["steered", "passed", "no_socket", "blocked", "rate_limited"]
         .iter()
         .map(|k| counter(c, &[k]))
         .sum();

@@ -207,10 +207,41 @@ fn connect_from(local: SocketAddrV4, remote: SocketAddrV4) -> std::io::Result<Tc
     Ok(sock.into())
 }
 
+/// The running tern's steering key (random per start): read as root from its XDP program's
+/// config map, found by the map ids `tern ctl stats` lists.
+fn steer_key(s: &Stack) -> [u8; 16] {
+    let st = s.stats();
+    let ids = st["xdp"][0]["map_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no XDP map ids in {st}"));
+    for id in ids.iter().filter_map(|v| v.as_u64()) {
+        let Ok(data) = aya::maps::MapData::from_id(id as u32) else {
+            continue;
+        };
+        let is_config = data
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(|n| n == tern_common::CONFIG_MAP))
+            .unwrap_or(false);
+        if !is_config {
+            continue;
+        }
+        let map = aya::maps::Map::from_map_data(data).expect("config map");
+        let array: aya::maps::Array<_, tern_common::XdpConfig> =
+            aya::maps::Array::try_from(map).expect("config map layout");
+        return array
+            .get(&tern_common::CONFIG_INDEX, 0)
+            .expect("read config")
+            .steer_key;
+    }
+    panic!("no {} among {ids:?}", tern_common::CONFIG_MAP);
+}
+
 /// The bypass worker the XDP program steers the flow `client → server` to (the same hash and
-/// rule as the program, from tern-common).
-fn worker_of(client: SocketAddrV4, server: SocketAddrV4) -> u32 {
+/// rule as the program, from tern-common), under the running tern's `key`.
+fn worker_of(key: &[u8; 16], client: SocketAddrV4, server: SocketAddrV4) -> u32 {
     let hash = tern_common::flow_hash(
+        key,
         &tern_common::ipv4_mapped(client.ip().octets()),
         &tern_common::ipv4_mapped(server.ip().octets()),
         client.port(),
@@ -223,6 +254,7 @@ fn worker_of(client: SocketAddrV4, server: SocketAddrV4) -> u32 {
 /// whose flow the XDP program steers to bypass worker `worker`.
 #[track_caller]
 fn connect_on_worker(
+    key: &[u8; 16],
     client_ip: std::net::Ipv4Addr,
     server: SocketAddrV4,
     worker: u32,
@@ -232,7 +264,7 @@ fn connect_on_worker(
         let port = *next_port;
         *next_port += 1;
         let local = SocketAddrV4::new(client_ip, port);
-        if worker_of(local, server) != worker {
+        if worker_of(key, local, server) != worker {
             continue;
         }
         let sock = connect_from(local, server)
@@ -688,6 +720,7 @@ fn resumption_across_workers() {
         SocketAddr::V6(_) => unreachable!("the rig is IPv4"),
     };
     let client_ip = s.rig.client_ip;
+    let key = steer_key(&s);
     let cfg13 = s.client_config();
     let cfg12 = {
         let mut roots = rustls::RootCertStore::empty();
@@ -708,14 +741,14 @@ fn resumption_across_workers() {
         let mut next_port = 20_000u16;
         // A full handshake on worker `full_on`, then one resumed on the other worker.
         let mut full_then_resumed = |cfg: &Arc<ClientConfig>, version, full_on: u32, what: &str| {
-            let first = connect_on_worker(client_ip, server, full_on, &mut next_port);
+            let first = connect_on_worker(&key, client_ip, server, full_on, &mut next_port);
             let mut tls = tls_handshake(first, cfg, NAME);
             assert_eq!(tls.conn.protocol_version(), Some(version));
             assert_eq!(tls.conn.handshake_kind(), Some(HandshakeKind::Full));
             // TLS 1.3 tickets arrive after the handshake, before the echo.
             echo_round_trip(&mut tls, b"first, full");
             assert!(close_and_drain(&mut tls).is_empty());
-            let second = connect_on_worker(client_ip, server, 1 - full_on, &mut next_port);
+            let second = connect_on_worker(&key, client_ip, server, 1 - full_on, &mut next_port);
             let mut tls = tls_handshake(second, cfg, NAME);
             assert_eq!(
                 tls.conn.handshake_kind(),

@@ -383,6 +383,21 @@ pub enum SpinMode {
     Fixed,
 }
 
+/// Who answers SYNs to bypass listeners (`[xdp] syn_cookies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynCookies {
+    /// The XDP program answers IPv4 SYNs itself with the stack's cookie SYN-ACK (`XDP_TX`), so
+    /// a SYN flood never reaches a worker; the final ACK goes to the worker, which validates
+    /// the cookie. Other SYNs (IPv6, VLAN-tagged, IP options) still go to the worker. On veth,
+    /// `XDP_TX` frames reach the peer only if it runs in NAPI mode (an XDP program or GRO on
+    /// it), hence not the default.
+    Xdp,
+    /// Every SYN goes to its worker, whose stack answers it.
+    #[default]
+    Worker,
+}
+
 /// The bypass path's AF_XDP settings (`[xdp]`), used by `mode = "bypass"` listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpSettings {
@@ -400,6 +415,18 @@ pub struct XdpSettings {
     pub idle_spin: Duration,
     pub spin: SpinMode,
     pub hugepages: HugePages,
+    /// Per-source SYN limit in the XDP program, SYNs per second per source address; 0 = off.
+    /// Applies to bypass listeners and to kernel listeners with an `interface`.
+    pub syn_rate_per_source: u32,
+    /// How many SYNs one source may send back to back before the rate applies (>= 1).
+    pub syn_burst_per_source: u32,
+    /// Per-source limit on segments of flows the kernel does not hold, to kernel listeners with
+    /// an `interface`, per second; 0 = off.
+    pub unknown_rate_per_source: u32,
+    /// Burst of the unknown-flow limit (>= 1).
+    pub unknown_burst_per_source: u32,
+    /// Who answers SYNs to bypass listeners.
+    pub syn_cookies: SynCookies,
 }
 
 /// A configuration error: which file, which field (dotted path, `""` for the whole file), what.
@@ -592,6 +619,22 @@ pub struct FileXdp {
     pub spin: SpinMode,
     /// `hugepages`: `"auto"`, `"require"` or `"off"`. Default `"auto"`.
     pub hugepages: HugePages,
+    /// `syn_rate_per_source`: SYNs per second one source address may send to a listener on an
+    /// interface with tern's XDP program, 0 ..= 10000000; beyond it (and its burst) the program
+    /// drops them. Default 0 (off).
+    pub syn_rate_per_source: u32,
+    /// `syn_burst_per_source`: SYNs one source may send back to back, 1 ..= 1000000.
+    /// Default 32.
+    pub syn_burst_per_source: u32,
+    /// `unknown_rate_per_source`: segments per second one source address may send to a kernel
+    /// listener (with an `interface`) for flows the kernel holds no connection for (ACK, RST
+    /// and data floods), 0 ..= 10000000. Default 0 (off).
+    pub unknown_rate_per_source: u32,
+    /// `unknown_burst_per_source`: such segments back to back, 1 ..= 1000000. Default 64.
+    pub unknown_burst_per_source: u32,
+    /// `syn_cookies`: `"xdp"` (the XDP program answers SYNs to bypass listeners with cookie
+    /// SYN-ACKs) or `"worker"` (the worker's stack does). Default `"worker"`. Restart only.
+    pub syn_cookies: SynCookies,
 }
 
 impl Default for FileXdp {
@@ -606,6 +649,11 @@ impl Default for FileXdp {
             idle_spin_us: 200,
             spin: SpinMode::Adaptive,
             hugepages: HugePages::Auto,
+            syn_rate_per_source: 0,
+            syn_burst_per_source: 32,
+            unknown_rate_per_source: 0,
+            unknown_burst_per_source: 64,
+            syn_cookies: SynCookies::default(),
         }
     }
 }
@@ -1839,7 +1887,39 @@ fn validate_xdp(file: FileXdp) -> Result<XdpSettings, Invalid> {
             format!("{} µs: at most 1000000 (1 s)", file.idle_spin_us),
         ));
     }
+    for (field, rate, burst_field, burst) in [
+        (
+            "xdp.syn_rate_per_source",
+            file.syn_rate_per_source,
+            "xdp.syn_burst_per_source",
+            file.syn_burst_per_source,
+        ),
+        (
+            "xdp.unknown_rate_per_source",
+            file.unknown_rate_per_source,
+            "xdp.unknown_burst_per_source",
+            file.unknown_burst_per_source,
+        ),
+    ] {
+        if rate > 10_000_000 {
+            return Err(Invalid::new(
+                field,
+                format!("{rate} per second: at most 10000000 (0 turns the limit off)"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&burst) {
+            return Err(Invalid::new(
+                burst_field,
+                format!("{burst}: must be 1 to 1000000"),
+            ));
+        }
+    }
     Ok(XdpSettings {
+        syn_rate_per_source: file.syn_rate_per_source,
+        syn_burst_per_source: file.syn_burst_per_source,
+        unknown_rate_per_source: file.unknown_rate_per_source,
+        unknown_burst_per_source: file.unknown_burst_per_source,
+        syn_cookies: file.syn_cookies,
         frame_size: file.frame_size,
         frames_per_worker: file.frames_per_worker,
         rx_ring: file.rx_ring,

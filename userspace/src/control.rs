@@ -758,6 +758,9 @@ pub fn stats(state: &ControlState) -> serde_json::Value {
                         "interface": iface,
                         "mode": p.attached_mode().to_string(),
                         "counters": c,
+                        // Kernel ids, for inspecting the maps as root (bpftool, tests); no
+                        // secret: the steering key stays in the map.
+                        "map_ids": p.handover_ids().maps,
                     }),
                     Err(e) => serde_json::json!({ "interface": iface, "error": e.to_string() }),
                 })

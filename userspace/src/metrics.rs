@@ -538,6 +538,8 @@ const XDP_FIELDS: &[&str] = &[
     "passed",
     "no_socket",
     "blocked",
+    "rate_limited",
+    "syn_cookies",
 ];
 
 /// Encodes one family per field of `rows` (named `<prefix>_<field>`), each with one sample per

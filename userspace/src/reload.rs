@@ -310,7 +310,11 @@ pub fn restart_needed(
         refused.push(restart(new, "workers", "changing the workers"));
     }
     if old.xdp != new.xdp {
-        refused.push(restart(new, "xdp", "changing the AF_XDP sizing"));
+        refused.push(restart(
+            new,
+            "xdp",
+            "changing [xdp] (AF_XDP sizing, per-source limits, syn_cookies)",
+        ));
     }
     // The bypass stack's settings are fixed when its tables and timers are built (the FIN
     // timeout included: the stack's orphans and the driver share it). `max_orphans` defaults

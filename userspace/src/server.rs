@@ -169,8 +169,33 @@ fn start(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .filter(|l| l.mode == ListenerMode::Bypass && l.interface.as_deref() == Some(iface))
             .map(|l| l.address)
             .collect();
-        prog.set_listeners(&addrs)
+        // Kernel listeners on this interface join the listen set only for the per-source
+        // limits (opt-in), so without them the program behaves exactly as before.
+        let limited: Vec<SocketAddr> = if config.xdp.syn_rate_per_source == 0
+            && config.xdp.unknown_rate_per_source == 0
+        {
+            Vec::new()
+        } else {
+            config
+                .listeners
+                .iter()
+                .filter(|l| l.mode == ListenerMode::Kernel && l.interface.as_deref() == Some(iface))
+                .map(|l| l.address)
+                .collect()
+        };
+        prog.set_listen_set(&addrs, &limited)
             .with_context(|| format!("setting the listen set on {iface}"))?;
+        prog.set_source_limits(
+            crate::bypass::xdp::RateLimit {
+                rate: config.xdp.syn_rate_per_source,
+                burst: config.xdp.syn_burst_per_source,
+            },
+            crate::bypass::xdp::RateLimit {
+                rate: config.xdp.unknown_rate_per_source,
+                burst: config.xdp.unknown_burst_per_source,
+            },
+        )
+        .with_context(|| format!("setting the per-source limits on {iface}"))?;
         if addrs.is_empty() {
             continue;
         }
@@ -859,6 +884,19 @@ fn start_bypass(
     })
     .with_context(|| format!("starting the bypass workers on {iface}"))?;
     let workers: Vec<StartedBypass> = workers.into_iter().zip(extras).collect();
+    // Once the workers run (a binary upgrade's late start too, replacing the predecessor's
+    // secret): the program answers SYNs as these workers would, with their secret and epoch.
+    let cookies = (config.xdp.syn_cookies == crate::config::SynCookies::Xdp).then(|| {
+        crate::bypass::xdp::SynCookieParams {
+            secret,
+            epoch_ns: crate::bypass::xdp::monotonic_ns_at(epoch),
+            mss,
+            window: u16::try_from(config.tcp.recv_buffer).unwrap_or(u16::MAX),
+            wscale: crate::tcp::stack::window_scale_for(config.tcp.recv_buffer),
+        }
+    });
+    prog.set_syn_cookies(cookies.as_ref())
+        .with_context(|| format!("setting [xdp] syn_cookies on {iface}"))?;
     if let Some((w, _)) = workers.first() {
         tracing::info!(
             interface = %iface,

@@ -6,12 +6,21 @@
 //! 1. **Blocklist**: an IPv4/IPv6 packet whose source matches a prefix in the LPM trie of its
 //!    family is dropped (`XDP_DROP`, `blocked`). Checked right after the IP header, before
 //!    anything above it, so a blocked source cannot reach a listener, the kernel or tern.
-//! 2. **Listen set**: a complete TCP header whose destination (address, port) is in the listen
-//!    map, exactly or through the wildcard address of its family, is steered: redirected to the
-//!    AF_XDP socket in `XSKMAP[queue * workers + flow_hash % workers]` (`steered`), or passed to
+//! 2. **Per-source SYN limit** (when `XdpConfig::syn_interval_ns` is set): a SYN to a listener
+//!    (bypass or kernel, see below) whose source address is ahead of its GCRA schedule in the
+//!    LRU map is dropped (`XDP_DROP`, `rate_limited`). Likewise, with
+//!    `XdpConfig::unknown_interval_ns` set, a non-SYN segment to a *kernel* listener whose
+//!    4-tuple the kernel holds no connection for (`bpf_skc_lookup_tcp`): ACK/RST floods.
+//! 3. **Listen set**: a complete TCP header whose destination (address, port) is in the listen
+//!    map with `LISTEN_STEER`, exactly or through the wildcard address of its family, is
+//!    steered (a `LISTEN_LIMIT` entry, a kernel listener, is passed after step 2): redirected
+//!    to the AF_XDP socket in `XSKMAP[queue * workers + flow_hash % workers]` (`steered`), or passed to
 //!    the kernel when that slot holds no socket for this queue (`no_socket`). With the config's
-//!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`).
-//! 3. **PMTU signals for a listener's flows**: an ICMPv4 "fragmentation needed" (type 3 code 4,
+//!    `reflect` flag set it is instead answered in place with `XDP_TX` (`steered`). With
+//!    `syn_cookies` set, a SYN (IPv4, untagged) is first handed by tail call to
+//!    `tern_syn_cookie` ([`cookie`]), which answers it with the stack's cookie SYN-ACK
+//!    (`XDP_TX`, `syn_cookies`) or, if it cannot, steers it as above.
+//! 4. **PMTU signals for a listener's flows**: an ICMPv4 "fragmentation needed" (type 3 code 4,
 //!    RFC 792 / RFC 1191) or ICMPv6 "packet too big" (type 2, RFC 4443 §3.2) whose quoted packet
 //!    is a TCP segment *from* a listener (quoted source (address, port) in the listen map, exact
 //!    or wildcard) goes to the XSKMAP slot of the worker owning that flow. The quoted segment
@@ -20,14 +29,15 @@
 //!    segments hash to. Counted `steered` / `no_socket` like TCP (in reflect mode: `passed`).
 //!    The quote must hold the inner IP header and the first 8 TCP bytes (ports and sequence
 //!    number, what RFC 792 guarantees); a shorter quote, or any other ICMP, is the kernel's.
-//! 4. Everything else goes to the kernel (`XDP_PASS`, `passed`): other addresses and ports,
+//! 5. Everything else goes to the kernel (`XDP_PASS`, `passed`): other addresses and ports,
 //!    non-TCP, non-IP (ARP, LLDP), IPv6 with extension headers, and IPv4 fragments (first
 //!    fragments too: without reassembly a fragment's flow cannot be identified reliably, and
 //!    the kernel reassembles them). Frames too short for a header they announce, or with an
 //!    impossible version/length, are passed too and counted `malformed`: the kernel drops
 //!    garbage itself, and passing keeps whatever the parser does not understand working.
 //!
-//! Each frame lands in exactly one of `steered`, `passed`, `no_socket`, `blocked`; see
+//! Each frame lands in exactly one of `steered`, `passed`, `no_socket`, `blocked`,
+//! `rate_limited`, `syn_cookies`; see
 //! `tern_common::XdpStats` for every counter.
 //!
 //! `tern_pass` passes every frame untouched. It exists for the peer end of a veth pair in tests
@@ -47,12 +57,14 @@
 //!
 //! Verifier notes: every packet access goes through [`ptr_at`], [`ptr_at_mut`] or
 //! [`check_range`], which compare against `data_end` right before the access; variable offsets
-//! come from 4-bit fields times four, so the verifier can bound them. No loops (the flow hash is
-//! straight-line code), no logging, and no panicking operation on this path.
+//! come from 4-bit fields times four, so the verifier can bound them. No loops (the flow hash,
+//! SipHash over a fixed 36 bytes, unrolls to straight-line code), no logging, and no panicking
+//! operation on this path.
 
 #![no_std]
 #![no_main]
 
+mod cookie;
 mod loss;
 
 use core::mem::{size_of, swap};
@@ -60,14 +72,18 @@ use core::mem::{size_of, swap};
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple, xdp_action},
     helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, XskMap, lpm_trie::Key,
+    },
     programs::XdpContext,
 };
 use tern_common::{
     BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
-    IPV4_MAPPED_UNSPECIFIED, LISTEN_MAP_ENTRIES, ListenKey, XDP_STATS_ENTRIES, XDP_STATS_INDEX,
-    XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash, ipv4_mapped, xsk_index,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, PROG_MAP_ENTRIES, PROG_SYN_COOKIE, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
+    SourceRate, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
+    gcra, ipv4_mapped, xsk_index,
 };
 
 // Every map's static name must equal its `tern_common` constant (the `#[map]` macro takes the
@@ -96,6 +112,18 @@ static TERN_BLOCK_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(BLOCK_MA
 /// IPv6 source blocklist (`tern_common::BLOCK_V6_MAP`).
 #[map]
 static TERN_BLOCK_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(BLOCK_MAP_ENTRIES, 0);
+
+/// Per-source rate schedules (`tern_common::SOURCE_RATE_MAP`). One map shared by all CPUs:
+/// two CPUs updating one source at the same instant may each let a SYN through, so the limit
+/// is exact per CPU and approximate across them (a source cannot choose its CPU on a NIC with
+/// RSS, and on veth it is the sender's CPU).
+#[map]
+static TERN_SRC_RATE: LruHashMap<[u8; 16], SourceRate> =
+    LruHashMap::with_max_entries(SOURCE_RATE_ENTRIES, 0);
+
+/// Tail-call targets (`tern_common::PROG_MAP`): the SYN-cookie program in `PROG_SYN_COOKIE`.
+#[map]
+static TERN_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_MAP_ENTRIES, 0);
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -276,11 +304,37 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     };
     // Exactly one terminal counter per frame, on every path below.
     Ok(match frame {
-        Frame::Tcp(flow) if is_listener(&flow) => steer(ctx, &flow, stats),
-        Frame::Icmp(quoted) if is_listening(quoted.server, quoted.server_port, quoted.v4) => {
+        Frame::Tcp(flow) => {
+            let flags = listener_flags(&flow);
+            if flags == 0 {
+                stats.passed += 1;
+                xdp_action::XDP_PASS
+            } else if flow.syn && !conforms(&flow.src, Limit::Syn) {
+                stats.rate_limited += 1;
+                xdp_action::XDP_DROP
+            } else if !flow.syn
+                && flags & LISTEN_LIMIT != 0
+                && unknown_limited()
+                && !kernel_holds(ctx, &flow)
+                && !conforms(&flow.src, Limit::Unknown)
+            {
+                stats.rate_limited += 1;
+                xdp_action::XDP_DROP
+            } else if flags & LISTEN_STEER != 0 {
+                steer(ctx, &flow, stats)
+            } else {
+                // A kernel listener: the limits were all it came for.
+                stats.passed += 1;
+                xdp_action::XDP_PASS
+            }
+        }
+        Frame::Icmp(quoted)
+            if listening_flags(quoted.server, quoted.server_port, quoted.v4) & LISTEN_STEER
+                != 0 =>
+        {
             steer_icmp(ctx, &quoted, stats)
         }
-        Frame::Tcp(_) | Frame::Icmp(_) | Frame::Pass => {
+        Frame::Icmp(_) | Frame::Pass => {
             stats.passed += 1;
             xdp_action::XDP_PASS
         }
@@ -291,36 +345,112 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     })
 }
 
-/// Whether the flow's destination is in the listen set: the exact (address, port), or the
-/// wildcard address of the packet's family with that port.
+/// The listen-map flags of the flow's destination (`LISTEN_STEER`, `LISTEN_LIMIT`): the exact
+/// (address, port), or the wildcard address of the packet's family with that port; 0 if
+/// neither is a listener.
 #[inline(always)]
-fn is_listener(flow: &Flow) -> bool {
-    is_listening(flow.dst, flow.dst_port, matches!(flow.ip, Ip::V4 { .. }))
+fn listener_flags(flow: &Flow) -> u32 {
+    listening_flags(flow.dst, flow.dst_port, matches!(flow.ip, Ip::V4 { .. }))
 }
 
-/// Whether (`addr`, `port`) is in the listen set, exactly or through the wildcard address of
-/// its family (`v4`: IPv4-mapped).
+/// The listen-map flags of (`addr`, `port`), exactly or through the wildcard address of its
+/// family (`v4`: IPv4-mapped); 0 if it is not in the listen set.
 #[inline(always)]
-fn is_listening(addr: [u8; 16], port: u16, v4: bool) -> bool {
-    if TERN_LISTEN.get_ptr(ListenKey::new(addr, port)).is_some() {
-        return true;
+fn listening_flags(addr: [u8; 16], port: u16, v4: bool) -> u32 {
+    if let Some(flags) = TERN_LISTEN.get_ptr(ListenKey::new(addr, port)) {
+        // SAFETY: a successful lookup's pointer is valid for the value's 4 bytes.
+        return unsafe { *flags };
     }
     let wildcard = if v4 { IPV4_MAPPED_UNSPECIFIED } else { [0; 16] };
-    TERN_LISTEN
-        .get_ptr(ListenKey::new(wildcard, port))
-        .is_some()
+    match TERN_LISTEN.get_ptr(ListenKey::new(wildcard, port)) {
+        // SAFETY: as above.
+        Some(flags) => unsafe { *flags },
+        None => 0,
+    }
+}
+
+/// Which per-source schedule a segment counts against.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// SYNs (without ACK) to any listener.
+    Syn,
+    /// Non-SYN segments of flows the kernel does not hold, to kernel listeners.
+    Unknown,
+}
+
+/// Whether the unknown-flow limit is on (checked before the socket lookup it needs).
+#[inline(always)]
+fn unknown_limited() -> bool {
+    TERN_CONFIG
+        .get(CONFIG_INDEX)
+        .is_some_and(|config| config.unknown_interval_ns != 0)
+}
+
+/// Whether a segment from `src` fits its source's `limit` schedule (`XdpConfig`'s interval and
+/// burst for that limit); always true when that limit is off. Updates the schedule when it
+/// does. A source the map cannot take (the LRU evicts for us, so only a failed insert) is let
+/// through: the limit must never drop a legitimate client because of memory.
+#[inline(always)]
+fn conforms(src: &[u8; 16], limit: Limit) -> bool {
+    // No copy of the config: stack room (see `steer`).
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        return true;
+    };
+    let (interval, burst) = match limit {
+        Limit::Syn => (config.syn_interval_ns, config.syn_burst_ns),
+        Limit::Unknown => (config.unknown_interval_ns, config.unknown_burst_ns),
+    };
+    if interval == 0 {
+        return true;
+    }
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match TERN_SRC_RATE.get_ptr_mut(src) {
+        Some(rate) => {
+            // SAFETY: a successful lookup's pointer is valid for the value and aligned; a
+            // concurrent update from another CPU can at worst lose one step (see the map).
+            let rate = unsafe { &mut *rate };
+            let tat = match limit {
+                Limit::Syn => &mut rate.syn_tat,
+                Limit::Unknown => &mut rate.unknown_tat,
+            };
+            match gcra(*tat, now, interval, burst) {
+                Some(next) => {
+                    *tat = next;
+                    true
+                }
+                None => false,
+            }
+        }
+        None => {
+            let mut first = SourceRate::default();
+            let tat = now.saturating_add(interval);
+            match limit {
+                Limit::Syn => first.syn_tat = tat,
+                Limit::Unknown => first.unknown_tat = tat,
+            }
+            let _ = TERN_SRC_RATE.insert(src, &first, 0);
+            true
+        }
+    }
 }
 
 /// Hands a PMTU message about a listener's flow to that flow's worker; counts `steered` or
 /// `no_socket`. In reflect mode there is no worker to tell, so the kernel gets it (`passed`).
 #[inline(always)]
 fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
-    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // By reference, not a copy: the program's stack (512 bytes) is shared with the SYN-cookie
+    // call. An array's only index always exists; were it missing, nothing could be steered.
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    };
     if config.reflect != 0 {
         stats.passed += 1;
         return xdp_action::XDP_PASS;
     }
     let hash = flow_hash(
+        &config.steer_key,
         &quoted.client,
         &quoted.server,
         quoted.client_port,
@@ -332,7 +462,12 @@ fn steer_icmp(ctx: &XdpContext, quoted: &Quoted, stats: &mut XdpStats) -> u32 {
 /// Hands a listener's segment on; counts `steered` or `no_socket` (exactly one).
 #[inline(always)]
 fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
-    let config = TERN_CONFIG.get(CONFIG_INDEX).copied().unwrap_or_default();
+    // By reference, not a copy: the program's stack (512 bytes) is shared with the SYN-cookie
+    // call. An array's only index always exists; were it missing, nothing could be steered.
+    let Some(config) = TERN_CONFIG.get(CONFIG_INDEX) else {
+        stats.no_socket += 1;
+        return xdp_action::XDP_PASS;
+    };
     if config.reflect != 0 {
         return match reflect(ctx, flow) {
             Ok(()) => {
@@ -356,7 +491,24 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
             return xdp_action::XDP_PASS;
         }
     }
-    let hash = flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port);
+    // A SYN answered here never costs a worker anything (`[xdp] syn_cookies = "xdp"`).
+    if flow.syn
+        && config.syn_cookies != 0
+        && matches!(flow.ip, Ip::V4 { offset: 14 })
+        && flow.tcp_offset == 34
+    {
+        // SAFETY: the slot holds an XDP program of this object (or nothing); on success the
+        // call does not return and `tern_syn_cookie` counts the frame's fate.
+        let _ = unsafe { TERN_PROGS.tail_call(ctx, PROG_SYN_COOKIE) };
+        // Only reached if the slot is empty: the worker answers.
+    }
+    let hash = flow_hash(
+        &config.steer_key,
+        &flow.src,
+        &flow.dst,
+        flow.src_port,
+        flow.dst_port,
+    );
     redirect(ctx, config.workers, hash, stats)
 }
 

@@ -120,6 +120,11 @@ fn settings(args: &Args) -> XdpSettings {
             HugePagesArg::Require => HugePages::Require,
             HugePagesArg::Off => HugePages::Off,
         },
+        syn_rate_per_source: defaults.syn_rate_per_source,
+        syn_burst_per_source: defaults.syn_burst_per_source,
+        unknown_rate_per_source: defaults.unknown_rate_per_source,
+        unknown_burst_per_source: defaults.unknown_burst_per_source,
+        syn_cookies: defaults.syn_cookies,
     }
 }
 

@@ -63,7 +63,7 @@ use crate::tcp::cc::Algorithm;
 use crate::tcp::conn::{Keepalive, TcbConfig};
 use crate::tcp::frame_out::FrameOut;
 use crate::tcp::stack::{ConnId, RxDrop, Stack, StackConfig, StackCounters};
-use crate::tcp::syncookie::{siphash24, CookieKey, SLOT_SECS};
+use crate::tcp::syncookie::CookieKey;
 use crate::tcp::time::{Duration as TcpDuration, Instant as TcpInstant};
 use crate::wire::{ChecksumMode, WireError};
 
@@ -82,7 +82,7 @@ const HOUSEKEEPING_US: u64 = 100_000;
 /// Granularity of the driver's deadlines (the housekeeping interval).
 const WHEEL_TICK_MS: u64 = HOUSEKEEPING_US / 1000;
 /// A cookie key period: two cookie slots, so the previous key covers a cookie's lifetime.
-const KEY_PERIOD_SECS: u64 = 2 * SLOT_SECS;
+use tern_common::syncookie::KEY_PERIOD_SECS;
 /// Keep-alive probes after `tcp.keepalive_ms`: Linux's defaults for the other two numbers.
 const KEEPALIVE_INTERVAL_SECS: u64 = 75;
 const KEEPALIVE_PROBES: u32 = 9;
@@ -1038,7 +1038,6 @@ fn publish(c: &TcpCounters, s: &StackCounters, live: usize) {
     );
 }
 
-/// The cookie key of period `period`: the same on every worker of the process.
 /// The index in `config.listeners` of the listener a connection to `local` was accepted by:
 /// the exact address, else the wildcard one of its port (0 if none, which cannot happen: the
 /// stack accepts only for listeners).
@@ -1052,13 +1051,10 @@ fn listener_index(ids: &[(SocketAddr, u16)], local: SocketAddr) -> u16 {
         .map_or(0, |&(_, i)| i)
 }
 
+/// The cookie key of period `period`: the same on every worker of the process.
+/// (The XDP program derives the same keys from the same secret: `[xdp] syn_cookies`.)
 fn cookie_key(secret: &CookieKey, period: u64) -> CookieKey {
-    let lo = siphash24(secret, &period.to_le_bytes());
-    let hi = siphash24(secret, &(!period).to_le_bytes());
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&lo.to_le_bytes());
-    key[8..].copy_from_slice(&hi.to_le_bytes());
-    key
+    tern_common::syncookie::period_key(secret, period)
 }
 
 fn to_tcp(epoch: std::time::Instant, t: std::time::Instant) -> TcpInstant {

@@ -30,6 +30,11 @@ fn settings() -> XdpSettings {
         idle_spin: Duration::from_micros(200),
         spin: crate::config::SpinMode::Adaptive,
         hugepages: HugePages::Off,
+        syn_rate_per_source: 0,
+        syn_burst_per_source: 32,
+        unknown_rate_per_source: 0,
+        unknown_burst_per_source: 64,
+        syn_cookies: crate::config::SynCookies::Worker,
     }
 }
 
@@ -374,10 +379,12 @@ fn a_flow_on_two_queues_reaches_one_worker() {
         }
     });
     bench.wait_rx(u64::from(2 * PER_CPU));
+    let key = bench.program.steer_key();
     let exits = bench.finish();
     assert_home(&exits);
 
     let hash = tern_common::flow_hash(
+        &key,
         &tern_common::ipv4_mapped(CLIENT_IP.octets()),
         &tern_common::ipv4_mapped(LISTEN_IP.octets()),
         sport,

@@ -25,7 +25,7 @@
 //! RLIMIT_MEMLOCK, so no rlimit is raised here (checked on 6.18 with `ulimit -l 0`; aya itself
 //! raises the limit on older kernels when map creation fails with EPERM).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray, XskMap};
 use aya::programs::links::{FdLink, Link as _};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, Xdp, XdpMode};
@@ -41,8 +41,9 @@ use aya::sys::SyscallError;
 use aya::Ebpf;
 use tern_common::{
     ipv4_mapped, ListenKey, XdpConfig, XdpStats, BLOCK_V4_MAP, BLOCK_V6_MAP, BLOCK_VALUE,
-    CONFIG_INDEX, CONFIG_MAP, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_VALUE, MAX_WORKERS,
-    XDP_PASS_PROGRAM, XDP_PROGRAM, XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP, XSK_MAP_ENTRIES,
+    CONFIG_INDEX, CONFIG_MAP, LISTEN_LIMIT, LISTEN_MAP, LISTEN_MAP_ENTRIES, LISTEN_STEER,
+    MAX_WORKERS, PROG_MAP, PROG_SYN_COOKIE, SYN_COOKIE_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    XDP_STATS_INDEX, XDP_STATS_MAP, XSK_MAP, XSK_MAP_ENTRIES,
 };
 
 use crate::config::XdpAttach;
@@ -153,8 +154,31 @@ pub enum XdpError {
     TooManyListeners { interface: String, count: usize },
 }
 
+/// One per-source limit: `rate` per second in the long run (0 = off), `burst` back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The GCRA interval and burst tolerance in nanoseconds (`tern_common::gcra`).
+    fn schedule(self) -> (u64, u64) {
+        if self.rate == 0 {
+            return (0, 0);
+        }
+        let interval = (1_000_000_000 / u64::from(self.rate)).max(1);
+        // A burst of 1 means no segment may run ahead of the schedule at all.
+        (
+            interval,
+            interval.saturating_mul(u64::from(self.burst.saturating_sub(1))),
+        )
+    }
+}
+
 /// The XDP program's counters, summed over all CPUs. Field meanings and the counting rule are
-/// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked == packets`.
+/// those of [`tern_common::XdpStats`]: `steered + passed + no_socket + blocked +
+/// rate_limited == packets`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct XdpCounters {
     pub packets: u64,
@@ -173,6 +197,10 @@ pub struct XdpCounters {
     pub no_socket: u64,
     /// Packets dropped because their source is on the blocklist.
     pub blocked: u64,
+    /// SYNs to a listener dropped by the per-source rate limit.
+    pub rate_limited: u64,
+    /// SYNs to a bypass listener answered by the program with a cookie SYN-ACK (`XDP_TX`).
+    pub syn_cookies: u64,
 }
 
 impl XdpCounters {
@@ -185,12 +213,15 @@ impl XdpCounters {
         XdpCounters::from(total)
     }
 
-    /// `steered + passed + no_socket + blocked`; equals `packets` once no frame is in flight.
+    /// `steered + passed + no_socket + blocked + rate_limited + syn_cookies`; equals
+    /// `packets` once no frame is in flight.
     pub fn terminal(&self) -> u64 {
         self.steered
             .wrapping_add(self.passed)
             .wrapping_add(self.no_socket)
             .wrapping_add(self.blocked)
+            .wrapping_add(self.rate_limited)
+            .wrapping_add(self.syn_cookies)
     }
 }
 
@@ -209,6 +240,8 @@ impl From<XdpStats> for XdpCounters {
             passed,
             no_socket,
             blocked,
+            rate_limited,
+            syn_cookies,
         } = stats;
         XdpCounters {
             packets,
@@ -223,6 +256,8 @@ impl From<XdpStats> for XdpCounters {
             passed,
             no_socket,
             blocked,
+            rate_limited,
+            syn_cookies,
         }
     }
 }
@@ -421,6 +456,10 @@ struct ControlMaps {
     config_value: XdpConfig,
     block_v4: LpmTrie<MapData, [u8; 4], u32>,
     block_v6: LpmTrie<MapData, [u8; 16], u32>,
+    /// The tail-call table holding `tern_syn_cookie`. Held open for the program's lifetime:
+    /// the kernel empties a program array when its last user-space reference closes. `None`
+    /// for an adopted program whose object had none.
+    _progs: Option<ProgramArray<MapData>>,
 }
 
 // The control thread and the workers' start-up share programs across threads.
@@ -439,6 +478,31 @@ impl fmt::Debug for XdpProgram {
     }
 }
 
+/// What the program needs to answer SYNs as the bypass workers would ([`XdpProgram::set_syn_cookies`]).
+#[derive(Clone, Copy)]
+pub struct SynCookieParams {
+    /// The workers' cookie secret (each period's key derives from it).
+    pub secret: [u8; 16],
+    /// `CLOCK_MONOTONIC` at the workers' clock epoch, nanoseconds ([`monotonic_ns_at`]).
+    pub epoch_ns: u64,
+    /// The stack's MSS.
+    pub mss: u16,
+    /// The SYN-ACK's (unscaled) window: the stack's receive buffer, capped at 65535.
+    pub window: u16,
+    /// The stack's window-scale shift.
+    pub wscale: u8,
+}
+
+/// `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` reads, and what `std::time::Instant` is on Linux)
+/// at `instant`, nanoseconds.
+pub fn monotonic_ns_at(instant: std::time::Instant) -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let elapsed = std::time::Instant::now().saturating_duration_since(instant);
+    let now_ns = u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0);
+    now_ns.saturating_sub(elapsed.as_nanos() as u64)
+}
+
 /// Loads the embedded program and attaches it to `interface` (a name in the calling thread's
 /// network namespace).
 ///
@@ -454,14 +518,32 @@ pub fn attach(interface: &str, mode: XdpAttach) -> Result<XdpProgram, XdpError> 
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     // The maps are taken before attaching, so a broken object never gets attached.
     let stats = take_map(&mut ebpf, interface, XDP_STATS_MAP)?;
-    let maps = ControlMaps {
+    let mut maps = ControlMaps {
         listen: take_map(&mut ebpf, interface, LISTEN_MAP)?,
         xsks: take_map(&mut ebpf, interface, XSK_MAP)?,
         config: take_map(&mut ebpf, interface, CONFIG_MAP)?,
         config_value: XdpConfig::default(),
         block_v4: take_map(&mut ebpf, interface, BLOCK_V4_MAP)?,
         block_v6: take_map(&mut ebpf, interface, BLOCK_V6_MAP)?,
+        _progs: Some(load_cookie_program(&mut ebpf, interface)?),
     };
+    // The steering key goes in before the program can run: no flow is ever hashed under
+    // another key (and a fresh key per start means no one can aim flows at a worker).
+    let mut steer_key = [0u8; 16];
+    crate::sys::fill_random(&mut steer_key).map_err(|e| XdpError::Map {
+        interface: interface.to_owned(),
+        map: CONFIG_MAP,
+        source: Box::new(MapError::IoError(e)),
+    })?;
+    maps.config_value.steer_key = steer_key;
+    let config_value = maps.config_value;
+    maps.config
+        .set(CONFIG_INDEX, config_value, 0)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: CONFIG_MAP,
+            source: Box::new(source),
+        })?;
     let (link, mode) = attach_program(&mut ebpf, interface, XDP_PROGRAM, mode)?;
     // A bpf link (kernel >= 5.9) rather than a netlink attachment: a successor can take it over
     // by id during a binary upgrade, and it detaches by itself when the last holder exits.
@@ -556,6 +638,38 @@ where
         map: name,
         source: Box::new(source),
     })
+}
+
+/// Loads `tern_syn_cookie` and puts it in the tail-call table, from which `tern_xdp` calls it
+/// for SYNs when `XdpConfig::syn_cookies` is on.
+fn load_cookie_program(
+    ebpf: &mut Ebpf,
+    interface: &str,
+) -> Result<ProgramArray<MapData>, XdpError> {
+    let mut progs: ProgramArray<MapData> = take_map(ebpf, interface, PROG_MAP)?;
+    let load_error = |source: ProgramError| XdpError::Load {
+        interface: interface.to_owned(),
+        program: SYN_COOKIE_PROGRAM,
+        source: Box::new(source),
+    };
+    let program: &mut Xdp = ebpf
+        .program_mut(SYN_COOKIE_PROGRAM)
+        .ok_or_else(|| XdpError::MissingProgram {
+            interface: interface.to_owned(),
+            program: SYN_COOKIE_PROGRAM,
+        })?
+        .try_into()
+        .map_err(load_error)?;
+    program.load().map_err(load_error)?;
+    let fd = program.fd().map_err(load_error)?;
+    progs
+        .set(PROG_SYN_COOKIE, fd, 0)
+        .map_err(|source| XdpError::Map {
+            interface: interface.to_owned(),
+            map: PROG_MAP,
+            source: Box::new(source),
+        })?;
+    Ok(progs)
 }
 
 /// Loads `program` from `ebpf` into the kernel and attaches it in `mode` (see [`attach`]).
@@ -724,6 +838,12 @@ impl XdpProgram {
         self.update_config(|config| config.reflect = u32::from(on))
     }
 
+    /// The key of the steering hash (`tern_common::flow_hash`): drawn at [`attach`], kept by
+    /// [`adopt`]. Whoever computes a flow's worker in userspace must hash under it.
+    pub fn steer_key(&self) -> [u8; 16] {
+        self.lock().config_value.steer_key
+    }
+
     /// Whether reflect mode is on.
     pub fn reflect(&self) -> bool {
         self.lock().config_value.reflect != 0
@@ -744,7 +864,22 @@ impl XdpProgram {
     /// others pass. An unspecified address (`0.0.0.0:443`, `[::]:443`) matches every
     /// destination address of its family. New entries are added before stale ones are removed.
     pub fn set_listeners(&self, listeners: &[SocketAddr]) -> Result<(), XdpError> {
-        let wanted: BTreeSet<ListenKey> = listeners.iter().copied().map(listen_key).collect();
+        self.set_listen_set(listeners, &[])
+    }
+
+    /// Replaces the listen set with bypass listeners `steered` (as [`Self::set_listeners`]) and
+    /// kernel listeners `limited`: segments to those still go to the kernel, but the per-source
+    /// limits ([`Self::set_source_limits`]) apply to them first. An address in both is steered.
+    pub fn set_listen_set(
+        &self,
+        steered: &[SocketAddr],
+        limited: &[SocketAddr],
+    ) -> Result<(), XdpError> {
+        let mut wanted: BTreeMap<ListenKey, u32> = limited
+            .iter()
+            .map(|a| (listen_key(*a), LISTEN_LIMIT))
+            .collect();
+        wanted.extend(steered.iter().map(|a| (listen_key(*a), LISTEN_STEER)));
         if wanted.len() > LISTEN_MAP_ENTRIES as usize {
             return Err(XdpError::TooManyListeners {
                 interface: self.interface.clone(),
@@ -754,15 +889,17 @@ impl XdpProgram {
         let mut maps = self.lock();
         let present = maps
             .listen
-            .keys()
-            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .iter()
+            .collect::<Result<BTreeMap<ListenKey, u32>, _>>()
             .map_err(|source| self.map_error(LISTEN_MAP, source))?;
-        for key in wanted.difference(&present) {
-            maps.listen
-                .insert(key, LISTEN_VALUE, 0)
-                .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+        for (key, flags) in &wanted {
+            if present.get(key) != Some(flags) {
+                maps.listen
+                    .insert(key, flags, 0)
+                    .map_err(|source| self.map_error(LISTEN_MAP, source))?;
+            }
         }
-        for key in present.difference(&wanted) {
+        for key in present.keys().filter(|k| !wanted.contains_key(k)) {
             match maps.listen.remove(key) {
                 Ok(()) => {}
                 Err(err) if is_not_found(&err) => {}
@@ -772,15 +909,52 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// The listen set, sorted (IPv4 listeners as IPv4 addresses).
+    /// Sets the per-source limits: at most `syn.rate` SYNs per second from one source address
+    /// in the long run, `syn.burst` back to back, to any listener; and `unknown` likewise for
+    /// segments of flows the kernel holds no connection for, to kernel listeners. A rate of 0
+    /// turns that limit off. Drops count as `rate_limited`.
+    pub fn set_source_limits(&self, syn: RateLimit, unknown: RateLimit) -> Result<(), XdpError> {
+        let (syn_interval, syn_burst) = syn.schedule();
+        let (unknown_interval, unknown_burst) = unknown.schedule();
+        self.update_config(|config| {
+            config.syn_interval_ns = syn_interval;
+            config.syn_burst_ns = syn_burst;
+            config.unknown_interval_ns = unknown_interval;
+            config.unknown_burst_ns = unknown_burst;
+        })
+    }
+
+    /// Turns the program's SYN cookies on (`Some`) or off: SYNs to bypass listeners (IPv4,
+    /// untagged, no IP options) are answered in the program with the SYN-ACK the workers'
+    /// stack would send, made with the same cookie rule (`tern_common::syncookie`), secret and
+    /// clock epoch, and counted `syn_cookies`.
+    pub fn set_syn_cookies(&self, cookies: Option<&SynCookieParams>) -> Result<(), XdpError> {
+        self.update_config(|config| match cookies {
+            Some(p) => {
+                config.cookie_secret = p.secret;
+                config.cookie_epoch_ns = p.epoch_ns;
+                config.cookie_mss = u32::from(p.mss);
+                config.cookie_window = p.window.into();
+                config.cookie_wscale = u32::from(p.wscale);
+                config.syn_cookies = 1;
+            }
+            None => config.syn_cookies = 0,
+        })
+    }
+
+    /// The bypass listen set (steered addresses), sorted (IPv4 listeners as IPv4 addresses).
     pub fn listeners(&self) -> Result<Vec<SocketAddr>, XdpError> {
         let maps = self.lock();
-        let keys = maps
+        let entries = maps
             .listen
-            .keys()
-            .collect::<Result<BTreeSet<ListenKey>, _>>()
+            .iter()
+            .collect::<Result<Vec<(ListenKey, u32)>, _>>()
             .map_err(|source| self.map_error(LISTEN_MAP, source))?;
-        let mut addrs: Vec<SocketAddr> = keys.iter().map(listen_addr).collect();
+        let mut addrs: Vec<SocketAddr> = entries
+            .iter()
+            .filter(|(_, flags)| flags & LISTEN_STEER != 0)
+            .map(|(key, _)| listen_addr(key))
+            .collect();
         addrs.sort();
         Ok(addrs)
     }
@@ -1015,6 +1189,8 @@ pub fn adopt(interface: &str, ids: &HandoverIds) -> Result<XdpProgram, XdpError>
         config_value: XdpConfig::default(),
         block_v4: adopted_map(&mut found, interface, BLOCK_V4_MAP)?,
         block_v6: adopted_map(&mut found, interface, BLOCK_V6_MAP)?,
+        // Holding it keeps the predecessor's cookie program in its slot once it exits.
+        _progs: adopted_map(&mut found, interface, PROG_MAP).ok(),
     };
     maps.config_value = maps
         .config

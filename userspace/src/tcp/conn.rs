@@ -661,6 +661,13 @@ impl Tcb {
         }
     }
 
+    /// Test clients built with [`new`](Self::new) from a SYN-ACK take its TSval as the most
+    /// recent one, as an active opener would (else PAWS drops our TSvals above 2³¹).
+    #[cfg(test)]
+    pub(crate) fn set_ts_recent(&mut self, tsval: u32) {
+        self.ts_recent = tsval;
+    }
+
     /// [`new`](Self::new) followed by [`process`](Self::process) of the handshake's final ACK
     /// (`ack`, `payload`); a drop of that segment is counted but the connection stands.
     pub fn accept(

@@ -699,10 +699,7 @@ impl Stack {
                 mss: config.tcb.mss,
             });
         }
-        let mut our_wscale = 0u8;
-        while our_wscale < 14 && (config.tcb.recv_buffer >> our_wscale) > usize::from(u16::MAX) {
-            our_wscale += 1;
-        }
+        let our_wscale = window_scale_for(config.tcb.recv_buffer);
         Ok(Stack {
             tcb_config: config.tcb,
             rx_checksum: config.rx_checksum,
@@ -1505,6 +1502,17 @@ fn reply_eth(rx: &EthernetRepr) -> EthernetRepr {
         dst_addr: rx.src_addr,
         ..*rx
     }
+}
+
+/// The window-scale shift the stack offers for a receive buffer of `recv_buffer` bytes: the
+/// least that lets the window field cover the buffer (at most 14, RFC 7323 §2.3). The XDP
+/// program's SYN-ACKs offer the same.
+pub fn window_scale_for(recv_buffer: usize) -> u8 {
+    let mut shift = 0u8;
+    while shift < 14 && (recv_buffer >> shift) > usize::from(u16::MAX) {
+        shift += 1;
+    }
+    shift
 }
 
 /// The IP header of a reply: addresses swapped, our TTL, DF set (we never fragment).

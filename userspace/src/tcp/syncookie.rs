@@ -1,10 +1,11 @@
 //! SYN cookies (RFC 4987 §3.6): a passive open that keeps no state until the handshake's final
 //! ACK proves the peer can receive at its claimed address.
 //!
-//! Owns the cookie format, its keyed MAC (SipHash-2-4, implemented here from Aumasson and
-//! Bernstein's paper so that no crate is added and the key is ours, unlike `std`'s
-//! `DefaultHasher`) and the two-key rotation. Does not own key generation (the worker draws keys
-//! from the OS at start-up and on each rotation) or the SYN-ACK/ACK segments themselves.
+//! Owns the two-key rotation and the socket-address face of the cookie rule; the rule itself
+//! (cookie word, keyed MAC with SipHash-2-4, TSval bits and offset, MSS table) lives in
+//! `tern_common::syncookie`, so the XDP program, which can answer SYNs itself, makes exactly the
+//! cookies this validates. Does not own key generation (the worker draws keys from the
+//! OS at start-up and on each rotation) or the SYN-ACK/ACK segments themselves.
 //!
 //! Design, after Linux's `net/ipv4/syncookies.c` but not its layout:
 //! - The ISN we send is `pad ⊕ (slot:2 | mss_index:3 | mac:27)`. `pad` is a keyed hash of the
@@ -34,34 +35,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use tern_common::syncookie::{self as rule, CookieFault, CookieFlow};
+
 use super::time::Instant;
 
-/// Length of one time slot of the cookie counter, seconds.
-pub const SLOT_SECS: u64 = 64;
-
-/// The MSS values a cookie can carry: common path MSS values, ascending. Index 0 doubles as the
-/// floor for peers that offer less.
-pub const MSS_TABLE: [u16; 8] = [536, 1220, 1380, 1440, 1452, 1460, 4312, 8960];
-
-const MAC_BITS: u32 = 27;
-const MAC_MASK: u32 = (1 << MAC_BITS) - 1;
-const INDEX_SHIFT: u32 = MAC_BITS;
-const SLOT_SHIFT: u32 = 30;
-
-/// TSval low bits: window scale in bits 0–3, SACK-permitted in bit 4, bit 5 reserved (zero).
-const TS_BITS: u32 = 6;
-const TS_MASK: u32 = (1 << TS_BITS) - 1;
-const TS_WS_NONE: u32 = 0xF;
+#[cfg(test)]
+use tern_common::syncookie::SLOT_SHIFT;
+pub use tern_common::syncookie::{KEY_PERIOD_SECS, MSS_TABLE, SLOT_SECS};
+/// SACK-permitted's bit in the TSval (tests tamper with it).
+#[cfg(test)]
 const TS_SACK: u32 = 1 << 4;
-/// RFC 7323 §2.3: shift counts above 14 are invalid.
-const MAX_WS: u8 = 14;
-
-/// Domain-separation tags so the pad and the MAC are independent functions of the same key.
-const TAG_PAD: u8 = 0x50;
-const TAG_MAC: u8 = 0x4d;
-const TAG_TS: u8 = 0x54;
-/// The MAC's option code when the SYN had no timestamps (TS codes are `0x40 | bits`).
-const OPTS_NO_TS: u8 = 0x80;
 
 /// A 128-bit SipHash key.
 pub type CookieKey = [u8; 16];
@@ -73,6 +56,24 @@ pub struct CookieTuple {
     pub local: SocketAddr,
     /// The client's address and port (the SYN's source).
     pub remote: SocketAddr,
+}
+
+impl CookieTuple {
+    /// The tuple as the shared rule takes it (IPv4 as v4-mapped IPv6, as the XDP program sees it).
+    fn flow(&self) -> CookieFlow {
+        fn v6(ip: IpAddr) -> [u8; 16] {
+            match ip {
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                IpAddr::V6(a) => a.octets(),
+            }
+        }
+        CookieFlow {
+            local: v6(self.local.ip()),
+            remote: v6(self.remote.ip()),
+            local_port: self.local.port(),
+            remote_port: self.remote.port(),
+        }
+    }
 }
 
 /// What the SYN offered, recovered from a valid cookie.
@@ -158,7 +159,7 @@ impl CookieJar {
     /// new incarnation of a 4-tuple continues the old one's TSval clock (as Linux's per-address
     /// offset does), which keeps the peer's PAWS state valid.
     pub fn ts_offset(&self, tuple: &CookieTuple) -> u32 {
-        ts_offset_under(&self.keys[0], tuple)
+        rule::ts_offset(&self.keys[0], &tuple.flow())
     }
 
     /// The cookie for a SYN: returns our ISN and, if the SYN carried timestamps, the TSval to
@@ -182,20 +183,17 @@ impl CookieJar {
         ts_now: Option<u32>,
         now: Instant,
     ) -> (u32, Option<u32>) {
-        let index = mss_index(&self.table, mss);
-        let (opts_code, tsval) = match ts_now {
-            Some(clock) => {
-                let bits = ts_bits(ws, sack_perm);
-                (0x40 | bits as u8, Some(encode_tsval(clock, bits)))
-            }
-            None => (OPTS_NO_TS, None),
-        };
-        let counter = counter(now);
-        let key = &self.keys[0];
-        let word = ((counter as u32 & 3) << SLOT_SHIFT)
-            | (u32::from(index) << INDEX_SHIFT)
-            | (mac(key, tuple, client_isn, counter, index, opts_code) & MAC_MASK);
-        (word ^ pad(key, tuple, client_isn), tsval)
+        rule::cookie_make(
+            &self.keys[0],
+            &tuple.flow(),
+            client_isn,
+            mss,
+            ws,
+            sack_perm,
+            ts_now,
+            rule::counter(now.as_secs()),
+            &self.table,
+        )
     }
 
     /// Validates the cookie in a handshake-completing ACK: `cookie` is the ACK number minus one,
@@ -209,181 +207,30 @@ impl CookieJar {
         tsecr: Option<u32>,
         now: Instant,
     ) -> Result<Negotiated, CookieError> {
-        let (opts_code, ws, sack_perm) = match tsecr {
-            Some(ts) => {
-                let bits = ts & TS_MASK;
-                let ws = bits & 0xF;
-                if bits & !(0xF | TS_SACK) != 0 || (ws != TS_WS_NONE && ws > u32::from(MAX_WS)) {
-                    return Err(CookieError::BadOptions);
-                }
-                let ws = (ws != TS_WS_NONE).then_some(ws as u8);
-                (0x40 | bits as u8, ws, bits & TS_SACK != 0)
-            }
-            None => (OPTS_NO_TS, None, false),
-        };
-        let now_counter = counter(now);
-        for key in &self.keys {
-            let word = cookie ^ pad(key, tuple, client_isn);
-            let slot = u64::from(word >> SLOT_SHIFT);
-            // The slot bits name the counter: the current one or the one before.
-            let Some(counter) = [Some(now_counter), now_counter.checked_sub(1)]
-                .into_iter()
-                .flatten()
-                .find(|c| c & 3 == slot)
-            else {
-                continue;
-            };
-            let index = ((word >> INDEX_SHIFT) & 7) as u8;
-            if word & MAC_MASK == mac(key, tuple, client_isn, counter, index, opts_code) & MAC_MASK
-            {
-                return Ok(Negotiated {
-                    mss: self.table[usize::from(index)],
-                    ws,
-                    sack_perm,
-                    ts_offset: ts_offset_under(key, tuple),
-                });
-            }
-        }
-        Err(CookieError::Invalid)
-    }
-}
-
-/// The cookie time counter at `now`.
-fn counter(now: Instant) -> u64 {
-    now.as_secs() / SLOT_SECS
-}
-
-/// The largest table entry not above `mss`, or index 0.
-fn mss_index(table: &[u16; 8], mss: u16) -> u8 {
-    table.iter().rposition(|&m| m <= mss).unwrap_or(0) as u8
-}
-
-fn ts_bits(ws: Option<u8>, sack_perm: bool) -> u32 {
-    let ws = ws.map_or(TS_WS_NONE, |w| u32::from(w.min(MAX_WS)));
-    ws | if sack_perm { TS_SACK } else { 0 }
-}
-
-/// Our TSval with `bits` in its low bits, never ahead of `clock` (so RTT samples from the echo
-/// are never negative and the clock never appears to step backwards by more than 63 ticks).
-fn encode_tsval(clock: u32, bits: u32) -> u32 {
-    let ts = (clock & !TS_MASK) | bits;
-    if bits > clock & TS_MASK {
-        ts.wrapping_sub(1 << TS_BITS)
-    } else {
-        ts
-    }
-}
-
-/// The hash input: tag, addresses (IPv4 as v4-mapped IPv6), ports, client ISN, and for the MAC
-/// the counter, MSS index and option code. Fixed size, on the stack.
-fn message(
-    tag: u8,
-    tuple: &CookieTuple,
-    client_isn: u32,
-    counter: u64,
-    index: u8,
-    opts: u8,
-) -> [u8; 51] {
-    fn v6(ip: IpAddr) -> [u8; 16] {
-        match ip {
-            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-            IpAddr::V6(a) => a.octets(),
+        let flow = tuple.flow();
+        match rule::cookie_check(
+            &self.keys,
+            &flow,
+            cookie,
+            client_isn,
+            tsecr,
+            rule::counter(now.as_secs()),
+            &self.table,
+        ) {
+            Ok(ok) => Ok(Negotiated {
+                mss: ok.mss,
+                ws: ok.ws,
+                sack_perm: ok.sack_perm,
+                ts_offset: rule::ts_offset(&self.keys[ok.key & 1], &flow),
+            }),
+            Err(CookieFault::Invalid) => Err(CookieError::Invalid),
+            Err(CookieFault::BadOptions) => Err(CookieError::BadOptions),
         }
     }
-    let mut m = [0u8; 51];
-    m[0] = tag;
-    m[1..17].copy_from_slice(&v6(tuple.local.ip()));
-    m[17..33].copy_from_slice(&v6(tuple.remote.ip()));
-    m[33..35].copy_from_slice(&tuple.local.port().to_be_bytes());
-    m[35..37].copy_from_slice(&tuple.remote.port().to_be_bytes());
-    m[37..41].copy_from_slice(&client_isn.to_be_bytes());
-    m[41..49].copy_from_slice(&counter.to_be_bytes());
-    m[49] = index;
-    m[50] = opts;
-    m
 }
 
-fn ts_offset_under(key: &CookieKey, tuple: &CookieTuple) -> u32 {
-    siphash24(key, &message(TAG_TS, tuple, 0, 0, 0, 0)) as u32
-}
-
-fn pad(key: &CookieKey, tuple: &CookieTuple, client_isn: u32) -> u32 {
-    siphash24(key, &message(TAG_PAD, tuple, client_isn, 0, 0, 0)) as u32
-}
-
-fn mac(
-    key: &CookieKey,
-    tuple: &CookieTuple,
-    client_isn: u32,
-    counter: u64,
-    index: u8,
-    opts: u8,
-) -> u32 {
-    let h = siphash24(
-        key,
-        &message(TAG_MAC, tuple, client_isn, counter, index, opts),
-    );
-    (h ^ (h >> 32)) as u32
-}
-
-/// SipHash-2-4 (Aumasson & Bernstein, "SipHash: a fast short-input PRF", 2012): 2 compression
-/// rounds per 8-byte word, 4 finalisation rounds, 64-bit output.
-pub fn siphash24(key: &CookieKey, data: &[u8]) -> u64 {
-    let k0 = u64::from_le_bytes([
-        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
-    ]);
-    let k1 = u64::from_le_bytes([
-        key[8], key[9], key[10], key[11], key[12], key[13], key[14], key[15],
-    ]);
-    let mut v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let mut chunks = data.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        let m = u64::from_le_bytes(w);
-        v[3] ^= m;
-        sip_round(&mut v);
-        sip_round(&mut v);
-        v[0] ^= m;
-    }
-    // Last block: the remaining bytes, little-endian, with the length (mod 256) in the top byte.
-    let mut last = [0u8; 8];
-    let rest = chunks.remainder();
-    last[..rest.len()].copy_from_slice(rest);
-    last[7] = data.len() as u8;
-    let b = u64::from_le_bytes(last);
-    v[3] ^= b;
-    sip_round(&mut v);
-    sip_round(&mut v);
-    v[0] ^= b;
-    v[2] ^= 0xff;
-    for _ in 0..4 {
-        sip_round(&mut v);
-    }
-    v[0] ^ v[1] ^ v[2] ^ v[3]
-}
-
-fn sip_round(v: &mut [u64; 4]) {
-    v[0] = v[0].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(13);
-    v[1] ^= v[0];
-    v[0] = v[0].rotate_left(32);
-    v[2] = v[2].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(16);
-    v[3] ^= v[2];
-    v[0] = v[0].wrapping_add(v[3]);
-    v[3] = v[3].rotate_left(21);
-    v[3] ^= v[0];
-    v[2] = v[2].wrapping_add(v[1]);
-    v[1] = v[1].rotate_left(17);
-    v[1] ^= v[2];
-    v[2] = v[2].rotate_left(32);
-}
+/// SipHash-2-4, the one implementation shared with the XDP program (`tern_common`).
+pub use tern_common::siphash24;
 
 #[cfg(test)]
 mod tests {
@@ -404,31 +251,6 @@ mod tests {
 
     fn at(secs: u64) -> Instant {
         Instant::from_secs(secs)
-    }
-
-    #[test]
-    fn siphash_reference_vectors() {
-        // Key 00..0f, message 00..(len-1): the reference implementation's vectors.h, and the
-        // paper's Appendix A example (15 bytes).
-        let key: CookieKey = core::array::from_fn(|i| i as u8);
-        let msg: [u8; 64] = core::array::from_fn(|i| i as u8);
-        let expect = [
-            (0, 0x726f_db47_dd0e_0e31),
-            (1, 0x74f8_39c5_93dc_67fd),
-            (2, 0x0d6c_8009_d9a9_4f5a),
-            (3, 0x8567_6696_d7fb_7e2d),
-            (4, 0xcf27_94e0_2771_87b7),
-            (8, 0x93f5_f579_9a93_2462),
-            (15, 0xa129_ca61_49be_45e5),
-            (63, 0x958a_324c_eb06_4572),
-        ];
-        for (len, want) in expect {
-            assert_eq!(
-                siphash24(&key, &msg[..len]),
-                want,
-                "SipHash-2-4 vector, {len} bytes"
-            );
-        }
     }
 
     #[test]
@@ -502,22 +324,6 @@ mod tests {
                 "ws {ws:?} sack {sack}"
             );
         }
-    }
-
-    #[test]
-    fn tsval_never_runs_ahead_even_across_wrap() {
-        assert_eq!(
-            encode_tsval(0x40, 0x3f),
-            0x3f,
-            "steps back one 64-tick block"
-        );
-        assert_eq!(encode_tsval(5, 0x1f), 0xffff_ffdf, "wraps below zero");
-        assert_eq!(encode_tsval(0x7f, 0x10), 0x50, "same block when possible");
-        assert_eq!(
-            ts_bits(Some(20), false),
-            14,
-            "shift clamped to 14 (RFC 7323 §2.3)"
-        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod compare;
 pub mod configs;
 pub mod cpu;
 pub mod daemon;
+pub mod flood;
 pub mod floors;
 pub mod install;
 pub mod keepalive_latency;
@@ -61,6 +62,9 @@ enum BenchCommand {
     /// Up to a million idle TLS connections held by one tern-bypass process: resident memory
     /// at each step, then new-connection latency with all of them held (opt-in, ≤ 25 min).
     Million(million::MillionArgs),
+    /// New connections (rate, latency) under a spoofed SYN flood at the rig's maximum rate, on
+    /// tern's kernel and bypass paths, with the XDP program's counters. Opt-in.
+    Flood(flood::FloodArgs),
 }
 
 /// Runs the selected benchmark.
@@ -71,5 +75,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Some(BenchCommand::Xsk(a)) => xsk::run(a),
         Some(BenchCommand::Tcp(a)) => tcp::run(a),
         Some(BenchCommand::Million(a)) => million::run(a),
+        Some(BenchCommand::Flood(a)) => flood::run(a),
     }
 }

@@ -396,10 +396,21 @@ fn pseudo_header(src: IpAddr, dst: IpAddr, length: usize) -> Vec<u8> {
 
 /// A SYN with no options (data offset 5) and a correct checksum.
 fn tcp_syn(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    tcp_segment(src, dst, sport, dport, 0x02)
+}
+
+/// An Ethernet frame carrying an IPv4 bare ACK from `src:sport` to `dst:dport`.
+fn ack4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let segment = tcp_segment(src.into(), dst.into(), sport, dport, 0x10);
+    ethernet(0x0800, &ipv4(src, dst, TCP, 0, 0, &segment))
+}
+
+/// A segment with flags byte `flags`, no options and a correct checksum.
+fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut segment = sport.to_be_bytes().to_vec();
     segment.extend_from_slice(&dport.to_be_bytes());
     segment.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
-    segment.extend_from_slice(&[5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    segment.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
     let mut summed = pseudo_header(src, dst, segment.len());
     summed.extend_from_slice(&segment);
     let checksum = !ones_complement_sum(&summed);
@@ -690,7 +701,7 @@ fn unknown_interface_is_named() {
 #[test]
 fn counters_sum_over_cpus_and_serialize() {
     let cpu = XdpStats {
-        packets: 3,
+        packets: 4,
         ipv4: 2,
         ipv6: 1,
         tcp: 1,
@@ -702,12 +713,14 @@ fn counters_sum_over_cpus_and_serialize() {
         passed: 1,
         no_socket: 0,
         blocked: 1,
+        rate_limited: 1,
+        syn_cookies: 0,
     };
     let total = XdpCounters::sum([cpu, cpu, XdpStats::default()].iter());
     assert_eq!(
         total,
         XdpCounters {
-            packets: 6,
+            packets: 8,
             ipv4: 4,
             ipv6: 2,
             tcp: 2,
@@ -719,6 +732,8 @@ fn counters_sum_over_cpus_and_serialize() {
             passed: 2,
             no_socket: 0,
             blocked: 2,
+            rate_limited: 2,
+            syn_cookies: 0,
         }
     );
     assert_eq!(total.terminal(), total.packets);
@@ -867,6 +882,122 @@ fn listen_set_steers_by_address_and_port_and_blocklist_drops_first() {
     program.set_listeners(&[]).expect("empty listen set");
     assert!(program.listeners().expect("listeners").is_empty());
     assert_terminal_invariant(&program);
+}
+
+/// The per-source SYN limit: a source gets its burst, then nothing more at 1 SYN/s; another
+/// source has its own schedule; kernel listeners in the listen set are limited but passed, not
+/// steered; turning the limit off lets everything through again. Every drop is counted.
+#[test]
+fn per_source_syn_limit_drops_beyond_the_burst_for_both_listener_kinds() {
+    let pair = Pair::new();
+    let program = pair
+        .attach(XdpAttach::Native)
+        .unwrap_or_else(|err| panic!("attach: {err}"));
+    let bypass = SocketAddr::new(TARGET_IP.into(), 443);
+    let kernel = SocketAddr::new(TARGET_IP.into(), 8443);
+    program
+        .set_listen_set(&[bypass], &[kernel])
+        .expect("listen set");
+    assert_eq!(
+        program.listeners().expect("listeners"),
+        vec![bypass],
+        "only bypass is steered"
+    );
+    program
+        .set_source_limits(RateLimit { rate: 1, burst: 5 }, RateLimit::default())
+        .expect("limits");
+
+    let syns = |src: Ipv4Addr, dport: u16| -> Vec<Vec<u8>> {
+        (0..10)
+            .map(|i| syn4(src, TARGET_IP, 41000 + i, dport))
+            .collect()
+    };
+    // At 1 SYN/s, a second-long stall of this test would let one more through: hence ranges.
+    pair.inject(&syns(CLIENT_IP, 443));
+    let c = wait_for(&program, |c| c.packets >= 10);
+    assert_eq!(c.no_socket + c.rate_limited, 10, "{c:?}");
+    assert!(
+        (4..=5).contains(&c.rate_limited),
+        "burst of 5, then dropped: {c:?}"
+    );
+
+    // Another source, to the kernel listener: its own burst; what passes goes to the kernel.
+    pair.inject(&syns(CLIENT_IP2, 8443));
+    let c = wait_for(&program, |c| c.packets >= 20);
+    assert!((8..=10).contains(&c.rate_limited), "{c:?}");
+    assert_eq!(c.steered, 0, "{c:?}");
+    assert!(
+        c.passed >= 5,
+        "kernel listener's SYNs within the burst are passed: {c:?}"
+    );
+
+    program
+        .set_source_limits(RateLimit::default(), RateLimit::default())
+        .expect("limits off");
+    let limited = c.rate_limited;
+    pair.inject(&syns(CLIENT_IP, 443));
+    let c = wait_for(&program, |c| c.packets >= 30);
+    assert_eq!(c.rate_limited, limited, "no limit, no drop: {c:?}");
+    assert_terminal_invariant(&program);
+}
+
+/// The unknown-flow limit: bare ACKs to a kernel listener for flows the kernel does not hold
+/// get the burst, then are dropped and counted; to a bypass listener they are never limited
+/// (XDP cannot see the stack's flows); SYNs are not affected by it.
+#[test]
+fn unknown_flow_limit_drops_stray_acks_to_kernel_listeners_only() {
+    let pair = Pair::new();
+    let program = pair
+        .attach(XdpAttach::Native)
+        .unwrap_or_else(|err| panic!("attach: {err}"));
+    let bypass = SocketAddr::new(TARGET_IP.into(), 443);
+    let kernel = SocketAddr::new(TARGET_IP.into(), 8443);
+    program
+        .set_listen_set(&[bypass], &[kernel])
+        .expect("listen set");
+    program
+        .set_source_limits(RateLimit::default(), RateLimit { rate: 1, burst: 5 })
+        .expect("limits");
+    let acks = |dport: u16| -> Vec<Vec<u8>> {
+        (0..10)
+            .map(|i| ack4(CLIENT_IP, TARGET_IP, 42000 + i, dport))
+            .collect()
+    };
+    pair.inject(&acks(8443));
+    let c = wait_for(&program, |c| c.packets >= 10);
+    assert_eq!(c.passed + c.rate_limited, 10, "{c:?}");
+    assert!(
+        (4..=5).contains(&c.rate_limited),
+        "burst of 5, then dropped: {c:?}"
+    );
+
+    pair.inject(&acks(443));
+    let syns: Vec<Vec<u8>> = (0..10)
+        .map(|i| syn4(CLIENT_IP, TARGET_IP, 43000 + i, 8443))
+        .collect();
+    pair.inject(&syns);
+    let c2 = wait_for(&program, |c| c.packets >= 30);
+    assert_eq!(
+        c2.rate_limited, c.rate_limited,
+        "bypass ACKs and SYNs are not limited: {c2:?}"
+    );
+    assert_eq!(
+        c2.no_socket, 10,
+        "the bypass ACKs were steered (no socket): {c2:?}"
+    );
+    assert_terminal_invariant(&program);
+}
+
+/// Each attach draws its own steering key, written before the program runs; a successor that
+/// adopts the program reads the key it finds (its flows keep their workers).
+#[test]
+fn steering_key_is_random_per_attach_and_kept_by_adopt() {
+    let (_ns_a, a) = program_on_lo();
+    let (_ns_b, b) = program_on_lo();
+    assert_ne!(a.steer_key(), [0; 16], "a key was drawn");
+    assert_ne!(a.steer_key(), b.steer_key(), "two starts, two keys");
+    let adopted = adopt("lo", a.handover_ids()).unwrap_or_else(|err| panic!("adopt: {err}"));
+    assert_eq!(adopted.steer_key(), a.steer_key(), "adopt keeps the key");
 }
 
 #[test]

@@ -27,6 +27,11 @@ pub(crate) fn settings(hugepages: HugePages) -> XdpSettings {
         idle_spin: Duration::from_micros(200),
         spin: crate::config::SpinMode::Adaptive,
         hugepages,
+        syn_rate_per_source: 0,
+        syn_burst_per_source: 32,
+        unknown_rate_per_source: 0,
+        unknown_burst_per_source: 64,
+        syn_cookies: crate::config::SynCookies::Worker,
     }
 }
 

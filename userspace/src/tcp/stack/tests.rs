@@ -194,7 +194,8 @@ fn connect(s: &mut Stack, addr: SocketAddr, isn: u32, now: Instant) -> (Tcb, Con
         timestamps: Some(0),
         peer_window: sa.window,
     };
-    let client = Tcb::new(client_config(), &hs, now);
+    let mut client = Tcb::new(client_config(), &hs, now);
+    client.set_ts_recent(ts.tsval);
     let ack = TcpRepr {
         seq: SeqNumber(isn) + 1,
         ack: Some(sa.seq + 1),

@@ -319,6 +319,7 @@ fn steers_flows_into_the_sockets_of_their_workers() {
     let ports: Vec<u16> = (41000..41024).collect();
     let owner = |sport: u16| {
         let hash = flow_hash(
+            &program.steer_key(),
             &ipv4_mapped(CLIENT_IP.octets()),
             &ipv4_mapped(TARGET_IP.octets()),
             sport,
@@ -491,7 +492,13 @@ fn pmtu_messages_about_listener_flows_reach_the_flows_worker() {
             IpAddr::V6(v6) => v6.octets(),
         };
         // The order of the flow's own client → server segments.
-        let hash = flow_hash(&mapped(client), &mapped(server), client_port, 443);
+        let hash = flow_hash(
+            &program.steer_key(),
+            &mapped(client),
+            &mapped(server),
+            client_port,
+            443,
+        );
         flow_worker(hash, workers) as usize
     };
     let ports: Vec<u16> = (42000..42016).collect();
