@@ -462,8 +462,11 @@ impl Proxy {
     // ------------------------------------------------------------------ events
 
     /// Handles the stack's news: new connections, data, space, state changes, departures.
-    fn drain_ready(&mut self, now: TcpInstant) {
+    /// Returns whether any connection had news.
+    fn drain_ready(&mut self, now: TcpInstant) -> bool {
+        let mut any = false;
         while let Some(id) = self.stack.pop_ready() {
+            any = true;
             match self.by_slot[id.slot()] {
                 Owner::Proxied(owner, key) if owner == id => {
                     self.pump(key, now);
@@ -491,6 +494,7 @@ impl Proxy {
                 }
             }
         }
+        any
     }
 
     /// A new client connection from the stack; `None` (counted) when the slab is full
@@ -545,7 +549,9 @@ impl Proxy {
         Some(key)
     }
 
-    fn reap(&mut self, now: TcpInstant) {
+    /// Handles every completion; returns whether any was more than a TX kick's (or a cancel's).
+    fn reap(&mut self, now: TcpInstant) -> bool {
+        let mut worked = false;
         loop {
             let mut batch = [(0u64, 0i32, 0u32); 64];
             let mut n = 0;
@@ -557,9 +563,11 @@ impl Proxy {
                 }
             }
             if n == 0 {
-                return;
+                return worked;
             }
             for &(ud, res, flags) in &batch[..n] {
+                worked |=
+                    UserData::decode(ud).is_none_or(|u| !matches!(u.op, Op::Kick | Op::Cancel));
                 self.complete(ud, res, flags, now);
             }
             // Connections that found no free send slot: slots may have come back.
@@ -753,35 +761,38 @@ impl Proxy {
         }
     }
 
-    /// One round of everything but received frames.
-    fn run(&mut self, out: &mut TxQueue<'_>) {
+    /// One round of everything but received frames. Returns whether it did anything but
+    /// reap TX-kick completions (a connection moved, a frame went out, an operation completed).
+    fn run(&mut self, out: &mut TxQueue<'_>) -> bool {
         let now = self.now();
         // Task work the kernel flagged (cooperative task running) posts its completions now.
         if self.sh.io.ring.submission().taskrun() {
             self.submit();
         }
-        self.reap(now);
-        self.drain_ready(now);
+        let mut worked = self.reap(now);
+        worked |= self.drain_ready(now);
+        let mut sent = false;
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll_into(
-            now,
-            &mut Umem {
-                out: &mut *out,
-                no_frame: tx_no_frame,
-            },
-        );
+        let mut umem = Umem {
+            out: &mut *out,
+            no_frame: tx_no_frame,
+            sent: false,
+        };
+        self.stack.poll_into(now, &mut umem);
+        sent |= umem.sent;
         // Timers and flushed sends may have ended connections or freed space.
-        self.drain_ready(now);
+        worked |= self.drain_ready(now);
         self.housekeeping(now);
         let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll_into(
-            now,
-            &mut Umem {
-                out: &mut *out,
-                no_frame: tx_no_frame,
-            },
-        );
+        let mut umem = Umem {
+            out: &mut *out,
+            no_frame: tx_no_frame,
+            sent: false,
+        };
+        self.stack.poll_into(now, &mut umem);
+        sent |= umem.sent;
         // The submit happens in `end_turn`, together with the turn's TX kicks.
+        worked || sent
     }
 
     fn submit(&mut self) {
@@ -808,6 +819,7 @@ impl FrameHandler for Proxy {
             &mut Umem {
                 out: &mut *out,
                 no_frame: tx_no_frame,
+                sent: false,
             },
         );
         self.pending = true;
@@ -825,6 +837,28 @@ impl FrameHandler for Proxy {
         {
             tracing::warn!(worker = self.id, error = %e, "cannot register the io_uring eventfd");
         }
+        // Signalled only while the worker sleeps (`prepare_sleep`).
+        self.sh.io.ring.completion().disable_eventfd();
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        // While awake the eventfd stays quiet: the worker's own submits complete inline (every
+        // TX kick does), and each such completion would leave the eventfd readable, so the next
+        // poll(2) would return at once and cost a read besides. Turned on just before the
+        // sleep, then the queues are looked at again: what completed before the flag was seen
+        // is found here, what completes after signals. (The worker's own completions, which
+        // run as task work when a sleep is interrupted, are posted after the wake anyway.)
+        self.sh.io.ring.completion().enable_eventfd();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.sh.io.ring.submission().taskrun() || !self.sh.io.ring.completion().is_empty() {
+            self.sh.io.ring.completion().disable_eventfd();
+            return false;
+        }
+        true
+    }
+
+    fn woke(&mut self) {
+        self.sh.io.ring.completion().disable_eventfd();
     }
 
     fn wants_poll(&mut self) -> bool {
@@ -840,9 +874,10 @@ impl FrameHandler for Proxy {
     }
 
     fn poll(&mut self, out: &mut TxQueue<'_>) -> bool {
-        self.pending = false;
-        self.run(out);
-        true
+        let frames = std::mem::take(&mut self.pending);
+        // Reaping the completion of the turn's own TX kick is not work: counted as work it
+        // would restart the worker's spin after every burst.
+        self.run(out) || frames
     }
 
     fn takes_kicks(&self) -> bool {
@@ -944,6 +979,7 @@ impl FrameHandler for Proxy {
             &mut Umem {
                 out: &mut *out,
                 no_frame: tx_no_frame,
+                sent: false,
             },
         );
         // Wait (bounded) for the operations still in flight, so none outlives its buffer.
@@ -970,6 +1006,8 @@ fn moved(b: &driver::ConnBytes) -> u64 {
 struct Umem<'q, 'a, 'c> {
     out: &'q mut TxQueue<'a>,
     no_frame: &'c crate::counters::Counter,
+    /// A frame was queued (the turn did work).
+    sent: bool,
 }
 
 impl FrameOut for Umem<'_, '_, '_> {
@@ -995,6 +1033,7 @@ impl FrameOut for Umem<'_, '_, '_> {
         match build(self.out.buffer(&mut f)) {
             Ok(n) => {
                 self.out.send(f, n);
+                self.sent = true;
                 Ok(())
             }
             Err(e) => {

@@ -773,10 +773,15 @@ impl Xsk {
         true
     }
 
-    /// Clears the asleep mark and the eventfd after `poll` returned.
-    pub fn woke(&self) {
+    /// Clears the asleep mark after `poll` returned, and the eventfd if `signalled` (poll saw
+    /// it readable: an eventfd that did not fire needs no read syscall; one written after the
+    /// poll returned ends the next sleep at once and is emptied then).
+    pub fn woke(&self, signalled: bool) {
         let peer = &self.shared.peers[self.worker];
         peer.sleeping.store(false, Ordering::SeqCst);
+        if !signalled {
+            return;
+        }
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing pending) is fine.
         unsafe {
