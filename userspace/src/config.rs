@@ -241,6 +241,9 @@ pub struct Limits {
     pub buffer_per_direction: usize,
     /// Connections one source address may hold per worker; 0: no limit.
     pub max_connections_per_source: usize,
+    /// Plain (`tls = false`) kernel-path connections move bytes socket → pipe → socket with
+    /// SPLICE once the PROXY header is out (`driver::sock::splice`); false: through buffers.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -834,6 +837,10 @@ pub struct FileLimits {
     /// `max_connections_per_source`: connections one client address may hold per worker;
     /// 0 (the default) is no limit.
     pub max_connections_per_source: usize,
+    /// `splice`: plain (`tls = false`) kernel-path listeners move bytes socket → pipe →
+    /// socket with io_uring SPLICE (a pipe of `buffer_per_direction` bytes per direction, 2
+    /// fds each). Default true.
+    pub splice: bool,
 }
 
 impl Default for FileLimits {
@@ -842,6 +849,7 @@ impl Default for FileLimits {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
             max_connections_per_source: 0,
+            splice: true,
         }
     }
 }
@@ -1782,6 +1790,7 @@ fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
             file.max_connections_per_source,
             MAX_TABLE_ENTRIES,
         )?,
+        splice: file.splice,
     })
 }
 

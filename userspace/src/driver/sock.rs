@@ -18,8 +18,14 @@
 //! bound holds however fast the peer sends, and back pressure needs no cancel. At most one
 //! receive and one send are in flight per socket.
 //!
+//! Plain kernel-path connections may move a direction's bytes through a pipe instead
+//! ([`splice`]): the source socket then arms no receives, and the destination is not flushed
+//! while its pipe holds bytes.
+//!
 //! Kernel interfaces: io_uring_enter(2) with RECV (buffer select), SEND, POLL_ADD, CONNECT
 //! linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
+
+pub mod splice;
 
 use std::io;
 use std::net::SocketAddr;
@@ -40,6 +46,8 @@ pub struct Io {
     pub ring: IoUring,
     pub slots: SlotPool,
     pub bufs: BufRing,
+    /// Idle pipes and the splice setting (kernel path, plain listeners).
+    pub pipes: splice::PipePool,
     connect_timeout: types::Timespec,
     /// Connections to pump again after this batch of completions: a receive found the buffer
     /// ring empty, or a send found no free slot.
@@ -66,6 +74,7 @@ impl Io {
             ring,
             slots,
             bufs,
+            pipes: splice::PipePool::default(),
             connect_timeout: types::Timespec::new()
                 .sec(connect_timeout.as_secs())
                 .nsec(connect_timeout.subsec_nanos()),
@@ -222,6 +231,18 @@ pub struct Sock {
     /// A receive or send failed (reset, broken pipe): nothing more is sent or received; what
     /// was queued is dropped.
     broken: bool,
+    /// This socket's bytes go to its peer's pipe ([`splice`]): no receive is armed.
+    splice_in: bool,
+    /// A splice refused this socket's bytes (EINVAL / EOPNOTSUPP): they are received into
+    /// buffers from then on.
+    no_splice: bool,
+    /// A fill (POLLIN, then SPLICE this socket → the peer's pipe) is in flight.
+    filling: bool,
+    /// A drain (POLLOUT, then SPLICE `pipe` → this socket) is in flight.
+    draining: bool,
+    /// The pipe the peer's bytes wait in for this socket, once that direction splices. Boxed:
+    /// most connections never have one.
+    pipe: Option<Box<splice::Pipe>>,
 }
 
 impl Sock {
@@ -239,6 +260,11 @@ impl Sock {
             in_flight: 0,
             closing: false,
             broken: false,
+            splice_in: false,
+            no_splice: false,
+            filling: false,
+            draining: false,
+            pipe: None,
         }
     }
 
@@ -254,9 +280,10 @@ impl Sock {
         self.fd
     }
 
-    /// Nothing is queued for the peer (everything given to [`Sock::fill`] is written).
+    /// Nothing is queued for the peer (everything given to [`Sock::fill`] is written, and its
+    /// pipe is empty; a broken socket's leftovers are dropped).
     pub fn flushed(&self) -> bool {
-        self.tx.is_empty()
+        self.tx.is_empty() && (self.broken || self.pipe.as_ref().is_none_or(|p| p.is_empty()))
     }
 
     /// Whether bytes were written since the last call (and forgets it).
@@ -298,7 +325,7 @@ impl Sock {
 
     /// Arms a receive if `wanted` and none is in flight.
     pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
-        if self.eof || self.closing || self.broken || self.fd < 0 {
+        if self.eof || self.closing || self.broken || self.fd < 0 || self.splice_in {
             return;
         }
         if !wanted || self.recv {

@@ -238,6 +238,18 @@ pub enum Op {
     Probe,
     /// The probe's linked timeout.
     ProbeTimeout,
+    /// A plain connection's client socket → pipe splice (`driver::sock::splice`).
+    ClientSpliceIn,
+    /// Pipe → client socket.
+    ClientSpliceOut,
+    /// The POLL_ADD linked in front of a client socket's splice.
+    ClientSpliceWait,
+    /// Backend socket → pipe.
+    BackendSpliceIn,
+    /// Pipe → backend socket.
+    BackendSpliceOut,
+    /// The POLL_ADD linked in front of a backend socket's splice.
+    BackendSpliceWait,
 }
 
 impl Op {
@@ -256,6 +268,12 @@ impl Op {
             11 => Op::BackendPoll,
             12 => Op::Probe,
             13 => Op::ProbeTimeout,
+            14 => Op::ClientSpliceIn,
+            15 => Op::ClientSpliceOut,
+            16 => Op::ClientSpliceWait,
+            17 => Op::BackendSpliceIn,
+            18 => Op::BackendSpliceOut,
+            19 => Op::BackendSpliceWait,
             _ => return None,
         })
     }
