@@ -424,11 +424,17 @@ impl Conn {
     /// (kernel path, [`sock::splice`]): a plain session with nothing left for the backend (the
     /// PROXY header included), the backend connected and open for writing, the client open.
     pub fn splice_to_backend_ready(&self) -> bool {
+        self.splice_to_backend_soon() && !self.session.has_backend_output()
+    }
+
+    /// [`Conn::splice_to_backend_ready`] but for bytes the session still holds for the backend:
+    /// once they are written the direction may splice, so the client's receives are held off
+    /// until then (a client that sends first would otherwise keep a receive armed for good).
+    pub fn splice_to_backend_soon(&self) -> bool {
         self.end.is_none()
             && !self.session.is_tls()
             && self.session.stage() == Stage::Proxying
             && self.client_in == Flow::Open
-            && !self.session.has_backend_output()
             && matches!(
                 self.leg,
                 Leg::Connected {
@@ -441,10 +447,14 @@ impl Conn {
     /// The same for the backend's bytes to the client: a plain session holding nothing for
     /// the client and not finished on our side, the backend connected and still sending.
     pub fn splice_to_client_ready(&self) -> bool {
+        self.splice_to_client_soon() && !self.session.wants_client_write()
+    }
+
+    /// [`Conn::splice_to_client_ready`] but for bytes the session still holds for the client.
+    pub fn splice_to_client_soon(&self) -> bool {
         self.end.is_none()
             && !self.session.is_tls()
             && self.session.stage() == Stage::Proxying
-            && !self.session.wants_client_write()
             && !self.session.close_notify_queued()
             && matches!(
                 self.leg,

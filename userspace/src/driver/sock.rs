@@ -236,6 +236,9 @@ pub struct Sock {
     /// A splice refused this socket's bytes (EINVAL / EOPNOTSUPP): they are received into
     /// buffers from then on.
     no_splice: bool,
+    /// This socket's bytes are about to go to its peer's pipe (the session is writing what it
+    /// holds for the peer): no receive is armed meanwhile.
+    splice_hold: bool,
     /// A fill (POLLIN, then SPLICE this socket → the peer's pipe) is in flight.
     filling: bool,
     /// A drain (POLLOUT, then SPLICE `pipe` → this socket) is in flight.
@@ -262,6 +265,7 @@ impl Sock {
             broken: false,
             splice_in: false,
             no_splice: false,
+            splice_hold: false,
             filling: false,
             draining: false,
             pipe: None,
@@ -325,7 +329,13 @@ impl Sock {
 
     /// Arms a receive if `wanted` and none is in flight.
     pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
-        if self.eof || self.closing || self.broken || self.fd < 0 || self.splice_in {
+        if self.eof
+            || self.closing
+            || self.broken
+            || self.fd < 0
+            || self.splice_in
+            || self.splice_hold
+        {
             return;
         }
         if !wanted || self.recv {

@@ -182,7 +182,12 @@ impl Sock {
 /// One direction, `src` → `dst`: starts splicing it when the machine says it may (`ready`)
 /// and both sockets can, then keeps a fill armed while the pipe has room and a drain armed
 /// while it holds bytes.
-fn run(io: &mut Io, src: &mut Sock, dst: &mut Sock, ready: bool, key: Key) {
+///
+/// `soon`: the direction will be ready once the session's own bytes for `dst` are written. Until
+/// then `src` arms no receive (`splice_hold`), so that the receive in flight when the session
+/// got bytes of its own (a peer that sends first) is the last: without the hold the copy path
+/// would re-arm it after every completion and the direction would never find `src` idle.
+fn run(io: &mut Io, src: &mut Sock, dst: &mut Sock, (soon, ready): (bool, bool), key: Key) {
     if ready && src.may_splice_in() && dst.may_splice_out() && dst.pipe.is_none() {
         match io.pipes.take() {
             Ok(pipe) => {
@@ -191,9 +196,15 @@ fn run(io: &mut Io, src: &mut Sock, dst: &mut Sock, ready: bool, key: Key) {
                 dst.pipe = Some(Box::new(pipe));
                 src.splice_in = true;
             }
-            Err(e) => tracing::debug!(error = %e, "no pipe: this direction is copied"),
+            Err(e) => {
+                // No pipe now means none later either (fd or pipe-page limits): copy for good
+                // rather than hold receives for a pipe that may not come.
+                tracing::debug!(error = %e, "no pipe: this direction is copied");
+                src.no_splice = true;
+            }
         }
     }
+    src.splice_hold = soon && !src.splice_in && !src.no_splice && src.usable();
     if !src.splice_in {
         return;
     }
@@ -251,13 +262,17 @@ fn run(io: &mut Io, src: &mut Sock, dst: &mut Sock, ready: bool, key: Key) {
 /// [`crate::driver::Conn::splice_to_client_ready`]) moves through a pipe.
 pub fn pump(io: &mut Io, e: &mut Entry<Sock>, key: Key) {
     if e.closing || e.conn.is_over() || !(io.pipes.enabled() || has_pipes(e)) {
+        e.client.splice_hold = false;
+        e.backend.splice_hold = false;
         return;
     }
     let enabled = io.pipes.enabled();
-    let ready = enabled && e.conn.splice_to_backend_ready();
-    run(io, &mut e.client, &mut e.backend, ready, key);
-    let ready = enabled && e.conn.splice_to_client_ready();
-    run(io, &mut e.backend, &mut e.client, ready, key);
+    let soon = enabled && e.conn.splice_to_backend_soon();
+    let ready = soon && e.conn.splice_to_backend_ready();
+    run(io, &mut e.client, &mut e.backend, (soon, ready), key);
+    let soon = enabled && e.conn.splice_to_client_soon();
+    let ready = soon && e.conn.splice_to_client_ready();
+    run(io, &mut e.backend, &mut e.client, (soon, ready), key);
 }
 
 fn has_pipes(e: &Entry<Sock>) -> bool {
