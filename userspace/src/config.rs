@@ -839,7 +839,8 @@ pub struct FileLimits {
     pub max_connections_per_source: usize,
     /// `splice`: plain (`tls = false`) kernel-path listeners move bytes socket → pipe →
     /// socket with io_uring SPLICE (a pipe of `buffer_per_direction` bytes per direction, 2
-    /// fds each). Default true.
+    /// fds each). Default false: on the veth rig it cost tern ~10 % more CPU per MiB than
+    /// copying (io_uring runs SPLICE on io-wq threads; see docs/benchmarks.md).
     pub splice: bool,
 }
 
@@ -849,7 +850,7 @@ impl Default for FileLimits {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
             max_connections_per_source: 0,
-            splice: true,
+            splice: false,
         }
     }
 }
