@@ -244,6 +244,9 @@ pub struct Limits {
     /// Plain (`tls = false`) kernel-path connections move bytes socket → pipe → socket with
     /// SPLICE once the PROXY header is out (`driver::sock::splice`); false: through buffers.
     pub splice: bool,
+    /// Kernel-path client writes of at least `driver::sock::zc::THRESHOLD` bytes go out with
+    /// SEND_ZC from the registered slot (`driver::sock::zc`); false: plain SEND.
+    pub send_zc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -842,6 +845,9 @@ pub struct FileLimits {
     /// fds each). Default false: on the veth rig it cost tern ~10 % more CPU per MiB than
     /// copying (io_uring runs SPLICE on io-wq threads; see docs/benchmarks.md).
     pub splice: bool,
+    /// `send_zc`: kernel-path TLS writes of at least 16 KiB go out with io_uring SEND_ZC from
+    /// the registered send slots. Default false (see docs/benchmarks.md).
+    pub send_zc: bool,
 }
 
 impl Default for FileLimits {
@@ -851,6 +857,7 @@ impl Default for FileLimits {
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
             max_connections_per_source: 0,
             splice: false,
+            send_zc: false,
         }
     }
 }
@@ -1792,6 +1799,7 @@ fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
             MAX_TABLE_ENTRIES,
         )?,
         splice: file.splice,
+        send_zc: file.send_zc,
     })
 }
 

@@ -124,6 +124,9 @@ single_writer_counters! {
     spliced_bytes,
     /// Splices refused with EINVAL/EOPNOTSUPP: that direction went back to the copy path.
     splice_fallbacks,
+    /// Ciphertext bytes kernel-path client sends wrote with SEND_ZC from their registered
+    /// slot (`limits.send_zc`; also in `client_bytes_out`).
+    zero_copy_bytes,
     }
 }
 

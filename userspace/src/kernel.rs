@@ -127,6 +127,7 @@ impl Worker {
         )?;
         io.pipes
             .configure(setup.limits.splice, setup.limits.buffer_per_direction);
+        io.zc.configure(setup.limits.send_zc);
         Ok(Worker {
             id: setup.id,
             sh: Shared {
@@ -217,6 +218,7 @@ impl Worker {
             .io
             .pipes
             .configure(config.limits.splice, config.limits.buffer_per_direction);
+        self.sh.io.zc.configure(config.limits.send_zc);
         self.drain_timeout = config.timeouts.drain;
         self.conns
             .set_limit(config.limits.max_connections_per_worker);

@@ -291,6 +291,7 @@ socket = "/run/tern-test.sock"
             buffer_per_direction: 16384,
             max_connections_per_source: 9,
             splice: false,
+            send_zc: false,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern-test.sock"));
@@ -365,6 +366,7 @@ fn defaults_are_applied() {
             buffer_per_direction: 65_536,
             max_connections_per_source: 0,
             splice: false,
+            send_zc: false,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern.sock"));
