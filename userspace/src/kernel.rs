@@ -402,10 +402,8 @@ impl Worker {
             }
             Op::ClientSpliceIn
             | Op::ClientSpliceOut
-            | Op::ClientSpliceWait
             | Op::BackendSpliceIn
-            | Op::BackendSpliceOut
-            | Op::BackendSpliceWait => {
+            | Op::BackendSpliceOut => {
                 let Some(e) = self.conns.get_mut(key) else {
                     tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
                     return;

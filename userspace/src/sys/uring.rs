@@ -238,18 +238,15 @@ pub enum Op {
     Probe,
     /// The probe's linked timeout.
     ProbeTimeout,
-    /// A plain connection's client socket → pipe splice (`driver::sock::splice`).
+    /// A plain connection's client socket is readable: splice it → pipe
+    /// (`driver::sock::splice`).
     ClientSpliceIn,
-    /// Pipe → client socket.
+    /// A client socket is writable: splice pipe → it.
     ClientSpliceOut,
-    /// The POLL_ADD linked in front of a client socket's splice.
-    ClientSpliceWait,
-    /// Backend socket → pipe.
+    /// Backend socket readable → pipe.
     BackendSpliceIn,
-    /// Pipe → backend socket.
+    /// Backend socket writable ← pipe.
     BackendSpliceOut,
-    /// The POLL_ADD linked in front of a backend socket's splice.
-    BackendSpliceWait,
 }
 
 impl Op {
@@ -270,10 +267,8 @@ impl Op {
             13 => Op::ProbeTimeout,
             14 => Op::ClientSpliceIn,
             15 => Op::ClientSpliceOut,
-            16 => Op::ClientSpliceWait,
-            17 => Op::BackendSpliceIn,
-            18 => Op::BackendSpliceOut,
-            19 => Op::BackendSpliceWait,
+            16 => Op::BackendSpliceIn,
+            17 => Op::BackendSpliceOut,
             _ => return None,
         })
     }

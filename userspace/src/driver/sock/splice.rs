@@ -1,16 +1,17 @@
 //! Splicing a plain (`tls = false`) kernel-path connection: once the machine has nothing of its
 //! own to send in a direction (the PROXY header is out, the session holds no bytes), that
-//! direction's bytes go socket → pipe → socket with io_uring SPLICE and never reach tern's
+//! direction's bytes go socket → pipe → socket with splice(2) and never reach tern's
 //! buffers. The pipe of a direction belongs to the socket the bytes go to (its `pipe`, read
 //! like a send slot: the socket is not flushed while its pipe holds bytes); the socket they
 //! come from only stops arming receives (`splice_in`).
 //!
-//! Every operation that names a socket is counted in that socket's `in_flight`, so its fd is
-//! closed only once nothing names it ([`Sock::close`]): the fill (POLL_ADD POLLIN linked to
-//! SPLICE socket → pipe) on the source, the drain (POLL_ADD POLLOUT linked to SPLICE pipe →
-//! socket) on the destination. io_uring runs SPLICE on its io-wq threads (the kernel forces it
-//! async), so the socket sides are made O_NONBLOCK when a direction starts splicing and each
-//! splice is preceded by a poll: an idle or unread connection parks a poll, never a thread.
+//! The ring only waits: a fill is a POLL_ADD POLLIN on the source, a drain a POLL_ADD POLLOUT
+//! on the destination, and when one completes the worker itself calls splice(2) with
+//! SPLICE_F_NONBLOCK (the socket sides are made O_NONBLOCK when a direction starts
+//! splicing). io_uring's own IORING_OP_SPLICE always runs on io-wq helper threads (the kernel
+//! forces it async), which measured dearer per MiB than the worker's syscall. Every poll is
+//! counted in its socket's `in_flight`, so the fd is closed only once nothing names it
+//! ([`Sock::close`]); an idle or unread connection parks a poll, never a thread.
 //!
 //! Bounds: a pipe holds at most `limits.buffer_per_direction` bytes (F_SETPIPE_SZ; the kernel
 //! rounds to a power of two of pages and, past `fs.pipe-user-pages-soft`, may give less), and
@@ -25,12 +26,12 @@
 //! drain has bytes stranded in the pipe and fails the connection like a send error.
 //!
 //! Kernel interfaces: pipe2(2), fcntl(2) F_SETPIPE_SZ / F_GETPIPE_SZ, io_uring_enter(2) with
-//! IORING_OP_SPLICE and POLL_ADD (IOSQE_IO_LINK), splice(2) semantics.
+//! POLL_ADD, splice(2) (SPLICE_F_NONBLOCK | SPLICE_F_MOVE).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use io_uring::{opcode, squeue, types};
+use io_uring::{opcode, types};
 
 use super::{Io, Side, Sock};
 use crate::driver::{Entry, Event, Key, Shared};
@@ -141,18 +142,12 @@ fn set_nonblocking(fd: RawFd) {
     }
 }
 
-fn ops(side: Side) -> (Op, Op, Op) {
+/// The ops of a socket's fill poll (POLLIN, then splice socket → pipe) and drain poll
+/// (POLLOUT, then splice pipe → socket).
+fn ops(side: Side) -> (Op, Op) {
     match side {
-        Side::Client => (
-            Op::ClientSpliceIn,
-            Op::ClientSpliceOut,
-            Op::ClientSpliceWait,
-        ),
-        Side::Backend => (
-            Op::BackendSpliceIn,
-            Op::BackendSpliceOut,
-            Op::BackendSpliceWait,
-        ),
+        Side::Client => (Op::ClientSpliceIn, Op::ClientSpliceOut),
+        Side::Backend => (Op::BackendSpliceIn, Op::BackendSpliceOut),
     }
 }
 
@@ -212,48 +207,45 @@ fn run(io: &mut Io, src: &mut Sock, dst: &mut Sock, (soon, ready): (bool, bool),
         return;
     };
     if !src.filling && !src.eof && src.usable() && pipe.room() > 0 {
-        let (splice, _, wait) = ops(src.side);
-        io.make_room(2);
+        let (fill, _) = ops(src.side);
         let poll = opcode::PollAdd::new(types::Fd(src.fd), libc::POLLIN as u32)
             .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(UserData::new(wait, key.gen, key.index).encode());
-        let fill = opcode::Splice::new(
-            types::Fd(src.fd),
-            -1,
-            types::Fd(pipe.w.as_raw_fd()),
-            -1,
-            pipe.room(),
-        )
-        .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-        .build()
-        .user_data(UserData::new(splice, key.gen, key.index).encode());
+            .user_data(UserData::new(fill, key.gen, key.index).encode());
         io.push(poll);
-        io.push(fill);
         src.filling = true;
-        src.in_flight += 2;
+        src.in_flight += 1;
     }
     if !dst.draining && pipe.len > 0 && dst.usable() {
-        let (_, splice, wait) = ops(dst.side);
-        io.make_room(2);
+        let (_, drain) = ops(dst.side);
         let poll = opcode::PollAdd::new(types::Fd(dst.fd), libc::POLLOUT as u32)
             .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(UserData::new(wait, key.gen, key.index).encode());
-        let drain = opcode::Splice::new(
-            types::Fd(pipe.r.as_raw_fd()),
-            -1,
-            types::Fd(dst.fd),
-            -1,
-            pipe.len,
-        )
-        .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-        .build()
-        .user_data(UserData::new(splice, key.gen, key.index).encode());
+            .user_data(UserData::new(drain, key.gen, key.index).encode());
         io.push(poll);
-        io.push(drain);
         dst.draining = true;
-        dst.in_flight += 2;
+        dst.in_flight += 1;
+    }
+}
+
+/// splice(2) `len` bytes from `from` to `to` without blocking: the bytes moved, or -errno
+/// (the shape of an io_uring result).
+fn splice_now(from: RawFd, to: RawFd, len: u32) -> i32 {
+    // SAFETY: splice(2) on fds this connection owns, no offsets (null), no user memory.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len as usize,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(n).unwrap_or(i32::MAX)
     }
 }
 
@@ -290,20 +282,6 @@ pub fn completion(
 ) {
     let last = !io_uring::cqueue::more(flags);
     let (src_is_client, fill) = match op {
-        Op::ClientSpliceWait | Op::BackendSpliceWait => {
-            // The poll in front of a splice: the splice's own completion follows (with
-            // ECANCELED if the poll failed).
-            let sock = if op == Op::ClientSpliceWait {
-                &mut e.client
-            } else {
-                &mut e.backend
-            };
-            if last {
-                sock.in_flight = sock.in_flight.saturating_sub(1);
-            }
-            sock.release_if_idle(&mut sh.io);
-            return;
-        }
         Op::ClientSpliceIn => (true, true),
         Op::BackendSpliceIn => (false, true),
         // A drain's destination is the side named; its source is the other one.
@@ -323,6 +301,19 @@ pub fn completion(
     if last {
         named.in_flight = named.in_flight.saturating_sub(1);
     }
+    // The poll's result: the socket is ready (revents > 0), so the splice is done now, from the
+    // worker, or it failed (ECANCELED at close), which stands for the splice's result.
+    let res = match (res > 0, fill, dst.pipe.as_deref()) {
+        (true, true, Some(pipe)) if !src.closing => {
+            splice_now(src.fd, pipe.w.as_raw_fd(), pipe.room())
+        }
+        (true, false, Some(pipe)) if !dst.closing => {
+            splice_now(pipe.r.as_raw_fd(), dst.fd, pipe.len)
+        }
+        (true, _, _) => -libc::ECANCELED,
+        // A poll never completes with 0; were it to, it is no end of stream.
+        (false, _, _) => res.min(-libc::EAGAIN),
+    };
     let moved = u32::try_from(res).unwrap_or(0);
     let mut event = None;
     if fill {
