@@ -289,7 +289,6 @@ pub fn completion(
         Op::BackendSpliceOut => (true, false),
         _ => return,
     };
-    let counters = &*sh.counters;
     let (client, backend) = (&mut e.client, &mut e.backend);
     let (src, dst) = if src_is_client {
         (client, backend)
@@ -313,6 +312,59 @@ pub fn completion(
         (true, _, _) => -libc::ECANCELED,
         // A poll never completes with 0; were it to, it is no end of stream.
         (false, _, _) => res.min(-libc::EAGAIN),
+    };
+    if step(sh, e, (src_is_client, fill), res, now) {
+        follow_on(sh, e, (src_is_client, !fill), now);
+    }
+}
+
+/// After bytes moved, the other half of the same direction is tried at once (a drain after a
+/// fill, a fill after a drain) if no poll is waiting for it: a ready socket then costs no
+/// round trip through the ring; EAGAIN leaves it to the next pump's poll.
+fn follow_on(
+    sh: &mut Shared,
+    e: &mut Entry<Sock>,
+    (src_is_client, fill): (bool, bool),
+    now: Instant,
+) {
+    let (src, dst) = if src_is_client {
+        (&e.client, &e.backend)
+    } else {
+        (&e.backend, &e.client)
+    };
+    let Some(pipe) = dst.pipe.as_deref() else {
+        return;
+    };
+    let res = if fill {
+        if src.filling || src.eof || !src.splice_in || !src.usable() || pipe.room() == 0 {
+            return;
+        }
+        splice_now(src.fd, pipe.w.as_raw_fd(), pipe.room())
+    } else {
+        if dst.draining || pipe.len == 0 || !dst.usable() {
+            return;
+        }
+        splice_now(pipe.r.as_raw_fd(), dst.fd, pipe.len)
+    };
+    step(sh, e, (src_is_client, fill), res, now);
+}
+
+/// Accounts one splice's result `res` (bytes, or -errno) for the direction whose source is
+/// the client or not, a fill (socket → pipe) or a drain: counters, the pipe's level, the
+/// machine's events. Returns whether bytes moved.
+fn step(
+    sh: &mut Shared,
+    e: &mut Entry<Sock>,
+    (src_is_client, fill): (bool, bool),
+    res: i32,
+    now: Instant,
+) -> bool {
+    let counters = &*sh.counters;
+    let (client, backend) = (&mut e.client, &mut e.backend);
+    let (src, dst) = if src_is_client {
+        (client, backend)
+    } else {
+        (backend, client)
     };
     let moved = u32::try_from(res).unwrap_or(0);
     let mut event = None;
@@ -368,11 +420,14 @@ pub fn completion(
     let about_client = src_is_client == fill;
     src.release_if_idle(&mut sh.io);
     dst.release_if_idle(&mut sh.io);
-    let Some(ev) = event else { return };
+    let Some(ev) = event else {
+        return moved > 0;
+    };
     if about_client {
         e.conn.client_event(ev, counters);
     } else if let Some(next) = e.conn.backend_event(ev, &mut sh.backends, counters, now) {
         // A connected leg's events never ask for a connect; nothing to carry out.
         tracing::debug!(?next, "unexpected backend operation after a splice");
     }
+    false
 }
