@@ -1,5 +1,5 @@
 //! End-to-end tests of splicing on the kernel path: a plain (`tls = false`, `mode = "kernel"`)
-//! listener moves bytes socket → pipe → socket with io_uring SPLICE (`limits.splice`, on by
+//! listener moves bytes socket → pipe → socket with splice(2) (`limits.splice`, on by
 //! default). Each test checks what a client and a backend see (every byte, in order, sha256
 //! compared; FIN in each direction on its own; RST), the counters (`spliced_bytes` proves the
 //! pipe carried the bytes, the byte counts equal what was sent) and that tern is back where it

@@ -841,9 +841,9 @@ pub struct FileLimits {
     /// 0 (the default) is no limit.
     pub max_connections_per_source: usize,
     /// `splice`: plain (`tls = false`) kernel-path listeners move bytes socket → pipe →
-    /// socket with io_uring SPLICE (a pipe of `buffer_per_direction` bytes per direction, 2
-    /// fds each). Default false: on the veth rig it cost tern ~10 % more CPU per MiB than
-    /// copying (io_uring runs SPLICE on io-wq threads; see docs/benchmarks.md).
+    /// socket with splice(2) (a pipe of `buffer_per_direction` bytes per direction, 2 fds
+    /// each). Default true: on the veth rig it cost tern ~13 % less CPU per MiB than copying
+    /// (see docs/benchmarks.md).
     pub splice: bool,
     /// `send_zc`: kernel-path TLS writes of at least 16 KiB go out with io_uring SEND_ZC from
     /// the registered send slots. Default false (see docs/benchmarks.md).
@@ -856,7 +856,7 @@ impl Default for FileLimits {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
             max_connections_per_source: 0,
-            splice: false,
+            splice: true,
             send_zc: false,
         }
     }

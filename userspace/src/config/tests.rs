@@ -290,7 +290,7 @@ socket = "/run/tern-test.sock"
             max_connections_per_worker: 123,
             buffer_per_direction: 16384,
             max_connections_per_source: 9,
-            splice: false,
+            splice: true,
             send_zc: false,
         }
     );
@@ -365,7 +365,7 @@ fn defaults_are_applied() {
             max_connections_per_worker: 10_000,
             buffer_per_direction: 65_536,
             max_connections_per_source: 0,
-            splice: false,
+            splice: true,
             send_zc: false,
         }
     );
