@@ -241,6 +241,12 @@ pub struct Limits {
     pub buffer_per_direction: usize,
     /// Connections one source address may hold per worker; 0: no limit.
     pub max_connections_per_source: usize,
+    /// Plain (`tls = false`) kernel-path connections move bytes socket → pipe → socket with
+    /// SPLICE once the PROXY header is out (`driver::sock::splice`); false: through buffers.
+    pub splice: bool,
+    /// Kernel-path client writes of at least `driver::sock::zc::THRESHOLD` bytes go out with
+    /// SEND_ZC from the registered slot (`driver::sock::zc`); false: plain SEND.
+    pub send_zc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -900,6 +906,14 @@ pub struct FileLimits {
     /// `max_connections_per_source`: connections one client address may hold per worker;
     /// 0 (the default) is no limit.
     pub max_connections_per_source: usize,
+    /// `splice`: plain (`tls = false`) kernel-path listeners move bytes socket → pipe →
+    /// socket with splice(2) (a pipe of `buffer_per_direction` bytes per direction, 2 fds
+    /// each). Default true: on the veth rig it cost tern ~13 % less CPU per MiB than copying
+    /// (see docs/benchmarks.md).
+    pub splice: bool,
+    /// `send_zc`: kernel-path TLS writes of at least 16 KiB go out with io_uring SEND_ZC from
+    /// the registered send slots. Default false (see docs/benchmarks.md).
+    pub send_zc: bool,
 }
 
 impl Default for FileLimits {
@@ -908,6 +922,8 @@ impl Default for FileLimits {
             max_connections_per_worker: DEFAULT_MAX_CONNECTIONS_PER_WORKER,
             buffer_per_direction: DEFAULT_BUFFER_PER_DIRECTION,
             max_connections_per_source: 0,
+            splice: true,
+            send_zc: false,
         }
     }
 }
@@ -1848,6 +1864,8 @@ fn validate_limits(file: FileLimits) -> Result<Limits, Invalid> {
             file.max_connections_per_source,
             MAX_TABLE_ENTRIES,
         )?,
+        splice: file.splice,
+        send_zc: file.send_zc,
     })
 }
 

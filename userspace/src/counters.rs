@@ -119,6 +119,14 @@ single_writer_counters! {
     /// Access log records dropped because the worker's buffer was full (the writer thread
     /// fell behind by `access_log.buffer_lines`).
     access_log_dropped,
+    /// Bytes plain (`tls = false`) kernel-path connections moved socket → pipe → socket with
+    /// SPLICE, never through tern's buffers (both directions; also in the byte counts above).
+    spliced_bytes,
+    /// Splices refused with EINVAL/EOPNOTSUPP: that direction went back to the copy path.
+    splice_fallbacks,
+    /// Ciphertext bytes kernel-path client sends wrote with SEND_ZC from their registered
+    /// slot (`limits.send_zc`; also in `client_bytes_out`).
+    zero_copy_bytes,
     }
 }
 

@@ -418,6 +418,75 @@ impl Conn {
         };
     }
 
+    // ------------------------------------------------------------------ splicing
+
+    /// Whether the client's bytes may now bypass the session on their way to the backend
+    /// (kernel path, [`sock::splice`]): a plain session with nothing left for the backend (the
+    /// PROXY header included), the backend connected and open for writing, the client open.
+    pub fn splice_to_backend_ready(&self) -> bool {
+        self.splice_to_backend_soon() && !self.session.has_backend_output()
+    }
+
+    /// [`Conn::splice_to_backend_ready`] but for bytes the session still holds for the backend:
+    /// once they are written the direction may splice, so the client's receives are held off
+    /// until then (a client that sends first would otherwise keep a receive armed for good).
+    pub fn splice_to_backend_soon(&self) -> bool {
+        self.end.is_none()
+            && !self.session.is_tls()
+            && self.session.stage() == Stage::Proxying
+            && self.client_in == Flow::Open
+            && matches!(
+                self.leg,
+                Leg::Connected {
+                    write: Flow::Open,
+                    ..
+                }
+            )
+    }
+
+    /// The same for the backend's bytes to the client: a plain session holding nothing for
+    /// the client and not finished on our side, the backend connected and still sending.
+    pub fn splice_to_client_ready(&self) -> bool {
+        self.splice_to_client_soon() && !self.session.wants_client_write()
+    }
+
+    /// [`Conn::splice_to_client_ready`] but for bytes the session still holds for the client.
+    pub fn splice_to_client_soon(&self) -> bool {
+        self.end.is_none()
+            && !self.session.is_tls()
+            && self.session.stage() == Stage::Proxying
+            && !self.session.close_notify_queued()
+            && matches!(
+                self.leg,
+                Leg::Connected {
+                    read: Flow::Open,
+                    ..
+                }
+            )
+    }
+
+    /// `n` bytes went from the client into the pipe to the backend: counted as received from
+    /// the client and given to the backend leg, as the copy path counts them.
+    pub fn spliced_from_client(&mut self, n: usize, counters: &WorkerCounters, now: Instant) {
+        let n = n as u64;
+        counters.client_bytes_in.add(n);
+        counters.backend_bytes_out.add(n);
+        self.bytes.from_client += n;
+        self.bytes.to_backend += n;
+        self.active = now;
+    }
+
+    /// `n` bytes went from the backend into the pipe to the client.
+    pub fn spliced_from_backend(&mut self, n: usize, counters: &WorkerCounters, now: Instant) {
+        let n = n as u64;
+        counters.backend_bytes_in.add(n);
+        counters.client_bytes_out.add(n);
+        self.bytes.from_backend += n;
+        self.bytes.to_client += n;
+        self.stamps.first_backend_byte.get_or_insert(now);
+        self.active = now;
+    }
+
     // ------------------------------------------------------------------ backend side
 
     /// What the backend leg needs now, if anything. `flushed`: the transport has written

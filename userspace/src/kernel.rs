@@ -25,7 +25,7 @@ use rustls::ServerConfig;
 
 use crate::config::{Backend, Limits, Timeouts};
 use crate::counters::WorkerCounters;
-use crate::driver::sock::{set_linger_zero, Io, Side, Sock};
+use crate::driver::sock::{set_linger_zero, splice, Io, Side, Sock};
 use crate::driver::timer::Millis;
 use crate::driver::{
     self, Backends, ClientOutput, Conn, End, Key, Policy, Shared, SourceLimits, Table, Why,
@@ -119,12 +119,15 @@ impl Worker {
         // pressure, never unbounded memory).
         let slot_count = (2 * max).clamp(64, 2048) as u32;
         let epoch = std::time::Instant::now();
-        let io = Io::new(
+        let mut io = Io::new(
             ring,
             slot_count,
             RECV_BUFFERS,
             setup.backend.connect_timeout,
         )?;
+        io.pipes
+            .configure(setup.limits.splice, setup.limits.buffer_per_direction);
+        io.zc.configure(setup.limits.send_zc);
         Ok(Worker {
             id: setup.id,
             sh: Shared {
@@ -211,6 +214,11 @@ impl Worker {
         self.tls.clone_from(&live.tls);
         self.proxy_protocol = config.backend.proxy_protocol;
         self.limits = config.limits;
+        self.sh
+            .io
+            .pipes
+            .configure(config.limits.splice, config.limits.buffer_per_direction);
+        self.sh.io.zc.configure(config.limits.send_zc);
         self.drain_timeout = config.timeouts.drain;
         self.conns
             .set_limit(config.limits.max_connections_per_worker);
@@ -392,6 +400,17 @@ impl Worker {
                 driver::backend_completion(&mut self.sh, e, key, (ud.op, res, flags), now);
                 self.pump(key);
             }
+            Op::ClientSpliceIn
+            | Op::ClientSpliceOut
+            | Op::BackendSpliceIn
+            | Op::BackendSpliceOut => {
+                let Some(e) = self.conns.get_mut(key) else {
+                    tracing::error!(worker = self.id, ?ud, "completion for a freed connection");
+                    return;
+                };
+                splice::completion(&mut self.sh, e, (ud.op, res, flags), now);
+                self.pump(key);
+            }
         }
     }
 
@@ -515,6 +534,9 @@ impl Worker {
             }
             return;
         }
+        // Plain connections: a direction the session has nothing of its own in goes through
+        // a pipe (its receives are then not armed below).
+        splice::pump(&mut self.sh.io, e, key);
         e.client
             .want_recv(&mut self.sh.io, e.conn.wants_client_read(), key);
         driver::pump_backend(&mut self.sh, e, key, now);
@@ -554,7 +576,9 @@ impl Worker {
     }
 
     fn free(&mut self, key: Key) {
-        if self.conns.remove(key).is_some() {
+        if let Some(mut e) = self.conns.remove(key) {
+            self.sh.io.pipes.recycle(&mut e.client);
+            self.sh.io.pipes.recycle(&mut e.backend);
             self.sh.counters.active.dec();
         }
     }

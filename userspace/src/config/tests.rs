@@ -290,6 +290,8 @@ socket = "/run/tern-test.sock"
             max_connections_per_worker: 123,
             buffer_per_direction: 16384,
             max_connections_per_source: 9,
+            splice: true,
+            send_zc: false,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern-test.sock"));
@@ -363,6 +365,8 @@ fn defaults_are_applied() {
             max_connections_per_worker: 10_000,
             buffer_per_direction: 65_536,
             max_connections_per_source: 0,
+            splice: true,
+            send_zc: false,
         }
     );
     assert_eq!(config.control.socket, PathBuf::from("/run/tern.sock"));

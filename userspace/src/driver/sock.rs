@@ -18,8 +18,19 @@
 //! bound holds however fast the peer sends, and back pressure needs no cancel. At most one
 //! receive and one send are in flight per socket.
 //!
+//! Plain kernel-path connections may move a direction's bytes through a pipe instead
+//! ([`splice`]): the source socket then arms no receives, and the destination is not flushed
+//! while its pipe holds bytes.
+//!
+//! Large client writes may go out zero-copy ([`zc`], `limits.send_zc`): the slot then stays
+//! out of the pool until the kernel's notification says it no longer reads it.
+//!
 //! Kernel interfaces: io_uring_enter(2) with RECV (buffer select; poll first once a receive
-//! drained the socket), SEND, POLL_ADD, CONNECT linked to LINK_TIMEOUT, ASYNC_CANCEL by fd.
+//! drained the socket), SEND, SEND_ZC, POLL_ADD, CONNECT linked to LINK_TIMEOUT, ASYNC_CANCEL
+//! by fd.
+
+pub mod splice;
+pub mod zc;
 
 use std::io;
 use std::net::SocketAddr;
@@ -44,6 +55,10 @@ pub struct Io {
     pub ring: IoUring,
     pub slots: SlotPool,
     pub bufs: BufRing,
+    /// Idle pipes and the splice setting (kernel path, plain listeners).
+    pub pipes: splice::PipePool,
+    /// Whether large client writes go out with SEND_ZC (kernel path, `limits.send_zc`).
+    pub zc: zc::Setting,
     connect_timeout: types::Timespec,
     /// Connections to pump again after this batch of completions: a receive found the buffer
     /// ring empty, or a send found no free slot.
@@ -66,10 +81,13 @@ impl Io {
     ) -> io::Result<Io> {
         let slots = SlotPool::new(&ring, slots)?;
         let bufs = BufRing::new(&ring, recv_buffers, BUF_GROUP)?;
+        let zc = zc::Setting::probe(&ring);
         Ok(Io {
             ring,
             slots,
             bufs,
+            pipes: splice::PipePool::default(),
+            zc,
             connect_timeout: types::Timespec::new()
                 .sec(connect_timeout.as_secs())
                 .nsec(connect_timeout.subsec_nanos()),
@@ -194,6 +212,8 @@ struct Tx {
     in_flight: bool,
     /// Bytes of the send in flight (from `start`); bytes after them may be appended meanwhile.
     sending: usize,
+    /// The send in flight is a SEND_ZC.
+    zero_copy: bool,
 }
 
 impl Tx {
@@ -229,6 +249,23 @@ pub struct Sock {
     /// A receive or send failed (reset, broken pipe): nothing more is sent or received; what
     /// was queued is dropped.
     broken: bool,
+    /// This socket's bytes go to its peer's pipe ([`splice`]): no receive is armed.
+    splice_in: bool,
+    /// A splice refused this socket's bytes (EINVAL / EOPNOTSUPP): they are received into
+    /// buffers from then on.
+    no_splice: bool,
+    /// This socket's bytes are about to go to its peer's pipe (the session is writing what it
+    /// holds for the peer): no receive is armed meanwhile.
+    splice_hold: bool,
+    /// A fill (POLLIN, then SPLICE this socket → the peer's pipe) is in flight.
+    filling: bool,
+    /// A drain (POLLOUT, then SPLICE `pipe` → this socket) is in flight.
+    draining: bool,
+    /// The pipe the peer's bytes wait in for this socket, once that direction splices. Boxed:
+    /// most connections never have one.
+    pipe: Option<Box<splice::Pipe>>,
+    /// Zero-copy sends awaiting their notification, and the slots they hold.
+    zc: zc::Pending,
 }
 
 impl Sock {
@@ -247,6 +284,13 @@ impl Sock {
             in_flight: 0,
             closing: false,
             broken: false,
+            splice_in: false,
+            no_splice: false,
+            splice_hold: false,
+            filling: false,
+            draining: false,
+            pipe: None,
+            zc: zc::Pending::default(),
         }
     }
 
@@ -262,9 +306,10 @@ impl Sock {
         self.fd
     }
 
-    /// Nothing is queued for the peer (everything given to [`Sock::fill`] is written).
+    /// Nothing is queued for the peer (everything given to [`Sock::fill`] is written, and its
+    /// pipe is empty; a broken socket's leftovers are dropped).
     pub fn flushed(&self) -> bool {
-        self.tx.is_empty()
+        self.tx.is_empty() && (self.broken || self.pipe.as_ref().is_none_or(|p| p.is_empty()))
     }
 
     /// Whether bytes were written since the last call (and forgets it).
@@ -274,7 +319,7 @@ impl Sock {
 
     /// Closed and every operation completed: the connection may be freed.
     pub fn is_released(&self) -> bool {
-        self.fd < 0 && self.in_flight == 0 && self.tx.slot.is_none()
+        self.fd < 0 && self.in_flight == 0 && self.tx.slot.is_none() && self.zc.settled()
     }
 
     // ------------------------------------------------------------------ operations
@@ -306,7 +351,13 @@ impl Sock {
 
     /// Arms a receive if `wanted` and none is in flight.
     pub fn want_recv(&mut self, io: &mut Io, wanted: bool, key: Key) {
-        if self.eof || self.closing || self.broken || self.fd < 0 {
+        if self.eof
+            || self.closing
+            || self.broken
+            || self.fd < 0
+            || self.splice_in
+            || self.splice_hold
+        {
             return;
         }
         if !wanted || self.recv {
@@ -348,7 +399,7 @@ impl Sock {
             Some(slot) => {
                 // Appending after what is queued is fine while a send is in flight: the kernel
                 // reads only `start..start + sending`. Compacting is not: only when idle.
-                if !tx.in_flight && tx.start > 0 {
+                if !tx.in_flight && tx.start > 0 && self.zc.idle() {
                     io.slots.slot_mut(slot).copy_within(tx.start..tx.end, 0);
                     tx.end -= tx.start;
                     tx.start = 0;
@@ -363,7 +414,7 @@ impl Sock {
                 };
                 let n = f(io.slots.slot_mut(&slot));
                 if n == 0 {
-                    io.slots.give_back(slot);
+                    self.zc.give_back(&mut io.slots, slot);
                 } else {
                     *tx = Tx {
                         slot: Some(slot),
@@ -388,24 +439,32 @@ impl Sock {
         {
             return;
         }
-        let (ptr, len) = match &self.tx.slot {
+        let (ptr, len, registered) = match &self.tx.slot {
             Some(slot) => (
                 io.slots.ptr(slot, self.tx.start),
                 self.tx.end - self.tx.start,
+                true,
             ),
             None => (
                 // SAFETY: `start < stash.len()` (a stash holds only unsent bytes).
                 unsafe { self.tx.stash.as_ptr().add(self.tx.start) },
                 self.tx.stash.len() - self.tx.start,
+                false,
             ),
         };
         if len == 0 {
             return;
         }
-        let e = opcode::Send::new(types::Fd(self.fd), ptr, len as u32)
-            .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(UserData::new(self.side.send(), key.gen, key.index).encode());
+        let user_data = UserData::new(self.side.send(), key.gen, key.index).encode();
+        self.tx.zero_copy = registered && self.side == Side::Client && io.zc.wants(len);
+        let e = if self.tx.zero_copy {
+            zc::send(self.fd, ptr, len, user_data)
+        } else {
+            opcode::Send::new(types::Fd(self.fd), ptr, len as u32)
+                .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data)
+        };
         self.tx.sending = len;
         self.tx.in_flight = true;
         self.in_flight += 1;
@@ -457,7 +516,7 @@ impl Sock {
 
     fn give_back_tx(&mut self, io: &mut Io) {
         if let Some(slot) = self.tx.slot.take() {
-            io.slots.give_back(slot);
+            self.zc.give_back(&mut io.slots, slot);
         }
         self.tx = Tx::default();
     }
@@ -472,8 +531,19 @@ impl Sock {
         flags: u32,
         counters: &WorkerCounters,
     ) -> Done {
-        if !io_uring::cqueue::more(flags) {
-            // An operation's last completion (every operation here has only one).
+        let send = matches!(op, Op::ClientSend | Op::BackendSend);
+        if send && io_uring::cqueue::notif(flags) {
+            // A SEND_ZC's notification: its send completed already; its slot may be free now.
+            self.zc.notified(&mut io.slots);
+            return Done::Event(OwnedEvent::Nothing);
+        }
+        if send {
+            // A send's result; with F_MORE (SEND_ZC) a notification follows, counted apart
+            // so the fd can close without waiting for it (see `zc`).
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.zc.sent(io_uring::cqueue::more(flags), &mut io.slots);
+        } else if !io_uring::cqueue::more(flags) {
+            // An operation's last completion (every other operation here has only one).
             self.in_flight = self.in_flight.saturating_sub(1);
         }
         let bid = io_uring::cqueue::buffer_select(flags);
@@ -488,7 +558,7 @@ impl Sock {
                     self.recv = false;
                     self.on_recv(io, res, bid, counters)
                 }
-                Op::ClientSend | Op::BackendSend => self.on_send(io, res, key),
+                Op::ClientSend | Op::BackendSend => self.on_send(io, res, key, counters),
                 Op::ClientPoll | Op::BackendPoll => {
                     self.poll = false;
                     Done::Event(OwnedEvent::Nothing)
@@ -538,8 +608,9 @@ impl Sock {
         })
     }
 
-    fn on_send(&mut self, io: &mut Io, res: i32, key: Key) -> Done {
+    fn on_send(&mut self, io: &mut Io, res: i32, key: Key, counters: &WorkerCounters) -> Done {
         self.tx.in_flight = false;
+        let zero_copy = std::mem::take(&mut self.tx.zero_copy);
         let sent = std::mem::take(&mut self.tx.sending);
         let written = match res {
             n if n >= 0 => (n as usize).min(sent),
@@ -551,6 +622,9 @@ impl Sock {
         };
         if written > 0 {
             self.progressed = true;
+            if zero_copy {
+                counters.zero_copy_bytes.add(written as u64);
+            }
         }
         self.tx.start += written;
         let left = match &self.tx.slot {
@@ -575,7 +649,7 @@ impl Sock {
             self.tx.stash = rest.to_vec();
             self.tx.start = 0;
             self.tx.end = 0;
-            io.slots.give_back(slot);
+            self.zc.give_back(&mut io.slots, slot);
         }
         let e = opcode::PollAdd::new(types::Fd(self.fd), libc::POLLOUT as u32)
             .build()

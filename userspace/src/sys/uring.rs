@@ -238,6 +238,15 @@ pub enum Op {
     Probe,
     /// The probe's linked timeout.
     ProbeTimeout,
+    /// A plain connection's client socket is readable: splice it → pipe
+    /// (`driver::sock::splice`).
+    ClientSpliceIn,
+    /// A client socket is writable: splice pipe → it.
+    ClientSpliceOut,
+    /// Backend socket readable → pipe.
+    BackendSpliceIn,
+    /// Backend socket writable ← pipe.
+    BackendSpliceOut,
 }
 
 impl Op {
@@ -256,6 +265,10 @@ impl Op {
             11 => Op::BackendPoll,
             12 => Op::Probe,
             13 => Op::ProbeTimeout,
+            14 => Op::ClientSpliceIn,
+            15 => Op::ClientSpliceOut,
+            16 => Op::BackendSpliceIn,
+            17 => Op::BackendSpliceOut,
             _ => return None,
         })
     }
