@@ -277,7 +277,11 @@ pub(crate) fn answer(raw: *mut xdp_md, config: &XdpConfig) -> Answer {
     opts[0] = 0x0204_0000 | (config.cookie_mss & 0xffff);
     let mut n = 1usize;
     if let (Some(ours), Some(theirs)) = (tsval, syn.tsval) {
-        opts[1] = if syn.sack_perm { 0x0402_080a } else { 0x0101_080a };
+        opts[1] = if syn.sack_perm {
+            0x0402_080a
+        } else {
+            0x0101_080a
+        };
         opts[2] = ours;
         opts[3] = theirs;
         n = 4;

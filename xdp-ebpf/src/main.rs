@@ -71,19 +71,17 @@ use core::mem::{size_of, swap};
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple, xdp_action},
-    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     helpers::bpf_ktime_get_ns,
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{map, xdp},
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, XskMap, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, XskMap, lpm_trie::Key},
     programs::XdpContext,
 };
 use tern_common::{
     BLOCK_MAP_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, HANDOVER_KERNEL_KEEPS, HANDOVER_KERNEL_NEW,
-    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, PROG_MAP_ENTRIES, PROG_SYN_COOKIE, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey, SOURCE_RATE_ENTRIES,
-    SourceRate, XDP_STATS_ENTRIES, XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash,
-    gcra, ipv4_mapped, xsk_index,
+    IPV4_MAPPED_UNSPECIFIED, LISTEN_LIMIT, LISTEN_MAP_ENTRIES, LISTEN_STEER, ListenKey,
+    PROG_MAP_ENTRIES, PROG_SYN_COOKIE, SOURCE_RATE_ENTRIES, SourceRate, XDP_STATS_ENTRIES,
+    XDP_STATS_INDEX, XSK_MAP_ENTRIES, XdpConfig, XdpStats, flow_hash, gcra, ipv4_mapped, xsk_index,
 };
 
 // Every map's static name must equal its `tern_common` constant (the `#[map]` macro takes the
