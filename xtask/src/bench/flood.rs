@@ -23,7 +23,7 @@
 //!
 //! Opt-in (not part of `cargo xtask bench`): about `runs × 3 × 2 × seconds` plus start-up.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,12 +35,11 @@ use tern_tests::pktgen::{mac_of, send_syns, Sent, SynSpec};
 use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::run_captured;
-use super::daemon::{can_connect, Daemon};
+use super::daemon::Daemon;
 use super::harness;
 use super::measure::{run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::stats::fmt_num;
-use super::targets::pinned_server_command;
 use crate::target_dir;
 
 #[derive(Args, Clone)]
@@ -61,7 +60,6 @@ const LOAD_CPU: usize = 1;
 const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9200;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9001);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent connection attempts of the well-behaved client.
 const CONCURRENCY: u64 = 16;
 /// Spoofed source addresses of the flood (from 10.200.0.0 up: not on any rig interface).
@@ -347,47 +345,15 @@ fn measure_path(
     seconds: f64,
     run: u32,
 ) -> Result<Row> {
-    let argv = vec![
-        bins.tern.display().to_string(),
-        "run".to_owned(),
-        "--config".to_owned(),
-        config.display().to_string(),
-    ];
-    let cmd = pinned_server_command(ctx.rig, TARGET_CPU, &argv);
-    ctx.record(
-        &format!(
-            "tern, {} path (server namespace, CPU {TARGET_CPU})",
-            path.name()
-        ),
-        &cmd,
-    );
-    let log = ctx
-        .logs
-        .join(format!("tern-{}-run{}.log", path.name(), run + 1));
-    let mut tern = Daemon::start(&format!("tern ({})", path.name()), cmd, &log)?;
-    let client = &ctx.rig.client;
-    tern.wait_ready(READY_TIMEOUT, ctx.interrupted, || {
-        client.run(move || can_connect(SocketAddr::V4(addr)))
-    })?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut tern =
+        harness::start_tern(ctx, &bins.tern, config, TARGET_CPU, path.name(), run, addr)?;
     let probe = Probe {
         target_pgid: tern.pgid(),
         backend_pgid: echo.pgid(),
     };
     let length = Duration::from_secs_f64(seconds);
-    let argv = vec![
-        bins.load.display().to_string(),
-        "--plain".to_owned(),
-        "--connect".to_owned(),
-        addr.to_string(),
-        "--duration".to_owned(),
-        format!("{seconds}s"),
-        "--threads".to_owned(),
-        "1".to_owned(),
-        "--timeout".to_owned(),
-        "5s".to_owned(),
-        "--json".to_owned(),
-        "--quiet".to_owned(),
+    let mut argv = harness::plain_load_argv(&bins.load, addr, seconds);
+    argv.extend([
         "--mode".to_owned(),
         "new-conn".to_owned(),
         "--close".to_owned(),
@@ -396,7 +362,7 @@ fn measure_path(
         "64".to_owned(),
         "--concurrency".to_owned(),
         CONCURRENCY.to_string(),
-    ];
+    ]);
     let what = format!("{} quiet #{}", path.name(), run + 1);
     let quiet = sample(&run_once(
         ctx,

@@ -1,7 +1,7 @@
 //! What every rig bench (`bench`, `bench tcp`, `bench flood`, `bench million`) does around its
 //! measurements, in one place: refuse to run without root, turn SIGINT/SIGTERM/SIGHUP into a
 //! flag the loops check, catch the rig's panics so its guards clean up, build the release
-//! binaries, start the echo backend, clear the logs folder, widen the client namespace's port range, and rewrite a
+//! binaries, start the echo backend and tern, clear the logs folder, widen the client namespace's port range, and rewrite a
 //! bench's section of docs/benchmarks.md. The benches own what they measure and report.
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -16,13 +16,14 @@ use tern_tests::rig::Rig;
 
 use super::compare::run_captured;
 use super::daemon::{can_connect, Daemon};
-use super::measure::shell_line;
+use super::measure::{shell_line, Ctx};
 use super::progress::Progress;
 use super::targets::pinned_server_command;
 use crate::{cargo, display, target_dir, workspace_root};
 
-/// How long the echo backend may take to accept.
+/// How long the echo backend and tern may take to accept.
 const ECHO_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const TERN_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Fails unless running as root: `command` (e.g. "cargo xtask bench tcp") needs it for `why`.
 pub fn require_root(command: &str, why: &str) -> Result<()> {
@@ -162,4 +163,57 @@ pub fn start_echo(
         rig.server_run(move || can_connect(SocketAddr::V4(listen)))
     })?;
     Ok((echo, line))
+}
+
+/// Starts tern (`bin run --config config`) for the path `name` of run `run` (0-based) in the
+/// server namespace pinned to `cpu`, records its command, and waits until `addr` accepts from
+/// the client namespace (a bypass listener only sees traffic that crosses the veth).
+pub fn start_tern(
+    ctx: &Ctx<'_>,
+    bin: &Path,
+    config: &Path,
+    cpu: usize,
+    name: &str,
+    run: u32,
+    addr: SocketAddrV4,
+) -> Result<Daemon> {
+    let argv = vec![
+        bin.display().to_string(),
+        "run".to_owned(),
+        "--config".to_owned(),
+        config.display().to_string(),
+    ];
+    let cmd = pinned_server_command(ctx.rig, cpu, &argv);
+    ctx.record(
+        &format!("tern, {name} path (server namespace, CPU {cpu})"),
+        &cmd,
+    );
+    let log = ctx.logs.join(format!("tern-{name}-run{}.log", run + 1));
+    let mut tern = Daemon::start(&format!("tern ({name})"), cmd, &log)?;
+    let client = &ctx.rig.client;
+    tern.wait_ready(TERN_READY_TIMEOUT, ctx.interrupted, || {
+        client.run(move || can_connect(SocketAddr::V4(addr)))
+    })?;
+    // Let the connection the readiness probe made finish on both sides before measuring.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(tern)
+}
+
+/// `tern-load --plain` (`bin`) against `addr` for `seconds`, one thread, JSON out; the caller
+/// appends the workload's own arguments.
+pub fn plain_load_argv(bin: &Path, addr: SocketAddrV4, seconds: f64) -> Vec<String> {
+    vec![
+        bin.display().to_string(),
+        "--plain".to_owned(),
+        "--connect".to_owned(),
+        addr.to_string(),
+        "--duration".to_owned(),
+        format!("{seconds}s"),
+        "--threads".to_owned(),
+        "1".to_owned(),
+        "--timeout".to_owned(),
+        "5s".to_owned(),
+        "--json".to_owned(),
+        "--quiet".to_owned(),
+    ]
 }

@@ -29,7 +29,7 @@
 //! from criterion's `estimates.json` as ns per iteration (per element when the bench declares a
 //! `Throughput::Elements`).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,13 +40,12 @@ use clap::Args;
 use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::{bench_executable, run_captured};
-use super::daemon::{can_connect, Daemon};
+use super::daemon::Daemon;
 use super::harness::{self, check_interrupted};
 use super::measure::{idle_noise, run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::results::Measurement;
 use super::stats::{fmt_num, Summary};
-use super::targets::pinned_server_command;
 use crate::{cargo, display, target_dir, workspace_root};
 
 #[derive(Args, Clone)]
@@ -70,7 +69,6 @@ const LOAD_CPU: usize = 1;
 const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9100;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const DOC_BEGIN: &str = "<!-- tcp:begin -->";
 const DOC_END: &str = "<!-- tcp:end -->";
 const SMALL: u64 = 64;
@@ -430,31 +428,8 @@ fn measure_path(
     check_cmd.arg("check-config").arg(config);
     run_captured(&mut check_cmd)
         .with_context(|| format!("tern rejects the {} config", path.name()))?;
-    let argv = vec![
-        bins.tern.display().to_string(),
-        "run".to_owned(),
-        "--config".to_owned(),
-        config.display().to_string(),
-    ];
-    let cmd = pinned_server_command(ctx.rig, TARGET_CPU, &argv);
-    ctx.record(
-        &format!(
-            "tern, {} path (server namespace, CPU {TARGET_CPU})",
-            path.name()
-        ),
-        &cmd,
-    );
-    let log = ctx
-        .logs
-        .join(format!("tern-{}-run{}.log", path.name(), run + 1));
-    let mut tern = Daemon::start(&format!("tern ({})", path.name()), cmd, &log)?;
-    // From the client namespace: a bypass listener only sees traffic that crosses the veth.
-    let client = &ctx.rig.client;
-    tern.wait_ready(READY_TIMEOUT, ctx.interrupted, || {
-        client.run(move || can_connect(SocketAddr::V4(addr)))
-    })?;
-    // Let the connection the readiness probe made finish on both sides before measuring.
-    std::thread::sleep(Duration::from_millis(200));
+    let mut tern =
+        harness::start_tern(ctx, &bins.tern, config, TARGET_CPU, path.name(), run, addr)?;
     let probe = Probe {
         target_pgid: tern.pgid(),
         backend_pgid: echo.pgid(),
@@ -463,20 +438,7 @@ fn measure_path(
     results.idle.push((path, run, noise));
     let length = Duration::from_secs_f64(seconds);
     for metric in Metric::ALL {
-        let mut argv = vec![
-            bins.load.display().to_string(),
-            "--plain".to_owned(),
-            "--connect".to_owned(),
-            addr.to_string(),
-            "--duration".to_owned(),
-            format!("{seconds}s"),
-            "--threads".to_owned(),
-            "1".to_owned(),
-            "--timeout".to_owned(),
-            "5s".to_owned(),
-            "--json".to_owned(),
-            "--quiet".to_owned(),
-        ];
+        let mut argv = harness::plain_load_argv(&bins.load, addr, seconds);
         argv.extend(metric.load_args());
         let what = format!(
             "{} {} #{}",
