@@ -24,7 +24,7 @@
 //! Opt-in (not part of `cargo xtask bench`): about `runs × 3 × 2 × seconds` plus start-up.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,7 @@ use tern_tests::rig::{Rig, TempDir};
 use super::compare::run_captured;
 use super::daemon::Daemon;
 use super::harness;
+use super::harness::EchoBins;
 use super::measure::{run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::stats::fmt_num;
@@ -138,21 +139,6 @@ pub fn run(args: &FloodArgs) -> Result<()> {
     })
 }
 
-struct Bins {
-    tern: PathBuf,
-    load: PathBuf,
-    echo: PathBuf,
-}
-
-fn build(progress: &Progress) -> Result<Bins> {
-    let [tern, load, echo] = harness::build_release(
-        progress,
-        "tern, tern-load and tern-echo",
-        ["tern", "tern-load", "tern-echo"],
-    )?;
-    Ok(Bins { tern, load, echo })
-}
-
 fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     let progress = Progress::new(2 + u64::from(runs) * 3);
     let out_dir = target_dir()?.join("bench");
@@ -160,7 +146,7 @@ fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     harness::fresh_logs(&logs)?;
 
     progress.step("building tern, tern-load, tern-echo (release)");
-    let bins = build(&progress)?;
+    let bins = harness::build_echo_bins(&progress)?;
 
     progress.step("rig and echo backend");
     let rig = Rig::isolated("flood", 1);
@@ -276,7 +262,7 @@ fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, socket: &Path) -
 }
 
 /// `tern ctl stats` as JSON (server namespace).
-fn stats(ctx: &Ctx<'_>, bins: &Bins, socket: &Path) -> Result<serde_json::Value> {
+fn stats(ctx: &Ctx<'_>, bins: &EchoBins, socket: &Path) -> Result<serde_json::Value> {
     let mut cmd = ctx.rig.server_command(&bins.tern.display().to_string());
     cmd.args(["ctl", "--socket"]).arg(socket).arg("stats");
     let out = cmd.output().context("running tern ctl stats")?;
@@ -335,7 +321,7 @@ fn sample(m: &super::results::Measurement) -> Sample {
 )]
 fn measure_path(
     ctx: &Ctx<'_>,
-    bins: &Bins,
+    bins: &EchoBins,
     path: DataPath,
     config: &Path,
     socket: &Path,

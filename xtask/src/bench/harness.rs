@@ -94,6 +94,23 @@ pub fn build_release<const N: usize>(
     Ok(paths)
 }
 
+/// The release binaries of the benches with an echo backend (`bench tcp`, `bench flood`).
+pub struct EchoBins {
+    pub tern: PathBuf,
+    pub load: PathBuf,
+    pub echo: PathBuf,
+}
+
+/// Builds tern, tern-load and tern-echo (release).
+pub fn build_echo_bins(progress: &Progress) -> Result<EchoBins> {
+    let [tern, load, echo] = build_release(
+        progress,
+        "tern, tern-load and tern-echo",
+        ["tern", "tern-load", "tern-echo"],
+    )?;
+    Ok(EchoBins { tern, load, echo })
+}
+
 /// Creates `logs` empty, removing what an earlier run left there.
 pub fn fresh_logs(logs: &Path) -> Result<()> {
     if logs.is_dir() {

@@ -30,7 +30,7 @@
 //! `Throughput::Elements`).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,6 +41,7 @@ use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::{bench_executable, run_captured};
 use super::daemon::Daemon;
+use super::harness::EchoBins;
 use super::harness::{self, check_interrupted};
 use super::measure::{idle_noise, run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
@@ -242,21 +243,6 @@ pub fn run(args: &TcpArgs) -> Result<()> {
     })
 }
 
-struct Bins {
-    tern: PathBuf,
-    load: PathBuf,
-    echo: PathBuf,
-}
-
-fn build(progress: &Progress) -> Result<Bins> {
-    let [tern, load, echo] = harness::build_release(
-        progress,
-        "tern, tern-load and tern-echo",
-        ["tern", "tern-load", "tern-echo"],
-    )?;
-    Ok(Bins { tern, load, echo })
-}
-
 fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     let steps = 4 + u64::from(runs) * 2;
     let progress = Progress::new(steps);
@@ -266,7 +252,7 @@ fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) ->
     let mut results = Results::default();
 
     progress.step("building tern, tern-load, tern-echo (release)");
-    let bins = build(&progress)?;
+    let bins = harness::build_echo_bins(&progress)?;
     check_interrupted(interrupted)?;
 
     progress.step("criterion: per-segment costs of tern's TCP stack (CPU 0)");
@@ -415,7 +401,7 @@ fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, dir: &Path) -> S
 )]
 fn measure_path(
     ctx: &Ctx<'_>,
-    bins: &Bins,
+    bins: &EchoBins,
     path: DataPath,
     config: &Path,
     addr: SocketAddrV4,
