@@ -7,11 +7,9 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tern_tests::pktgen::{mac_of, send_syns, SynSpec};
 use tern_tests::rig::{tern_binary, Rig, TempDir};
 
 const BYPASS_PORT: u16 = 4443;
@@ -22,43 +20,15 @@ fn bypass_stack(tag: &str) -> Stack {
     let rig = Rig::isolated(tag, 2);
     let dir = TempDir::new(tag);
     let backend = dead_port(&rig);
-    let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n",
-        iface = rig.server_if,
-        ip = rig.server_ip,
-    );
-    Stack::start(
+    // 4 KiB pages: tests must not leave hugepages reserved on the machine.
+    Stack::with_bypass_listener(
         rig,
         dir,
-        StackOptions {
-            backends: vec![backend],
-            listener_extra: Box::leak(listener_extra.into_boxed_str()),
-            // 4 KiB pages: tests must not leave hugepages reserved on the machine.
-            toml_extra: "[xdp]\nhugepages = \"off\"\nframes_per_worker = 4096\n",
-            ..Default::default()
-        },
+        BYPASS_PORT,
+        true,
+        vec![backend],
+        "[xdp]\nhugepages = \"off\"\nframes_per_worker = 4096\n",
     )
-}
-
-fn syn_spec(s: &Stack, src_ip: Ipv4Addr, flows: u16) -> SynSpec {
-    SynSpec {
-        interface: s.rig.client_if.clone(),
-        src_mac: mac_of(s.rig.client_command("ip"), &s.rig.client_if).expect("client MAC"),
-        dst_mac: mac_of(s.rig.server_command("ip"), &s.rig.server_if).expect("server MAC"),
-        src_ip,
-        src_ips: 1,
-        dst_ip: s.rig.server_ip,
-        dst_port: BYPASS_PORT,
-        flows,
-    }
-}
-
-/// Sends `n` SYNs from the client namespace.
-fn flood(s: &Stack, spec: SynSpec, n: u64) {
-    let sent = s.rig.client.run(move || {
-        send_syns(&spec, n, Duration::from_secs(30), &AtomicBool::new(false)).expect("send SYNs")
-    });
-    assert_eq!(sent.frames, n, "the generator sent every frame");
 }
 
 /// A source address on the client's subnet that no interface has: the stack's SYN-ACKs to it
@@ -71,32 +41,23 @@ fn unassigned_source(s: &Stack) -> Ipv4Addr {
 /// SYNs tern's stack handled: it answers every SYN to a listener with exactly one SYN-ACK
 /// (counted even when no TX frame was free for it). Published every 100 ms.
 fn syns_handled(st: &serde_json::Value) -> u64 {
-    counter(st, &["bypass", "tcp", "syn_acks_sent"])
+    counter_at(st, &["bypass", "tcp", "syn_acks_sent"])
 }
 
 fn kernel_dropped(st: &serde_json::Value) -> u64 {
-    counter(st, &["bypass", "total", "kernel_rx_ring_full"])
-        + counter(st, &["bypass", "total", "kernel_rx_dropped"])
-}
-
-fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut x = v;
-    for p in path {
-        x = &x[*p];
-    }
-    x.as_u64()
-        .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
+    counter_at(st, &["bypass", "total", "kernel_rx_ring_full"])
+        + counter_at(st, &["bypass", "total", "kernel_rx_dropped"])
 }
 
 fn assert_terminal_invariant(st: &serde_json::Value) {
     let c = &st["xdp"][0]["counters"];
     let sum: u64 = ["steered", "passed", "no_socket", "blocked", "rate_limited"]
         .iter()
-        .map(|k| counter(c, &[k]))
+        .map(|k| counter_at(c, &[k]))
         .sum();
     assert_eq!(
         sum,
-        counter(c, &["packets"]),
+        counter_at(c, &["packets"]),
         "every frame has exactly one fate: {c}"
     );
 }
@@ -115,7 +76,7 @@ fn bypass_listener_frames_reach_the_workers_and_the_kernel_keeps_the_rest() {
     assert_eq!(workers[0]["pages"], "4KiB-pages");
 
     const N: u64 = 5000;
-    flood(&s, syn_spec(&s, unassigned_source(&s), 64), N);
+    send_syns_from_client(&s, syn_spec(&s, unassigned_source(&s), BYPASS_PORT, 64), N);
     // A burst faster than the workers drain their rings (a loaded machine) loses frames in the
     // kernel, as it would on a NIC; those are counted too. Every steered SYN is either handled
     // by the stack in a worker or counted by the kernel as dropped, never both, never neither.
@@ -128,7 +89,7 @@ fn bypass_listener_frames_reach_the_workers_and_the_kernel_keeps_the_rest() {
         "each SYN counted once: {st}"
     );
     assert_eq!(
-        counter(&st, &["bypass", "total", "rx_frames"]),
+        counter_at(&st, &["bypass", "total", "rx_frames"]),
         syns_handled(&st),
         "the workers received exactly the SYNs they handled: {st}"
     );
@@ -136,16 +97,16 @@ fn bypass_listener_frames_reach_the_workers_and_the_kernel_keeps_the_rest() {
     // rings on this machine at this moment, so no share is asserted: only that every frame is
     // accounted for, once.
     assert_eq!(
-        counter(&st["xdp"][0], &["counters", "steered"]),
+        counter_at(&st["xdp"][0], &["counters", "steered"]),
         N,
         "steered == received"
     );
     for w in st["bypass"]["workers"].as_array().expect("workers") {
         let c = &w["counters"];
         assert!(
-            counter(c, &["rx_frames"])
-                + counter(c, &["kernel_rx_ring_full"])
-                + counter(c, &["kernel_rx_dropped"])
+            counter_at(c, &["rx_frames"])
+                + counter_at(c, &["kernel_rx_ring_full"])
+                + counter_at(c, &["kernel_rx_dropped"])
                 > 0,
             "64 flows reach both workers' queues (received, or dropped by the kernel there): \
              {st}"
@@ -177,12 +138,12 @@ fn bypass_listener_frames_reach_the_workers_and_the_kernel_keeps_the_rest() {
     );
     let st = s.stats();
     assert!(
-        counter(&st, &["total", "handshakes"]) >= 1,
+        counter_at(&st, &["total", "handshakes"]) >= 1,
         "the kernel listener served TLS: {st}"
     );
-    assert!(counter(&st["xdp"][0], &["counters", "passed"]) > 0);
+    assert!(counter_at(&st["xdp"][0], &["counters", "passed"]) > 0);
     assert_eq!(
-        counter(&st["xdp"][0], &["counters", "no_socket"]),
+        counter_at(&st["xdp"][0], &["counters", "no_socket"]),
         0,
         "every steered frame had a socket"
     );
@@ -196,7 +157,7 @@ fn frames_the_kernel_drops_for_a_stalled_worker_are_counted() {
     // frames per worker here) is used up, the kernel drops what arrives on it.
     s.tern.signal(libc::SIGSTOP);
     const N: u64 = 10_000;
-    flood(&s, syn_spec(&s, unassigned_source(&s), 64), N);
+    send_syns_from_client(&s, syn_spec(&s, unassigned_source(&s), BYPASS_PORT, 64), N);
     s.tern.signal(libc::SIGCONT);
     let st = wait_stats(&s, "every SYN in a worker or dropped by the kernel", |st| {
         syns_handled(st) + kernel_dropped(st) >= N
@@ -211,12 +172,16 @@ fn frames_the_kernel_drops_for_a_stalled_worker_are_counted() {
         "at most the rings' worth got through while stopped: {st}"
     );
     assert!(
-        counter(&st, &["bypass", "total", "kernel_fill_ring_empty"]) > 0,
+        counter_at(&st, &["bypass", "total", "kernel_fill_ring_empty"]) > 0,
         "the kernel saw the fill rings empty: {st}"
     );
     // Nothing is lost for good: once running again the workers take new frames.
     let before = syns_handled(&st);
-    flood(&s, syn_spec(&s, unassigned_source(&s), 64), 100);
+    send_syns_from_client(
+        &s,
+        syn_spec(&s, unassigned_source(&s), BYPASS_PORT, 64),
+        100,
+    );
     wait_stats(&s, "SYNs after SIGCONT", |st| {
         syns_handled(st) >= before + 100
     });
@@ -250,11 +215,11 @@ fn blocklist_drops_a_source_at_xdp_and_unblock_restores_it() {
         "names the bad prefix: {out:?}"
     );
 
-    flood(&s, syn_spec(&s, s.rig.client_ip, 16), 1000);
-    flood(&s, syn_spec(&s, other, 16), 500);
+    send_syns_from_client(&s, syn_spec(&s, s.rig.client_ip, BYPASS_PORT, 16), 1000);
+    send_syns_from_client(&s, syn_spec(&s, other, BYPASS_PORT, 16), 500);
     let st = wait_stats(&s, "the other source's SYNs", |st| syns_handled(st) >= 500);
     assert_eq!(
-        counter(&st["xdp"][0], &["counters", "blocked"]),
+        counter_at(&st["xdp"][0], &["counters", "blocked"]),
         1000,
         "blocked source dropped at XDP: {st}"
     );
@@ -275,19 +240,19 @@ fn blocklist_drops_a_source_at_xdp_and_unblock_restores_it() {
         "a blocked source's connect to :443 does not complete"
     );
 
-    let blocked_before = counter(&s.stats()["xdp"][0], &["counters", "blocked"]);
+    let blocked_before = counter_at(&s.stats()["xdp"][0], &["counters", "blocked"]);
     assert!(
         blocked_before > 1000,
         "the connect attempt was dropped at XDP too"
     );
     let out = ctl(&["unblock", &format!("{}/32", s.rig.client_ip)]);
     assert_ok(&out, "tern ctl unblock", &s.log());
-    flood(&s, syn_spec(&s, s.rig.client_ip, 16), 300);
+    send_syns_from_client(&s, syn_spec(&s, s.rig.client_ip, BYPASS_PORT, 16), 300);
     // The SYN-ACKs to the real address draw RSTs from the client's kernel; the stack drops
     // those (no connection), so only the SYNs are counted here.
     let st = wait_stats(&s, "SYNs after unblock", |st| syns_handled(st) >= 800);
     assert_eq!(
-        counter(&st["xdp"][0], &["counters", "blocked"]),
+        counter_at(&st["xdp"][0], &["counters", "blocked"]),
         blocked_before,
         "nothing is blocked after unblock"
     );
@@ -333,7 +298,7 @@ fn after_kill_9_the_kernel_answers_the_bypass_port() {
 #[test]
 fn sigterm_stops_the_bypass_workers_and_detaches() {
     let mut s = bypass_stack("bypassterm");
-    flood(&s, syn_spec(&s, unassigned_source(&s), 8), 200);
+    send_syns_from_client(&s, syn_spec(&s, unassigned_source(&s), BYPASS_PORT, 8), 200);
     wait_stats(&s, "SYNs in the workers", |st| syns_handled(st) >= 200);
     s.tern.signal(libc::SIGTERM);
     s.expect_clean_exit(Duration::from_secs(10), "tern exits on SIGTERM");

@@ -33,26 +33,11 @@ fn stack(tag: &str, spin: &str) -> (Stack, Backend) {
         tern_tests::rig::TempDir::new(tag),
     );
     let backend = Backend::echo(server_listener(&rig));
-    let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
-         interface = \"{iface}\"\ntls = false\n",
-        iface = rig.server_if,
-        ip = rig.server_ip,
-    );
     let toml_extra = format!(
         "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\nidle_spin_us = {}\nspin = \"{spin}\"\n",
         CAP.as_micros()
     );
-    let s = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            listener_extra: Box::leak(listener_extra.into_boxed_str()),
-            toml_extra: Box::leak(toml_extra.into_boxed_str()),
-            ..Default::default()
-        },
-    );
+    let s = Stack::with_bypass_listener(rig, dir, PORT, false, vec![backend.addr()], &toml_extra);
     (s, backend)
 }
 

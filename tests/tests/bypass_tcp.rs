@@ -23,25 +23,11 @@ fn l4_stack(tag: &str, backend: fn(TcpListener) -> Backend, toml_extra: &str) ->
         tern_tests::rig::TempDir::new(tag),
     );
     let backend = backend(server_listener(&rig));
-    let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
-         interface = \"{iface}\"\ntls = false\n",
-        iface = rig.server_if,
-        ip = rig.server_ip,
-    );
     let toml_extra = format!(
         "[xdp]\nhugepages = \"off\"\nframes_per_worker = 8192\n\n[limits]\nmax_connections_per_worker = 4096\n\n{toml_extra}\n"
     );
-    let stack = Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend.addr()],
-            listener_extra: Box::leak(listener_extra.into_boxed_str()),
-            toml_extra: Box::leak(toml_extra.into_boxed_str()),
-            ..Default::default()
-        },
-    );
+    let stack =
+        Stack::with_bypass_listener(rig, dir, PORT, false, vec![backend.addr()], &toml_extra);
     (stack, backend)
 }
 
@@ -646,23 +632,8 @@ fn dead_backend_stack(tag: &str, tcp_extra: &str) -> Stack {
         tern_tests::rig::TempDir::new(tag),
     );
     let dead = dead_port(&rig);
-    let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{PORT}\"\nmode = \"bypass\"\n\
-         interface = \"{iface}\"\ntls = false\n",
-        iface = rig.server_if,
-        ip = rig.server_ip,
-    );
     let toml_extra = format!("[xdp]\nhugepages = \"off\"\n\n[tcp]\n{tcp_extra}\n");
-    Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![dead],
-            listener_extra: Box::leak(listener_extra.into_boxed_str()),
-            toml_extra: Box::leak(toml_extra.into_boxed_str()),
-            ..Default::default()
-        },
-    )
+    Stack::with_bypass_listener(rig, dir, PORT, false, vec![dead], &toml_extra)
 }
 
 fn tcp_counter(st: &serde_json::Value, name: &str) -> u64 {

@@ -9,11 +9,9 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use support::*;
-use tern_tests::pktgen::{mac_of, send_syns, SynSpec};
 use tern_tests::rig::{Rig, TempDir};
 
 const BYPASS_PORT: u16 = 4443;
@@ -27,60 +25,24 @@ fn limited_stack(tag: &str) -> Stack {
     let rig = Rig::isolated(tag, 2);
     let dir = TempDir::new(tag);
     let backend = dead_port(&rig);
-    let listener_extra = format!(
-        "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{BYPASS_PORT}\"\nmode = \"bypass\"\ninterface = \"{iface}\"\n",
-        iface = rig.server_if,
-        ip = rig.server_ip,
-    );
     let toml_extra = format!(
         "[xdp]\nhugepages = \"off\"\nframes_per_worker = 4096\nsyn_rate_per_source = {RATE}\nsyn_burst_per_source = {BURST}\n"
     );
-    Stack::start(
-        rig,
-        dir,
-        StackOptions {
-            backends: vec![backend],
-            listener_extra: Box::leak(listener_extra.into_boxed_str()),
-            toml_extra: Box::leak(toml_extra.into_boxed_str()),
-            ..Default::default()
-        },
-    )
-}
-
-fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut x = v;
-    for p in path {
-        x = &x[*p];
-    }
-    x.as_u64()
-        .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
+    Stack::with_bypass_listener(rig, dir, BYPASS_PORT, true, vec![backend], &toml_extra)
 }
 
 fn xdp(st: &serde_json::Value, name: &str) -> u64 {
-    counter(&st["xdp"][0], &["counters", name])
+    counter_at(&st["xdp"][0], &["counters", name])
 }
 
 /// SYNs tern's stack answered (one SYN-ACK each).
 fn syns_handled(st: &serde_json::Value) -> u64 {
-    counter(st, &["bypass", "tcp", "syn_acks_sent"])
+    counter_at(st, &["bypass", "tcp", "syn_acks_sent"])
 }
 
 /// Sends `n` SYNs from `src_ip` (one address) to `port`, from the client namespace.
 fn flood(s: &Stack, src_ip: Ipv4Addr, port: u16, n: u64) {
-    let spec = SynSpec {
-        interface: s.rig.client_if.clone(),
-        src_mac: mac_of(s.rig.client_command("ip"), &s.rig.client_if).expect("client MAC"),
-        dst_mac: mac_of(s.rig.server_command("ip"), &s.rig.server_if).expect("server MAC"),
-        src_ip,
-        src_ips: 1,
-        dst_ip: s.rig.server_ip,
-        dst_port: port,
-        flows: 1000,
-    };
-    let sent = s.rig.client.run(move || {
-        send_syns(&spec, n, Duration::from_secs(30), &AtomicBool::new(false)).expect("send SYNs")
-    });
-    assert_eq!(sent.frames, n, "the generator sent every frame");
+    send_syns_from_client(s, syn_spec(s, src_ip, port, 1000), n);
 }
 
 /// An address on the client's subnet that no interface has: replies to it go nowhere.
@@ -228,16 +190,16 @@ fn xdp_made_syn_acks_complete_real_handshakes_with_and_without_timestamps() {
         assert_ok(&out, "tern-load", &s.log());
         let report: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("tern-load --json");
-        let loaded = counter(&report, &["requests", "completed"]);
+        let loaded = counter_at(&report, &["requests", "completed"]);
         assert!(loaded > 0, "tern-load completed connections: {report}");
         assert_eq!(
-            counter(&report, &["errors", "total"]),
+            counter_at(&report, &["errors", "total"]),
             0,
             "timestamps {timestamps}: tern-load without errors: {report}"
         );
         let st = wait_stats(&s, "the connections counted", |st| {
-            counter(st, &["bypass", "tcp", "connections_created"])
-                - counter(&before, &["bypass", "tcp", "connections_created"])
+            counter_at(st, &["bypass", "tcp", "connections_created"])
+                - counter_at(&before, &["bypass", "tcp", "connections_created"])
                 >= PER_ROUND + loaded
         });
         let made = xdp(&st, "syn_cookies") - xdp(&before, "syn_cookies");
@@ -251,8 +213,8 @@ fn xdp_made_syn_acks_complete_real_handshakes_with_and_without_timestamps() {
             "timestamps {timestamps}: the workers sent no SYN-ACK: {st}"
         );
         assert_eq!(
-            counter(&st, &["bypass", "tcp", "rx_bad_cookie"]),
-            counter(&before, &["bypass", "tcp", "rx_bad_cookie"]),
+            counter_at(&st, &["bypass", "tcp", "rx_bad_cookie"]),
+            counter_at(&before, &["bypass", "tcp", "rx_bad_cookie"]),
             "timestamps {timestamps}: every XDP cookie validated: {st}"
         );
         assert_terminal_invariant(&st);

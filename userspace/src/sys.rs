@@ -1,7 +1,9 @@
 //! The system interfaces the workers share: io_uring's buffers and `user_data` encoding
-//! ([`uring`]) and random bytes from the kernel ([`fill_random`]); and, for the control-plane
-//! threads, a blocking write bounded by a deadline ([`write_all_before`]).
+//! ([`uring`]) and random bytes from the kernel ([`fill_random`]); for start-up, interface
+//! ioctls ([`netdev`]); and, for the control-plane threads, a blocking write bounded by a
+//! deadline ([`write_all_before`]).
 
+pub mod netdev;
 pub mod uring;
 
 use std::io::{self, Write};

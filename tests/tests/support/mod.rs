@@ -4,9 +4,10 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tern_tests::backend::Backend;
 use tern_tests::certs::{write_self_signed, CertFiles, KeyKind};
+use tern_tests::pktgen::{mac_of, send_syns, SynSpec};
 use tern_tests::rig::{tern_binary, Rig, TempDir, TernProcess};
 
 pub const NAME: &str = "tern.test";
@@ -57,6 +59,37 @@ impl Stack {
     #[track_caller]
     pub fn rig(tag: &str) -> (Rig, TempDir) {
         (Rig::isolated(tag, 1), TempDir::new(tag))
+    }
+
+    /// tern with its kernel TLS listener (readiness) on the rig's server-side veth and a
+    /// `mode = "bypass"` listener on `port` of the same interface — `tls = false` (the L4
+    /// proxy) unless `tls` — in front of `backends`; `toml_extra` follows the listeners.
+    #[track_caller]
+    pub fn with_bypass_listener(
+        rig: Rig,
+        dir: TempDir,
+        port: u16,
+        tls: bool,
+        backends: Vec<SocketAddr>,
+        toml_extra: &str,
+    ) -> Stack {
+        let listener_extra = format!(
+            "interface = \"{iface}\"\n\n[[listener]]\naddress = \"{ip}:{port}\"\n\
+             mode = \"bypass\"\ninterface = \"{iface}\"\n{tls}",
+            iface = rig.server_if,
+            ip = rig.server_ip,
+            tls = if tls { "" } else { "tls = false\n" },
+        );
+        Stack::start(
+            rig,
+            dir,
+            StackOptions {
+                backends,
+                listener_extra: &listener_extra,
+                toml_extra,
+                ..Default::default()
+            },
+        )
     }
 
     #[track_caller]
@@ -319,6 +352,39 @@ pub fn server_listener(rig: &Rig) -> TcpListener {
 
 /// A port on the server side's loopback where nothing listens (connections are refused).
 #[track_caller]
+/// SYNs from `src_ip` (one address, `flows` source ports) in the client namespace to `port` on
+/// the server side of the stack's rig.
+pub fn syn_spec(s: &Stack, src_ip: Ipv4Addr, port: u16, flows: u16) -> SynSpec {
+    SynSpec {
+        interface: s.rig.client_if.clone(),
+        src_mac: mac_of(s.rig.client_command("ip"), &s.rig.client_if).expect("client MAC"),
+        dst_mac: mac_of(s.rig.server_command("ip"), &s.rig.server_if).expect("server MAC"),
+        src_ip,
+        src_ips: 1,
+        dst_ip: s.rig.server_ip,
+        dst_port: port,
+        flows,
+    }
+}
+
+/// Sends `n` SYNs of `spec` from the client namespace (within 30 s) and checks all went out.
+pub fn send_syns_from_client(s: &Stack, spec: SynSpec, n: u64) {
+    let sent = s.rig.client.run(move || {
+        send_syns(&spec, n, Duration::from_secs(30), &AtomicBool::new(false)).expect("send SYNs")
+    });
+    assert_eq!(sent.frames, n, "the generator sent every frame");
+}
+
+/// The number at `path` (object keys) in `v`, e.g. a counter of `tern ctl stats`.
+pub fn counter_at(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
+}
+
 pub fn dead_port(rig: &Rig) -> SocketAddr {
     let l = server_listener(rig);
     let addr = l.local_addr().expect("addr");

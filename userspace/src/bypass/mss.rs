@@ -12,7 +12,6 @@
 use crate::config::TCP_FRAME_OVERHEAD;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The least MSS (RFC 9293 §3.7.1's IPv4 default) and the most `tcp.mss` allows.
 const MIN_MSS: u32 = 536;
@@ -48,36 +47,8 @@ pub fn resolve(
 
 /// The MTU of `interface` (SIOCGIFMTU), in the network namespace tern runs in.
 pub fn interface_mtu(interface: &str) -> io::Result<u32> {
-    let name = interface.as_bytes();
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{interface:?} is not an interface name"),
-        ));
-    }
-    // SAFETY: plain socket(2); the result is checked and owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero is a valid ifreq.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of this live ifreq.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, &mut ifr) };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        return Err(match err.raw_os_error() {
-            Some(libc::ENODEV) => {
-                io::Error::new(io::ErrorKind::NotFound, format!("no interface {interface}"))
-            }
-            _ => err,
-        });
-    }
+    // SAFETY: SIOCGIFMTU takes an ifreq and reads only its name.
+    let ifr = unsafe { crate::sys::netdev::interface_ioctl(interface, libc::SIOCGIFMTU, |_| {}) }?;
     // SAFETY: SIOCGIFMTU succeeded, so the union holds the MTU.
     let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
     u32::try_from(mtu).map_err(|_| io::Error::other(format!("{interface}: MTU {mtu}")))

@@ -771,28 +771,24 @@ impl Proxy {
         }
         let mut worked = self.reap(now);
         worked |= self.drain_ready(now);
-        let mut sent = false;
-        let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        let mut umem = Umem {
-            out: &mut *out,
-            no_frame: tx_no_frame,
-            sent: false,
-        };
-        self.stack.poll_into(now, &mut umem);
-        sent |= umem.sent;
+        let mut sent = self.poll_stack(now, out);
         // Timers and flushed sends may have ended connections or freed space.
         worked |= self.drain_ready(now);
         self.housekeeping(now);
-        let tx_no_frame = &self.tcp_counters.tx_no_frame;
+        sent |= self.poll_stack(now, out);
+        // The submit happens in `end_turn`, together with the turn's TX kicks.
+        worked || sent
+    }
+
+    /// Runs the stack's timers and pending sends into `out`; returns whether a frame went out.
+    fn poll_stack(&mut self, now: TcpInstant, out: &mut TxQueue<'_>) -> bool {
         let mut umem = Umem {
-            out: &mut *out,
-            no_frame: tx_no_frame,
+            out,
+            no_frame: &self.tcp_counters.tx_no_frame,
             sent: false,
         };
         self.stack.poll_into(now, &mut umem);
-        sent |= umem.sent;
-        // The submit happens in `end_turn`, together with the turn's TX kicks.
-        worked || sent
+        umem.sent
     }
 
     fn submit(&mut self) {
@@ -973,15 +969,7 @@ impl FrameHandler for Proxy {
             self.finish(key, End::Abort(Why::Shutdown));
         }
         let now = self.now();
-        let tx_no_frame = &self.tcp_counters.tx_no_frame;
-        self.stack.poll_into(
-            now,
-            &mut Umem {
-                out: &mut *out,
-                no_frame: tx_no_frame,
-                sent: false,
-            },
-        );
+        self.poll_stack(now, out);
         // Wait (bounded) for the operations still in flight, so none outlives its buffer.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while !self.conns.is_empty() && std::time::Instant::now() < deadline {

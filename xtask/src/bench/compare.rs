@@ -26,6 +26,7 @@
 
 use super::daemon::{Daemon, Job};
 use super::floors::{self, OpensslSpeed};
+use super::harness::{self, check_interrupted};
 use super::install;
 use super::load::{self, Endpoint, TernLoad, Workload};
 use super::measure::{idle_noise, run_batches, run_once, shell_line, Ctx, Probe, Tool};
@@ -44,7 +45,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_tests::certs::{write_self_signed, KeyKind};
 use tern_tests::rig::{Rig, TempDir};
@@ -169,15 +169,11 @@ const LARGE_IDLE_RUNS: u32 = 3;
 const WARMUP_RUN: Duration = Duration::from_millis(500);
 
 pub fn run(args: &CompareArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench needs root (network namespaces, veth pairs, apt-get)");
-    }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))
-            .with_context(|| format!("cannot handle signal {sig}"))?;
-    }
+    harness::require_root(
+        "cargo xtask bench",
+        "network namespaces, veth pairs, apt-get",
+    )?;
+    let interrupted = harness::interrupt_flag()?;
     let mut plan = if args.quick {
         Plan::quick()
     } else {
@@ -196,10 +192,9 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     selected.sort();
     selected.dedup();
     let invocation = invocation(args);
-    // The rig code panics with a message instead of returning errors; the panic unwinds
-    // through the guards (processes, namespaces, files) and becomes an error here.
+    // The rig's panic messages are printed as "bench: …".
     std::panic::set_hook(Box::new(|info| eprintln!("bench: {info}")));
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let outcome = harness::catch_rig_panics("the bench", &interrupted, || {
         session(
             &plan,
             &selected,
@@ -207,18 +202,9 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             &invocation,
             &interrupted,
         )
-    }));
+    });
     let _ = std::panic::take_hook();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) if interrupted.load(Ordering::Relaxed) => Err(anyhow!(
-            "interrupted: every process, namespace and temp file the bench made was removed"
-        )),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(anyhow!(
-            "the bench failed (message above); everything it created was removed"
-        )),
-    }
+    outcome
 }
 
 fn invocation(args: &CompareArgs) -> String {
@@ -248,13 +234,6 @@ fn invocation(args: &CompareArgs) -> String {
         s.push_str(" --update-docs");
     }
     s
-}
-
-fn check_interrupted(flag: &AtomicBool) -> Result<()> {
-    if flag.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
 }
 
 /// Runs `cmd` to completion with its output captured; an error carries stderr.
@@ -617,11 +596,7 @@ fn session(
     let progress = Progress::new(plan.steps(runnable.len() as u64));
     let out_dir = target_dir()?.join("bench");
     let logs = out_dir.join("logs");
-    if logs.is_dir() {
-        std::fs::remove_dir_all(&logs)
-            .with_context(|| format!("cannot clear {}", logs.display()))?;
-    }
-    std::fs::create_dir_all(&logs)?;
+    harness::fresh_logs(&logs)?;
     progress.log(format!(
         "{invocation}: {} run(s) of {:.1} s per figure; logs in {}",
         plan.runs,
@@ -654,13 +629,7 @@ fn session(
     // client-closed cross-check) and closes them first, leaving TIME_WAIT behind: widen its
     // ephemeral port range and let it reuse TIME_WAIT ports (RFC 7323 timestamps keep that
     // safe), or later steps stall on port exhaustion. Both settings are per namespace.
-    let mut sysctl = rig.client_command("sysctl");
-    sysctl.args([
-        "-q",
-        "-w",
-        "net.ipv4.ip_local_port_range=1024 65535",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]);
+    let mut sysctl = harness::client_port_settings(&rig);
     let sysctl_line = shell_line(&sysctl);
     run_captured(&mut sysctl)?;
     let dir = TempDir::new("bench");

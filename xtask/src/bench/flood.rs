@@ -23,9 +23,8 @@
 //!
 //! Opt-in (not part of `cargo xtask bench`): about `runs × 3 × 2 × seconds` plus start-up.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,11 +35,13 @@ use tern_tests::pktgen::{mac_of, send_syns, Sent, SynSpec};
 use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::run_captured;
-use super::daemon::{can_connect, Daemon};
+use super::daemon::Daemon;
+use super::harness;
+use super::harness::EchoBins;
 use super::measure::{run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::stats::fmt_num;
-use crate::{cargo, display, target_dir};
+use crate::target_dir;
 
 #[derive(Args, Clone)]
 pub struct FloodArgs {
@@ -60,7 +61,6 @@ const LOAD_CPU: usize = 1;
 const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9200;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9001);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent connection attempts of the well-behaved client.
 const CONCURRENCY: u64 = 16;
 /// Spoofed source addresses of the flood (from 10.200.0.0 up: not on any rig interface).
@@ -124,74 +124,29 @@ struct Row {
 }
 
 pub fn run(args: &FloodArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench flood needs root (network namespaces, veth pairs, AF_XDP)");
-    }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))
-            .with_context(|| format!("cannot handle signal {sig}"))?;
-    }
+    harness::require_root(
+        "cargo xtask bench flood",
+        "network namespaces, veth pairs, AF_XDP",
+    )?;
+    let interrupted = harness::interrupt_flag()?;
     let (seconds, runs) = if args.quick {
         (2.0, 1)
     } else {
         (args.seconds.max(0.5), args.runs.max(1))
     };
-    // The rig panics with a message instead of returning errors; the panic unwinds through
-    // the guards (processes, namespaces, files) and becomes an error here.
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    harness::catch_rig_panics("bench flood", &interrupted, || {
         session(seconds, runs, &interrupted)
-    }));
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) if interrupted.load(Ordering::Relaxed) => Err(anyhow!(
-            "interrupted: every process, namespace and temp file the bench made was removed"
-        )),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(anyhow!(
-            "bench flood failed (message above); everything it created was removed"
-        )),
-    }
-}
-
-struct Bins {
-    tern: PathBuf,
-    load: PathBuf,
-    echo: PathBuf,
-}
-
-fn build(progress: &Progress) -> Result<Bins> {
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "tern", "-p", "tern-load"]);
-    progress.log(format!("$ {}", display(&build)));
-    run_captured(&mut build).context("building tern, tern-load and tern-echo")?;
-    let release = target_dir()?.join("release");
-    let bins = Bins {
-        tern: release.join("tern"),
-        load: release.join("tern-load"),
-        echo: release.join("tern-echo"),
-    };
-    for p in [&bins.tern, &bins.load, &bins.echo] {
-        if !p.is_file() {
-            bail!("{} does not exist after the build", p.display());
-        }
-    }
-    Ok(bins)
+    })
 }
 
 fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     let progress = Progress::new(2 + u64::from(runs) * 3);
     let out_dir = target_dir()?.join("bench");
     let logs = out_dir.join("flood-logs");
-    if logs.is_dir() {
-        std::fs::remove_dir_all(&logs)
-            .with_context(|| format!("cannot clear {}", logs.display()))?;
-    }
-    std::fs::create_dir_all(&logs)?;
+    harness::fresh_logs(&logs)?;
 
     progress.step("building tern, tern-load, tern-echo (release)");
-    let bins = build(&progress)?;
+    let bins = harness::build_echo_bins(&progress)?;
 
     progress.step("rig and echo backend");
     let rig = Rig::isolated("flood", 1);
@@ -203,32 +158,22 @@ fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
         .client
         .run(move || tern::bypass::xdp::attach_pass(&client_if, tern::config::XdpAttach::Native))
         .context("attaching tern_pass to the client's veth end")?;
-    let mut sysctl = rig.client_command("sysctl");
-    sysctl.args([
-        "-q",
-        "-w",
-        "net.ipv4.ip_local_port_range=1024 65535",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]);
+    let mut sysctl = harness::client_port_settings(&rig);
     let mut commands = vec![("client namespace settings".to_owned(), shell_line(&sysctl))];
     run_captured(&mut sysctl)?;
     let dir = TempDir::new("bench-flood");
-    let echo_argv = vec![
-        bins.echo.display().to_string(),
-        "--listen".to_owned(),
-        BACKEND.to_string(),
-        "--max-seconds".to_owned(),
-        "7200".to_owned(),
-    ];
-    let echo_cmd = pinned(&rig, BACKEND_CPU, &echo_argv);
+    let (mut echo, echo_line) = harness::start_echo(
+        &rig,
+        &bins.echo,
+        BACKEND,
+        BACKEND_CPU,
+        &logs.join("echo.log"),
+        interrupted,
+    )?;
     commands.push((
         format!("echo backend (server namespace, CPU {BACKEND_CPU})"),
-        shell_line(&echo_cmd),
+        echo_line,
     ));
-    let mut echo = Daemon::start("tern-echo", echo_cmd, &logs.join("echo.log"))?;
-    echo.wait_ready(READY_TIMEOUT, interrupted, || {
-        rig.server_run(move || can_connect(SocketAddr::V4(BACKEND)))
-    })?;
     let spec = SynSpec {
         interface: rig.client_if.clone(),
         src_mac: mac_of(rig.client_command("ip"), &rig.client_if)
@@ -286,12 +231,6 @@ fn session(seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-fn pinned(rig: &Rig, cpu: usize, argv: &[String]) -> Command {
-    let mut cmd = rig.server_command("taskset");
-    cmd.arg("-c").arg(cpu.to_string()).args(argv);
-    cmd
-}
-
 /// tern's config for one path: one `tls = false` listener on the rig's interface (so the
 /// kernel path has the XDP program too, for its counters), the echo backend, one worker.
 fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, socket: &Path) -> String {
@@ -323,7 +262,7 @@ fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, socket: &Path) -
 }
 
 /// `tern ctl stats` as JSON (server namespace).
-fn stats(ctx: &Ctx<'_>, bins: &Bins, socket: &Path) -> Result<serde_json::Value> {
+fn stats(ctx: &Ctx<'_>, bins: &EchoBins, socket: &Path) -> Result<serde_json::Value> {
     let mut cmd = ctx.rig.server_command(&bins.tern.display().to_string());
     cmd.args(["ctl", "--socket"]).arg(socket).arg("stats");
     let out = cmd.output().context("running tern ctl stats")?;
@@ -382,7 +321,7 @@ fn sample(m: &super::results::Measurement) -> Sample {
 )]
 fn measure_path(
     ctx: &Ctx<'_>,
-    bins: &Bins,
+    bins: &EchoBins,
     path: DataPath,
     config: &Path,
     socket: &Path,
@@ -392,47 +331,15 @@ fn measure_path(
     seconds: f64,
     run: u32,
 ) -> Result<Row> {
-    let argv = vec![
-        bins.tern.display().to_string(),
-        "run".to_owned(),
-        "--config".to_owned(),
-        config.display().to_string(),
-    ];
-    let cmd = pinned(ctx.rig, TARGET_CPU, &argv);
-    ctx.record(
-        &format!(
-            "tern, {} path (server namespace, CPU {TARGET_CPU})",
-            path.name()
-        ),
-        &cmd,
-    );
-    let log = ctx
-        .logs
-        .join(format!("tern-{}-run{}.log", path.name(), run + 1));
-    let mut tern = Daemon::start(&format!("tern ({})", path.name()), cmd, &log)?;
-    let client = &ctx.rig.client;
-    tern.wait_ready(READY_TIMEOUT, ctx.interrupted, || {
-        client.run(move || can_connect(SocketAddr::V4(addr)))
-    })?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut tern =
+        harness::start_tern(ctx, &bins.tern, config, TARGET_CPU, path.name(), run, addr)?;
     let probe = Probe {
         target_pgid: tern.pgid(),
         backend_pgid: echo.pgid(),
     };
     let length = Duration::from_secs_f64(seconds);
-    let argv = vec![
-        bins.load.display().to_string(),
-        "--plain".to_owned(),
-        "--connect".to_owned(),
-        addr.to_string(),
-        "--duration".to_owned(),
-        format!("{seconds}s"),
-        "--threads".to_owned(),
-        "1".to_owned(),
-        "--timeout".to_owned(),
-        "5s".to_owned(),
-        "--json".to_owned(),
-        "--quiet".to_owned(),
+    let mut argv = harness::plain_load_argv(&bins.load, addr, seconds);
+    argv.extend([
         "--mode".to_owned(),
         "new-conn".to_owned(),
         "--close".to_owned(),
@@ -441,7 +348,7 @@ fn measure_path(
         "64".to_owned(),
         "--concurrency".to_owned(),
         CONCURRENCY.to_string(),
-    ];
+    ]);
     let what = format!("{} quiet #{}", path.name(), run + 1);
     let quiet = sample(&run_once(
         ctx,

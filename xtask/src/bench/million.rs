@@ -36,7 +36,6 @@
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,6 +46,7 @@ use tern_tests::rig::{Rig, TempDir};
 use super::compare::{add_client_sources, idle_per_process, nofile_limit, run_captured};
 use super::configs::{bypass_listener_lines, BYPASS_XDP_TABLE};
 use super::daemon::Job;
+use super::harness::{self, check_interrupted};
 use super::load::{self, Endpoint, TernLoad};
 use super::measure::{shell_line, Ctx, RUN_SLACK};
 use super::plots::{self, Series};
@@ -54,7 +54,7 @@ use super::proc;
 use super::progress::Progress;
 use super::stats::fmt_num;
 use super::targets::{self, Prepared, Target, BACKEND, SMALL_BODY, TLS_PORT};
-use crate::{cargo, display, target_dir, workspace_root};
+use crate::{target_dir, workspace_root};
 
 #[derive(Args, Clone)]
 pub struct MillionArgs {
@@ -147,10 +147,10 @@ struct Results {
 }
 
 pub fn run(args: &MillionArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench million needs root (network namespaces, veth pairs, AF_XDP)");
-    }
+    harness::require_root(
+        "cargo xtask bench million",
+        "network namespaces, veth pairs, AF_XDP",
+    )?;
     let mut steps = args.steps.clone();
     steps.sort_unstable();
     steps.dedup();
@@ -158,26 +158,10 @@ pub fn run(args: &MillionArgs) -> Result<()> {
     if steps.is_empty() {
         bail!("--steps: no step above 0");
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))
-            .with_context(|| format!("cannot handle signal {sig}"))?;
-    }
-    // The rig panics with a message instead of returning errors; the panic unwinds through the
-    // guards (processes, namespaces, files) and becomes an error here.
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let interrupted = harness::interrupt_flag()?;
+    harness::catch_rig_panics("bench million", &interrupted, || {
         session(args, &steps, &interrupted)
-    }));
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) if interrupted.load(Ordering::Relaxed) => Err(anyhow!(
-            "interrupted: every process, namespace and temp file the bench made was removed"
-        )),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(anyhow!(
-            "bench million failed (message above); everything it created was removed"
-        )),
-    }
+    })
 }
 
 /// `MemAvailable` from /proc/meminfo, bytes.
@@ -253,42 +237,17 @@ fn tern_config(
     )
 }
 
-fn build(progress: &Progress) -> Result<(PathBuf, PathBuf)> {
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "tern", "-p", "tern-load"]);
-    progress.log(format!("$ {}", display(&build)));
-    run_captured(&mut build).context("building tern and tern-load")?;
-    let release = target_dir()?.join("release");
-    let bins = (release.join("tern"), release.join("tern-load"));
-    for p in [&bins.0, &bins.1] {
-        if !p.is_file() {
-            bail!("{} does not exist after the build", p.display());
-        }
-    }
-    Ok(bins)
-}
-
-fn check(flag: &AtomicBool) -> Result<()> {
-    if flag.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Result<()> {
     let progress = Progress::new(steps.len() as u64 + 4);
     let out_dir = target_dir()?.join("bench");
     let logs = out_dir.join("million-logs");
-    if logs.is_dir() {
-        std::fs::remove_dir_all(&logs)
-            .with_context(|| format!("cannot clear {}", logs.display()))?;
-    }
-    std::fs::create_dir_all(&logs)?;
+    harness::fresh_logs(&logs)?;
     let mut r = Results::default();
 
     progress.step("building tern and tern-load (release)");
-    let (tern_bin, load_bin) = build(&progress)?;
-    check(interrupted)?;
+    let [tern_bin, load_bin] =
+        harness::build_release(&progress, "tern and tern-load", ["tern", "tern-load"])?;
+    check_interrupted(interrupted)?;
     // The clock starts after the build: the limit is for the measurement.
     let started = Instant::now();
     let limit = Duration::from_secs_f64(args.max_minutes.max(1.0) * 60.0);
@@ -325,13 +284,7 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
     let rig = Rig::isolated("million", 1);
     // Per namespace: the whole port range for every source address, and TIME_WAIT reuse for the
     // latency run's short connections. Nothing global is changed.
-    let mut sysctl = rig.client_command("sysctl");
-    sysctl.args([
-        "-q",
-        "-w",
-        "net.ipv4.ip_local_port_range=1024 65535",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]);
+    let mut sysctl = harness::client_port_settings(&rig);
     r.commands
         .push(("client namespace settings".to_owned(), shell_line(&sysctl)));
     run_captured(&mut sysctl)?;
@@ -414,7 +367,7 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
     let hold = limit + Duration::from_secs(120);
     let mut opening_rate = f64::NAN;
     'steps: for &step in steps {
-        check(interrupted)?;
+        check_interrupted(interrupted)?;
         progress.step(format!("{} idle connections", fmt_num(step as f64)));
         // Memory: project this step's cost from what the connections so far cost the machine.
         let available = mem_available()?;
@@ -473,7 +426,7 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
             let failure = loop {
                 bar.tick();
                 tern.check_alive()?;
-                check(interrupted)?;
+                check_interrupted(interrupted)?;
                 if let Some((job, _, _)) = jobs.last_mut() {
                     if let Some(exit) = job.poll(t0)? {
                         break Some(format!(
@@ -827,21 +780,11 @@ fn report(r: &Results, args: &MillionArgs, held: u64) -> String {
 }
 
 fn update_docs(text: &str, svg: &Path) -> Result<()> {
-    let path = workspace_root().join("docs/benchmarks.md");
-    let doc = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let (Some(b), Some(e)) = (doc.find(DOC_BEGIN), doc.find(DOC_END)) else {
-        bail!("{} has no {DOC_BEGIN} … {DOC_END} markers", path.display());
-    };
-    if b > e {
-        bail!("{}: {DOC_END} comes before {DOC_BEGIN}", path.display());
-    }
-    let new = format!(
-        "{}{DOC_BEGIN}\n{text}\n![RSS vs idle connections](bench/million.svg)\n{DOC_END}{}",
-        &doc[..b],
-        &doc[e + DOC_END.len()..]
-    );
-    std::fs::write(&path, new)?;
+    let path = harness::rewrite_doc_section(
+        DOC_BEGIN,
+        DOC_END,
+        &format!("{text}\n![RSS vs idle connections](bench/million.svg)\n"),
+    )?;
     let dest = workspace_root().join("docs/bench/million.svg");
     std::fs::copy(svg, &dest)
         .with_context(|| format!("cannot copy the plot to {}", dest.display()))?;

@@ -12,8 +12,9 @@
 //!
 //! Module map: [`compare`] drives a run; [`targets`] + [`configs`] know the peers; [`load`] knows
 //! tern-load and h2load; [`measure`] turns one load run into CPU and rates; [`floors`] runs
-//! `openssl speed` and the criterion benches; [`install`] gets Debian packages; [`results`],
-//! [`report`] and [`plots`] present. Nothing here is used by `cargo xtask test`.
+//! `openssl speed` and the criterion benches; [`install`] gets Debian packages; [`harness`]
+//! holds the set-up every rig bench shares (root, signals, panics, builds, echo backend);
+//! [`results`], [`report`] and [`plots`] present. Nothing here is used by `cargo xtask test`.
 
 pub mod bulk_mtu;
 pub mod compare;
@@ -22,6 +23,7 @@ pub mod cpu;
 pub mod daemon;
 pub mod flood;
 pub mod floors;
+pub mod harness;
 pub mod install;
 pub mod keepalive_latency;
 pub mod load;

@@ -29,11 +29,10 @@
 //! from criterion's `estimates.json` as ns per iteration (per element when the bench declares a
 //! `Throughput::Elements`).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -41,7 +40,9 @@ use clap::Args;
 use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::{bench_executable, run_captured};
-use super::daemon::{can_connect, Daemon};
+use super::daemon::Daemon;
+use super::harness::EchoBins;
+use super::harness::{self, check_interrupted};
 use super::measure::{idle_noise, run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::results::Measurement;
@@ -69,7 +70,6 @@ const LOAD_CPU: usize = 1;
 const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9100;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000);
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const DOC_BEGIN: &str = "<!-- tcp:begin -->";
 const DOC_END: &str = "<!-- tcp:end -->";
 const SMALL: u64 = 64;
@@ -228,60 +228,19 @@ struct Results {
 }
 
 pub fn run(args: &TcpArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench tcp needs root (network namespaces, veth pairs, AF_XDP)");
-    }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted))
-            .with_context(|| format!("cannot handle signal {sig}"))?;
-    }
+    harness::require_root(
+        "cargo xtask bench tcp",
+        "network namespaces, veth pairs, AF_XDP",
+    )?;
+    let interrupted = harness::interrupt_flag()?;
     let (seconds, runs) = if args.quick {
         (2.0, 1)
     } else {
         (args.seconds.max(0.5), args.runs.max(1))
     };
-    // The rig panics with a message instead of returning errors; the panic unwinds through
-    // the guards (processes, namespaces, files) and becomes an error here.
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    harness::catch_rig_panics("bench tcp", &interrupted, || {
         session(args, seconds, runs, &interrupted)
-    }));
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) if interrupted.load(Ordering::Relaxed) => Err(anyhow!(
-            "interrupted: every process, namespace and temp file the bench made was removed"
-        )),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(anyhow!(
-            "bench tcp failed (message above); everything it created was removed"
-        )),
-    }
-}
-
-struct Bins {
-    tern: PathBuf,
-    load: PathBuf,
-    echo: PathBuf,
-}
-
-fn build(progress: &Progress) -> Result<Bins> {
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "tern", "-p", "tern-load"]);
-    progress.log(format!("$ {}", display(&build)));
-    run_captured(&mut build).context("building tern, tern-load and tern-echo")?;
-    let release = target_dir()?.join("release");
-    let bins = Bins {
-        tern: release.join("tern"),
-        load: release.join("tern-load"),
-        echo: release.join("tern-echo"),
-    };
-    for p in [&bins.tern, &bins.load, &bins.echo] {
-        if !p.is_file() {
-            bail!("{} does not exist after the build", p.display());
-        }
-    }
-    Ok(bins)
+    })
 }
 
 fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) -> Result<()> {
@@ -289,16 +248,12 @@ fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) ->
     let progress = Progress::new(steps);
     let out_dir = target_dir()?.join("bench");
     let logs = out_dir.join("tcp-logs");
-    if logs.is_dir() {
-        std::fs::remove_dir_all(&logs)
-            .with_context(|| format!("cannot clear {}", logs.display()))?;
-    }
-    std::fs::create_dir_all(&logs)?;
+    harness::fresh_logs(&logs)?;
     let mut results = Results::default();
 
     progress.step("building tern, tern-load, tern-echo (release)");
-    let bins = build(&progress)?;
-    check(interrupted)?;
+    let bins = harness::build_echo_bins(&progress)?;
+    check_interrupted(interrupted)?;
 
     progress.step("criterion: per-segment costs of tern's TCP stack (CPU 0)");
     match criterion(args.quick, &out_dir.join("criterion-tcp"), &progress) {
@@ -313,40 +268,30 @@ fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) ->
             results.notes.push(format!("criterion: {e:#}"));
         }
     }
-    check(interrupted)?;
+    check_interrupted(interrupted)?;
 
     progress.step("rig and echo backend");
     let rig = Rig::isolated("tcp", 1);
     // New-connection runs open tens of thousands of connections; widen the client's port range
     // (per namespace). The client resets every connection, so no TIME_WAIT builds up.
-    let mut sysctl = rig.client_command("sysctl");
-    sysctl.args([
-        "-q",
-        "-w",
-        "net.ipv4.ip_local_port_range=1024 65535",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]);
+    let mut sysctl = harness::client_port_settings(&rig);
     results
         .commands
         .push(("client namespace settings".to_owned(), shell_line(&sysctl)));
     run_captured(&mut sysctl)?;
     let dir = TempDir::new("bench-tcp");
-    let echo_argv = vec![
-        bins.echo.display().to_string(),
-        "--listen".to_owned(),
-        BACKEND.to_string(),
-        "--max-seconds".to_owned(),
-        "7200".to_owned(),
-    ];
-    let echo_cmd = pinned(&rig, BACKEND_CPU, &echo_argv);
+    let (mut echo, echo_line) = harness::start_echo(
+        &rig,
+        &bins.echo,
+        BACKEND,
+        BACKEND_CPU,
+        &logs.join("echo.log"),
+        interrupted,
+    )?;
     results.commands.push((
         format!("echo backend (server namespace, CPU {BACKEND_CPU})"),
-        shell_line(&echo_cmd),
+        echo_line,
     ));
-    let mut echo = Daemon::start("tern-echo", echo_cmd, &logs.join("echo.log"))?;
-    echo.wait_ready(READY_TIMEOUT, interrupted, || {
-        rig.server_run(move || can_connect(SocketAddr::V4(BACKEND)))
-    })?;
 
     let ctx = Ctx::new(&rig, interrupted, &progress, logs.clone(), LOAD_CPU);
     let addr = SocketAddrV4::new(rig.server_ip, PORT);
@@ -415,19 +360,6 @@ fn session(args: &TcpArgs, seconds: f64, runs: u32, interrupted: &AtomicBool) ->
     Ok(())
 }
 
-fn check(flag: &AtomicBool) -> Result<()> {
-    if flag.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-fn pinned(rig: &Rig, cpu: usize, argv: &[String]) -> Command {
-    let mut cmd = rig.server_command("taskset");
-    cmd.arg("-c").arg(cpu.to_string()).args(argv);
-    cmd
-}
-
 /// tern's config for one path: one `tls = false` listener, the echo backend, one worker on
 /// [`TARGET_CPU`].
 fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, dir: &Path) -> String {
@@ -469,7 +401,7 @@ fn tern_config(path: DataPath, addr: SocketAddrV4, iface: &str, dir: &Path) -> S
 )]
 fn measure_path(
     ctx: &Ctx<'_>,
-    bins: &Bins,
+    bins: &EchoBins,
     path: DataPath,
     config: &Path,
     addr: SocketAddrV4,
@@ -482,31 +414,8 @@ fn measure_path(
     check_cmd.arg("check-config").arg(config);
     run_captured(&mut check_cmd)
         .with_context(|| format!("tern rejects the {} config", path.name()))?;
-    let argv = vec![
-        bins.tern.display().to_string(),
-        "run".to_owned(),
-        "--config".to_owned(),
-        config.display().to_string(),
-    ];
-    let cmd = pinned(ctx.rig, TARGET_CPU, &argv);
-    ctx.record(
-        &format!(
-            "tern, {} path (server namespace, CPU {TARGET_CPU})",
-            path.name()
-        ),
-        &cmd,
-    );
-    let log = ctx
-        .logs
-        .join(format!("tern-{}-run{}.log", path.name(), run + 1));
-    let mut tern = Daemon::start(&format!("tern ({})", path.name()), cmd, &log)?;
-    // From the client namespace: a bypass listener only sees traffic that crosses the veth.
-    let client = &ctx.rig.client;
-    tern.wait_ready(READY_TIMEOUT, ctx.interrupted, || {
-        client.run(move || can_connect(SocketAddr::V4(addr)))
-    })?;
-    // Let the connection the readiness probe made finish on both sides before measuring.
-    std::thread::sleep(Duration::from_millis(200));
+    let mut tern =
+        harness::start_tern(ctx, &bins.tern, config, TARGET_CPU, path.name(), run, addr)?;
     let probe = Probe {
         target_pgid: tern.pgid(),
         backend_pgid: echo.pgid(),
@@ -515,20 +424,7 @@ fn measure_path(
     results.idle.push((path, run, noise));
     let length = Duration::from_secs_f64(seconds);
     for metric in Metric::ALL {
-        let mut argv = vec![
-            bins.load.display().to_string(),
-            "--plain".to_owned(),
-            "--connect".to_owned(),
-            addr.to_string(),
-            "--duration".to_owned(),
-            format!("{seconds}s"),
-            "--threads".to_owned(),
-            "1".to_owned(),
-            "--timeout".to_owned(),
-            "5s".to_owned(),
-            "--json".to_owned(),
-            "--quiet".to_owned(),
-        ];
+        let mut argv = harness::plain_load_argv(&bins.load, addr, seconds);
         argv.extend(metric.load_args());
         let what = format!(
             "{} {} #{}",
@@ -775,21 +671,7 @@ fn report(r: &Results, seconds: f64, runs: u32) -> String {
 }
 
 fn update_docs(text: &str) -> Result<()> {
-    let path = workspace_root().join("docs/benchmarks.md");
-    let doc = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let (Some(b), Some(e)) = (doc.find(DOC_BEGIN), doc.find(DOC_END)) else {
-        bail!("{} has no {DOC_BEGIN} … {DOC_END} markers", path.display());
-    };
-    if b > e {
-        bail!("{}: {DOC_END} comes before {DOC_BEGIN}", path.display());
-    }
-    let new = format!(
-        "{}{DOC_BEGIN}\n{text}{DOC_END}{}",
-        &doc[..b],
-        &doc[e + DOC_END.len()..]
-    );
-    std::fs::write(&path, new)?;
+    let path = harness::rewrite_doc_section(DOC_BEGIN, DOC_END, text)?;
     eprintln!("bench tcp: updated {}", path.display());
     Ok(())
 }

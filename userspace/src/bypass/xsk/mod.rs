@@ -1096,42 +1096,23 @@ pub fn rx_queue_count(interface: &str) -> io::Result<u32> {
     const ETHTOOL_GCHANNELS: u32 = 0x3c;
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
 
-    let name = interface.as_bytes();
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{interface:?} is not an interface name"),
-        ));
-    }
-    // SAFETY: plain socket(2); the result is checked and owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut channels = EthtoolChannels {
         cmd: ETHTOOL_GCHANNELS,
         ..EthtoolChannels::default()
     };
-    // SAFETY: all-zero is a valid ifreq.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
-        *dst = src as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&mut channels as *mut EthtoolChannels).cast();
-    // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live ethtool_channels.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut ifr) };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => Ok(1),
-            Some(libc::ENODEV) => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no interface {interface}"),
-            )),
-            _ => Err(err),
-        };
+    let data = (&mut channels as *mut EthtoolChannels).cast();
+    // SAFETY: SIOCETHTOOL takes an ifreq whose data points at an ethtool command, here the
+    // live `channels` (ETHTOOL_GCHANNELS reads and writes a `struct ethtool_channels`).
+    let done = unsafe {
+        crate::sys::netdev::interface_ioctl(interface, SIOCETHTOOL, |ifr| {
+            ifr.ifr_ifru.ifru_data = data;
+        })
+    };
+    match done {
+        Ok(_) => {}
+        // A driver without channel counts.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(1),
+        Err(e) => return Err(e),
     }
     Ok((channels.rx_count + channels.combined_count).max(1))
 }
