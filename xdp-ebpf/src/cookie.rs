@@ -255,10 +255,9 @@ pub(crate) fn answer(raw: *mut xdp_md, config: &XdpConfig) -> Answer {
         remote_port: syn.src_port,
     };
     // The stack's TSval clock: its milliseconds (`Instant::ts_millis`) plus the flow's offset.
-    let ts_clock = match syn.tsval {
-        Some(_) => Some(((since / 1_000_000) as u32).wrapping_add(ts_offset(&key, &flow))),
-        None => None,
-    };
+    let ts_clock = syn
+        .tsval
+        .map(|_| ((since / 1_000_000) as u32).wrapping_add(ts_offset(&key, &flow)));
     let (cookie, tsval) = cookie_make(
         &key,
         &flow,

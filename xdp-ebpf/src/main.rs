@@ -307,14 +307,12 @@ fn try_tern_xdp(ctx: &XdpContext) -> Result<u32, ()> {
             if flags == 0 {
                 stats.passed += 1;
                 xdp_action::XDP_PASS
-            } else if flow.syn && !conforms(&flow.src, Limit::Syn) {
-                stats.rate_limited += 1;
-                xdp_action::XDP_DROP
-            } else if !flow.syn
-                && flags & LISTEN_LIMIT != 0
-                && unknown_limited()
-                && !kernel_holds(ctx, &flow)
-                && !conforms(&flow.src, Limit::Unknown)
+            } else if (flow.syn && !conforms(&flow.src, Limit::Syn))
+                || (!flow.syn
+                    && flags & LISTEN_LIMIT != 0
+                    && unknown_limited()
+                    && !kernel_holds(ctx, &flow)
+                    && !conforms(&flow.src, Limit::Unknown))
             {
                 stats.rate_limited += 1;
                 xdp_action::XDP_DROP
@@ -427,7 +425,7 @@ fn conforms(src: &[u8; 16], limit: Limit) -> bool {
                 Limit::Syn => first.syn_tat = tat,
                 Limit::Unknown => first.unknown_tat = tat,
             }
-            let _ = TERN_SRC_RATE.insert(src, &first, 0);
+            let _ = TERN_SRC_RATE.insert(src, first, 0);
             true
         }
     }
@@ -497,7 +495,7 @@ fn steer(ctx: &XdpContext, flow: &Flow, stats: &mut XdpStats) -> u32 {
     {
         // SAFETY: the slot holds an XDP program of this object (or nothing); on success the
         // call does not return and `tern_syn_cookie` counts the frame's fate.
-        let _ = unsafe { TERN_PROGS.tail_call(ctx, PROG_SYN_COOKIE) };
+        unsafe { TERN_PROGS.tail_call(ctx, PROG_SYN_COOKIE) };
         // Only reached if the slot is empty: the worker answers.
     }
     let hash = flow_hash(
