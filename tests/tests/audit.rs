@@ -63,6 +63,11 @@ const CERTIFICATE_TRUST: &[&str] = &[
 /// clients elsewhere.
 const PROBE_RACES: &[&str] = &["sessionresumption_ticket", "sessionresumption_ID"];
 
+/// WARNs about the scanner's own machine, not about tern: `engine_problem` says the local
+/// OpenSSL has no GOST engine (Debian ships it separately, in libengine-gost-openssl), so
+/// testssl cannot probe GOST suites, which rustls never offers anyway.
+const SCANNER_ENVIRONMENT: &[&str] = &["engine_problem"];
+
 /// Vulnerability checks that must have run and come back clean (a scan cut short must not
 /// pass by saying nothing).
 const VULNERABILITIES: &[&str] = &[
@@ -321,6 +326,7 @@ fn assert_clean(findings: &[Finding]) {
                 "MEDIUM" | "HIGH" | "CRITICAL" | "WARN" | "FATAL"
             ) && !CERTIFICATE_TRUST.contains(&f.id.as_str())
                 && !(f.severity == "WARN" && PROBE_RACES.contains(&f.id.as_str()))
+                && !(f.severity == "WARN" && SCANNER_ENVIRONMENT.contains(&f.id.as_str()))
         })
         .collect();
     assert!(
