@@ -569,6 +569,10 @@ fn encode_rows(
             let mut sample = m.encode_family(labels)?;
             if gauge {
                 sample.encode_gauge(&value)?;
+            } else if unit == Some(Unit::Seconds) {
+                // A `_ns` field: nanoseconds counted, seconds exported.
+                let seconds = value as f64 / 1e9;
+                sample.encode_counter::<NoLabelSet, _, u64>(&seconds, None)?;
             } else {
                 sample.encode_counter::<NoLabelSet, _, u64>(&value, None)?;
             }
@@ -578,8 +582,13 @@ fn encode_rows(
 }
 
 /// `<prefix>_<field>`, with a byte count's `bytes` moved into the unit:
-/// `client_bytes_in` → `tern_client_in` + bytes (`tern_client_in_bytes_total`).
+/// `client_bytes_in` → `tern_client_in` + bytes (`tern_client_in_bytes_total`), and a
+/// nanosecond count's `ns` into seconds (Prometheus' base unit): `work_ns` →
+/// `tern_xsk_work_seconds_total`.
 fn metric_name(prefix: &str, field: &str) -> (String, Option<Unit>) {
+    if let Some(stem) = field.strip_suffix("_ns") {
+        return (format!("{prefix}_{stem}"), Some(Unit::Seconds));
+    }
     let stripped = field.replace("bytes_", "").replace("_bytes", "");
     if stripped != field {
         (format!("{prefix}_{stripped}"), Some(Unit::Bytes))

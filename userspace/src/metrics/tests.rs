@@ -265,3 +265,23 @@ fn backend_servers_are_exported_with_their_state_and_counters() {
     types.dedup();
     assert_eq!(types.len(), n, "a family described twice");
 }
+
+#[test]
+fn nanosecond_and_byte_fields_are_named_in_base_units() {
+    assert_eq!(
+        metric_name("tern_xsk", "work_ns"),
+        ("tern_xsk_work".to_string(), Some(Unit::Seconds))
+    );
+    assert_eq!(
+        metric_name("tern_xsk", "sleep_cpu_ns"),
+        ("tern_xsk_sleep_cpu".to_string(), Some(Unit::Seconds))
+    );
+    assert_eq!(
+        metric_name("tern", "client_bytes_in"),
+        ("tern_client_in".to_string(), Some(Unit::Bytes))
+    );
+    assert_eq!(
+        metric_name("tern", "accepted"),
+        ("tern_accepted".to_string(), None)
+    );
+}
