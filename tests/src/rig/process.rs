@@ -240,7 +240,7 @@ impl TernProcess {
     }
 
     /// Waits (up to [`READY_TIMEOUT`]) until a TCP connect to `addr` from tern's namespace
-    /// succeeds. Panics with tern's stderr if tern exits first or the deadline passes.
+    /// succeeds and tern has logged `tern ready` (set-up complete). Panics with tern's stderr if tern exits first or the deadline passes.
     #[track_caller]
     pub fn wait_ready(&mut self, addr: SocketAddr) {
         self.wait_ready_within(addr, READY_TIMEOUT);
@@ -282,6 +282,21 @@ impl TernProcess {
         if prober.join().is_err() {
             panic!("readiness prober for {addr} panicked (namespace gone?)");
         }
+        // The listening socket accepts (into its backlog) as soon as it is bound, before every
+        // worker has set up (pools mapped and populated, rings registered): "ready" is the
+        // line tern logs, with `READY=1`, once set-up is complete.
+        let outcome = outcome.and_then(|()| loop {
+            if self.stderr_text().contains("tern ready") {
+                break Ok(());
+            }
+            if let Some(status) = self.try_wait() {
+                break Err(Some(status));
+            }
+            if Instant::now() >= deadline {
+                break Err(None);
+            }
+            std::thread::sleep(POLL);
+        });
         match outcome {
             Ok(()) => {}
             Err(Some(status)) => panic!(
@@ -289,7 +304,7 @@ impl TernProcess {
                 self.stderr_text()
             ),
             Err(None) => panic!(
-                "tern did not accept on {addr} within {timeout:?}; stderr:\n{}",
+                "tern did not accept on {addr} and log `tern ready` within {timeout:?}; stderr:\n{}",
                 self.stderr_text()
             ),
         }
