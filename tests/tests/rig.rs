@@ -263,7 +263,7 @@ fn tern_process_guard_runs_waits_signals_and_reaps() {
     let binary = fake_tern(
         &dir,
         &format!(
-            "exec openssl s_server -quiet -www -accept {addr} -cert {} -key {}",
+            "echo 'tern ready' >&2; exec openssl s_server -quiet -www -accept {addr} -cert {} -key {}",
             cert.cert.display(),
             cert.key.display()
         ),
