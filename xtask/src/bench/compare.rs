@@ -61,7 +61,7 @@ const HEADLINE_IDLE: [u64; 2] = [10_000, 100_000];
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct CompareArgs {
-    /// Short runs: finishes in under 6 minutes once built (the full run takes under 35).
+    /// Short runs: finishes in under 9 minutes once built (the full run takes under 50).
     #[arg(long)]
     pub quick: bool,
     /// Targets to measure, comma-separated.
@@ -1397,9 +1397,10 @@ fn write_outputs(results: &BenchResults, out_dir: &Path, update_docs: bool) -> R
     std::fs::write(out_dir.join("summary.md"), &summary)?;
     println!("\n{summary}");
     eprintln!(
-        "bench: summary and plots in {} ({}, {}, {})",
+        "bench: summary and plots in {} ({}, {}, {}, {})",
         out_dir.display(),
         report::PLOT_LATENCY,
+        super::keepalive_latency::PLOT,
         report::PLOT_MEMORY,
         report::PLOT_CPU
     );
