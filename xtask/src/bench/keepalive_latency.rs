@@ -118,15 +118,17 @@ pub(super) fn pass(
                 plan.latency_time,
             );
             argv.extend(["--rate".to_owned(), format!("{:.0}", offer.rate)]);
-            let m = run_once(
-                ctx,
-                &probe,
-                &mut daemon,
-                &compare::label(t, &what, run),
-                &argv,
-                plan.warmup + plan.latency_time,
-                Tool::TernLoad,
-            )?;
+            let m = compare::with_bypass_work(p, || {
+                run_once(
+                    ctx,
+                    &probe,
+                    &mut daemon,
+                    &compare::label(t, &what, run),
+                    &argv,
+                    plan.warmup + plan.latency_time,
+                    Tool::TernLoad,
+                )
+            })?;
             compare::note_errors(ctx, r, &what, &m);
             point.runs.push(m);
         }
