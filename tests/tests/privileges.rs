@@ -302,7 +302,25 @@ fn threads_of(pid: u32) -> Vec<ThreadIds> {
 /// group, with no capability and `NoNewPrivs`; the workers are among them.
 #[track_caller]
 fn assert_every_thread_dropped(d: &Dropped) {
-    let threads = threads_of(d.stack.tern.pid());
+    let worker = match d.path {
+        DataPath::Kernel => "tern-w",
+        DataPath::Bypass => "tern-x",
+    };
+    let expected = [worker, "tern-control", "tern-signals"];
+    // A spawned thread names itself once it first runs (std sets the name from inside the new
+    // thread), so on a loaded machine a thread may still show the process's name for a moment
+    // after start-up: read again until every expected name is there, or the deadline passes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let threads = loop {
+        let threads = threads_of(d.stack.tern.pid());
+        let named = expected
+            .iter()
+            .all(|name| threads.iter().any(|t| t.name.starts_with(name)));
+        if named || Instant::now() >= deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let ids = format!("{NOBODY} {NOBODY} {NOBODY} {NOBODY}");
     let gids = format!("{NOGROUP} {NOGROUP} {NOGROUP} {NOGROUP}");
     for t in &threads {
@@ -313,12 +331,8 @@ fn assert_every_thread_dropped(d: &Dropped) {
         assert_eq!(t.cap_eff, "0000000000000000", "effective caps of {t:?}");
         assert_eq!(t.no_new_privs, "1", "no_new_privs of {t:?}");
     }
-    let worker = match d.path {
-        DataPath::Kernel => "tern-w",
-        DataPath::Bypass => "tern-x",
-    };
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
-    for name in [worker, "tern-control", "tern-signals"] {
+    for name in expected {
         assert!(
             names.iter().any(|n| n.starts_with(name)),
             "a {name}* thread among {names:?}"
