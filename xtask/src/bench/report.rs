@@ -355,40 +355,28 @@ pub fn markdown(r: &BenchResults, plot_dir: &str) -> String {
         }
     }
     fractions.sort_by(|a, b| a.0.total_cmp(&b.0));
-    for (fraction, offered) in &fractions {
-        let mut cells = vec![format!(
-            "{:.0} % ({}/s)",
-            fraction * 100.0,
-            fmt_num(*offered)
-        )];
-        for t in &targets {
-            let cell = t
-                .latency
-                .iter()
-                .find(|p| (p.fraction - fraction).abs() < 1e-9)
-                .and_then(|p| latency_cell(&p.runs));
-            cells.push(cell.unwrap_or_else(|| missing(t)));
+    let table = |out: &mut String, cell: fn(&[Measurement]) -> Option<String>| {
+        for (fraction, offered) in &fractions {
+            let mut cells = vec![format!(
+                "{:.0} % ({}/s)",
+                fraction * 100.0,
+                fmt_num(*offered)
+            )];
+            for t in &targets {
+                let c = t
+                    .latency
+                    .iter()
+                    .find(|p| (p.fraction - fraction).abs() < 1e-9)
+                    .and_then(|p| cell(&p.runs));
+                cells.push(c.unwrap_or_else(|| missing(t)));
+            }
+            out.push_str(&row(&cells));
         }
-        out.push_str(&row(&cells));
-    }
+    };
+    table(&mut out, latency_cell);
     out.push_str("\nServer CPU per new connection in the same open-loop runs, µs: (a) target processes / (b) machine − load − backend − others, medians over runs; for tern-bypass also its work CPU (turns that did work, not spin or sleep).\n\n");
     out.push_str(&header("offered", &targets));
-    for (fraction, offered) in &fractions {
-        let mut cells = vec![format!(
-            "{:.0} % ({}/s)",
-            fraction * 100.0,
-            fmt_num(*offered)
-        )];
-        for t in &targets {
-            let cell = t
-                .latency
-                .iter()
-                .find(|p| (p.fraction - fraction).abs() < 1e-9)
-                .and_then(|p| latency_cpu_cell(&p.runs));
-            cells.push(cell.unwrap_or_else(|| missing(t)));
-        }
-        out.push_str(&row(&cells));
-    }
+    table(&mut out, latency_cpu_cell);
 
     super::keepalive_latency::section(&mut out, &targets);
 
