@@ -30,6 +30,8 @@
 //! by fd.
 
 pub mod splice;
+#[cfg(test)]
+mod tests;
 pub mod zc;
 
 use std::io;
@@ -615,6 +617,12 @@ impl Sock {
         let written = match res {
             n if n >= 0 => (n as usize).min(sent),
             r if r == -libc::EAGAIN || r == -libc::EINTR => 0,
+            // Nothing was sent: the same bytes go again with plain SEND once the socket is
+            // writable (the POLLOUT wait below).
+            r if zero_copy && r == -libc::EOPNOTSUPP => {
+                io.zc.refused();
+                0
+            }
             r => {
                 self.break_off(io);
                 return Done::Event(OwnedEvent::Failed(-r));

@@ -14,7 +14,9 @@
 //! freed only once the notifications are in too ([`Pending::settled`]).
 //!
 //! Whether the kernel knows SEND_ZC is probed once per ring; where it does not, the setting is
-//! ignored (logged once per process) and plain SEND is used.
+//! ignored (logged once per process) and plain SEND is used. A SEND_ZC the kernel refuses at
+//! run time (EOPNOTSUPP) turns it off for that worker until the next reload; the refused
+//! bytes go again with SEND, so the connection loses nothing.
 
 use std::sync::Once;
 
@@ -56,6 +58,22 @@ impl Setting {
             });
         }
         self.enabled = wanted && self.supported;
+    }
+
+    /// The kernel refused a SEND_ZC at run time (EOPNOTSUPP: a socket or route that cannot
+    /// send zero-copy although the opcode exists): this worker sends with SEND from now on
+    /// (until a reload asks again), and the refused write is retried that way, not failed.
+    pub fn refused(&mut self) {
+        if self.enabled {
+            static REFUSED: Once = Once::new();
+            REFUSED.call_once(|| {
+                tracing::warn!(
+                    "limits.send_zc: the kernel refused a SEND_ZC (EOPNOTSUPP); this worker \
+                     sends with SEND until the next reload"
+                )
+            });
+        }
+        self.enabled = false;
     }
 
     /// Whether a write of `len` bytes out of a registered slot goes zero-copy.
@@ -123,5 +141,28 @@ impl Pending {
     /// Every notification is in and every slot is back: the connection may be freed.
     pub fn settled(&self) -> bool {
         self.notifs == 0 && self.retired.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_refusal_turns_zero_copy_off_until_configured_again() {
+        let mut s = Setting {
+            supported: true,
+            enabled: false,
+        };
+        s.configure(true);
+        assert!(s.wants(THRESHOLD));
+        assert!(!s.wants(THRESHOLD - 1), "small writes copy");
+        s.refused();
+        assert!(!s.wants(THRESHOLD));
+        s.configure(true);
+        assert!(s.wants(THRESHOLD), "a reload asks again");
+        let mut unsupported = Setting::default();
+        unsupported.configure(true);
+        assert!(!unsupported.wants(THRESHOLD));
     }
 }
