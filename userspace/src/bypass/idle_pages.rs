@@ -93,27 +93,27 @@ pub fn release(storage: &mut [u8]) -> u64 {
     (len / PAGE) as u64
 }
 
-/// Resident pages of `storage` (mincore(2)); tests and the idle-memory accounting.
-pub fn resident_pages(storage: &[u8]) -> usize {
-    let start = storage.as_ptr();
-    let back = start as usize % PAGE;
-    let first = start.wrapping_sub(back);
-    let len = storage.len() + back;
-    let pages = len.div_ceil(PAGE);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `first` is page-aligned and the range covers only pages that `storage` touches,
-    // all mapped; `vec` has one byte per page.
-    let r = unsafe { libc::mincore(first.cast_mut().cast(), len, vec.as_mut_ptr()) };
-    if r != 0 {
-        return 0;
-    }
-    vec.iter().filter(|&&b| b & 1 == 1).count()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tcp::ring::RingArena;
+
+    /// Resident pages of `storage` (mincore(2)).
+    fn resident_pages(storage: &[u8]) -> usize {
+        let start = storage.as_ptr();
+        let back = start as usize % PAGE;
+        let first = start.wrapping_sub(back);
+        let len = storage.len() + back;
+        let pages = len.div_ceil(PAGE);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `first` is page-aligned and the range covers only pages that `storage` touches,
+        // all mapped; `vec` has one byte per page.
+        let r = unsafe { libc::mincore(first.cast_mut().cast(), len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return 0;
+        }
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
 
     fn key(index: u32) -> Key {
         Key { index, gen: 1 }

@@ -26,7 +26,7 @@
 
 use super::daemon::{Daemon, Job};
 use super::floors::{self, OpensslSpeed};
-use super::harness::{self, check_interrupted};
+use super::harness::{self, check_interrupted, BACKEND_CPU, LOAD_CPU, TARGET_CPU};
 use super::install;
 use super::load::{self, Endpoint, TernLoad, Workload};
 use super::measure::{idle_noise, run_batches, run_once, shell_line, Ctx, Probe, Tool};
@@ -49,11 +49,6 @@ use std::time::{Duration, Instant};
 use tern_tests::certs::{write_self_signed, KeyKind};
 use tern_tests::rig::{Rig, TempDir};
 
-/// The server side's core (targets, `openssl speed`, criterion) and the load's core. The
-/// backend shares the load's core so that the target has CPU 0 to itself.
-const TARGET_CPU: usize = 0;
-const LOAD_CPU: usize = 1;
-const BACKEND_CPU: usize = 1;
 /// The certificate's (and SNI's) name.
 const SNI: &str = "bench.test";
 /// Idle connections every target is asked about even when the plan's steps stop earlier.

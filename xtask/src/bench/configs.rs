@@ -99,7 +99,7 @@ pub fn bypass_listener_lines(iface: &str) -> String {
 
 /// tern, kernel mode, one worker pinned to `cpu`.
 pub fn tern(l: &TargetLayout) -> Result<String, UnsafePath> {
-    tern_with(l, "mode = \"kernel\"\n", "")
+    tern_with(l, "mode = \"kernel\"\n", None, "")
 }
 
 /// tern, bypass mode: the same certificate, TLS settings, backend and worker pinning as
@@ -109,11 +109,26 @@ pub fn tern(l: &TargetLayout) -> Result<String, UnsafePath> {
 /// what the bench needs (idle connections and TIME-WAIT), not to the fd limit. `iface` comes
 /// from the rig (`tn-…` names); `tern check-config` validates it.
 pub fn tern_bypass(l: &TargetLayout, iface: &str) -> Result<String, UnsafePath> {
-    let listener = format!("{}tls = true\n", bypass_listener_lines(iface));
-    tern_with(l, &listener, &format!("\n{BYPASS_XDP_TABLE}"))
+    tern_bypass_idle(l, iface, None)
 }
 
-fn tern_with(l: &TargetLayout, listener: &str, tail: &str) -> Result<String, UnsafePath> {
+/// [`tern_bypass`] with `timeouts.idle_ms` set when `idle_ms` is given (`bench million`
+/// holds connections longer than the default 300 s).
+pub fn tern_bypass_idle(
+    l: &TargetLayout,
+    iface: &str,
+    idle_ms: Option<u64>,
+) -> Result<String, UnsafePath> {
+    let listener = format!("{}tls = true\n", bypass_listener_lines(iface));
+    tern_with(l, &listener, idle_ms, &format!("\n{BYPASS_XDP_TABLE}"))
+}
+
+fn tern_with(
+    l: &TargetLayout,
+    listener: &str,
+    idle_ms: Option<u64>,
+    tail: &str,
+) -> Result<String, UnsafePath> {
     Ok(format!(
         "# Written by `cargo xtask bench`.\n\
          [[listener]]\n\
@@ -133,10 +148,12 @@ fn tern_with(l: &TargetLayout, listener: &str, tail: &str) -> Result<String, Uns
          [limits]\n\
          max_connections_per_worker = {max}\n\n\
          [timeouts]\n\
-         drain_ms = 1000\n\n\
+         drain_ms = 1000\n\
+         {idle}\n\
          [control]\n\
          socket = \"{socket}\"\n\
          {tail}",
+        idle = idle_ms.map_or(String::new(), |ms| format!("idle_ms = {ms}\n")),
         listen = l.listen,
         cert = plain(&l.cert)?,
         key = plain(&l.key)?,

@@ -37,7 +37,7 @@ use tern_tests::rig::{Rig, TempDir};
 use super::compare::run_captured;
 use super::daemon::Daemon;
 use super::harness;
-use super::harness::EchoBins;
+use super::harness::{EchoBins, BACKEND_CPU, LOAD_CPU, TARGET_CPU};
 use super::measure::{run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::stats::fmt_num;
@@ -56,9 +56,6 @@ pub struct FloodArgs {
     quick: bool,
 }
 
-const TARGET_CPU: usize = 0;
-const LOAD_CPU: usize = 1;
-const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9200;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9001);
 /// Concurrent connection attempts of the well-behaved client.

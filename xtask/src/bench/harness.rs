@@ -22,6 +22,12 @@ use super::targets::pinned_server_command;
 use crate::{cargo, display, target_dir, workspace_root};
 
 /// How long the echo backend and tern may take to accept.
+/// The rig's cores, for every bench: the target (tern, hitch, …; `openssl speed`, criterion)
+/// has CPU 0 to itself; the load generator and the backend share CPU 1.
+pub const TARGET_CPU: usize = 0;
+pub const LOAD_CPU: usize = 1;
+pub const BACKEND_CPU: usize = 1;
+
 const ECHO_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const TERN_READY_TIMEOUT: Duration = Duration::from_secs(30);
 

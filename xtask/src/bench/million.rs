@@ -44,9 +44,9 @@ use tern_tests::certs::{write_self_signed, KeyKind};
 use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::{add_client_sources, idle_per_process, nofile_limit, run_captured};
-use super::configs::{bypass_listener_lines, BYPASS_XDP_TABLE};
+use super::configs::{self, TargetLayout};
 use super::daemon::Job;
-use super::harness::{self, check_interrupted};
+use super::harness::{self, check_interrupted, BACKEND_CPU, LOAD_CPU, TARGET_CPU};
 use super::load::{self, Endpoint, TernLoad};
 use super::measure::{shell_line, Ctx, RUN_SLACK};
 use super::plots::{self, Series};
@@ -86,9 +86,6 @@ pub struct MillionArgs {
     update_docs: bool,
 }
 
-const TARGET_CPU: usize = 0;
-const LOAD_CPU: usize = 1;
-const BACKEND_CPU: usize = 1;
 const SNI: &str = "bench.test";
 const DOC_BEGIN: &str = "<!-- million:begin -->";
 const DOC_END: &str = "<!-- million:end -->";
@@ -193,9 +190,9 @@ fn kib(bytes: f64) -> String {
     }
 }
 
-/// tern's config: one bypass TLS listener, one worker, `slots` connection slots, and an idle
-/// timeout longer than the run (the default 300 s would close the first connections while the
-/// ramp is still opening the last ones).
+/// tern's config: the bench's bypass config ([`configs::tern_bypass`]) with `slots` connection
+/// slots and an idle timeout longer than the run (the default 300 s would close the first
+/// connections while the ramp is still opening the last ones).
 fn tern_config(
     listen: SocketAddrV4,
     iface: &str,
@@ -204,37 +201,19 @@ fn tern_config(
     dir: &Path,
     slots: u64,
     idle_ms: u64,
-) -> String {
-    format!(
-        "# Written by `cargo xtask bench million`.\n\
-         [[listener]]\n\
-         address = \"{listen}\"\n\
-         {listener}\
-         tls = true\n\n\
-         [[certificate]]\n\
-         cert = \"{cert}\"\n\
-         key = \"{key}\"\n\n\
-         [tls]\n\
-         alpn = [\"http/1.1\"]\n\
-         versions = [\"1.3\"]\n\n\
-         [backend]\n\
-         servers = [\"{BACKEND}\"]\n\n\
-         [workers]\n\
-         count = 1\n\
-         cpus = [{TARGET_CPU}]\n\n\
-         [limits]\n\
-         max_connections_per_worker = {slots}\n\n\
-         [timeouts]\n\
-         drain_ms = 1000\n\
-         idle_ms = {idle_ms}\n\n\
-         [control]\n\
-         socket = \"{socket}\"\n\n\
-         {BYPASS_XDP_TABLE}",
-        listener = bypass_listener_lines(iface),
-        cert = cert.display(),
-        key = key.display(),
-        socket = dir.join("tern.sock").display(),
-    )
+) -> Result<String> {
+    let layout = TargetLayout {
+        listen,
+        backend: BACKEND,
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        // tern takes the certificate and key apart.
+        combined_pem: cert.to_path_buf(),
+        dir: dir.to_path_buf(),
+        cpu: TARGET_CPU,
+        max_connections: u32::try_from(slots).context("connection slots beyond u32")?,
+    };
+    Ok(configs::tern_bypass_idle(&layout, iface, Some(idle_ms))?)
 }
 
 fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Result<()> {
@@ -313,7 +292,7 @@ fn session(args: &MillionArgs, steps: &[u64], interrupted: &AtomicBool) -> Resul
             &tern_dir,
             r.slots,
             idle_ms,
-        ),
+        )?,
     )?;
     let s = |p: &Path| p.display().to_string();
     let prepared = Prepared {
@@ -811,7 +790,8 @@ mod tests {
             Path::new("/d"),
             1_015_808,
             2_100_000,
-        );
+        )
+        .expect("plain paths");
         let v: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(v["listener"][0]["mode"].as_str(), Some("bypass"), "{text}");
         assert_eq!(

@@ -41,8 +41,8 @@ use tern_tests::rig::{Rig, TempDir};
 
 use super::compare::{bench_executable, run_captured};
 use super::daemon::Daemon;
-use super::harness::EchoBins;
 use super::harness::{self, check_interrupted};
+use super::harness::{EchoBins, BACKEND_CPU, LOAD_CPU, TARGET_CPU};
 use super::measure::{idle_noise, run_once, shell_line, Ctx, Probe, Tool};
 use super::progress::Progress;
 use super::results::Measurement;
@@ -65,9 +65,6 @@ pub struct TcpArgs {
     update_docs: bool,
 }
 
-const TARGET_CPU: usize = 0;
-const LOAD_CPU: usize = 1;
-const BACKEND_CPU: usize = 1;
 const PORT: u16 = 9100;
 const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000);
 const DOC_BEGIN: &str = "<!-- tcp:begin -->";
